@@ -1,0 +1,49 @@
+"""What the engine hands back to its callers: per-sample and per-request outputs.
+
+Streaming callers receive `RequestOutput`s whose samples carry the *delta* since the previous one
+(`text`, `token_ids`, `logprobs`); the final output of `LLM.generate` carries whole texts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# One generated position: {token_id: logprob} holding the top-N alternatives and the sampled token.
+TokenLogprobs = dict[int, float]
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    stop_reason: str | int | None = None  # the stop string or token id that ended it
+    logprobs: list[TokenLogprobs] | None = None
+    num_generated_tokens: int = 0  # cumulative, also in delta outputs
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestMetrics:
+    arrival_time: float
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    finished_time: float | None = None
+    num_preemptions: int = 0
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+
+
+@dataclass
+class RequestOutput:
+    req_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput] = field(default_factory=list)
+    finished: bool = False
+    metrics: RequestMetrics | None = None
+    error: str | None = None

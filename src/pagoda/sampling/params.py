@@ -1,0 +1,80 @@
+"""Per-request sampling parameters (the vLLM / OpenAI set), validated once at construction."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+
+class SamplingParamsError(ValueError):
+    """Invalid sampling parameters; `param` names the offending field (OpenAI error shape)."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+MAX_LOGPROBS = 20
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: disabled
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0  # HF style, over prompt and output tokens
+    presence_penalty: float = 0.0  # OpenAI style, over output tokens
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    max_tokens: int | None = 16  # None: up to the context length
+    min_tokens: int = 0
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None  # top-N alternatives per generated token (the sampled one is always added)
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = [s for s in self.stop if s]
+        if self.top_k == -1:
+            self.top_k = 0
+        checks: list[tuple[bool, str, str]] = [
+            (self.n >= 1 and self.n <= 128, "n", "n must be between 1 and 128"),
+            (0.0 <= self.temperature <= 100.0, "temperature", "temperature must be in [0, 100]"),
+            (0.0 < self.top_p <= 1.0, "top_p", "top_p must be in (0, 1]"),
+            (self.top_k >= 0, "top_k", "top_k must be -1, 0 (disabled) or positive"),
+            (0.0 <= self.min_p <= 1.0, "min_p", "min_p must be in [0, 1]"),
+            (0.0 < self.repetition_penalty <= 10.0, "repetition_penalty",
+             "repetition_penalty must be in (0, 10]"),
+            (-2.0 <= self.presence_penalty <= 2.0, "presence_penalty",
+             "presence_penalty must be in [-2, 2]"),
+            (-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty",
+             "frequency_penalty must be in [-2, 2]"),
+            (self.max_tokens is None or self.max_tokens >= 1, "max_tokens",
+             "max_tokens must be at least 1"),
+            (self.min_tokens >= 0, "min_tokens", "min_tokens must be non-negative"),
+            (self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens",
+             "min_tokens must not exceed max_tokens"),
+            (self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS, "logprobs",
+             f"logprobs must be between 0 and {MAX_LOGPROBS}"),
+            (len(self.stop) <= 16, "stop", "at most 16 stop strings"),
+            (all(t >= 0 for t in self.stop_token_ids), "stop_token_ids",
+             "stop_token_ids must be non-negative"),
+        ]
+        for ok, param, message in checks:
+            if not ok:
+                raise SamplingParamsError(message, param)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def for_sample(self, index: int) -> SamplingParams:
+        """Parameters of the `index`-th of n samples: n=1, and a distinct but reproducible seed."""
+        seed = None if self.seed is None else self.seed + index * 1_000_003
+        return dataclasses.replace(self, n=1, seed=seed)
