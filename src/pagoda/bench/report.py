@@ -1,0 +1,115 @@
+"""A finished benchmark run: the printed report and the JSON file (`--save-result`).
+
+The JSON holds everything needed to re-plot or re-cost a run without the server:
+{"format": 1, "kind": "serve", "created": ISO time, "settings": {...every CLI setting...},
+ "tokenizer": "server:pagoda" | "server:llama.cpp" | "words", "summary": {...}, "records": [...]}.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pagoda.bench.client import RequestRecord
+from pagoda.bench.metrics import LatencyStats, Summary
+
+RESULT_FORMAT = 1
+
+
+@dataclass
+class BenchResult:
+    settings: dict[str, Any]
+    tokenizer: str
+    summary: Summary
+    records: list[RequestRecord] = field(default_factory=list)
+    created: str = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc).isoformat())
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": RESULT_FORMAT,
+            "kind": "serve",
+            "created": self.created,
+            "settings": self.settings,
+            "tokenizer": self.tokenizer,
+            "summary": self.summary.to_json(),
+            "records": [r.to_json() for r in self.records],
+        }
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_json(), indent=1))
+
+    @classmethod
+    def load(cls, path: str | Path) -> BenchResult:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no such result file: {path}")
+        try:
+            data = json.loads(path.read_text())
+            return cls(
+                settings=data["settings"],
+                tokenizer=data.get("tokenizer", "unknown"),
+                summary=Summary.from_json(data["summary"]),
+                records=[RequestRecord.from_json(r) for r in data.get("records", [])],
+                created=data.get("created", ""),
+            )
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ValueError(f"{path} is not a `pagoda bench serve` result: {exc}") from exc
+
+
+def _row(label: str, value: object) -> str:
+    if isinstance(value, float):
+        value = f"{value:.2f}"
+    return f"{label:<40}{value:>14}"
+
+
+def _latency_rows(title: str, short: str, stats: LatencyStats) -> list[str]:
+    return [
+        f" {title} ".center(54, "-"),
+        _row(f"Mean {short} (ms):", stats.mean),
+        _row(f"Median {short} (ms):", stats.median),
+        _row(f"P95 {short} (ms):", stats.p95),
+        _row(f"P99 {short} (ms):", stats.p99),
+    ]
+
+
+def format_report(result: BenchResult) -> str:
+    """A fixed-width table in the layout of vLLM's serving benchmark."""
+    s = result.summary
+    settings = result.settings
+    lines = [
+        " Serving Benchmark Result ".center(54, "="),
+        _row("Successful requests:", s.completed),
+        _row("Failed requests:", s.failed),
+        _row("Maximum request concurrency:", str(settings.get("max_concurrency"))),
+        _row("Request rate (req/s):", str(settings.get("request_rate"))),
+        _row("Peak concurrent requests:", s.peak_concurrency),
+        _row("Benchmark duration (s):", s.duration_s),
+        _row("Total input tokens:", s.total_input_tokens),
+        _row("Total generated tokens:", s.total_output_tokens),
+        _row("Request throughput (req/s):", s.request_throughput),
+        _row("Output token throughput (tok/s):", s.output_throughput),
+        _row("Total token throughput (tok/s):", s.total_token_throughput),
+    ]
+    if s.goodput is not None and s.good_requests is not None:
+        slos = ", ".join(f"{k} <= {v:g} ms" for k, v in s.slos_ms.items())
+        lines += [
+            _row("Requests meeting SLOs:", f"{s.good_requests}/{s.num_requests}"),
+            _row("Goodput fraction:", s.good_requests / max(1, s.num_requests)),
+            _row("Request goodput (req/s):", s.goodput),
+            f"  (SLOs: {slos})",
+        ]
+    lines += _latency_rows("Time to First Token", "TTFT", s.ttft_ms)
+    lines += _latency_rows("Time per Output Token (excl. 1st token)", "TPOT", s.tpot_ms)
+    lines += _latency_rows("Inter-token Latency", "ITL", s.itl_ms)
+    lines += _latency_rows("End-to-end Latency", "E2EL", s.e2e_ms)
+    lines.append("=" * 54)
+    if result.tokenizer == "words":
+        lines.append("note: the server has no /tokenize; prompt lengths are counted in words")
+    for error, count in sorted(s.errors.items(), key=lambda kv: -kv[1])[:5]:
+        lines.append(f"error x{count}: {error}")
+    return "\n".join(lines)
