@@ -1,0 +1,79 @@
+"""The gateway's FastAPI app: OpenAI-compatible routes in front of upstream pools.
+
+Routes: `/v1/models`, `/v1/completions`, `/v1/chat/completions` (JSON or SSE), `/v1/ws`
+(WebSocket pass-through), `/health` (the gateway's own, with its view of each upstream) and
+`/metrics` (Prometheus text, unauthenticated like any scrape target).
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request, WebSocket
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from pagoda.gateway.auth import bearer_token
+from pagoda.gateway.completions import serve_completion
+from pagoda.gateway.config import GatewayConfig
+from pagoda.gateway.errors import unauthorized
+from pagoda.gateway.state import GatewayState
+from pagoda.gateway.websocket import serve_websocket
+
+
+def create_app(config: GatewayConfig, redis_url: str | None = None) -> FastAPI:
+    """A gateway app; `redis_url` (if given) overrides the config's state backend."""
+    state = GatewayState.build(config, redis_url)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await state.start()
+        try:
+            yield
+        finally:
+            await state.close()
+
+    app = FastAPI(title="Pagoda gateway", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.gateway = state
+
+    @app.get("/v1/models")
+    async def list_models(request: Request) -> Response:
+        token = bearer_token(request.headers.get("authorization"))
+        key = await state.keys.authenticate_async(token)
+        if key is None:
+            return unauthorized("Missing or invalid API key. Send `Authorization: Bearer <key>`.")
+        created = int(time.time())
+        data = [
+            {"id": name, "object": "model", "created": created, "owned_by": "pagoda"}
+            for name in state.public_models()
+            if key.allows(name)
+        ]
+        return JSONResponse({"object": "list", "data": data})
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await serve_completion(state, request, "/v1/completions")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await serve_completion(state, request, "/v1/chat/completions")
+
+    @app.websocket("/v1/ws")
+    async def websocket(ws: WebSocket) -> None:
+        await serve_websocket(state, ws)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        upstreams = {}
+        for pool in state.pools.values():
+            now = pool.clock()
+            upstreams[pool.name] = {u.name: u.available(now) for u in pool.upstreams}
+        return JSONResponse({"status": "ok", "upstreams": upstreams})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        state.health.publish()
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    return app

@@ -1,0 +1,229 @@
+"""The gateway's path for `/v1/completions` and `/v1/chat/completions`.
+
+authenticate -> parse -> resolve model (virtual -> pool) -> admit (rate limits) -> cache lookup ->
+forward (with retries) -> record usage, cache, metrics -> answer.
+
+Invariant: every admitted request releases its in-flight lease exactly once — in `finally` for
+complete answers, in the stream's cleanup for streams (which runs even if the client vanished).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
+
+from pagoda.gateway.auth import bearer_token
+from pagoda.gateway.config import KeyConfig
+from pagoda.gateway.errors import bad_request, error_response, unauthorized
+from pagoda.gateway.model_router import route_virtual
+from pagoda.gateway.proxy import OpenStream, UpstreamUnavailable
+from pagoda.gateway.rate_limit import Decision, Limits
+from pagoda.gateway.response_cache import cache_key, is_cacheable
+from pagoda.gateway.router import prompt_text
+from pagoda.gateway.sse import StreamAssembler, chunks_from_response
+from pagoda.gateway.state import GatewayState
+from pagoda.gateway.stream_relay import ProxiedStream, RelayOutcome, relay_events
+from pagoda.gateway.upstream import UpstreamPool
+
+
+@dataclass(slots=True)
+class Call:
+    """One admitted request on its way through the gateway."""
+
+    key: KeyConfig
+    endpoint: str
+    chat: bool
+    body: dict[str, Any]
+    requested_model: str
+    pool: UpstreamPool
+    lease_id: str
+    decision: Decision
+    started: float
+    cache_key: str | None
+
+    @property
+    def stream(self) -> bool:
+        return bool(self.body.get("stream"))
+
+    @property
+    def public_model(self) -> str | None:
+        """Set when upstream chunks must have `model` rewritten to the pool's public name."""
+        renamed = self.requested_model != self.pool.name or self.pool.config.upstream_model
+        return self.pool.name if renamed else None
+
+    def headers(self, cache: str, upstream: str | None) -> dict[str, str]:
+        out = {**self.decision.headers(), "x-pagoda-routed-to": self.pool.name, "x-cache": cache}
+        if upstream is not None:
+            out["x-pagoda-upstream"] = upstream
+        return out
+
+
+def resolve_pool(state: GatewayState, model: str, body: dict[str, Any]) -> str | None:
+    if model in state.pools:
+        return model
+    virtual = state.config.virtual_model(model)
+    return route_virtual(virtual, body) if virtual is not None else None
+
+
+async def admit(
+    state: GatewayState, request: Request, endpoint: str, chat: bool
+) -> Call | Response:
+    """A Call holding an in-flight lease, or the error response that refuses the request."""
+    started = time.perf_counter()
+    key = await state.keys.authenticate_async(bearer_token(request.headers.get("authorization")))
+    if key is None:
+        return unauthorized("Missing or invalid API key. Send `Authorization: Bearer <key>`.")
+    try:
+        body = await request.json()
+    except ValueError:
+        return bad_request("The request body is not valid JSON.")
+    if not isinstance(body, dict):
+        return bad_request("The request body must be a JSON object.")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        return bad_request("You must provide a model parameter.", param="model")
+    if ("messages" if chat else "prompt") not in body:
+        return bad_request(f"'{'messages' if chat else 'prompt'}' is a required property.")
+    pool_name = resolve_pool(state, model, body)
+    if pool_name is None or not key.allows(model):
+        message = f"The model `{model}` does not exist or you do not have access to it."
+        return error_response(404, message, "invalid_request_error", "model_not_found")
+    lease_id = uuid.uuid4().hex
+    decision = await state.limiter.acquire(key.name, Limits.of(key), lease_id)
+    if not decision.allowed:
+        state.metrics.rate_limited.labels(key.name, decision.reason).inc()
+        message = f"Rate limit reached for {decision.reason} on key {key.name!r}."
+        return error_response(
+            429, message, "rate_limit_error", "rate_limit_exceeded", headers=decision.headers()
+        )
+    pool = state.pools[pool_name]
+    ckey = None
+    if state.cache is not None and is_cacheable(body):
+        ckey = cache_key(endpoint, pool.name, body)
+    return Call(key, endpoint, chat, body, model, pool, lease_id, decision, started, ckey)
+
+
+async def serve_completion(state: GatewayState, request: Request, endpoint: str) -> Response:
+    chat = endpoint.endswith("/chat/completions")
+    call = await admit(state, request, endpoint, chat)
+    if isinstance(call, Response):
+        return call
+    streaming = False
+    try:
+        if call.cache_key is not None:
+            cached = await state.cache.get(call.cache_key)
+            state.metrics.cache.labels(call.pool.name, "hit" if cached else "miss").inc()
+            if cached is not None:
+                return _cached_answer(state, call, cached)
+        upstream_body = {**call.body, "model": call.pool.upstream_model}
+        if call.stream:
+            options = call.body.get("stream_options") or {}
+            upstream_body["stream_options"] = {**options, "include_usage": True}
+            response = await _forward_stream(state, call, upstream_body)
+            streaming = isinstance(response, ProxiedStream)  # it now owns the lease
+            return response
+        return await _forward(state, call, upstream_body)
+    except UpstreamUnavailable as exc:
+        _observe(state, call, "none", 502)
+        message = f"No upstream of `{call.pool.name}` could answer: {exc.detail}"
+        return error_response(502, message, "upstream_error", "upstream_unavailable")
+    finally:
+        if not streaming:
+            await state.limiter.release(call.key.name, call.lease_id)
+
+
+def _observe(state: GatewayState, call: Call, upstream: str, status: int | str) -> None:
+    labels = (call.key.name, call.pool.name, upstream)
+    state.metrics.requests.labels(*labels, str(status)).inc()
+    state.metrics.latency.labels(*labels).observe(time.perf_counter() - call.started)
+
+
+def _cached_answer(state: GatewayState, call: Call, cached: bytes) -> Response:
+    headers = call.headers("hit", None)
+    _observe(state, call, "cache", 200)
+    body = json.loads(cached)
+    if call.public_model is not None:
+        body["model"] = call.public_model
+    if not call.stream:
+        return Response(json.dumps(body).encode(), media_type="application/json", headers=headers)
+    options = call.body.get("stream_options") or {}
+    events = chunks_from_response(body, call.chat, bool(options.get("include_usage")))
+
+    async def replay():
+        for event in events:
+            yield event
+
+    return StreamingResponse(replay(), media_type="text/event-stream", headers=headers)
+
+
+async def _record_usage(state: GatewayState, call: Call, upstream: str, usage: Any) -> None:
+    num_tokens = state.metrics.record_usage(call.key.name, call.pool.name, upstream, usage)
+    await state.limiter.record_tokens(call.key.name, call.lease_id, num_tokens)
+
+
+async def _forward(state: GatewayState, call: Call, upstream_body: dict[str, Any]) -> Response:
+    policy = state.policies[call.pool.name]
+    text = prompt_text(call.body)
+    reply = await state.forwarder.send(call.pool, policy, text, call.endpoint, upstream_body)
+    content = reply.content
+    if reply.status == 200:
+        try:
+            payload = json.loads(content)
+        except ValueError:
+            payload = None
+        if isinstance(payload, dict):
+            await _record_usage(state, call, reply.upstream.name, payload.get("usage"))
+            if call.public_model is not None and payload.get("model") != call.public_model:
+                payload["model"] = call.public_model
+                content = json.dumps(payload).encode()
+            if call.cache_key is not None:
+                await state.cache.put(call.cache_key, content)
+    _observe(state, call, reply.upstream.name, reply.status)
+    cache = "miss" if call.cache_key is not None else "bypass"
+    headers = call.headers(cache, reply.upstream.name)
+    return Response(content, status_code=reply.status, media_type=reply.content_type,
+                    headers=headers)
+
+
+async def _forward_stream(
+    state: GatewayState, call: Call, upstream_body: dict[str, Any]
+) -> Response:
+    policy = state.policies[call.pool.name]
+    text = prompt_text(call.body)
+    opened = await state.forwarder.open_stream(
+        call.pool, policy, text, call.endpoint, upstream_body
+    )
+    cache = "miss" if call.cache_key is not None else "bypass"
+    if not isinstance(opened, OpenStream):  # a 4xx: pass it through as a complete answer
+        _observe(state, call, opened.upstream.name, opened.status)
+        return Response(opened.content, status_code=opened.status,
+                        media_type=opened.content_type, headers=call.headers(cache, None))
+    outcome = RelayOutcome()
+    assembler = StreamAssembler(chat=call.chat) if call.cache_key is not None else None
+    options = call.body.get("stream_options") or {}
+    events = relay_events(
+        opened, outcome, wants_usage=bool(options.get("include_usage")),
+        public_model=call.public_model, assembler=assembler,
+    )
+    upstream = opened.upstream
+
+    async def cleanup() -> None:
+        try:
+            await opened.close()
+            if outcome.upstream_failed:
+                call.pool.record_failure(upstream)
+            await _record_usage(state, call, upstream.name, outcome.usage)
+            if outcome.assembled is not None and call.cache_key is not None:
+                await state.cache.put(call.cache_key, json.dumps(outcome.assembled).encode())
+            status = 502 if outcome.upstream_failed else (200 if outcome.saw_done else 499)
+            _observe(state, call, upstream.name, status)
+        finally:
+            await state.limiter.release(call.key.name, call.lease_id)
+
+    return ProxiedStream(events, cleanup, headers=call.headers(cache, upstream.name))

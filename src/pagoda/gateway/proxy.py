@@ -1,0 +1,153 @@
+"""Sending one request to a pool, with retries that never duplicate output the client has seen.
+
+Retry rule: an attempt may be retried on another upstream (never the same one) if it failed
+before any byte reached the client — a connection error, a timeout, a 5xx status, or, for streams, a
+failure
+before the first body chunk arrived (the first chunk is read before the gateway commits its own
+response headers). 4xx answers are the client's problem and are passed through unretried. Once a
+stream's first chunk has been handed over, a failure ends the stream; it is never retried.
+
+Every failed attempt counts toward the upstream's passive ejection.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from pagoda.gateway.config import RetryConfig
+from pagoda.gateway.metrics import GatewayMetrics
+from pagoda.gateway.router import Policy
+from pagoda.gateway.upstream import Upstream, UpstreamPool
+
+
+class UpstreamUnavailable(Exception):
+    """Every allowed attempt failed before answering; `detail` says how the last one failed."""
+
+    def __init__(self, detail: str, num_attempts: int) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.num_attempts = num_attempts
+
+
+@dataclass(slots=True)
+class Reply:
+    """A complete (non-streaming) upstream answer."""
+
+    upstream: Upstream
+    status: int
+    content: bytes
+    content_type: str
+
+
+@dataclass(slots=True)
+class OpenStream:
+    """An upstream stream whose status was 200 and whose first chunk has been read."""
+
+    upstream: Upstream
+    response: httpx.Response
+    first_chunk: bytes
+    rest: AsyncIterator[bytes]
+    _closed: bool = False
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        yield self.first_chunk
+        async for chunk in self.rest:
+            yield chunk
+
+    async def close(self) -> None:
+        """Closing mid-stream drops the connection, which is how the upstream learns to cancel."""
+        if not self._closed:
+            self._closed = True
+            self.upstream.num_outstanding -= 1
+            await self.response.aclose()
+
+
+class Forwarder:
+    def __init__(
+        self, client: httpx.AsyncClient, retry: RetryConfig, metrics: GatewayMetrics
+    ) -> None:
+        self.client = client
+        self.retry = retry
+        self.metrics = metrics
+
+    def _failed(self, pool: UpstreamPool, upstream: Upstream) -> None:
+        pool.record_failure(upstream)
+        self.metrics.retries.labels(pool.name, upstream.name).inc()
+
+    def _next(self, pool: UpstreamPool, policy: Policy, text: str, tried: set[str]) -> Upstream:
+        candidates = pool.candidates(exclude=tried)
+        if not candidates:
+            raise UpstreamUnavailable("no upstream left to try", len(tried))
+        upstream = policy.choose(candidates, text)
+        tried.add(upstream.name)
+        upstream.num_requests += 1
+        return upstream
+
+    async def send(
+        self, pool: UpstreamPool, policy: Policy, text: str, path: str, body: dict[str, Any]
+    ) -> Reply:
+        tried: set[str] = set()
+        detail = "no upstream configured"
+        for _ in range(self.retry.max_attempts):
+            upstream = self._next(pool, policy, text, tried)
+            upstream.num_outstanding += 1
+            try:
+                response = await self.client.post(upstream.url + path, json=body)
+            except httpx.HTTPError as exc:
+                detail = f"{upstream.name}: {type(exc).__name__}"
+                self._failed(pool, upstream)
+                continue
+            finally:
+                upstream.num_outstanding -= 1
+            if response.status_code >= 500:
+                detail = f"{upstream.name}: HTTP {response.status_code}"
+                self._failed(pool, upstream)
+                continue
+            upstream.record_success()
+            content_type = response.headers.get("content-type", "application/json")
+            return Reply(upstream, response.status_code, response.content, content_type)
+        raise UpstreamUnavailable(detail, len(tried))
+
+    async def open_stream(
+        self, pool: UpstreamPool, policy: Policy, text: str, path: str, body: dict[str, Any]
+    ) -> OpenStream | Reply:
+        """A 200 stream ready to relay, or the upstream's complete non-200, non-5xx answer."""
+        tried: set[str] = set()
+        detail = "no upstream configured"
+        for _ in range(self.retry.max_attempts):
+            upstream = self._next(pool, policy, text, tried)
+            upstream.num_outstanding += 1
+            response: httpx.Response | None = None
+            handed_over = False
+            try:
+                request = self.client.build_request("POST", upstream.url + path, json=body)
+                response = await self.client.send(request, stream=True)
+                if response.status_code != 200:
+                    content = await response.aread()
+                    if response.status_code >= 500:
+                        detail = f"{upstream.name}: HTTP {response.status_code}"
+                        self._failed(pool, upstream)
+                        continue
+                    content_type = response.headers.get("content-type", "application/json")
+                    return Reply(upstream, response.status_code, content, content_type)
+                rest = response.aiter_raw()
+                first = b""
+                while not first:  # an empty read would tell the client nothing; wait for bytes
+                    first = await anext(rest)
+                handed_over = True
+            except (httpx.HTTPError, StopAsyncIteration) as exc:
+                detail = f"{upstream.name}: {type(exc).__name__} before the first byte"
+                self._failed(pool, upstream)
+                continue
+            finally:
+                if not handed_over:  # every exit but success gives the slot back
+                    upstream.num_outstanding -= 1
+                    if response is not None:
+                        await response.aclose()
+            upstream.record_success()
+            return OpenStream(upstream, response, first, rest)
+        raise UpstreamUnavailable(detail, len(tried))

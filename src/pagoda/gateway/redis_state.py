@@ -1,0 +1,130 @@
+"""Redis backends for rate limits and the response cache, shared by several gateway instances.
+
+Both borrow one `redis.asyncio.Redis` client that the app owns and closes.
+
+Each admission is one Lua script, so the check-and-record of all three limits is atomic across
+gateways. Times come from the Redis server's clock (`TIME`), never the gateways', so instances with
+skewed clocks still agree on the window. Per key there are three sorted sets, each member unique per
+request (its lease id):
+- `<prefix>rl:<key>:req`  admitted requests, score = admission time (ms)
+- `<prefix>rl:<key>:tok`  token events "<lease id>:<count>", score = record time (ms)
+- `<prefix>rl:<key>:run`  in-flight leases, score = lease expiry (ms)
+"""
+
+from __future__ import annotations
+
+from redis.asyncio import Redis
+
+from pagoda.gateway.rate_limit import LEASE_S, WINDOW_S, Decision, Limits, RateLimiter
+from pagoda.gateway.response_cache import ResponseCache
+
+# KEYS: req, tok, run.
+# ARGV: rpm, tpm, max_concurrent (-1 = unlimited), window ms, lease id, lease ms
+_ACQUIRE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local rpm, tpm, maxc = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local window, lease = tonumber(ARGV[4]), tonumber(ARGV[6])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - window)
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
+local nreq = redis.call('ZCARD', KEYS[1])
+local ninflight = redis.call('ZCARD', KEYS[3])
+local events = redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES')
+local used = 0
+for i = 1, #events, 2 do
+  used = used + tonumber(string.match(events[i], ':(%d+)$'))
+end
+local reason = ''
+if maxc >= 0 and ninflight >= maxc then reason = 'concurrency'
+elseif rpm >= 0 and nreq >= rpm then reason = 'requests'
+elseif tpm >= 0 and used >= tpm then reason = 'tokens' end
+if reason == '' then
+  redis.call('ZADD', KEYS[1], now, ARGV[5])
+  redis.call('ZADD', KEYS[3], now + lease, ARGV[5])
+  redis.call('PEXPIRE', KEYS[1], window)
+  redis.call('PEXPIRE', KEYS[3], lease)
+  nreq = nreq + 1
+end
+local req_reset = 0
+local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+if #oldest > 0 then req_reset = tonumber(oldest[2]) + window - now end
+local tok_reset = 0
+if tpm >= 0 and used >= tpm then
+  local left = used
+  for i = 1, #events, 2 do
+    left = left - tonumber(string.match(events[i], ':(%d+)$'))
+    if left < tpm then tok_reset = tonumber(events[i + 1]) + window - now break end
+  end
+end
+return {reason, nreq, used, req_reset, tok_reset}
+"""
+
+# KEYS: tok.  ARGV: member, window ms
+_RECORD_TOKENS = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]))
+return 1
+"""
+
+
+def _or_minus_one(value: int | None) -> int:
+    return -1 if value is None else value
+
+
+class RedisRateLimiter(RateLimiter):
+    def __init__(self, redis: Redis, prefix: str) -> None:
+        self._redis = redis
+        self._prefix = prefix
+        self._acquire = redis.register_script(_ACQUIRE)
+        self._record = redis.register_script(_RECORD_TOKENS)
+
+    def _keys(self, key: str) -> list[str]:
+        base = f"{self._prefix}rl:{key}:"
+        return [base + "req", base + "tok", base + "run"]
+
+    async def acquire(self, key: str, limits: Limits, lease_id: str) -> Decision:
+        args = [
+            _or_minus_one(limits.requests_per_minute),
+            _or_minus_one(limits.tokens_per_minute),
+            _or_minus_one(limits.max_concurrent),
+            int(WINDOW_S * 1000),
+            lease_id,
+            int(LEASE_S * 1000),
+        ]
+        reason, nreq, used, req_reset, tok_reset = await self._acquire(self._keys(key), args)
+        reason = reason.decode() if isinstance(reason, bytes) else reason
+        return Decision(
+            allowed=not reason,
+            reason=reason,
+            limits=limits,
+            num_requests=int(nreq),
+            num_tokens=int(used),
+            reset_requests_s=int(req_reset) / 1000,
+            reset_tokens_s=int(tok_reset) / 1000,
+        )
+
+    async def release(self, key: str, lease_id: str) -> None:
+        await self._redis.zrem(self._keys(key)[2], lease_id)
+
+    async def record_tokens(self, key: str, lease_id: str, num_tokens: int) -> None:
+        if num_tokens > 0:
+            member = f"{lease_id}:{num_tokens}"
+            await self._record([self._keys(key)[1]], [member, int(WINDOW_S * 1000)])
+
+
+class RedisResponseCache(ResponseCache):
+    """Entries are plain strings with a TTL; Redis's own eviction policy bounds memory."""
+
+    def __init__(self, redis: Redis, prefix: str, ttl_s: float) -> None:
+        self._redis = redis
+        self._prefix = prefix + "cache:"
+        self._ttl_ms = max(1, int(ttl_s * 1000))
+
+    async def get(self, key: str) -> bytes | None:
+        return await self._redis.get(self._prefix + key)
+
+    async def put(self, key: str, value: bytes) -> None:
+        await self._redis.set(self._prefix + key, value, px=self._ttl_ms)

@@ -1,0 +1,114 @@
+"""Relaying an upstream SSE stream to the client, event by event, without buffering.
+
+Each upstream event is forwarded as soon as its terminating blank line arrives. Events are parsed
+only when needed: to find `usage` (for token limits), to assemble a cacheable answer, or to rewrite
+`model` to the public name. The gateway always asks the upstream for a usage chunk; if the client
+did not, that chunk is dropped before it reaches the client.
+
+A client disconnect cancels the relay; `ProxiedStream` then closes the upstream response, which
+drops the upstream connection — that is how the upstream learns to stop generating.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from pagoda.gateway.errors import error_body
+from pagoda.gateway.proxy import OpenStream
+from pagoda.gateway.sse import SSESplitter, StreamAssembler, encode_event, event_data
+
+
+@dataclass(slots=True)
+class RelayOutcome:
+    """What the relay saw; read by the cleanup after the stream ends, however it ended."""
+
+    usage: dict[str, Any] | None = None
+    saw_done: bool = False
+    upstream_failed: bool = False
+    assembled: dict[str, Any] | None = field(default=None)
+
+
+async def relay_events(
+    stream: OpenStream,
+    outcome: RelayOutcome,
+    *,
+    wants_usage: bool,
+    public_model: str | None,
+    assembler: StreamAssembler | None,
+) -> AsyncIterator[bytes]:
+    """Yield the client's bytes. `public_model`, if set, replaces every chunk's `model`."""
+    splitter = SSESplitter()
+    try:
+        async for data in stream.chunks():
+            for event in splitter.feed(data):
+                payload = event_data(event)
+                if payload is None:
+                    yield event
+                    continue
+                if payload.strip() == b"[DONE]":
+                    outcome.saw_done = True
+                    yield event
+                    continue
+                if assembler is None and public_model is None and b'"usage"' not in payload:
+                    yield event
+                    continue
+                try:
+                    chunk = json.loads(payload)
+                except ValueError:
+                    yield event
+                    continue
+                if not isinstance(chunk, dict):
+                    yield event
+                    continue
+                if chunk.get("usage"):
+                    outcome.usage = chunk["usage"]
+                if assembler is not None:
+                    assembler.add(chunk)
+                if not chunk.get("choices") and chunk.get("usage") and not wants_usage:
+                    continue  # the usage chunk the gateway asked for on its own behalf
+                if public_model is not None and "model" in chunk:
+                    chunk["model"] = public_model
+                    event = encode_event(chunk)
+                yield event
+        if splitter.rest().strip():
+            yield splitter.rest() + b"\n\n"
+    except httpx.HTTPError as exc:
+        # Bytes already reached the client, so no retry: end the stream with an error event.
+        outcome.upstream_failed = True
+        message = f"upstream {stream.upstream.name} failed mid-stream: {type(exc).__name__}"
+        yield encode_event(error_body(message, "upstream_error", "upstream_failed"))
+        return
+    if assembler is not None and outcome.saw_done and assembler.complete:
+        outcome.assembled = assembler.body()
+
+
+class ProxiedStream(StreamingResponse):
+    """A StreamingResponse that always runs `cleanup` once it is done with the client, whether the
+    stream finished, failed, or the client went away before the first byte was sent."""
+
+    def __init__(
+        self,
+        content: AsyncIterator[bytes],
+        cleanup: Callable[[], Awaitable[None]],
+        headers: dict[str, str],
+    ) -> None:
+        super().__init__(content, headers=headers, media_type="text/event-stream")
+        self._cleanup = cleanup
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            iterator = self.body_iterator
+            if hasattr(iterator, "aclose"):
+                await iterator.aclose()
+            # shielded: cleanup releases limits and connections even if this task is cancelled
+            await asyncio.shield(self._cleanup())
