@@ -78,10 +78,12 @@ class Forwarder:
         pool.record_failure(upstream)
         self.metrics.retries.labels(pool.name, upstream.name).inc()
 
-    def _next(self, pool: UpstreamPool, policy: Policy, text: str, tried: set[str]) -> Upstream:
+    def _next(
+        self, pool: UpstreamPool, policy: Policy, text: str, tried: set[str], detail: str
+    ) -> Upstream:
         candidates = pool.candidates(exclude=tried)
         if not candidates:
-            raise UpstreamUnavailable("no upstream left to try", len(tried))
+            raise UpstreamUnavailable(f"{detail}; no other upstream to try", len(tried))
         upstream = policy.choose(candidates, text)
         tried.add(upstream.name)
         upstream.num_requests += 1
@@ -93,7 +95,7 @@ class Forwarder:
         tried: set[str] = set()
         detail = "no upstream configured"
         for _ in range(self.retry.max_attempts):
-            upstream = self._next(pool, policy, text, tried)
+            upstream = self._next(pool, policy, text, tried, detail)
             upstream.num_outstanding += 1
             try:
                 response = await self.client.post(upstream.url + path, json=body)
@@ -119,7 +121,7 @@ class Forwarder:
         tried: set[str] = set()
         detail = "no upstream configured"
         for _ in range(self.retry.max_attempts):
-            upstream = self._next(pool, policy, text, tried)
+            upstream = self._next(pool, policy, text, tried, detail)
             upstream.num_outstanding += 1
             response: httpx.Response | None = None
             handed_over = False
