@@ -1,0 +1,55 @@
+"""What to quantize and how: `QuantConfig`, checked on construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# The projection kinds of the model contract (a linear's kind is the last part of its module name).
+LINEAR_KINDS: tuple[str, ...] = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head")
+
+# none: leave nn.Linear alone.  int8: per-output-channel symmetric int8.  int4: group-wise
+# asymmetric 4-bit (scale and offset per group).  gguf: the GGUF file's own blocks.
+# fp16 / bf16: half-precision weights, any activation dtype.
+METHODS: tuple[str, ...] = ("none", "int8", "int4", "gguf", "fp16", "bf16")
+
+# CPU kernels for the forward pass. "auto" picks the fastest per device (fbgemm on x86 CPUs);
+# "reference" forces the portable dequantize + matmul path that every device runs.
+BACKENDS: tuple[str, ...] = ("auto", "reference")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    method: str = "int8"
+    # Linear kinds left in full precision, e.g. ("lm_head",).
+    skip: tuple[str, ...] = ()
+    # int4 only: weights per (scale, offset) group along the input dimension.
+    group_size: int = 64
+    # gguf only: the file whose blocks become the weights (the model's own weights are ignored).
+    gguf_path: str | None = None
+    # fbgemm's dynamic int8 linear multiplies uint8 activations by int8 weights in pairs that
+    # accumulate in int16 (vpmaddubsw) and can saturate; reduce_range quantizes activations to
+    # 7 bits so that cannot happen, at the cost of doubling the activation rounding error.
+    # docs/quantization.md has the measurement behind the default.
+    reduce_range: bool = False
+    backend: str = "auto"
+    # Group-quantized layers (int4, gguf) on the fbgemm path are requantized to per-channel int8;
+    # keep_source=True keeps the packed groups too (needed to save; costs 0.5-1 byte per weight).
+    keep_source: bool = True
+    kinds: tuple[str, ...] = field(default=LINEAR_KINDS)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"quantization method {self.method!r} not in {METHODS}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend {self.backend!r} not in {BACKENDS}")
+        unknown = [k for k in self.skip if k not in self.kinds]
+        if unknown:
+            raise ValueError(f"skip names unknown linear kinds {unknown}; kinds are {self.kinds}")
+        if self.group_size not in (16, 32, 64, 128, 256):
+            raise ValueError(f"group_size must be 16, 32, 64, 128 or 256, not {self.group_size}")
+        if self.method == "gguf" and not self.gguf_path:
+            raise ValueError("method 'gguf' needs gguf_path")
+
+    def wants(self, kind: str) -> bool:
+        """Whether a linear of this kind is swapped."""
+        return self.method != "none" and kind in self.kinds and kind not in self.skip

@@ -1,0 +1,71 @@
+"""`GroupLinear`: group-quantized weights (Pagoda's int4, or a GGUF file's blocks).
+
+The buffers hold a `GroupWeights` exactly (the source of truth that is saved). Execution:
+- fbgemm path (x86 CPU): the groups are re-rounded once onto a per-channel int8 grid, because
+  fbgemm's dynamic linear has one scale per output row and cannot apply a scale per group. This
+  costs one extra rounding of at most max|row|/254 per weight and one byte per weight of packed
+  memory next to the 0.5-1 byte per weight of the groups (docs/quantization.md measures both).
+- reference path (any device): dequantize the groups exactly and multiply.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from pagoda.quant.group_weights import GroupWeights, quantize_int4_groups
+from pagoda.quant.quant_linear import QuantLinear
+
+_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+
+
+class GroupLinear(QuantLinear):
+    def __init__(self, weights: GroupWeights, method: str = "int4", backend: str = "auto",
+                 reduce_range: bool = False, source: str = ""):
+        out_features, in_features = weights.shape
+        super().__init__(in_features, out_features, backend, reduce_range)
+        self.method = method  # "int4" or "gguf"
+        self.group_size, self.bits = weights.group_size, weights.bits
+        self.source = source  # e.g. the GGUF block types it came from, for reports
+        self.register_buffer("qweight", weights.qweight)
+        self.register_buffer("scales", weights.scales)
+        self.register_buffer("offsets", weights.offsets)
+
+    @property
+    def weights(self) -> GroupWeights:
+        return GroupWeights(self.qweight, self.scales, self.offsets, self.group_size, self.bits)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int, backend: str = "auto",
+                    reduce_range: bool = False) -> GroupLinear:
+        assert linear.bias is None, "the model contract has bias-free linears"
+        return cls(quantize_int4_groups(linear.weight.detach(), group_size), "int4", backend,
+                   reduce_range)
+
+    def spec(self) -> dict[str, Any]:
+        scale_dtype = str(self.scales.dtype).removeprefix("torch.")
+        return {**super().spec(), "group_size": self.group_size, "bits": self.bits,
+                "scale_dtype": scale_dtype, "offsets": self.offsets is not None,
+                "source": self.source}
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any], backend: str = "auto") -> GroupLinear:
+        n, k, g, bits = spec["out_features"], spec["in_features"], spec["group_size"], spec["bits"]
+        qweight = (torch.empty(n, k // 2, dtype=torch.uint8) if bits == 4
+                   else torch.empty(n, k, dtype=torch.int8))
+        scales = torch.empty(n, k // g, dtype=_DTYPES[spec["scale_dtype"]])
+        offsets = torch.empty_like(scales) if spec["offsets"] else None
+        return cls(GroupWeights(qweight, scales, offsets, g, bits), spec["method"], backend,
+                   spec["reduce_range"], spec.get("source", ""))
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.weights.dequantize(dtype)
+
+    def int8_form(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.weights.to_int8_per_channel()
+
+    def extra_repr(self) -> str:
+        src = f", from {self.source}" if self.source else ""
+        return f"{super().extra_repr()}, {self.bits}-bit, group {self.group_size}{src}"

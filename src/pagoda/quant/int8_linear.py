@@ -1,0 +1,42 @@
+"""`Int8Linear`: symmetric int8 weights with one fp32 scale per output channel."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from pagoda.quant.group_weights import quantize_int8_per_channel
+from pagoda.quant.quant_linear import QuantLinear
+
+
+class Int8Linear(QuantLinear):
+    method = "int8"
+
+    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, backend: str = "auto",
+                 reduce_range: bool = False):
+        out_features, in_features = qweight.shape
+        super().__init__(in_features, out_features, backend, reduce_range)
+        assert qweight.dtype == torch.int8 and scale.shape == (out_features,)
+        self.register_buffer("qweight", qweight)  # (N, K) int8 in -127..127
+        self.register_buffer("scale", scale.float())  # (N,) fp32
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, backend: str = "auto",
+                    reduce_range: bool = False) -> Int8Linear:
+        assert linear.bias is None, "the model contract has bias-free linears"
+        q, scale = quantize_int8_per_channel(linear.weight.detach())
+        return cls(q, scale, backend, reduce_range)
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any], backend: str = "auto") -> Int8Linear:
+        n, k = spec["out_features"], spec["in_features"]
+        return cls(torch.empty(n, k, dtype=torch.int8), torch.empty(n), backend,
+                   spec["reduce_range"])
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return (self.qweight.float() * self.scale[:, None]).to(dtype)
+
+    def int8_form(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.qweight, self.scale

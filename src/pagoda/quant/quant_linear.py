@@ -1,0 +1,98 @@
+"""`QuantLinear`: the base of every module that replaces an `nn.Linear` (bias-free).
+
+Contract shared by all subclasses:
+- `forward(x)` takes (T, in_features) in any float dtype and returns (T, out_features) in x's dtype;
+  on CPUs with fbgemm it runs a packed kernel, elsewhere the portable dequantize + `F.linear`.
+- Quantized modules own their dtypes: `model.to(dtype)` / `.half()` move them between devices but
+  never cast their buffers (a bf16 cast of the scales would silently lose precision).
+- The packed kernel form is a cache derived from the buffers, rebuilt after any move or load;
+  only the buffers are saved (`spec()` describes their shapes so `from_spec` can rebuild them).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from pagoda.quant.kernels import int8_linear_fbgemm, linear_reference, pack_int8, use_fbgemm
+
+
+class QuantLinear(nn.Module):
+    method: ClassVar[str] = ""
+
+    def __init__(self, in_features: int, out_features: int, backend: str = "auto",
+                 reduce_range: bool = False):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.backend = backend
+        self.reduce_range = reduce_range
+        self._packed: object | None = None
+
+    # --- what subclasses provide -------------------------------------------------------------
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The (out, in) weight this module computes with, in `dtype` (reference path)."""
+        raise NotImplementedError
+
+    def int8_form(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, K) int8 values and (N,) scales that the fbgemm path multiplies with."""
+        raise NotImplementedError
+
+    def spec(self) -> dict[str, Any]:
+        """JSON-serialisable description that `from_spec` turns back into an empty module."""
+        return {"method": self.method, "in_features": self.in_features,
+                "out_features": self.out_features, "reduce_range": self.reduce_range}
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any], backend: str = "auto") -> QuantLinear:
+        raise NotImplementedError
+
+    # --- shared machinery ----------------------------------------------------------------------
+    def pack(self) -> object:
+        return pack_int8(*self.int8_form())
+
+    def run_packed(self, x: torch.Tensor, packed: object) -> torch.Tensor:
+        return int8_linear_fbgemm(x, packed, self.reduce_range)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if use_fbgemm(x, self.backend):
+            if self._packed is None:
+                self._packed = self.pack()
+            return self.run_packed(x, self._packed)
+        return linear_reference(x, self.dequantize(x.dtype))
+
+    def prepare(self) -> None:
+        """Build the packed kernel form now rather than at the first forward (CPU only)."""
+        probe = torch.zeros(1, self.in_features, device=self.device)
+        if self._packed is None and use_fbgemm(probe, self.backend):
+            self._packed = self.pack()
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self._buffers.values())).device
+
+    def stored_bytes(self) -> int:
+        return sum(b.nbytes for b in self._buffers.values() if b is not None)
+
+    def packed_bytes(self) -> int:
+        """Approximate size of the packed kernel form (0 before it is built)."""
+        return 0 if self._packed is None else self.in_features * self.out_features
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - nn.Module's signature
+        # Learn the target device from a probe and move buffers without changing their dtype.
+        target = fn(torch.zeros(0, device=self.device)).device
+        for name, buf in self._buffers.items():
+            if buf is None:
+                continue
+            self._buffers[name] = (torch.empty_like(buf, device=target) if buf.is_meta
+                                   else buf.to(target))
+        self._packed = None
+        return self
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        self._packed = None
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.method}"
