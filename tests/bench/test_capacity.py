@@ -121,5 +121,7 @@ def test_hf_directory_with_safetensors_counts_stored_tensors(tmp_path):
     assert sorted(shape.weight_shapes) == [(7, 16), (16,)]
     # int8: 112 one-byte weights + 7 fp32 row scales; the norm stays fp32.
     assert weight_bytes(shape, "int8") == 112 + 7 * 4 + 16 * 4
-    # int4: 56 bytes of packed weights + one fp16 scale per row (16 columns < one group of 32).
-    assert weight_bytes(shape, "int4") == 56 + 7 * 2 + 16 * 4
+    # int4: 56 bytes of packed weights + an fp16 scale and offset per row (16 columns < a group).
+    assert weight_bytes(shape, "int4") == 56 + 7 * 4 + 16 * 4
+    # With groups of 8 weights, each row of 16 has two groups.
+    assert weight_bytes(shape, "int4", int4_group=8) == 56 + 7 * 2 * 4 + 16 * 4

@@ -10,8 +10,10 @@ after the weights (and the reserve):
 Every layer is assumed to keep the full context (what a simple paged engine does); for models with
 sliding-window layers the count when those layers keep only the window is printed as well.
 
-Weight bytes per precision: matrices at the precision's width (int8 adds one fp32 scale per row;
-int4 one fp16 scale per group of 32 weights in a row); 1-D tensors (norms, biases) stay fp32.
+Weight bytes per precision, in the layouts of `pagoda.quant`: matrices at the precision's width;
+int8 adds one fp32 scale per row (per-channel); int4 adds an fp16 scale and an fp16 offset per group
+of `int4_group` weights along a row (default 64). 1-D tensors (norms, biases) stay fp32. Every
+matrix counts, embeddings included, so this is the footprint of quantizing all of them.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from pagoda.bench.model_shape import ModelShape, read_model_shape
 
 KV_DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1}
 WEIGHT_DTYPES = ("fp32", "bf16", "int8", "int4")
-INT4_GROUP = 32
+INT4_GROUP = 64  # pagoda.quant's default group size
 UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
 
@@ -52,7 +54,7 @@ def kv_bytes_per_token(shape: ModelShape, kv_dtype: str, scale_bytes: int = 4) -
     return shape.num_layers * kv_bytes_per_token_per_layer(shape, kv_dtype, scale_bytes)
 
 
-def weight_bytes(shape: ModelShape, dtype: str) -> int:
+def weight_bytes(shape: ModelShape, dtype: str, int4_group: int = INT4_GROUP) -> int:
     total = 0
     for dims in shape.weight_shapes:
         n = math.prod(dims)
@@ -67,7 +69,7 @@ def weight_bytes(shape: ModelShape, dtype: str) -> int:
         elif dtype == "int8":
             total += n + 4 * rows
         elif dtype == "int4":
-            total += math.ceil(n / 2) + 2 * rows * math.ceil(cols / INT4_GROUP)
+            total += math.ceil(n / 2) + 4 * rows * math.ceil(cols / int4_group)
         else:
             raise ValueError(f"unknown weight dtype {dtype!r}")
     return total
