@@ -1,0 +1,1 @@
+"""Gateway tests: fake upstreams, a real Redis, gateways served on threads."""

@@ -1,0 +1,149 @@
+"""End to end through a real gateway to fake upstream processes: auth, models, JSON and SSE
+answers, usage pass-through, metrics, WebSocket pass-through, disconnects."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import httpx
+import pytest
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect as ws_connect
+
+from tests.gateway.gateway_harness import (
+    KEY_ALICE,
+    KEY_BOB,
+    GatewayServer,
+    auth,
+    make_config,
+    wait_for,
+)
+
+
+def sse_payloads(lines: list[str]) -> list[str]:
+    return [line[len("data: "):] for line in lines if line.startswith("data: ")]
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {KEY_ALICE}"},
+     {"Authorization": "Bearer"}],
+)
+def test_missing_or_invalid_key_gets_openai_401(replicas, headers):
+    with GatewayServer(make_config({"m": [replicas[0].url]})) as gw:
+        for path in ("/v1/completions", "/v1/chat/completions"):
+            r = httpx.post(gw.url + path, json={"model": "m", "prompt": "x"}, headers=headers)
+            assert r.status_code == 401
+            error = r.json()["error"]
+            assert set(error) == {"message", "type", "param", "code"}
+            assert error["code"] == "invalid_api_key"
+        assert httpx.get(gw.url + "/v1/models", headers=headers).status_code == 401
+    assert replicas[0].stats()["requests"] == 0
+
+
+def test_key_never_logged(replicas, caplog):
+    caplog.set_level(logging.DEBUG)
+    with GatewayServer(make_config({"m": [replicas[0].url]})) as gw:
+        httpx.post(gw.url + "/v1/completions", json={"model": "m", "prompt": "x"}, headers=auth())
+        httpx.post(gw.url + "/v1/completions", json={"model": "m", "prompt": "x"},
+                   headers=auth("sk-not-a-key"))
+    assert caplog.records  # something was logged at DEBUG (httpx, uvicorn) ...
+    assert KEY_ALICE not in caplog.text and "sk-not-a-key" not in caplog.text  # ... but no key
+
+
+def test_models_listing_and_model_permissions(replicas):
+    config = make_config({"m": [replicas[0].url], "other": [replicas[1].url]})
+    with GatewayServer(config) as gw:
+        ids = [m["id"] for m in httpx.get(gw.url + "/v1/models", headers=auth()).json()["data"]]
+        assert ids == ["m", "other"]
+        ids = [m["id"] for m in
+               httpx.get(gw.url + "/v1/models", headers=auth(KEY_BOB)).json()["data"]]
+        assert ids == ["m"]  # bob may use only the first model
+        r = httpx.post(gw.url + "/v1/completions", json={"model": "other", "prompt": "x"},
+                       headers=auth(KEY_BOB))
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+        r = httpx.post(gw.url + "/v1/completions", json={"model": "nope", "prompt": "x"},
+                       headers=auth())
+        assert r.status_code == 404
+        r = httpx.post(gw.url + "/v1/completions", json={"prompt": "x"}, headers=auth())
+        assert r.status_code == 400 and r.json()["error"]["param"] == "model"
+        r = httpx.post(gw.url + "/v1/completions", content=b"{not json", headers=auth())
+        assert r.status_code == 400
+    assert replicas[1].stats()["requests"] == 0
+
+
+def test_json_and_sse_answers_pass_through(replicas):
+    with GatewayServer(make_config({"m": [replicas[0].url]})) as gw:
+        r = httpx.post(gw.url + "/v1/chat/completions", headers=auth(), json={
+            "model": "m", "messages": [{"role": "user", "content": "one two three"}],
+            "max_tokens": 4})
+        assert r.status_code == 200
+        body = r.json()
+        assert body["choices"][0]["message"]["content"] == "[r1#1] w1 w2 w3"
+        assert body["usage"] == {"prompt_tokens": 4, "completion_tokens": 4, "total_tokens": 8}
+        assert r.headers["x-pagoda-routed-to"] == "m" and r.headers["x-cache"] == "bypass"
+        with httpx.stream("POST", gw.url + "/v1/completions", headers=auth(), json={
+                "model": "m", "prompt": "a b", "max_tokens": 3, "stream": True}) as r:
+            assert r.headers["content-type"].startswith("text/event-stream")
+            payloads = sse_payloads(list(r.iter_lines()))
+        assert payloads[-1] == "[DONE]"
+        chunks = [json.loads(p) for p in payloads[:-1]]
+        assert "".join(c["choices"][0]["text"] for c in chunks) == "[r1#2] w1 w2"
+        assert all("usage" not in c for c in chunks)  # client did not ask for usage
+        with httpx.stream("POST", gw.url + "/v1/completions", headers=auth(), json={
+                "model": "m", "prompt": "a b", "max_tokens": 3, "stream": True,
+                "stream_options": {"include_usage": True}}) as r:
+            payloads = sse_payloads(list(r.iter_lines()))
+        assert json.loads(payloads[-2])["usage"]["total_tokens"] == 5
+    # the gateway always asked upstream for usage, to count tokens
+    assert replicas[0].stats()["requests"] == 3
+
+
+def test_metrics_report_requests_tokens_and_health(replicas):
+    with GatewayServer(make_config({"m": [replicas[0].url]})) as gw:
+        for _ in range(2):
+            httpx.post(gw.url + "/v1/completions", headers=auth(),
+                       json={"model": "m", "prompt": "a b c", "max_tokens": 5})
+        text = httpx.get(gw.url + "/metrics").text
+    up = replicas[0].url.split("://")[1]
+    assert (f'pagoda:gateway_requests_total{{key="alice",model="m",status="200",'
+            f'upstream="{up}"}} 2.0') in text
+    assert f'pagoda:gateway_tokens_total{{key="alice",kind="completion",model="m",' \
+           f'upstream="{up}"}} 10.0' in text
+    assert f'pagoda:gateway_upstream_healthy{{model="m",upstream="{up}"}} 1.0' in text
+    assert "pagoda:gateway_request_latency_seconds_bucket" in text
+
+
+def test_websocket_passes_through(replicas):
+    with GatewayServer(make_config({"m": [replicas[0].url]})) as gw:
+        ws_url = gw.url.replace("http", "ws") + "/v1/ws?model=m"
+        with ws_connect(ws_url, additional_headers=auth()) as ws:
+            for text in ("hello", "again"):
+                ws.send(text)
+                reply = json.loads(ws.recv(timeout=5))
+                assert reply["echo"] == text and reply["upstream"] == "r1"
+                assert reply["query"] == {"model": "m"}
+        with ws_connect(ws_url + f"&api_key={KEY_ALICE}") as ws:  # browsers: key in the query
+            ws.send("q")
+            assert "api_key" not in json.loads(ws.recv(timeout=5))["query"]
+        with pytest.raises(InvalidStatus), ws_connect(ws_url) as ws:
+            ws.send("x")
+            ws.recv(timeout=5)
+
+
+def test_client_disconnect_cancels_upstream_stream(replicas):
+    replicas[0].control(chunk_delay_s=0.2)
+    with GatewayServer(make_config({"m": [replicas[0].url]})) as gw:
+        with httpx.stream("POST", gw.url + "/v1/completions", headers=auth(), json={
+                "model": "m", "prompt": "p", "max_tokens": 200, "stream": True}) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")
+            started = time.monotonic()
+        # leaving the block closed the connection mid-stream
+        wait_for(lambda: replicas[0].stats()["cancelled"] == 1, timeout=5)
+        assert time.monotonic() - started < 3  # well before the 40 s the stream would take
+        stats = replicas[0].stats()
+        assert stats["active"] == 0 and stats["completed"] == 0
+        wait_for(lambda: gw.state.pools["m"].upstreams[0].num_outstanding == 0, timeout=5)
