@@ -26,7 +26,7 @@ OUTPUT_LEN="${OUTPUT_LEN:-128}"
 CONCURRENCY="${CONCURRENCY:-32}"
 LLAMA_PORT="${LLAMA_PORT:-8911}"
 PAGODA_PORT="${PAGODA_PORT:-8912}"
-OUT="${OUT:-$REPO/benchmarks/results/compare_llamacpp_$(date +%Y%m%d_%H%M%S)}"
+OUT="${OUT:-$HOME/.cache/pagoda/compare_llamacpp/$(date +%Y%m%d_%H%M%S)}"
 
 log() { echo "[compare_llamacpp] $*" >&2; }
 
