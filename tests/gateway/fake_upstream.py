@@ -5,8 +5,8 @@ Run as `python tests/gateway/fake_upstream.py --port P --name r1`. It answers `/
 number, reports `usage`, serves `/health` and an echoing `/v1/ws`, and can be steered by tests:
 
 - `POST /control` with any of `healthy`, `fail_next`, `fail_mode`, `delay_s`, `chunk_delay_s`;
-  `fail_mode` is "500" (an HTTP 500), "early" (200 headers, then the connection drops before any
-  body byte) or "midstream" (drops after two chunks).
+  `fail_mode` is "500" or "400" (that HTTP status), "early" (200 headers, then the connection
+  drops before any body byte) or "midstream" (drops after two chunks).
 - `GET /stats` reports counters: requests, completed, cancelled (streams whose client vanished),
   active, and the prompts and models seen.
 - `POST /reset` restores defaults and zeroes counters.
@@ -101,8 +101,9 @@ def create_fake_app(name: str) -> FastAPI:
         failing = behaviour.fail_next > 0
         if failing:
             behaviour.fail_next -= 1
-            if behaviour.fail_mode == "500":
-                return JSONResponse({"error": {"message": "injected"}}, status_code=500)
+            if behaviour.fail_mode in ("500", "400"):
+                status = int(behaviour.fail_mode)
+                return JSONResponse({"error": {"message": "injected"}}, status_code=status)
         if behaviour.delay_s:
             await asyncio.sleep(behaviour.delay_s)
         n = body.get("max_tokens") or 8

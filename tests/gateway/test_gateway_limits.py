@@ -1,0 +1,120 @@
+"""Per-key limits over HTTP, with the in-memory backend and with a real Redis, and two gateway
+instances sharing limits and the response cache through Redis."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+
+from tests.gateway.gateway_harness import KEY_BOB, GatewayServer, auth, make_config
+
+BACKENDS = ["memory", "redis"]
+
+
+def gateway(replicas, request, backend: str, **overrides) -> GatewayServer:
+    redis_url = request.getfixturevalue("redis_url") if backend == "redis" else ""
+    return GatewayServer(make_config({"m": [replicas[0].url]}, **overrides), redis_url=redis_url)
+
+
+def post(url: str, key_headers=None, **body) -> httpx.Response:
+    body = {"model": "m", "prompt": "one two", "max_tokens": 8, **body}
+    return httpx.post(url + "/v1/completions", json=body, headers=key_headers or auth())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_requests_per_minute(replicas, request, backend):
+    with gateway(replicas, request, backend, alice={"requests_per_minute": 5}) as gw:
+        statuses = [post(gw.url).status_code for _ in range(7)]
+        assert statuses == [200] * 5 + [429] * 2
+        r = post(gw.url)
+        assert r.status_code == 429
+        assert r.json()["error"]["code"] == "rate_limit_exceeded"
+        assert r.headers["x-ratelimit-limit-requests"] == "5"
+        assert r.headers["x-ratelimit-remaining-requests"] == "0"
+        assert 50 <= int(r.headers["retry-after"]) <= 60
+        assert r.headers["x-ratelimit-reset-requests"].endswith("s")
+        assert post(gw.url, auth(KEY_BOB)).status_code == 200  # other keys are unaffected
+        metrics = httpx.get(gw.url + "/metrics").text
+        assert 'pagoda:gateway_rate_limited_total{key="alice",limit="requests"} 3.0' in metrics
+    assert replicas[0].stats()["requests"] == 6
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_remaining_headers_count_down(replicas, request, backend):
+    with gateway(replicas, request, backend, alice={"requests_per_minute": 3}) as gw:
+        left = [post(gw.url).headers["x-ratelimit-remaining-requests"] for _ in range(3)]
+    assert left == ["2", "1", "0"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tokens_per_minute(replicas, request, backend):
+    # each request: 2 prompt + 8 completion = 10 tokens; with 35/min, requests 1-4 are admitted
+    # (0, 10, 20, 30 used at admission) and the 5th is refused: one request's worth of overshoot
+    with gateway(replicas, request, backend, alice={"tokens_per_minute": 35}) as gw:
+        statuses = [post(gw.url).status_code for _ in range(6)]
+        assert statuses == [200] * 4 + [429] * 2
+        r = post(gw.url)
+        assert r.headers["x-ratelimit-limit-tokens"] == "35"
+        assert r.headers["x-ratelimit-remaining-tokens"] == "0"
+        assert 1 <= int(r.headers["retry-after"]) <= 60
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_streamed_usage_counts_toward_tokens(replicas, request, backend):
+    with gateway(replicas, request, backend, alice={"tokens_per_minute": 15}) as gw:
+        for expected in (200, 200, 429):
+            with httpx.stream("POST", gw.url + "/v1/completions", headers=auth(), json={
+                    "model": "m", "prompt": "one two", "max_tokens": 8, "stream": True}) as r:
+                r.read()
+                assert r.status_code == expected
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_max_concurrent(replicas, request, backend):
+    replicas[0].control(delay_s=1.0)
+    with gateway(replicas, request, backend, alice={"max_concurrent": 2}) as gw:
+        async with httpx.AsyncClient(timeout=10) as client:
+            async def one(i: int) -> httpx.Response:
+                await asyncio.sleep(0.05 * i)  # stagger so the first two are surely in flight
+                return await client.post(gw.url + "/v1/completions", headers=auth(),
+                                         json={"model": "m", "prompt": "x", "max_tokens": 2})
+
+            results = await asyncio.gather(*(one(i) for i in range(5)))
+            assert sorted(r.status_code for r in results) == [200, 200, 429, 429, 429]
+            assert all(r.headers["retry-after"] == "1" for r in results if r.status_code == 429)
+            # slots come back when requests finish, streams included
+            replicas[0].control(delay_s=0)
+            ok = await client.post(gw.url + "/v1/completions", headers=auth(),
+                                   json={"model": "m", "prompt": "x", "max_tokens": 2})
+            assert ok.status_code == 200
+
+
+async def test_two_gateways_share_limits_and_cache_through_redis(replicas, redis_url):
+    config = make_config({"m": [replicas[0].url]}, alice={"requests_per_minute": 6})
+    with GatewayServer(config, redis_url) as a, GatewayServer(config, redis_url) as b:
+        statuses = [post(gw.url, temperature=0.5).status_code for gw in (a, b, a, b, a, b, a, b)]
+        assert statuses == [200] * 6 + [429] * 2
+    config = make_config({"m": [replicas[0].url]}, alice={"max_concurrent": 1})
+    replicas[0].control(delay_s=1.0)
+    with GatewayServer(config, redis_url) as a, GatewayServer(config, redis_url) as b:
+        async with httpx.AsyncClient(timeout=10) as client:
+            body = {"model": "m", "prompt": "x", "max_tokens": 2}
+            slow = asyncio.create_task(client.post(a.url + "/v1/completions", json=body,
+                                                   headers=auth()))
+            await asyncio.sleep(0.3)
+            r = await client.post(b.url + "/v1/completions", json=body, headers=auth())
+            assert r.status_code == 429 and r.headers["retry-after"] == "1"
+            assert (await slow).status_code == 200
+            replicas[0].control(delay_s=0)
+            assert (await client.post(b.url + "/v1/completions", json=body,
+                                      headers=auth())).status_code == 200
+    config = make_config({"m": [replicas[0].url]})
+    with GatewayServer(config, redis_url) as a, GatewayServer(config, redis_url) as b:
+        first = post(a.url, temperature=0, prompt="cache me")
+        second = post(b.url, temperature=0, prompt="cache me")
+        assert first.headers["x-cache"] == "miss" and second.headers["x-cache"] == "hit"
+        assert first.json() == second.json()
+    before = replicas[0].stats()["requests"]
+    assert before == 6 + 2 + 1  # the hit never reached the upstream
