@@ -1,0 +1,41 @@
+"""Engine configuration: one dataclass, validated at construction, passed down explicitly."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pagoda.kv_cache.kv_store import KV_DTYPES
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str | None = None  # None: the default model (SmolLM2-135M-Instruct GGUF)
+    device: str = "cpu"
+    dtype: str = "fp32"
+    quantization: str = "none"
+    kv_cache_memory: int = 1 << 30  # bytes for the KV block pool
+    kv_cache_dtype: str = "auto"  # auto = the compute dtype
+    block_size: int = 16
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 64
+    max_model_len: int | None = None  # None: the model's context length
+    enable_chunked_prefill: bool = True
+    enable_prefix_caching: bool = True
+    batching: str = "continuous"
+    seed: int | None = None
+    num_threads: int | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"dtype must be fp32, bf16 or fp16, not {self.dtype!r}")
+        if self.kv_cache_dtype not in ("auto", *KV_DTYPES):
+            raise ValueError(f"kv_cache_dtype must be auto or one of {KV_DTYPES}")
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError("block_size must be a power of two")
+        if self.kv_cache_memory < 1:
+            raise ValueError("kv_cache_memory must be positive")
+
+    @property
+    def resolved_kv_dtype(self) -> str:
+        return self.dtype if self.kv_cache_dtype == "auto" else self.kv_cache_dtype

@@ -1,0 +1,193 @@
+"""The engine: scheduler + model runner + output processor behind one `step()`.
+
+Not thread-safe; `AsyncLLM` drives it from a single background thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from pagoda.engine.config import EngineConfig
+from pagoda.engine.output_processor import OutputProcessor
+from pagoda.engine.outputs import RequestOutput
+from pagoda.kv_cache.kv_cache_manager import KVCacheManager
+from pagoda.kv_cache.kv_store import kv_bytes_per_element, make_kv_store
+from pagoda.loader.model_loader import LoadedModel, load_model
+from pagoda.sampling.params import SamplingParams, SamplingParamsError
+from pagoda.scheduler.request import Request
+from pagoda.scheduler.scheduler import Scheduler, SchedulerConfig
+from pagoda.worker.model_runner import ModelRunner
+
+log = logging.getLogger(__name__)
+
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class RequestError(ValueError):
+    """A request the engine refuses before queueing it (too long, empty...)."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(frozen=True)
+class KVCacheConfig:
+    num_blocks: int
+    block_size: int
+    kv_dtype: str
+    bytes_per_block: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    num_free_blocks: int
+    num_preemptions: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None):
+        self.config = config
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        dtype = TORCH_DTYPES[config.dtype]
+        self.loaded = loaded or load_model(config.model, config.device, dtype, config.progress)
+        if config.quantization != "none":
+            from pagoda.quant import apply_quantization
+
+            apply_quantization(self.loaded, config.quantization)
+        self.model_config = cfg = self.loaded.config
+        self.tokenizer = self.loaded.tokenizer
+        self.max_model_len = min(config.max_model_len or cfg.max_model_len, cfg.max_model_len)
+        self.kv_cache_config = self._kv_cache_config()
+        kv = self.kv_cache_config
+        device = torch.device(config.device)
+        stores = [make_kv_store(kv.kv_dtype, kv.num_tokens, cfg.num_kv_heads, cfg.head_dim,
+                                device, dtype) for _ in range(cfg.num_layers)]
+        salt = f"{self.loaded.path}|{kv.kv_dtype}|{config.quantization}|{config.dtype}"
+        self.kv_manager = KVCacheManager(kv.num_blocks, kv.block_size,
+                                         config.enable_prefix_caching, salt)
+        self.scheduler = Scheduler(SchedulerConfig(
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_num_seqs=config.max_num_seqs,
+            enable_chunked_prefill=config.enable_chunked_prefill,
+            batching=config.batching), self.kv_manager)
+        self.runner = ModelRunner(self.loaded.model, stores, kv.block_size, device,
+                                  self.tokenizer.eos_token_ids, config.seed)
+        self.output_processor = OutputProcessor(self.tokenizer)
+        self._ids = itertools.count()
+        self.num_prompt_tokens = 0
+        self.num_generation_tokens = 0
+
+    def _kv_cache_config(self) -> KVCacheConfig:
+        cfg, c = self.model_config, self.config
+        kv_dtype = c.resolved_kv_dtype
+        per_token = cfg.kv_bytes_per_token(kv_bytes_per_element(kv_dtype, cfg.head_dim))
+        bytes_per_block = int(per_token * c.block_size)
+        num_blocks = c.kv_cache_memory // bytes_per_block
+        if num_blocks < 1:
+            raise ValueError(f"kv_cache_memory {c.kv_cache_memory} holds no block of "
+                             f"{bytes_per_block} bytes")
+        return KVCacheConfig(num_blocks, c.block_size, kv_dtype, bytes_per_block)
+
+    # -- requests ----------------------------------------------------------------------------
+    def new_request_id(self) -> str:
+        return f"req-{next(self._ids)}"
+
+    def encode_prompt(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise RequestError("prompt must not be empty", "prompt")
+            return prompt, self.tokenizer.encode(prompt)
+        ids = list(prompt)
+        if not ids:
+            raise RequestError("prompt must not be empty", "prompt")
+        vocab = self.model_config.vocab_size
+        if any(not isinstance(t, int) or t < 0 or t >= vocab for t in ids):
+            raise RequestError(f"prompt token ids must be integers in [0, {vocab})", "prompt")
+        return None, ids
+
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise RequestError("prompt must not be empty", "prompt")
+        want = params.max_tokens or 1
+        if n + want > self.max_model_len:
+            raise RequestError(
+                f"this model's maximum context length is {self.max_model_len} tokens; the request "
+                f"has {n} prompt tokens and asks for {want} more", "max_tokens")
+        blocks = self.kv_manager.blocks_needed(n + want)
+        if blocks > self.kv_cache_config.num_blocks:
+            raise RequestError(f"the request needs {blocks} KV blocks but the cache has only "
+                               f"{self.kv_cache_config.num_blocks}", "max_tokens")
+
+    def add_request(self, req_id: str, prompt: str | list[int], params: SamplingParams,
+                    arrival_time: float | None = None) -> None:
+        text, ids = self.encode_prompt(prompt)
+        self.add_tokenized_request(req_id, text, ids, params, arrival_time)
+
+    def add_tokenized_request(self, req_id: str, prompt: str | None, prompt_token_ids: list[int],
+                              params: SamplingParams, arrival_time: float | None = None) -> None:
+        if not isinstance(params, SamplingParams):
+            raise SamplingParamsError("params must be SamplingParams")
+        self.validate(prompt_token_ids, params)
+        arrival = arrival_time or time.monotonic()
+        children = self.output_processor.add(req_id, prompt, prompt_token_ids, params, arrival)
+        for i, child in enumerate(children):
+            self.scheduler.add_request(Request(
+                req_id=child, prompt_token_ids=list(prompt_token_ids),
+                sampling_params=params.for_sample(i) if params.n > 1 else params,
+                eos_token_ids=self.tokenizer.eos_token_ids, max_total_tokens=self.max_model_len,
+                sample_index=i, arrival_time=arrival))
+        self.num_prompt_tokens += len(prompt_token_ids) * len(children)
+
+    def abort_request(self, req_id: str, reason: str = "abort", error: str | None = None
+                      ) -> RequestOutput | None:
+        """Abort a request (all its samples); its KV blocks are freed at once."""
+        for child in self.output_processor.child_ids(req_id):
+            self.scheduler.finish_request(child, reason)
+        return self.output_processor.abort(req_id, reason, error)
+
+    # -- the loop ----------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return []
+        result = self.runner.execute(sched)
+        core_outputs = self.scheduler.update_from_output(sched, result)
+        self.num_generation_tokens += len(core_outputs)
+        outputs, stopped = self.output_processor.process(core_outputs)
+        for child in stopped:
+            self.scheduler.finish_request(child, "stop")
+        return outputs
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.num_unfinished > 0
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            kv_cache_usage=self.kv_manager.usage,
+            num_free_blocks=self.kv_manager.num_free_blocks,
+            num_preemptions=self.scheduler.num_preemptions,
+            prefix_cache_queries=self.kv_manager.num_queried_tokens,
+            prefix_cache_hits=self.kv_manager.num_hit_tokens,
+        )
+
+    def check_integrity(self) -> None:
+        self.scheduler.check_integrity()

@@ -1,0 +1,134 @@
+"""Per-request block tables over a `BlockPool`, with automatic prefix caching.
+
+A full block is identified by a chained hash: hash(parent hash, its token ids, a salt naming the
+model and KV dtype), so equal hashes mean equal KV contents. A new request reuses the longest run of
+cached blocks matching its prompt and computes only the rest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from array import array
+
+from pagoda.kv_cache.block_pool import BlockPool
+
+
+def block_hashes(token_ids: list[int], block_size: int, salt: bytes,
+                 start: list[bytes] | None = None) -> list[bytes]:
+    """Chained hashes of every full block of `token_ids`, extending the already known `start`."""
+    hashes = list(start or [])
+    parent = hashes[-1] if hashes else salt
+    for i in range(len(hashes) * block_size, len(token_ids) - block_size + 1, block_size):
+        chunk = array("q", token_ids[i:i + block_size]).tobytes()
+        parent = hashlib.blake2b(parent + chunk, digest_size=16).digest()
+        hashes.append(parent)
+    return hashes
+
+
+class KVCacheManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 salt: str = ""):
+        self.block_size = block_size
+        self.pool = BlockPool(num_blocks)
+        self.enable_prefix_caching = enable_prefix_caching
+        self.salt = hashlib.blake2b(salt.encode(), digest_size=16).digest()
+        self.block_tables: dict[str, list[int]] = {}
+        self._hashes: dict[str, list[bytes]] = {}  # full-block hashes of each request's tokens
+        self._num_cached_blocks: dict[str, int] = {}  # how many of its blocks are registered
+        self.num_queried_tokens = 0
+        self.num_hit_tokens = 0
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.pool.num_free
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - self.pool.num_free / self.pool.num_blocks
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def find_cached_prefix(self, req_id: str, token_ids: list[int]) -> list[int]:
+        """Block ids of the longest cached prefix of `token_ids`.
+
+        At least one token is always left to compute: the step that computes it yields the logits
+        for the first sampled token.
+        """
+        if not self.enable_prefix_caching:
+            return []
+        hashes = block_hashes(token_ids, self.block_size, self.salt, self._hashes.get(req_id))
+        self._hashes[req_id] = hashes
+        max_blocks = (len(token_ids) - 1) // self.block_size
+        hit: list[int] = []
+        for h in hashes[:max_blocks]:
+            block_id = self.pool.lookup(h)
+            if block_id is None:
+                break
+            hit.append(block_id)
+        return hit
+
+    def record_query(self, num_tokens: int, num_hit_tokens: int) -> None:
+        """Count one admitted request's prefix-cache lookup (tokens queried and found)."""
+        if self.enable_prefix_caching:
+            self.num_queried_tokens += num_tokens
+            self.num_hit_tokens += num_hit_tokens
+
+    def allocate(self, req_id: str, num_total_tokens: int, cached_block_ids: list[int] = ()
+                 ) -> bool:
+        """Grow the request's block table to hold `num_total_tokens`; False if blocks are short.
+
+        `cached_block_ids` (a prefix-cache hit) become the head of a new request's table.
+        """
+        table = self.block_tables.get(req_id, [])
+        have = len(table) + len(cached_block_ids)
+        need = self.blocks_needed(num_total_tokens) - have
+        revived = sum(1 for b in cached_block_ids if self.pool.blocks[b].ref_count == 0)
+        if need + revived > self.pool.num_free:
+            return False
+        if cached_block_ids:
+            self.pool.acquire(list(cached_block_ids))
+            table = table + list(cached_block_ids)
+            self._num_cached_blocks[req_id] = len(table)
+        if need > 0:
+            table = table + self.pool.allocate(need)
+        self.block_tables[req_id] = table
+        return True
+
+    def commit_computed(self, req_id: str, token_ids: list[int], num_computed: int) -> None:
+        """Register the request's blocks that `num_computed` tokens have filled."""
+        if not self.enable_prefix_caching:
+            return
+        num_full = num_computed // self.block_size
+        done = self._num_cached_blocks.get(req_id, 0)
+        if num_full <= done:
+            return
+        hashes = self._hashes.get(req_id, [])
+        if len(hashes) < num_full:
+            hashes = block_hashes(token_ids[:num_full * self.block_size], self.block_size,
+                                  self.salt, hashes)
+            self._hashes[req_id] = hashes
+        table = self.block_tables[req_id]
+        for i in range(done, num_full):
+            self.pool.set_hash(table[i], hashes[i])
+        self._num_cached_blocks[req_id] = num_full
+
+    def free(self, req_id: str) -> None:
+        table = self.block_tables.pop(req_id, [])
+        self.pool.release(table[::-1])
+        self._num_cached_blocks.pop(req_id, None)
+
+    def forget(self, req_id: str) -> None:
+        """Drop per-request hash state once the request is gone for good."""
+        self.free(req_id)
+        self._hashes.pop(req_id, None)
+
+    def check_integrity(self) -> None:
+        self.pool.check_integrity()
+        refs = [0] * self.pool.num_blocks
+        for table in self.block_tables.values():
+            for b in table:
+                refs[b] += 1
+        for block in self.pool.blocks:
+            assert block.ref_count == refs[block.block_id], (
+                f"block {block.block_id}: ref_count {block.ref_count} != {refs[block.block_id]}")

@@ -1,0 +1,66 @@
+"""Attention over the paged KV cache, for one layer.
+
+New tokens' K/V are written to their slots first, so each query reads its whole context (cached
+prefix and the current chunk) from the cache, or from the fresh K/V when nothing was cached.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from pagoda.kv_cache.kv_store import KVStore
+from pagoda.layers.attention_metadata import AttentionMetadata
+
+
+def paged_attention(
+    q: torch.Tensor,  # (T, n_heads, head_dim)
+    k: torch.Tensor,  # (T, n_kv_heads, head_dim)
+    v: torch.Tensor,  # (T, n_kv_heads, head_dim)
+    store: KVStore,
+    meta: AttentionMetadata,
+    scale: float,
+    window: int | None = None,
+) -> torch.Tensor:  # (T, n_heads, head_dim)
+    store.write(meta.slot_mapping, k, v)
+    out = torch.empty_like(q)
+    num_decode = meta.num_decode
+    if num_decode:
+        assert meta.decode_slots is not None
+        max_context = meta.decode_slots.shape[1]
+        kc, vc = store.gather(meta.decode_slots.view(-1))  # (D * ctx, n_kv, hd)
+        kc = kc.view(num_decode, max_context, *kc.shape[1:]).transpose(1, 2)
+        vc = vc.view(num_decode, max_context, *vc.shape[1:]).transpose(1, 2)
+        o = F.scaled_dot_product_attention(
+            q[:num_decode].unsqueeze(2), kc, vc, attn_mask=meta.decode_mask(window),
+            scale=scale, enable_gqa=True)  # (D, n_heads, 1, hd)
+        out[:num_decode] = o.squeeze(2)
+    for span in meta.prefills:
+        end = span.start + span.num_tokens
+        qs = q[span.start:end].transpose(0, 1).unsqueeze(0)  # (1, n_heads, n, hd)
+        if span.num_cached == 0:
+            ks, vs = k[span.start:end], v[span.start:end]
+        else:
+            assert span.context_slots is not None
+            ks, vs = store.gather(span.context_slots)
+        ks = ks.transpose(0, 1).unsqueeze(0)  # (1, n_kv, ctx, hd)
+        vs = vs.transpose(0, 1).unsqueeze(0)
+        if span.num_cached == 0 and window is None:
+            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale,
+                                               enable_gqa=True)
+        else:
+            mask = _chunk_mask(span.num_cached, span.num_tokens, window)
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale,
+                                               enable_gqa=True)
+        out[span.start:end] = o.squeeze(0).transpose(0, 1)
+    return out
+
+
+def _chunk_mask(num_cached: int, num_tokens: int, window: int | None) -> torch.Tensor:
+    """(num_tokens, num_cached + num_tokens) bool: causal, offset by the cached prefix."""
+    q_pos = torch.arange(num_cached, num_cached + num_tokens).unsqueeze(1)
+    k_pos = torch.arange(num_cached + num_tokens).unsqueeze(0)
+    mask = k_pos <= q_pos
+    if window is not None:
+        mask &= k_pos > q_pos - window
+    return mask

@@ -1,0 +1,44 @@
+"""Per-step attention metadata: where new K/V go and which cached K/V each query reads.
+
+Built by the model runner from the scheduler's output and passed to `forward` explicitly (no global
+context). Token order in a step's flattened batch: all single-token decodes first, then prefill
+chunks, each contiguous.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class PrefillSpan:
+    start: int  # offset of the chunk's first token in the flattened batch
+    num_tokens: int
+    num_cached: int  # tokens of this request already in the KV cache before the chunk
+    context_slots: torch.Tensor | None  # (num_cached + num_tokens,) int64; None when num_cached == 0
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # (T,) int64 cache slot of each new token's K/V
+    num_decode: int  # tokens [0, num_decode) are decodes: one query token each
+    decode_slots: torch.Tensor | None  # (num_decode, max_context) int64, padded with slot 0
+    decode_context_lens: torch.Tensor | None  # (num_decode,) int64, new token included
+    prefills: list[PrefillSpan]
+    _masks: dict[int | None, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def decode_mask(self, window: int | None) -> torch.Tensor:
+        """(num_decode, 1, 1, max_context) bool: True where a decode query may attend."""
+        mask = self._masks.get(window)
+        if mask is None:
+            assert self.decode_slots is not None and self.decode_context_lens is not None
+            idx = torch.arange(self.decode_slots.shape[1])
+            lens = self.decode_context_lens.unsqueeze(1)
+            mask = idx < lens
+            if window is not None:
+                mask &= idx >= lens - window
+            mask = mask[:, None, None, :]
+            self._masks[window] = mask
+        return mask

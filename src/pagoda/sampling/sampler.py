@@ -1,0 +1,124 @@
+"""Turns the logits of sampling positions into next tokens (and optional log-probs).
+
+Seeded requests draw their noise from a generator keyed by (seed, sample index, output position),
+so a seeded request's tokens do not depend on what else is in the batch, nor on preemption.
+Sampling uses the exponential race: argmax(p / E) with E ~ Exp(1) draws exactly from p.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pagoda.engine.outputs import TokenLogprobs
+from pagoda.scheduler.output import ScheduledRequest
+
+_MASK = float("-inf")
+
+
+class Sampler:
+    def __init__(self, seed: int | None = None):
+        self.generator = torch.Generator()
+        if seed is not None:
+            self.generator.manual_seed(seed)
+        else:
+            self.generator.seed()
+
+    def __call__(self, logits: torch.Tensor, requests: list[ScheduledRequest],
+                 eos_token_ids: tuple[int, ...]) -> tuple[list[int], list[TokenLogprobs | None]]:
+        """logits: (N, V) fp32, one row per request in `requests`."""
+        logits = logits.float()
+        raw_logprobs = None
+        if any(r.sampling_params.logprobs is not None for r in requests):
+            raw_logprobs = torch.log_softmax(logits, dim=-1)
+        logits = self._apply_penalties(logits, requests, eos_token_ids)
+        greedy_rows = [i for i, r in enumerate(requests) if r.sampling_params.greedy]
+        random_rows = [i for i, r in enumerate(requests) if not r.sampling_params.greedy]
+        sampled = torch.empty(len(requests), dtype=torch.long)
+        if greedy_rows:
+            idx = torch.tensor(greedy_rows)
+            sampled[idx] = logits[idx].argmax(dim=-1)
+        if random_rows:
+            idx = torch.tensor(random_rows)
+            probs = self._filtered_probs(logits[idx], [requests[i] for i in random_rows])
+            noise = self._noise(probs.shape, [requests[i] for i in random_rows])
+            sampled[idx] = (probs / noise).argmax(dim=-1)
+        token_ids = sampled.tolist()
+        logprobs: list[TokenLogprobs | None] = [None] * len(requests)
+        if raw_logprobs is not None:
+            for i, r in enumerate(requests):
+                n = r.sampling_params.logprobs
+                if n is None:
+                    continue
+                row = raw_logprobs[i]
+                top = torch.topk(row, n) if n > 0 else None
+                entry = {} if top is None else dict(zip(top.indices.tolist(), top.values.tolist()))
+                entry[token_ids[i]] = row[token_ids[i]].item()
+                logprobs[i] = entry
+        return token_ids, logprobs
+
+    def _apply_penalties(self, logits: torch.Tensor, requests: list[ScheduledRequest],
+                         eos_token_ids: tuple[int, ...]) -> torch.Tensor:
+        cloned = False
+        for i, r in enumerate(requests):
+            p = r.sampling_params
+            suppress_stop = len(r.output_token_ids) < p.min_tokens
+            has_penalty = (p.repetition_penalty != 1.0 or p.presence_penalty != 0.0
+                           or p.frequency_penalty != 0.0)
+            if not (suppress_stop or has_penalty):
+                continue
+            if not cloned:
+                logits, cloned = logits.clone(), True
+            row = logits[i]
+            if p.repetition_penalty != 1.0:
+                seen = torch.tensor(sorted(set(r.prompt_token_ids) | set(r.output_token_ids)),
+                                    dtype=torch.long)
+                vals = row[seen]
+                row[seen] = torch.where(vals > 0, vals / p.repetition_penalty,
+                                        vals * p.repetition_penalty)
+            if r.output_token_ids and (p.presence_penalty or p.frequency_penalty):
+                counts = torch.bincount(torch.tensor(r.output_token_ids),
+                                        minlength=row.shape[0]).to(row.dtype)[:row.shape[0]]
+                row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
+            if suppress_stop:
+                stops = list(p.stop_token_ids) + ([] if p.ignore_eos else list(eos_token_ids))
+                stops = [t for t in stops if t < row.shape[0]]
+                if stops:
+                    row[stops] = _MASK
+        return logits
+
+    @staticmethod
+    def _filtered_probs(logits: torch.Tensor, requests: list[ScheduledRequest]) -> torch.Tensor:
+        """Temperature, then top-k, top-p and min-p masks; returns (R, V) probabilities."""
+        temps = torch.tensor([r.sampling_params.temperature for r in requests]).unsqueeze(1)
+        logits = logits / temps
+        top_ks = [r.sampling_params.top_k for r in requests]
+        top_ps = [r.sampling_params.top_p for r in requests]
+        if any(k > 0 for k in top_ks) or any(p < 1.0 for p in top_ps):
+            sorted_logits, order = logits.sort(dim=-1, descending=True)
+            vocab = logits.shape[-1]
+            ks = torch.tensor([k if k > 0 else vocab for k in top_ks]).unsqueeze(1)
+            drop = torch.arange(vocab).unsqueeze(0) >= ks  # beyond top-k
+            probs_sorted = sorted_logits.softmax(dim=-1)
+            # Keep the smallest prefix whose mass reaches top_p (the token crossing it included).
+            mass_before = probs_sorted.cumsum(dim=-1) - probs_sorted
+            drop |= mass_before >= torch.tensor(top_ps).unsqueeze(1)
+            drop[:, 0] = False
+            sorted_logits = sorted_logits.masked_fill(drop, _MASK)
+            logits = torch.empty_like(logits).scatter_(1, order, sorted_logits)
+        probs = logits.softmax(dim=-1)
+        min_ps = torch.tensor([r.sampling_params.min_p for r in requests]).unsqueeze(1)
+        if (min_ps > 0).any():
+            keep = probs >= min_ps * probs.max(dim=-1, keepdim=True).values
+            probs = probs * keep
+        return probs
+
+    def _noise(self, shape: torch.Size, requests: list[ScheduledRequest]) -> torch.Tensor:
+        noise = torch.empty(shape).exponential_(generator=self.generator)
+        for row, r in enumerate(requests):
+            seed = r.sampling_params.seed
+            if seed is None:
+                continue
+            g = torch.Generator().manual_seed(
+                hash((seed, r.sample_index, len(r.output_token_ids))) & 0x7FFF_FFFF_FFFF_FFFF)
+            noise[row] = torch.empty(shape[1]).exponential_(generator=g)
+        return noise

@@ -1,0 +1,49 @@
+"""Contracts between the scheduler and the model runner: ids and counts, never tensors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pagoda.engine.outputs import TokenLogprobs
+from pagoda.sampling.params import SamplingParams
+
+
+@dataclass(frozen=True)
+class ScheduledRequest:
+    req_id: str
+    token_ids: list[int]  # the tokens whose K/V this step computes
+    num_computed_tokens: int  # position of token_ids[0]
+    block_ids: list[int]  # the request's whole block table
+    sample: bool  # the chunk reaches the last known token: sample the next one
+    sampling_params: SamplingParams
+    sample_index: int  # which of the parent's n samples (seeds differ per sample)
+    prompt_token_ids: list[int]  # for penalties; read-only
+    output_token_ids: list[int]  # for penalties and seeded sampling; read-only
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest]
+    num_batched_tokens: int
+    preempted_req_ids: list[str] = field(default_factory=list)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+@dataclass(frozen=True)
+class ModelRunnerOutput:
+    sampled_token_ids: dict[str, int]
+    logprobs: dict[str, TokenLogprobs]  # only for requests that asked for logprobs
+
+
+@dataclass(frozen=True)
+class EngineCoreOutput:
+    """What one step produced for one request."""
+
+    req_id: str
+    new_token_ids: list[int]
+    new_logprobs: list[TokenLogprobs] | None
+    finish_reason: str | None
+    stop_reason: str | int | None = None

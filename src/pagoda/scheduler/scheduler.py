@@ -1,0 +1,186 @@
+"""Continuous-batching scheduler.
+
+One invariant drives it: each request's `num_computed_tokens` catches up with its `num_tokens`
+(prompt + generated) under a per-step token budget. Prefill, chunked prefill, resumption after
+preemption and decode are all this one rule; a step samples for a request when its chunk reaches
+the last known token.
+
+Order: running requests first (FCFS), then waiting ones. When KV blocks run out, the newest running
+request is preempted by recompute: its blocks are freed (cached blocks stay findable) and it goes
+back to the front of the waiting queue.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from pagoda.kv_cache.kv_cache_manager import KVCacheManager
+from pagoda.scheduler.output import (
+    EngineCoreOutput,
+    ModelRunnerOutput,
+    ScheduledRequest,
+    SchedulerOutput,
+)
+from pagoda.scheduler.request import Request, RequestStatus
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 64
+    enable_chunked_prefill: bool = True
+    batching: str = "continuous"  # or "static": a fixed batch runs until its longest member ends
+
+    def __post_init__(self) -> None:
+        if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
+            raise ValueError("max_num_batched_tokens and max_num_seqs must be positive")
+        if self.batching not in ("continuous", "static"):
+            raise ValueError("batching must be 'continuous' or 'static'")
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager):
+        self.config = config
+        self.kv = kv
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0
+
+    # -- request lifecycle -------------------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        self.requests[request.req_id] = request
+        self.waiting.append(request)
+
+    def finish_request(self, req_id: str, reason: str, stop_reason: str | int | None = None
+                       ) -> None:
+        """End a request now (abort, stop string): its blocks are freed at once."""
+        request = self.requests.pop(req_id, None)
+        if request is None:
+            return
+        if request.status is RequestStatus.RUNNING:
+            self.running.remove(request)
+        elif request.status is RequestStatus.WAITING:
+            self.waiting.remove(request)
+        request.status = RequestStatus.FINISHED
+        request.finish_reason = request.finish_reason or reason
+        request.stop_reason = stop_reason if stop_reason is not None else request.stop_reason
+        self.kv.forget(req_id)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    # -- one step ----------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        chunks: dict[str, int] = {}
+        preempted: list[str] = []
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if num_new <= 0:
+                i += 1
+                continue
+            while not self.kv.allocate(request.req_id, request.num_computed_tokens + num_new):
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted.append(victim.req_id)
+                if victim is request:
+                    break
+            else:
+                chunks[request.req_id] = num_new
+                budget -= num_new
+                i += 1
+
+        if not preempted and self._may_admit():
+            budget = self._admit_waiting(budget, chunks)
+
+        scheduled = [self._scheduled(self.requests[rid], n) for rid, n in chunks.items()]
+        return SchedulerOutput(scheduled, sum(chunks.values()), preempted)
+
+    def _may_admit(self) -> bool:
+        return self.config.batching == "continuous" or not self.running
+
+    def _admit_waiting(self, budget: int, chunks: dict[str, int]) -> int:
+        now = time.monotonic()
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[0]
+            cached = self.kv.find_cached_prefix(request.req_id, request.all_token_ids)
+            num_cached = len(cached) * self.kv.block_size
+            num_new = request.num_tokens - num_cached
+            if num_new > budget:
+                if not self.config.enable_chunked_prefill:
+                    break
+                num_new = budget
+            if not self.kv.allocate(request.req_id, num_cached + num_new, cached):
+                break
+            self.waiting.popleft()
+            self.kv.record_query(request.num_tokens, num_cached)
+            request.status = RequestStatus.RUNNING
+            request.num_computed_tokens = num_cached
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = now
+                request.num_cached_prompt_tokens = num_cached
+            self.running.append(request)
+            chunks[request.req_id] = num_new
+            budget -= num_new
+        return budget
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self.kv.free(request.req_id)
+        request.status = RequestStatus.WAITING
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+
+    def _scheduled(self, request: Request, num_new: int) -> ScheduledRequest:
+        start = request.num_computed_tokens
+        tokens = request.all_token_ids[start:start + num_new]
+        return ScheduledRequest(
+            req_id=request.req_id,
+            token_ids=tokens,
+            num_computed_tokens=start,
+            block_ids=list(self.kv.block_tables[request.req_id]),
+            sample=start + num_new == request.num_tokens,
+            sampling_params=request.sampling_params,
+            sample_index=request.sample_index,
+            prompt_token_ids=request.prompt_token_ids,
+            output_token_ids=request.output_token_ids,
+        )
+
+    def update_from_output(self, sched: SchedulerOutput, result: ModelRunnerOutput
+                           ) -> list[EngineCoreOutput]:
+        outputs = []
+        for item in sched.scheduled:
+            request = self.requests.get(item.req_id)
+            if request is None:  # finished (aborted) while the step ran
+                continue
+            request.num_computed_tokens += len(item.token_ids)
+            self.kv.commit_computed(request.req_id, request.all_token_ids,
+                                    request.num_computed_tokens)
+            token_id = result.sampled_token_ids.get(item.req_id)
+            if token_id is None:
+                continue
+            request.output_token_ids.append(token_id)
+            request.check_stop(token_id)
+            logprobs = result.logprobs.get(item.req_id)
+            outputs.append(EngineCoreOutput(request.req_id, [token_id],
+                                            None if logprobs is None else [logprobs],
+                                            request.finish_reason, request.stop_reason))
+            if request.finish_reason is not None:
+                self.finish_request(request.req_id, request.finish_reason)
+        return outputs
+
+    def check_integrity(self) -> None:
+        self.kv.check_integrity()
+        assert set(self.kv.block_tables) <= {r.req_id for r in self.running}
+        for request in self.running:
+            have = len(self.kv.block_tables.get(request.req_id, []))
+            assert have >= self.kv.blocks_needed(request.num_computed_tokens)

@@ -1,0 +1,97 @@
+"""Runs one scheduled step: builds input tensors and attention metadata, runs the model, samples.
+
+Only the positions that sample go through the LM head.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pagoda.kv_cache.kv_store import KVStore
+from pagoda.layers.attention_metadata import AttentionMetadata, PrefillSpan
+from pagoda.sampling.sampler import Sampler
+from pagoda.scheduler.output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
+
+
+class ModelRunner:
+    def __init__(self, model: nn.Module, kv_stores: list[KVStore], block_size: int,
+                 device: torch.device, eos_token_ids: tuple[int, ...], seed: int | None = None):
+        self.model = model
+        self.kv_stores = kv_stores
+        self.block_size = block_size
+        self.device = device
+        self.eos_token_ids = eos_token_ids
+        self.sampler = Sampler(seed)
+
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        # Decodes (one token) first, then prefill chunks: the layout AttentionMetadata expects.
+        ordered = sorted(sched.scheduled, key=lambda r: len(r.token_ids) > 1)
+        input_ids, positions, meta, sample_rows = self._prepare(ordered)
+        hidden = self.model(input_ids, positions, self.kv_stores, meta)
+        sampling = [ordered[i] for i, _ in sample_rows]
+        if not sampling:
+            return ModelRunnerOutput({}, {})
+        rows = torch.tensor([row for _, row in sample_rows], device=self.device)
+        logits = self.model.compute_logits(hidden.index_select(0, rows))
+        token_ids, logprobs = self.sampler(logits.cpu(), sampling, self.eos_token_ids)
+        return ModelRunnerOutput(
+            sampled_token_ids={r.req_id: t for r, t in zip(sampling, token_ids, strict=True)},
+            logprobs={r.req_id: lp for r, lp in zip(sampling, logprobs, strict=True)
+                      if lp is not None},
+        )
+
+    def _slots(self, block_ids: list[int], start: int, end: int) -> list[int]:
+        bs = self.block_size
+        return [block_ids[p // bs] * bs + p % bs for p in range(start, end)]
+
+    def _prepare(self, ordered: list[ScheduledRequest]
+                 ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[tuple[int, int]]]:
+        tokens: list[int] = []
+        positions: list[int] = []
+        slot_mapping: list[int] = []
+        sample_rows: list[tuple[int, int]] = []  # (index in ordered, row in the flat batch)
+        decode_tables: list[list[int]] = []
+        decode_lens: list[int] = []
+        prefills: list[PrefillSpan] = []
+        for i, r in enumerate(ordered):
+            start, n = r.num_computed_tokens, len(r.token_ids)
+            offset = len(tokens)
+            tokens += r.token_ids
+            positions += range(start, start + n)
+            slot_mapping += self._slots(r.block_ids, start, start + n)
+            if n == 1:
+                decode_tables.append(r.block_ids)
+                decode_lens.append(start + 1)
+            else:
+                ctx = None
+                if start > 0:
+                    ctx = torch.tensor(self._slots(r.block_ids, 0, start + n), device=self.device)
+                prefills.append(PrefillSpan(offset, n, start, ctx))
+            if r.sample:
+                sample_rows.append((i, offset + n - 1))
+        decode_slots = decode_lens_t = None
+        if decode_tables:
+            decode_slots, decode_lens_t = self._decode_slots(decode_tables, decode_lens)
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slot_mapping, device=self.device),
+            num_decode=len(decode_tables),
+            decode_slots=decode_slots,
+            decode_context_lens=decode_lens_t,
+            prefills=prefills,
+        )
+        return (torch.tensor(tokens, device=self.device),
+                torch.tensor(positions, device=self.device), meta, sample_rows)
+
+    def _decode_slots(self, tables: list[list[int]], lens: list[int]
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(D, max_len) slot of every context position of each decode, padded with slot 0."""
+        bs = self.block_size
+        max_len = max(lens)
+        max_blocks = -(-max_len // bs)
+        table = torch.tensor([t[:max_blocks] + [0] * (max_blocks - len(t[:max_blocks]))
+                              for t in tables])  # (D, max_blocks)
+        pos = torch.arange(max_len)
+        slots = table[:, pos // bs] * bs + pos % bs
+        return slots.to(self.device), torch.tensor(lens, device=self.device)

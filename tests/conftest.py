@@ -1,0 +1,44 @@
+"""Shared fixtures: the default model is loaded once per test session and shared by engines."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def loaded_model():
+    from pagoda.loader.model_loader import load_model
+
+    return load_model(progress=False)
+
+
+@pytest.fixture(scope="session")
+def make_engine(loaded_model):
+    """Build an engine around the shared weights with the given config overrides."""
+    from pagoda.engine.config import EngineConfig
+    from pagoda.engine.llm_engine import LLMEngine
+
+    def make(**overrides):
+        overrides.setdefault("kv_cache_memory", 64 << 20)
+        overrides.setdefault("progress", False)
+        return LLMEngine(EngineConfig(**overrides), loaded=loaded_model)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def hf_model(loaded_model):
+    """Hugging Face transformers' own model on the same GGUF (the reference)."""
+    from transformers import AutoModelForCausalLM
+
+    path = loaded_model.path
+    model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path),
+                                                 gguf_file=os.path.basename(path),
+                                                 dtype=torch.float32)
+    return model.eval()

@@ -1,0 +1,26 @@
+"""Test helpers that drive an `LLMEngine` directly."""
+
+from __future__ import annotations
+
+from pagoda.engine.llm_engine import LLMEngine
+from pagoda.sampling.params import SamplingParams
+
+
+def run_to_completion(engine: LLMEngine, requests: dict[str, tuple[list[int], SamplingParams]],
+                      arrivals: dict[str, int] | None = None, max_steps: int = 100_000
+                      ) -> dict[str, list[int]]:
+    """Run requests, adding each at its arrival step; returns generated token ids per request."""
+    arrivals = arrivals or {}
+    pending = dict(requests)
+    tokens: dict[str, list[int]] = {rid: [] for rid in requests}
+    step = 0
+    while pending or engine.has_unfinished_requests():
+        for rid in [r for r in pending if arrivals.get(r, 0) <= step]:
+            ids, params = pending.pop(rid)
+            engine.add_request(rid, ids, params)
+        for out in engine.step():
+            for o in out.outputs:
+                tokens[out.req_id] += o.token_ids
+        step += 1
+        assert step < max_steps, "engine did not finish"
+    return tokens

@@ -1,0 +1,72 @@
+"""Greedy output is token-identical to Hugging Face transformers on the same GGUF weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pagoda.sampling.params import SamplingParams
+from tests.engine.helpers import run_to_completion
+
+PROMPTS = [
+    "The capital of France is",
+    "Hi",
+    "def quicksort(arr):\n    ",
+    "Translate to French: The weather is nice today and I would like to go for a walk.",
+    "Der schnelle braune Fuchs springt über den faulen Hund. Auf Deutsch erklärt:",
+    "东京是日本的首都。请用中文介绍一下东京：",
+    "<|im_start|>user\nWhat is 17 * 23?<|im_end|>\n<|im_start|>assistant\n",
+    # longer than one 16-token block, several blocks
+    "Once upon a time, in a small village nestled between rolling hills and a sparkling river, "
+    "there lived an old clockmaker named Elias who had spent his whole life repairing the clocks "
+    "of his neighbours. One winter morning, a stranger arrived with a clock unlike any other,",
+    "SELECT name, COUNT(*) FROM orders JOIN customers ON orders.customer_id = customers.id "
+    "GROUP BY name HAVING",
+]
+MAX_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(loaded_model):
+    return [loaded_model.tokenizer.encode(p) for p in PROMPTS]
+
+
+@pytest.fixture(scope="module")
+def reference(hf_model, prompt_ids):
+    refs = []
+    with torch.inference_mode():
+        for ids in prompt_ids:
+            out = hf_model.generate(torch.tensor([ids]), max_new_tokens=MAX_TOKENS,
+                                    do_sample=False, eos_token_id=None, pad_token_id=0)
+            refs.append(out[0, len(ids):].tolist())
+    return refs
+
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+
+
+def test_each_prompt_alone(make_engine, prompt_ids, reference):
+    engine = make_engine()
+    for i, ids in enumerate(prompt_ids):
+        got = run_to_completion(engine, {"r": (ids, GREEDY)})["r"]
+        assert got == reference[i], f"prompt {i} ({PROMPTS[i][:30]!r}) differs from transformers"
+    engine.check_integrity()
+
+
+def test_all_prompts_together(make_engine, prompt_ids, reference):
+    engine = make_engine()
+    got = run_to_completion(engine, {f"r{i}": (ids, GREEDY) for i, ids in enumerate(prompt_ids)})
+    for i in range(len(prompt_ids)):
+        assert got[f"r{i}"] == reference[i], f"prompt {i} differs when batched"
+    engine.check_integrity()
+    assert engine.kv_manager.num_free_blocks == engine.kv_cache_config.num_blocks
+
+
+def test_staggered_arrivals(make_engine, prompt_ids, reference):
+    """Requests join while others are decoding (continuous batching, mixed prefill/decode)."""
+    engine = make_engine(max_num_batched_tokens=64)
+    requests = {f"r{i}": (ids, GREEDY) for i, ids in enumerate(prompt_ids)}
+    got = run_to_completion(engine, requests, arrivals={f"r{i}": 3 * i for i in range(len(PROMPTS))})
+    for i in range(len(prompt_ids)):
+        assert got[f"r{i}"] == reference[i], f"prompt {i} differs with staggered arrivals"
+    engine.check_integrity()
