@@ -66,7 +66,8 @@ def test_staggered_arrivals(make_engine, prompt_ids, reference):
     """Requests join while others are decoding (continuous batching, mixed prefill/decode)."""
     engine = make_engine(max_num_batched_tokens=64)
     requests = {f"r{i}": (ids, GREEDY) for i, ids in enumerate(prompt_ids)}
-    got = run_to_completion(engine, requests, arrivals={f"r{i}": 3 * i for i in range(len(PROMPTS))})
+    arrivals = {f"r{i}": 3 * i for i in range(len(PROMPTS))}
+    got = run_to_completion(engine, requests, arrivals=arrivals)
     for i in range(len(prompt_ids)):
         assert got[f"r{i}"] == reference[i], f"prompt {i} differs with staggered arrivals"
     engine.check_integrity()

@@ -17,7 +17,8 @@ class PrefillSpan:
     start: int  # offset of the chunk's first token in the flattened batch
     num_tokens: int
     num_cached: int  # tokens of this request already in the KV cache before the chunk
-    context_slots: torch.Tensor | None  # (num_cached + num_tokens,) int64; None when num_cached == 0
+    # (num_cached + num_tokens,) int64 slots of the whole context; None when num_cached == 0
+    context_slots: torch.Tensor | None
 
 
 @dataclass

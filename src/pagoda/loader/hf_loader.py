@@ -33,7 +33,8 @@ class HFCheckpoint:
         archs = raw.get("architectures") or []
         arch = next((_ARCHITECTURES[a] for a in archs if a in _ARCHITECTURES), None)
         if arch is None:
-            raise ValueError(f"unsupported architecture {archs} (supported: {list(_ARCHITECTURES)})")
+            raise ValueError(f"unsupported architecture {archs} "
+                             f"(supported: {list(_ARCHITECTURES)})")
         text = raw.get("text_config", raw)
         num_heads = text["num_attention_heads"]
         eos = text.get("eos_token_id", raw.get("eos_token_id"))

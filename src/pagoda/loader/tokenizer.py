@@ -1,4 +1,4 @@
-"""Tokenizer facade: encoding, chat templates, and the raw `tokenizers.Tokenizer` for streaming decode.
+"""Tokenizer facade: encoding, chat templates, and the raw `tokenizers.Tokenizer` for streaming.
 
 Both model sources (GGUF metadata and HF directories) go through transformers' AutoTokenizer, which
 builds a fast tokenizer and exposes the model's chat template.
@@ -50,8 +50,8 @@ class Tokenizer:
     def has_chat_template(self) -> bool:
         return bool(getattr(self.hf, "chat_template", None))
 
-    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-                            **kwargs: Any) -> str:
+    def apply_chat_template(self, messages: list[dict[str, Any]],
+                            add_generation_prompt: bool = True, **kwargs: Any) -> str:
         if not self.has_chat_template:
             raise ValueError("this model has no chat template; use completions instead")
         return self.hf.apply_chat_template(messages, tokenize=False,

@@ -33,7 +33,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
-    logprobs: int | None = None  # top-N alternatives per generated token (the sampled one is always added)
+    logprobs: int | None = None  # top-N alternatives per token (the sampled one is always added)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
 

@@ -51,7 +51,8 @@ class Sampler:
                     continue
                 row = raw_logprobs[i]
                 top = torch.topk(row, n) if n > 0 else None
-                entry = {} if top is None else dict(zip(top.indices.tolist(), top.values.tolist()))
+                entry = {} if top is None else dict(zip(top.indices.tolist(), top.values.tolist(),
+                                                         strict=True))
                 entry[token_ids[i]] = row[token_ids[i]].item()
                 logprobs[i] = entry
         return token_ids, logprobs
@@ -78,7 +79,8 @@ class Sampler:
             if r.output_token_ids and (p.presence_penalty or p.frequency_penalty):
                 counts = torch.bincount(torch.tensor(r.output_token_ids),
                                         minlength=row.shape[0]).to(row.dtype)[:row.shape[0]]
-                row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
+                present = (counts > 0).to(row.dtype)
+                row -= p.frequency_penalty * counts + p.presence_penalty * present
             if suppress_stop:
                 stops = list(p.stop_token_ids) + ([] if p.ignore_eos else list(eos_token_ids))
                 stops = [t for t in stops if t < row.shape[0]]
