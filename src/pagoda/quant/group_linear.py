@@ -21,6 +21,14 @@ from pagoda.quant.quant_linear import QuantLinear
 _DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
+def fitting_group_size(in_features: int, group_size: int) -> int:
+    """`group_size` halved until it divides in_features (SmolLM2's 576 admits 64, not 128)."""
+    while in_features % group_size:
+        group_size //= 2
+    assert group_size >= 2, f"in_features {in_features} must be even for 4-bit packing"
+    return group_size
+
+
 class GroupLinear(QuantLinear):
     def __init__(self, weights: GroupWeights, method: str = "int4", backend: str = "auto",
                  reduce_range: bool = False, source: str = ""):
@@ -41,7 +49,8 @@ class GroupLinear(QuantLinear):
     def from_linear(cls, linear: nn.Linear, group_size: int, backend: str = "auto",
                     reduce_range: bool = False) -> GroupLinear:
         assert linear.bias is None, "the model contract has bias-free linears"
-        return cls(quantize_int4_groups(linear.weight.detach(), group_size), "int4", backend,
+        group = fitting_group_size(linear.in_features, group_size)
+        return cls(quantize_int4_groups(linear.weight.detach(), group), "int4", backend,
                    reduce_range)
 
     def spec(self) -> dict[str, Any]:

@@ -43,7 +43,7 @@ def pack_int8(qweight: torch.Tensor, scale: torch.Tensor) -> object:
     the only way into these ops, hence the silenced warning.
     """
     assert qweight.dtype == torch.int8 and qweight.dim() == 2
-    zero_points = torch.zeros(qweight.shape[0], dtype=torch.long)
+    zero_points = torch.zeros(qweight.shape[0], dtype=torch.long, device="cpu")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         qt = torch._make_per_channel_quantized_tensor(

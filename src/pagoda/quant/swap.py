@@ -25,16 +25,24 @@ def linear_kind(module_name: str) -> str:
     return module_name.rsplit(".", 1)[-1]
 
 
-def quantize_model(model: nn.Module, config: QuantConfig) -> nn.Module:
-    """Swap every `nn.Linear` whose kind `config` wants; returns the same (mutated) model."""
+def quantize_model(model: nn.Module, config: QuantConfig,
+                   gguf_source: GGUFWeightSource | None = None) -> nn.Module:
+    """Swap every `nn.Linear` whose kind `config` wants; returns the same (mutated) model.
+
+    `gguf_source` lets a caller reuse an opened file (parsing SmolLM2's metadata takes seconds).
+    """
     if config.method == "none":
         return model
-    source = GGUFWeightSource(config.gguf_path) if config.method == "gguf" else None
+    source = None
+    if config.method == "gguf":
+        source = gguf_source or GGUFWeightSource(config.gguf_path)
     targets = [(name, m) for name, m in model.named_modules()
                if isinstance(m, nn.Linear) and config.wants(linear_kind(name))]
     for name, linear in targets:
         replacement = _quantize_linear(name, linear, config, source)
-        model.set_submodule(name, replacement.to(linear.weight.device))
+        # A meta skeleton (gguf needs no loaded weights) gets its quantized modules on the CPU.
+        device = "cpu" if linear.weight.is_meta else linear.weight.device
+        model.set_submodule(name, replacement.to(device))
     return model
 
 
