@@ -81,7 +81,10 @@ class OutputProcessor:
             parent = self.parents[parent_id]
             sample = parent.samples[index]
             m = parent.metrics
-            m.first_token_time = m.first_token_time or now
+            if m.first_token_time is None:
+                m.first_token_time = now
+                m.first_scheduled_time = out.first_scheduled_time
+                m.num_cached_tokens = out.num_cached_tokens
             m.last_token_time = now
             sample.token_ids += out.new_token_ids
             if sample.logprobs is not None and out.new_logprobs:

@@ -47,3 +47,5 @@ class EngineCoreOutput:
     new_logprobs: list[TokenLogprobs] | None
     finish_reason: str | None
     stop_reason: str | int | None = None
+    first_scheduled_time: float | None = None
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache

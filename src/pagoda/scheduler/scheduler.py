@@ -173,7 +173,9 @@ class Scheduler:
             logprobs = result.logprobs.get(item.req_id)
             outputs.append(EngineCoreOutput(request.req_id, [token_id],
                                             None if logprobs is None else [logprobs],
-                                            request.finish_reason, request.stop_reason))
+                                            request.finish_reason, request.stop_reason,
+                                            request.first_scheduled_time,
+                                            request.num_cached_prompt_tokens))
             if request.finish_reason is not None:
                 self.finish_request(request.req_id, request.finish_reason)
         return outputs
