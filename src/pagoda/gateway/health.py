@@ -10,11 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-import httpx
-
 from pagoda.gateway.config import HealthConfig
 from pagoda.gateway.metrics import GatewayMetrics
 from pagoda.gateway.upstream import Upstream, UpstreamPool
+from pagoda.gateway.upstream_client import UpstreamClient
 
 
 class HealthChecker:
@@ -22,7 +21,7 @@ class HealthChecker:
         self,
         pools: list[UpstreamPool],
         config: HealthConfig,
-        client: httpx.AsyncClient,
+        client: UpstreamClient,
         metrics: GatewayMetrics,
     ) -> None:
         self.pools = pools
@@ -32,13 +31,7 @@ class HealthChecker:
         self._task: asyncio.Task | None = None
 
     async def _probe(self, upstream: Upstream) -> bool:
-        try:
-            response = await self.client.get(
-                upstream.url + self.config.path, timeout=self.config.timeout_s
-            )
-        except httpx.HTTPError:
-            return False
-        return response.is_success
+        return await self.client.probe(upstream.url + self.config.path, self.config.timeout_s)
 
     async def check_once(self) -> None:
         upstreams = [u for pool in self.pools for u in pool.upstreams]

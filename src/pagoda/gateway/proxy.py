@@ -1,11 +1,10 @@
 """Sending one request to a pool, with retries that never duplicate output the client has seen.
 
 Retry rule: an attempt may be retried on another upstream (never the same one) if it failed
-before any byte reached the client — a connection error, a timeout, a 5xx status, or, for streams, a
-failure
-before the first body chunk arrived (the first chunk is read before the gateway commits its own
-response headers). 4xx answers are the client's problem and are passed through unretried. Once a
-stream's first chunk has been handed over, a failure ends the stream; it is never retried.
+before any byte reached the client — a connection error, a timeout, a 5xx status, or, for streams,
+a failure before the first body chunk arrived (the first chunk is read before the gateway commits
+its own response headers). 4xx answers are the client's problem and are passed through unretried.
+Once a stream's first chunk has been handed over, a failure ends the stream; it is never retried.
 
 Every failed attempt counts toward the upstream's passive ejection.
 """
@@ -16,12 +15,13 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
+import aiohttp
 
 from pagoda.gateway.config import RetryConfig
 from pagoda.gateway.metrics import GatewayMetrics
 from pagoda.gateway.router import Policy
 from pagoda.gateway.upstream import Upstream, UpstreamPool
+from pagoda.gateway.upstream_client import UPSTREAM_ERRORS, UpstreamClient
 
 
 class UpstreamUnavailable(Exception):
@@ -31,6 +31,10 @@ class UpstreamUnavailable(Exception):
         super().__init__(detail)
         self.detail = detail
         self.num_attempts = num_attempts
+
+
+class UpstreamClosedEarly(aiohttp.ClientPayloadError):
+    """The upstream ended a 200 stream without sending a byte."""
 
 
 @dataclass(slots=True)
@@ -48,28 +52,33 @@ class OpenStream:
     """An upstream stream whose status was 200 and whose first chunk has been read."""
 
     upstream: Upstream
-    response: httpx.Response
+    response: aiohttp.ClientResponse
     first_chunk: bytes
-    rest: AsyncIterator[bytes]
     _closed: bool = False
 
     async def chunks(self) -> AsyncIterator[bytes]:
+        """Body bytes as they arrive; raises one of UPSTREAM_ERRORS if the stream breaks."""
         yield self.first_chunk
-        async for chunk in self.rest:
+        while True:
+            chunk = await self.response.content.readany()
+            if not chunk:
+                return
             yield chunk
 
     async def close(self) -> None:
-        """Closing mid-stream drops the connection, which is how the upstream learns to cancel."""
+        """Closing mid-stream drops the connection, which is how the upstream learns to cancel;
+        a stream read to the end gives its connection back to the pool instead."""
         if not self._closed:
             self._closed = True
             self.upstream.num_outstanding -= 1
-            await self.response.aclose()
+            if self.response.content.at_eof():
+                self.response.release()
+            else:
+                self.response.close()
 
 
 class Forwarder:
-    def __init__(
-        self, client: httpx.AsyncClient, retry: RetryConfig, metrics: GatewayMetrics
-    ) -> None:
+    def __init__(self, client: UpstreamClient, retry: RetryConfig, metrics: GatewayMetrics) -> None:
         self.client = client
         self.retry = retry
         self.metrics = metrics
@@ -98,20 +107,21 @@ class Forwarder:
             upstream = self._next(pool, policy, text, tried, detail)
             upstream.num_outstanding += 1
             try:
-                response = await self.client.post(upstream.url + path, json=body)
-            except httpx.HTTPError as exc:
+                status, content_type, content = await self.client.post_json(
+                    upstream.url + path, body
+                )
+            except UPSTREAM_ERRORS as exc:
                 detail = f"{upstream.name}: {type(exc).__name__}"
                 self._failed(pool, upstream)
                 continue
             finally:
                 upstream.num_outstanding -= 1
-            if response.status_code >= 500:
-                detail = f"{upstream.name}: HTTP {response.status_code}"
+            if status >= 500:
+                detail = f"{upstream.name}: HTTP {status}"
                 self._failed(pool, upstream)
                 continue
             upstream.record_success()
-            content_type = response.headers.get("content-type", "application/json")
-            return Reply(upstream, response.status_code, response.content, content_type)
+            return Reply(upstream, status, content, content_type or "application/json")
         raise UpstreamUnavailable(detail, len(tried))
 
     async def open_stream(
@@ -123,25 +133,23 @@ class Forwarder:
         for _ in range(self.retry.max_attempts):
             upstream = self._next(pool, policy, text, tried, detail)
             upstream.num_outstanding += 1
-            response: httpx.Response | None = None
+            response: aiohttp.ClientResponse | None = None
             handed_over = False
             try:
-                request = self.client.build_request("POST", upstream.url + path, json=body)
-                response = await self.client.send(request, stream=True)
-                if response.status_code != 200:
-                    content = await response.aread()
-                    if response.status_code >= 500:
-                        detail = f"{upstream.name}: HTTP {response.status_code}"
+                response = await self.client.open(upstream.url + path, body)
+                if response.status != 200:
+                    content = await response.read()
+                    if response.status >= 500:
+                        detail = f"{upstream.name}: HTTP {response.status}"
                         self._failed(pool, upstream)
                         continue
                     content_type = response.headers.get("content-type", "application/json")
-                    return Reply(upstream, response.status_code, content, content_type)
-                rest = response.aiter_raw()
-                first = b""
-                while not first:  # an empty read would tell the client nothing; wait for bytes
-                    first = await anext(rest)
+                    return Reply(upstream, response.status, content, content_type)
+                first = await response.content.readany()
+                if not first:
+                    raise UpstreamClosedEarly("stream ended before its first byte")
                 handed_over = True
-            except (httpx.HTTPError, StopAsyncIteration) as exc:
+            except UPSTREAM_ERRORS as exc:
                 detail = f"{upstream.name}: {type(exc).__name__} before the first byte"
                 self._failed(pool, upstream)
                 continue
@@ -149,7 +157,7 @@ class Forwarder:
                 if not handed_over:  # every exit but success gives the slot back
                     upstream.num_outstanding -= 1
                     if response is not None:
-                        await response.aclose()
+                        response.close()
             upstream.record_success()
-            return OpenStream(upstream, response, first, rest)
+            return OpenStream(upstream, response, first)
         raise UpstreamUnavailable(detail, len(tried))

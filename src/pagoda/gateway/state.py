@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import httpx
 from redis.asyncio import Redis
 
 from pagoda.gateway.auth import KeyStore
@@ -22,6 +21,7 @@ from pagoda.gateway.redis_state import RedisRateLimiter, RedisResponseCache
 from pagoda.gateway.response_cache import MemoryResponseCache, ResponseCache
 from pagoda.gateway.router import Policy, make_policy
 from pagoda.gateway.upstream import UpstreamPool
+from pagoda.gateway.upstream_client import UpstreamClient
 
 
 @dataclass(slots=True)
@@ -32,7 +32,7 @@ class GatewayState:
     cache: ResponseCache | None
     pools: dict[str, UpstreamPool]
     policies: dict[str, Policy]
-    client: httpx.AsyncClient
+    client: UpstreamClient
     forwarder: Forwarder
     metrics: GatewayMetrics
     health: HealthChecker
@@ -43,9 +43,7 @@ class GatewayState:
         """`redis_url` overrides the config's; empty means in-memory state."""
         redis_url = config.redis_url if redis_url is None else redis_url
         metrics = GatewayMetrics()
-        timeout = httpx.Timeout(config.retry.read_timeout_s, connect=config.retry.connect_timeout_s)
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
-        client = httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False)
+        client = UpstreamClient(config.retry)
         pools = {p.name: UpstreamPool(p, config.health) for p in config.models}
         policies = {p.name: make_policy(p) for p in config.models}
         redis = Redis.from_url(redis_url) if redis_url else None
@@ -87,6 +85,6 @@ class GatewayState:
 
     async def close(self) -> None:
         await self.health.stop()
-        await self.client.aclose()
+        await self.client.close()
         if self.redis is not None:
             await self.redis.aclose()

@@ -17,13 +17,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from pagoda.gateway.errors import error_body
 from pagoda.gateway.proxy import OpenStream
 from pagoda.gateway.sse import SSESplitter, StreamAssembler, encode_event, event_data
+from pagoda.gateway.upstream_client import UPSTREAM_ERRORS
 
 
 @dataclass(slots=True)
@@ -48,39 +48,16 @@ async def relay_events(
     splitter = SSESplitter()
     try:
         async for data in stream.chunks():
-            for event in splitter.feed(data):
-                payload = event_data(event)
-                if payload is None:
-                    yield event
-                    continue
-                if payload.strip() == b"[DONE]":
-                    outcome.saw_done = True
-                    yield event
-                    continue
-                if assembler is None and public_model is None and b'"usage"' not in payload:
-                    yield event
-                    continue
-                try:
-                    chunk = json.loads(payload)
-                except ValueError:
-                    yield event
-                    continue
-                if not isinstance(chunk, dict):
-                    yield event
-                    continue
-                if chunk.get("usage"):
-                    outcome.usage = chunk["usage"]
-                if assembler is not None:
-                    assembler.add(chunk)
-                if not chunk.get("choices") and chunk.get("usage") and not wants_usage:
-                    continue  # the usage chunk the gateway asked for on its own behalf
-                if public_model is not None and "model" in chunk:
-                    chunk["model"] = public_model
-                    event = encode_event(chunk)
-                yield event
+            # everything complete in this read goes out in one write; nothing waits for more
+            out = b"".join(
+                _pass(event, outcome, wants_usage, public_model, assembler)
+                for event in splitter.feed(data)
+            )
+            if out:
+                yield out
         if splitter.rest().strip():
             yield splitter.rest() + b"\n\n"
-    except httpx.HTTPError as exc:
+    except UPSTREAM_ERRORS as exc:
         # Bytes already reached the client, so no retry: end the stream with an error event.
         outcome.upstream_failed = True
         message = f"upstream {stream.upstream.name} failed mid-stream: {type(exc).__name__}"
@@ -88,6 +65,40 @@ async def relay_events(
         return
     if assembler is not None and outcome.saw_done and assembler.complete:
         outcome.assembled = assembler.body()
+
+
+def _pass(
+    event: bytes,
+    outcome: RelayOutcome,
+    wants_usage: bool,
+    public_model: str | None,
+    assembler: StreamAssembler | None,
+) -> bytes:
+    """The bytes to forward for one upstream event (empty to drop it), noting what it carries."""
+    payload = event_data(event)
+    if payload is None:
+        return event
+    if payload.strip() == b"[DONE]":
+        outcome.saw_done = True
+        return event
+    if assembler is None and public_model is None and b'"usage"' not in payload:
+        return event  # the common case: forwarded unparsed
+    try:
+        chunk = json.loads(payload)
+    except ValueError:
+        return event
+    if not isinstance(chunk, dict):
+        return event
+    if chunk.get("usage"):
+        outcome.usage = chunk["usage"]
+    if assembler is not None:
+        assembler.add(chunk)
+    if not chunk.get("choices") and chunk.get("usage") and not wants_usage:
+        return b""  # the usage chunk the gateway asked for on its own behalf
+    if public_model is not None and "model" in chunk:
+        chunk["model"] = public_model
+        return encode_event(chunk)
+    return event
 
 
 class ProxiedStream(StreamingResponse):
