@@ -1,0 +1,158 @@
+"""The FastAPI application: routes, middleware and the engine's lifecycle.
+
+Routes only translate (schemas in `protocol.py`/`chat_protocol.py`, engine calls through
+`EngineClient`). The model loads in the background after the socket is up: `/health` answers 503
+until the engine runs, so orchestrators can probe a starting server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from importlib import resources
+from typing import Any
+
+from fastapi import FastAPI, Request, WebSocket
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+
+from pagoda.server.auth import APIKeyMiddleware
+from pagoda.server.body_limit import BodyLimitMiddleware
+from pagoda.server.chat import create_chat_completion, render_chat
+from pagoda.server.chat_protocol import ChatCompletionRequest, ChatCompletionResponse
+from pagoda.server.completions import create_completion
+from pagoda.server.config import ServerConfig
+from pagoda.server.engine_client import EngineClient
+from pagoda.server.errors import APIError, install_error_handlers
+from pagoda.server.protocol import (
+    CompletionRequest,
+    CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ErrorResponse,
+    HealthResponse,
+    KVCacheInfo,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+)
+from pagoda.server.websocket import serve_websocket
+
+log = logging.getLogger(__name__)
+
+STATIC_DIR = resources.files("pagoda.server") / "static"
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 503, 504)}
+STREAM = {200: {"content": {"text/event-stream": {}},
+                "description": "JSON body, or SSE chunks when `stream` is true"}}
+
+
+def build_app(config: ServerConfig, on_fatal: Callable[[], None] | None = None,
+              client: EngineClient | None = None) -> FastAPI:
+    """`client` may be given already loaded (tests); otherwise the lifespan loads the model."""
+    client = client or EngineClient(config)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        task = None
+
+        def loaded(t: asyncio.Task[None]) -> None:
+            if not t.cancelled() and t.exception() is not None and on_fatal is not None:
+                on_fatal()  # the model cannot load: the process should exit, not linger
+
+        if client.llm is None:
+            task = asyncio.create_task(client.load())
+            task.add_done_callback(loaded)
+        yield
+        client.status = "draining"
+        if task is not None and not task.done():
+            task.cancel()
+        client.shutdown()
+
+    app = FastAPI(title="Pagoda", version="0.1.0", lifespan=lifespan,
+                  description="OpenAI-compatible LLM server (completions, chat, tokenize, "
+                              "WebSocket streaming).")
+    app.state.client = client
+    install_error_handlers(app)
+    if config.api_key is not None:
+        app.add_middleware(APIKeyMiddleware, api_key=config.api_key)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)
+    _add_openai_routes(app, client)
+    _add_operational_routes(app, client)
+    return app
+
+
+def _add_openai_routes(app: FastAPI, client: EngineClient) -> None:
+    @app.get("/v1/models", response_model=ModelList, responses=ERRORS)
+    async def list_models() -> ModelList:
+        card = ModelCard(id=client.model_name, created=client.created,
+                         max_model_len=client.max_model_len)
+        return ModelList(data=[card])
+
+    @app.post("/v1/completions", response_model=CompletionResponse,
+              responses={**ERRORS, **STREAM})
+    async def completions(body: CompletionRequest, raw: Request) -> Any:
+        return await create_completion(client, body, raw)
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse,
+              responses={**ERRORS, **STREAM})
+    async def chat_completions(body: ChatCompletionRequest, raw: Request) -> Any:
+        return await create_chat_completion(client, body, raw)
+
+    @app.post("/tokenize", response_model=TokenizeResponse, responses=ERRORS)
+    async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
+        llm = client.require_llm()
+        client.check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "give exactly one of 'prompt' and 'messages'", "prompt")
+        if body.messages is not None:
+            ids = render_chat(llm, body.messages, body.add_generation_prompt)
+        else:
+            ids = llm.tokenizer.encode(body.prompt or "",
+                                       add_special_tokens=body.add_special_tokens)
+        return TokenizeResponse(tokens=ids, count=len(ids), max_model_len=client.max_model_len)
+
+    @app.post("/detokenize", response_model=DetokenizeResponse, responses=ERRORS)
+    async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
+        llm = client.require_llm()
+        client.check_model(body.model)
+        vocab = llm.model_config.vocab_size
+        if any(t < 0 or t >= vocab for t in body.tokens):
+            raise APIError(400, f"token ids must be in [0, {vocab})", "tokens")
+        return DetokenizeResponse(prompt=llm.tokenizer.decode(body.tokens))
+
+    @app.websocket("/v1/ws")
+    async def websocket(ws: WebSocket) -> None:
+        await serve_websocket(client, ws)
+
+
+def _add_operational_routes(app: FastAPI, client: EngineClient) -> None:
+    @app.get("/health", response_model=HealthResponse,
+             responses={503: {"model": HealthResponse}})
+    async def health() -> JSONResponse:
+        body = HealthResponse(status=client.status, detail=client.detail)  # type: ignore[arg-type]
+        code = 200 if client.status == "ok" else 503
+        return JSONResponse(body.model_dump(), status_code=code)
+
+    @app.get("/metrics", response_class=Response)
+    async def metrics() -> Response:
+        return Response(client.metrics.render(),
+                        media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/debug/kv", response_model=KVCacheInfo, responses=ERRORS)
+    async def debug_kv() -> KVCacheInfo:
+        llm = client.require_llm()
+        stats = llm.stats()
+        kv = llm.engine.kv_cache_config
+        return KVCacheInfo(num_free_blocks=stats.num_free_blocks, num_total_blocks=kv.num_blocks,
+                           block_size=kv.block_size, usage=stats.kv_cache_usage,
+                           num_running=stats.num_running, num_waiting=stats.num_waiting)
+
+    @app.get("/", include_in_schema=False)
+    async def chat_page() -> FileResponse:
+        return FileResponse(str(STATIC_DIR / "index.html"))
+
+    app.mount("/static", StaticFiles(directory=str(STATIC_DIR)), name="static")

@@ -1,0 +1,197 @@
+"""The server's handle on the engine: loading, admission control, timeouts and metrics.
+
+Every endpoint (HTTP and WebSocket) runs requests through `EngineClient.generate`, so these
+rules hold for all of them:
+  * at most `max_waiting` admitted requests are waiting for their first output; one more is
+    refused with 503 + Retry-After (a `Ticket` is held from admission to the first output);
+  * a request outliving `request_timeout` is aborted by the engine (blocks freed) and its final
+    output carries `error`;
+  * a consumer that stops iterating (client gone, cancel) aborts the request: AsyncLLM's
+    generator sends the abort from its `finally`, and the engine frees the blocks next iteration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from pagoda.engine.async_llm import AsyncLLM
+from pagoda.engine.outputs import CompletionOutput, RequestOutput
+from pagoda.loader.model_loader import DEFAULT_MODEL
+from pagoda.sampling.params import SamplingParams
+from pagoda.server.config import ServerConfig
+from pagoda.server.errors import APIError, overloaded
+from pagoda.server.metrics import ServerMetrics
+
+log = logging.getLogger(__name__)
+
+INLINE_TOKENIZE_CHARS = 16_384  # longer prompts are tokenized off the event loop
+TIMEOUT_ERROR = "request timed out"  # AsyncLLM's error text for a request past its deadline
+
+
+class Ticket:
+    """One admitted request's place among the waiting; released once (first output or end)."""
+
+    def __init__(self, client: EngineClient):
+        self._client: EngineClient | None = client
+
+    def release(self) -> None:
+        if self._client is not None:
+            self._client.num_pending -= 1
+            self._client = None
+
+
+@dataclass
+class Completed:
+    """A finished request, its per-sample deltas merged (non-streaming responses)."""
+
+    output: RequestOutput
+    samples: list[CompletionOutput] = field(default_factory=list)
+
+    @property
+    def num_generated_tokens(self) -> int:
+        return sum(s.num_generated_tokens for s in self.samples)
+
+
+class EngineClient:
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        self.llm: AsyncLLM | None = None
+        self.status = "loading"  # loading -> ok | failed; ok -> draining on shutdown
+        self.detail: str | None = None
+        self.num_pending = 0
+        self.created = int(time.time())
+        self.metrics = ServerMetrics(lambda: self.llm, lambda: self.model_name)
+        self._fingerprint = "fp_pagoda"
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    async def load(self) -> None:
+        """Load the model off the event loop, then start the engine thread."""
+        try:
+            llm = await asyncio.to_thread(AsyncLLM.from_config, self.config.engine)
+        except Exception as exc:
+            log.exception("model loading failed")
+            self.status, self.detail = "failed", f"{type(exc).__name__}: {exc}"
+            raise
+        llm.start(asyncio.get_running_loop())
+        self.llm = llm
+        cfg = self.config.engine
+        key = f"{llm.engine.loaded.path}|{cfg.dtype}|{cfg.quantization}|{cfg.kv_cache_dtype}"
+        self._fingerprint = "fp_" + hashlib.sha256(key.encode()).hexdigest()[:10]
+        self.status = "ok"
+        log.info("model %s ready (max_model_len %d)", self.model_name, self.max_model_len)
+
+    def shutdown(self) -> None:
+        if self.llm is not None:
+            self.llm.shutdown()
+
+    # -- properties --------------------------------------------------------------------------
+    @property
+    def model_name(self) -> str:
+        """The API's model id: --served-model-name, else the checkpoint's file or folder name
+        (GGUF `general.name` values hold spaces and are poor ids)."""
+        if self.config.served_model_name:
+            return self.config.served_model_name
+        model = self.config.engine.model
+        if model is None:
+            return DEFAULT_MODEL
+        base = os.path.basename(os.path.normpath(model))
+        return base[:-len(".gguf")] if base.endswith(".gguf") else base
+
+    @property
+    def max_model_len(self) -> int:
+        return self.require_llm().engine.max_model_len
+
+    @property
+    def system_fingerprint(self) -> str:
+        return self._fingerprint
+
+    def require_llm(self) -> AsyncLLM:
+        if self.llm is None:
+            message = "the model is still loading" if self.status == "loading" else \
+                f"the model failed to load: {self.detail}"
+            raise APIError(503, message, code="model_not_ready",
+                           headers={"Retry-After": str(self.config.retry_after)})
+        return self.llm
+
+    def check_model(self, name: str | None) -> None:
+        """Requests may omit `model`; a named model must be the one served (404 otherwise)."""
+        if name and name != self.model_name:
+            raise APIError(404, f"the model '{name}' does not exist", "model", "model_not_found")
+
+    # -- requests ----------------------------------------------------------------------------
+    async def prepare(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
+        """Tokenize and validate (RequestError -> 400 via the error handlers)."""
+        llm = self.require_llm()
+        if isinstance(prompt, str) and len(prompt) > INLINE_TOKENIZE_CHARS:
+            _, ids = await asyncio.to_thread(llm.prepare, prompt, params)
+        else:
+            _, ids = llm.prepare(prompt, params)
+        return ids
+
+    def admit(self) -> Ticket:
+        if self.status == "draining":
+            raise overloaded(self.config.retry_after, "the server is shutting down")
+        if self.num_pending >= self.config.max_waiting:
+            raise overloaded(self.config.retry_after,
+                             f"too many requests waiting ({self.num_pending}); retry later")
+        self.num_pending += 1
+        return Ticket(self)
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams, ticket: Ticket,
+                       req_id: str) -> AsyncIterator[RequestOutput]:
+        """Delta outputs of one request; closing the iterator early aborts it."""
+        llm = self.require_llm()
+        last = None
+        try:
+            async for out in llm.generate(prompt_ids, params, req_id,
+                                          self.config.request_timeout):
+                ticket.release()
+                now = time.monotonic()
+                if last is not None:
+                    num_new = max((len(o.token_ids) for o in out.outputs), default=0)
+                    self.metrics.observe_itl(now - last, num_new)
+                last = now
+                if out.finished:
+                    self.metrics.observe_finished(
+                        out.metrics, [o.finish_reason for o in out.outputs if o.finish_reason])
+                yield out
+        finally:
+            ticket.release()
+
+    async def complete(self, outputs: AsyncIterator[RequestOutput]) -> Completed:
+        """Drain a request; raises APIError (504 on timeout, 500 on engine errors)."""
+        merged: dict[int, CompletionOutput] = {}
+        final = None
+        async for out in outputs:
+            for delta in out.outputs:
+                have = merged.get(delta.index)
+                if have is None:
+                    merged[delta.index] = CompletionOutput(
+                        delta.index, delta.text, list(delta.token_ids), delta.finish_reason,
+                        delta.stop_reason, None if delta.logprobs is None else list(delta.logprobs),
+                        delta.num_generated_tokens)
+                    continue
+                have.text += delta.text
+                have.token_ids += delta.token_ids
+                if have.logprobs is not None and delta.logprobs:
+                    have.logprobs += delta.logprobs
+                have.finish_reason, have.stop_reason = delta.finish_reason, delta.stop_reason
+                have.num_generated_tokens = delta.num_generated_tokens
+            final = out
+        if final is None:
+            raise APIError(500, "the engine returned no output")
+        if final.error:
+            raise error_of(final.error)
+        return Completed(final, [merged[i] for i in sorted(merged)])
+
+
+def error_of(message: str) -> APIError:
+    if message == TIMEOUT_ERROR:
+        return APIError(504, "the request timed out", code="request_timeout")
+    return APIError(500, f"the engine failed the request: {message}", code="engine_error")

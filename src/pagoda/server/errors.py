@@ -1,0 +1,106 @@
+"""Errors in OpenAI's JSON shape: `{"error": {"message", "type", "param", "code"}}`.
+
+Every failure the server reports — validation, auth, overload, timeouts, crashes — goes through
+`APIError` or one of the exception handlers installed by `install_error_handlers`, so clients
+never see FastAPI's default `{"detail": ...}` bodies or a 422.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from pagoda.engine.llm_engine import RequestError
+from pagoda.sampling.params import SamplingParamsError
+
+log = logging.getLogger(__name__)
+
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "invalid_request_error",  # as OpenAI reports a bad key (code "invalid_api_key")
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    500: "internal_server_error",
+    503: "server_overloaded",
+    504: "timeout_error",
+}
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.headers = headers
+
+    @property
+    def type(self) -> str:
+        return ERROR_TYPES.get(self.status, "invalid_request_error")
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, self.param, self.code)
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+    @classmethod
+    def bad_request(cls, exc: ValueError) -> APIError:
+        """A 400 from an engine-side validation error (`RequestError`, `SamplingParamsError`)."""
+        return cls(400, str(exc), getattr(exc, "param", None))
+
+
+def error_body(message: str, type_: str, param: str | None = None,
+               code: str | int | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def overloaded(retry_after: int, message: str) -> APIError:
+    return APIError(503, message, code="server_overloaded",
+                    headers={"Retry-After": str(retry_after)})
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    errors = exc.errors()
+    if not errors:
+        return "invalid request", None
+    first = errors[0]
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    if first.get("type") == "json_invalid":
+        return "the request body is not valid JSON", None
+    param = ".".join(loc) or None
+    where = f" at '{param}'" if param else ""
+    return f"{first.get('msg', 'invalid value')}{where}", param
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _validation_message(exc)
+        return APIError(400, message, param).response()
+
+    @app.exception_handler(RequestError)
+    @app.exception_handler(SamplingParamsError)
+    async def _engine_validation(_: Request, exc: ValueError) -> JSONResponse:
+        return APIError.bad_request(exc).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return APIError(exc.status_code, str(exc.detail)).response()
+
+    @app.exception_handler(Exception)
+    async def _crash(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s", request.url.path)
+        return APIError(500, f"internal error: {type(exc).__name__}").response()

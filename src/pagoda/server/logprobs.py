@@ -1,0 +1,50 @@
+"""Engine log-probabilities ({token_id: logprob} per generated token) in OpenAI's two shapes.
+
+Each engine entry holds the top-N alternatives plus the sampled token (which may fall outside the
+top N), so the sampled token's logprob is always present.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from pagoda.engine.outputs import TokenLogprobs
+from pagoda.server.chat_protocol import ChatLogprobs, TokenLogprob, TopLogprob
+from pagoda.server.protocol import CompletionLogprobs
+
+TokenStr = Callable[[int], str]
+FLOOR = -9999.0  # stands in for -inf, which JSON cannot carry
+
+
+def _top(entry: TokenLogprobs, n: int) -> list[tuple[int, float]]:
+    return sorted(entry.items(), key=lambda kv: kv[1], reverse=True)[:n]
+
+
+def completion_logprobs(token_ids: list[int], entries: list[TokenLogprobs], num_top: int,
+                        token_str: TokenStr, text_offset: int) -> CompletionLogprobs:
+    """Legacy shape: parallel lists; `text_offset` counts characters of the token strings
+    from the start of the completion, continuing from `text_offset` across stream chunks."""
+    out = CompletionLogprobs()
+    offset = text_offset
+    for token_id, entry in zip(token_ids, entries, strict=False):
+        text = token_str(token_id)
+        out.tokens.append(text)
+        out.token_logprobs.append(entry.get(token_id))
+        top = {token_str(t): lp for t, lp in _top(entry, num_top)}
+        top.setdefault(text, entry.get(token_id, FLOOR))
+        out.top_logprobs.append(top)
+        out.text_offset.append(offset)
+        offset += len(text)
+    return out
+
+
+def chat_logprobs(token_ids: list[int], entries: list[TokenLogprobs], num_top: int,
+                  token_str: TokenStr) -> ChatLogprobs:
+    content = []
+    for token_id, entry in zip(token_ids, entries, strict=False):
+        text = token_str(token_id)
+        top = [TopLogprob(token=token_str(t), logprob=lp, bytes=list(token_str(t).encode()))
+               for t, lp in _top(entry, num_top)]
+        content.append(TokenLogprob(token=text, logprob=entry.get(token_id, FLOOR),
+                                    bytes=list(text.encode()), top_logprobs=top))
+    return ChatLogprobs(content=content)

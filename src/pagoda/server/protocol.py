@@ -1,0 +1,186 @@
+"""OpenAI wire schemas shared by every endpoint, and the completions endpoint's own.
+
+These models are the HTTP contract (they generate /openapi.json); translating them into engine
+`SamplingParams` happens in `request_params.py`, never here. Unknown fields are ignored, as
+OpenAI's clients send fields of newer API versions.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from pagoda.sampling.params import MAX_LOGPROBS
+
+MAX_SEED = (1 << 63) - 1
+
+
+class Schema(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class ErrorInfo(Schema):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | int | None = None
+
+
+class ErrorResponse(Schema):
+    error: ErrorInfo
+
+
+class StreamOptions(Schema):
+    include_usage: bool = False
+
+
+class SamplingFields(Schema):
+    """Request fields common to completions and chat completions (OpenAI's plus vLLM's extras)."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    model: str | None = None
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+
+
+class CompletionRequest(SamplingFields):
+    # A string, a list of one string, token ids, or a list of one list of token ids.
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = 16
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False
+
+
+class PromptTokensDetails(Schema):
+    cached_tokens: int = 0
+
+
+class UsageInfo(Schema):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
+
+    @classmethod
+    def of(cls, num_prompt_tokens: int, num_generated_tokens: int,
+           num_cached_tokens: int = 0) -> UsageInfo:
+        return cls(prompt_tokens=num_prompt_tokens, completion_tokens=num_generated_tokens,
+                   total_tokens=num_prompt_tokens + num_generated_tokens,
+                   prompt_tokens_details=PromptTokensDetails(cached_tokens=num_cached_tokens))
+
+
+class CompletionLogprobs(Schema):
+    """OpenAI's legacy shape: parallel lists, one entry per generated token."""
+
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
+class CompletionChoice(Schema):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class CompletionResponse(Schema):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    system_fingerprint: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo | None = None
+
+
+class ModelCard(Schema):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "pagoda"
+    max_model_len: int
+
+
+class ModelList(Schema):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class TokenizeRequest(Schema):
+    """Either `prompt` (text) or `messages` (rendered with the chat template)."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+
+
+class TokenizeResponse(Schema):
+    tokens: list[int]
+    count: int
+    max_model_len: int
+
+
+class DetokenizeRequest(Schema):
+    model: str | None = None
+    tokens: list[int]
+
+
+class DetokenizeResponse(Schema):
+    prompt: str
+
+
+class ContentPart(Schema):
+    type: Literal["text"] = "text"
+    text: str
+
+
+class ChatMessage(Schema):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class HealthResponse(Schema):
+    status: Literal["ok", "loading", "failed", "draining"]
+    detail: str | None = None
+
+
+class KVCacheInfo(Schema):
+    num_free_blocks: int
+    num_total_blocks: int
+    block_size: int
+    usage: float
+    num_running: int
+    num_waiting: int
+
+
+TokenizeRequest.model_rebuild()

@@ -1,0 +1,200 @@
+"""`WS /v1/ws`: several streamed requests multiplexed on one WebSocket (docs/websocket.md).
+
+Client messages: a request (`{"type": "chat" | "completion", "id": ..., <OpenAI fields>}`) or
+`{"type": "cancel", "id": ...}`. Server messages: `start`, `delta`, `done`, `error`, each naming
+the client's `id`. Every request runs in its own task; cancelling the task (cancel message or
+connection closed) closes its engine generator, which aborts the engine request and frees its
+blocks at the engine's next iteration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from typing import Any
+
+from fastapi import WebSocket
+from pydantic import ValidationError
+from starlette.websockets import WebSocketDisconnect, WebSocketState
+
+from pagoda.sampling.params import SamplingParamsError
+from pagoda.server.auth import token_matches
+from pagoda.server.chat import render_chat
+from pagoda.server.chat_protocol import ChatCompletionRequest
+from pagoda.server.engine_client import EngineClient, error_of
+from pagoda.server.errors import APIError
+from pagoda.server.logprobs import chat_logprobs
+from pagoda.server.protocol import CompletionRequest, UsageInfo
+from pagoda.server.request_params import (
+    chat_params,
+    completion_params,
+    completion_prompt,
+)
+
+log = logging.getLogger(__name__)
+
+POLICY_VIOLATION = 1008
+MAX_ID_CHARS = 256
+
+
+class Connection:
+    def __init__(self, client: EngineClient, ws: WebSocket):
+        self.client = client
+        self.ws = ws
+        self.tasks: dict[str, asyncio.Task[None]] = {}
+        self.cancelled: set[str] = set()
+        self._send_lock = asyncio.Lock()
+
+    async def send(self, message: dict[str, Any]) -> None:
+        async with self._send_lock:
+            if self.ws.client_state == WebSocketState.CONNECTED:
+                await self.ws.send_text(json.dumps(message, separators=(",", ":")))
+
+    async def send_error(self, req_id: Any, err: APIError, **extra: Any) -> None:
+        await self.send({"type": "error", "id": req_id, **err.body(), **extra})
+
+    async def run(self) -> None:
+        try:
+            while True:
+                message = await self.ws.receive()
+                if message["type"] == "websocket.disconnect":
+                    break
+                text = message.get("text")
+                if text is None:
+                    try:
+                        text = (message.get("bytes") or b"").decode("utf-8")
+                    except UnicodeDecodeError:
+                        await self.send_error(None, APIError(400, "message is not valid UTF-8"))
+                        continue
+                await self.dispatch(text)
+        except WebSocketDisconnect:
+            pass
+        finally:
+            for task in list(self.tasks.values()):
+                task.cancel()
+            await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+
+    async def dispatch(self, text: str) -> None:
+        try:
+            payload = json.loads(text)
+        except ValueError:
+            await self.send_error(None, APIError(400, "message is not valid JSON"))
+            return
+        if not isinstance(payload, dict):
+            await self.send_error(None, APIError(400, "message must be a JSON object"))
+            return
+        kind = payload.pop("type", "chat")
+        req_id = payload.pop("id", None)
+        if not isinstance(req_id, (str, int)) or len(str(req_id)) > MAX_ID_CHARS:
+            await self.send_error(req_id, APIError(400, "every message needs an 'id' (string or "
+                                                   "integer) chosen by the client", "id"))
+            return
+        if kind == "cancel":
+            task = self.tasks.get(str(req_id))
+            if task is not None:  # unknown or finished ids are ignored: cancels race with done
+                self.cancelled.add(str(req_id))
+                task.cancel()
+            return
+        if kind not in ("chat", "completion"):
+            await self.send_error(req_id, APIError(400, f"unknown message type {kind!r}", "type"))
+            return
+        if str(req_id) in self.tasks:
+            await self.send_error(req_id, APIError(400, f"id {req_id!r} is already in use", "id"))
+            return
+        task = asyncio.create_task(self.serve_request(kind, req_id, payload))
+        self.tasks[str(req_id)] = task
+        task.add_done_callback(lambda _: self.tasks.pop(str(req_id), None))
+
+    async def serve_request(self, kind: str, req_id: Any, payload: dict[str, Any]) -> None:
+        try:
+            await self._generate(kind, req_id, payload)
+        except APIError as err:
+            extra = {"retry_after": self.client.config.retry_after} if err.status == 503 else {}
+            await self.send_error(req_id, err, **extra)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            param = ".".join(str(p) for p in first.get("loc", ())) or None
+            await self.send_error(req_id, APIError(400, f"{first.get('msg')} at '{param}'", param))
+        except (SamplingParamsError, ValueError) as exc:
+            await self.send_error(req_id, APIError.bad_request(exc))
+        except asyncio.CancelledError:
+            if str(req_id) in self.cancelled:  # a cancel message, not a closed connection
+                self.cancelled.discard(str(req_id))
+                await self.send({"type": "done", "id": req_id, "cancelled": True})
+            raise
+        except Exception:
+            log.exception("websocket request %r failed", req_id)
+            await self.send_error(req_id, APIError(500, "internal error"))
+
+    async def _generate(self, kind: str, req_id: Any, payload: dict[str, Any]) -> None:
+        client = self.client
+        llm = client.require_llm()
+        if kind == "chat":
+            chat = ChatCompletionRequest.model_validate(payload)
+            client.check_model(chat.model)
+            params = chat_params(chat)
+            prompt: str | list[int] = render_chat(llm, chat.messages, chat.add_generation_prompt)
+            num_top = (chat.top_logprobs or 0) if chat.logprobs else None
+        else:
+            completion = CompletionRequest.model_validate(payload)
+            client.check_model(completion.model)
+            params = completion_params(completion)
+            prompt = completion_prompt(completion)
+            num_top = None
+        prompt_ids = await client.prepare(prompt, params)
+        engine_id = f"ws-{uuid.uuid4().hex}"
+        ticket = client.admit()
+        await self.send({"type": "start", "id": req_id, "request_id": engine_id,
+                         "model": client.model_name, "created": int(time.time()),
+                         "prompt_tokens": len(prompt_ids)})
+        generated: dict[int, int] = {}
+        finish: dict[int, str | None] = {}
+        final = None
+        try:
+            async with contextlib.aclosing(client.generate(prompt_ids, params, ticket,
+                                                           engine_id)) as outputs:
+                async for out in outputs:
+                    if out.error:
+                        raise error_of(out.error)
+                    for d in out.outputs:
+                        generated[d.index] = d.num_generated_tokens
+                        finish[d.index] = d.finish_reason
+                        message = {"type": "delta", "id": req_id, "index": d.index,
+                                   "text": d.text, "token_ids": d.token_ids}
+                        if num_top is not None and d.logprobs:
+                            message["logprobs"] = chat_logprobs(
+                                d.token_ids, d.logprobs, num_top,
+                                llm.tokenizer.token_str).model_dump()["content"]
+                        await self.send(message)
+                    final = out
+        finally:
+            ticket.release()
+        m = final.metrics if final is not None else None
+        usage = UsageInfo.of(len(prompt_ids), sum(generated.values()),
+                             m.num_cached_tokens if m else 0)
+        timing = {}
+        if m is not None and m.first_token_time is not None:
+            timing["ttft_s"] = m.first_token_time - m.arrival_time
+        if m is not None and m.finished_time is not None:
+            timing["e2e_s"] = m.finished_time - m.arrival_time
+        await self.send({"type": "done", "id": req_id,
+                         "choices": [{"index": i, "finish_reason": finish[i]}
+                                     for i in sorted(finish)],
+                         "usage": usage.model_dump(), "timing": timing})
+
+
+async def serve_websocket(client: EngineClient, ws: WebSocket) -> None:
+    api_key = client.config.api_key
+    if api_key is not None:
+        header = ws.headers.get("authorization")
+        if not (token_matches(header, api_key) or
+                token_matches(f"Bearer {ws.query_params.get('api_key', '')}", api_key)):
+            await ws.close(code=POLICY_VIOLATION, reason="missing or invalid API key")
+            return
+    await ws.accept()
+    with contextlib.suppress(WebSocketDisconnect, RuntimeError):
+        await Connection(client, ws).run()
