@@ -97,6 +97,12 @@ def load_quantized(path: str, model: nn.Module, device: str | torch.device = "cp
     for dup, kept in meta["aliases"].items():
         owner, _, attr = dup.rpartition(".")
         setattr(model.get_submodule(owner), attr, model.get_parameter(kept))
+    # Non-persistent buffers (not in any state dict) are still on the meta device: allocate them
+    # empty, as `to_empty` would, for the caller's post-load step to fill.
+    for module in model.modules():
+        for name, buf in module._buffers.items():
+            if buf is not None and buf.is_meta:
+                module._buffers[name] = torch.empty_like(buf, device=device)
     model.to(device)
     if prepare:
         prepare_model(model)
