@@ -1,0 +1,191 @@
+"""Gemma 3 decoder (text only).
+
+Differences from Llama, each mirrored from the reference implementation so greedy output matches:
+- embeddings are multiplied by sqrt(hidden_size), rounded to the model dtype first;
+- every layer has four (1 + weight) RMSNorms: before and after attention, before and after the MLP
+  (the "post" norms apply to the sublayer output before it joins the residual stream);
+- q and k are RMS-normalized per head (QK-norm) before RoPE;
+- local layers attend to a sliding window of the last `sliding_window` positions and use their
+  own RoPE base; global layers attend to everything and use the global base (with optional
+  linear position scaling);
+- attention scale is query_pre_attn_scalar ** -0.5 rather than head_dim ** -0.5;
+- the MLP is GeGLU with the tanh-approximated GELU;
+- final logits are optionally soft-capped: cap * tanh(logits / cap).
+
+Projections are plain `nn.Linear` (fused `qkv_proj`, `gate_up_proj`) so quantization can swap them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pagoda.kv_cache.kv_store import KVStore
+from pagoda.layers.attention import paged_attention
+from pagoda.layers.attention_metadata import AttentionMetadata
+from pagoda.layers.norm import RMSNorm
+from pagoda.layers.rotary import RotaryEmbedding
+from pagoda.models.config import ModelConfig
+
+
+def _norm(dim: int, cfg: ModelConfig) -> RMSNorm:
+    return RMSNorm(dim, cfg.rms_norm_eps, offset=1.0)
+
+
+class Gemma3Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
+        self.head_dim = cfg.head_dim
+        self.q_size = cfg.num_heads * cfg.head_dim
+        self.kv_size = cfg.num_kv_heads * cfg.head_dim
+        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=False)
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.q_norm = _norm(cfg.head_dim, cfg)
+        self.k_norm = _norm(cfg.head_dim, cfg)
+        scalar = cfg.query_pre_attn_scalar or cfg.head_dim
+        self.scale = scalar ** -0.5
+        self.window = cfg.window_of(layer)  # None on global layers
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding,
+                store: KVStore, meta: AttentionMetadata, window: int | None) -> torch.Tensor:
+        num_tokens = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = self.q_norm(q.view(num_tokens, self.num_heads, self.head_dim))
+        k = self.k_norm(k.view(num_tokens, self.num_kv_heads, self.head_dim))
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        q, k = rope(positions, q, k)
+        o = paged_attention(q, k, v, store, meta, self.scale, window)
+        return self.o_proj(o.view(num_tokens, self.q_size))
+
+
+class Gemma3MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.gelu(gate, approximate="tanh") * up)
+
+
+class Gemma3DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = _norm(cfg.hidden_size, cfg)
+        self.self_attn = Gemma3Attention(cfg, layer)
+        self.post_attention_layernorm = _norm(cfg.hidden_size, cfg)
+        self.pre_feedforward_layernorm = _norm(cfg.hidden_size, cfg)
+        self.mlp = Gemma3MLP(cfg)
+        self.post_feedforward_layernorm = _norm(cfg.hidden_size, cfg)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding,
+                store: KVStore, meta: AttentionMetadata, window: int | None) -> torch.Tensor:
+        h = self.self_attn(self.input_layernorm(x), positions, rope, store, meta, window)
+        x = x + self.post_attention_layernorm(h)
+        h = self.mlp(self.pre_feedforward_layernorm(x))
+        return x + self.post_feedforward_layernorm(h)
+
+
+class Gemma3ForCausalLM(nn.Module):
+    # HF checkpoint name fragment -> (our fused parameter fragment, shard index)
+    stacked = {
+        "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+        "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
+    }
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        assert cfg.architecture == "gemma3"
+        assert cfg.sliding_window is not None and len(cfg.layer_sliding) == cfg.num_layers, \
+            "gemma3 needs a sliding window and a per-layer sliding/global pattern"
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Gemma3DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = _norm(cfg.hidden_size, cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.post_load()
+
+    def post_load(self) -> None:
+        """Re-tie embeddings and rebuild the RoPE tables (built on the meta device, then loaded)."""
+        cfg = self.config
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        local_theta = cfg.rope_local_theta if cfg.rope_local_theta is not None else cfg.rope_theta
+        # Linear scaling divides positions here and inv_freq in transformers; Gemma 3's factors
+        # (1 or 8) are powers of two, for which both give the same floats.
+        self.rope_global = RotaryEmbedding(cfg.head_dim, cfg.max_model_len, cfg.rope_theta,
+                                           cfg.rope_scaling_factor)
+        self.rope_local = RotaryEmbedding(cfg.head_dim, cfg.max_model_len, local_theta)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                kv_stores: list[KVStore], meta: AttentionMetadata) -> torch.Tensor:
+        """input_ids, positions: (T,). Returns final hidden states (T, hidden)."""
+        x = self.embed_tokens(input_ids)  # (T, hidden)
+        # The scale is rounded to the weights' dtype before multiplying, as Gemma was trained.
+        x = x * torch.tensor(self.config.hidden_size ** 0.5, dtype=x.dtype)
+        window = self._step_window(meta)
+        for layer, store in zip(self.layers, kv_stores, strict=True):
+            if layer.self_attn.window is None:
+                x = layer(x, positions, self.rope_global, store, meta, None)
+            else:
+                x = layer(x, positions, self.rope_local, store, meta, window)
+        return self.norm(x)
+
+    def _step_window(self, meta: AttentionMetadata) -> int | None:
+        """The sliding window, or None when no context in this step is longer than it.
+
+        A window that hides nothing equals plain causal attention, which is cheaper (no mask)
+        and is the path transformers takes too in that case.
+        """
+        window = self.config.sliding_window
+        assert window is not None
+        longest = max((s.num_cached + s.num_tokens for s in meta.prefills), default=0)
+        if meta.num_decode:
+            assert meta.decode_context_lens is not None
+            longest = max(longest, int(meta.decode_context_lens.max()))
+        return window if longest > window else None
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(hidden)  # (T, vocab)
+        cap = self.config.final_logit_softcapping
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load HF-named fp32 tensors; norm weights are HF's w (the module computes 1 + w)."""
+        params = dict(self.named_parameters(remove_duplicate=False))
+        loaded: set[str] = set()
+        for hf_name, tensor in weights:
+            name = hf_name.removeprefix("model.")
+            if name == "lm_head.weight" and self.config.tie_word_embeddings:
+                continue
+            for part, (fused, shard) in self.stacked.items():
+                if f".{part}." in name:
+                    name = name.replace(part, fused)
+                    sizes = self._shard_sizes(fused)
+                    offset = sum(sizes[:shard])
+                    params[name].data[offset:offset + sizes[shard]].copy_(tensor)
+                    break
+            else:
+                if name not in params:
+                    raise ValueError(f"unexpected weight {hf_name} in checkpoint")
+                params[name].data.copy_(tensor)
+            loaded.add(name)
+        missing = {n for n in params if n not in loaded}
+        if self.config.tie_word_embeddings:
+            missing.discard("lm_head.weight")
+        if missing:
+            raise ValueError(f"checkpoint lacks weights: {sorted(missing)[:5]}")
+
+    def _shard_sizes(self, fused: str) -> list[int]:
+        cfg = self.config
+        if fused == "qkv_proj":
+            kv = cfg.num_kv_heads * cfg.head_dim
+            return [cfg.num_heads * cfg.head_dim, kv, kv]
+        return [cfg.intermediate_size, cfg.intermediate_size]
