@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import os
-import shutil
-import socket
-import subprocess
 
 import pytest
 
-from tests.gateway.gateway_harness import free_port, start_upstreams, wait_for
+from tests.gateway.gateway_harness import start_redis, start_upstreams
 
 
 @pytest.fixture(scope="session")
@@ -35,23 +32,7 @@ def redis_url():
     if given:
         yield given
         return
-    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
-    port = free_port()
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-
-    def up() -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
-                s.sendall(b"PING\r\n")
-                return s.recv(16).startswith(b"+PONG")
-        except OSError:
-            return False
-
-    wait_for(up, timeout=10)
-    yield f"redis://127.0.0.1:{port}/0"
+    proc, url = start_redis()
+    yield url
     proc.terminate()
     proc.wait(timeout=10)

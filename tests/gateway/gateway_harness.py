@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import signal
 import socket
 import subprocess
@@ -138,3 +139,25 @@ def make_config(pools: dict[str, list[str]], **overrides: Any) -> GatewayConfig:
 
 def auth(key: str = KEY_ALICE) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
+
+
+def start_redis() -> tuple[subprocess.Popen, str]:
+    """A throwaway redis-server on a free port (no persistence); returns it and its URL."""
+    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+    port = free_port()
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+    def up() -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    wait_for(up, timeout=10)
+    return proc, f"redis://127.0.0.1:{port}/0"

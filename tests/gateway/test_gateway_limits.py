@@ -8,7 +8,7 @@ import asyncio
 import httpx
 import pytest
 
-from tests.gateway.gateway_harness import KEY_BOB, GatewayServer, auth, make_config
+from tests.gateway.gateway_harness import KEY_BOB, GatewayServer, auth, make_config, start_redis
 
 BACKENDS = ["memory", "redis"]
 
@@ -118,3 +118,21 @@ async def test_two_gateways_share_limits_and_cache_through_redis(replicas, redis
         assert first.json() == second.json()
     before = replicas[0].stats()["requests"]
     assert before == 6 + 2 + 1  # the hit never reached the upstream
+
+
+def test_redis_outage_degrades_cache_and_refuses_with_503(replicas):
+    proc, url = start_redis()
+    try:
+        config = make_config({"m": [replicas[0].url]}, alice={"requests_per_minute": 100})
+        with GatewayServer(config, url) as gw:
+            assert post(gw.url, temperature=0).headers["x-cache"] == "miss"
+            assert post(gw.url, temperature=0).headers["x-cache"] == "hit"
+            proc.kill()
+            proc.wait(timeout=10)
+            r = post(gw.url, temperature=0)
+            assert r.status_code == 503
+            assert r.json()["error"]["code"] == "state_backend_unavailable"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert replicas[0].stats()["requests"] == 1

@@ -10,6 +10,7 @@ complete answers, in the stream's cleanup for streams (which runs even if the cl
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from typing import Any
 
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
+from redis.exceptions import RedisError
 
 from pagoda.gateway.auth import bearer_token
 from pagoda.gateway.config import KeyConfig
@@ -30,6 +32,10 @@ from pagoda.gateway.sse import StreamAssembler, chunks_from_response
 from pagoda.gateway.state import GatewayState
 from pagoda.gateway.stream_relay import ProxiedStream, RelayOutcome, relay_events
 from pagoda.gateway.upstream import UpstreamPool
+
+logger = logging.getLogger(__name__)
+# Failures of the shared state backend (Redis): the cache degrades to misses, limits to a 503.
+STATE_ERRORS = (RedisError, OSError)
 
 
 @dataclass(slots=True)
@@ -95,7 +101,12 @@ async def admit(
         message = f"The model `{model}` does not exist or you do not have access to it."
         return error_response(404, message, "invalid_request_error", "model_not_found")
     lease_id = uuid.uuid4().hex
-    decision = await state.limiter.acquire(key.name, Limits.of(key), lease_id)
+    try:
+        decision = await state.limiter.acquire(key.name, Limits.of(key), lease_id)
+    except STATE_ERRORS as exc:
+        logger.warning("rate-limit backend unavailable: %s", type(exc).__name__)
+        message = "The rate-limit backend is unavailable; retry shortly."
+        return error_response(503, message, "server_error", "state_backend_unavailable")
     if not decision.allowed:
         state.metrics.rate_limited.labels(key.name, decision.reason).inc()
         message = f"Rate limit reached for {decision.reason} on key {key.name!r}."
@@ -117,7 +128,7 @@ async def serve_completion(state: GatewayState, request: Request, endpoint: str)
     streaming = False
     try:
         if call.cache_key is not None:
-            cached = await state.cache.get(call.cache_key)
+            cached = await _cache_get(state, call.cache_key)
             state.metrics.cache.labels(call.pool.name, "hit" if cached else "miss").inc()
             if cached is not None:
                 return _cached_answer(state, call, cached)
@@ -135,7 +146,29 @@ async def serve_completion(state: GatewayState, request: Request, endpoint: str)
         return error_response(502, message, "upstream_error", "upstream_unavailable")
     finally:
         if not streaming:
-            await state.limiter.release(call.key.name, call.lease_id)
+            await _release(state, call)
+
+
+async def _release(state: GatewayState, call: Call) -> None:
+    try:
+        await state.limiter.release(call.key.name, call.lease_id)
+    except STATE_ERRORS as exc:  # the lease expires on its own (rate_limit.LEASE_S)
+        logger.warning("could not release a concurrency lease: %s", type(exc).__name__)
+
+
+async def _cache_get(state: GatewayState, key: str) -> bytes | None:
+    try:
+        return await state.cache.get(key)
+    except STATE_ERRORS as exc:
+        logger.warning("response cache unavailable: %s", type(exc).__name__)
+        return None
+
+
+async def _cache_put(state: GatewayState, key: str, value: bytes) -> None:
+    try:
+        await state.cache.put(key, value)
+    except STATE_ERRORS as exc:
+        logger.warning("response cache unavailable: %s", type(exc).__name__)
 
 
 def _observe(state: GatewayState, call: Call, upstream: str, status: int | str) -> None:
@@ -164,7 +197,10 @@ def _cached_answer(state: GatewayState, call: Call, cached: bytes) -> Response:
 
 async def _record_usage(state: GatewayState, call: Call, upstream: str, usage: Any) -> None:
     num_tokens = state.metrics.record_usage(call.key.name, call.pool.name, upstream, usage)
-    await state.limiter.record_tokens(call.key.name, call.lease_id, num_tokens)
+    try:
+        await state.limiter.record_tokens(call.key.name, call.lease_id, num_tokens)
+    except STATE_ERRORS as exc:
+        logger.warning("could not record token usage: %s", type(exc).__name__)
 
 
 async def _forward(state: GatewayState, call: Call, upstream_body: dict[str, Any]) -> Response:
@@ -183,7 +219,7 @@ async def _forward(state: GatewayState, call: Call, upstream_body: dict[str, Any
                 payload["model"] = call.public_model
                 content = json.dumps(payload).encode()
             if call.cache_key is not None:
-                await state.cache.put(call.cache_key, content)
+                await _cache_put(state, call.cache_key, content)
     _observe(state, call, reply.upstream.name, reply.status)
     cache = "miss" if call.cache_key is not None else "bypass"
     headers = call.headers(cache, reply.upstream.name)
@@ -220,10 +256,10 @@ async def _forward_stream(
                 call.pool.record_failure(upstream)
             await _record_usage(state, call, upstream.name, outcome.usage)
             if outcome.assembled is not None and call.cache_key is not None:
-                await state.cache.put(call.cache_key, json.dumps(outcome.assembled).encode())
+                await _cache_put(state, call.cache_key, json.dumps(outcome.assembled).encode())
             status = 502 if outcome.upstream_failed else (200 if outcome.saw_done else 499)
             _observe(state, call, upstream.name, status)
         finally:
-            await state.limiter.release(call.key.name, call.lease_id)
+            await _release(state, call)
 
     return ProxiedStream(events, cleanup, headers=call.headers(cache, upstream.name))

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 
 from pagoda.gateway.config import HealthConfig
 from pagoda.gateway.metrics import GatewayMetrics
 from pagoda.gateway.upstream import Upstream, UpstreamPool
 from pagoda.gateway.upstream_client import UpstreamClient
+
+logger = logging.getLogger(__name__)
 
 
 class HealthChecker:
@@ -37,7 +40,11 @@ class HealthChecker:
         upstreams = [u for pool in self.pools for u in pool.upstreams]
         results = await asyncio.gather(*(self._probe(u) for u in upstreams))
         for upstream, ok in zip(upstreams, results, strict=True):
+            was_healthy = upstream.healthy
             upstream.record_check(ok, self.config)
+            if upstream.healthy != was_healthy:
+                verdict = "healthy again" if upstream.healthy else "unhealthy, out of rotation"
+                logger.warning("upstream %s is %s", upstream.name, verdict)
         self.publish()
 
     def publish(self) -> None:

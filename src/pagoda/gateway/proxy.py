@@ -11,6 +11,7 @@ Every failed attempt counts toward the upstream's passive ejection.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +23,8 @@ from pagoda.gateway.metrics import GatewayMetrics
 from pagoda.gateway.router import Policy
 from pagoda.gateway.upstream import Upstream, UpstreamPool
 from pagoda.gateway.upstream_client import UPSTREAM_ERRORS, UpstreamClient
+
+logger = logging.getLogger(__name__)
 
 
 class UpstreamUnavailable(Exception):
@@ -84,7 +87,9 @@ class Forwarder:
         self.metrics = metrics
 
     def _failed(self, pool: UpstreamPool, upstream: Upstream) -> None:
-        pool.record_failure(upstream)
+        if pool.record_failure(upstream):
+            logger.warning("upstream %s ejected for %.0f s after consecutive failures",
+                           upstream.name, pool.health.eject_s)
         self.metrics.retries.labels(pool.name, upstream.name).inc()
 
     def _next(
