@@ -1,0 +1,194 @@
+"""The official `openai` client (sync, async, streaming) against a real `pagoda serve`."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from pagoda.sampling.params import SamplingParams
+from tests.server.conftest import chat_ids
+
+PROMPT = "The capital of France is"
+CHAT = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def oai(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=server.api_key, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def model(oai):
+    return oai.models.list().data[0].id
+
+
+def test_health_was_503_while_loading(server):
+    assert server.health_codes[0] == 503 and server.health_codes[-1] == 200
+
+
+def test_models(oai, server):
+    models = oai.models.list().data
+    assert [m.id for m in models] == ["SmolLM2-135M-Instruct"]
+    raw = httpx.get(server.url + "/v1/models", headers=server.headers).json()
+    assert raw["data"][0]["max_model_len"] == 8192
+
+
+def test_completion_greedy_matches_offline(oai, model, offline):
+    got = oai.completions.create(model=model, prompt=PROMPT, max_tokens=16, temperature=0)
+    want = offline(PROMPT, SamplingParams(max_tokens=16, temperature=0))[0]
+    assert got.choices[0].text == want
+    assert got.object == "text_completion" and got.id.startswith("cmpl-")
+    assert got.system_fingerprint and got.created > 0
+    assert got.usage.completion_tokens == 16
+    assert got.usage.prompt_tokens == len(offline.tokenizer.encode(PROMPT))
+    assert got.usage.total_tokens == got.usage.prompt_tokens + 16
+
+
+def test_prompt_forms_agree(oai, model, offline):
+    ids = offline.tokenizer.encode(PROMPT)
+    texts = [oai.completions.create(model=model, prompt=p, max_tokens=8, temperature=0)
+             .choices[0].text for p in (PROMPT, [PROMPT], ids)]
+    assert texts[0] == texts[1] == texts[2]
+
+
+def test_chat_greedy_matches_offline(oai, model, offline):
+    got = oai.chat.completions.create(model=model, messages=CHAT, max_completion_tokens=20,
+                                      temperature=0)
+    ids = chat_ids(offline.tokenizer, CHAT)
+    want = offline(ids, SamplingParams(max_tokens=20, temperature=0))[0]
+    assert got.choices[0].message.content == want
+    assert got.choices[0].message.role == "assistant"
+    assert got.object == "chat.completion" and got.id.startswith("chatcmpl-")
+    assert got.usage.prompt_tokens == len(ids)
+
+
+def test_streaming_chat_equals_non_streaming(oai, model):
+    full = oai.chat.completions.create(model=model, messages=CHAT, max_tokens=16, temperature=0)
+    stream = oai.chat.completions.create(model=model, messages=CHAT, max_tokens=16,
+                                         temperature=0, stream=True,
+                                         stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full.choices[0].message.content
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finishes[-1] == full.choices[0].finish_reason and finishes.count(None) == \
+        len(finishes) - 1
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == \
+        full.usage.completion_tokens
+    assert len({c.id for c in chunks}) == 1
+
+
+async def test_async_streaming_completion(server, offline):
+    client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=server.api_key)
+    stream = await client.completions.create(model="SmolLM2-135M-Instruct", prompt=PROMPT,
+                                             max_tokens=12, temperature=0, stream=True)
+    pieces = [chunk.choices[0].text async for chunk in stream if chunk.choices]
+    assert len(pieces) >= 2  # really streamed, not one blob
+    assert "".join(pieces) == offline(PROMPT, SamplingParams(max_tokens=12, temperature=0))[0]
+    await client.close()
+
+
+def test_n_samples(oai, model):
+    got = oai.completions.create(model=model, prompt="Once upon a time", n=3, max_tokens=10,
+                                 temperature=1.0, seed=7, extra_body={"ignore_eos": True})
+    assert sorted(c.index for c in got.choices) == [0, 1, 2]
+    assert got.usage.completion_tokens == 30
+    assert len({c.text for c in got.choices}) > 1  # distinct samples
+    stream = oai.completions.create(model=model, prompt="Once upon a time", n=3, max_tokens=10,
+                                    temperature=1.0, seed=7, stream=True,
+                                    extra_body={"ignore_eos": True})
+    texts = ["", "", ""]
+    for chunk in stream:
+        for c in chunk.choices:
+            texts[c.index] += c.text
+    assert texts == [c.text for c in sorted(got.choices, key=lambda c: c.index)]
+
+
+def test_stop_string(oai, model):
+    full = oai.completions.create(model=model, prompt=PROMPT, max_tokens=16, temperature=0)
+    text = full.choices[0].text
+    assert "." in text
+    got = oai.completions.create(model=model, prompt=PROMPT, max_tokens=16, temperature=0,
+                                 stop=["."])
+    assert got.choices[0].text == text.split(".")[0]
+    assert got.choices[0].finish_reason == "stop"
+
+
+def test_seed_reproducible(oai, model):
+    def sample(seed: int) -> str:
+        return oai.completions.create(model=model, prompt="My favourite animal is",
+                                      max_tokens=20, temperature=1.5, seed=seed,
+                                      extra_body={"ignore_eos": True}).choices[0].text
+
+    first = sample(1234)
+    assert sample(1234) == first
+    assert sample(4321) != first
+
+
+def test_completion_logprobs(oai, model):
+    got = oai.completions.create(model=model, prompt=PROMPT, max_tokens=6, temperature=0,
+                                 logprobs=3)
+    lp = got.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 6
+    assert "".join(lp.tokens) == got.choices[0].text
+    for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
+        assert logprob <= 0 and len(top) == 3
+        assert top[token] == logprob == max(top.values())  # greedy picks the most likely
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(6)]
+
+
+def test_chat_logprobs_streaming(oai, model):
+    stream = oai.chat.completions.create(model=model, messages=CHAT, max_tokens=5,
+                                         temperature=0, logprobs=True, top_logprobs=2,
+                                         stream=True)
+    entries = [e for c in stream if c.choices and c.choices[0].logprobs
+               for e in c.choices[0].logprobs.content]
+    assert len(entries) == 5
+    for e in entries:
+        assert len(e.top_logprobs) == 2 and e.top_logprobs[0].token == e.token
+        assert e.top_logprobs[0].logprob == e.logprob >= e.top_logprobs[1].logprob
+        assert bytes(e.bytes).decode() == e.token
+
+
+def test_max_tokens_and_min_tokens(oai, model):
+    got = oai.chat.completions.create(model=model, messages=CHAT, max_completion_tokens=7,
+                                      temperature=0, extra_body={"ignore_eos": True})
+    assert got.usage.completion_tokens == 7 and got.choices[0].finish_reason == "length"
+    got = oai.completions.create(model=model, prompt="Hi", max_tokens=9, temperature=0,
+                                 extra_body={"min_tokens": 9})
+    assert got.usage.completion_tokens == 9
+
+
+def test_tokenize_detokenize(server, offline):
+    with server.client() as http:
+        tok = http.post("/tokenize", json={"prompt": PROMPT}).json()
+        assert tok["tokens"] == offline.tokenizer.encode(PROMPT)
+        assert tok["count"] == len(tok["tokens"]) and tok["max_model_len"] == 8192
+        assert http.post("/detokenize", json={"tokens": tok["tokens"]}).json()["prompt"] == \
+            offline.tokenizer.decode(tok["tokens"])
+        chat = http.post("/tokenize", json={"messages": CHAT}).json()
+        assert chat["tokens"] == chat_ids(offline.tokenizer, CHAT)
+
+
+def test_api_key(server):
+    bad = openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic test-key"}):
+        r = httpx.post(server.url + "/v1/completions", json={"prompt": "x"}, headers=headers)
+        assert r.status_code == 401
+        assert r.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(server.url + "/health").status_code == 200
+    assert httpx.get(server.url + "/metrics").status_code == 200
+
+
+def test_openapi_describes_every_endpoint(server):
+    spec = httpx.get(server.url + "/openapi.json").json()
+    for path in ("/v1/models", "/v1/completions", "/v1/chat/completions", "/tokenize",
+                 "/detokenize", "/health", "/metrics", "/debug/kv"):
+        assert path in spec["paths"], path
+    schemas = spec["components"]["schemas"]
+    assert {"CompletionRequest", "ChatCompletionRequest", "ErrorResponse",
+            "ChatCompletionResponse"} <= set(schemas)
