@@ -15,7 +15,13 @@ from pagoda.gateway.config import (
 from pagoda.gateway.model_router import route_virtual
 from pagoda.gateway.rate_limit import Limits, MemoryRateLimiter
 from pagoda.gateway.response_cache import MemoryResponseCache, cache_key, is_cacheable
-from pagoda.gateway.router import LeastOutstanding, PrefixAffinity, RoundRobin, prompt_text
+from pagoda.gateway.router import (
+    LeastOutstanding,
+    PrefixAffinity,
+    RoundRobin,
+    affinity_text,
+    prompt_text,
+)
 from pagoda.gateway.sse import SSESplitter, StreamAssembler, chunks_from_response, event_data
 from pagoda.gateway.upstream import UpstreamPool
 
@@ -166,6 +172,16 @@ def test_prefix_affinity_is_sticky_and_spreads_and_falls_back():
     assert other is not owner
     owner.num_outstanding = 0
     assert policy.choose(pool.candidates(), "shared-prefix-123") is owner
+
+
+def test_affinity_text_leaves_out_the_newest_chat_message():
+    system = {"role": "system", "content": "short"}
+    a = {"messages": [system, {"role": "user", "content": "question one"}]}
+    b = {"messages": [system, {"role": "user", "content": "another question"}]}
+    assert affinity_text(a) == affinity_text(b) == "system: short\n"
+    single = {"messages": [{"role": "user", "content": "hello"}]}
+    assert affinity_text(single) == "user: hello\n"
+    assert affinity_text({"prompt": "abc"}) == "abc"
 
 
 def test_passive_ejection_and_panic_mode():

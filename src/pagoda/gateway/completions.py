@@ -27,7 +27,7 @@ from pagoda.gateway.model_router import route_virtual
 from pagoda.gateway.proxy import OpenStream, UpstreamUnavailable
 from pagoda.gateway.rate_limit import Decision, Limits
 from pagoda.gateway.response_cache import cache_key, is_cacheable
-from pagoda.gateway.router import prompt_text
+from pagoda.gateway.router import affinity_text
 from pagoda.gateway.sse import StreamAssembler, chunks_from_response
 from pagoda.gateway.state import GatewayState
 from pagoda.gateway.stream_relay import ProxiedStream, RelayOutcome, relay_events
@@ -205,7 +205,7 @@ async def _record_usage(state: GatewayState, call: Call, upstream: str, usage: A
 
 async def _forward(state: GatewayState, call: Call, upstream_body: dict[str, Any]) -> Response:
     policy = state.policies[call.pool.name]
-    text = prompt_text(call.body)
+    text = affinity_text(call.body)
     reply = await state.forwarder.send(call.pool, policy, text, call.endpoint, upstream_body)
     content = reply.content
     if reply.status == 200:
@@ -231,7 +231,7 @@ async def _forward_stream(
     state: GatewayState, call: Call, upstream_body: dict[str, Any]
 ) -> Response:
     policy = state.policies[call.pool.name]
-    text = prompt_text(call.body)
+    text = affinity_text(call.body)
     opened = await state.forwarder.open_stream(
         call.pool, policy, text, call.endpoint, upstream_body
     )

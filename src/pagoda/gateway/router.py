@@ -42,6 +42,20 @@ def prompt_text(body: dict[str, Any]) -> str:
     return prompt if isinstance(prompt, str) else str(prompt)
 
 
+def affinity_text(body: dict[str, Any]) -> str:
+    """What the prefix policy hashes (its first `prefix_chars` characters).
+
+    For chat with history, everything but the newest message: the system prompt and earlier turns
+    are what a replica's prefix cache holds, while the newest message differs per request and,
+    with a short system prompt, would otherwise fall inside the hashed window and scatter
+    requests that share their whole history. Otherwise, the rendered prompt.
+    """
+    messages = body.get("messages")
+    if isinstance(messages, list) and len(messages) >= 2:
+        return prompt_text({"messages": messages[:-1]})
+    return prompt_text(body)
+
+
 class Policy(ABC):
     @abstractmethod
     def choose(self, candidates: list[Upstream], text: str) -> Upstream: ...

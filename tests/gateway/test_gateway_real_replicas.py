@@ -1,0 +1,85 @@
+"""Two real `pagoda serve` replicas behind the gateway: prefix-aware routing keeps a shared-prefix
+workload on one replica, whose prefix cache then hits (read from the replicas' own /metrics)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.gateway.gateway_harness import GatewayServer, auth, free_port, make_config, wait_for
+
+SYSTEM = ("You are a helpful assistant for the Pagoda project. You answer questions about serving "
+          "large language models briefly and precisely, and you cite numbers when you can.")
+
+
+def prefix_counters(url: str) -> tuple[float, float]:
+    """(prefix-cache queries, hits) in tokens, from a replica's Prometheus text."""
+    text = httpx.get(url + "/metrics", timeout=10).text
+
+    def value(name: str) -> float:
+        match = re.search(rf"^pagoda:{name}_total{{[^}}]*}} (\S+)$", text, re.MULTILINE)
+        assert match, f"pagoda:{name}_total missing from {url}/metrics"
+        return float(match.group(1))
+
+    return value("prefix_cache_queries"), value("prefix_cache_hits")
+
+
+@pytest.fixture(scope="module")
+def serve_replicas():
+    pagoda = Path(sys.executable).with_name("pagoda")
+    procs, urls = [], []
+    for _ in range(2):
+        port = free_port()
+        procs.append(subprocess.Popen(
+            [str(pagoda), "serve", "--port", str(port), "--served-model-name", "m",
+             "--kv-cache-memory", str(32 << 20), "--max-num-seqs", "4", "--num-threads", "1",
+             "--log-level", "warning"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        urls.append(f"http://127.0.0.1:{port}")
+
+    def ready(url: str, proc: subprocess.Popen) -> bool:
+        assert proc.poll() is None, f"pagoda serve at {url} exited with {proc.returncode}"
+        try:
+            return httpx.get(url + "/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        for url, proc in zip(urls, procs, strict=True):
+            wait_for(lambda url=url, proc=proc: ready(url, proc), timeout=300, interval=0.5)
+        yield urls
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+@pytest.mark.slow
+def test_prefix_routing_hits_one_real_replicas_prefix_cache(serve_replicas):
+    config = make_config({"m": serve_replicas}, policy="prefix", cache={"enabled": False})
+    before = [prefix_counters(url) for url in serve_replicas]
+    with GatewayServer(config) as gw:
+        for i in range(5):
+            r = httpx.post(gw.url + "/v1/chat/completions", headers=auth(), timeout=120, json={
+                "model": "m", "max_tokens": 2, "temperature": 0,
+                "messages": [{"role": "system", "content": SYSTEM},
+                             {"role": "user", "content": f"Question number {i}: why batch?"}]})
+            assert r.status_code == 200, r.text
+            assert r.json()["model"] == "m"
+    after = [prefix_counters(url) for url in serve_replicas]
+    queries = [a[0] - b[0] for a, b in zip(after, before, strict=True)]
+    hits = [a[1] - b[1] for a, b in zip(after, before, strict=True)]
+    owner = max(range(2), key=lambda i: queries[i])
+    assert queries[1 - owner] == 0, (queries, hits)  # the other replica saw no prompt at all
+    # the shared system prompt is > 2 KV blocks (16 tokens each): requests 2..5 hit them
+    assert hits[owner] >= 4 * 32, (queries, hits)
+    assert hits[1 - owner] == 0
