@@ -1,8 +1,8 @@
 """`pagoda` command line: a thin dispatcher over subcommands that live beside their stage.
 
-Each subcommand module exposes `register(subparsers)`, which adds its parser and sets `func` (a callable
-taking the parsed args and returning an exit code). Modules are imported lazily so `pagoda --help` and
-light commands stay fast and do not pull in torch.
+Each subcommand module exposes `register(subparsers)`, which adds its parser and sets `func` (a
+callable taking the parsed args and returning an exit code). Modules are imported lazily so
+`pagoda --help` and light commands stay fast and do not pull in torch.
 """
 
 from __future__ import annotations

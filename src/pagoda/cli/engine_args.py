@@ -1,0 +1,77 @@
+"""Engine flags shared by every command that builds an engine (generate, chat, serve, bench)."""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+from pagoda.engine.config import EngineConfig
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20,
+          "mb": 1 << 20, "mib": 1 << 20, "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30}
+
+
+def parse_bytes(text: str) -> int:
+    """'1GiB', '512M', '134217728' -> bytes."""
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 512MiB, 1GiB)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--model", default=None,
+                   help="GGUF file or HF model directory (default: SmolLM2-135M-Instruct)")
+    g.add_argument("--device", default="cpu")
+    g.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    g.add_argument("--quantization", default="none",
+                   choices=["none", "int8", "int4", "gguf"])
+    g.add_argument("--kv-cache-memory", type=parse_bytes, default=1 << 30,
+                   help="bytes for the KV block pool (default 1GiB)")
+    g.add_argument("--kv-cache-dtype", default="auto",
+                   choices=["auto", "fp32", "fp16", "bf16", "int8"])
+    g.add_argument("--block-size", type=int, default=16)
+    g.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    g.add_argument("--max-num-seqs", type=int, default=64)
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--no-chunked-prefill", action="store_true")
+    g.add_argument("--no-prefix-caching", action="store_true")
+    g.add_argument("--batching", default="continuous", choices=["continuous", "static"])
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+
+def engine_config_from_args(args: argparse.Namespace, **overrides: object) -> EngineConfig:
+    values = dict(
+        model=args.model, device=args.device, dtype=args.dtype, quantization=args.quantization,
+        kv_cache_memory=args.kv_cache_memory, kv_cache_dtype=args.kv_cache_dtype,
+        block_size=args.block_size, max_num_batched_tokens=args.max_num_batched_tokens,
+        max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
+        enable_chunked_prefill=not args.no_chunked_prefill,
+        enable_prefix_caching=not args.no_prefix_caching, batching=args.batching,
+        seed=args.seed, num_threads=args.threads,
+    )
+    values.update(overrides)
+    return EngineConfig(**values)
+
+
+def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 256) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=max_tokens)
+    g.add_argument("--temperature", type=float, default=0.7)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--sample-seed", type=int, default=None, help="per-request sampling seed")
+    g.add_argument("--stop", action="append", default=[])
+
+
+def sampling_params_from_args(args: argparse.Namespace):
+    from pagoda.sampling.params import SamplingParams
+
+    return SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+        top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+        seed=args.sample_seed, stop=args.stop)

