@@ -76,8 +76,8 @@ class LLMEngine:
         self.kv_cache_config = self._kv_cache_config()
         kv = self.kv_cache_config
         device = torch.device(config.device)
-        stores = [make_kv_store(kv.kv_dtype, kv.num_tokens, cfg.num_kv_heads, cfg.head_dim,
-                                device, dtype) for _ in range(cfg.num_layers)]
+        stores = [make_kv_store(kv.kv_dtype, kv.num_blocks, kv.block_size, cfg.num_kv_heads,
+                                cfg.head_dim, device, dtype) for _ in range(cfg.num_layers)]
         salt = f"{self.loaded.path}|{kv.kv_dtype}|{config.quantization}|{config.dtype}"
         self.kv_manager = KVCacheManager(kv.num_blocks, kv.block_size,
                                          config.enable_prefix_caching, salt)

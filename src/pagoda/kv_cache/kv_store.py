@@ -1,7 +1,8 @@
 """Storage of one layer's K/V in slots (slot = block_id * block_size + offset).
 
 `KVStore` is the interface attention uses; the dtype variants differ only in how they encode.
-int8 keeps one fp32 scale per (token, kv head): symmetric absmax quantization.
+Reads gather whole blocks (block_size contiguous tokens), which copies several times faster than
+gathering token by token. int8 keeps one fp32 scale per (token, kv head): symmetric absmax.
 """
 
 from __future__ import annotations
@@ -17,25 +18,29 @@ def kv_bytes_per_element(kv_dtype: str, head_dim: int) -> float:
 
 
 class KVStore:
-    def __init__(self, num_slots: int, num_kv_heads: int, head_dim: int, device: torch.device):
-        self.num_slots = num_slots
-        self.shape = (num_slots, num_kv_heads, head_dim)
+    def __init__(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+                 device: torch.device):
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.shape = (num_blocks * block_size, num_kv_heads, head_dim)  # slot-major
         self.device = device
 
     def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise NotImplementedError
 
-    def gather(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(len(slots), n_kv, hd) K and V in the compute dtype."""
+    def gather(self, block_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of whole blocks: (len(block_ids) * block_size, n_kv, hd), compute dtype."""
         raise NotImplementedError
+
+    def _blocks(self, x: torch.Tensor) -> torch.Tensor:
+        return x.view(self.num_blocks, self.block_size, *x.shape[1:])
 
 
 class DenseKVStore(KVStore):
     """K/V kept in a float dtype; gathered values are cast back to the compute dtype."""
 
-    def __init__(self, num_slots: int, num_kv_heads: int, head_dim: int, device: torch.device,
-                 dtype: torch.dtype, compute_dtype: torch.dtype):
-        super().__init__(num_slots, num_kv_heads, head_dim, device)
+    def __init__(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+                 device: torch.device, dtype: torch.dtype, compute_dtype: torch.dtype):
+        super().__init__(num_blocks, block_size, num_kv_heads, head_dim, device)
         self.k = torch.zeros(self.shape, dtype=dtype, device=device)
         self.v = torch.zeros(self.shape, dtype=dtype, device=device)
         self.compute_dtype = compute_dtype
@@ -44,16 +49,16 @@ class DenseKVStore(KVStore):
         self.k.index_copy_(0, slots, k.to(self.k.dtype))
         self.v.index_copy_(0, slots, v.to(self.v.dtype))
 
-    def gather(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        k = self.k.index_select(0, slots)
-        v = self.v.index_select(0, slots)
+    def gather(self, block_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k = self._blocks(self.k).index_select(0, block_ids).flatten(0, 1)
+        v = self._blocks(self.v).index_select(0, block_ids).flatten(0, 1)
         return k.to(self.compute_dtype), v.to(self.compute_dtype)
 
 
 class Int8KVStore(KVStore):
-    def __init__(self, num_slots: int, num_kv_heads: int, head_dim: int, device: torch.device,
-                 compute_dtype: torch.dtype):
-        super().__init__(num_slots, num_kv_heads, head_dim, device)
+    def __init__(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+                 device: torch.device, compute_dtype: torch.dtype):
+        super().__init__(num_blocks, block_size, num_kv_heads, head_dim, device)
         self.k = torch.zeros(self.shape, dtype=torch.int8, device=device)
         self.v = torch.zeros(self.shape, dtype=torch.int8, device=device)
         self.k_scale = torch.zeros(self.shape[:2] + (1,), dtype=torch.float32, device=device)
@@ -74,17 +79,21 @@ class Int8KVStore(KVStore):
         self.k_scale.index_copy_(0, slots, sk)
         self.v_scale.index_copy_(0, slots, sv)
 
-    def gather(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        k = self.k.index_select(0, slots).float() * self.k_scale.index_select(0, slots)
-        v = self.v.index_select(0, slots).float() * self.v_scale.index_select(0, slots)
-        return k.to(self.compute_dtype), v.to(self.compute_dtype)
+    def gather(self, block_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        def read(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+            values = self._blocks(q).index_select(0, block_ids).flatten(0, 1).float()
+            return values * self._blocks(scale).index_select(0, block_ids).flatten(0, 1)
+
+        return (read(self.k, self.k_scale).to(self.compute_dtype),
+                read(self.v, self.v_scale).to(self.compute_dtype))
 
 
-def make_kv_store(kv_dtype: str, num_slots: int, num_kv_heads: int, head_dim: int,
-                  device: torch.device, compute_dtype: torch.dtype) -> KVStore:
+def make_kv_store(kv_dtype: str, num_blocks: int, block_size: int, num_kv_heads: int,
+                  head_dim: int, device: torch.device, compute_dtype: torch.dtype) -> KVStore:
     if kv_dtype == "int8":
-        return Int8KVStore(num_slots, num_kv_heads, head_dim, device, compute_dtype)
+        return Int8KVStore(num_blocks, block_size, num_kv_heads, head_dim, device, compute_dtype)
     dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     if kv_dtype not in dtypes:
         raise ValueError(f"unknown kv cache dtype {kv_dtype!r}; choose from {KV_DTYPES}")
-    return DenseKVStore(num_slots, num_kv_heads, head_dim, device, dtypes[kv_dtype], compute_dtype)
+    return DenseKVStore(num_blocks, block_size, num_kv_heads, head_dim, device, dtypes[kv_dtype],
+                        compute_dtype)

@@ -26,9 +26,9 @@ def paged_attention(
     out = torch.empty_like(q)
     num_decode = meta.num_decode
     if num_decode:
-        assert meta.decode_slots is not None
-        max_context = meta.decode_slots.shape[1]
-        kc, vc = store.gather(meta.decode_slots.view(-1))  # (D * ctx, n_kv, hd)
+        assert meta.decode_block_tables is not None
+        max_context = meta.decode_block_tables.shape[1] * meta.block_size
+        kc, vc = store.gather(meta.decode_block_tables.view(-1))  # (D * ctx, n_kv, hd)
         kc = kc.view(num_decode, max_context, *kc.shape[1:]).transpose(1, 2)
         vc = vc.view(num_decode, max_context, *vc.shape[1:]).transpose(1, 2)
         o = F.scaled_dot_product_attention(
@@ -41,8 +41,10 @@ def paged_attention(
         if span.num_cached == 0:
             ks, vs = k[span.start:end], v[span.start:end]
         else:
-            assert span.context_slots is not None
-            ks, vs = store.gather(span.context_slots)
+            assert span.context_blocks is not None
+            context = span.num_cached + span.num_tokens
+            ks, vs = store.gather(span.context_blocks)
+            ks, vs = ks[:context], vs[:context]
         ks = ks.transpose(0, 1).unsqueeze(0)  # (1, n_kv, ctx, hd)
         vs = vs.transpose(0, 1).unsqueeze(0)
         if span.num_cached == 0 and window is None:

@@ -17,25 +17,26 @@ class PrefillSpan:
     start: int  # offset of the chunk's first token in the flattened batch
     num_tokens: int
     num_cached: int  # tokens of this request already in the KV cache before the chunk
-    # (num_cached + num_tokens,) int64 slots of the whole context; None when num_cached == 0
-    context_slots: torch.Tensor | None
+    # block ids holding the whole context (num_cached + num_tokens); None when num_cached == 0
+    context_blocks: torch.Tensor | None
 
 
 @dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # (T,) int64 cache slot of each new token's K/V
     num_decode: int  # tokens [0, num_decode) are decodes: one query token each
-    decode_slots: torch.Tensor | None  # (num_decode, max_context) int64, padded with slot 0
+    decode_block_tables: torch.Tensor | None  # (num_decode, max_blocks) int64, padded with 0
     decode_context_lens: torch.Tensor | None  # (num_decode,) int64, new token included
     prefills: list[PrefillSpan]
+    block_size: int
     _masks: dict[int | None, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def decode_mask(self, window: int | None) -> torch.Tensor:
-        """(num_decode, 1, 1, max_context) bool: True where a decode query may attend."""
+        """(num_decode, 1, 1, max_blocks * block_size) bool: where a decode query may attend."""
         mask = self._masks.get(window)
         if mask is None:
-            assert self.decode_slots is not None and self.decode_context_lens is not None
-            idx = torch.arange(self.decode_slots.shape[1])
+            assert self.decode_block_tables is not None and self.decode_context_lens is not None
+            idx = torch.arange(self.decode_block_tables.shape[1] * self.block_size)
             lens = self.decode_context_lens.unsqueeze(1)
             mask = idx < lens
             if window is not None:

@@ -67,31 +67,28 @@ class ModelRunner:
             else:
                 ctx = None
                 if start > 0:
-                    ctx = torch.tensor(self._slots(r.block_ids, 0, start + n), device=self.device)
+                    num_blocks = -(-(start + n) // self.block_size)
+                    ctx = torch.tensor(r.block_ids[:num_blocks], device=self.device)
                 prefills.append(PrefillSpan(offset, n, start, ctx))
             if r.sample:
                 sample_rows.append((i, offset + n - 1))
-        decode_slots = decode_lens_t = None
+        tables_t = lens_t = None
         if decode_tables:
-            decode_slots, decode_lens_t = self._decode_slots(decode_tables, decode_lens)
+            tables_t, lens_t = self._decode_tables(decode_tables, decode_lens)
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slot_mapping, device=self.device),
             num_decode=len(decode_tables),
-            decode_slots=decode_slots,
-            decode_context_lens=decode_lens_t,
+            decode_block_tables=tables_t,
+            decode_context_lens=lens_t,
             prefills=prefills,
+            block_size=self.block_size,
         )
         return (torch.tensor(tokens, device=self.device),
                 torch.tensor(positions, device=self.device), meta, sample_rows)
 
-    def _decode_slots(self, tables: list[list[int]], lens: list[int]
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(D, max_len) slot of every context position of each decode, padded with slot 0."""
-        bs = self.block_size
-        max_len = max(lens)
-        max_blocks = -(-max_len // bs)
-        table = torch.tensor([t[:max_blocks] + [0] * (max_blocks - len(t[:max_blocks]))
-                              for t in tables])  # (D, max_blocks)
-        pos = torch.arange(max_len)
-        slots = table[:, pos // bs] * bs + pos % bs
-        return slots.to(self.device), torch.tensor(lens, device=self.device)
+    def _decode_tables(self, tables: list[list[int]], lens: list[int]
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(D, max_blocks) block tables cut to each context, padded with block 0 (masked)."""
+        max_blocks = -(-max(lens) // self.block_size)
+        rows = [t[:max_blocks] + [0] * (max_blocks - len(t[:max_blocks])) for t in tables]
+        return (torch.tensor(rows, device=self.device), torch.tensor(lens, device=self.device))
