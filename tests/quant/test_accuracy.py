@@ -96,3 +96,30 @@ def test_real_gguf_weights(gguf_source):
         assert rel_err(native(x), ref) < 0.025
         assert rel_err(Int8Linear.from_linear(lin)(x), ref) < 0.025
         assert rel_err(GroupLinear.from_linear(lin, 64)(x), ref) < 0.15
+
+
+def test_outlier_columns_are_multiplied_exactly():
+    """One token with a huge activation (SmolLM2's first token in down_proj reaches ~2000x the
+    typical row) must not flatten the other tokens: the outlier split keeps the error small,
+    and without it the per-tensor activation scale ruins the product."""
+    torch.manual_seed(3)
+    lin = _linear(torch.randn(256, 512) * 0.02)
+    x = torch.randn(32, 512)
+    x[0, 17] = 2000.0
+    ref = lin(x)
+    split = Int8Linear.from_linear(lin, outlier_ratio=8.0)
+    plain = Int8Linear.from_linear(lin, outlier_ratio=0.0)
+    others = slice(1, None)  # the rows without the outlier
+    assert rel_err(split(x)[others], ref[others]) < 0.03
+    assert rel_err(plain(x)[others], ref[others]) > 0.1
+    group = GroupLinear.from_linear(lin, 32, outlier_ratio=8.0)
+    exact = GroupLinear.from_linear(lin, 32, backend="reference")
+    assert rel_err(group(x)[others], exact(x)[others]) < 0.03
+
+
+def test_dequantize_columns_matches_full_dequantization():
+    torch.manual_seed(4)
+    lin = _linear(torch.randn(40, 128))
+    cols = torch.tensor([0, 1, 31, 32, 77, 127])
+    for m in (Int8Linear.from_linear(lin), GroupLinear.from_linear(lin, 32)):
+        assert torch.equal(m.dequantize_columns(cols), m.dequantize()[:, cols])

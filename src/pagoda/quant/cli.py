@@ -19,7 +19,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--method", "--quantization", dest="method", default="int8",
                    choices=[m for m in METHODS if m != "none"])
-    p.add_argument("--group-size", type=int, default=64, help="int4 group size (16..256)")
+    p.add_argument("--group-size", type=int, default=32, help="int4 group size (16..256)")
     p.add_argument("--skip", default="", help=f"comma-separated linear kinds to keep in full "
                    f"precision, from {','.join(LINEAR_KINDS)}")
     p.add_argument("--reduce-range", action="store_true",

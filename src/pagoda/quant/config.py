@@ -23,7 +23,7 @@ class QuantConfig:
     # Linear kinds left in full precision, e.g. ("lm_head",).
     skip: tuple[str, ...] = ()
     # int4 only: weights per (scale, offset) group along the input dimension.
-    group_size: int = 64
+    group_size: int = 32  # 32 reproduces a Q4_1 (group 32) source exactly; see docs
     # gguf only: the file whose blocks become the weights (the model's own weights are ignored).
     gguf_path: str | None = None
     # fbgemm's dynamic int8 linear multiplies uint8 activations by int8 weights in pairs that
@@ -31,10 +31,10 @@ class QuantConfig:
     # 7 bits so that cannot happen, at the cost of doubling the activation rounding error.
     # docs/quantization.md has the measurement behind the default.
     reduce_range: bool = False
+    # fbgemm path: input columns larger than this multiple of the median column are multiplied
+    # exactly in fp32 (quant_linear.py explains why); 0 disables.
+    outlier_ratio: float = 8.0
     backend: str = "auto"
-    # Group-quantized layers (int4, gguf) on the fbgemm path are requantized to per-channel int8;
-    # keep_source=True keeps the packed groups too (needed to save; costs 0.5-1 byte per weight).
-    keep_source: bool = True
     kinds: tuple[str, ...] = field(default=LINEAR_KINDS)
 
     def __post_init__(self) -> None:

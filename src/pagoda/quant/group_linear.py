@@ -31,9 +31,9 @@ def fitting_group_size(in_features: int, group_size: int) -> int:
 
 class GroupLinear(QuantLinear):
     def __init__(self, weights: GroupWeights, method: str = "int4", backend: str = "auto",
-                 reduce_range: bool = False, source: str = ""):
+                 reduce_range: bool = False, source: str = "", outlier_ratio: float = 8.0):
         out_features, in_features = weights.shape
-        super().__init__(in_features, out_features, backend, reduce_range)
+        super().__init__(in_features, out_features, backend, reduce_range, outlier_ratio)
         self.method = method  # "int4" or "gguf"
         self.group_size, self.bits = weights.group_size, weights.bits
         self.source = source  # e.g. the GGUF block types it came from, for reports
@@ -47,11 +47,11 @@ class GroupLinear(QuantLinear):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int, backend: str = "auto",
-                    reduce_range: bool = False) -> GroupLinear:
+                    reduce_range: bool = False, outlier_ratio: float = 8.0) -> GroupLinear:
         assert linear.bias is None, "the model contract has bias-free linears"
         group = fitting_group_size(linear.in_features, group_size)
         return cls(quantize_int4_groups(linear.weight.detach(), group), "int4", backend,
-                   reduce_range)
+                   reduce_range, outlier_ratio=outlier_ratio)
 
     def spec(self) -> dict[str, Any]:
         scale_dtype = str(self.scales.dtype).removeprefix("torch.")
@@ -67,10 +67,13 @@ class GroupLinear(QuantLinear):
         scales = torch.empty(n, k // g, dtype=_DTYPES[spec["scale_dtype"]])
         offsets = torch.empty_like(scales) if spec["offsets"] else None
         return cls(GroupWeights(qweight, scales, offsets, g, bits), spec["method"], backend,
-                   spec["reduce_range"], spec.get("source", ""))
+                   spec["reduce_range"], spec.get("source", ""), spec.get("outlier_ratio", 0.0))
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.weights.dequantize(dtype)
+
+    def dequantize_columns(self, cols: torch.Tensor) -> torch.Tensor:
+        return self.weights.dequantize_columns(cols)
 
     def int8_form(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.weights.to_int8_per_channel()

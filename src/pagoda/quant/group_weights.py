@@ -83,6 +83,18 @@ class GroupWeights:
             w = w + self.offsets[rows].float()[:, :, None]
         return w.view(n, k).to(dtype)
 
+    def dequantize_columns(self, cols: torch.Tensor) -> torch.Tensor:
+        """(N, len(cols)) fp32 columns, unpacking only the bytes that hold them."""
+        if self.bits == 4:
+            q = (self.qweight[:, cols // 2] >> ((cols % 2) * 4).to(torch.uint8)) & 0x0F
+        else:
+            q = self.qweight[:, cols]
+        groups = cols // self.group_size
+        w = q.float() * self.scales[:, groups].float()
+        if self.offsets is not None:
+            w = w + self.offsets[:, groups].float()
+        return w
+
     def to_int8_per_channel(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Re-round onto one symmetric int8 grid per row (what fbgemm executes).
 

@@ -15,28 +15,31 @@ class Int8Linear(QuantLinear):
     method = "int8"
 
     def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, backend: str = "auto",
-                 reduce_range: bool = False):
+                 reduce_range: bool = False, outlier_ratio: float = 8.0):
         out_features, in_features = qweight.shape
-        super().__init__(in_features, out_features, backend, reduce_range)
+        super().__init__(in_features, out_features, backend, reduce_range, outlier_ratio)
         assert qweight.dtype == torch.int8 and scale.shape == (out_features,)
         self.register_buffer("qweight", qweight)  # (N, K) int8 in -127..127
         self.register_buffer("scale", scale.float())  # (N,) fp32
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, backend: str = "auto",
-                    reduce_range: bool = False) -> Int8Linear:
+    def from_linear(cls, linear: nn.Linear, backend: str = "auto", reduce_range: bool = False,
+                    outlier_ratio: float = 8.0) -> Int8Linear:
         assert linear.bias is None, "the model contract has bias-free linears"
         q, scale = quantize_int8_per_channel(linear.weight.detach())
-        return cls(q, scale, backend, reduce_range)
+        return cls(q, scale, backend, reduce_range, outlier_ratio)
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any], backend: str = "auto") -> Int8Linear:
         n, k = spec["out_features"], spec["in_features"]
         return cls(torch.empty(n, k, dtype=torch.int8), torch.empty(n), backend,
-                   spec["reduce_range"])
+                   spec["reduce_range"], spec.get("outlier_ratio", 0.0))
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return (self.qweight.float() * self.scale[:, None]).to(dtype)
+
+    def dequantize_columns(self, cols: torch.Tensor) -> torch.Tensor:
+        return self.qweight[:, cols].float() * self.scale[:, None]
 
     def int8_form(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.qweight, self.scale

@@ -40,14 +40,18 @@ def prefill_logits(model: Any, cfg: Any, ids: list[int]) -> torch.Tensor:
     from pagoda.kv_cache.kv_store import make_kv_store
     from pagoda.layers.attention_metadata import AttentionMetadata, PrefillSpan
 
+    # Depends on the engine's KV/attention contracts (kv_store.py, attention_metadata.py).
     n = len(ids)
+    block_size = 16
+    num_blocks = -(-n // block_size)
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    stores = [make_kv_store("fp32" if dtype == torch.float32 else "bf16", n, cfg.num_kv_heads,
-                            cfg.head_dim, device, dtype) for _ in range(cfg.num_layers)]
+    kv_dtype = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    stores = [make_kv_store(kv_dtype, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim,
+                            device, dtype) for _ in range(cfg.num_layers)]
     meta = AttentionMetadata(slot_mapping=torch.arange(n, device=device), num_decode=0,
-                             decode_slots=None, decode_context_lens=None,
-                             prefills=[PrefillSpan(0, n, 0, None)])
+                             decode_block_tables=None, decode_context_lens=None,
+                             prefills=[PrefillSpan(0, n, 0, None)], block_size=block_size)
     tokens = torch.tensor(ids, device=device)
     hidden = model(tokens, torch.arange(n, device=device), stores, meta)
     return model.compute_logits(hidden).float()

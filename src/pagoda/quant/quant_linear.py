@@ -5,6 +5,12 @@ Contract shared by all subclasses:
   on CPUs with fbgemm it runs a packed kernel, elsewhere the portable dequantize + `F.linear`.
 - Quantized modules own their dtypes: `model.to(dtype)` / `.half()` move them between devices but
   never cast their buffers (a bf16 cast of the scales would silently lose precision).
+- fbgemm quantizes each call's activations with ONE scale for the whole (T, K) input. Real
+  activations break that: SmolLM2's down_proj input has a token (the first of a sequence) whose
+  largest value is ~2000x the typical row's, which flattens every other token of a prefill to a
+  few levels (perplexity 50.8 -> 87). So input columns whose magnitude exceeds `outlier_ratio`
+  times the median column go through an exact fp32 product with just those weight columns
+  (LLM.int8()-style decomposition); the rest stays int8. Single rows skip the check (decode).
 - The packed kernel form is a cache derived from the buffers, rebuilt after any move or load;
   only the buffers are saved (`spec()` describes their shapes so `from_spec` can rebuild them).
 """
@@ -23,11 +29,12 @@ class QuantLinear(nn.Module):
     method: ClassVar[str] = ""
 
     def __init__(self, in_features: int, out_features: int, backend: str = "auto",
-                 reduce_range: bool = False):
+                 reduce_range: bool = False, outlier_ratio: float = 8.0):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.backend = backend
         self.reduce_range = reduce_range
+        self.outlier_ratio = outlier_ratio  # 0 disables the outlier-column split
         self._packed: object | None = None
 
     # --- what subclasses provide -------------------------------------------------------------
@@ -39,10 +46,15 @@ class QuantLinear(nn.Module):
         """(N, K) int8 values and (N,) scales that the fbgemm path multiplies with."""
         raise NotImplementedError
 
+    def dequantize_columns(self, cols: torch.Tensor) -> torch.Tensor:
+        """(N, len(cols)) fp32 weight columns, for the exact product of outlier inputs."""
+        return self.dequantize()[:, cols]
+
     def spec(self) -> dict[str, Any]:
         """JSON-serialisable description that `from_spec` turns back into an empty module."""
         return {"method": self.method, "in_features": self.in_features,
-                "out_features": self.out_features, "reduce_range": self.reduce_range}
+                "out_features": self.out_features, "reduce_range": self.reduce_range,
+                "outlier_ratio": self.outlier_ratio}
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any], backend: str = "auto") -> QuantLinear:
@@ -53,6 +65,14 @@ class QuantLinear(nn.Module):
         return pack_int8(*self.int8_form())
 
     def run_packed(self, x: torch.Tensor, packed: object) -> torch.Tensor:
+        if self.outlier_ratio > 0 and x.shape[0] > 1:
+            col_max = x.abs().amax(dim=0)  # (K,)
+            cols = torch.nonzero(col_max > self.outlier_ratio * col_max.median()).flatten()
+            if cols.numel():
+                inliers = x.index_fill(1, cols, 0.0)
+                y = int8_linear_fbgemm(inliers, packed, self.reduce_range)
+                outliers = x[:, cols].float() @ self.dequantize_columns(cols).T
+                return y + outliers.to(y.dtype)
         return int8_linear_fbgemm(x, packed, self.reduce_range)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

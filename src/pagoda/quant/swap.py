@@ -54,10 +54,11 @@ def _quantize_linear(name: str, linear: nn.Linear, config: QuantConfig,
         raise ValueError(f"{name}: weights are on the meta device; load them before quantizing")
     kind = linear_kind(name)
     if config.method == "int8":
-        return Int8Linear.from_linear(linear, config.backend, config.reduce_range)
+        return Int8Linear.from_linear(linear, config.backend, config.reduce_range,
+                                      config.outlier_ratio)
     if config.method == "int4":
         return GroupLinear.from_linear(linear, config.group_size, config.backend,
-                                       config.reduce_range)
+                                       config.reduce_range, config.outlier_ratio)
     if config.method in ("fp16", "bf16"):
         return HalfLinear.from_linear(linear, config.method, config.backend)
     assert source is not None
@@ -65,7 +66,8 @@ def _quantize_linear(name: str, linear: nn.Linear, config: QuantConfig,
     expected = (linear.out_features, linear.in_features)
     if weights.shape != expected:
         raise ValueError(f"{name}: GGUF gives {weights.shape}, the model has {expected}")
-    return GroupLinear(weights, "gguf", config.backend, config.reduce_range, source=qtypes)
+    return GroupLinear(weights, "gguf", config.backend, config.reduce_range, source=qtypes,
+                       outlier_ratio=config.outlier_ratio)
 
 
 def quantized_modules(model: nn.Module) -> dict[str, QuantLinear]:
