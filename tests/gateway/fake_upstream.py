@@ -4,7 +4,8 @@ Run as `python tests/gateway/fake_upstream.py --port P --name r1`. It answers `/
 `/v1/chat/completions` (JSON or SSE) with deterministic text naming itself and a per-replica serial
 number, reports `usage`, serves `/health` and an echoing `/v1/ws`, and can be steered by tests:
 
-- `POST /control` with any of `healthy`, `fail_next`, `fail_mode`, `delay_s`, `chunk_delay_s`;
+- `POST /control` with any of `healthy`, `fail_next`, `fail_mode`, `delay_s`, `chunk_delay_s`,
+  `linger_s` (seconds a stream stays open after `[DONE]`);
   `fail_mode` is "500" or "400" (that HTTP status), "early" (200 headers, then the connection
   drops before any body byte) or "midstream" (drops after two chunks).
 - `GET /stats` reports counters: requests, completed, cancelled (streams whose client vanished),
@@ -34,6 +35,7 @@ class Behaviour:
     fail_mode: str = "500"
     delay_s: float = 0.0
     chunk_delay_s: float = 0.0
+    linger_s: float = 0.0  # keep a stream open this long after [DONE]
 
 
 @dataclass
@@ -151,6 +153,8 @@ def create_fake_app(name: str) -> FastAPI:
             yield "data: [DONE]\n\n"
             finished = True
             stats.completed += 1
+            if behaviour.linger_s:
+                await asyncio.sleep(behaviour.linger_s)
         finally:
             stats.active -= 1
             if not finished and not mode:

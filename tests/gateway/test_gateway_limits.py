@@ -91,6 +91,24 @@ async def test_max_concurrent(replicas, request, backend):
             assert ok.status_code == 200
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_back_to_back_streams_within_max_concurrent_are_admitted(replicas, request, backend):
+    # a stream's slot is free once its client has read [DONE], even while the upstream (here
+    # lingering 1 s after [DONE]) has not closed the stream yet
+    replicas[0].control(linger_s=1.0)
+    with gateway(replicas, request, backend, alice={"max_concurrent": 1}) as gw:
+        for _ in range(2):
+            with httpx.stream("POST", gw.url + "/v1/completions", headers=auth(), json={
+                    "model": "m", "prompt": "x", "max_tokens": 3, "stream": True}) as r:
+                assert r.status_code == 200
+                lines = r.iter_lines()  # held, not broken out of: that would close the stream
+                while next(lines) != "data: [DONE]":
+                    pass
+                r2 = post(gw.url)  # while the first stream is still open
+                assert r2.status_code == 200, r2.text
+                assert list(lines) == [""]  # the stream then ends normally
+
+
 async def test_two_gateways_share_limits_and_cache_through_redis(replicas, redis_url):
     config = make_config({"m": [replicas[0].url]}, alice={"requests_per_minute": 6})
     with GatewayServer(config, redis_url) as a, GatewayServer(config, redis_url) as b:

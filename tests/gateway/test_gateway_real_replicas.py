@@ -3,6 +3,7 @@ workload on one replica, whose prefix cache then hits (read from the replicas' o
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from websockets.sync.client import connect as ws_connect
 
 from tests.gateway.gateway_harness import GatewayServer, auth, free_port, make_config, wait_for
 
@@ -83,3 +85,32 @@ def test_prefix_routing_hits_one_real_replicas_prefix_cache(serve_replicas):
     # the shared system prompt is > 2 KV blocks (16 tokens each): requests 2..5 hit them
     assert hits[owner] >= 4 * 32, (queries, hits)
     assert hits[1 - owner] == 0
+
+
+@pytest.mark.slow
+def test_websocket_and_sse_through_the_gateway_to_a_real_replica(serve_replicas):
+    config = make_config({"m": serve_replicas[:1]}, cache={"enabled": False})
+    with GatewayServer(config) as gw:
+        ws_url = gw.url.replace("http", "ws") + "/v1/ws?model=m"
+        with ws_connect(ws_url, additional_headers=auth()) as ws:
+            ws.send(json.dumps({"type": "completion", "id": "a", "model": "m",
+                                "prompt": "The capital of France is", "max_tokens": 3}))
+            kinds = []
+            while not kinds or kinds[-1] not in ("done", "error"):
+                message = json.loads(ws.recv(timeout=120))
+                assert message["id"] == "a"
+                kinds.append(message["type"])
+        assert kinds[0] == "start" and kinds[-1] == "done" and "delta" in kinds
+        with httpx.stream("POST", gw.url + "/v1/completions", headers=auth(), timeout=120,
+                          json={"model": "m", "prompt": "Once upon a time", "max_tokens": 4,
+                                "stream": True}) as r:
+            assert r.status_code == 200
+            lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+        assert lines[-1] == "data: [DONE]"
+        assert all("usage" not in json.loads(line[6:]) or json.loads(line[6:])["usage"] is None
+                   for line in lines[:-1])  # the usage chunk the gateway asked for was dropped
+        tokens = gw.state.metrics.registry.get_sample_value(
+            "pagoda:gateway_tokens_total",
+            {"key": "alice", "model": "m", "upstream": serve_replicas[0][7:],
+             "kind": "completion"})
+        assert tokens == 4  # counted from the SSE stream's usage chunk

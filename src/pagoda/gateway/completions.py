@@ -3,8 +3,9 @@
 authenticate -> parse -> resolve model (virtual -> pool) -> admit (rate limits) -> cache lookup ->
 forward (with retries) -> record usage, cache, metrics -> answer.
 
-Invariant: every admitted request releases its in-flight lease exactly once — in `finally` for
-complete answers, in the stream's cleanup for streams (which runs even if the client vanished).
+Invariant: every admitted request releases its in-flight lease — in `finally` for complete
+answers; for streams when the upstream's `[DONE]` arrives and again (a no-op then: release is
+idempotent) in the stream's cleanup, which runs even if the client vanished.
 """
 
 from __future__ import annotations
@@ -243,20 +244,25 @@ async def _forward_stream(
     outcome = RelayOutcome()
     assembler = StreamAssembler(chat=call.chat) if call.cache_key is not None else None
     options = call.body.get("stream_options") or {}
+    upstream = opened.upstream
+
+    async def on_usage(usage: dict[str, Any]) -> None:
+        await _record_usage(state, call, upstream.name, usage)
+
+    async def on_complete(body: dict[str, Any]) -> None:
+        await _cache_put(state, call.cache_key, json.dumps(body).encode())
+
     events = relay_events(
         opened, outcome, wants_usage=bool(options.get("include_usage")),
         public_model=call.public_model, assembler=assembler,
+        on_usage=on_usage, on_complete=on_complete, on_done=lambda: _release(state, call),
     )
-    upstream = opened.upstream
 
     async def cleanup() -> None:
         try:
             await opened.close()
             if outcome.upstream_failed:
                 call.pool.record_failure(upstream)
-            await _record_usage(state, call, upstream.name, outcome.usage)
-            if outcome.assembled is not None and call.cache_key is not None:
-                await _cache_put(state, call.cache_key, json.dumps(outcome.assembled).encode())
             status = 502 if outcome.upstream_failed else (200 if outcome.saw_done else 499)
             _observe(state, call, upstream.name, status)
         finally:

@@ -31,9 +31,15 @@ class RelayOutcome:
     """What the relay saw; read by the cleanup after the stream ends, however it ended."""
 
     usage: dict[str, Any] | None = None
+    usage_recorded: bool = False
     saw_done: bool = False
+    done_notified: bool = False
     upstream_failed: bool = False
     assembled: dict[str, Any] | None = field(default=None)
+
+
+OnUsage = Callable[[dict[str, Any]], Awaitable[None]]
+OnComplete = Callable[[dict[str, Any]], Awaitable[None]]
 
 
 async def relay_events(
@@ -43,8 +49,17 @@ async def relay_events(
     wants_usage: bool,
     public_model: str | None,
     assembler: StreamAssembler | None,
+    on_usage: OnUsage,
+    on_complete: OnComplete,
+    on_done: Callable[[], Awaitable[None]],
 ) -> AsyncIterator[bytes]:
-    """Yield the client's bytes. `public_model`, if set, replaces every chunk's `model`."""
+    """Yield the client's bytes. `public_model`, if set, replaces every chunk's `model`.
+
+    `on_usage` (token accounting), `on_complete` (the assembled answer, for the cache) and
+    `on_done` (the upstream sent `[DONE]`: release the concurrency slot) run *before* the bytes
+    that carried them are forwarded, so once a client has read `[DONE]`, its tokens are counted,
+    its answer is cached and its slot is free: its next request sees all three.
+    """
     splitter = SSESplitter()
     try:
         async for data in stream.chunks():
@@ -53,6 +68,16 @@ async def relay_events(
                 _pass(event, outcome, wants_usage, public_model, assembler)
                 for event in splitter.feed(data)
             )
+            if outcome.usage is not None and not outcome.usage_recorded:
+                outcome.usage_recorded = True
+                await on_usage(outcome.usage)
+            if outcome.saw_done and assembler is not None and outcome.assembled is None:
+                if assembler.complete:
+                    outcome.assembled = assembler.body()
+                    await on_complete(outcome.assembled)
+            if outcome.saw_done and not outcome.done_notified:
+                outcome.done_notified = True
+                await on_done()
             if out:
                 yield out
         if splitter.rest().strip():
@@ -62,9 +87,6 @@ async def relay_events(
         outcome.upstream_failed = True
         message = f"upstream {stream.upstream.name} failed mid-stream: {type(exc).__name__}"
         yield encode_event(error_body(message, "upstream_error", "upstream_failed"))
-        return
-    if assembler is not None and outcome.saw_done and assembler.complete:
-        outcome.assembled = assembler.body()
 
 
 def _pass(
