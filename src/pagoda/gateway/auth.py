@@ -21,6 +21,9 @@ from pagoda.gateway.config import KeyConfig
 
 DEFAULT_ITERATIONS = 100_000
 _MEMO_SIZE = 4096
+# Unknown tokens cost a PBKDF2 per configured key; at most this many such checks run at once, so
+# a flood of made-up keys can take at most this many CPU threads from the gateway.
+_MAX_CONCURRENT_CHECKS = 2
 
 
 def hash_key(key: str, *, salt: bytes | None = None, iterations: int = DEFAULT_ITERATIONS) -> str:
@@ -57,6 +60,7 @@ class KeyStore:
         # fingerprint -> matched key name ("" for no match), least recently used first
         self._memo: OrderedDict[bytes, str] = OrderedDict()
         self._lock = threading.Lock()
+        self._checks: asyncio.Semaphore | None = None  # created inside the event loop
 
     def _fingerprint(self, token: str) -> bytes:
         return hmac.new(self._memo_secret, token.encode(), hashlib.sha256).digest()
@@ -92,4 +96,7 @@ class KeyStore:
                 self._memo.move_to_end(self._fingerprint(token))
         if name is not None:
             return self._by_name(name)
-        return await asyncio.to_thread(self.authenticate, token)
+        if self._checks is None:
+            self._checks = asyncio.Semaphore(_MAX_CONCURRENT_CHECKS)
+        async with self._checks:
+            return await asyncio.to_thread(self.authenticate, token)
