@@ -8,7 +8,7 @@ number, reports `usage`, serves `/health` and an echoing `/v1/ws`, and can be st
   `linger_s` (seconds a stream stays open after `[DONE]`);
   `fail_mode` is "500" or "400" (that HTTP status), "early" (200 headers, then the connection
   drops before any body byte) or "midstream" (drops after two chunks).
-- `GET /stats` reports counters: requests, completed, cancelled (streams whose client vanished),
+- `GET /stats` reports counters: requests, completed, cancelled (requests whose client vanished),
   active, and the prompts and models seen.
 - `POST /reset` restores defaults and zeroes counters.
 
@@ -106,7 +106,15 @@ def create_fake_app(name: str) -> FastAPI:
             if behaviour.fail_mode in ("500", "400"):
                 status = int(behaviour.fail_mode)
                 return JSONResponse({"error": {"message": "injected"}}, status_code=status)
-        if behaviour.delay_s:
+        if behaviour.delay_s and not body.get("stream"):
+            # like a real server: stop working on a request whose client has gone
+            deadline = time.monotonic() + behaviour.delay_s
+            while time.monotonic() < deadline:
+                if await request.is_disconnected():
+                    stats.cancelled += 1
+                    return JSONResponse({}, status_code=499)
+                await asyncio.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+        elif behaviour.delay_s:
             await asyncio.sleep(behaviour.delay_s)
         n = body.get("max_tokens") or 8
         pieces = [f"[{name}#{serial}]"] + [f" w{i}" for i in range(1, n)]

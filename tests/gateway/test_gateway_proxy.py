@@ -147,3 +147,18 @@ def test_client_disconnect_cancels_upstream_stream(replicas):
         stats = replicas[0].stats()
         assert stats["active"] == 0 and stats["completed"] == 0
         wait_for(lambda: gw.state.pools["m"].upstreams[0].num_outstanding == 0, timeout=5)
+
+
+def test_client_disconnect_cancels_a_non_streaming_request_upstream(replicas):
+    replicas[0].control(delay_s=30)
+    with GatewayServer(make_config({"m": [replicas[0].url]})) as gw:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(gw.url + "/v1/completions", headers=auth(), timeout=1.0,
+                       json={"model": "m", "prompt": "p", "max_tokens": 4})
+        wait_for(lambda: replicas[0].stats()["cancelled"] == 1, timeout=5)
+        assert replicas[0].stats()["completed"] == 0
+        upstream = gw.state.pools["m"].upstreams[0]
+        wait_for(lambda: upstream.num_outstanding == 0, timeout=5)
+        wait_for(lambda: gw.state.metrics.registry.get_sample_value(
+            "pagoda:gateway_requests_total",
+            {"key": "alice", "model": "m", "upstream": "none", "status": "499"}) == 1, timeout=5)

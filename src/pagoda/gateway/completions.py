@@ -3,6 +3,9 @@
 authenticate -> parse -> resolve model (virtual -> pool) -> admit (rate limits) -> cache lookup ->
 forward (with retries) -> record usage, cache, metrics -> answer.
 
+A client that disconnects cancels its request, streaming or not: the gateway closes the upstream
+connection, which is how the upstream learns to stop generating.
+
 Invariant: every admitted request releases its in-flight lease — in `finally` for complete
 answers; for streams when the upstream's `[DONE]` arrives and again (a no-op then: release is
 idempotent) in the stream's cleanup, which runs even if the client vanished.
@@ -10,10 +13,13 @@ idempotent) in the stream's cleanup, which runs even if the client vanished.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import time
 import uuid
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any
 
@@ -140,7 +146,11 @@ async def serve_completion(state: GatewayState, request: Request, endpoint: str)
             response = await _forward_stream(state, call, upstream_body)
             streaming = isinstance(response, ProxiedStream)  # it now owns the lease
             return response
-        return await _forward(state, call, upstream_body)
+        answer = await _unless_client_leaves(request, _forward(state, call, upstream_body))
+        if answer is None:  # nobody to answer; the upstream saw its connection drop
+            _observe(state, call, "none", 499)
+            return Response(status_code=499)
+        return answer
     except UpstreamUnavailable as exc:
         _observe(state, call, "none", 502)
         message = f"No upstream of `{call.pool.name}` could answer: {exc.detail}"
@@ -148,6 +158,32 @@ async def serve_completion(state: GatewayState, request: Request, endpoint: str)
     finally:
         if not streaming:
             await _release(state, call)
+
+
+async def _unless_client_leaves(request: Request, work: Awaitable[Response]) -> Response | None:
+    """Await `work`, unless the client disconnects first: then cancel it — which closes the
+    upstream connection, telling the upstream to stop generating — and return None."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        gone.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return None
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client goes away (the request body has already been read)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _release(state: GatewayState, call: Call) -> None:
