@@ -44,6 +44,7 @@ class Stats:
     completed: int = 0
     cancelled: int = 0
     active: int = 0
+    ws_closed: int = 0  # WebSocket sessions that ended because the other side went away
     prompts: list[str] = field(default_factory=list)
     models: list[str] = field(default_factory=list)
 
@@ -187,7 +188,7 @@ def create_fake_app(name: str) -> FastAPI:
                          "usage": {"prompt_tokens": 1, "completion_tokens": 1}}
                 await websocket.send_text(json.dumps(reply))
         except WebSocketDisconnect:
-            return
+            stats.ws_closed += 1
 
     return app
 

@@ -128,6 +128,8 @@ def test_websocket_passes_through(replicas):
         with ws_connect(ws_url + f"&api_key={KEY_ALICE}") as ws:  # browsers: key in the query
             ws.send("q")
             assert "api_key" not in json.loads(ws.recv(timeout=5))["query"]
+        # each client that left closed its upstream session too
+        wait_for(lambda: replicas[0].stats()["ws_closed"] == 2, timeout=5)
         with pytest.raises(InvalidStatus), ws_connect(ws_url) as ws:
             ws.send("x")
             ws.recv(timeout=5)
