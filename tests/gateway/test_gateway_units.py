@@ -22,7 +22,13 @@ from pagoda.gateway.router import (
     affinity_text,
     prompt_text,
 )
-from pagoda.gateway.sse import SSESplitter, StreamAssembler, chunks_from_response, event_data
+from pagoda.gateway.sse import (
+    SSESplitter,
+    StreamAssembler,
+    can_rechunk,
+    chunks_from_response,
+    event_data,
+)
 from pagoda.gateway.upstream import UpstreamPool
 
 
@@ -112,6 +118,17 @@ def test_assembler_and_chunks_round_trip():
     for event in events[:-1]:
         assembler.add(json.loads(event_data(event)))
     assert assembler.body() == plain
+
+
+def test_only_text_answers_can_be_rechunked():
+    text = {"choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"},
+                         "logprobs": None}]}
+    assert can_rechunk(text)
+    tool = {"choices": [{"index": 0, "message": {"role": "assistant", "content": None,
+                                                 "tool_calls": [{"id": "t1"}]}}]}
+    assert not can_rechunk(tool)
+    assert not can_rechunk({"choices": [{"index": 0, "text": "x", "logprobs": {"tokens": []}}]})
+    assert not can_rechunk({"error": {}})
 
 
 def test_assembler_refuses_tool_calls():

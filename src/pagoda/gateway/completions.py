@@ -35,7 +35,7 @@ from pagoda.gateway.proxy import OpenStream, UpstreamUnavailable
 from pagoda.gateway.rate_limit import Decision, Limits
 from pagoda.gateway.response_cache import cache_key, is_cacheable
 from pagoda.gateway.router import affinity_text
-from pagoda.gateway.sse import StreamAssembler, chunks_from_response
+from pagoda.gateway.sse import StreamAssembler, can_rechunk, chunks_from_response
 from pagoda.gateway.state import GatewayState
 from pagoda.gateway.stream_relay import ProxiedStream, RelayOutcome, relay_events
 from pagoda.gateway.upstream import UpstreamPool
@@ -255,7 +255,7 @@ async def _forward(state: GatewayState, call: Call, upstream_body: dict[str, Any
             if call.public_model is not None and payload.get("model") != call.public_model:
                 payload["model"] = call.public_model
                 content = json.dumps(payload).encode()
-            if call.cache_key is not None:
+            if call.cache_key is not None and can_rechunk(payload):
                 await _cache_put(state, call.cache_key, content)
     _observe(state, call, reply.upstream.name, reply.status)
     cache = "miss" if call.cache_key is not None else "bypass"

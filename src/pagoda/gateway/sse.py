@@ -111,6 +111,16 @@ class StreamAssembler:
         return body
 
 
+def can_rechunk(body: dict[str, Any]) -> bool:
+    """Whether `chunks_from_response` reproduces `body` faithfully (text only: no tool calls, no
+    log-probs). The cache stores only such bodies, so a streaming hit never loses anything."""
+    for choice in body.get("choices") or []:
+        message = choice.get("message") or {}
+        if choice.get("logprobs") or message.get("tool_calls") or message.get("function_call"):
+            return False
+    return isinstance(body.get("choices"), list)
+
+
 def chunks_from_response(body: dict[str, Any], chat: bool, include_usage: bool) -> list[bytes]:
     """SSE events (ending with [DONE]) that stream the stored non-streaming `body`."""
     head = {k: body[k] for k in ("id", "created", "model", "system_fingerprint") if k in body}
