@@ -42,14 +42,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     q.add_argument("--gen-tokens", type=int, default=32, help="greedy tokens per prompt")
     q.add_argument("--concurrency", type=int, default=32)
     q.add_argument("--decode-tokens", type=int, default=64)
+    q.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     q.add_argument("--out", default="eval_quality.md", help="markdown table (+ .json beside it)")
     q.set_defaults(func=run)
     p.set_defaults(func=lambda args: p.print_help() or 2)
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from pagoda.quant.quality import PROMPTS, load_eval_text
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     precisions = ["none"] + [p for p in args.precisions.split(",") if p and p != "none"]
     unknown = [p for p in precisions if p not in METHODS]
     if unknown:

@@ -5,6 +5,9 @@ The buffers hold a `GroupWeights` exactly (the source of truth that is saved). E
   fbgemm's dynamic linear has one scale per output row and cannot apply a scale per group. This
   costs one extra rounding of at most max|row|/254 per weight and one byte per weight of packed
   memory next to the 0.5-1 byte per weight of the groups (docs/quantization.md measures both).
+- AVX2 kernel (x86 CPU, 4-bit groups of 32 with offsets, at most `MAX_ROWS` rows: decode):
+  reads the groups directly (0.75 byte per weight) without re-rounding; see `int4_kernel`.
+  Off unless `use_int4_kernel(True)` was called, since its first use compiles C++.
 - reference path (any device): dequantize the groups exactly and multiply.
 """
 
@@ -15,8 +18,18 @@ from typing import Any
 import torch
 from torch import nn
 
+from pagoda.quant import int4_kernel
 from pagoda.quant.group_weights import GroupWeights, quantize_int4_groups
+from pagoda.quant.kernels import use_fbgemm
 from pagoda.quant.quant_linear import QuantLinear
+
+_KERNEL = {"enabled": False}
+
+
+def use_int4_kernel(enabled: bool) -> bool:
+    """Opt in to the compiled AVX2 kernel for 4-bit decode rows; returns whether it is usable."""
+    _KERNEL["enabled"] = enabled and int4_kernel.available()
+    return _KERNEL["enabled"]
 
 _DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
@@ -40,6 +53,22 @@ class GroupLinear(QuantLinear):
         self.register_buffer("qweight", weights.qweight)
         self.register_buffer("scales", weights.scales)
         self.register_buffer("offsets", weights.offsets)
+        self._kernel_args: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def invalidate(self) -> None:
+        super().invalidate()
+        self._kernel_args = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (_KERNEL["enabled"] and x.shape[0] <= int4_kernel.MAX_ROWS and self.bits == 4
+                and self.group_size == int4_kernel.GROUP and self.offsets is not None
+                and use_fbgemm(x, self.backend)):
+            if self._kernel_args is None:  # fp32 copies: 8 bytes per 32 weights
+                self._kernel_args = (self.scales.float().contiguous(),
+                                     self.offsets.float().contiguous())
+            y = int4_kernel.int4_group32_mm(x.float(), self.qweight, *self._kernel_args)
+            return y.to(x.dtype)
+        return super().forward(x)
 
     @property
     def weights(self) -> GroupWeights:

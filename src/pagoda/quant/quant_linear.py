@@ -107,11 +107,15 @@ class QuantLinear(nn.Module):
                 continue
             self._buffers[name] = (torch.empty_like(buf, device=target) if buf.is_meta
                                    else buf.to(target))
-        self._packed = None
+        self.invalidate()
         return self
 
-    def _load_from_state_dict(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+    def invalidate(self) -> None:
+        """Drop every cache derived from the buffers (subclasses add theirs)."""
         self._packed = None
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        self.invalidate()
         super()._load_from_state_dict(*args, **kwargs)
 
     def extra_repr(self) -> str:
