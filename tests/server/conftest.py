@@ -21,19 +21,25 @@ def server():
 
 @pytest.fixture(scope="session")
 def offline(make_engine):
-    """`offline(prompt_or_ids, params) -> text`: the engine run directly, no server."""
+    """`offline(prompts, params) -> texts`: the engine run directly, no server.
+
+    `prompts` is one prompt (text or ids; returns its n sample texts) or a list of text prompts
+    run as one batch (returns the first sample text of each)."""
     engine = make_engine(kv_cache_memory=KV_CACHE_MEMORY)
     counter = iter(range(1_000_000))
 
-    def generate(prompt: str | list[int], params: SamplingParams) -> list[str]:
-        req_id = f"offline-{next(counter)}"
-        engine.add_request(req_id, prompt, params)
-        texts = [""] * params.n
+    def generate(prompts: str | list[int] | list[str], params: SamplingParams) -> list[str]:
+        batch = isinstance(prompts, list) and prompts and isinstance(prompts[0], str)
+        req_ids = []
+        for prompt in (prompts if batch else [prompts]):
+            req_ids.append(f"offline-{next(counter)}")
+            engine.add_request(req_ids[-1], prompt, params)
+        texts = {r: [""] * params.n for r in req_ids}
         while engine.has_unfinished_requests():
             for out in engine.step():
                 for o in out.outputs:
-                    texts[o.index] += o.text
-        return texts
+                    texts[out.req_id][o.index] += o.text
+        return [texts[r][0] for r in req_ids] if batch else texts[req_ids[0]]
 
     generate.tokenizer = engine.tokenizer
     return generate

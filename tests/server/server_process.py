@@ -64,7 +64,8 @@ class ServerProcess:
         raise TimeoutError("pagoda serve did not become healthy:\n" + self.log_tail())
 
     def client(self, **kwargs) -> httpx.Client:
-        return httpx.Client(base_url=self.url, headers=self.headers, timeout=120, **kwargs)
+        kwargs.setdefault("timeout", 120)
+        return httpx.Client(base_url=self.url, headers=self.headers, **kwargs)
 
     def kv(self) -> dict:
         return httpx.get(self.url + "/debug/kv", headers=self.headers, timeout=30).json()

@@ -148,21 +148,27 @@ class EngineClient:
         """Delta outputs of one request; closing the iterator early aborts it."""
         llm = self.require_llm()
         last = None
+        finished = False
         try:
             async for out in llm.generate(prompt_ids, params, req_id,
                                           self.config.request_timeout):
                 ticket.release()
                 now = time.monotonic()
-                if last is not None:
+                if last is None:
+                    self.metrics.observe_first_output(out.metrics)
+                else:
                     num_new = max((len(o.token_ids) for o in out.outputs), default=0)
                     self.metrics.observe_itl(now - last, num_new)
                 last = now
                 if out.finished:
+                    finished = True
                     self.metrics.observe_finished(
                         out.metrics, [o.finish_reason for o in out.outputs if o.finish_reason])
                 yield out
         finally:
             ticket.release()
+            if not finished:  # the consumer left: AsyncLLM aborts the request
+                self.metrics.observe_finished(None, ["abort"])
 
     async def complete(self, outputs: AsyncIterator[RequestOutput]) -> Completed:
         """Drain a request; raises APIError (504 on timeout, 500 on engine errors)."""

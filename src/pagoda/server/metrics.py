@@ -88,17 +88,20 @@ class ServerMetrics:
             for _ in range(num_tokens):
                 child.observe(per_token)
 
-    def observe_finished(self, metrics: RequestMetrics | None, reasons: list[str]) -> None:
-        name = self.model_name()
-        for reason in reasons:
-            self.success.labels(name, reason).inc()
+    def observe_first_output(self, metrics: RequestMetrics | None) -> None:
         if metrics is None:
             return
+        name = self.model_name()
         if metrics.first_token_time is not None:
             self.ttft.labels(name).observe(metrics.first_token_time - metrics.arrival_time)
         if metrics.first_scheduled_time is not None:
             self.queue.labels(name).observe(metrics.first_scheduled_time - metrics.arrival_time)
-        if metrics.finished_time is not None:
+
+    def observe_finished(self, metrics: RequestMetrics | None, reasons: list[str]) -> None:
+        name = self.model_name()
+        for reason in reasons:
+            self.success.labels(name, reason).inc()
+        if metrics is not None and metrics.finished_time is not None:
             self.e2e.labels(name).observe(metrics.finished_time - metrics.arrival_time)
 
     def render(self) -> bytes:

@@ -1,0 +1,137 @@
+"""Bad input gets a 4xx in OpenAI's error shape and never hurts the server."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+COMPLETIONS = "/v1/completions"
+CHAT = "/v1/chat/completions"
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+def assert_error(r: httpx.Response, status: int, param: str | None = None) -> dict:
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error"}
+    error = body["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    if param is not None:
+        assert error["param"] == param, error
+    return error
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with server.client() as client:
+        yield client
+
+
+def test_malformed_json(http):
+    for body in (b'{"prompt": ', b"not json", b"", b"[1, 2"):
+        r = http.post(COMPLETIONS, content=body, headers={"Content-Type": "application/json"})
+        assert_error(r, 400)
+
+
+def test_invalid_utf8(http):
+    r = http.post(COMPLETIONS, content=b'{"prompt": "\xff\xfe caf\xc3"}',
+                  headers={"Content-Type": "application/json"})
+    assert_error(r, 400)
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"prompt": "x", "temperature": "hot"}, "temperature"),
+    ({"prompt": "x", "max_tokens": "many"}, "max_tokens"),
+    ({"prompt": 42}, "prompt"),
+    ({"prompt": "x", "stop": 3}, "stop"),
+    ({"prompt": "x", "logprobs": 99}, "logprobs"),
+    ({"prompt": "x", "seed": -1}, "seed"),
+    ({"prompt": "x", "seed": 2 ** 70}, "seed"),
+    ({"prompt": "x", "stream": "yes please"}, "stream"),
+    ({}, "prompt"),
+])
+def test_wrong_types_are_400_not_422(http, body, param):
+    error = assert_error(http.post(COMPLETIONS, json=body), 400)
+    assert error["param"] is not None and error["param"].startswith(param), error
+
+
+@pytest.mark.parametrize("field,value", [
+    ("temperature", -1), ("temperature", 1e9), ("top_p", 0), ("top_p", 1.5), ("top_k", -5),
+    ("min_p", 2), ("max_tokens", 0), ("max_tokens", -5), ("n", 0), ("n", 10 ** 9),
+    ("presence_penalty", 9), ("frequency_penalty", -9), ("repetition_penalty", 0),
+    ("min_tokens", -1), ("stop_token_ids", [-3]),
+])
+def test_out_of_range_parameters(http, field, value):
+    assert_error(http.post(COMPLETIONS, json={"prompt": "x", field: value}), 400, field)
+
+
+def test_chat_specific_parameters(http):
+    assert_error(http.post(CHAT, json={"messages": MESSAGES, "top_logprobs": 50}), 400,
+                 "top_logprobs")
+    assert_error(http.post(CHAT, json={"messages": MESSAGES, "top_logprobs": 2}), 400,
+                 "top_logprobs")  # without logprobs=true
+    assert_error(http.post(CHAT, json={"messages": MESSAGES, "max_completion_tokens": 0}), 400,
+                 "max_completion_tokens")
+    assert_error(http.post(CHAT, json={"messages": [{"role": "wizard", "content": "x"}]}), 400)
+
+
+def test_empty_prompt_and_messages(http):
+    for prompt in ("", [], [""], [[]]):
+        assert_error(http.post(COMPLETIONS, json={"prompt": prompt}), 400, "prompt")
+    assert_error(http.post(COMPLETIONS, json={"prompt": ["a", "b"]}), 400, "prompt")
+    assert_error(http.post(CHAT, json={"messages": []}), 400, "messages")
+    assert_error(http.post(CHAT, json={"messages": [{"role": "user", "content": ""}]}), 400,
+                 "messages")
+
+
+def test_token_ids_out_of_vocab(http):
+    assert_error(http.post(COMPLETIONS, json={"prompt": [1, 2, 10 ** 9]}), 400, "prompt")
+    assert_error(http.post("/detokenize", json={"tokens": [-1]}), 400, "tokens")
+
+
+def test_context_length(http):
+    error = assert_error(http.post(COMPLETIONS, json={"prompt": "x", "max_tokens": 9000}), 400,
+                         "max_tokens")
+    assert "8192" in error["message"]
+    long_prompt = "hello " * 9000
+    assert_error(http.post(CHAT, json={"messages": [{"role": "user", "content": long_prompt}],
+                                       "max_tokens": 10}), 400)
+
+
+def test_unknown_model_is_404(http):
+    error = assert_error(http.post(COMPLETIONS, json={"prompt": "x", "model": "gpt-9"}), 404,
+                         "model")
+    assert error["code"] == "model_not_found"
+    assert_error(http.post(CHAT, json={"messages": MESSAGES, "model": "gpt-9"}), 404)
+
+
+def test_unsupported_features(http):
+    assert_error(http.post(COMPLETIONS, json={"prompt": "x", "echo": True}), 400, "echo")
+
+
+def test_oversized_bodies_are_413(http, server):
+    big = b'{"prompt": "' + b"a" * (5 << 20) + b'"}'
+    error = assert_error(http.post(COMPLETIONS, content=big,
+                                   headers={"Content-Type": "application/json"}), 413)
+    assert error["code"] == "request_too_large"
+
+    def chunks():  # no Content-Length: the limit must hold while streaming the body in
+        yield b'{"prompt": "'
+        for _ in range(80):
+            yield b"a" * (64 << 10)
+        yield b'"}'
+
+    with httpx.Client(base_url=server.url, headers=server.headers, timeout=60) as fresh:
+        r = fresh.post(COMPLETIONS, content=chunks(), headers={"Content-Type": "application/json"})
+    assert_error(r, 413)
+
+
+def test_unknown_route_and_method(http):
+    assert_error(http.get("/v1/nothing-here"), 404)
+    assert_error(http.get(COMPLETIONS), 405)
+
+
+def test_server_survives_bad_input(http):
+    r = http.post(COMPLETIONS, json={"prompt": "Hello", "max_tokens": 3, "temperature": 0})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+    assert http.get("/health").status_code == 200
