@@ -33,7 +33,7 @@ def test_requests_per_minute(replicas, request, backend):
         assert r.json()["error"]["code"] == "rate_limit_exceeded"
         assert r.headers["x-ratelimit-limit-requests"] == "5"
         assert r.headers["x-ratelimit-remaining-requests"] == "0"
-        assert 50 <= int(r.headers["retry-after"]) <= 60
+        assert 40 <= int(r.headers["retry-after"]) <= 60  # the oldest request leaves the window
         assert r.headers["x-ratelimit-reset-requests"].endswith("s")
         assert post(gw.url, auth(KEY_BOB)).status_code == 200  # other keys are unaffected
         metrics = httpx.get(gw.url + "/metrics").text

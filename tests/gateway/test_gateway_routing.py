@@ -62,7 +62,7 @@ def test_round_robin_spreads_evenly(replicas):
 
 
 async def test_least_outstanding_avoids_the_busy_replica(replicas):
-    replicas[0].control(delay_s=1.5)
+    replicas[0].control(delay_s=3.0)
     config = make_config({"m": [u.url for u in replicas]}, policy="least_outstanding")
     with GatewayServer(config) as gw:
         async with httpx.AsyncClient(timeout=10) as client:
