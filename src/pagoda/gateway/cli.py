@@ -45,6 +45,10 @@ def _serve(args: argparse.Namespace) -> int:
     app = create_app(config, redis_url=args.redis)
     host = args.host or config.host
     port = config.port if args.port is None else args.port
+    pools = ", ".join(f"{p.name} ({len(p.upstreams)} upstreams, {p.policy})" for p in config.models)
+    state = "redis" if (args.redis or config.redis_url) else "in-memory"
+    print(f"pagoda gateway: {len(config.keys)} keys; models: {pools}; {state} limits and cache; "
+          f"http://{host}:{port}", file=sys.stderr)
     uvicorn.run(app, host=host, port=port, log_level=args.log_level, access_log=False)
     return 0
 
