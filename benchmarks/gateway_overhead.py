@@ -12,7 +12,11 @@ The gateway runs with an API key (auth memoised after the first request), an RPM
 enough never to trigger, and the response cache bypassed (temperature 1), so every request takes
 the full path: auth, limits, routing, forwarding, usage accounting.
 
+With `--state redis` the gateway keeps its limits (and cache) in a throwaway `redis-server`, so
+each request also pays the admission Lua script and the token-recording script.
+
 Usage: python benchmarks/gateway_overhead.py [--requests 1000] [--duration 10] [--concurrency 32]
+       [--state memory|redis] [--json-out FILE]
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -54,7 +59,7 @@ def wait_up(url: str, timeout: float = 30) -> None:
     raise TimeoutError(url)
 
 
-def start_processes(tmp: Path) -> tuple[list[subprocess.Popen], str, str]:
+def start_processes(tmp: Path, state: str) -> tuple[list[subprocess.Popen], str, str]:
     from pagoda.gateway.auth import hash_key
 
     up_port, gw_port = free_port(), free_port()
@@ -62,6 +67,16 @@ def start_processes(tmp: Path) -> tuple[list[subprocess.Popen], str, str]:
         [sys.executable, str(FAKE), "--port", str(up_port), "--name", "bench"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
+    procs = [upstream]
+    redis_args: list[str] = []
+    if state == "redis":
+        redis_port = free_port()
+        binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+        procs.append(subprocess.Popen(
+            [binary, "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        redis_args = ["--redis", f"redis://127.0.0.1:{redis_port}/0"]
+        time.sleep(0.5)
     config = {
         "keys": [{"name": "bench", "hash": hash_key(KEY), "requests_per_minute": 10_000_000,
                   "tokens_per_minute": 1_000_000_000}],
@@ -73,13 +88,13 @@ def start_processes(tmp: Path) -> tuple[list[subprocess.Popen], str, str]:
     pagoda = Path(sys.executable).with_name("pagoda")
     gateway = subprocess.Popen(
         [str(pagoda), "gateway", "--config", str(path), "--port", str(gw_port),
-         "--log-level", "warning"],
+         "--log-level", "warning", *redis_args],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     direct, via = f"http://127.0.0.1:{up_port}", f"http://127.0.0.1:{gw_port}"
     wait_up(direct + "/health")
     wait_up(via + "/health")
-    return [upstream, gateway], direct, via
+    return [*procs, gateway], direct, via
 
 
 BODY = {"model": "m", "prompt": "the quick brown fox", "max_tokens": 8}
@@ -184,10 +199,12 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=1000, help="sequential requests per side")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per throughput run")
     parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--state", choices=["memory", "redis"], default="memory",
+                        help="gateway state backend for limits and cache")
     parser.add_argument("--json-out", type=Path, default=None)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        procs, direct, via = start_processes(Path(tmp))
+        procs, direct, via = start_processes(Path(tmp), args.state)
         try:
             result = {
                 "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
