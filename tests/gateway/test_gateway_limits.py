@@ -4,10 +4,14 @@ instances sharing limits and the response cache through Redis."""
 from __future__ import annotations
 
 import asyncio
+import uuid
 
 import httpx
 import pytest
+from redis.asyncio import Redis
 
+from pagoda.gateway.rate_limit import Limits
+from pagoda.gateway.redis_state import RedisRateLimiter
 from tests.gateway.gateway_harness import KEY_BOB, GatewayServer, auth, make_config, start_redis
 
 BACKENDS = ["memory", "redis"]
@@ -154,3 +158,24 @@ def test_redis_outage_degrades_cache_and_refuses_with_503(replicas):
         if proc.poll() is None:
             proc.kill()
     assert replicas[0].stats()["requests"] == 1
+
+
+async def test_redis_limiter_keeps_a_running_token_sum(redis_url):
+    client = Redis.from_url(redis_url)
+    prefix = f"t{uuid.uuid4().hex[:8]}:"
+    limiter = RedisRateLimiter(client, prefix)
+    limits = Limits(tokens_per_minute=100)
+    try:
+        for i, n in enumerate((30, 25, 40)):
+            assert (await limiter.acquire("k", limits, f"l{i}")).allowed
+            await limiter.record_tokens("k", f"l{i}", n)
+        decision = await limiter.acquire("k", limits, "l3")
+        assert decision.allowed and decision.num_tokens == 95
+        await limiter.record_tokens("k", "l3", 10)
+        await client.delete(f"{prefix}rl:k:sum")  # a lost sum is recounted from the events
+        decision = await limiter.acquire("k", limits, "l4")
+        assert not decision.allowed and decision.reason == "tokens"
+        assert decision.num_tokens == 105 and 59 < decision.reset_tokens_s <= 60
+        assert int(await client.get(f"{prefix}rl:k:sum")) == 105
+    finally:
+        await client.aclose()

@@ -4,11 +4,12 @@ Both borrow one `redis.asyncio.Redis` client that the app owns and closes.
 
 Each admission is one Lua script, so the check-and-record of all three limits is atomic across
 gateways. Times come from the Redis server's clock (`TIME`), never the gateways', so instances with
-skewed clocks still agree on the window. Per key there are three sorted sets, each member unique per
-request (its lease id):
-- `<prefix>rl:<key>:req`  admitted requests, score = admission time (ms)
-- `<prefix>rl:<key>:tok`  token events "<lease id>:<count>", score = record time (ms)
-- `<prefix>rl:<key>:run`  in-flight leases, score = lease expiry (ms)
+skewed clocks still agree on the window. Per key (members unique per request: its lease id):
+- `<prefix>rl:<key>:req`  sorted set of admitted requests, score = admission time (ms)
+- `<prefix>rl:<key>:tok`  sorted set of token events "<lease id>:<count>", score = record time (ms)
+- `<prefix>rl:<key>:sum`  the sum of the counts in `tok` (kept in step by both scripts, so an
+                          admission costs O(expired events), not O(events in the window))
+- `<prefix>rl:<key>:run`  sorted set of in-flight leases, score = lease expiry (ms)
 """
 
 from __future__ import annotations
@@ -18,23 +19,43 @@ from redis.asyncio import Redis
 from pagoda.gateway.rate_limit import LEASE_S, WINDOW_S, Decision, Limits, RateLimiter
 from pagoda.gateway.response_cache import ResponseCache
 
-# KEYS: req, tok, run.
-# ARGV: rpm, tpm, max_concurrent (-1 = unlimited), window ms, lease id, lease ms
-_ACQUIRE = """
+# Drops token events older than the window from `tok` and their counts from `sum`; returns the
+# tokens left in the window. Recounts from `tok` if `sum` was lost (e.g. evicted).
+_EXPIRE_TOKENS = """
+local function count(member) return tonumber(string.match(member, ':(%d+)$')) end
+local function expire_tokens(tok, sum, now, window)
+  local expired = redis.call('ZRANGEBYSCORE', tok, '-inf', now - window)
+  if #expired > 0 then
+    local gone = 0
+    for i = 1, #expired do gone = gone + count(expired[i]) end
+    redis.call('ZREMRANGEBYSCORE', tok, '-inf', now - window)
+    redis.call('DECRBY', sum, gone)
+  end
+  local used = tonumber(redis.call('GET', sum) or '-1')
+  if used < 0 then
+    used = 0
+    for _, member in ipairs(redis.call('ZRANGE', tok, 0, -1)) do used = used + count(member) end
+    redis.call('SET', sum, used, 'PX', window)
+  end
+  return used
+end
+"""
+
+_NOW = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"""
+
+# KEYS: req, tok, run, sum.
+# ARGV: rpm, tpm, max_concurrent (-1 = unlimited), window ms, lease id, lease ms
+_ACQUIRE = _EXPIRE_TOKENS + _NOW + """
 local rpm, tpm, maxc = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local window, lease = tonumber(ARGV[4]), tonumber(ARGV[6])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - window)
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
 local nreq = redis.call('ZCARD', KEYS[1])
 local ninflight = redis.call('ZCARD', KEYS[3])
-local events = redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES')
-local used = 0
-for i = 1, #events, 2 do
-  used = used + tonumber(string.match(events[i], ':(%d+)$'))
-end
+local used = expire_tokens(KEYS[2], KEYS[4], now, window)
 local reason = ''
 if maxc >= 0 and ninflight >= maxc then reason = 'concurrency'
 elseif rpm >= 0 and nreq >= rpm then reason = 'requests'
@@ -50,22 +71,25 @@ local req_reset = 0
 local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
 if #oldest > 0 then req_reset = tonumber(oldest[2]) + window - now end
 local tok_reset = 0
-if tpm >= 0 and used >= tpm then
+if tpm >= 0 and used >= tpm then  -- over the limit: walk the oldest events until under it
   local left = used
+  local events = redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES')
   for i = 1, #events, 2 do
-    left = left - tonumber(string.match(events[i], ':(%d+)$'))
+    left = left - count(events[i])
     if left < tpm then tok_reset = tonumber(events[i + 1]) + window - now break end
   end
 end
 return {reason, nreq, used, req_reset, tok_reset}
 """
 
-# KEYS: tok.  ARGV: member, window ms
-_RECORD_TOKENS = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+# KEYS: tok, sum.  ARGV: member, count, window ms
+_RECORD_TOKENS = _EXPIRE_TOKENS + _NOW + """
+local window = tonumber(ARGV[3])
+expire_tokens(KEYS[1], KEYS[2], now, window)
 redis.call('ZADD', KEYS[1], now, ARGV[1])
-redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]))
+redis.call('INCRBY', KEYS[2], tonumber(ARGV[2]))
+redis.call('PEXPIRE', KEYS[1], window)
+redis.call('PEXPIRE', KEYS[2], window)
 return 1
 """
 
@@ -83,7 +107,7 @@ class RedisRateLimiter(RateLimiter):
 
     def _keys(self, key: str) -> list[str]:
         base = f"{self._prefix}rl:{key}:"
-        return [base + "req", base + "tok", base + "run"]
+        return [base + "req", base + "tok", base + "run", base + "sum"]
 
     async def acquire(self, key: str, limits: Limits, lease_id: str) -> Decision:
         args = [
@@ -111,8 +135,9 @@ class RedisRateLimiter(RateLimiter):
 
     async def record_tokens(self, key: str, lease_id: str, num_tokens: int) -> None:
         if num_tokens > 0:
+            keys = self._keys(key)
             member = f"{lease_id}:{num_tokens}"
-            await self._record([self._keys(key)[1]], [member, int(WINDOW_S * 1000)])
+            await self._record([keys[1], keys[3]], [member, num_tokens, int(WINDOW_S * 1000)])
 
 
 class RedisResponseCache(ResponseCache):
