@@ -54,7 +54,8 @@ def test_key_never_logged(replicas, caplog):
 
 
 def test_models_listing_and_model_permissions(replicas):
-    config = make_config({"m": [replicas[0].url], "other": [replicas[1].url]})
+    config = make_config({"m": [replicas[0].url], "other": [replicas[1].url]},
+                         max_body_bytes=1 << 20)
     with GatewayServer(config) as gw:
         ids = [m["id"] for m in httpx.get(gw.url + "/v1/models", headers=auth()).json()["data"]]
         assert ids == ["m", "other"]
@@ -71,6 +72,9 @@ def test_models_listing_and_model_permissions(replicas):
         assert r.status_code == 400 and r.json()["error"]["param"] == "model"
         r = httpx.post(gw.url + "/v1/completions", content=b"{not json", headers=auth())
         assert r.status_code == 400
+        huge = {"model": "m", "prompt": "x" * (1 << 20)}
+        r = httpx.post(gw.url + "/v1/completions", json=huge, headers=auth())
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
     assert replicas[1].stats()["requests"] == 0
 
 

@@ -92,8 +92,12 @@ async def admit(
     key = await state.keys.authenticate_async(bearer_token(request.headers.get("authorization")))
     if key is None:
         return unauthorized("Missing or invalid API key. Send `Authorization: Bearer <key>`.")
+    raw = await _read_body(request, state.config.max_body_bytes)
+    if raw is None:
+        message = f"The request body exceeds {state.config.max_body_bytes} bytes."
+        return error_response(413, message, "invalid_request_error", "request_too_large")
     try:
-        body = await request.json()
+        body = json.loads(raw)
     except ValueError:
         return bad_request("The request body is not valid JSON.")
     if not isinstance(body, dict):
@@ -125,6 +129,20 @@ async def admit(
     if state.cache is not None and is_cacheable(body):
         ckey = cache_key(endpoint, pool.name, body)
     return Call(key, endpoint, chat, body, model, pool, lease_id, decision, started, ckey)
+
+
+async def _read_body(request: Request, limit: int) -> bytes | None:
+    """The body, or None as soon as it is known to exceed `limit` bytes (never reads past it)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        return None
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 async def serve_completion(state: GatewayState, request: Request, endpoint: str) -> Response:

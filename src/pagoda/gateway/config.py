@@ -141,6 +141,7 @@ class GatewayConfig:
     redis_prefix: str = "pagoda:gw:"
     host: str = "127.0.0.1"
     port: int = 8080
+    max_body_bytes: int = 16 << 20  # larger request bodies get 413 without being read
 
     def __post_init__(self) -> None:
         pools = {p.name for p in self.models}
@@ -148,6 +149,8 @@ class GatewayConfig:
             raise ConfigError("models: names must be unique")
         if not self.keys:
             raise ConfigError("keys: at least one API key is required")
+        if self.max_body_bytes < 1:
+            raise ConfigError("max_body_bytes must be positive")
         if len({k.name for k in self.keys}) != len(self.keys):
             raise ConfigError("keys: names must be unique")
         for vm in self.virtual_models:
