@@ -149,7 +149,8 @@ def _add_operational_routes(app: FastAPI, client: EngineClient) -> None:
         kv = llm.engine.kv_cache_config
         return KVCacheInfo(num_free_blocks=stats.num_free_blocks, num_total_blocks=kv.num_blocks,
                            block_size=kv.block_size, usage=stats.kv_cache_usage,
-                           num_running=stats.num_running, num_waiting=stats.num_waiting)
+                           num_running=stats.num_running, num_waiting=stats.num_waiting,
+                           num_pending=client.num_pending)
 
     @app.get("/", include_in_schema=False)
     async def chat_page() -> FileResponse:

@@ -181,6 +181,7 @@ class KVCacheInfo(Schema):
     usage: float
     num_running: int
     num_waiting: int
+    num_pending: int  # admitted by the server, no output yet (what --max-waiting bounds)
 
 
 TokenizeRequest.model_rebuild()

@@ -1,0 +1,125 @@
+"""Backpressure (503 + Retry-After), per-request timeout, and SIGTERM graceful shutdown, on a
+server that runs one request at a time (`--max-num-seqs 1`) and admits two waiting ones."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import threading
+import time
+
+import httpx
+import pytest
+
+from tests.server.server_process import ServerProcess
+
+TIMEOUT_S = 8.0
+LONG = {"prompt": "Write a long essay about rivers.", "max_tokens": 2000, "ignore_eos": True,
+        "stream": True}
+
+
+@pytest.fixture(scope="module")
+def limited():
+    proc = ServerProcess("--max-num-seqs", "1", "--max-waiting", "2", "--request-timeout",
+                         str(TIMEOUT_S), "--shutdown-grace", "20")
+    try:
+        proc.wait_ready()
+        with proc.client() as http:  # warm up, so the first test's timings are not a cold start
+            http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 4})
+        yield proc
+    finally:
+        proc.stop()
+
+
+def wait_for(predicate, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.05)
+
+
+def test_backpressure_503_with_retry_after(limited):
+    with contextlib.ExitStack() as stack:
+        http = stack.enter_context(limited.client())
+        running = stack.enter_context(http.stream("POST", "/v1/completions", json=LONG))
+        assert running.status_code == 200
+        next(line for line in running.iter_lines() if line.startswith("data: {"))
+        def wait_in_queue(client: httpx.Client) -> None:
+            with contextlib.suppress(httpx.HTTPError):  # its connection is closed below
+                client.post("/v1/completions", json={**LONG, "stream": False})
+
+        for _ in range(2):  # each on its own connection; they wait behind the running one
+            client = stack.enter_context(limited.client())
+            threading.Thread(target=wait_in_queue, args=(client,), daemon=True).start()
+        wait_for(lambda: limited.kv()["num_pending"] == 2)
+        r = http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+        assert r.status_code == 503
+        assert int(r.headers["Retry-After"]) >= 1
+        assert r.json()["error"]["code"] == "server_overloaded"
+        r = http.post("/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "stream": True})
+        assert r.status_code == 503
+    # every connection is closed: the queue drains and the blocks come back
+    kv = limited.wait_all_blocks_free(timeout=3 * TIMEOUT_S)
+    assert kv["num_free_blocks"] == kv["num_total_blocks"] and kv["num_pending"] == 0
+    with limited.client() as http:
+        assert http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2}) \
+            .status_code == 200
+
+
+def test_timeout_streaming_and_non_streaming(limited):
+    """A streaming request times out with an error chunk; a non-streaming one queued behind it
+    times out with a 504 (the deadline counts from arrival, queueing included)."""
+    result: dict[str, httpx.Response] = {}
+
+    def non_streaming() -> None:
+        with limited.client() as http:
+            result["r"] = http.post("/v1/chat/completions", json={
+                "messages": [{"role": "user", "content": "Write a long essay."}],
+                "max_tokens": 2000, "ignore_eos": True})
+
+    start = time.monotonic()
+    with limited.client() as http, http.stream("POST", "/v1/completions", json=LONG) as r:
+        lines = r.iter_lines()
+        events = [next(line for line in lines if line.startswith("data: {"))[len("data: "):]]
+        waiter = threading.Thread(target=non_streaming)
+        waiter.start()
+        events += [line[len("data: "):] for line in lines if line.startswith("data: ")]
+    elapsed = time.monotonic() - start
+    assert TIMEOUT_S <= elapsed < TIMEOUT_S + 10
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert error["type"] == "timeout_error" and error["code"] == "request_timeout"
+    assert len(events) > 3  # tokens were streamed before the deadline
+    waiter.join(3 * TIMEOUT_S)
+    assert result["r"].status_code == 504
+    assert result["r"].json()["error"]["code"] == "request_timeout"
+    kv = limited.wait_all_blocks_free(timeout=5)
+    assert kv["num_free_blocks"] == kv["num_total_blocks"] and kv["num_waiting"] == 0
+
+
+def test_sigterm_drains_in_flight_requests_then_exits_0(limited):
+    """Runs last in this module: it stops the server."""
+    with limited.client() as http, http.stream("POST", "/v1/completions", json={
+            **LONG, "max_tokens": 24, "temperature": 0}) as r:
+        lines = r.iter_lines()
+        first = next(line for line in lines if line.startswith("data: {"))
+        limited.proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: _refused(limited.url), timeout=10)  # no new connections
+        rest = [line for line in lines if line.startswith("data: ")]
+    chunks = [json.loads(line[len("data: "):]) for line in [first, *rest[:-1]]]
+    assert rest[-1] == "data: [DONE]"
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert sum(1 for c in chunks for _ in c["choices"]) >= 2
+    assert limited.proc.wait(30) == 0
+
+
+def _refused(url: str) -> bool:
+    try:
+        httpx.get(url + "/health", timeout=2)
+    except httpx.ConnectError:
+        return True
+    except httpx.HTTPError:
+        return False
+    return False
