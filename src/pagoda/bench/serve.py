@@ -128,9 +128,10 @@ async def benchmark(args: argparse.Namespace) -> BenchResult:
 
 def run_serve(args: argparse.Namespace) -> int:
     result = asyncio.run(benchmark(args))
+    if args.save_result:  # saved before printing, so a closed stdout cannot lose the run
+        result.save(args.save_result)
     print(format_report(result))
     if args.save_result:
-        result.save(args.save_result)
         print(f"saved {args.save_result}")
     return 0
 

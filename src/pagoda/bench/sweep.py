@@ -54,9 +54,9 @@ def run_sweep(args: argparse.Namespace) -> int:
     for stem, point in sweep_points(args):
         print(f"--- {stem} ---", flush=True)
         result = asyncio.run(benchmark(point))
-        print(format_report(result))
         path = out / f"{stem}.json"
         result.save(path)
+        print(format_report(result))
         saved.append(str(path))
     for png in plot_runs(saved, out):
         print(f"wrote {png}")
