@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pagoda.quant.group_linear import GroupLinear
+from pagoda.quant.group_linear import GroupLinear, enable_int4_kernel
 from pagoda.quant.half_linear import HalfLinear
 from pagoda.quant.int8_linear import Int8Linear
 
@@ -41,6 +41,10 @@ def build(method: str, w: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor
         m = Int8Linear.from_linear(linear)
     elif method == "int4-ref":  # the portable dequantize + matmul path (what CUDA runs)
         m = GroupLinear.from_linear(linear, 64, backend="reference")
+    elif method == "int4-avx2":  # group 32 through the compiled kernel (rows <= 8 only)
+        m = GroupLinear.from_linear(linear, group_size=32)
+        if not enable_int4_kernel(m):
+            raise RuntimeError("the int4 AVX2 kernel could not be built here")
     elif method.startswith("int4"):
         m = GroupLinear.from_linear(linear, group_size=int(method.split("g")[1]))
     elif method == "fp16":
@@ -79,7 +83,8 @@ def main() -> None:
     ap.add_argument("--copies", type=int, default=30)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--seconds", type=float, default=0.4, help="target seconds per figure")
-    ap.add_argument("--methods", default="fp32,int8,int4g64,fp16,int4-ref,int8pack_mm")
+    ap.add_argument("--methods", default="fp32,int8,int4g64,fp16,int4-ref,int8pack_mm",
+                    help="also: int4g32, int4-avx2 (compiled 4-bit kernel, rows <= 8)")
     ap.add_argument("--rows", default=",".join(map(str, ROWS)))
     ap.add_argument("--shapes", default=",".join(s[0] for s in SHAPES))
     args = ap.parse_args()
@@ -106,6 +111,7 @@ def main() -> None:
             cells, secs = [], {}
             for m in methods:
                 slow = m in ("int8pack_mm", "int4-ref") and rows * n * k > 64 * 3072 * 576
+                slow = slow or (m == "int4-avx2" and rows > 8)  # larger batches use fbgemm
                 if slow:  # these run at a few GOP/s; skip the big cases to bound run time
                     cells.append("-")
                     continue

@@ -123,3 +123,19 @@ def test_dequantize_columns_matches_full_dequantization():
     cols = torch.tensor([0, 1, 31, 32, 77, 127])
     for m in (Int8Linear.from_linear(lin), GroupLinear.from_linear(lin, 32)):
         assert torch.equal(m.dequantize_columns(cols), m.dequantize()[:, cols])
+
+
+@pytest.mark.slow  # compiles C++ on first use (about a minute; cached afterwards)
+def test_int4_kernel_matches_exact_groups():
+    """The opt-in AVX2 kernel computes the exact group dequantization's product, up to fp32
+    summation order."""
+    from pagoda.quant.group_linear import enable_int4_kernel
+
+    torch.manual_seed(5)
+    lin = _linear(torch.randn(96, 256))
+    m = GroupLinear.from_linear(lin, 32)
+    assert enable_int4_kernel(m) == 1, "the int4 kernel did not build"
+    for rows in (1, 3, 8):
+        x = torch.randn(rows, 256)
+        exact = x @ m.dequantize().T
+        assert rel_err(m(x), exact) < 1e-6

@@ -7,7 +7,8 @@ The buffers hold a `GroupWeights` exactly (the source of truth that is saved). E
   memory next to the 0.5-1 byte per weight of the groups (docs/quantization.md measures both).
 - AVX2 kernel (x86 CPU, 4-bit groups of 32 with offsets, at most `MAX_ROWS` rows: decode):
   reads the groups directly (0.75 byte per weight) without re-rounding; see `int4_kernel`.
-  Off unless `use_int4_kernel(True)` was called, since its first use compiles C++.
+  Off unless `enable_int4_kernel(model)` is called: its first use compiles C++, and on this
+  CPU it measured slower than fbgemm's int8 at one row (docs/quantization.md).
 - reference path (any device): dequantize the groups exactly and multiply.
 """
 
@@ -23,13 +24,16 @@ from pagoda.quant.group_weights import GroupWeights, quantize_int4_groups
 from pagoda.quant.kernels import use_fbgemm
 from pagoda.quant.quant_linear import QuantLinear
 
-_KERNEL = {"enabled": False}
 
-
-def use_int4_kernel(enabled: bool) -> bool:
-    """Opt in to the compiled AVX2 kernel for 4-bit decode rows; returns whether it is usable."""
-    _KERNEL["enabled"] = enabled and int4_kernel.available()
-    return _KERNEL["enabled"]
+def enable_int4_kernel(model: nn.Module) -> int:
+    """Route decode rows of eligible 4-bit layers through the AVX2 kernel; returns how many."""
+    if not int4_kernel.available():
+        return 0
+    eligible = [m for m in model.modules() if isinstance(m, GroupLinear) and m.bits == 4
+                and m.group_size == int4_kernel.GROUP and m.offsets is not None]
+    for m in eligible:
+        m.use_kernel = True
+    return len(eligible)
 
 _DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
@@ -53,6 +57,7 @@ class GroupLinear(QuantLinear):
         self.register_buffer("qweight", weights.qweight)
         self.register_buffer("scales", weights.scales)
         self.register_buffer("offsets", weights.offsets)
+        self.use_kernel = False  # see enable_int4_kernel
         self._kernel_args: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def invalidate(self) -> None:
@@ -60,9 +65,7 @@ class GroupLinear(QuantLinear):
         self._kernel_args = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (_KERNEL["enabled"] and x.shape[0] <= int4_kernel.MAX_ROWS and self.bits == 4
-                and self.group_size == int4_kernel.GROUP and self.offsets is not None
-                and use_fbgemm(x, self.backend)):
+        if self.use_kernel and x.shape[0] <= int4_kernel.MAX_ROWS and use_fbgemm(x, self.backend):
             if self._kernel_args is None:  # fp32 copies: 8 bytes per 32 weights
                 self._kernel_args = (self.scales.float().contiguous(),
                                      self.offsets.float().contiguous())
