@@ -116,3 +116,15 @@ def test_int8_checkpoint_rebuilds_int8_modules(tmp_path):
     loaded = load_quantized(str(tmp_path), skeleton)
     assert isinstance(loaded.layers[0].self_attn.qkv_proj, Int8Linear)
     assert loaded.layers[0].self_attn.qkv_proj.qweight.device.type == "cpu"
+
+
+def test_dtype_cast_keeps_packed_kernels_and_device_move_drops_them(model: TinyModel):
+    quantize_model(model, QuantConfig(method="int8"))
+    head = model.lm_head
+    head.prepare()
+    packed = head._packed
+    assert packed is not None and head.packed_bytes() == head.in_features * head.out_features
+    model.to(torch.bfloat16)
+    assert head._packed is packed
+    model.to("meta")
+    assert head._packed is None and head.qweight.is_meta

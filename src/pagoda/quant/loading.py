@@ -49,11 +49,12 @@ def load_quantized_model(path: str, device: str = "cpu", dtype: torch.dtype = to
     cfg = read_model_config(path, ModelConfig)
     with torch.device("meta"):
         skeleton = model_class(cfg.architecture)(cfg)
-    model = load_quantized(path, skeleton, device=device, backend=backend)
+    model = load_quantized(path, skeleton, device=device, backend=backend, prepare=False)
     if hasattr(model, "post_load"):
         model.post_load()
     # Non-quantized parameters follow the requested dtype; quantized modules keep their own.
     model = model.to(dtype=dtype).eval()
+    prepare_model(model)  # packing is part of the load time, not of the first request
     tokenizer = Tokenizer.from_pretrained(path, eos_token_ids=cfg.eos_token_ids)
     return LoadedModel(model, cfg, tokenizer, path, time.perf_counter() - start)
 

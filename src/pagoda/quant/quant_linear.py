@@ -101,7 +101,11 @@ class QuantLinear(nn.Module):
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - nn.Module's signature
         # Learn the target device from a probe and move buffers without changing their dtype.
+        # A dtype-only cast is a no-op, so it keeps the packed kernels too.
         target = fn(torch.zeros(0, device=self.device)).device
+        if target == self.device and not any(b.is_meta for b in self._buffers.values()
+                                             if b is not None):
+            return self
         for name, buf in self._buffers.items():
             if buf is None:
                 continue
