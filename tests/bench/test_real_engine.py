@@ -67,12 +67,33 @@ def wait_ready(proc: subprocess.Popen, url: str, timeout_s: float = 240.0) -> No
     raise AssertionError("pagoda serve did not become ready")
 
 
+def meta_loaded_model():
+    """The default model as the loader builds it, on the meta device: real architecture, config
+    and tokenizer, no weight data (the KV allocation does not depend on weight values, and
+    dequantizing them would double this module's time)."""
+    from pagoda.loader.model_loader import (
+        LoadedModel,
+        default_model_path,
+        model_class,
+        open_checkpoint,
+    )
+    from pagoda.loader.tokenizer import Tokenizer
+
+    path = Path(default_model_path())
+    cfg = open_checkpoint(str(path)).config
+    with torch.device("meta"):
+        model = model_class(cfg.architecture)(cfg)
+    tokenizer = Tokenizer.from_pretrained(
+        str(path.parent), gguf_file=path.name, eos_token_ids=cfg.eos_token_ids
+    )
+    return LoadedModel(model, cfg, tokenizer, str(path), 0.0)
+
+
 def test_capacity_predicts_the_engine_allocation(shape, pagoda_server):
     from pagoda.engine.config import EngineConfig
     from pagoda.engine.llm_engine import LLMEngine
-    from pagoda.loader.model_loader import load_model
 
-    loaded = load_model(None, progress=False)
+    loaded = meta_loaded_model()
     # The engine holds fp32 weights: capacity's fp32 weight memory is exactly their bytes.
     assert sum(p.nbytes for p in loaded.model.parameters()) == weight_bytes(shape, "fp32")
     for kv_dtype in ("fp32", "fp16", "int8"):

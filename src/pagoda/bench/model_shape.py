@@ -8,6 +8,7 @@ directory's shapes from its config.json and safetensors headers.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import math
@@ -64,10 +65,17 @@ def read_model_shape(path: str | Path | None = None) -> ModelShape:
     if not path.is_file():
         raise FileNotFoundError(f"no such model file or directory: {path}")
     if path.suffix == ".gguf":
-        return read_gguf(path)
+        return _read_gguf_cached(str(path.resolve()), path.stat().st_mtime_ns)
     if path.name == "config.json":
         return read_hf_dir(path.parent)
     raise ValueError(f"{path}: expected a .gguf file or an HF model directory")
+
+
+@functools.lru_cache(maxsize=4)
+def _read_gguf_cached(path: str, mtime_ns: int) -> ModelShape:
+    """GGUFReader parses every metadata array (the whole vocabulary) in about two seconds; a
+    `ModelShape` is immutable, so one read per file version is shared."""
+    return read_gguf(Path(path))
 
 
 def read_gguf(path: Path) -> ModelShape:
