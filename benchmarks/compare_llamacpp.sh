@@ -182,7 +182,9 @@ for k in keys:
     a, b = rows["llama"][k], rows["pagoda"][k]
     ratio = b / a if a else float("nan")
     print(f"{k:<20}{a:>14.2f}{b:>14.2f}{ratio:>14.2f}")
+print("medians over rounds; pagoda/llama > 1 is better for throughputs, worse for latencies")
 EOF
+    log "CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2-); results and logs in $OUT"
 }
 
 case "${1:-run}" in
