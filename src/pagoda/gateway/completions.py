@@ -59,6 +59,7 @@ class Call:
     decision: Decision
     started: float
     cache_key: str | None
+    num_tokens: int = 0  # usage of a complete answer, recorded when its lease is released
 
     @property
     def stream(self) -> bool:
@@ -175,7 +176,7 @@ async def serve_completion(state: GatewayState, request: Request, endpoint: str)
         return error_response(502, message, "upstream_error", "upstream_unavailable")
     finally:
         if not streaming:
-            await _release(state, call)
+            await _finish(state, call)
 
 
 async def _unless_client_leaves(request: Request, work: Awaitable[Response]) -> Response | None:
@@ -202,6 +203,14 @@ async def _disconnected(request: Request) -> None:
     """Returns when the client goes away (the request body has already been read)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
+
+
+async def _finish(state: GatewayState, call: Call) -> None:
+    """Record a complete answer's tokens and release its lease, in one round trip."""
+    try:
+        await state.limiter.finish(call.key.name, call.lease_id, call.num_tokens)
+    except STATE_ERRORS as exc:  # the lease expires on its own (rate_limit.LEASE_S)
+        logger.warning("could not record usage and release a lease: %s", type(exc).__name__)
 
 
 async def _release(state: GatewayState, call: Call) -> None:
@@ -269,7 +278,10 @@ async def _forward(state: GatewayState, call: Call, upstream_body: dict[str, Any
         except ValueError:
             payload = None
         if isinstance(payload, dict):
-            await _record_usage(state, call, reply.upstream.name, payload.get("usage"))
+            usage = payload.get("usage")
+            call.num_tokens = state.metrics.record_usage(
+                call.key.name, call.pool.name, reply.upstream.name, usage
+            )  # recorded with the lease's release, before the answer leaves
             if call.public_model is not None and payload.get("model") != call.public_model:
                 payload["model"] = call.public_model
                 content = json.dumps(payload).encode()

@@ -97,6 +97,11 @@ class RateLimiter(ABC):
     @abstractmethod
     async def record_tokens(self, key: str, lease_id: str, num_tokens: int) -> None: ...
 
+    async def finish(self, key: str, lease_id: str, num_tokens: int) -> None:
+        """`record_tokens` then `release`; backends may do both in one round trip."""
+        await self.record_tokens(key, lease_id, num_tokens)
+        await self.release(key, lease_id)
+
     async def close(self) -> None:
         return None
 

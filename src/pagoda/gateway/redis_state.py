@@ -94,6 +94,21 @@ return 1
 """
 
 
+# KEYS: tok, sum, run.  ARGV: member, count (0 = none), window ms, lease id
+_FINISH = _EXPIRE_TOKENS + _NOW + """
+local window = tonumber(ARGV[3])
+if tonumber(ARGV[2]) > 0 then
+  expire_tokens(KEYS[1], KEYS[2], now, window)
+  redis.call('ZADD', KEYS[1], now, ARGV[1])
+  redis.call('INCRBY', KEYS[2], tonumber(ARGV[2]))
+  redis.call('PEXPIRE', KEYS[1], window)
+  redis.call('PEXPIRE', KEYS[2], window)
+end
+redis.call('ZREM', KEYS[3], ARGV[4])
+return 1
+"""
+
+
 def _or_minus_one(value: int | None) -> int:
     return -1 if value is None else value
 
@@ -104,6 +119,7 @@ class RedisRateLimiter(RateLimiter):
         self._prefix = prefix
         self._acquire = redis.register_script(_ACQUIRE)
         self._record = redis.register_script(_RECORD_TOKENS)
+        self._finish = redis.register_script(_FINISH)
 
     def _keys(self, key: str) -> list[str]:
         base = f"{self._prefix}rl:{key}:"
@@ -138,6 +154,11 @@ class RedisRateLimiter(RateLimiter):
             keys = self._keys(key)
             member = f"{lease_id}:{num_tokens}"
             await self._record([keys[1], keys[3]], [member, num_tokens, int(WINDOW_S * 1000)])
+
+    async def finish(self, key: str, lease_id: str, num_tokens: int) -> None:
+        keys = self._keys(key)
+        args = [f"{lease_id}:{num_tokens}", max(0, num_tokens), int(WINDOW_S * 1000), lease_id]
+        await self._finish([keys[1], keys[3], keys[2]], args)
 
 
 class RedisResponseCache(ResponseCache):
