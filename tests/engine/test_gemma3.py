@@ -34,9 +34,14 @@ PROMPTS = [
     "combined movable metal type, oil-based ink and a wooden screw press. Within fifty years,",
 ]
 LONG = [4, 5]  # indices of prompts longer than SMALL_WINDOW
+# prompts run with the shrunk window: one whose generation crosses it, and the long ones
+SLIDING = [2, *LONG]
 MAX_TOKENS = 24
 SMALL_WINDOW = 32
 GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+# Two 262k-vocabulary models (ours and the reference) on a shared 2-core CPU: fixtures that run
+# transformers' generate can take minutes when the machine is busy.
+pytestmark = pytest.mark.timeout(1800)
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +117,8 @@ def reference(hf_gemma, prompt_ids):
 @pytest.fixture(scope="module")
 def small_window_reference(hf_gemma, prompt_ids):
     with hf_window(hf_gemma, SMALL_WINDOW):
-        return hf_greedy(hf_gemma, prompt_ids)
+        refs = hf_greedy(hf_gemma, [prompt_ids[i] for i in SLIDING])
+    return dict(zip(SLIDING, refs, strict=True))
 
 
 def make_engine(loaded: LoadedModel, **overrides) -> LLMEngine:
@@ -210,8 +216,9 @@ def test_sliding_window_greedy(gemma_small_window, prompt_ids, small_window_refe
     assert any(small_window_reference[i] != reference[i] for i in LONG), \
         "the small window changed no reference output; the test would prove nothing"
     engine = make_engine(gemma_small_window)
-    for i, ids in enumerate(prompt_ids):
-        got = run_to_completion(engine, {"r": (ids, GREEDY)})["r"]
+    for i in SLIDING:
+        assert len(prompt_ids[i]) + MAX_TOKENS > SMALL_WINDOW
+        got = run_to_completion(engine, {"r": (prompt_ids[i], GREEDY)})["r"]
         assert got == small_window_reference[i], f"prompt {i} differs with a {SMALL_WINDOW} window"
     engine.check_integrity()
 
@@ -240,3 +247,53 @@ def test_llm_api_text(gemma_path, hf_tok, reference):
     for i, out in enumerate(outs):
         assert out.outputs[0].token_ids == reference[i]
         assert out.outputs[0].text == hf_tok.decode(reference[i], skip_special_tokens=True)
+
+
+def test_hf_directory_tiny_random_gemma(tmp_path, hf_tok):
+    """A safetensors directory through the HF loader, with settings the 270M GGUF lacks: final
+    logit softcapping, linear RoPE scaling of global layers, another query_pre_attn_scalar and
+    layer pattern, a window of 8. The weights are random, so log-probs are compared as well."""
+    from transformers import Gemma3ForCausalLM as HFGemma3
+    from transformers import Gemma3TextConfig
+
+    torch.manual_seed(0)
+    hf_cfg = Gemma3TextConfig(
+        vocab_size=len(hf_tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=32, sliding_window=8,
+        sliding_window_pattern=2, rope_scaling={"rope_type": "linear", "factor": 8.0},
+        final_logit_softcapping=30.0, query_pre_attn_scalar=24, max_position_embeddings=256,
+        initializer_range=0.5)
+    hf = HFGemma3(hf_cfg).eval()
+    with torch.no_grad():  # norms start at 0 (a scale of 1 + 0): give them weight to check
+        for name, param in hf.named_parameters():
+            if "norm" in name:
+                param.normal_(0.0, 0.5)
+    hf.save_pretrained(tmp_path)
+    hf_tok.save_pretrained(tmp_path)
+
+    loaded = load_model(str(tmp_path), progress=False)
+    cfg = loaded.config
+    assert cfg.layer_sliding == tuple(t == "sliding_attention" for t in hf_cfg.layer_types)
+    assert (cfg.final_logit_softcapping, cfg.rope_scaling_factor, cfg.query_pre_attn_scalar,
+            cfg.sliding_window) == (30.0, 8.0, 24.0, 8)
+    engine = make_engine(loaded, kv_cache_memory=8 << 20)
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, logprobs=2)
+    for i, prompt in enumerate([PROMPTS[0], PROMPTS[4]]):
+        ids = hf_tok(prompt).input_ids
+        with torch.inference_mode():
+            out = hf.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False,
+                              eos_token_id=None, pad_token_id=0, output_logits=True,
+                              return_dict_in_generate=True)
+        ref_ids = out.sequences[0, len(ids):].tolist()
+        ref_logprobs = torch.log_softmax(torch.cat(out.logits), dim=-1)  # (16, vocab)
+        engine.add_request(f"r{i}", ids, params)
+        got_ids, got_logprobs = [], []
+        while engine.has_unfinished_requests():
+            for req_out in engine.step():
+                got_ids += req_out.outputs[0].token_ids
+                got_logprobs += req_out.outputs[0].logprobs or []
+        assert got_ids == ref_ids, f"prompt {i} differs from transformers"
+        for pos, entry in enumerate(got_logprobs):
+            for token_id, logprob in entry.items():
+                assert logprob == pytest.approx(ref_logprobs[pos, token_id].item(), abs=1e-4)
+    engine.check_integrity()
