@@ -24,17 +24,6 @@ from pagoda.quant.group_weights import GroupWeights, quantize_int4_groups
 from pagoda.quant.kernels import use_fbgemm
 from pagoda.quant.quant_linear import QuantLinear
 
-
-def enable_int4_kernel(model: nn.Module) -> int:
-    """Route decode rows of eligible 4-bit layers through the AVX2 kernel; returns how many."""
-    if not int4_kernel.available():
-        return 0
-    eligible = [m for m in model.modules() if isinstance(m, GroupLinear) and m.bits == 4
-                and m.group_size == int4_kernel.GROUP and m.offsets is not None]
-    for m in eligible:
-        m.use_kernel = True
-    return len(eligible)
-
 _DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
@@ -113,3 +102,14 @@ class GroupLinear(QuantLinear):
     def extra_repr(self) -> str:
         src = f", from {self.source}" if self.source else ""
         return f"{super().extra_repr()}, {self.bits}-bit, group {self.group_size}{src}"
+
+
+def enable_int4_kernel(model: nn.Module) -> int:
+    """Route decode rows of eligible 4-bit layers through the AVX2 kernel; returns how many."""
+    if not int4_kernel.available():
+        return 0
+    eligible = [m for m in model.modules() if isinstance(m, GroupLinear) and m.bits == 4
+                and m.group_size == int4_kernel.GROUP and m.offsets is not None]
+    for m in eligible:
+        m.use_kernel = True
+    return len(eligible)
