@@ -116,3 +116,21 @@ def test_tiny_run_against_pagoda_serve(tmp_path, shape, pagoda_server):
     memory = KV_MEMORY + weight_bytes(shape, "fp32")
     plan = plan_capacity(shape, memory, 1024, SERVER_KV_DTYPE, block_size=kv_info["block_size"])
     assert kv_info["num_total_blocks"] == plan.num_blocks, json.dumps(kv_info)
+
+
+def test_tiny_chat_run_against_pagoda_serve(tmp_path, pagoda_server):
+    proc, url = pagoda_server
+    wait_ready(proc, url)
+    out = tmp_path / "chat.json"
+    rc = main(
+        ["bench", "serve", "--base-url", url, "--endpoint", "chat", "--num-prompts", "2",
+         "--input-len", "12", "--output-len", "6", "--ignore-eos", "--disable-tqdm",
+         "--save-result", str(out)]
+    )  # fmt: skip
+    assert rc == 0
+    result = BenchResult.load(out)
+    assert result.summary.completed == 2
+    for record in result.records:
+        assert record.usage_reported and record.output_tokens == 6
+        # The chat template wraps the 12 prompt tokens in role markers.
+        assert record.server_prompt_tokens > record.prompt_len == 12
