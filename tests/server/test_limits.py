@@ -40,26 +40,43 @@ def wait_for(predicate, timeout: float = 10.0) -> None:
 
 
 def test_backpressure_503_with_retry_after(limited):
-    with contextlib.ExitStack() as stack:
-        http = stack.enter_context(limited.client())
-        running = stack.enter_context(http.stream("POST", "/v1/completions", json=LONG))
+    """One request runs; four more arrive at once: two wait, two are refused with 503."""
+    outcomes: list[httpx.Response] = []
+    arrive = threading.Barrier(4)
+    release = threading.Event()
+
+    def request(i: int) -> None:
+        path, body = ("/v1/completions", LONG) if i % 2 else ("/v1/chat/completions", {
+            "messages": [{"role": "user", "content": "Write a long essay."}],
+            "max_tokens": 2000, "ignore_eos": True, "stream": True})
+        with limited.client() as client:
+            arrive.wait()
+            with contextlib.suppress(httpx.HTTPError), client.stream("POST", path,
+                                                                     json=body) as r:
+                if r.status_code != 200:
+                    r.read()
+                outcomes.append(r)
+                if r.status_code == 200:
+                    release.wait(60)  # stay queued until every outcome is known
+
+    with limited.client() as http, http.stream("POST", "/v1/completions", json=LONG) as running:
         assert running.status_code == 200
         next(line for line in running.iter_lines() if line.startswith("data: {"))
-        def wait_in_queue(client: httpx.Client) -> None:
-            with contextlib.suppress(httpx.HTTPError):  # its connection is closed below
-                client.post("/v1/completions", json={**LONG, "stream": False})
-
-        for _ in range(2):  # each on its own connection; they wait behind the running one
-            client = stack.enter_context(limited.client())
-            threading.Thread(target=wait_in_queue, args=(client,), daemon=True).start()
-        wait_for(lambda: limited.kv()["num_pending"] == 2)
-        r = http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
-        assert r.status_code == 503
-        assert int(r.headers["Retry-After"]) >= 1
-        assert r.json()["error"]["code"] == "server_overloaded"
-        r = http.post("/v1/chat/completions", json={
-            "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "stream": True})
-        assert r.status_code == 503
+        threads = [threading.Thread(target=request, args=(i,), daemon=True) for i in range(4)]
+        for t in threads:
+            t.start()
+        wait_for(lambda: len(outcomes) == 4, timeout=20)
+        pending = limited.kv()["num_pending"]
+        release.set()
+        for t in threads:
+            t.join(30)
+    codes = sorted(r.status_code for r in outcomes)
+    assert codes == [200, 200, 503, 503], [(r.status_code, r.text) for r in outcomes]
+    assert pending == 2
+    for r in outcomes:
+        if r.status_code == 503:
+            assert int(r.headers["Retry-After"]) >= 1
+            assert r.json()["error"]["code"] == "server_overloaded"
     # every connection is closed: the queue drains and the blocks come back
     kv = limited.wait_all_blocks_free(timeout=3 * TIMEOUT_S)
     assert kv["num_free_blocks"] == kv["num_total_blocks"] and kv["num_pending"] == 0
