@@ -13,6 +13,7 @@ rules hold for all of them:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 import os
@@ -178,10 +179,9 @@ class EngineClient:
             for delta in out.outputs:
                 have = merged.get(delta.index)
                 if have is None:
-                    merged[delta.index] = CompletionOutput(
-                        delta.index, delta.text, list(delta.token_ids), delta.finish_reason,
-                        delta.stop_reason, None if delta.logprobs is None else list(delta.logprobs),
-                        delta.num_generated_tokens)
+                    merged[delta.index] = dataclasses.replace(
+                        delta, token_ids=list(delta.token_ids),
+                        logprobs=None if delta.logprobs is None else list(delta.logprobs))
                     continue
                 have.text += delta.text
                 have.token_ids += delta.token_ids

@@ -40,14 +40,14 @@ class EngineStreamingResponse(StreamingResponse):
     def __init__(self, body: AsyncIterator[str], ticket: Ticket):
         super().__init__(body, media_type="text/event-stream", headers=SSE_HEADERS)
         self.ticket = ticket
-        self.body = body
+        self.source = body
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
             self.ticket.release()
-            aclose = getattr(self.body, "aclose", None)
+            aclose = getattr(self.source, "aclose", None)
             if aclose is not None:
                 await aclose()  # a never-started or cancelled generator still runs its cleanup
 
