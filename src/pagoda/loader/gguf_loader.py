@@ -32,6 +32,11 @@ _LAYER_NAMES = {
     "post_attention_norm": "post_attention_layernorm",
     "ffn_post_norm": "post_feedforward_layernorm",
 }
+# llama.cpp's Gemma 3 names: ffn_norm is the pre-feedforward norm, post_ffw_norm the post one.
+_GEMMA3_LAYER_NAMES = {
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
 _GLOBAL_NAMES = {
     "token_embd": "model.embed_tokens",
     "output_norm": "model.norm",
@@ -44,10 +49,11 @@ def hf_name(gguf_name: str, architecture: str) -> str:
     m = _BLOCK.match(gguf_name)
     if m:
         layer, part, kind = m.groups()
-        mapped = _LAYER_NAMES[part]
-        if architecture == "gemma3":
+        if architecture == "gemma3" and part in _GEMMA3_LAYER_NAMES:
             # Gemma 3 has four norms per layer; llama.cpp's names map onto them differently.
-            mapped = {"ffn_norm": "pre_feedforward_layernorm"}.get(part, mapped)
+            mapped = _GEMMA3_LAYER_NAMES[part]
+        else:
+            mapped = _LAYER_NAMES[part]
         return f"model.layers.{layer}.{mapped}.{kind}"
     base, kind = gguf_name.rsplit(".", 1)
     return f"{_GLOBAL_NAMES[base]}.{kind}"
@@ -120,6 +126,8 @@ class GGUFCheckpoint:
 
         cfg = self.config
         permute = self.architecture == "llama"
+        # llama.cpp stores Gemma's RMSNorm weights as (1 + w); HF's modules hold w.
+        norm_offset = 1.0 if self.architecture == "gemma3" else 0.0
         for t in tqdm(self.reader.tensors, desc="Loading weights", unit="tensor",
                       disable=not progress):
             w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
@@ -128,4 +136,6 @@ class GGUFCheckpoint:
                 w = unpermute_rows(w, cfg.num_heads)
             elif permute and name.endswith("k_proj.weight"):
                 w = unpermute_rows(w, cfg.num_kv_heads)
+            elif norm_offset and name.endswith("norm.weight"):
+                w = w - np.float32(norm_offset)
             yield name, torch.from_numpy(np.array(w, copy=True) if not w.flags.writeable else w)
