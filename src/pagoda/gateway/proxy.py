@@ -97,7 +97,7 @@ class Forwarder:
     ) -> Upstream:
         candidates = pool.candidates(exclude=tried)
         if not candidates:
-            raise UpstreamUnavailable(f"{detail}; no other upstream to try", len(tried))
+            raise UpstreamUnavailable(f"{detail} (all {len(tried)} upstreams tried)", len(tried))
         upstream = policy.choose(candidates, text)
         tried.add(upstream.name)
         upstream.num_requests += 1
