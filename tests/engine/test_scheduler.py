@@ -37,7 +37,7 @@ def test_prefill_then_decode_is_one_path():
     out = step(s)
     (a,) = out.scheduled
     assert (a.num_computed_tokens, len(a.token_ids), a.sample) == (0, 6, True)
-    assert a.block_ids == [0, 1]
+    assert a.block_ids == [[0, 1]]
     out = step(s)
     (a,) = out.scheduled
     assert (a.num_computed_tokens, a.token_ids, a.sample) == (6, [7], True)

@@ -15,8 +15,7 @@ import torch
 from pagoda.engine.config import EngineConfig
 from pagoda.engine.output_processor import OutputProcessor
 from pagoda.engine.outputs import RequestOutput
-from pagoda.kv_cache.kv_cache_manager import KVCacheManager
-from pagoda.kv_cache.kv_store import kv_bytes_per_element, make_kv_store
+from pagoda.kv_cache.kv_setup import build_kv, plan_kv_groups
 from pagoda.loader.model_loader import LoadedModel, load_model
 from pagoda.sampling.params import SamplingParams, SamplingParamsError
 from pagoda.scheduler.request import Request
@@ -34,18 +33,6 @@ class RequestError(ValueError):
     def __init__(self, message: str, param: str | None = None):
         super().__init__(message)
         self.param = param
-
-
-@dataclass(frozen=True)
-class KVCacheConfig:
-    num_blocks: int
-    block_size: int
-    kv_dtype: str
-    bytes_per_block: int
-
-    @property
-    def num_tokens(self) -> int:
-        return self.num_blocks * self.block_size
 
 
 @dataclass(frozen=True)
@@ -73,36 +60,25 @@ class LLMEngine:
         self.model_config = cfg = self.loaded.config
         self.tokenizer = self.loaded.tokenizer
         self.max_model_len = min(config.max_model_len or cfg.max_model_len, cfg.max_model_len)
-        self.kv_cache_config = self._kv_cache_config()
-        kv = self.kv_cache_config
+        self.kv_groups = plan_kv_groups(cfg, config.kv_cache_memory, config.block_size,
+                                        config.resolved_kv_dtype, config.max_num_seqs,
+                                        config.max_num_batched_tokens)
+        self.kv_cache_config = self.kv_groups[0]  # full attention (or the only) group
+        salt = f"{self.loaded.path}|{config.resolved_kv_dtype}|{config.quantization}|{config.dtype}"
         device = torch.device(config.device)
-        stores = [make_kv_store(kv.kv_dtype, kv.num_blocks, kv.block_size, cfg.num_kv_heads,
-                                cfg.head_dim, device, dtype) for _ in range(cfg.num_layers)]
-        salt = f"{self.loaded.path}|{kv.kv_dtype}|{config.quantization}|{config.dtype}"
-        self.kv_manager = KVCacheManager(kv.num_blocks, kv.block_size,
-                                         config.enable_prefix_caching, salt)
+        self.kv_manager, stores, layer_groups = build_kv(
+            self.kv_groups, cfg, device, dtype, config.enable_prefix_caching, salt)
         self.scheduler = Scheduler(SchedulerConfig(
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_num_seqs=config.max_num_seqs,
             enable_chunked_prefill=config.enable_chunked_prefill,
             batching=config.batching), self.kv_manager)
-        self.runner = ModelRunner(self.loaded.model, stores, kv.block_size, device,
-                                  self.tokenizer.eos_token_ids, config.seed)
+        self.runner = ModelRunner(self.loaded.model, stores, config.block_size, device,
+                                  self.tokenizer.eos_token_ids, config.seed, layer_groups)
         self.output_processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
-
-    def _kv_cache_config(self) -> KVCacheConfig:
-        cfg, c = self.model_config, self.config
-        kv_dtype = c.resolved_kv_dtype
-        per_token = cfg.kv_bytes_per_token(kv_bytes_per_element(kv_dtype, cfg.head_dim))
-        bytes_per_block = int(per_token * c.block_size)
-        num_blocks = c.kv_cache_memory // bytes_per_block
-        if num_blocks < 1:
-            raise ValueError(f"kv_cache_memory {c.kv_cache_memory} holds no block of "
-                             f"{bytes_per_block} bytes")
-        return KVCacheConfig(num_blocks, c.block_size, kv_dtype, bytes_per_block)
 
     # -- requests ----------------------------------------------------------------------------
     def new_request_id(self) -> str:

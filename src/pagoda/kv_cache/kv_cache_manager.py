@@ -80,12 +80,10 @@ class KVCacheManager:
 
         `cached_block_ids` (a prefix-cache hit) become the head of a new request's table.
         """
-        table = self.block_tables.get(req_id, [])
-        have = len(table) + len(cached_block_ids)
-        need = self.blocks_needed(num_total_tokens) - have
-        revived = sum(1 for b in cached_block_ids if self.pool.blocks[b].ref_count == 0)
-        if need + revived > self.pool.num_free:
+        if not self.can_allocate(req_id, num_total_tokens, cached_block_ids):
             return False
+        table = self.block_tables.get(req_id, [])
+        need = self.blocks_needed(num_total_tokens) - len(table) - len(cached_block_ids)
         if cached_block_ids:
             self.pool.acquire(list(cached_block_ids))
             table = table + list(cached_block_ids)
@@ -94,6 +92,17 @@ class KVCacheManager:
             table = table + self.pool.allocate(need)
         self.block_tables[req_id] = table
         return True
+
+    def can_allocate(self, req_id: str, num_total_tokens: int, cached_block_ids: list[int] = ()
+                     ) -> bool:
+        have = len(self.block_tables.get(req_id, [])) + len(cached_block_ids)
+        need = self.blocks_needed(num_total_tokens) - have
+        revived = sum(1 for b in cached_block_ids if self.pool.blocks[b].ref_count == 0)
+        return need + revived <= self.pool.num_free
+
+    def block_ids(self, req_id: str) -> list[list[int]]:
+        """The request's block table of each KV group (one group here)."""
+        return [list(self.block_tables[req_id])]
 
     def commit_computed(self, req_id: str, token_ids: list[int], num_computed: int) -> None:
         """Register the request's blocks that `num_computed` tokens have filled."""
@@ -115,7 +124,7 @@ class KVCacheManager:
 
     def free(self, req_id: str) -> None:
         table = self.block_tables.pop(req_id, [])
-        self.pool.release(table[::-1])
+        self.pool.release([b for b in table[::-1] if b >= 0])
         self._num_cached_blocks.pop(req_id, None)
 
     def forget(self, req_id: str) -> None:
@@ -128,7 +137,8 @@ class KVCacheManager:
         refs = [0] * self.pool.num_blocks
         for table in self.block_tables.values():
             for b in table:
-                refs[b] += 1
+                if b >= 0:  # -1: released by a sliding window
+                    refs[b] += 1
         for block in self.pool.blocks:
             assert block.ref_count == refs[block.block_id], (
                 f"block {block.block_id}: ref_count {block.ref_count} != {refs[block.block_id]}")

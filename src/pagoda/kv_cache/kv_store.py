@@ -34,6 +34,10 @@ class KVStore:
     def _blocks(self, x: torch.Tensor) -> torch.Tensor:
         return x.view(self.num_blocks, self.block_size, *x.shape[1:])
 
+    def fp32_cpu_blocks(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(num_blocks, block_size, n_kv, hd) K and V views when kept as fp32 on the CPU."""
+        return None
+
 
 class DenseKVStore(KVStore):
     """K/V kept in a float dtype; gathered values are cast back to the compute dtype."""
@@ -48,6 +52,11 @@ class DenseKVStore(KVStore):
     def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         self.k.index_copy_(0, slots, k.to(self.k.dtype))
         self.v.index_copy_(0, slots, v.to(self.v.dtype))
+
+    def fp32_cpu_blocks(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self.k.dtype == torch.float32 and self.k.device.type == "cpu":
+            return self._blocks(self.k), self._blocks(self.v)
+        return None
 
     def gather(self, block_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         k = self._blocks(self.k).index_select(0, block_ids).flatten(0, 1)

@@ -2,6 +2,8 @@
 
 New tokens' K/V are written to their slots first, so each query reads its whole context (cached
 prefix and the current chunk) from the cache, or from the fresh K/V when nothing was cached.
+Decodes on the CPU with an fp32 cache use the numba kernel that reads blocks in place; everything
+else gathers blocks and runs SDPA.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from pagoda.kv_cache.kv_store import KVStore
+from pagoda.layers import paged_decode_kernel
 from pagoda.layers.attention_metadata import AttentionMetadata
 
 
@@ -25,7 +28,13 @@ def paged_attention(
     store.write(meta.slot_mapping, k, v)
     out = torch.empty_like(q)
     num_decode = meta.num_decode
-    if num_decode:
+    dense = store.fp32_cpu_blocks() if num_decode and paged_decode_kernel.available() else None
+    if dense is not None and q.dtype == torch.float32:
+        assert meta.decode_block_tables is not None and meta.decode_context_lens is not None
+        out[:num_decode] = paged_decode_kernel.paged_decode_attention(
+            q[:num_decode], dense[0], dense[1], meta.decode_block_tables,
+            meta.decode_context_lens, scale, window)
+    elif num_decode:
         assert meta.decode_block_tables is not None
         max_context = meta.decode_block_tables.shape[1] * meta.block_size
         kc, vc = store.gather(meta.decode_block_tables.view(-1))  # (D * ctx, n_kv, hd)

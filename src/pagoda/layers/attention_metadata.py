@@ -7,6 +7,7 @@ chunks, each contiguous.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -44,3 +45,9 @@ class AttentionMetadata:
             mask = mask[:, None, None, :]
             self._masks[window] = mask
         return mask
+
+
+def layer_meta(meta: AttentionMetadata | Sequence[AttentionMetadata], layer: int
+               ) -> AttentionMetadata:
+    """The metadata of `layer`: models with several KV groups get one entry per layer."""
+    return meta if isinstance(meta, AttentionMetadata) else meta[layer]

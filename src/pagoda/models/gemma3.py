@@ -25,7 +25,7 @@ from torch import nn
 
 from pagoda.kv_cache.kv_store import KVStore
 from pagoda.layers.attention import paged_attention
-from pagoda.layers.attention_metadata import AttentionMetadata
+from pagoda.layers.attention_metadata import AttentionMetadata, layer_meta
 from pagoda.layers.norm import RMSNorm
 from pagoda.layers.rotary import RotaryEmbedding
 from pagoda.models.config import ModelConfig
@@ -123,17 +123,19 @@ class Gemma3ForCausalLM(nn.Module):
         self.rope_local = RotaryEmbedding(cfg.head_dim, cfg.max_model_len, local_theta)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                kv_stores: list[KVStore], meta: AttentionMetadata) -> torch.Tensor:
+                kv_stores: list[KVStore], meta: AttentionMetadata | list[AttentionMetadata]
+                ) -> torch.Tensor:
         """input_ids, positions: (T,). Returns final hidden states (T, hidden)."""
         x = self.embed_tokens(input_ids)  # (T, hidden)
         # The scale is rounded to the weights' dtype before multiplying, as Gemma was trained.
         x = x * torch.tensor(self.config.hidden_size ** 0.5, dtype=x.dtype)
-        window = self._step_window(meta)
-        for layer, store in zip(self.layers, kv_stores, strict=True):
+        window = self._step_window(layer_meta(meta, 0))
+        for i, (layer, store) in enumerate(zip(self.layers, kv_stores, strict=True)):
+            m = layer_meta(meta, i)
             if layer.self_attn.window is None:
-                x = layer(x, positions, self.rope_global, store, meta, None)
+                x = layer(x, positions, self.rope_global, store, m, None)
             else:
-                x = layer(x, positions, self.rope_local, store, meta, window)
+                x = layer(x, positions, self.rope_local, store, m, window)
         return self.norm(x)
 
     def _step_window(self, meta: AttentionMetadata) -> int | None:

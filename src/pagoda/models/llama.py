@@ -14,7 +14,7 @@ from torch import nn
 
 from pagoda.kv_cache.kv_store import KVStore
 from pagoda.layers.attention import paged_attention
-from pagoda.layers.attention_metadata import AttentionMetadata
+from pagoda.layers.attention_metadata import AttentionMetadata, layer_meta
 from pagoda.layers.norm import RMSNorm
 from pagoda.layers.rotary import RotaryEmbedding
 from pagoda.models.config import ModelConfig
@@ -94,11 +94,12 @@ class LlamaForCausalLM(nn.Module):
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_model_len, cfg.rope_theta)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                kv_stores: list[KVStore], meta: AttentionMetadata) -> torch.Tensor:
+                kv_stores: list[KVStore], meta: AttentionMetadata | list[AttentionMetadata]
+                ) -> torch.Tensor:
         """input_ids, positions: (T,). Returns final hidden states (T, hidden)."""
         x = self.embed_tokens(input_ids)
-        for layer, store in zip(self.layers, kv_stores, strict=True):
-            x = layer(x, positions, self.rope, store, meta)
+        for i, (layer, store) in enumerate(zip(self.layers, kv_stores, strict=True)):
+            x = layer(x, positions, self.rope, store, layer_meta(meta, i))
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ class ScheduledRequest:
     req_id: str
     token_ids: list[int]  # the tokens whose K/V this step computes
     num_computed_tokens: int  # position of token_ids[0]
-    block_ids: list[int]  # the request's whole block table
+    block_ids: list[list[int]]  # the request's whole block table in each KV group
     sample: bool  # the chunk reaches the last known token: sample the next one
     sampling_params: SamplingParams
     sample_index: int  # which of the parent's n samples (seeds differ per sample)

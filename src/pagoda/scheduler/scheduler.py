@@ -147,7 +147,7 @@ class Scheduler:
             req_id=request.req_id,
             token_ids=tokens,
             num_computed_tokens=start,
-            block_ids=list(self.kv.block_tables[request.req_id]),
+            block_ids=self.kv.block_ids(request.req_id),
             sample=start + num_new == request.num_tokens,
             sampling_params=request.sampling_params,
             sample_index=request.sample_index,

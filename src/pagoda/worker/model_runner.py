@@ -16,8 +16,10 @@ from pagoda.scheduler.output import ModelRunnerOutput, ScheduledRequest, Schedul
 
 class ModelRunner:
     def __init__(self, model: nn.Module, kv_stores: list[KVStore], block_size: int,
-                 device: torch.device, eos_token_ids: tuple[int, ...], seed: int | None = None):
+                 device: torch.device, eos_token_ids: tuple[int, ...], seed: int | None = None,
+                 layer_groups: list[int] | None = None):
         self.model = model
+        self.layer_groups = layer_groups or [0] * len(kv_stores)  # KV group of each layer
         self.kv_stores = kv_stores
         self.block_size = block_size
         self.device = device
@@ -47,35 +49,50 @@ class ModelRunner:
         return [block_ids[p // bs] * bs + p % bs for p in range(start, end)]
 
     def _prepare(self, ordered: list[ScheduledRequest]
-                 ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[tuple[int, int]]]:
+                 ) -> tuple[torch.Tensor, torch.Tensor, list[AttentionMetadata],
+                            list[tuple[int, int]]]:
+        """Flat token batch, then one AttentionMetadata per layer (shared within a KV group)."""
         tokens: list[int] = []
         positions: list[int] = []
-        slot_mapping: list[int] = []
         sample_rows: list[tuple[int, int]] = []  # (index in ordered, row in the flat batch)
-        decode_tables: list[list[int]] = []
-        decode_lens: list[int] = []
-        prefills: list[PrefillSpan] = []
         for i, r in enumerate(ordered):
             start, n = r.num_computed_tokens, len(r.token_ids)
             offset = len(tokens)
             tokens += r.token_ids
             positions += range(start, start + n)
-            slot_mapping += self._slots(r.block_ids, start, start + n)
+            if r.sample:
+                sample_rows.append((i, offset + n - 1))
+        num_groups = len(ordered[0].block_ids)
+        group_metas = [self._group_meta(ordered, g) for g in range(num_groups)]
+        metas = [group_metas[g] for g in self.layer_groups]
+        return (torch.tensor(tokens, device=self.device),
+                torch.tensor(positions, device=self.device), metas, sample_rows)
+
+    def _group_meta(self, ordered: list[ScheduledRequest], group: int) -> AttentionMetadata:
+        slot_mapping: list[int] = []
+        decode_tables: list[list[int]] = []
+        decode_lens: list[int] = []
+        prefills: list[PrefillSpan] = []
+        offset = 0
+        for r in ordered:
+            # -1 marks blocks a sliding window released: never read unmasked, so any id will do.
+            table = [max(b, 0) for b in r.block_ids[group]]
+            start, n = r.num_computed_tokens, len(r.token_ids)
+            slot_mapping += self._slots(table, start, start + n)
             if n == 1:
-                decode_tables.append(r.block_ids)
+                decode_tables.append(table)
                 decode_lens.append(start + 1)
             else:
                 ctx = None
                 if start > 0:
                     num_blocks = -(-(start + n) // self.block_size)
-                    ctx = torch.tensor(r.block_ids[:num_blocks], device=self.device)
+                    ctx = torch.tensor(table[:num_blocks], device=self.device)
                 prefills.append(PrefillSpan(offset, n, start, ctx))
-            if r.sample:
-                sample_rows.append((i, offset + n - 1))
+            offset += n
         tables_t = lens_t = None
         if decode_tables:
             tables_t, lens_t = self._decode_tables(decode_tables, decode_lens)
-        meta = AttentionMetadata(
+        return AttentionMetadata(
             slot_mapping=torch.tensor(slot_mapping, device=self.device),
             num_decode=len(decode_tables),
             decode_block_tables=tables_t,
@@ -83,8 +100,6 @@ class ModelRunner:
             prefills=prefills,
             block_size=self.block_size,
         )
-        return (torch.tensor(tokens, device=self.device),
-                torch.tensor(positions, device=self.device), meta, sample_rows)
 
     def _decode_tables(self, tables: list[list[int]], lens: list[int]
                        ) -> tuple[torch.Tensor, torch.Tensor]:
