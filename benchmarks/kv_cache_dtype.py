@@ -72,8 +72,7 @@ def main() -> None:
     greedy = SamplingParams(temperature=0, max_tokens=args.tokens, ignore_eos=True)
     from pagoda.entrypoints.llm import LLM
 
-    llm = LLM.__new__(LLM)
-    llm.engine, llm.tokenizer = ref, tok
+    llm = LLM.from_engine(ref)
     continuations = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy)]
     print(f"\n{loaded.config.name}: KV budget {args.budget / 2**30:.2f} GiB, context "
           f"{args.context}, {len(prompts)} prompts x {args.tokens} teacher-forced tokens")
