@@ -74,6 +74,11 @@ def load_model(model: str | None = None, device: str = "cpu", dtype: torch.dtype
                progress: bool = True) -> LoadedModel:
     start = time.perf_counter()
     path = resolve_model_path(model)
+    if os.path.isdir(path):
+        from pagoda.quant import is_quantized_checkpoint, load_quantized_model
+
+        if is_quantized_checkpoint(path):  # written by `pagoda quantize`
+            return load_quantized_model(path, device=device, dtype=dtype)
     ckpt = open_checkpoint(path)
     cfg = ckpt.config
     with torch.device("meta"):
