@@ -34,7 +34,9 @@ class Sampler:
         greedy_rows = [i for i, r in enumerate(requests) if r.sampling_params.greedy]
         random_rows = [i for i, r in enumerate(requests) if not r.sampling_params.greedy]
         sampled = torch.empty(len(requests), dtype=torch.long)
-        if greedy_rows:
+        if not random_rows:  # all greedy: no row copies
+            sampled = logits.argmax(dim=-1)
+        elif greedy_rows:
             idx = torch.tensor(greedy_rows)
             sampled[idx] = logits[idx].argmax(dim=-1)
         if random_rows:
