@@ -4,8 +4,8 @@ Workload (defaults): 64 requests of 128 random prompt tokens and 128 output toke
 greedy), at most 32 in flight, prompts sent as token ids so every side sees identical inputs.
 Three sides, measured one after another in the same run:
 
-1. engine: an `LLMEngine` stepped in a worker thread of this process, a closed loop that admits a
-   new request as soon as one finishes (the ceiling: no asyncio, no HTTP);
+1. engine: an `LLMEngine` built in this process and stepped in a worker thread (as `AsyncLLM`
+   does), a closed loop that admits a new request as soon as one finishes (no asyncio, no HTTP);
 2. async: `AsyncLLM` in this process (the background engine thread + asyncio streams, no HTTP);
 3. http: a `pagoda serve` subprocess, 32 streaming `/v1/completions` clients over httpx.
 
@@ -79,19 +79,20 @@ def make_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[in
 
 
 def run_engine(prompts: list[list[int]], args: argparse.Namespace) -> Summary:
-    """The closed loop in a worker thread, as the server steps its engine: on this 2-core box
-    torch's 2-thread intra-op pool is 10-25x slower when driven from the main thread under load
-    (measured 2026-11-25; 1 thread or a worker thread do not show it)."""
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        return pool.submit(_engine_loop, prompts, args).result()
-
-
-def _engine_loop(prompts: list[list[int]], args: argparse.Namespace) -> Summary:
+    """Built in the main thread, stepped in a worker thread — exactly as `AsyncLLM` does. On this
+    2-core box under load, stepping from the thread that built the engine was 3-25x slower
+    (torch's intra-op thread pool; measured 2026-11-25, see docs/server.md)."""
     from pagoda.engine.config import EngineConfig
     from pagoda.engine.llm_engine import LLMEngine
-    from pagoda.sampling.params import SamplingParams
 
     engine = LLMEngine(EngineConfig(kv_cache_memory=KV_CACHE_MEMORY, progress=False))
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(_engine_loop, engine, prompts, args).result()
+
+
+def _engine_loop(engine, prompts: list[list[int]], args: argparse.Namespace) -> Summary:
+    from pagoda.sampling.params import SamplingParams
+
     params = SamplingParams(max_tokens=args.output_len, ignore_eos=True, temperature=0)
     engine.add_request("warmup", prompts[0][:16], SamplingParams(max_tokens=4))
     while engine.has_unfinished_requests():
