@@ -128,3 +128,15 @@ def test_dtype_cast_keeps_packed_kernels_and_device_move_drops_them(model: TinyM
     assert head._packed is packed
     model.to("meta")
     assert head._packed is None and head.qweight.is_meta
+
+
+@pytest.mark.parametrize("method", ["fp16", "int8"])
+def test_retying_the_embedding_leaves_a_quantized_head_alone(model: TinyModel, method: str):
+    """The model's post_load re-ties lm_head.weight to the embedding after a load."""
+    quantize_model(model, QuantConfig(method=method))
+    x = torch.randn(2, 64)
+    before = model.lm_head(x)
+    model.lm_head.weight = model.embed_tokens.weight
+    assert not list(model.lm_head.parameters())
+    assert torch.equal(model.lm_head(x), before)
+    model.to(torch.float32)  # used to fail: the fp16 buffer had become a parameter

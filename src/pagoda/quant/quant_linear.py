@@ -61,6 +61,14 @@ class QuantLinear(nn.Module):
         raise NotImplementedError
 
     # --- shared machinery ----------------------------------------------------------------------
+    def __setattr__(self, name: str, value: object) -> None:
+        # A model's post-load step may re-tie `lm_head.weight` to the embedding. A quantized head
+        # owns its weights, so that tie must neither replace them (HalfLinear's `weight` buffer)
+        # nor hang a stray fp32 parameter on the module.
+        if name == "weight" and isinstance(value, nn.Parameter):
+            return
+        super().__setattr__(name, value)
+
     def pack(self) -> object:
         return pack_int8(*self.int8_form())
 
