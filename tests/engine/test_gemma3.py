@@ -223,18 +223,14 @@ def test_sliding_window_greedy(gemma_small_window, prompt_ids, small_window_refe
     engine.check_integrity()
 
 
-def test_sliding_window_chunked_and_prefix_cached(gemma_small_window, prompt_ids,
-                                                  small_window_reference):
-    """Chunks of 16 tokens read a cached prefix through the window mask; a repeated prompt is
-    served from the prefix cache, so its prefill starts past the window."""
+def test_sliding_window_chunked_prefill(gemma_small_window, prompt_ids, small_window_reference):
+    """Chunks of 16 tokens read earlier chunks' K/V through the window mask. Each long prompt runs
+    twice in one engine: the second run reuses blocks the first released behind the window."""
     engine = make_engine(gemma_small_window, max_num_batched_tokens=16)
     for i in LONG:
-        requests = {"first": (prompt_ids[i], GREEDY)}
-        got = run_to_completion(engine, requests)
-        assert got["first"] == small_window_reference[i]
-        got = run_to_completion(engine, {"again": (prompt_ids[i], GREEDY)})
-        assert got["again"] == small_window_reference[i]
-    assert engine.stats().prefix_cache_hits > SMALL_WINDOW
+        for run in ("first", "again"):
+            got = run_to_completion(engine, {run: (prompt_ids[i], GREEDY)})[run]
+            assert got == small_window_reference[i], f"prompt {i} differs ({run} run)"
     engine.check_integrity()
 
 
