@@ -38,6 +38,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-chunked-prefill", action="store_true")
     g.add_argument("--no-prefix-caching", action="store_true")
     g.add_argument("--batching", default="continuous", choices=["continuous", "static"])
+    g.add_argument("--attention-backend", default="torch", choices=["torch", "numba"],
+                   help="decode attention: gather + SDPA, or the numba paged kernel (CPU)")
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
@@ -50,6 +52,7 @@ def engine_config_from_args(args: argparse.Namespace, **overrides: object) -> En
         max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
         enable_chunked_prefill=not args.no_chunked_prefill,
         enable_prefix_caching=not args.no_prefix_caching, batching=args.batching,
+        attention_backend=args.attention_backend,
         seed=args.seed, num_threads=args.threads,
     )
     values.update(overrides)

@@ -22,6 +22,9 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     enable_prefix_caching: bool = True
     batching: str = "continuous"
+    # decode attention: "torch" gathers blocks then runs SDPA; "numba" reads blocks in place
+    # (CPU, fp32 KV only; others fall back to torch)
+    attention_backend: str = "torch"
     seed: int | None = None
     num_threads: int | None = None
     progress: bool = True
@@ -33,6 +36,8 @@ class EngineConfig:
             raise ValueError(f"kv_cache_dtype must be auto or one of {KV_DTYPES}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError("block_size must be a power of two")
+        if self.attention_backend not in ("torch", "numba"):
+            raise ValueError("attention_backend must be torch or numba")
         if self.kv_cache_memory < 1:
             raise ValueError("kv_cache_memory must be positive")
 

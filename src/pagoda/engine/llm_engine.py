@@ -52,6 +52,11 @@ class LLMEngine:
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         dtype = TORCH_DTYPES[config.dtype]
+        from pagoda.quant.cli import half_precision_warning
+
+        warning = half_precision_warning(config.device, config.dtype)
+        if warning:
+            log.warning(warning)
         self.loaded = loaded or load_model(config.model, config.device, dtype, config.progress)
         if config.quantization != "none":
             from pagoda.quant import apply_quantization
@@ -74,7 +79,8 @@ class LLMEngine:
             enable_chunked_prefill=config.enable_chunked_prefill,
             batching=config.batching), self.kv_manager)
         self.runner = ModelRunner(self.loaded.model, stores, config.block_size, device,
-                                  self.tokenizer.eos_token_ids, config.seed, layer_groups)
+                                  self.tokenizer.eos_token_ids, config.seed, layer_groups,
+                                  decode_kernel=config.attention_backend == "numba")
         self.output_processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
         self.num_prompt_tokens = 0

@@ -2,8 +2,8 @@
 
 New tokens' K/V are written to their slots first, so each query reads its whole context (cached
 prefix and the current chunk) from the cache, or from the fresh K/V when nothing was cached.
-Decodes on the CPU with an fp32 cache use the numba kernel that reads blocks in place; everything
-else gathers blocks and runs SDPA.
+With `decode_kernel` set, decodes on the CPU with an fp32 cache use the numba kernel that reads
+blocks in place; everything else gathers blocks and runs SDPA.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ def paged_attention(
     store.write(meta.slot_mapping, k, v)
     out = torch.empty_like(q)
     num_decode = meta.num_decode
-    dense = store.fp32_cpu_blocks() if num_decode and paged_decode_kernel.available() else None
+    use_kernel = meta.decode_kernel and num_decode and paged_decode_kernel.available()
+    dense = store.fp32_cpu_blocks() if use_kernel else None
     if dense is not None and q.dtype == torch.float32:
         assert meta.decode_block_tables is not None and meta.decode_context_lens is not None
         out[:num_decode] = paged_decode_kernel.paged_decode_attention(

@@ -30,6 +30,7 @@ class AttentionMetadata:
     decode_context_lens: torch.Tensor | None  # (num_decode,) int64, new token included
     prefills: list[PrefillSpan]
     block_size: int
+    decode_kernel: bool = False  # decodes use the numba paged kernel when the store allows
     _masks: dict[int | None, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def decode_mask(self, window: int | None) -> torch.Tensor:

@@ -89,7 +89,7 @@ class LlamaForCausalLM(nn.Module):
     def post_load(self) -> None:
         """Re-tie embeddings and rebuild RoPE tables (built on the meta device, then loaded)."""
         cfg = self.config
-        if cfg.tie_word_embeddings:
+        if cfg.tie_word_embeddings and isinstance(self.lm_head, nn.Linear):  # not if quantized
             self.lm_head.weight = self.embed_tokens.weight
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_model_len, cfg.rope_theta)
 

@@ -47,6 +47,7 @@ def register(subparsers: Any) -> None:
     e.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
                    default=None)
     e.add_argument("--batching")
+    e.add_argument("--attention-backend", choices=["torch", "numba"])
     e.add_argument("--seed", type=int)
     e.add_argument("--num-threads", type=int)
     p.set_defaults(func=run)
@@ -55,7 +56,7 @@ def register(subparsers: Any) -> None:
 ENGINE_OPTIONS = ("model", "dtype", "quantization", "kv_cache_memory", "kv_cache_dtype",
                   "block_size", "max_num_batched_tokens", "max_num_seqs", "max_model_len",
                   "enable_chunked_prefill", "enable_prefix_caching", "batching", "seed",
-                  "num_threads")
+                  "num_threads", "attention_backend")
 
 
 def config_from_args(args: argparse.Namespace) -> Any:

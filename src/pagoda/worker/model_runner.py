@@ -17,8 +17,9 @@ from pagoda.scheduler.output import ModelRunnerOutput, ScheduledRequest, Schedul
 class ModelRunner:
     def __init__(self, model: nn.Module, kv_stores: list[KVStore], block_size: int,
                  device: torch.device, eos_token_ids: tuple[int, ...], seed: int | None = None,
-                 layer_groups: list[int] | None = None):
+                 layer_groups: list[int] | None = None, decode_kernel: bool = False):
         self.model = model
+        self.decode_kernel = decode_kernel
         self.layer_groups = layer_groups or [0] * len(kv_stores)  # KV group of each layer
         self.kv_stores = kv_stores
         self.block_size = block_size
@@ -99,6 +100,7 @@ class ModelRunner:
             decode_context_lens=lens_t,
             prefills=prefills,
             block_size=self.block_size,
+            decode_kernel=self.decode_kernel,
         )
 
     def _decode_tables(self, tables: list[list[int]], lens: list[int]
