@@ -26,6 +26,8 @@ class OfflineResult:
     num_requests: int
     output_tokens: int
     seconds: float
+    ttft_p50: float = 0.0  # seconds from submission (all at once) to first token
+    ttft_p99: float = 0.0
 
     @property
     def output_tok_s(self) -> float:
@@ -66,12 +68,16 @@ def run_engine(engine, workload, label: str) -> OfflineResult:
         engine.add_request(f"{label}-{i}", ids, SamplingParams(
             temperature=0, max_tokens=out_len, ignore_eos=True))
     produced = 0
+    first: dict[str, float] = {}
     with tqdm(total=len(workload), desc=label, unit="req") as bar:
         while engine.has_unfinished_requests():
             for out in engine.step():
                 produced += sum(len(o.token_ids) for o in out.outputs)
+                first.setdefault(out.req_id, time.perf_counter() - start)
                 bar.update(int(out.finished))
-    return OfflineResult(label, len(workload), produced, time.perf_counter() - start)
+    ttfts = sorted(first.values())
+    return OfflineResult(label, len(workload), produced, time.perf_counter() - start,
+                         ttfts[len(ttfts) // 2], ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))])
 
 
 def engine_decode_rate(engine, prompt: list[int], num_tokens: int) -> float:
@@ -157,7 +163,8 @@ def run(args: argparse.Namespace) -> int:
     for r in results:
         print(f"  {r.label:<22} {r.output_tokens:>6} tokens in {r.seconds:7.2f} s  "
               f"{r.output_tok_s:8.1f} output tok/s  ({r.output_tok_s / base:.2f}x "
-              f"{results[-1].label})")
+              f"{results[-1].label})" + (f"  TTFT p50 {r.ttft_p50:.2f} s p99 {r.ttft_p99:.2f} s"
+                                         if r.ttft_p50 else ""))
     for name, rate in decode.items():
         print(f"  batch-1 decode {name:<14} {rate:8.1f} tok/s")
     if args.save_result:

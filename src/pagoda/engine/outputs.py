@@ -6,6 +6,7 @@ Streaming callers receive `RequestOutput`s whose samples carry the *delta* since
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 # One generated position: {token_id: logprob} holding the top-N alternatives and the sampled token.
@@ -25,6 +26,22 @@ class CompletionOutput:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+
+def merge_delta(samples: dict[int, CompletionOutput], delta: CompletionOutput) -> None:
+    """Fold a streamed delta into the accumulated sample of the same index (created on first)."""
+    have = samples.get(delta.index)
+    if have is None:
+        samples[delta.index] = dataclasses.replace(
+            delta, token_ids=list(delta.token_ids),
+            logprobs=None if delta.logprobs is None else list(delta.logprobs))
+        return
+    have.text += delta.text
+    have.token_ids += delta.token_ids
+    if have.logprobs is not None and delta.logprobs:
+        have.logprobs += delta.logprobs
+    have.finish_reason, have.stop_reason = delta.finish_reason, delta.stop_reason
+    have.num_generated_tokens = delta.num_generated_tokens
 
 
 @dataclass

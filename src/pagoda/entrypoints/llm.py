@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from pagoda.engine.config import EngineConfig
 from pagoda.engine.llm_engine import LLMEngine
-from pagoda.engine.outputs import CompletionOutput, RequestOutput
+from pagoda.engine.outputs import CompletionOutput, RequestOutput, merge_delta
 from pagoda.sampling.params import SamplingParams
 
 Prompt = str | list[int]
@@ -61,7 +61,7 @@ class LLM:
             for out in self.engine.step():
                 samples = acc[out.req_id]
                 for delta in out.outputs:
-                    _accumulate(samples, delta)
+                    merge_delta(samples, delta)
                 if out.finished:
                     done[out.req_id] = dataclasses.replace(
                         out, outputs=[samples[i] for i in sorted(samples)])
@@ -69,18 +69,3 @@ class LLM:
         bar.close()
         return [done[r] for r in order]
 
-
-def _accumulate(samples: dict[int, CompletionOutput], delta: CompletionOutput) -> None:
-    have = samples.get(delta.index)
-    if have is None:
-        samples[delta.index] = dataclasses.replace(
-            delta, token_ids=list(delta.token_ids),
-            logprobs=None if delta.logprobs is None else list(delta.logprobs))
-        return
-    have.text += delta.text
-    have.token_ids += delta.token_ids
-    if have.logprobs is not None and delta.logprobs:
-        have.logprobs += delta.logprobs
-    have.finish_reason = delta.finish_reason
-    have.stop_reason = delta.stop_reason
-    have.num_generated_tokens = delta.num_generated_tokens

@@ -61,18 +61,8 @@ def paged_attention(
             o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale,
                                                enable_gqa=True)
         else:
-            mask = _chunk_mask(span.num_cached, span.num_tokens, window)
-            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale,
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=span.mask(window), scale=scale,
                                                enable_gqa=True)
         out[span.start:end] = o.squeeze(0).transpose(0, 1)
     return out
 
-
-def _chunk_mask(num_cached: int, num_tokens: int, window: int | None) -> torch.Tensor:
-    """(num_tokens, num_cached + num_tokens) bool: causal, offset by the cached prefix."""
-    q_pos = torch.arange(num_cached, num_cached + num_tokens).unsqueeze(1)
-    k_pos = torch.arange(num_cached + num_tokens).unsqueeze(0)
-    mask = k_pos <= q_pos
-    if window is not None:
-        mask &= k_pos > q_pos - window
-    return mask

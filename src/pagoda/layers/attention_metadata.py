@@ -20,6 +20,22 @@ class PrefillSpan:
     num_cached: int  # tokens of this request already in the KV cache before the chunk
     # block ids holding the whole context (num_cached + num_tokens); None when num_cached == 0
     context_blocks: torch.Tensor | None
+    _masks: dict[int | None, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def mask(self, window: int | None) -> torch.Tensor:
+        """(num_tokens, num_cached + num_tokens) bool: causal, offset by the cached prefix.
+
+        Built once per step and window, not once per layer.
+        """
+        mask = self._masks.get(window)
+        if mask is None:
+            q_pos = torch.arange(self.num_cached, self.num_cached + self.num_tokens).unsqueeze(1)
+            k_pos = torch.arange(self.num_cached + self.num_tokens).unsqueeze(0)
+            mask = k_pos <= q_pos
+            if window is not None:
+                mask &= k_pos > q_pos - window
+            self._masks[window] = mask
+        return mask
 
 
 @dataclass

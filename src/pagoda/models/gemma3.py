@@ -29,6 +29,7 @@ from pagoda.layers.attention_metadata import AttentionMetadata, layer_meta
 from pagoda.layers.norm import RMSNorm
 from pagoda.layers.rotary import RotaryEmbedding
 from pagoda.models.config import ModelConfig
+from pagoda.models.weight_loading import load_fused_weights
 
 
 def _norm(dim: int, cfg: ModelConfig) -> RMSNorm:
@@ -92,12 +93,6 @@ class Gemma3DecoderLayer(nn.Module):
 
 
 class Gemma3ForCausalLM(nn.Module):
-    # HF checkpoint name fragment -> (our fused parameter fragment, shard index)
-    stacked = {
-        "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
-        "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
-    }
-
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         assert cfg.architecture == "gemma3"
@@ -161,33 +156,4 @@ class Gemma3ForCausalLM(nn.Module):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load HF-named fp32 tensors; norm weights are HF's w (the module computes 1 + w)."""
-        params = dict(self.named_parameters(remove_duplicate=False))
-        loaded: set[str] = set()
-        for hf_name, tensor in weights:
-            name = hf_name.removeprefix("model.")
-            if name == "lm_head.weight" and self.config.tie_word_embeddings:
-                continue
-            for part, (fused, shard) in self.stacked.items():
-                if f".{part}." in name:
-                    name = name.replace(part, fused)
-                    sizes = self._shard_sizes(fused)
-                    offset = sum(sizes[:shard])
-                    params[name].data[offset:offset + sizes[shard]].copy_(tensor)
-                    break
-            else:
-                if name not in params:
-                    raise ValueError(f"unexpected weight {hf_name} in checkpoint")
-                params[name].data.copy_(tensor)
-            loaded.add(name)
-        missing = {n for n in params if n not in loaded}
-        if self.config.tie_word_embeddings:
-            missing.discard("lm_head.weight")
-        if missing:
-            raise ValueError(f"checkpoint lacks weights: {sorted(missing)[:5]}")
-
-    def _shard_sizes(self, fused: str) -> list[int]:
-        cfg = self.config
-        if fused == "qkv_proj":
-            kv = cfg.num_kv_heads * cfg.head_dim
-            return [cfg.num_heads * cfg.head_dim, kv, kv]
-        return [cfg.intermediate_size, cfg.intermediate_size]
+        load_fused_weights(self, self.config, weights)

@@ -13,7 +13,6 @@ rules hold for all of them:
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import hashlib
 import logging
 import os
@@ -22,7 +21,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from pagoda.engine.async_llm import AsyncLLM
-from pagoda.engine.outputs import CompletionOutput, RequestOutput
+from pagoda.engine.outputs import CompletionOutput, RequestOutput, merge_delta
 from pagoda.loader.model_loader import DEFAULT_MODEL
 from pagoda.sampling.params import SamplingParams
 from pagoda.server.config import ServerConfig
@@ -177,18 +176,7 @@ class EngineClient:
         final = None
         async for out in outputs:
             for delta in out.outputs:
-                have = merged.get(delta.index)
-                if have is None:
-                    merged[delta.index] = dataclasses.replace(
-                        delta, token_ids=list(delta.token_ids),
-                        logprobs=None if delta.logprobs is None else list(delta.logprobs))
-                    continue
-                have.text += delta.text
-                have.token_ids += delta.token_ids
-                if have.logprobs is not None and delta.logprobs:
-                    have.logprobs += delta.logprobs
-                have.finish_reason, have.stop_reason = delta.finish_reason, delta.stop_reason
-                have.num_generated_tokens = delta.num_generated_tokens
+                merge_delta(merged, delta)
             final = out
         if final is None:
             raise APIError(500, "the engine returned no output")

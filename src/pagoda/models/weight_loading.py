@@ -1,0 +1,55 @@
+"""Loading HF-named checkpoint tensors into models whose q/k/v and gate/up projections are fused.
+
+Every architecture shares this: HF checkpoints keep `q_proj`, `k_proj`, `v_proj`, `gate_proj` and
+`up_proj` separate, while Pagoda's models run one matmul each for `qkv_proj` and `gate_up_proj`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from pagoda.models.config import ModelConfig
+
+# HF checkpoint name fragment -> (our fused parameter fragment, shard index)
+STACKED = {
+    "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+    "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
+}
+
+
+def shard_sizes(cfg: ModelConfig, fused: str) -> list[int]:
+    if fused == "qkv_proj":
+        kv = cfg.num_kv_heads * cfg.head_dim
+        return [cfg.num_heads * cfg.head_dim, kv, kv]
+    return [cfg.intermediate_size, cfg.intermediate_size]
+
+
+def load_fused_weights(model: nn.Module, cfg: ModelConfig,
+                       weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Copy every (hf_name, tensor) into `model`; raises on unexpected or missing weights."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded: set[str] = set()
+    for hf_name, tensor in weights:
+        name = hf_name.removeprefix("model.")
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        for part, (fused, shard) in STACKED.items():
+            if f".{part}." in name:
+                name = name.replace(part, fused)
+                sizes = shard_sizes(cfg, fused)
+                offset = sum(sizes[:shard])
+                params[name].data[offset:offset + sizes[shard]].copy_(tensor)
+                break
+        else:
+            if name not in params:
+                raise ValueError(f"unexpected weight {hf_name} in checkpoint")
+            params[name].data.copy_(tensor)
+        loaded.add(name)
+    missing = {n for n in params if n not in loaded}
+    if cfg.tie_word_embeddings:
+        missing.discard("lm_head.weight")
+    if missing:
+        raise ValueError(f"checkpoint lacks weights: {sorted(missing)[:5]}")
