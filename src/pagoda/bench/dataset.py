@@ -49,6 +49,7 @@ class DatasetConfig:
     output_len: int = 128
     range_ratio: float = 0.0  # lengths drawn uniformly from [L*(1-r), L*(1+r)]
     shared_prefix_len: int = 0  # shared-prefix: tokens common to all prompts, within input_len
+    num_prefixes: int = 1  # shared-prefix: prompts cycle through this many distinct prefixes
     chat_file: str | None = None
     seed: int = 0
 
@@ -61,6 +62,8 @@ class DatasetConfig:
             raise ValueError("--range-ratio must be in [0, 1)")
         if self.name == "shared-prefix" and not 0 < self.shared_prefix_len < self.input_len:
             raise ValueError("shared-prefix needs 0 < --shared-prefix-len < --input-len")
+        if self.num_prefixes < 1:
+            raise ValueError("--num-prefixes must be at least 1")
         if self.name == "chat-file" and not self.chat_file:
             raise ValueError("the chat-file dataset needs --chat-file PATH")
 
@@ -120,11 +123,14 @@ async def random_dataset(config: DatasetConfig, tokenizer: PromptTokenizer) -> l
 async def shared_prefix_dataset(
     config: DatasetConfig, tokenizer: PromptTokenizer
 ) -> list[BenchRequest]:
-    """All prompts start with the same `shared_prefix_len`-token text; the rest is unique."""
+    """Prompt i starts with prefix i mod `num_prefixes` (`shared_prefix_len` tokens each); the
+    rest is unique. Several prefixes model several system prompts or documents."""
     rng = random.Random(config.seed)
-    prefix, _ = await fit_text(tokenizer, rng, "", config.shared_prefix_len)
+    prefixes = [(await fit_text(tokenizer, rng, "", config.shared_prefix_len))[0]
+                for _ in range(config.num_prefixes)]
     requests = []
-    for _ in range(config.num_prompts):
+    for i in range(config.num_prompts):
+        prefix = prefixes[i % len(prefixes)]
         input_len = max(
             config.shared_prefix_len + 1, sample_len(rng, config.input_len, config.range_ratio)
         )

@@ -40,6 +40,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--output-len", type=int, default=128, help="max_tokens of each request")
     p.add_argument("--range-ratio", type=float, default=0.0, help="lengths vary by ±this fraction")
     p.add_argument("--shared-prefix-len", type=int, default=0, help="shared-prefix dataset only")
+    p.add_argument("--num-prefixes", type=int, default=1,
+                   help="shared-prefix dataset: distinct prefixes the prompts cycle through")
     p.add_argument("--chat-file", default=None, help="JSONL of message lists (chat-file dataset)")
     p.add_argument("--request-rate", type=parse_rate, default=math.inf, help="req/s or inf")
     p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape; 1 = Poisson")
@@ -59,8 +61,8 @@ def settings_of(args: argparse.Namespace) -> dict[str, Any]:
     """Every serve option as JSON-safe values (inf becomes the string "inf")."""
     keys = [
         "base_url", "model", "endpoint", "dataset", "num_prompts", "input_len", "output_len",
-        "range_ratio", "shared_prefix_len", "chat_file", "request_rate", "burstiness",
-        "max_concurrency", "seed", "ignore_eos", "warmup", "goodput", "timeout",
+        "range_ratio", "shared_prefix_len", "num_prefixes", "chat_file", "request_rate",
+        "burstiness", "max_concurrency", "seed", "ignore_eos", "warmup", "goodput", "timeout",
     ]  # fmt: skip
     settings = {k: getattr(args, k) for k in keys}
     if math.isinf(settings["request_rate"]):
@@ -95,6 +97,7 @@ async def benchmark(args: argparse.Namespace) -> BenchResult:
         output_len=args.output_len,
         range_ratio=args.range_ratio,
         shared_prefix_len=args.shared_prefix_len,
+        num_prefixes=args.num_prefixes,
         chat_file=args.chat_file,
         seed=args.seed,
     )
