@@ -46,7 +46,8 @@ def wait_healthy(url: str, timeout: float = 300) -> None:
 
 def prefix_hits(url: str) -> float:
     text = httpx.get(url + "/metrics", timeout=5).text
-    m = re.search(r"^pagoda:prefix_cache_hits(?:_total)?\s+([0-9.e+]+)$", text, re.M)
+    m = re.search(r"^pagoda:prefix_cache_hits(?:_total)?(?:\{[^}]*\})?\s+([0-9.e+]+)$", text,
+                  re.M)
     return float(m.group(1)) if m else 0.0
 
 
