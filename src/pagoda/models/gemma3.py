@@ -26,6 +26,7 @@ from torch import nn
 from pagoda.kv_cache.kv_store import KVStore
 from pagoda.layers.attention import paged_attention
 from pagoda.layers.attention_metadata import AttentionMetadata, layer_meta
+from pagoda.layers.mlp import GatedMLP
 from pagoda.layers.norm import RMSNorm
 from pagoda.layers.rotary import RotaryEmbedding
 from pagoda.models.config import ModelConfig
@@ -63,15 +64,8 @@ class Gemma3Attention(nn.Module):
         return self.o_proj(o.view(num_tokens, self.q_size))
 
 
-class Gemma3MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.gelu(gate, approximate="tanh") * up)
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
 
 
 class Gemma3DecoderLayer(nn.Module):
@@ -81,7 +75,7 @@ class Gemma3DecoderLayer(nn.Module):
         self.self_attn = Gemma3Attention(cfg, layer)
         self.post_attention_layernorm = _norm(cfg.hidden_size, cfg)
         self.pre_feedforward_layernorm = _norm(cfg.hidden_size, cfg)
-        self.mlp = Gemma3MLP(cfg)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, _gelu_tanh)
         self.post_feedforward_layernorm = _norm(cfg.hidden_size, cfg)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding,
