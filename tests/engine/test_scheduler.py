@@ -163,3 +163,40 @@ def test_prefix_cache_hit_skips_computed_tokens():
     b = next(r for r in out.scheduled if r.req_id == "b")
     assert (b.num_computed_tokens, len(b.token_ids)) == (8, 1)
     assert s.kv.num_hit_tokens == 8 and s.kv.num_queried_tokens == 18
+
+
+def test_request_waits_one_step_for_a_prefix_being_computed():
+    """A prompt whose blocks another request computes this step is admitted next step, as hits."""
+    s = make(caching=True, block_size=4)
+    s.add_request(req("a", 13))
+    s.add_request(Request("b", list(range(1, 13)) + [99, 98], GREEDY, eos_token_ids=(0,),
+                          max_total_tokens=1000))
+    out = step(s)
+    assert [r.req_id for r in out.scheduled] == ["a"]  # b would recompute a's 3 blocks
+    out = step(s)
+    b = next(r for r in out.scheduled if r.req_id == "b")
+    assert (b.num_computed_tokens, len(b.token_ids)) == (12, 2)
+    s.check_integrity()
+
+
+def test_small_shared_prefix_does_not_delay_admission():
+    s = make(caching=True, block_size=4)
+    s.add_request(req("a", 13))
+    s.add_request(Request("b", [1, 2, 3, 4] + list(range(50, 60)), GREEDY, eos_token_ids=(0,),
+                          max_total_tokens=1000))  # 4 shared tokens of 14: not worth a step
+    out = step(s)
+    assert sorted(r.req_id for r in out.scheduled) == ["a", "b"]
+    s.check_integrity()
+
+
+def test_deferral_ends_when_the_computing_request_is_aborted():
+    s = make(caching=True, block_size=4, budget=12)
+    s.add_request(req("a", 16))
+    s.add_request(req("b", 16))
+    out = step(s)  # a computes its first 12 tokens; b, with budget left, waits for them
+    assert [r.req_id for r in out.scheduled] == ["a"]
+    s.finish_request("a", "abort")
+    out = step(s)
+    b = next(r for r in out.scheduled if r.req_id == "b")
+    assert (b.num_computed_tokens, len(b.token_ids)) == (12, 4)  # a's committed blocks are hits
+    s.check_integrity()

@@ -65,6 +65,9 @@ class HybridKVCacheManager:
     def find_cached_prefix(self, req_id: str, token_ids: list[int]) -> list[int]:
         return []
 
+    def num_in_flight_tokens(self, req_id: str, num_cached_blocks: int) -> int:
+        return 0
+
     def record_query(self, num_tokens: int, num_hit_tokens: int) -> None:
         pass
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from array import array
+from collections import Counter
 
 from pagoda.kv_cache.block_pool import BlockPool
 
@@ -35,6 +36,10 @@ class KVCacheManager:
         self.block_tables: dict[str, list[int]] = {}
         self._hashes: dict[str, list[bytes]] = {}  # full-block hashes of each request's tokens
         self._num_cached_blocks: dict[str, int] = {}  # how many of its blocks are registered
+        # Hashes of prompt blocks that admitted requests have yet to fill (one count per request):
+        # blocks in flight, findable in the cache once their owner's step commits them.
+        self._in_flight: Counter[bytes] = Counter()
+        self._in_flight_of: dict[str, list[bytes]] = {}
         self.num_queried_tokens = 0
         self.num_hit_tokens = 0
 
@@ -68,6 +73,20 @@ class KVCacheManager:
             hit.append(block_id)
         return hit
 
+    def num_in_flight_tokens(self, req_id: str, num_cached_blocks: int) -> int:
+        """Tokens right after a request's cached prefix that other admitted requests are computing.
+
+        Call after `find_cached_prefix`. Admitting the request now would compute them a second
+        time; a step later they are cache hits.
+        """
+        hashes = self._hashes.get(req_id, [])
+        num = 0
+        for h in hashes[num_cached_blocks:]:
+            if not self._in_flight[h]:
+                break
+            num += 1
+        return num * self.block_size
+
     def record_query(self, num_tokens: int, num_hit_tokens: int) -> None:
         """Count one admitted request's prefix-cache lookup (tokens queried and found)."""
         if self.enable_prefix_caching:
@@ -88,6 +107,10 @@ class KVCacheManager:
             self.pool.acquire(list(cached_block_ids))
             table = table + list(cached_block_ids)
             self._num_cached_blocks[req_id] = len(table)
+        if req_id not in self.block_tables and self.enable_prefix_caching:
+            pending = self._hashes.get(req_id, [])[len(table):]
+            self._in_flight.update(pending)
+            self._in_flight_of[req_id] = pending
         if need > 0:
             table = table + self.pool.allocate(need)
         self.block_tables[req_id] = table
@@ -121,11 +144,18 @@ class KVCacheManager:
         for i in range(done, num_full):
             self.pool.set_hash(table[i], hashes[i])
         self._num_cached_blocks[req_id] = num_full
+        pending = self._in_flight_of.get(req_id)
+        if pending:
+            filled = num_full - done
+            self._in_flight.subtract(pending[:filled])
+            self._in_flight_of[req_id] = pending[filled:]
 
     def free(self, req_id: str) -> None:
         table = self.block_tables.pop(req_id, [])
         self.pool.release([b for b in table[::-1] if b >= 0])
         self._num_cached_blocks.pop(req_id, None)
+        self._in_flight.subtract(self._in_flight_of.pop(req_id, []))
+        self._in_flight += Counter()  # drop zero counts
 
     def forget(self, req_id: str) -> None:
         """Drop per-request hash state once the request is gone for good."""
@@ -142,3 +172,5 @@ class KVCacheManager:
         for block in self.pool.blocks:
             assert block.ref_count == refs[block.block_id], (
                 f"block {block.block_id}: ref_count {block.ref_count} != {refs[block.block_id]}")
+        expected = Counter(h for pending in self._in_flight_of.values() for h in pending)
+        assert +self._in_flight == expected, "in-flight block hashes out of step"

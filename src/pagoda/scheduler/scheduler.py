@@ -108,18 +108,26 @@ class Scheduler:
 
     def _admit_waiting(self, budget: int, chunks: dict[str, int]) -> int:
         now = time.monotonic()
+        deferred: list[Request] = []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            request = self.waiting[0]
+            request = self.waiting.popleft()
             cached = self.kv.find_cached_prefix(request.req_id, request.all_token_ids)
             num_cached = len(cached) * self.kv.block_size
             num_new = request.num_tokens - num_cached
+            # Prompt blocks that an admitted request computes in this step are cache hits in the
+            # next one: wait a step rather than compute them twice, when they are at least half
+            # of this request's work (requests sharing a system prompt, n > 1 samples).
+            if 2 * self.kv.num_in_flight_tokens(request.req_id, len(cached)) >= num_new:
+                deferred.append(request)
+                continue
             if num_new > budget:
                 if not self.config.enable_chunked_prefill:
+                    self.waiting.appendleft(request)
                     break
                 num_new = budget
             if not self.kv.allocate(request.req_id, num_cached + num_new, cached):
+                self.waiting.appendleft(request)
                 break
-            self.waiting.popleft()
             self.kv.record_query(request.num_tokens, num_cached)
             request.status = RequestStatus.RUNNING
             request.num_computed_tokens = num_cached
@@ -129,6 +137,7 @@ class Scheduler:
             self.running.append(request)
             chunks[request.req_id] = num_new
             budget -= num_new
+        self.waiting.extendleft(reversed(deferred))  # they keep their place at the front
         return budget
 
     def _preempt(self, request: Request) -> None:
