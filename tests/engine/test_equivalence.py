@@ -75,3 +75,22 @@ def test_prefix_caching_equals_no_caching(make_engine, prompts, baseline, loaded
 def test_preemption_with_prefix_caching(make_engine, prompts, baseline):
     engine = make_engine(kv_cache_memory=12 * 16 * 46080, enable_prefix_caching=True)
     check(engine, prompts, baseline)
+
+
+def test_prefix_shared_by_simultaneous_requests(make_engine, prompts, loaded_model):
+    """All arrive in one step: later ones wait for the first to compute the shared blocks
+    (which are more than half of each prompt here, so waiting a step is worth it)."""
+    shared = loaded_model.tokenizer.encode("You are a careful assistant. " * 24)
+    assert all(len(shared) >= len(p) for p in prompts[:8])
+    with_prefix = {f"r{i}": (shared + p, GREEDY) for i, p in enumerate(prompts[:8])}
+    ref = run_to_completion(make_engine(enable_prefix_caching=False), with_prefix)
+    engine = make_engine(enable_prefix_caching=True)
+    assert run_to_completion(engine, with_prefix) == ref
+    assert engine.kv_manager.num_hit_tokens == 7 * (len(shared) // 16) * 16
+    engine.check_integrity()
+
+
+@pytest.mark.parametrize("backend", ["cpp", "numba"])
+def test_paged_decode_kernels_equal_gather_sdpa(make_engine, prompts, baseline, backend):
+    check(make_engine(max_num_seqs=32, enable_prefix_caching=False, attention_backend=backend),
+          prompts, baseline)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import re
 
-from pagoda.engine.config import EngineConfig
+from pagoda.engine.config import ATTENTION_BACKENDS, EngineConfig
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20,
           "mb": 1 << 20, "mib": 1 << 20, "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30}
@@ -20,28 +20,33 @@ def parse_bytes(text: str) -> int:
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """The engine's flags; defaults are EngineConfig's own, so the two cannot disagree."""
+    d = EngineConfig()
     g = p.add_argument_group("engine")
-    g.add_argument("--model", default=None,
-                   help="GGUF file or HF model directory (default: SmolLM2-135M-Instruct)")
-    g.add_argument("--device", default="cpu")
-    g.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
-    g.add_argument("--quantization", default="none",
+    g.add_argument("--model", default=d.model,
+                   help="GGUF file or HF model directory; unset: SmolLM2-135M-Instruct")
+    g.add_argument("--device", default=d.device)
+    g.add_argument("--dtype", default=d.dtype, choices=["fp32", "bf16", "fp16"])
+    g.add_argument("--quantization", default=d.quantization,
                    choices=["none", "int8", "int4", "gguf"])
-    g.add_argument("--kv-cache-memory", type=parse_bytes, default=1 << 30,
-                   help="bytes for the KV block pool (default 1GiB)")
-    g.add_argument("--kv-cache-dtype", default="auto",
+    g.add_argument("--kv-cache-memory", type=parse_bytes, default=d.kv_cache_memory,
+                   help="bytes for the KV block pool (e.g. 512MiB, 1GiB)")
+    g.add_argument("--kv-cache-dtype", default=d.kv_cache_dtype,
                    choices=["auto", "fp32", "fp16", "bf16", "int8"])
-    g.add_argument("--block-size", type=int, default=16)
-    g.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    g.add_argument("--max-num-seqs", type=int, default=64)
-    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--block-size", type=int, default=d.block_size)
+    g.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens)
+    g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
+    g.add_argument("--max-model-len", type=int, default=d.max_model_len)
     g.add_argument("--no-chunked-prefill", action="store_true")
     g.add_argument("--no-prefix-caching", action="store_true")
-    g.add_argument("--batching", default="continuous", choices=["continuous", "static"])
-    g.add_argument("--attention-backend", default="torch", choices=["torch", "numba"],
-                   help="decode attention: gather + SDPA, or the numba paged kernel (CPU)")
-    g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    g.add_argument("--batching", default=d.batching, choices=["continuous", "static"])
+    g.add_argument("--attention-backend", default=d.attention_backend,
+                   choices=list(ATTENTION_BACKENDS),
+                   help="decode attention: gather + SDPA (torch), paged kernels reading the "
+                   "cache in place (cpp, numba; CPU), or auto (cpp when it builds)")
+    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--threads", "--num-threads", dest="threads", type=int, default=d.num_threads,
+                   help="torch CPU threads")
 
 
 def engine_config_from_args(args: argparse.Namespace, **overrides: object) -> EngineConfig:

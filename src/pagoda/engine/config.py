@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pagoda.kv_cache.kv_store import KV_DTYPES
+from pagoda.layers.decode_backend import BACKENDS as ATTENTION_BACKENDS
 
 
 @dataclass(frozen=True)
@@ -22,9 +23,8 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     enable_prefix_caching: bool = True
     batching: str = "continuous"
-    # decode attention: "torch" gathers blocks then runs SDPA; "numba" reads blocks in place
-    # (CPU, fp32 KV only; others fall back to torch)
-    attention_backend: str = "torch"
+    # decode attention kernel: auto | torch | cpp | numba (layers/decode_backend.py)
+    attention_backend: str = "auto"
     seed: int | None = None
     num_threads: int | None = None
     progress: bool = True
@@ -36,8 +36,8 @@ class EngineConfig:
             raise ValueError(f"kv_cache_dtype must be auto or one of {KV_DTYPES}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError("block_size must be a power of two")
-        if self.attention_backend not in ("torch", "numba"):
-            raise ValueError("attention_backend must be torch or numba")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}")
         if self.kv_cache_memory < 1:
             raise ValueError("kv_cache_memory must be positive")
 

@@ -1,6 +1,7 @@
 """The engine: scheduler + model runner + output processor behind one `step()`.
 
-Not thread-safe; `AsyncLLM` drives it from a single background thread.
+Not thread-safe; `EngineCore` drives it from a single thread (in the server process or in an
+engine process, see `async_llm.py`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ import torch
 from pagoda.engine.config import EngineConfig
 from pagoda.engine.output_processor import OutputProcessor
 from pagoda.engine.outputs import RequestOutput
+from pagoda.engine.request_validator import RequestError as RequestError  # re-exported
+from pagoda.engine.request_validator import RequestValidator
 from pagoda.kv_cache.kv_setup import build_kv, plan_kv_groups
+from pagoda.layers.decode_backend import select_decode_kernel
 from pagoda.loader.model_loader import LoadedModel, load_model
 from pagoda.sampling.params import SamplingParams, SamplingParamsError
 from pagoda.scheduler.request import Request
@@ -27,14 +31,6 @@ log = logging.getLogger(__name__)
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class RequestError(ValueError):
-    """A request the engine refuses before queueing it (too long, empty...)."""
-
-    def __init__(self, message: str, param: str | None = None):
-        super().__init__(message)
-        self.param = param
-
-
 @dataclass(frozen=True)
 class EngineStats:
     num_running: int
@@ -44,6 +40,8 @@ class EngineStats:
     num_preemptions: int
     prefix_cache_queries: int
     prefix_cache_hits: int
+    num_prompt_tokens: int = 0  # admitted prefill tokens, cumulative
+    num_generation_tokens: int = 0  # sampled tokens, cumulative
 
 
 class LLMEngine:
@@ -69,6 +67,9 @@ class LLMEngine:
                                         config.resolved_kv_dtype, config.max_num_seqs,
                                         config.max_num_batched_tokens)
         self.kv_cache_config = self.kv_groups[0]  # full attention (or the only) group
+        self.validator = RequestValidator(self.max_model_len, cfg.vocab_size,
+                                          self.kv_cache_config.block_size,
+                                          self.kv_cache_config.num_blocks)
         salt = f"{self.loaded.path}|{config.resolved_kv_dtype}|{config.quantization}|{config.dtype}"
         device = torch.device(config.device)
         self.kv_manager, stores, layer_groups = build_kv(
@@ -80,7 +81,7 @@ class LLMEngine:
             batching=config.batching), self.kv_manager)
         self.runner = ModelRunner(self.loaded.model, stores, config.block_size, device,
                                   self.tokenizer.eos_token_ids, config.seed, layer_groups,
-                                  decode_kernel=config.attention_backend == "numba")
+                                  select_decode_kernel(config.attention_backend, device))
         self.output_processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
         self.num_prompt_tokens = 0
@@ -91,31 +92,10 @@ class LLMEngine:
         return f"req-{next(self._ids)}"
 
     def encode_prompt(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, str):
-            if not prompt:
-                raise RequestError("prompt must not be empty", "prompt")
-            return prompt, self.tokenizer.encode(prompt)
-        ids = list(prompt)
-        if not ids:
-            raise RequestError("prompt must not be empty", "prompt")
-        vocab = self.model_config.vocab_size
-        if any(not isinstance(t, int) or t < 0 or t >= vocab for t in ids):
-            raise RequestError(f"prompt token ids must be integers in [0, {vocab})", "prompt")
-        return None, ids
+        return self.validator.encode_prompt(self.tokenizer, prompt)
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        n = len(prompt_token_ids)
-        if n == 0:
-            raise RequestError("prompt must not be empty", "prompt")
-        want = params.max_tokens or 1
-        if n + want > self.max_model_len:
-            raise RequestError(
-                f"this model's maximum context length is {self.max_model_len} tokens; the request "
-                f"has {n} prompt tokens and asks for {want} more", "max_tokens")
-        blocks = self.kv_manager.blocks_needed(n + want)
-        if blocks > self.kv_cache_config.num_blocks:
-            raise RequestError(f"the request needs {blocks} KV blocks but the cache has only "
-                               f"{self.kv_cache_config.num_blocks}", "max_tokens")
+        self.validator.validate(prompt_token_ids, params)
 
     def add_request(self, req_id: str, prompt: str | list[int], params: SamplingParams,
                     arrival_time: float | None = None) -> None:
@@ -169,6 +149,8 @@ class LLMEngine:
             num_preemptions=self.scheduler.num_preemptions,
             prefix_cache_queries=self.kv_manager.num_queried_tokens,
             prefix_cache_hits=self.kv_manager.num_hit_tokens,
+            num_prompt_tokens=self.num_prompt_tokens,
+            num_generation_tokens=self.num_generation_tokens,
         )
 
     def check_integrity(self) -> None:

@@ -2,8 +2,8 @@
 
 New tokens' K/V are written to their slots first, so each query reads its whole context (cached
 prefix and the current chunk) from the cache, or from the fresh K/V when nothing was cached.
-With `decode_kernel` set, decodes on the CPU with an fp32 cache use the numba kernel that reads
-blocks in place; everything else gathers blocks and runs SDPA.
+With `meta.decode_kernel` set (decode_backend.py), decodes over an fp32 CPU cache run a kernel that
+reads blocks in place; everything else gathers blocks and runs SDPA.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 
 from pagoda.kv_cache.kv_store import KVStore
-from pagoda.layers import paged_decode_kernel
 from pagoda.layers.attention_metadata import AttentionMetadata
 
 
@@ -28,11 +27,11 @@ def paged_attention(
     store.write(meta.slot_mapping, k, v)
     out = torch.empty_like(q)
     num_decode = meta.num_decode
-    use_kernel = meta.decode_kernel and num_decode and paged_decode_kernel.available()
-    dense = store.fp32_cpu_blocks() if use_kernel else None
-    if dense is not None and q.dtype == torch.float32:
+    kernel = meta.decode_kernel if num_decode else None
+    dense = store.fp32_cpu_blocks() if kernel is not None else None
+    if kernel is not None and dense is not None and q.dtype == torch.float32:
         assert meta.decode_block_tables is not None and meta.decode_context_lens is not None
-        out[:num_decode] = paged_decode_kernel.paged_decode_attention(
+        out[:num_decode] = kernel(
             q[:num_decode], dense[0], dense[1], meta.decode_block_tables,
             meta.decode_context_lens, scale, window)
     elif num_decode:

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pagoda.layers.decode_backend import DecodeKernel
+
 
 @dataclass
 class PrefillSpan:
@@ -46,7 +48,8 @@ class AttentionMetadata:
     decode_context_lens: torch.Tensor | None  # (num_decode,) int64, new token included
     prefills: list[PrefillSpan]
     block_size: int
-    decode_kernel: bool = False  # decodes use the numba paged kernel when the store allows
+    # reads decodes' K/V in place when the store is fp32 on the CPU (decode_backend.py)
+    decode_kernel: DecodeKernel | None = None
     _masks: dict[int | None, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def decode_mask(self, window: int | None) -> torch.Tensor:

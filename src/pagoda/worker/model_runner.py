@@ -10,6 +10,7 @@ from torch import nn
 
 from pagoda.kv_cache.kv_store import KVStore
 from pagoda.layers.attention_metadata import AttentionMetadata, PrefillSpan
+from pagoda.layers.decode_backend import DecodeKernel
 from pagoda.sampling.sampler import Sampler
 from pagoda.scheduler.output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
 
@@ -17,7 +18,8 @@ from pagoda.scheduler.output import ModelRunnerOutput, ScheduledRequest, Schedul
 class ModelRunner:
     def __init__(self, model: nn.Module, kv_stores: list[KVStore], block_size: int,
                  device: torch.device, eos_token_ids: tuple[int, ...], seed: int | None = None,
-                 layer_groups: list[int] | None = None, decode_kernel: bool = False):
+                 layer_groups: list[int] | None = None,
+                 decode_kernel: DecodeKernel | None = None):
         self.model = model
         self.decode_kernel = decode_kernel
         self.layer_groups = layer_groups or [0] * len(kv_stores)  # KV group of each layer

@@ -1,0 +1,42 @@
+"""Which kernel runs decode attention over the paged KV cache.
+
+- "torch": gather each request's blocks into a padded copy, then SDPA. Runs on every device.
+- "cpp": the C++ kernel (`paged_decode_cpp`), reading K/V in place on ATen's thread pool.
+- "numba": the same algorithm in numba; its own thread pool competes with torch's on few cores.
+- "auto": "cpp" on the CPU when it builds, else "torch".
+
+A kernel takes q (D, H, hd) fp32, the fp32 block views of K and V, the block tables, the context
+lengths, the softmax scale and the sliding window, and returns (D, H, hd). Stores that are not
+fp32 on the CPU (int8, fp16, GPU) always take the torch path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+DecodeKernel = Callable[..., torch.Tensor]
+BACKENDS = ("auto", "torch", "cpp", "numba")
+
+
+def select_decode_kernel(backend: str, device: torch.device | str) -> DecodeKernel | None:
+    """The kernel for `backend` on `device`, or None for the gather + SDPA path."""
+    if backend not in BACKENDS:
+        raise ValueError(f"attention backend {backend!r} not in {BACKENDS}")
+    if backend == "torch" or torch.device(device).type != "cpu":
+        return None
+    if backend in ("auto", "cpp"):
+        from pagoda.layers import paged_decode_cpp
+
+        if paged_decode_cpp.available():
+            return paged_decode_cpp.paged_decode_attention
+        if backend == "cpp":
+            raise RuntimeError("the C++ attention kernel could not be built here (needs a C++ "
+                               "compiler and ninja); use --attention-backend torch")
+        return None
+    from pagoda.layers import paged_decode_numba
+
+    if not paged_decode_numba.available():
+        raise RuntimeError("numba is not installed; use --attention-backend torch")
+    return paged_decode_numba.paged_decode_attention
