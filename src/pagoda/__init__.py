@@ -7,6 +7,12 @@ import os
 # measured up to 15x slower, and not with one OpenBLAS thread. The engine does no BLAS through
 # numpy, so one OpenBLAS thread costs nothing. Must precede numpy's import; users' settings win.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+# torch's OpenMP workers spin ~300k iterations at each barrier before sleeping. With every core in
+# use and one more busy process (a client, a gateway), a spinning worker holds the core its
+# descheduled partner needs: batch-1 decode fell from 32 to 3-6 tok/s next to one busy process.
+# 30k spins kept idle speed (32 tok/s) and gave 8 tok/s there; passive waiting gave 18 but cost a
+# third of idle speed. Must precede torch's import; users' settings win.
+os.environ.setdefault("GOMP_SPINCOUNT", "30000")
 
 from pagoda.sampling.params import SamplingParams  # noqa: E402
 
