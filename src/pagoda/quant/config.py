@@ -33,7 +33,7 @@ class QuantConfig:
     reduce_range: bool = False
     # fbgemm path: input columns larger than this multiple of the median column are multiplied
     # exactly in fp32 (quant_linear.py explains why); 0 disables.
-    outlier_ratio: float = 8.0
+    outlier_ratio: float = 5.0
     backend: str = "auto"
     kinds: tuple[str, ...] = field(default=LINEAR_KINDS)
 

@@ -37,7 +37,7 @@ def fitting_group_size(in_features: int, group_size: int) -> int:
 
 class GroupLinear(QuantLinear):
     def __init__(self, weights: GroupWeights, method: str = "int4", backend: str = "auto",
-                 reduce_range: bool = False, source: str = "", outlier_ratio: float = 8.0):
+                 reduce_range: bool = False, source: str = "", outlier_ratio: float = 5.0):
         out_features, in_features = weights.shape
         super().__init__(in_features, out_features, backend, reduce_range, outlier_ratio)
         self.method = method  # "int4" or "gguf"
@@ -68,7 +68,7 @@ class GroupLinear(QuantLinear):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int, backend: str = "auto",
-                    reduce_range: bool = False, outlier_ratio: float = 8.0) -> GroupLinear:
+                    reduce_range: bool = False, outlier_ratio: float = 5.0) -> GroupLinear:
         assert linear.bias is None, "the model contract has bias-free linears"
         group = fitting_group_size(linear.in_features, group_size)
         return cls(quantize_int4_groups(linear.weight.detach(), group), "int4", backend,

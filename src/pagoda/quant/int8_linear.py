@@ -15,7 +15,7 @@ class Int8Linear(QuantLinear):
     method = "int8"
 
     def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, backend: str = "auto",
-                 reduce_range: bool = False, outlier_ratio: float = 8.0):
+                 reduce_range: bool = False, outlier_ratio: float = 5.0):
         out_features, in_features = qweight.shape
         super().__init__(in_features, out_features, backend, reduce_range, outlier_ratio)
         assert qweight.dtype == torch.int8 and scale.shape == (out_features,)
@@ -24,7 +24,7 @@ class Int8Linear(QuantLinear):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, backend: str = "auto", reduce_range: bool = False,
-                    outlier_ratio: float = 8.0) -> Int8Linear:
+                    outlier_ratio: float = 5.0) -> Int8Linear:
         assert linear.bias is None, "the model contract has bias-free linears"
         q, scale = quantize_int8_per_channel(linear.weight.detach())
         return cls(q, scale, backend, reduce_range, outlier_ratio)

@@ -29,13 +29,14 @@ class QuantLinear(nn.Module):
     method: ClassVar[str] = ""
 
     def __init__(self, in_features: int, out_features: int, backend: str = "auto",
-                 reduce_range: bool = False, outlier_ratio: float = 8.0):
+                 reduce_range: bool = False, outlier_ratio: float = 5.0):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.backend = backend
         self.reduce_range = reduce_range
         self.outlier_ratio = outlier_ratio  # 0 disables the outlier-column split
         self._packed: object | None = None
+        self._outlier_cache: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # --- what subclasses provide -------------------------------------------------------------
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -73,15 +74,33 @@ class QuantLinear(nn.Module):
         return pack_int8(*self.int8_form())
 
     def run_packed(self, x: torch.Tensor, packed: object) -> torch.Tensor:
-        if self.outlier_ratio > 0 and x.shape[0] > 1:
-            col_max = x.abs().amax(dim=0)  # (K,)
+        if x.shape[0] == 1:  # one row: the per-tensor scale is already per token
+            return int8_linear_fbgemm(x, packed, self.reduce_range)
+        mag = x.abs()
+        outliers = None
+        if self.outlier_ratio > 0:
+            col_max = mag.amax(dim=0)  # (K,)
             cols = torch.nonzero(col_max > self.outlier_ratio * col_max.median()).flatten()
             if cols.numel():
-                inliers = x.index_fill(1, cols, 0.0)
-                y = int8_linear_fbgemm(inliers, packed, self.reduce_range)
-                outliers = x[:, cols].float() @ self.dequantize_columns(cols).T
-                return y + outliers.to(y.dtype)
-        return int8_linear_fbgemm(x, packed, self.reduce_range)
+                outliers = x[:, cols].float() @ self._outlier_weight(cols)
+                x = x.index_fill(1, cols, 0.0)
+                mag = mag.index_fill(1, cols, 0.0)
+        # Per-token activation scales through a per-tensor kernel: rows scaled to a common
+        # maximum quantize as if each had its own scale, and y = W x is linear in each row.
+        row_max = mag.amax(dim=1, keepdim=True).float().clamp_min(1e-30)
+        y = int8_linear_fbgemm(x.float() / row_max, packed, self.reduce_range).mul_(row_max)
+        if outliers is not None:
+            y.add_(outliers)
+        return y.to(x.dtype)
+
+    def _outlier_weight(self, cols: torch.Tensor) -> torch.Tensor:
+        """(len(cols), N) fp32 weight rows for the outlier inputs; outlier channels are mostly
+        the same from call to call (systematic feature dimensions), so the last set is cached."""
+        cached = self._outlier_cache
+        if cached is None or not torch.equal(cached[0], cols):
+            cached = (cols, self.dequantize_columns(cols).T.contiguous())
+            self._outlier_cache = cached
+        return cached[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if use_fbgemm(x, self.backend):
@@ -125,6 +144,7 @@ class QuantLinear(nn.Module):
     def invalidate(self) -> None:
         """Drop every cache derived from the buffers (subclasses add theirs)."""
         self._packed = None
+        self._outlier_cache = None
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
         self.invalidate()
