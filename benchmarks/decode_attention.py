@@ -1,0 +1,64 @@
+"""Decode-step time per attention backend, at a given context length, in the same run.
+
+64 requests whose prompts share all but their last 64 tokens (as with a common system prompt) are
+prefilled, then `--steps` decode steps of all 64 are timed for each backend:
+
+    python benchmarks/decode_attention.py [--context 576] [--backends torch,cpp] [--steps 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+
+from pagoda.engine.config import EngineConfig
+from pagoda.engine.llm_engine import LLMEngine
+from pagoda.loader.model_loader import load_model
+from pagoda.sampling.params import SamplingParams
+
+
+def decode_step_ms(engine: LLMEngine, prompts: list[list[int]], steps: int) -> float:
+    params = SamplingParams(temperature=0, max_tokens=steps + 8, ignore_eos=True)
+    for i, p in enumerate(prompts):
+        engine.add_request(f"r{i}", p, params)
+    sched = engine.scheduler
+    while sched.waiting or any(r.num_computed_tokens < len(r.prompt_token_ids)
+                               for r in sched.running):
+        engine.step()
+    for _ in range(2):  # warm-up decodes
+        engine.step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    seconds = time.perf_counter() - start
+    while engine.has_unfinished_requests():
+        engine.step()
+    return 1e3 * seconds / steps
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--context", type=int, default=576)
+    p.add_argument("--num-requests", type=int, default=64)
+    p.add_argument("--backends", default="torch,cpp")
+    p.add_argument("--steps", type=int, default=10)
+    args = p.parse_args()
+    loaded = load_model(None)
+    rng = random.Random(0)
+    shared = [rng.randrange(1000, 30000) for _ in range(args.context - 64)]
+    prompts = [shared + [rng.randrange(1000, 30000) for _ in range(64)]
+               for _ in range(args.num_requests)]
+    results = {}
+    for backend in args.backends.split(","):
+        engine = LLMEngine(EngineConfig(attention_backend=backend, progress=False), loaded=loaded)
+        results[backend] = decode_step_ms(engine, prompts, args.steps)
+        print(f"  {backend:<6} {results[backend]:7.1f} ms per decode step "
+              f"({args.num_requests} requests, ~{args.context} tokens of context)", flush=True)
+    base = results[args.backends.split(",")[0]]
+    for backend, ms in results.items():
+        print(f"  {backend:<6} {base / ms:5.2f}x the first backend")
+
+
+if __name__ == "__main__":
+    main()
