@@ -1,5 +1,8 @@
-"""Server test fixtures: one shared `pagoda serve` process (API key on) for the session, and an
-offline engine on the same weights for reference outputs."""
+"""Server test fixtures: one shared `pagoda serve` process (API key on, engine in a thread) for the
+session, and an offline engine on the same weights for reference outputs.
+
+`server` is what the tests use; `test_engine_process.py` overrides it with an `--engine-process`
+server and re-runs some of them, comparing against `thread_server`."""
 
 from __future__ import annotations
 
@@ -12,13 +15,18 @@ from tests.server.server_process import KV_CACHE_MEMORY, ServerProcess
 
 
 @pytest.fixture(scope="session")
-def server():
+def thread_server():
     proc = ServerProcess("--max-waiting", "512")
     try:
         proc.wait_ready()
         yield proc
     finally:
         proc.stop()
+
+
+@pytest.fixture(scope="session")
+def server(thread_server):
+    return thread_server
 
 
 @pytest.fixture(scope="session")

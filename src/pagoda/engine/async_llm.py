@@ -1,112 +1,108 @@
-"""Asynchronous front-end: the engine steps in one background thread; callers await outputs.
+"""Asynchronous front-end: callers await outputs while the engine loop runs elsewhere.
 
-The HTTP side never blocks the engine and the engine never blocks the event loop: commands (add,
-abort) cross into the engine thread through a queue, outputs come back with
-`call_soon_threadsafe`. A request whose consumer goes away (client disconnect, cancel, timeout) is
-aborted, and its KV blocks are freed at the engine's next iteration.
+The HTTP side never blocks the engine and the engine never blocks the event loop: the loop
+(`EngineCore`) runs either in a background thread of this process (`ThreadCoreClient`) or in a
+separate engine process (`ProcessCoreClient`, `engine_process=True`), and this class only keeps
+one asyncio queue per request. Commands (add, abort) go through the core client; outputs come back
+on the event loop thread. A request whose consumer goes away (client disconnect, cancel, timeout)
+is aborted, and its KV blocks are freed at the engine's next iteration. If the engine dies, every
+waiting request ends with `error` set and new ones raise `EngineDeadError`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
-import queue
-import threading
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from typing import Any
 
 from pagoda.engine.config import EngineConfig
-from pagoda.engine.llm_engine import EngineStats, LLMEngine
+from pagoda.engine.core_client import EngineCoreClient, ThreadCoreClient
+from pagoda.engine.engine_core import AbortRequest, AddRequest, EngineCoreOutputs, EngineInfo
+from pagoda.engine.llm_engine import EngineStats
 from pagoda.engine.outputs import RequestOutput
+from pagoda.loader.tokenizer import Tokenizer
+from pagoda.models.config import ModelConfig
 from pagoda.sampling.params import SamplingParams
 
 log = logging.getLogger(__name__)
+
+TIMEOUT_ERROR = "request timed out"
 
 
 class EngineDeadError(RuntimeError):
     pass
 
 
-@dataclass
-class _Add:
-    req_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    arrival_time: float
-
-
-@dataclass
-class _Abort:
-    req_id: str
-    reason: str = "abort"
-    error: str | None = None
-
-
 class AsyncLLM:
-    def __init__(self, engine: LLMEngine):
-        self.engine = engine
-        self.tokenizer = engine.tokenizer
-        self.model_config = engine.model_config
-        self._commands: queue.Queue[Any] = queue.Queue()
+    def __init__(self, core: EngineCoreClient):
+        self.core = core
+        self.info: EngineInfo = core.info
+        self.tokenizer: Tokenizer = core.info.tokenizer
+        self.model_config: ModelConfig = core.info.model_config
         self._streams: dict[str, asyncio.Queue[RequestOutput]] = {}
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
-        self._error: BaseException | None = None
-        self._stats = engine.stats()
-        self.num_steps = 0
+        self._stats = core.initial_stats
+        self._error: str | None = None
+        self._ids = itertools.count()
 
     @classmethod
-    def from_config(cls, config: EngineConfig) -> AsyncLLM:
-        return cls(LLMEngine(config))
+    def from_config(cls, config: EngineConfig, engine_process: bool = False) -> AsyncLLM:
+        """Load the model (blocking; call it off the event loop), in this process or in a
+        spawned engine process."""
+        if engine_process:
+            from pagoda.engine.engine_process import ProcessCoreClient
+
+            return cls(ProcessCoreClient.launch(config))
+        from pagoda.engine.llm_engine import LLMEngine
+
+        return cls(ThreadCoreClient(LLMEngine(config)))
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
-        self._loop = loop or asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._run, name="pagoda-engine", daemon=True)
-        self._thread.start()
+        self.core.start(loop or asyncio.get_running_loop(), self._on_outputs, self._on_dead)
 
     def shutdown(self, timeout: float = 5.0) -> None:
-        self._stop.set()
-        self._commands.put(None)
-        if self._thread is not None:
-            self._thread.join(timeout)
+        self.core.shutdown(timeout)
+
+    @property
+    def error(self) -> str | None:
+        """Why the engine is gone (thread died, process exited), or None while it runs."""
+        return self._error or self.core.error
 
     @property
     def num_active_requests(self) -> int:
         return len(self._streams)
 
     def stats(self) -> EngineStats:
-        """The engine's counters as of its last step (read without locking the engine)."""
+        """The engine's counters as of its last iteration that changed them."""
         return self._stats
 
     # -- requests ----------------------------------------------------------------------------
     def prepare(self, prompt: str | list[int], params: SamplingParams
                 ) -> tuple[str | None, list[int]]:
         """Tokenize and validate; raises RequestError before anything is queued."""
-        text, ids = self.engine.encode_prompt(prompt)
-        self.engine.validate(ids, params)
+        text, ids = self.info.validator.encode_prompt(self.tokenizer, prompt)
+        self.info.validator.validate(ids, params)
         return text, ids
 
     async def generate(self, prompt: str | list[int], params: SamplingParams,
                        req_id: str | None = None, timeout: float | None = None
                        ) -> AsyncIterator[RequestOutput]:
-        """Yield delta outputs of one request until it finishes.
+        """Yield delta outputs of one request until one has `finished` set.
 
-        `timeout` (seconds) ends the request with finish_reason "abort" and `error` set.
+        `timeout` (seconds) ends the request with finish_reason "abort" and `error` set. An engine
+        failure ends it with an output whose `error` is set and which has no samples.
         """
-        if self._error is not None:
-            raise EngineDeadError(f"engine failed: {self._error}")
+        if self.error is not None:
+            raise EngineDeadError(f"engine failed: {self.error}")
         text, ids = self.prepare(prompt, params)
-        req_id = req_id or self.engine.new_request_id()
+        req_id = req_id or f"req-{next(self._ids)}"
         if req_id in self._streams:
             raise ValueError(f"request id {req_id!r} is already in use")
         stream: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self._streams[req_id] = stream
-        self._commands.put(_Add(req_id, text, ids, params, time.monotonic()))
+        self.core.send(AddRequest(req_id, text, ids, params, time.monotonic()))
         deadline = None if timeout is None else time.monotonic() + timeout
         finished = False
         try:
@@ -115,69 +111,32 @@ class AsyncLLM:
                 try:
                     out = await asyncio.wait_for(stream.get(), remaining)
                 except (asyncio.TimeoutError, TimeoutError):
-                    self._commands.put(_Abort(req_id, "abort", "request timed out"))
+                    self.core.send(AbortRequest(req_id, "abort", TIMEOUT_ERROR))
                     deadline = None  # the engine answers with the final (aborted) output
                     continue
                 finished = out.finished
-                if out.error and not finished:
-                    raise EngineDeadError(out.error)
                 yield out
         finally:
             self._streams.pop(req_id, None)
-            if not finished:
-                self._commands.put(_Abort(req_id))
+            if not finished and self._error is None:
+                self.core.send(AbortRequest(req_id))
 
     def abort(self, req_id: str) -> None:
-        self._commands.put(_Abort(req_id))
+        self.core.send(AbortRequest(req_id))
 
-    # -- engine thread -----------------------------------------------------------------------
-    def _run(self) -> None:
-        try:
-            while not self._stop.is_set():
-                block = not self.engine.has_unfinished_requests()
-                outputs = self._apply_commands(block)
-                if self.engine.has_unfinished_requests():
-                    outputs += self.engine.step()
-                    self.num_steps += 1
-                self._stats = self.engine.stats()
-                if outputs:
-                    self._deliver_threadsafe(outputs)
-        except BaseException as exc:  # the engine is broken: fail every waiting caller
-            log.exception("engine loop failed")
-            self._error = exc
-            self._deliver_threadsafe([RequestOutput(rid, None, [], [], False, None, str(exc))
-                                      for rid in list(self._streams)])
-
-    def _apply_commands(self, block: bool) -> list[RequestOutput]:
-        outputs: list[RequestOutput] = []
-        try:
-            cmd = self._commands.get(timeout=0.5) if block else self._commands.get_nowait()
-        except queue.Empty:
-            return outputs
-        while cmd is not None or not self._commands.empty():
-            if isinstance(cmd, _Add):
-                try:
-                    self.engine.add_tokenized_request(cmd.req_id, cmd.prompt, cmd.prompt_token_ids,
-                                                      cmd.params, cmd.arrival_time)
-                except ValueError as exc:
-                    outputs.append(RequestOutput(cmd.req_id, cmd.prompt, cmd.prompt_token_ids,
-                                                 [], False, None, str(exc)))
-            elif isinstance(cmd, _Abort):
-                out = self.engine.abort_request(cmd.req_id, cmd.reason, cmd.error)
-                if out is not None:
-                    outputs.append(out)
-            try:
-                cmd = self._commands.get_nowait()
-            except queue.Empty:
-                break
-        return outputs
-
-    def _deliver_threadsafe(self, outputs: list[RequestOutput]) -> None:
-        if self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self._deliver, outputs)
-
-    def _deliver(self, outputs: list[RequestOutput]) -> None:
-        for out in outputs:
+    # -- callbacks from the core client, on the event loop thread ----------------------------
+    def _on_outputs(self, batch: EngineCoreOutputs) -> None:
+        self._stats = batch.stats
+        for out in batch.outputs:
             stream = self._streams.get(out.req_id)
             if stream is not None:
                 stream.put_nowait(out)
+
+    def _on_dead(self, reason: str) -> None:
+        if self._error is not None:
+            return
+        self._error = reason
+        log.error("engine failed: %s; failing %d waiting requests", reason, len(self._streams))
+        for req_id, stream in self._streams.items():
+            stream.put_nowait(RequestOutput(req_id, None, [], [], True, None,
+                                            f"engine failed: {reason}"))

@@ -2,7 +2,7 @@
 
 Routes only translate (schemas in `protocol.py`/`chat_protocol.py`, engine calls through
 `EngineClient`). The model loads in the background after the socket is up: `/health` answers 503
-until the engine runs, so orchestrators can probe a starting server.
+until the engine runs, so orchestrators can probe a starting server, and again if it dies.
 """
 
 from __future__ import annotations
@@ -133,8 +133,9 @@ def _add_operational_routes(app: FastAPI, client: EngineClient) -> None:
     @app.get("/health", response_model=HealthResponse,
              responses={503: {"model": HealthResponse}})
     async def health() -> JSONResponse:
-        body = HealthResponse(status=client.status, detail=client.detail)  # type: ignore[arg-type]
-        code = 200 if client.status == "ok" else 503
+        status = client.check_engine()  # a dead engine thread or process turns ok into failed
+        body = HealthResponse(status=status, detail=client.detail)  # type: ignore[arg-type]
+        code = 200 if status == "ok" else 503
         return JSONResponse(body.model_dump(), status_code=code)
 
     @app.get("/metrics", response_class=Response)
@@ -146,7 +147,7 @@ def _add_operational_routes(app: FastAPI, client: EngineClient) -> None:
     async def debug_kv() -> KVCacheInfo:
         llm = client.require_llm()
         stats = llm.stats()
-        kv = llm.engine.kv_cache_config
+        kv = llm.info.validator  # the full-attention group's pool
         return KVCacheInfo(num_free_blocks=stats.num_free_blocks, num_total_blocks=kv.num_blocks,
                            block_size=kv.block_size, usage=stats.kv_cache_usage,
                            num_running=stats.num_running, num_waiting=stats.num_waiting,

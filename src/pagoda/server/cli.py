@@ -1,8 +1,8 @@
 """`pagoda serve`: the OpenAI-compatible HTTP server (FastAPI on uvicorn).
 
-The engine steps in a background thread of this process (see `AsyncLLM`), not in a separate
-process: on a 2-core CPU box the model's matmuls dominate and release the GIL, so a process hop
-would only add serialization per token (docs/server.md).
+The engine loop runs in a background thread of this process by default, or in a spawned engine
+process with `--engine-process`; docs/server.md and docs/benchmarks.md compare the two. The engine
+flags are the ones every engine command shares (`pagoda.cli.engine_args`).
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ import argparse
 import logging
 from typing import Any
 
-MAX_BODY_BYTES = 4 << 20  # keep in step with pagoda.server.config (not imported: it pulls torch)
+from pagoda.cli.engine_args import add_engine_args, engine_config_from_args
+from pagoda.server.config import MAX_BODY_BYTES
 
 log = logging.getLogger("pagoda.server")
 
@@ -19,8 +20,6 @@ log = logging.getLogger("pagoda.server")
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser("serve", help="run the OpenAI-compatible HTTP server",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default=None, help="GGUF file, HF directory or known name "
-                   "(default: SmolLM2-135M-Instruct)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer <key>'")
@@ -31,45 +30,24 @@ def register(subparsers: Any) -> None:
     p.add_argument("--shutdown-grace", type=float, default=30.0,
                    help="seconds in-flight requests may run after SIGTERM")
     p.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES)
+    p.add_argument("--engine-process", action="store_true",
+                   help="run the engine loop in a separate process instead of a thread")
     p.add_argument("--log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])
-    e = p.add_argument_group("engine (unset options keep EngineConfig's defaults)")
-    e.add_argument("--kv-cache-memory", type=int, help="bytes for the KV block pool")
-    e.add_argument("--kv-cache-dtype")
-    e.add_argument("--dtype", choices=["fp32", "bf16", "fp16"])
-    e.add_argument("--quantization")
-    e.add_argument("--block-size", type=int)
-    e.add_argument("--max-num-batched-tokens", type=int)
-    e.add_argument("--max-num-seqs", type=int)
-    e.add_argument("--max-model-len", type=int)
-    e.add_argument("--no-chunked-prefill", dest="enable_chunked_prefill", action="store_false",
-                   default=None)
-    e.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
-                   default=None)
-    e.add_argument("--batching")
-    e.add_argument("--attention-backend", choices=["torch", "numba"])
-    e.add_argument("--seed", type=int)
-    e.add_argument("--num-threads", type=int)
+    add_engine_args(p)
     p.set_defaults(func=run)
 
 
-ENGINE_OPTIONS = ("model", "dtype", "quantization", "kv_cache_memory", "kv_cache_dtype",
-                  "block_size", "max_num_batched_tokens", "max_num_seqs", "max_model_len",
-                  "enable_chunked_prefill", "enable_prefix_caching", "batching", "seed",
-                  "num_threads", "attention_backend")
-
-
 def config_from_args(args: argparse.Namespace) -> Any:
-    from pagoda.engine.config import EngineConfig
     from pagoda.server.config import ServerConfig
 
-    chosen = {k: getattr(args, k) for k in ENGINE_OPTIONS if getattr(args, k) is not None}
-    engine = EngineConfig(progress=False, **chosen)
+    # no tqdm bar in server logs; loading is reported by log lines
+    engine = engine_config_from_args(args, progress=False)
     return ServerConfig(
         engine=engine, host=args.host, port=args.port, api_key=args.api_key,
         served_model_name=args.served_model_name, max_waiting=args.max_waiting,
         request_timeout=args.request_timeout, shutdown_grace=args.shutdown_grace,
-        max_body_bytes=args.max_body_bytes)
+        max_body_bytes=args.max_body_bytes, engine_process=args.engine_process)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -94,4 +72,4 @@ def run(args: argparse.Namespace) -> int:
         access_log=args.log_level == "debug")
     server = DrainingServer(uv_config, app.state.client)
     server.run()
-    return 1 if app.state.client.status == "failed" else 0
+    return 1 if app.state.client.failed else 0

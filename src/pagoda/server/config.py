@@ -21,6 +21,8 @@ class ServerConfig:
     shutdown_grace: float = 30.0  # seconds in-flight requests get after SIGTERM
     max_body_bytes: int = MAX_BODY_BYTES
     retry_after: int = 1  # seconds, sent with 503 responses
+    # the engine loop in a spawned process instead of a thread of the server (docs/server.md)
+    engine_process: bool = False
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:

@@ -7,7 +7,9 @@ rules hold for all of them:
   * a request outliving `request_timeout` is aborted by the engine (blocks freed) and its final
     output carries `error`;
   * a consumer that stops iterating (client gone, cancel) aborts the request: AsyncLLM's
-    generator sends the abort from its `finally`, and the engine frees the blocks next iteration.
+    generator sends the abort from its `finally`, and the engine frees the blocks next iteration;
+  * an engine that died (thread or process) fails its waiting requests and turns /health and new
+    requests into 503 (status "failed").
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from pagoda.engine.async_llm import AsyncLLM
+from pagoda.engine.async_llm import TIMEOUT_ERROR, AsyncLLM
 from pagoda.engine.outputs import CompletionOutput, RequestOutput, merge_delta
 from pagoda.loader.model_loader import DEFAULT_MODEL
 from pagoda.sampling.params import SamplingParams
@@ -31,7 +33,6 @@ from pagoda.server.metrics import ServerMetrics
 log = logging.getLogger(__name__)
 
 INLINE_TOKENIZE_CHARS = 16_384  # longer prompts are tokenized off the event loop
-TIMEOUT_ERROR = "request timed out"  # AsyncLLM's error text for a request past its deadline
 
 
 class Ticket:
@@ -62,7 +63,8 @@ class EngineClient:
     def __init__(self, config: ServerConfig):
         self.config = config
         self.llm: AsyncLLM | None = None
-        self.status = "loading"  # loading -> ok | failed; ok -> draining on shutdown
+        # loading -> ok | failed; ok -> failed when the engine dies; -> draining on shutdown
+        self.status = "loading"
         self.detail: str | None = None
         self.num_pending = 0
         self.created = int(time.time())
@@ -71,9 +73,11 @@ class EngineClient:
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def load(self) -> None:
-        """Load the model off the event loop, then start the engine thread."""
+        """Load the model off the event loop (here or in an engine process), then start the
+        engine loop."""
         try:
-            llm = await asyncio.to_thread(AsyncLLM.from_config, self.config.engine)
+            llm = await asyncio.to_thread(AsyncLLM.from_config, self.config.engine,
+                                          self.config.engine_process)
         except Exception as exc:
             log.exception("model loading failed")
             self.status, self.detail = "failed", f"{type(exc).__name__}: {exc}"
@@ -81,10 +85,11 @@ class EngineClient:
         llm.start(asyncio.get_running_loop())
         self.llm = llm
         cfg = self.config.engine
-        key = f"{llm.engine.loaded.path}|{cfg.dtype}|{cfg.quantization}|{cfg.kv_cache_dtype}"
+        key = f"{llm.info.model_path}|{cfg.dtype}|{cfg.quantization}|{cfg.kv_cache_dtype}"
         self._fingerprint = "fp_" + hashlib.sha256(key.encode()).hexdigest()[:10]
         self.status = "ok"
-        log.info("model %s ready (max_model_len %d)", self.model_name, self.max_model_len)
+        log.info("model %s ready (max_model_len %d, engine in a %s)", self.model_name,
+                 self.max_model_len, "process" if self.config.engine_process else "thread")
 
     def shutdown(self) -> None:
         if self.llm is not None:
@@ -105,13 +110,27 @@ class EngineClient:
 
     @property
     def max_model_len(self) -> int:
-        return self.require_llm().engine.max_model_len
+        return self.require_llm().info.max_model_len
 
     @property
     def system_fingerprint(self) -> str:
         return self._fingerprint
 
+    def check_engine(self) -> str:
+        """The current status, first turning "ok" into "failed" if the engine has died."""
+        if self.status == "ok" and self.llm is not None and self.llm.error is not None:
+            self.status, self.detail = "failed", f"the engine failed: {self.llm.error}"
+        return self.status
+
+    @property
+    def failed(self) -> bool:
+        """The model did not load, or the engine died at some point (the exit status is 1)."""
+        return self.status == "failed" or (self.llm is not None and self.llm.error is not None)
+
     def require_llm(self) -> AsyncLLM:
+        if self.check_engine() == "failed" and self.llm is not None:
+            raise APIError(503, self.detail or "the engine failed", code="engine_dead",
+                           headers={"Retry-After": str(self.config.retry_after)})
         if self.llm is None:
             message = "the model is still loading" if self.status == "loading" else \
                 f"the model failed to load: {self.detail}"

@@ -15,7 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from pagoda.engine.llm_engine import RequestError
+from pagoda.engine.request_validator import RequestError
 from pagoda.sampling.params import SamplingParamsError
 
 log = logging.getLogger(__name__)

@@ -23,7 +23,8 @@ ITL_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4,
 
 
 class EngineCollector(Collector):
-    """Reads `AsyncLLM.stats()` and token counters when Prometheus scrapes."""
+    """Reads `AsyncLLM.stats()` (counters as of the engine's last iteration, in whichever thread
+    or process it runs) when Prometheus scrapes."""
 
     def __init__(self, get_llm: Callable[[], AsyncLLM | None], model_name: Callable[[], str]):
         self.get_llm = get_llm
@@ -50,8 +51,8 @@ class EngineCollector(Collector):
         yield gauge("num_requests_waiting", "Requests waiting to be scheduled.", stats.num_waiting)
         yield gauge("kv_cache_usage_perc", "Fraction of KV blocks in use (0-1).",
                     stats.kv_cache_usage)
-        yield counter("prompt_tokens", "Prefill tokens admitted.", llm.engine.num_prompt_tokens)
-        yield counter("generation_tokens", "Tokens generated.", llm.engine.num_generation_tokens)
+        yield counter("prompt_tokens", "Prefill tokens admitted.", stats.num_prompt_tokens)
+        yield counter("generation_tokens", "Tokens generated.", stats.num_generation_tokens)
         yield counter("num_preemptions", "Requests preempted.", stats.num_preemptions)
         yield counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
                       stats.prefix_cache_queries)

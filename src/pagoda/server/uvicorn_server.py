@@ -29,7 +29,8 @@ class DrainingServer(uvicorn.Server):
         self.client = client
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        self.client.status = "draining"  # /health and new requests answer 503 from now on
+        if self.client.check_engine() != "failed":  # a failure stays visible (and exits 1)
+            self.client.status = "draining"  # /health and new requests answer 503 from now on
         log.info("signal %d: no new requests; draining in-flight ones", sig)
         super().handle_exit(sig, frame)
 
