@@ -24,38 +24,16 @@ import json
 import os
 import resource
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 
-import httpx
 import psutil
+from local_servers import free_port, wait_healthy
 
 PAGODA = [sys.executable, "-m", "pagoda.cli.main"]
 KV_CACHE_MEMORY = str(512 << 20)  # 32 requests x 256 tokens in fp32 fit without preemption
 MODES = {"thread": [], "process": ["--engine-process"]}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(url: str, server: subprocess.Popen, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"pagoda serve exited with {server.returncode}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"{url} did not become healthy")
 
 
 def busy_cpu_seconds() -> float:

@@ -26,7 +26,6 @@ import asyncio
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -35,16 +34,11 @@ import time
 from pathlib import Path
 
 import httpx
+from local_servers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 FAKE = ROOT / "tests" / "gateway" / "fake_upstream.py"
 KEY = "pk-bench-key"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_up(url: str, timeout: float = 30) -> None:

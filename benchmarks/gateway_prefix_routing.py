@@ -14,34 +14,15 @@ import argparse
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 
 import httpx
+from local_servers import free_port, wait_healthy
 
 PAGODA = [sys.executable, "-m", "pagoda.cli.main"]
 KEY = "pk-bench-routing"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(url: str, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"{url} did not become healthy")
 
 
 def prefix_hits(url: str) -> float:
@@ -72,7 +53,7 @@ def run_policy(policy: str, args: argparse.Namespace, workdir: str) -> dict:
     try:
         for p in ports:
             wait_healthy(f"http://127.0.0.1:{p}")
-        wait_healthy(f"http://127.0.0.1:{gw_port}", 60)
+        wait_healthy(f"http://127.0.0.1:{gw_port}", timeout=60)
         subprocess.run(PAGODA + [
             "bench", "serve", "--base-url", f"http://127.0.0.1:{gw_port}", "--api-key", KEY,
             "--model", "smollm2", "--dataset", "shared-prefix", "--num-prompts",

@@ -25,7 +25,6 @@ import concurrent.futures
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,6 +32,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import httpx
+from local_servers import free_port
 
 KV_CACHE_MEMORY = 512 << 20  # room for 32 requests x 256 tokens in fp32 (about 400 MB)
 
@@ -142,12 +142,6 @@ async def run_async(prompts: list[list[int]], args: argparse.Namespace) -> Summa
     wall = time.perf_counter() - t0
     llm.shutdown()
     return summarize("async", list(traces), wall)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def run_http(prompts: list[list[int]], args: argparse.Namespace) -> Summary:
