@@ -2,8 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
+
+import torch
+
 from pagoda.engine.llm_engine import LLMEngine
+from pagoda.loader.model_loader import LoadedModel, model_class
 from pagoda.sampling.params import SamplingParams
+
+
+def with_sliding_window(loaded: LoadedModel, window: int) -> LoadedModel:
+    """The same weights (shared, not copied) in a model whose sliding window is `window`."""
+    cfg = dataclasses.replace(loaded.config, sliding_window=window)
+    with torch.device("meta"):
+        net = model_class(cfg.architecture)(cfg)
+    net.load_state_dict(loaded.model.state_dict(), assign=True)
+    net.post_load()
+    return dataclasses.replace(loaded, model=net.eval(), config=cfg)
 
 
 def run_to_completion(engine: LLMEngine, requests: dict[str, tuple[list[int], SamplingParams]],

