@@ -147,15 +147,23 @@ class KVCacheManager:
         pending = self._in_flight_of.get(req_id)
         if pending:
             filled = num_full - done
-            self._in_flight.subtract(pending[:filled])
+            self._settle(pending[:filled])
             self._in_flight_of[req_id] = pending[filled:]
 
     def free(self, req_id: str) -> None:
         table = self.block_tables.pop(req_id, [])
         self.pool.release([b for b in table[::-1] if b >= 0])
         self._num_cached_blocks.pop(req_id, None)
-        self._in_flight.subtract(self._in_flight_of.pop(req_id, []))
-        self._in_flight += Counter()  # drop zero counts
+        self._settle(self._in_flight_of.pop(req_id, []))
+
+    def _settle(self, hashes: list[bytes]) -> None:
+        """These in-flight blocks were filled or abandoned; a hash leaves at count zero."""
+        for h in hashes:
+            count = self._in_flight[h] - 1
+            if count:
+                self._in_flight[h] = count
+            else:
+                del self._in_flight[h]
 
     def forget(self, req_id: str) -> None:
         """Drop per-request hash state once the request is gone for good."""
@@ -173,4 +181,4 @@ class KVCacheManager:
             assert block.ref_count == refs[block.block_id], (
                 f"block {block.block_id}: ref_count {block.ref_count} != {refs[block.block_id]}")
         expected = Counter(h for pending in self._in_flight_of.values() for h in pending)
-        assert +self._in_flight == expected, "in-flight block hashes out of step"
+        assert self._in_flight == expected, "in-flight block hashes out of step"
