@@ -12,9 +12,10 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
-	# Build the C++ attention kernel now rather than at the first model load (the engine falls
-	# back to gather + SDPA if it cannot be built, so a failure here is not fatal).
+	# Build the C++ kernels now rather than at the first model load (without them the engine
+	# falls back to torch ops, so a failure here is not fatal).
 	$(PY) -m pagoda.layers.paged_decode_cpp || echo "C++ attention kernel not built; using torch"
+	$(PY) -m pagoda.quant.int8_ops || echo "C++ int8 helpers not built; using torch"
 	touch $(STAMP)
 
 run: $(STAMP)

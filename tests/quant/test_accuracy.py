@@ -19,7 +19,8 @@ from .conftest import rel_err
 
 # (method, group or option) -> tolerance on random N(0, 0.02^2) weights
 RANDOM_TOL = {
-    ("int8", "fbgemm"): 0.02,  # weight rounding + per-call uint8 activation rounding
+    ("int8", "onednn"): 0.02,  # weight rounding + per-token int8 activation rounding
+    ("int8", "fbgemm"): 0.02,  # weight rounding + per-token uint8 activation rounding
     ("int8", "fbgemm-reduce-range"): 0.03,  # 7-bit activations: twice the activation error
     ("int8", "reference"): 0.012,  # weight rounding only
     ("int4", 32): 0.11,
@@ -38,7 +39,8 @@ def _linear(w: torch.Tensor) -> nn.Linear:
 def _build(key: tuple[str, object], lin: nn.Linear) -> nn.Module:
     method, opt = key
     if method == "int8":
-        return Int8Linear.from_linear(lin, backend="reference" if opt == "reference" else "auto",
+        backend = "fbgemm" if opt == "fbgemm-reduce-range" else str(opt)
+        return Int8Linear.from_linear(lin, backend=backend,
                                       reduce_range=opt == "fbgemm-reduce-range")
     if method == "int4":
         return GroupLinear.from_linear(lin, group_size=int(opt))
@@ -100,8 +102,8 @@ def test_real_gguf_weights(gguf_source):
 
 def test_one_huge_token_does_not_flatten_the_others():
     """SmolLM2's first token in down_proj reaches ~2000x the typical row. Activations get one
-    scale per token (rows are normalised before fbgemm's per-tensor quantization), so the other
-    tokens keep their precision even without the outlier-column split."""
+    scale per token (quantized per row for oneDNN; normalised before fbgemm's per-tensor
+    quantization), so the other tokens keep their precision even without the column split."""
     torch.manual_seed(3)
     lin = _linear(torch.randn(256, 512) * 0.02)
     x = torch.randn(32, 512)
@@ -109,8 +111,9 @@ def test_one_huge_token_does_not_flatten_the_others():
     ref = lin(x)
     others = slice(1, None)  # the rows without the outlier
     for ratio in (0.0, 5.0):
-        assert rel_err(Int8Linear.from_linear(lin, outlier_ratio=ratio)(x)[others],
-                       ref[others]) < 0.03
+        for backend in ("onednn", "fbgemm"):
+            m = Int8Linear.from_linear(lin, backend=backend, outlier_ratio=ratio)
+            assert rel_err(m(x)[others], ref[others]) < 0.03
     group = GroupLinear.from_linear(lin, 32, outlier_ratio=5.0)
     exact = GroupLinear.from_linear(lin, 32, backend="reference")
     assert rel_err(group(x)[others], exact(x)[others]) < 0.03
@@ -124,10 +127,11 @@ def test_outlier_channels_are_multiplied_exactly():
     x = torch.randn(32, 512)
     x[:, 17] = 300.0
     ref = lin(x)
-    split = Int8Linear.from_linear(lin, outlier_ratio=5.0)
-    plain = Int8Linear.from_linear(lin, outlier_ratio=0.0)
-    assert rel_err(split(x), ref) < 0.01
-    assert rel_err(plain(x), ref) > 3 * rel_err(split(x), ref)
+    for backend in ("onednn", "fbgemm"):
+        split = Int8Linear.from_linear(lin, backend=backend, outlier_ratio=5.0)
+        plain = Int8Linear.from_linear(lin, backend=backend, outlier_ratio=0.0)
+        assert rel_err(split(x), ref) < 0.01
+        assert rel_err(plain(x), ref) > 3 * rel_err(split(x), ref)
 
 
 def test_dequantize_columns_matches_full_dequantization():

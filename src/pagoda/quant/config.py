@@ -12,9 +12,10 @@ LINEAR_KINDS: tuple[str, ...] = ("qkv_proj", "o_proj", "gate_up_proj", "down_pro
 # fp16 / bf16: half-precision weights, any activation dtype.
 METHODS: tuple[str, ...] = ("none", "int8", "int4", "gguf", "fp16", "bf16")
 
-# CPU kernels for the forward pass. "auto" picks the fastest per device (fbgemm on x86 CPUs);
-# "reference" forces the portable dequantize + matmul path that every device runs.
-BACKENDS: tuple[str, ...] = ("auto", "reference")
+# CPU kernels for the forward pass. "auto" picks the fastest per device (oneDNN on x86 CPUs with
+# AMX, fbgemm on other x86 CPUs); "onednn" / "fbgemm" ask for one (falling back when the CPU
+# lacks it); "reference" forces the portable dequantize + matmul path that every device runs.
+BACKENDS: tuple[str, ...] = ("auto", "onednn", "fbgemm", "reference")
 
 
 @dataclass(frozen=True)

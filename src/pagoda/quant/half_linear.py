@@ -12,10 +12,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from pagoda.quant.kernels import fp16_linear_fbgemm, pack_fp16
-from pagoda.quant.quant_linear import QuantLinear
+from pagoda.quant.kernels import fbgemm_available, fp16_linear_fbgemm, pack_fp16
+from pagoda.quant.quant_linear import Packed, QuantLinear
 
-_WIDEN = object()  # marker: bf16 on CPU has no packed form
 HALF_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -44,19 +43,19 @@ class HalfLinear(QuantLinear):
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.weight.to(dtype)
 
-    def pack(self) -> object:
+    def pack(self, kernel: str) -> Packed:
         # bf16 has no fbgemm kernel: it is widened to fp32 at every call instead of keeping an
         # fp32 copy, which would make "bf16" cost 6 bytes per weight.
-        if self.weight.dtype == torch.float16:
-            return pack_fp16(self.weight)
-        return _WIDEN
+        if self.weight.dtype == torch.float16 and fbgemm_available():
+            return Packed("fbgemm_fp16", pack_fp16(self.weight))
+        return Packed("widen", None)
 
-    def run_packed(self, x: torch.Tensor, packed: object) -> torch.Tensor:
-        if packed is _WIDEN:
+    def run_packed(self, x: torch.Tensor, packed: Packed) -> torch.Tensor:
+        if packed.kernel == "widen":
             return torch.nn.functional.linear(x.float(), self.weight.float()).to(x.dtype)
-        return fp16_linear_fbgemm(x, packed)
+        return fp16_linear_fbgemm(x, packed.weight)
 
     def packed_bytes(self) -> int:
-        if self._packed is None or self._packed is _WIDEN:
+        if self._packed is None or self._packed.kernel != "fbgemm_fp16":
             return 0
         return 2 * self.in_features * self.out_features

@@ -1,4 +1,9 @@
-"""`Int8Linear`: symmetric int8 weights with one fp32 scale per output channel."""
+"""`Int8Linear`: symmetric int8 weights with one fp32 scale per output channel.
+
+Batched inputs take the packed GEMM path of `QuantLinear`; at 1-4 rows (decode) CPUs with
+AVX512-VNNI run `int8_gemv` straight on the stored weight, which is faster there (a GEMM call's
+fixed cost exceeds the time to stream the weight) and needs no packed copy.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,8 @@ import torch
 from torch import nn
 
 from pagoda.quant.group_weights import quantize_int8_per_channel
-from pagoda.quant.quant_linear import QuantLinear
+from pagoda.quant.int8_ops import GEMV_MAX_ROWS, fast_gemv_available, int8_gemv
+from pagoda.quant.quant_linear import Packed, QuantLinear
 
 
 class Int8Linear(QuantLinear):
@@ -21,6 +27,7 @@ class Int8Linear(QuantLinear):
         assert qweight.dtype == torch.int8 and scale.shape == (out_features,)
         self.register_buffer("qweight", qweight)  # (N, K) int8 in -127..127
         self.register_buffer("scale", scale.float())  # (N,) fp32
+        self._row_sums: torch.Tensor | None = None  # (N,) int32 qweight.sum(1), for int8_gemv
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, backend: str = "auto", reduce_range: bool = False,
@@ -43,3 +50,14 @@ class Int8Linear(QuantLinear):
 
     def int8_form(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.qweight, self.scale
+
+    def run_packed(self, x: torch.Tensor, packed: Packed) -> torch.Tensor:
+        if x.shape[0] <= GEMV_MAX_ROWS and fast_gemv_available():
+            if self._row_sums is None:
+                self._row_sums = self.qweight.sum(1, dtype=torch.int32)
+            return int8_gemv(x, self.qweight, self.scale, self._row_sums).to(x.dtype)
+        return super().run_packed(x, packed)
+
+    def invalidate(self) -> None:
+        super().invalidate()
+        self._row_sums = None

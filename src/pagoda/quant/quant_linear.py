@@ -2,27 +2,46 @@
 
 Contract shared by all subclasses:
 - `forward(x)` takes (T, in_features) in any float dtype and returns (T, out_features) in x's dtype;
-  on CPUs with fbgemm it runs a packed kernel, elsewhere the portable dequantize + `F.linear`.
+  on CPUs it runs a packed int8 kernel (`kernels.int8_kernel`: oneDNN or fbgemm), elsewhere the
+  portable dequantize + `F.linear`.
 - Quantized modules own their dtypes: `model.to(dtype)` / `.half()` move them between devices but
   never cast their buffers (a bf16 cast of the scales would silently lose precision).
-- fbgemm quantizes each call's activations with ONE scale for the whole (T, K) input. Real
-  activations break that: SmolLM2's down_proj input has a token (the first of a sequence) whose
-  largest value is ~2000x the typical row's, which flattens every other token of a prefill to a
-  few levels (perplexity 50.8 -> 87). So input columns whose magnitude exceeds `outlier_ratio`
-  times the median column go through an exact fp32 product with just those weight columns
-  (LLM.int8()-style decomposition); the rest stays int8. Single rows skip the check (decode).
+- Activations are quantized per token (one scale per row), never with one scale for the whole
+  (T, K) input: SmolLM2's down_proj input has a token (the first of a sequence) whose largest
+  value is ~2000x the typical row's, which would flatten every other token of a prefill to a few
+  levels (perplexity 50.8 -> 87). Input columns whose magnitude exceeds `outlier_ratio` times the
+  median column also go through an exact fp32 product with just those weight columns
+  (LLM.int8()-style decomposition); the rest stays int8. Single rows skip the column split
+  (decode: the row's own scale already fits it).
 - The packed kernel form is a cache derived from the buffers, rebuilt after any move or load;
   only the buffers are saved (`spec()` describes their shapes so `from_spec` can rebuild them).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from pagoda.quant.kernels import int8_linear_fbgemm, linear_reference, pack_int8, use_fbgemm
+from pagoda.quant.int8_ops import quantize_rows
+from pagoda.quant.kernels import (
+    int8_kernel,
+    int8_linear_fbgemm,
+    int8_linear_onednn,
+    linear_reference,
+    pack_int8,
+    pack_int8_onednn,
+)
+
+
+@dataclass(frozen=True)
+class Packed:
+    """A weight in the form one kernel multiplies with, tagged by that kernel's name."""
+
+    kernel: str  # "onednn" | "fbgemm" | a subclass's own
+    weight: object
 
 
 class QuantLinear(nn.Module):
@@ -35,7 +54,8 @@ class QuantLinear(nn.Module):
         self.backend = backend
         self.reduce_range = reduce_range
         self.outlier_ratio = outlier_ratio  # 0 disables the outlier-column split
-        self._packed: object | None = None
+        self._packed: Packed | None = None
+        self._packed_for = ""  # the `int8_kernel` choice _packed was built under
         self._outlier_cache: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # --- what subclasses provide -------------------------------------------------------------
@@ -70,12 +90,27 @@ class QuantLinear(nn.Module):
             return
         super().__setattr__(name, value)
 
-    def pack(self) -> object:
-        return pack_int8(*self.int8_form())
+    def pack(self, kernel: str) -> Packed:
+        qweight, scale = self.int8_form()
+        if kernel == "onednn":
+            return Packed(kernel, pack_int8_onednn(qweight, scale))
+        return Packed(kernel, pack_int8(qweight, scale))
 
-    def run_packed(self, x: torch.Tensor, packed: object) -> torch.Tensor:
+    def run_packed(self, x: torch.Tensor, packed: Packed) -> torch.Tensor:
+        if packed.kernel == "onednn":
+            return self._run_onednn(x, packed.weight)
+        return self._run_fbgemm(x, packed.weight)
+
+    def _run_onednn(self, x: torch.Tensor, weight: object) -> torch.Tensor:
+        rows = quantize_rows(x, self.outlier_ratio if x.shape[0] > 1 else 0.0)
+        y = int8_linear_onednn(rows.q, weight).mul_(rows.scale)
+        if rows.cols.numel():
+            y.addmm_(rows.x_cols, self._outlier_weight(rows.cols))
+        return y.to(x.dtype)
+
+    def _run_fbgemm(self, x: torch.Tensor, weight: object) -> torch.Tensor:
         if x.shape[0] == 1:  # one row: the per-tensor scale is already per token
-            return int8_linear_fbgemm(x, packed, self.reduce_range)
+            return int8_linear_fbgemm(x, weight, self.reduce_range)
         mag = x.abs()
         outliers = None
         if self.outlier_ratio > 0:
@@ -88,7 +123,7 @@ class QuantLinear(nn.Module):
         # Per-token activation scales through a per-tensor kernel: rows scaled to a common
         # maximum quantize as if each had its own scale, and y = W x is linear in each row.
         row_max = mag.amax(dim=1, keepdim=True).float().clamp_min(1e-30)
-        y = int8_linear_fbgemm(x.float() / row_max, packed, self.reduce_range).mul_(row_max)
+        y = int8_linear_fbgemm(x.float() / row_max, weight, self.reduce_range).mul_(row_max)
         if outliers is not None:
             y.add_(outliers)
         return y.to(x.dtype)
@@ -103,17 +138,18 @@ class QuantLinear(nn.Module):
         return cached[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if use_fbgemm(x, self.backend):
-            if self._packed is None:
-                self._packed = self.pack()
-            return self.run_packed(x, self._packed)
-        return linear_reference(x, self.dequantize(x.dtype))
+        kernel = int8_kernel(x.device, self.backend)
+        if kernel == "reference":
+            return linear_reference(x, self.dequantize(x.dtype))
+        if self._packed is None or self._packed_for != kernel:
+            self._packed, self._packed_for = self.pack(kernel), kernel
+        return self.run_packed(x, self._packed)
 
     def prepare(self) -> None:
         """Build the packed kernel form now rather than at the first forward (CPU only)."""
-        probe = torch.zeros(1, self.in_features, device=self.device)
-        if self._packed is None and use_fbgemm(probe, self.backend):
-            self._packed = self.pack()
+        kernel = int8_kernel(self.device, self.backend)
+        if self._packed is None and kernel != "reference":
+            self._packed, self._packed_for = self.pack(kernel), kernel
 
     @property
     def device(self) -> torch.device:

@@ -1,0 +1,92 @@
+"""CPU helpers of the int8 linears, each a C++ kernel (`csrc/int8_ops.cpp`) with a torch twin.
+
+- `quantize_rows`: per-token (row) int8 quantization of a linear layer's input, the activation
+  half of kernels that take int8 activations (oneDNN's `qlinear_pointwise`). One scale per row,
+  so a token's rounding never depends on the other tokens of its batch, and LLM.int8()-style
+  outlier columns (largest |x| above `outlier_ratio` times the median column's) taken out for an
+  exact fp32 product. Kernel and twin return the same `QuantizedRows`, bit for bit.
+- `int8_gemv`: weight-only int8 for 1-4 rows (decode): fp32 activations times int8 weights,
+  streaming each weight byte once. oneDNN's call costs ~40 us however small the input, more
+  than a 960x576 weight takes to stream; this kernel needs no packed copy either.
+
+The kernels are built on first use (`native_build`); without them the torch twins run.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pagoda.layers.native_build import load_native
+
+SOURCE = Path(__file__).parent / "csrc" / "int8_ops.cpp"
+GEMV_MAX_ROWS = 4
+
+
+@dataclass(frozen=True)
+class QuantizedRows:
+    """x ~= q * scale with the outlier columns zeroed in q, plus x[:, cols] kept exactly."""
+
+    q: torch.Tensor  # (M, K) int8 in [-127, 127]
+    scale: torch.Tensor  # (M, 1) fp32, max |x| over the row's non-outlier columns / 127
+    cols: torch.Tensor  # (n,) int64 outlier columns, ascending
+    x_cols: torch.Tensor  # (M, n) fp32
+
+
+def extension() -> Any | None:
+    return load_native("int8_ops", SOURCE, "the C++ int8 helpers")
+
+
+def quantize_rows_torch(x: torch.Tensor, outlier_ratio: float) -> QuantizedRows:
+    """The reference semantics, in torch ops (any device)."""
+    x = x.float()
+    cols = torch.zeros(0, dtype=torch.long, device=x.device)
+    if outlier_ratio > 0 and x.numel():
+        col_max = x.abs().amax(dim=0)
+        cols = torch.nonzero(col_max > outlier_ratio * col_max.median()).flatten()
+    x_cols = x[:, cols]
+    kept = x.index_fill(1, cols, 0.0)
+    row_max = kept.abs().amax(dim=1, keepdim=True).clamp_min(1e-30)
+    q = torch.round(kept * (127.0 / row_max)).clamp_(-127, 127).to(torch.int8)
+    return QuantizedRows(q, row_max / 127.0, cols, x_cols)
+
+
+def quantize_rows(x: torch.Tensor, outlier_ratio: float) -> QuantizedRows:
+    """x (M, K) in any float dtype; the fused kernel on CPU when it is built."""
+    module = extension() if x.device.type == "cpu" else None
+    if module is None:
+        return quantize_rows_torch(x, outlier_ratio)
+    return QuantizedRows(*module.quantize_rows(x.float().contiguous(), float(outlier_ratio)))
+
+
+def int8_gemv_torch(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x.float() @ (qweight.float() * scale[:, None]).T
+
+
+def fast_gemv_available() -> bool:
+    """Whether `int8_gemv` runs the VNNI kernel, which beats the GEMM libraries at 1-4 rows
+    (without VNNI the widening kernel is slower than fbgemm for large weights)."""
+    module = extension()
+    return module is not None and module.has_vnni()
+
+
+def int8_gemv(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+              row_sums: torch.Tensor) -> torch.Tensor:
+    """x (M <= GEMV_MAX_ROWS, K) any float dtype, qweight (N, K) int8, scale (N,) fp32,
+    row_sums (N,) int32 = qweight.sum(1) -> (M, N) fp32 ~= x @ (qweight * scale[:, None]).T.
+
+    On CPUs with AVX512-VNNI each row of x is quantized to int8 with its own scale (as the
+    batched kernels do); elsewhere x stays fp32."""
+    module = extension() if x.device.type == "cpu" else None
+    if module is None:
+        return int8_gemv_torch(x, qweight, scale)
+    return module.int8_gemv(x.float().contiguous(), qweight, scale, row_sums)
+
+
+if __name__ == "__main__":  # `python -m pagoda.quant.int8_ops`: build it now (make does)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    raise SystemExit(0 if extension() is not None else 1)

@@ -1,0 +1,111 @@
+"""The int8 kernels: oneDNN (AMX), fbgemm, the decode GEMV and the activation quantizer.
+
+`auto` picks oneDNN on CPUs with AMX tiles (like this machine) and fbgemm elsewhere; every path
+must agree with the exact product of the dequantized weight within the activation rounding.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from pagoda.quant import int8_ops
+from pagoda.quant.group_linear import GroupLinear
+from pagoda.quant.int8_linear import Int8Linear
+from pagoda.quant.kernels import int8_kernel, onednn_int8_available
+
+from .conftest import rel_err
+
+CPU = torch.device("cpu")
+
+
+def _linear(n: int, k: int, seed: int = 0) -> nn.Linear:
+    torch.manual_seed(seed)
+    lin = nn.Linear(k, n, bias=False)
+    lin.weight.data = torch.randn(n, k) * 0.02
+    return lin
+
+
+def test_auto_takes_onednn_where_the_cpu_has_amx():
+    amx = torch.cpu._is_amx_tile_supported()
+    assert onednn_int8_available() == amx
+    assert int8_kernel(CPU, "auto") == ("onednn" if amx else "fbgemm")
+    assert int8_kernel(CPU, "fbgemm") == "fbgemm"
+    assert int8_kernel(CPU, "reference") == "reference"
+    assert int8_kernel(torch.device("meta"), "auto") == "reference"
+
+
+@pytest.mark.parametrize("backend", ["onednn", "fbgemm"])
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 64])
+def test_every_kernel_matches_the_dequantized_product(backend: str, rows: int):
+    # 1-4 rows take the GEMV where it is built with VNNI, 5+ the packed GEMM.
+    lin = _linear(300, 576)
+    m = Int8Linear.from_linear(lin, backend=backend)
+    x = torch.randn(rows, 576)
+    exact = x @ m.dequantize().T
+    err = rel_err(m(x), exact)
+    assert 0 < err < 0.015, err  # activation rounding only: the weights are the same int8
+
+
+def test_onednn_and_fbgemm_agree_on_group_weights():
+    lin = _linear(256, 128, seed=1)
+    x = torch.randn(16, 128)
+    outs = [GroupLinear.from_linear(lin, 32, backend=b)(x) for b in ("onednn", "fbgemm")]
+    exact = GroupLinear.from_linear(lin, 32, backend="reference")(x)
+    for y in outs:
+        assert rel_err(y, exact) < 0.02
+
+
+def test_packed_form_follows_a_backend_switch():
+    lin = _linear(64, 64)
+    m = Int8Linear.from_linear(lin, backend="fbgemm")
+    x = torch.randn(8, 64)
+    m(x)
+    assert m._packed.kernel == "fbgemm"
+    m.backend = "auto"
+    m(x)
+    assert m._packed.kernel == int8_kernel(CPU, "auto")
+
+
+@pytest.mark.parametrize("shape", [(1, 576), (64, 1536), (300, 40), (3, 7)])
+@pytest.mark.parametrize("ratio", [0.0, 5.0])
+def test_cpp_row_quantizer_equals_its_torch_twin_bit_for_bit(shape: tuple[int, int],
+                                                             ratio: float):
+    assert int8_ops.extension() is not None, "the C++ int8 helpers did not build"
+    torch.manual_seed(2)
+    x = torch.randn(*shape)
+    x[:, 5 % shape[1]] *= 40.0  # an outlier channel
+    x[0, 2 % shape[1]] = 1e3  # and one huge value
+    fast = int8_ops.quantize_rows(x, ratio)
+    twin = int8_ops.quantize_rows_torch(x, ratio)
+    for a, b in zip((fast.q, fast.scale, fast.cols, fast.x_cols),
+                    (twin.q, twin.scale, twin.cols, twin.x_cols), strict=True):
+        assert torch.equal(a, b)
+    if ratio:
+        assert 5 % shape[1] in fast.cols.tolist()
+
+
+def test_row_quantizer_reconstructs_its_input():
+    torch.manual_seed(3)
+    x = torch.randn(16, 256)
+    x[:, 9] = 500.0
+    rows = int8_ops.quantize_rows(x, 5.0)
+    assert rows.cols.tolist() == [9]
+    recon = rows.q.float() * rows.scale
+    recon[:, rows.cols] = rows.x_cols
+    # every element within half a step of its own row's scale
+    assert bool(((recon - x).abs() <= rows.scale / 2 + 1e-6).all())
+    assert int(rows.q.abs().max()) == 127
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+@pytest.mark.parametrize("k", [64, 576, 100])  # 100: a tail that is not a multiple of 64
+def test_int8_gemv_matches_the_exact_product(rows: int, k: int):
+    lin = _linear(200, k, seed=4)
+    m = Int8Linear.from_linear(lin)
+    x = torch.randn(rows, k)
+    y = int8_ops.int8_gemv(x, m.qweight, m.scale, m.qweight.sum(1, dtype=torch.int32))
+    exact = int8_ops.int8_gemv_torch(x, m.qweight, m.scale)
+    tol = 0.015 if int8_ops.fast_gemv_available() else 1e-5  # VNNI rounds the activations
+    assert rel_err(y, exact) < tol
