@@ -109,3 +109,21 @@ def test_int8_gemv_matches_the_exact_product(rows: int, k: int):
     exact = int8_ops.int8_gemv_torch(x, m.qweight, m.scale)
     tol = 0.015 if int8_ops.fast_gemv_available() else 1e-5  # VNNI rounds the activations
     assert rel_err(y, exact) < tol
+
+
+def test_half_precision_warning_follows_the_measured_speed(monkeypatch: pytest.MonkeyPatch):
+    from pagoda.quant import cli
+
+    speeds = {"fp32": 200.0, "bf16": 900.0, "fp16": 0.4}  # an AMX-bf16 CPU without fp16 units
+    monkeypatch.setattr(cli, "matmul_gflops", lambda dtype: speeds[dtype])
+    assert cli.half_precision_warning("cpu", "bf16") is None
+    warning = cli.half_precision_warning("cpu", "fp16")
+    assert warning is not None and "0.4 GFLOP/s" in warning and "200.0" in warning
+    assert cli.half_precision_warning("cuda", "fp16") is None
+    assert cli.half_precision_warning("cpu", "fp32") is None
+
+
+def test_matmul_probe_measures_something():
+    from pagoda.quant.cli import matmul_gflops
+
+    assert matmul_gflops("fp32", rows=8, k=64, n=64) > 0.01

@@ -1,8 +1,9 @@
 """`HalfLinear`: fp16 or bf16 weights (half the bytes of fp32), any activation dtype.
 
-On x86 CPUs fp16 weights run through fbgemm's fp16-weight / fp32-compute linear. bf16 has no fast
-CPU kernel here (bf16 GEMM measured at ~0.3 GFLOP/s), so on CPU its weights are widened per call;
-on devices with bf16 matmul the reference path multiplies in the activation dtype.
+On x86 CPUs fp16 weights run through fbgemm's fp16-weight / fp32-compute linear. bf16 weights with
+fp32 activations are widened per call (an fp32 product, as the activations ask for; a bf16 GEMM
+would round them). With bf16 activations (`--dtype bf16`) the reference path multiplies in bf16,
+which AMX / AVX512-BF16 CPUs run several times faster than fp32 (docs/quantization.md).
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ class HalfLinear(QuantLinear):
         return Packed("widen", None)
 
     def run_packed(self, x: torch.Tensor, packed: Packed) -> torch.Tensor:
+        if x.dtype == self.weight.dtype:  # half activations: multiply in their own dtype
+            return torch.nn.functional.linear(x, self.weight)
         if packed.kernel == "widen":
             return torch.nn.functional.linear(x.float(), self.weight.float()).to(x.dtype)
         return fp16_linear_fbgemm(x, packed.weight)
