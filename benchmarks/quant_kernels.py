@@ -37,8 +37,11 @@ def build(method: str, w: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor
     linear.weight.data = w
     if method == "fp32":
         return lambda x: F.linear(x, w)
-    if method == "int8":
-        m = Int8Linear.from_linear(linear)
+    if method == "bf16-gemm":  # bf16 weights AND activations (--dtype bf16); AMX runs it natively
+        wb = w.bfloat16()
+        return lambda x: F.linear(x.bfloat16(), wb)
+    if method.startswith("int8"):  # int8 = auto; int8-onednn / int8-fbgemm force one GEMM
+        m = Int8Linear.from_linear(linear, backend=method.partition("-")[2] or "auto")
     elif method == "int4-ref":  # the portable dequantize + matmul path (what CUDA runs)
         m = GroupLinear.from_linear(linear, 64, backend="reference")
     elif method == "int4-avx2":  # group 32 through the compiled kernel (rows <= 8 only)
@@ -84,7 +87,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--seconds", type=float, default=0.4, help="target seconds per figure")
     ap.add_argument("--methods", default="fp32,int8,int4g64,fp16,int4-ref,int8pack_mm",
-                    help="also: int4g32, int4-avx2 (compiled 4-bit kernel, rows <= 8)")
+                    help="also: int8-onednn, int8-fbgemm, bf16-gemm, int4g32, int4-avx2 "
+                    "(compiled 4-bit kernel, rows <= 8)")
     ap.add_argument("--rows", default=",".join(map(str, ROWS)))
     ap.add_argument("--shapes", default=",".join(s[0] for s in SHAPES))
     args = ap.parse_args()

@@ -70,15 +70,16 @@ def test_packed_form_follows_a_backend_switch():
 
 @pytest.mark.parametrize("shape", [(1, 576), (64, 1536), (300, 40), (3, 7)])
 @pytest.mark.parametrize("ratio", [0.0, 5.0])
+@pytest.mark.parametrize("to_int8", [True, False])
 def test_cpp_row_quantizer_equals_its_torch_twin_bit_for_bit(shape: tuple[int, int],
-                                                             ratio: float):
+                                                             ratio: float, to_int8: bool):
     assert int8_ops.extension() is not None, "the C++ int8 helpers did not build"
     torch.manual_seed(2)
     x = torch.randn(*shape)
     x[:, 5 % shape[1]] *= 40.0  # an outlier channel
     x[0, 2 % shape[1]] = 1e3  # and one huge value
-    fast = int8_ops.quantize_rows(x, ratio)
-    twin = int8_ops.quantize_rows_torch(x, ratio)
+    fast = int8_ops.quantize_rows(x, ratio, to_int8)
+    twin = int8_ops.quantize_rows_torch(x, ratio, to_int8)
     for a, b in zip((fast.q, fast.scale, fast.cols, fast.x_cols),
                     (twin.q, twin.scale, twin.cols, twin.x_cols), strict=True):
         assert torch.equal(a, b)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import re
 
-from pagoda.engine.config import ATTENTION_BACKENDS, EngineConfig
+from pagoda.engine.config import ATTENTION_BACKENDS, QUANT_KERNELS, EngineConfig
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20,
           "mb": 1 << 20, "mib": 1 << 20, "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30}
@@ -29,6 +29,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default=d.dtype, choices=["fp32", "bf16", "fp16"])
     g.add_argument("--quantization", default=d.quantization,
                    choices=["none", "int8", "int4", "gguf"])
+    g.add_argument("--quant-kernel", default=d.quant_kernel, choices=list(QUANT_KERNELS),
+                   help="int8 GEMM of quantized linears: oneDNN (CPUs with AMX), fbgemm (other "
+                   "x86 CPUs), the portable dequantize + matmul, or auto (the fastest here)")
     g.add_argument("--kv-cache-memory", type=parse_bytes, default=d.kv_cache_memory,
                    help="bytes for the KV block pool (e.g. 512MiB, 1GiB)")
     g.add_argument("--kv-cache-dtype", default=d.kv_cache_dtype,
@@ -52,6 +55,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 def engine_config_from_args(args: argparse.Namespace, **overrides: object) -> EngineConfig:
     values = dict(
         model=args.model, device=args.device, dtype=args.dtype, quantization=args.quantization,
+        quant_kernel=args.quant_kernel,
         kv_cache_memory=args.kv_cache_memory, kv_cache_dtype=args.kv_cache_dtype,
         block_size=args.block_size, max_num_batched_tokens=args.max_num_batched_tokens,
         max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from pagoda.kv_cache.kv_store import KV_DTYPES
 from pagoda.layers.decode_backend import BACKENDS as ATTENTION_BACKENDS
+from pagoda.quant.config import BACKENDS as QUANT_KERNELS
 
 
 @dataclass(frozen=True)
@@ -14,6 +15,8 @@ class EngineConfig:
     device: str = "cpu"
     dtype: str = "fp32"
     quantization: str = "none"
+    # int8 GEMM for quantized linears: auto | onednn | fbgemm | reference (quant/kernels.py)
+    quant_kernel: str = "auto"
     kv_cache_memory: int = 1 << 30  # bytes for the KV block pool
     kv_cache_dtype: str = "auto"  # auto = the compute dtype
     block_size: int = 16
@@ -38,6 +41,8 @@ class EngineConfig:
             raise ValueError("block_size must be a power of two")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}")
+        if self.quant_kernel not in QUANT_KERNELS:
+            raise ValueError(f"quant_kernel must be one of {QUANT_KERNELS}")
         if self.kv_cache_memory < 1:
             raise ValueError("kv_cache_memory must be positive")
 

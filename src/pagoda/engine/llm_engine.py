@@ -59,7 +59,7 @@ class LLMEngine:
         if config.quantization != "none":
             from pagoda.quant import apply_quantization
 
-            apply_quantization(self.loaded, config.quantization)
+            apply_quantization(self.loaded, config.quantization, backend=config.quant_kernel)
         self.model_config = cfg = self.loaded.config
         self.tokenizer = self.loaded.tokenizer
         self.max_model_len = min(config.max_model_len or cfg.max_model_len, cfg.max_model_len)

@@ -31,8 +31,8 @@ GEMV_MAX_ROWS = 4
 class QuantizedRows:
     """x ~= q * scale with the outlier columns zeroed in q, plus x[:, cols] kept exactly."""
 
-    q: torch.Tensor  # (M, K) int8 in [-127, 127]
-    scale: torch.Tensor  # (M, 1) fp32, max |x| over the row's non-outlier columns / 127
+    q: torch.Tensor  # (M, K) int8 in [-127, 127] (or fp32 in [-1, 1] when not to_int8)
+    scale: torch.Tensor  # (M, 1) fp32, max |x| over the row's non-outlier columns / 127 (or / 1)
     cols: torch.Tensor  # (n,) int64 outlier columns, ascending
     x_cols: torch.Tensor  # (M, n) fp32
 
@@ -41,7 +41,8 @@ def extension() -> Any | None:
     return load_native("int8_ops", SOURCE, "the C++ int8 helpers")
 
 
-def quantize_rows_torch(x: torch.Tensor, outlier_ratio: float) -> QuantizedRows:
+def quantize_rows_torch(x: torch.Tensor, outlier_ratio: float,
+                        to_int8: bool = True) -> QuantizedRows:
     """The reference semantics, in torch ops (any device)."""
     x = x.float()
     cols = torch.zeros(0, dtype=torch.long, device=x.device)
@@ -51,16 +52,23 @@ def quantize_rows_torch(x: torch.Tensor, outlier_ratio: float) -> QuantizedRows:
     x_cols = x[:, cols]
     kept = x.index_fill(1, cols, 0.0)
     row_max = kept.abs().amax(dim=1, keepdim=True).clamp_min(1e-30)
+    if not to_int8:
+        return QuantizedRows(kept * (1.0 / row_max), row_max, cols, x_cols)
     q = torch.round(kept * (127.0 / row_max)).clamp_(-127, 127).to(torch.int8)
     return QuantizedRows(q, row_max / 127.0, cols, x_cols)
 
 
-def quantize_rows(x: torch.Tensor, outlier_ratio: float) -> QuantizedRows:
-    """x (M, K) in any float dtype; the fused kernel on CPU when it is built."""
+def quantize_rows(x: torch.Tensor, outlier_ratio: float, to_int8: bool = True) -> QuantizedRows:
+    """x (M, K) in any float dtype; the fused kernel on CPU when it is built.
+
+    `to_int8=False` stops before rounding: q is then the fp32 rows scaled to max |q| = 1 and
+    scale their max |x|, the input a kernel that quantizes per tensor (fbgemm) needs to
+    quantize each row with its own scale."""
     module = extension() if x.device.type == "cpu" else None
     if module is None:
-        return quantize_rows_torch(x, outlier_ratio)
-    return QuantizedRows(*module.quantize_rows(x.float().contiguous(), float(outlier_ratio)))
+        return quantize_rows_torch(x, outlier_ratio, to_int8)
+    return QuantizedRows(*module.quantize_rows(x.float().contiguous(), float(outlier_ratio),
+                                               to_int8))
 
 
 def int8_gemv_torch(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -111,21 +111,12 @@ class QuantLinear(nn.Module):
     def _run_fbgemm(self, x: torch.Tensor, weight: object) -> torch.Tensor:
         if x.shape[0] == 1:  # one row: the per-tensor scale is already per token
             return int8_linear_fbgemm(x, weight, self.reduce_range)
-        mag = x.abs()
-        outliers = None
-        if self.outlier_ratio > 0:
-            col_max = mag.amax(dim=0)  # (K,)
-            cols = torch.nonzero(col_max > self.outlier_ratio * col_max.median()).flatten()
-            if cols.numel():
-                outliers = x[:, cols].float() @ self._outlier_weight(cols)
-                x = x.index_fill(1, cols, 0.0)
-                mag = mag.index_fill(1, cols, 0.0)
         # Per-token activation scales through a per-tensor kernel: rows scaled to a common
         # maximum quantize as if each had its own scale, and y = W x is linear in each row.
-        row_max = mag.amax(dim=1, keepdim=True).float().clamp_min(1e-30)
-        y = int8_linear_fbgemm(x.float() / row_max, weight, self.reduce_range).mul_(row_max)
-        if outliers is not None:
-            y.add_(outliers)
+        rows = quantize_rows(x, self.outlier_ratio, to_int8=False)
+        y = int8_linear_fbgemm(rows.q, weight, self.reduce_range).mul_(rows.scale)
+        if rows.cols.numel():
+            y.addmm_(rows.x_cols, self._outlier_weight(rows.cols))
         return y.to(x.dtype)
 
     def _outlier_weight(self, cols: torch.Tensor) -> torch.Tensor:

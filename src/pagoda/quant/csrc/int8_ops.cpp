@@ -9,7 +9,9 @@
 //   scale  (M, 1) fp32   max |x| over the row's non-outlier columns / 127 (tiny, never 0)
 //   cols   (n,)   int64  the outlier columns, ascending
 //   xcols  (M, n) fp32   x[:, cols], for the exact fp32 product of those columns
-// so that x ~= q * scale + scatter(xcols, cols). The reference semantics live in
+// so that x ~= q * scale + scatter(xcols, cols). With to_int8 false, q is instead the fp32
+// x * keep / max|x| (rows normalised to max 1 for a per-tensor quantizing kernel such as
+// fbgemm's) and scale is max|x|. The reference semantics live in
 // `pagoda.quant.int8_ops.quantize_rows_torch`, and the tests compare the two.
 //
 // int8_gemv: y = x @ (w * scale[:, None]).T for a few rows of fp32 x and int8 w, in fp32 --
@@ -70,7 +72,7 @@ std::vector<float> column_abs_max(const float* x, int64_t m, int64_t k) {
 
 }  // namespace
 
-std::vector<torch::Tensor> quantize_rows(torch::Tensor x, double outlier_ratio) {
+std::vector<torch::Tensor> quantize_rows(torch::Tensor x, double outlier_ratio, bool to_int8) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.device().is_cpu(),
               "quantize_rows: x must be a 2-D fp32 CPU tensor");
   x = x.contiguous();
@@ -95,10 +97,11 @@ std::vector<torch::Tensor> quantize_rows(torch::Tensor x, double outlier_ratio) 
   }
   const int64_t n = static_cast<int64_t>(cols.size());
 
-  auto q = torch::empty({m, k}, x.options().dtype(torch::kChar));
+  auto q = torch::empty({m, k}, to_int8 ? x.options().dtype(torch::kChar) : x.options());
   auto scale = torch::empty({m, 1}, x.options());
   auto xcols = torch::empty({m, n}, x.options());
-  int8_t* qp = q.data_ptr<int8_t>();
+  int8_t* qp = to_int8 ? q.data_ptr<int8_t>() : nullptr;
+  float* fp = to_int8 ? nullptr : q.data_ptr<float>();
   float* sp = scale.data_ptr<float>();
   float* cp = xcols.data_ptr<float>();
   const float* kp = keep.data();
@@ -113,9 +116,16 @@ std::vector<torch::Tensor> quantize_rows(torch::Tensor x, double outlier_ratio) 
 #pragma omp simd reduction(max : row_max)
       for (int64_t j = 0; j < k; ++j) row_max = std::max(row_max, std::fabs(row[j]) * keep_p[j]);
       row_max = std::max(row_max, 1e-30f);
-      const float inv = 127.f / row_max;
-      sp[i] = row_max / 127.f;
-      quantize_row(row, keep_p, inv, qp + i * k, k);
+      if (to_int8) {
+        sp[i] = row_max / 127.f;
+        quantize_row(row, keep_p, 127.f / row_max, qp + i * k, k);
+      } else {
+        sp[i] = row_max;
+        const float inv = 1.f / row_max;
+        float* __restrict out = fp + i * k;
+#pragma omp simd
+        for (int64_t j = 0; j < k; ++j) out[j] = row[j] * keep_p[j] * inv;
+      }
       for (int64_t c = 0; c < n; ++c) cp[i * n + c] = row[cols[c]];
     }
   });
@@ -266,5 +276,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_gemv", &int8_gemv, "fp32 rows (1-4) times an int8 weight with per-row scales");
   m.def("has_vnni", &has_vnni, "whether int8_gemv was built with AVX512-VNNI");
   m.def("quantize_rows", &quantize_rows,
-        "per-row int8 quantization with outlier columns split off (CPU, fp32 input)");
+        "per-row int8 quantization (or normalisation) with outlier columns split off");
 }
