@@ -14,8 +14,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	# Build the C++ kernels now rather than at the first model load (without them the engine
 	# falls back to torch ops, so a failure here is not fatal).
-	$(PY) -m pagoda.layers.paged_decode_cpp || echo "C++ attention kernel not built; using torch"
-	$(PY) -m pagoda.quant.int8_ops || echo "C++ int8 helpers not built; using torch"
+	$(PY) -m pagoda.layers.native_build || echo "some C++ kernels not built; using torch for them"
 	touch $(STAMP)
 
 run: $(STAMP)

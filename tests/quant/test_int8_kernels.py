@@ -128,3 +128,41 @@ def test_matmul_probe_measures_something():
     from pagoda.quant.cli import matmul_gflops
 
     assert matmul_gflops("fp32", rows=8, k=64, n=64) > 0.01
+
+
+def _group_weights_8bit(n: int, k: int, group: int, seed: int):
+    from pagoda.quant.group_weights import GroupWeights
+
+    torch.manual_seed(seed)
+    q = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+    scales = (torch.rand(n, k // group) * 0.01 + 1e-3).half()
+    return GroupWeights(q, scales, None, group, 8)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 4])
+@pytest.mark.parametrize("kind", ["int4g32", "int4g64", "int4g128", "int8g32", "int8g16"])
+def test_group_gemv_matches_the_exact_group_product(rows: int, kind: str):
+    """Decode rows of group-quantized layers read the groups in place (VNNI CPUs); the result is
+    the exact dequantized product up to the per-row int8 rounding of the activations."""
+    k = 256
+    if kind.startswith("int4"):
+        m = GroupLinear.from_linear(_linear(192, k, seed=6), int(kind.split("g")[1]))
+    else:
+        m = GroupLinear(_group_weights_8bit(192, k, int(kind.split("g")[1]), seed=6), "gguf")
+    assert m.group_size == int(kind.split("g")[1])
+    x = torch.randn(rows, k)
+    exact = x @ m.dequantize().T
+    err = rel_err(m(x), exact)
+    assert err < 0.015, err
+    if int8_ops.group_gemv_supported(k, m.group_size):
+        assert err > 0  # the VNNI path ran (it rounds the activations)
+
+
+def test_group_gemv_on_the_bundled_gguf_blocks(gguf_source):
+    """Q4_1 (with offsets) and Q8_0 (the tied embedding / lm_head) blocks as the file has them."""
+    torch.manual_seed(7)
+    for name, kind in (("layers.3.mlp.down_proj", "down_proj"), ("lm_head", "lm_head")):
+        weights, _ = gguf_source.weights_for(name, kind)
+        m = GroupLinear(weights, "gguf")
+        x = torch.randn(2, weights.shape[1])
+        assert rel_err(m(x), x @ weights.dequantize().T) < 0.015

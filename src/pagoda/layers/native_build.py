@@ -30,17 +30,18 @@ def _cpu_key() -> str:
 
 
 @cache
-def load_native(stem: str, source: Path, what: str) -> Any | None:
-    """The compiled module `pagoda_<stem>` built from `source`, or None if it cannot be built.
+def load_native(stem: str, source: Path | tuple[Path, ...], what: str) -> Any | None:
+    """The compiled module `pagoda_<stem>` built from `source`(s), or None if it cannot be built.
 
     `what` names the kernel in log lines ("the C++ paged-attention kernel").
     """
+    sources = [str(p) for p in (source if isinstance(source, tuple) else (source,))]
     from torch.utils.cpp_extension import load
 
     start = time.perf_counter()
     log.info("loading %s (the first build takes up to a minute)", what)
     try:
-        module = load(name=f"pagoda_{stem}_{_cpu_key()}", sources=[str(source)],
+        module = load(name=f"pagoda_{stem}_{_cpu_key()}", sources=sources,
                       extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno"],
                       verbose=False)
     except Exception as exc:  # noqa: BLE001 - any build failure means: use the torch path
@@ -49,3 +50,16 @@ def load_native(stem: str, source: Path, what: str) -> Any | None:
         return None
     log.info("%s ready in %.1f s", what, time.perf_counter() - start)
     return module
+
+
+def build_all() -> int:
+    """Build every C++ kernel now (`make` calls this); returns how many could not be built."""
+    from pagoda.layers import paged_decode_cpp
+    from pagoda.quant import int8_ops
+
+    return sum(module is None for module in (paged_decode_cpp.extension(), int8_ops.extension()))
+
+
+if __name__ == "__main__":  # `python -m pagoda.layers.native_build`
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    raise SystemExit(build_all())

@@ -6,7 +6,6 @@ torch's extension builder compiles it once per source version into ~/.cache/torc
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +33,3 @@ def paged_decode_attention(q: torch.Tensor, k_blocks: torch.Tensor, v_blocks: to
     assert module is not None, "check available() first"
     return module.paged_decode(q, k_blocks, v_blocks, block_tables, context_lens, scale,
                                window or 0)
-
-
-if __name__ == "__main__":  # `python -m pagoda.layers.paged_decode_cpp`: build it now (make does)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    raise SystemExit(0 if available() else 1)

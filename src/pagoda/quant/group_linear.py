@@ -5,6 +5,9 @@ The buffers hold a `GroupWeights` exactly (the source of truth that is saved). E
   fbgemm's dynamic linear has one scale per output row and cannot apply a scale per group. This
   costs one extra rounding of at most max|row|/254 per weight and one byte per weight of packed
   memory next to the 0.5-1 byte per weight of the groups (docs/quantization.md measures both).
+- VNNI GEMV (x86 CPUs with AVX512-VNNI, 1-4 rows: decode, on by default): reads the groups in
+  place (0.5 byte per 4-bit weight plus fp32 scales/offsets), activations int8 per row; see
+  `int8_ops.group_gemv`. Off the VNNI CPUs decode rows take the int8 GEMM path.
 - AVX2 kernel (x86 CPU, 4-bit groups of 32 with offsets, at most `MAX_ROWS` rows: decode):
   reads the groups directly (0.75 byte per weight) without re-rounding; see `int4_kernel`.
   Off unless `enable_int4_kernel(model)` is called: its first use compiles C++, and on this
@@ -21,7 +24,8 @@ from torch import nn
 
 from pagoda.quant import int4_kernel
 from pagoda.quant.group_weights import GroupWeights, quantize_int4_groups
-from pagoda.quant.kernels import use_fbgemm
+from pagoda.quant.int8_ops import GEMV_MAX_ROWS, group_gemv, group_gemv_supported
+from pagoda.quant.kernels import int8_kernel, use_fbgemm
 from pagoda.quant.quant_linear import QuantLinear
 
 _DTYPES = {"float16": torch.float16, "float32": torch.float32}
@@ -48,10 +52,12 @@ class GroupLinear(QuantLinear):
         self.register_buffer("offsets", weights.offsets)
         self.use_kernel = False  # see enable_int4_kernel
         self._kernel_args: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._gemv_args: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None = None
 
     def invalidate(self) -> None:
         super().invalidate()
         self._kernel_args = None
+        self._gemv_args = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.use_kernel and x.shape[0] <= int4_kernel.MAX_ROWS and use_fbgemm(x, self.backend):
@@ -60,7 +66,26 @@ class GroupLinear(QuantLinear):
                                      self.offsets.float().contiguous())
             y = int4_kernel.int4_group32_mm(x.float(), self.qweight, *self._kernel_args)
             return y.to(x.dtype)
+        if (x.shape[0] <= GEMV_MAX_ROWS and int8_kernel(x.device, self.backend) != "reference"
+                and group_gemv_supported(self.in_features, self.group_size)):
+            y = group_gemv(x, self.qweight, *self.gemv_args(), self.bits, self.group_size)
+            return y.to(x.dtype)
         return super().forward(x)
+
+    def gemv_args(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """fp32 scales and offsets (4 bytes each per group) and, for 8-bit values, the shift
+        `group_gemv` takes back out: 128 * sum_g scales[:, g] * (sum of group g's values)."""
+        if self._gemv_args is None:
+            scales = self.scales.float().contiguous()
+            offsets = None if self.offsets is None else self.offsets.float().contiguous()
+            shift = None
+            if self.bits == 8:
+                n, k = self.out_features, self.in_features
+                sums = self.qweight.view(n, k // self.group_size, self.group_size).sum(
+                    -1, dtype=torch.int32)
+                shift = (128.0 * (scales.double() * sums.double()).sum(1)).float()
+            self._gemv_args = (scales, offsets, shift)
+        return self._gemv_args
 
     @property
     def weights(self) -> GroupWeights:

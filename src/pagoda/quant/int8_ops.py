@@ -5,16 +5,17 @@
   so a token's rounding never depends on the other tokens of its batch, and LLM.int8()-style
   outlier columns (largest |x| above `outlier_ratio` times the median column's) taken out for an
   exact fp32 product. Kernel and twin return the same `QuantizedRows`, bit for bit.
-- `int8_gemv`: weight-only int8 for 1-4 rows (decode): fp32 activations times int8 weights,
-  streaming each weight byte once. oneDNN's call costs ~40 us however small the input, more
-  than a 960x576 weight takes to stream; this kernel needs no packed copy either.
+- `int8_gemv`: int8 weights times 1-4 rows (decode), streaming each weight byte once. oneDNN's
+  call costs ~40 us however small the input, more than a 960x576 weight takes to stream; this
+  kernel needs no packed copy either.
+- `group_gemv`: the same for group-quantized weights (4-bit nibbles or 8-bit values with a scale
+  and offset per group: int4, GGUF's Q4_1/Q8_0/...), read in place at 0.5-1 byte per weight.
 
 The kernels are built on first use (`native_build`); without them the torch twins run.
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,8 @@ import torch
 
 from pagoda.layers.native_build import load_native
 
-SOURCE = Path(__file__).parent / "csrc" / "int8_ops.cpp"
+SOURCES = (Path(__file__).parent / "csrc" / "int8_ops.cpp",
+           Path(__file__).parent / "csrc" / "group_gemv.cpp")
 GEMV_MAX_ROWS = 4
 
 
@@ -38,7 +40,7 @@ class QuantizedRows:
 
 
 def extension() -> Any | None:
-    return load_native("int8_ops", SOURCE, "the C++ int8 helpers")
+    return load_native("int8_ops", SOURCES, "the C++ int8 helpers")
 
 
 def quantize_rows_torch(x: torch.Tensor, outlier_ratio: float,
@@ -95,6 +97,22 @@ def int8_gemv(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
     return module.int8_gemv(x.float().contiguous(), qweight, scale, row_sums)
 
 
-if __name__ == "__main__":  # `python -m pagoda.quant.int8_ops`: build it now (make does)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    raise SystemExit(0 if extension() is not None else 1)
+def group_gemv_supported(k: int, group: int) -> bool:
+    """Whether `group_gemv` runs here for this shape (VNNI build, 64-element chunks)."""
+    module = extension()
+    return (module is not None and module.group_gemv_available() and k % 64 == 0
+            and group >= 4 and (64 % group == 0 or group % 64 == 0))
+
+
+def group_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+               offsets: torch.Tensor | None, shift: torch.Tensor | None, bits: int,
+               group: int) -> torch.Tensor:
+    """x (M <= GEMV_MAX_ROWS, K) -> (M, N) fp32 ~= x @ w.T with w = scales * q + offsets per
+    group (fp32 scales/offsets (N, K/group)); 8-bit weights need `shift` = 128 * sum over groups
+    of scales * (sum of the group's q), per row. Check `group_gemv_supported` first."""
+    module = extension()
+    assert module is not None
+    empty = torch.zeros(0)
+    return module.group_gemv(x.float().contiguous(), qweight, scales,
+                             empty if offsets is None else offsets,
+                             empty if shift is None else shift, bits, group)

@@ -183,6 +183,31 @@ void gemv_rows(const float* x, const int8_t* w, const float* scale, float* y, in
 // The VNNI form: each row of x is quantized to int8 with its own scale and shifted by 128 into
 // uint8, because vpdpbusd multiplies unsigned by signed bytes (summing 4 products per int32 lane,
 // no saturation). The shift adds 128 * sum(w[i, :]), which `row_sums` takes back out.
+template <int R, int NB>
+inline void vnni_block(const uint8_t* xq, const float* xs, const int8_t* w, const float* scale,
+                       const int32_t* row_sums, float* y, int64_t n, int64_t k, int64_t i0) {
+  __m512i acc[NB][R];
+  for (int b = 0; b < NB; ++b)
+    for (int r = 0; r < R; ++r) acc[b][r] = _mm512_setzero_si512();
+  for (int64_t j = 0; j < k; j += 64) {
+    // The masked tail loads zeros, which add nothing.
+    const __mmask64 mask = k - j >= 64 ? ~__mmask64(0) : (__mmask64(1) << (k - j)) - 1;
+    __m512i xv[R];
+    for (int r = 0; r < R; ++r) xv[r] = _mm512_maskz_loadu_epi8(mask, xq + r * k + j);
+    for (int b = 0; b < NB; ++b) {
+      const __m512i wv = _mm512_maskz_loadu_epi8(mask, w + (i0 + b) * k + j);
+      for (int r = 0; r < R; ++r) acc[b][r] = _mm512_dpbusd_epi32(acc[b][r], xv[r], wv);
+    }
+  }
+  for (int b = 0; b < NB; ++b) {
+    const int64_t i = i0 + b;
+    for (int r = 0; r < R; ++r) {
+      const int32_t dot = _mm512_reduce_add_epi32(acc[b][r]) - 128 * row_sums[i];
+      y[r * n + i] = static_cast<float>(dot) * xs[r] * scale[i];
+    }
+  }
+}
+
 template <int R>
 void gemv_rows_vnni(const float* x, const int8_t* w, const float* scale, const int32_t* row_sums,
                     float* y, int64_t n, int64_t k) {
@@ -198,23 +223,11 @@ void gemv_rows_vnni(const float* x, const int8_t* w, const float* scale, const i
       xq[r * k + j] = static_cast<uint8_t>(std::nearbyint(row[j] * inv) + 128.f);
   }
   const uint8_t* xqp = xq.data();
+  constexpr int NB = R <= 2 ? 4 : 2;  // output rows per pass: independent dpbusd chains
   at::parallel_for(0, n, 32, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int8_t* wi = w + i * k;
-      __m512i acc[R];
-      for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_si512();
-      for (int64_t j = 0; j < k; j += 64) {
-        // The masked tail loads zeros, which add nothing.
-        const __mmask64 mask = k - j >= 64 ? ~__mmask64(0) : (__mmask64(1) << (k - j)) - 1;
-        const __m512i wv = _mm512_maskz_loadu_epi8(mask, wi + j);
-        for (int r = 0; r < R; ++r)
-          acc[r] = _mm512_dpbusd_epi32(acc[r], _mm512_maskz_loadu_epi8(mask, xqp + r * k + j), wv);
-      }
-      for (int r = 0; r < R; ++r) {
-        const int32_t dot = _mm512_reduce_add_epi32(acc[r]) - 128 * row_sums[i];
-        y[r * n + i] = static_cast<float>(dot) * xs[r] * scale[i];
-      }
-    }
+    int64_t i = begin;
+    for (; i + NB <= end; i += NB) vnni_block<R, NB>(xqp, xs, w, scale, row_sums, y, n, k, i);
+    for (; i < end; ++i) vnni_block<R, 1>(xqp, xs, w, scale, row_sums, y, n, k, i);
   });
 }
 #endif
@@ -272,7 +285,14 @@ bool has_vnni() {
 #endif
 }
 
+// group_gemv.cpp
+torch::Tensor group_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales,
+                         torch::Tensor offsets, torch::Tensor shift, int64_t bits, int64_t group);
+bool group_gemv_available();
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("group_gemv", &group_gemv, "1-4 fp32 rows times 4/8-bit group-quantized weights (VNNI)");
+  m.def("group_gemv_available", &group_gemv_available);
   m.def("int8_gemv", &int8_gemv, "fp32 rows (1-4) times an int8 weight with per-row scales");
   m.def("has_vnni", &has_vnni, "whether int8_gemv was built with AVX512-VNNI");
   m.def("quantize_rows", &quantize_rows,
