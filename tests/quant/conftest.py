@@ -77,4 +77,4 @@ def gguf_path() -> str:
 
 
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((y.float() - ref.float()).norm() / ref.float().norm())
+    return float((y.detach().float() - ref.detach().float()).norm() / ref.detach().float().norm())

@@ -156,3 +156,19 @@ def test_int4_kernel_matches_exact_groups():
         x = torch.randn(rows, 256)
         exact = x @ m.dequantize().T
         assert rel_err(m(x), exact) < 1e-6
+
+
+def test_outlier_rows_cache_serves_changing_and_oversized_column_sets():
+    """The per-column cache of outlier weight rows must give the same product as dequantizing
+    afresh, when the outlier set changes between calls and when it exceeds the cache."""
+    from pagoda.quant.quant_linear import OUTLIER_ROWS
+
+    torch.manual_seed(6)
+    lin = _linear(torch.randn(64, 2 * OUTLIER_ROWS + 64) * 0.02)
+    m = Int8Linear.from_linear(lin, outlier_ratio=5.0)
+    for spikes in ([3, 17], [17, 40], list(range(OUTLIER_ROWS + 8)), [3, 17]):
+        x = torch.randn(8, lin.in_features)
+        x[:, spikes] = 200.0
+        ref = x @ m.dequantize().T
+        assert rel_err(m(x), ref) < 0.01
+        assert len(m._outlier_rows) <= OUTLIER_ROWS
