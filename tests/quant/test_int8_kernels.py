@@ -36,16 +36,28 @@ def test_auto_takes_onednn_where_the_cpu_has_amx():
     assert int8_kernel(torch.device("meta"), "auto") == "reference"
 
 
-@pytest.mark.parametrize("backend", ["onednn", "fbgemm"])
+def _skip_unavailable(backend: str) -> None:
+    if backend == "onednn" and not onednn_int8_available():
+        pytest.skip("this CPU has no AMX: 'onednn' falls back to fbgemm, tested as such")
+
+
+@pytest.mark.parametrize("backend", ["auto", "onednn", "fbgemm"])
 @pytest.mark.parametrize("rows", [1, 3, 4, 5, 64])
 def test_every_kernel_matches_the_dequantized_product(backend: str, rows: int):
-    # 1-4 rows take the GEMV where it is built with VNNI, 5+ the packed GEMM.
+    # Under "auto", 1-4 rows take the GEMV where it is built with VNNI; 5+ the packed GEMM.
+    _skip_unavailable(backend)
     lin = _linear(300, 576)
     m = Int8Linear.from_linear(lin, backend=backend)
     x = torch.randn(rows, 576)
     exact = x @ m.dequantize().T
     err = rel_err(m(x), exact)
     assert 0 < err < 0.015, err  # activation rounding only: the weights are the same int8
+
+
+def _rows_rounded(x: torch.Tensor) -> torch.Tensor:
+    """x after the GEMVs' activation rounding: int8 per row, scale max|x| / 127."""
+    mx = x.abs().amax(dim=1, keepdim=True).clamp_min(1e-30)
+    return torch.round(x * (mx.reciprocal() * 127.0)) * (mx / 127.0)
 
 
 def test_onednn_and_fbgemm_agree_on_group_weights():
@@ -68,14 +80,16 @@ def test_packed_form_follows_a_backend_switch():
     assert m._packed.kernel == int8_kernel(CPU, "auto")
 
 
-@pytest.mark.parametrize("shape", [(1, 576), (64, 1536), (300, 40), (3, 7)])
+@pytest.mark.parametrize("shape", [(1, 576), (64, 1536), (300, 40), (3, 7), (2048, 1024)])
 @pytest.mark.parametrize("ratio", [0.0, 5.0])
 @pytest.mark.parametrize("to_int8", [True, False])
 def test_cpp_row_quantizer_equals_its_torch_twin_bit_for_bit(shape: tuple[int, int],
                                                              ratio: float, to_int8: bool):
     assert int8_ops.extension() is not None, "the C++ int8 helpers did not build"
     torch.manual_seed(2)
-    x = torch.randn(*shape)
+    # rows spread over magnitudes, so scales take many different values (2M elements at the
+    # largest shape: one-ulp differences in the scale would show as mismatched codes)
+    x = torch.randn(*shape) * torch.logspace(-3, 3, shape[0])[:, None]
     x[:, 5 % shape[1]] *= 40.0  # an outlier channel
     x[0, 2 % shape[1]] = 1e3  # and one huge value
     fast = int8_ops.quantize_rows(x, ratio, to_int8)
@@ -107,9 +121,11 @@ def test_int8_gemv_matches_the_exact_product(rows: int, k: int):
     m = Int8Linear.from_linear(lin)
     x = torch.randn(rows, k)
     y = int8_ops.int8_gemv(x, m.qweight, m.scale, m.qweight.sum(1, dtype=torch.int32))
-    exact = int8_ops.int8_gemv_torch(x, m.qweight, m.scale)
-    tol = 0.015 if int8_ops.fast_gemv_available() else 1e-5  # VNNI rounds the activations
-    assert rel_err(y, exact) < tol
+    if int8_ops.fast_gemv_available():  # VNNI: exactly the product of the rounded rows
+        assert rel_err(y, _rows_rounded(x) @ m.dequantize().T) < 1e-5
+        assert rel_err(y, x @ m.dequantize().T) < 0.015
+    else:
+        assert rel_err(y, int8_ops.int8_gemv_torch(x, m.qweight, m.scale)) < 1e-5
 
 
 def test_half_precision_warning_follows_the_measured_speed(monkeypatch: pytest.MonkeyPatch):
@@ -139,23 +155,59 @@ def _group_weights_8bit(n: int, k: int, group: int, seed: int):
     return GroupWeights(q, scales, None, group, 8)
 
 
-@pytest.mark.parametrize("rows", [1, 2, 4])
-@pytest.mark.parametrize("kind", ["int4g32", "int4g64", "int4g128", "int8g32", "int8g16"])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+@pytest.mark.parametrize("kind", ["int4g32", "int4g64", "int4g256", "int4g16", "int8g32",
+                                  "int8g16", "int8g32-offsets"])
 def test_group_gemv_matches_the_exact_group_product(rows: int, kind: str):
-    """Decode rows of group-quantized layers read the groups in place (VNNI CPUs); the result is
-    the exact dequantized product up to the per-row int8 rounding of the activations."""
-    k = 256
+    """Decode rows of group-quantized layers read the groups in place (VNNI CPUs): exactly the
+    product of the per-row int8-rounded activations with the groups' scale part, plus the exact
+    activations with the offset part."""
+    k, group = 512, int(kind.split("g")[1].split("-")[0])
     if kind.startswith("int4"):
-        m = GroupLinear.from_linear(_linear(192, k, seed=6), int(kind.split("g")[1]))
+        from pagoda.quant.group_weights import quantize_int4_groups
+
+        weights = quantize_int4_groups(_linear(192, k, seed=6).weight.detach(), group)
     else:
-        m = GroupLinear(_group_weights_8bit(192, k, int(kind.split("g")[1]), seed=6), "gguf")
-    assert m.group_size == int(kind.split("g")[1])
+        weights = _group_weights_8bit(192, k, group, seed=6)
+        if kind.endswith("offsets"):  # as when rows of mixed block types are concatenated
+            weights.offsets = (torch.rand_like(weights.scales.float()) * 0.01).half()
+    m = GroupLinear(weights, "gguf")
     x = torch.randn(rows, k)
     exact = x @ m.dequantize().T
-    err = rel_err(m(x), exact)
-    assert err < 0.015, err
-    if int8_ops.group_gemv_supported(k, m.group_size):
-        assert err > 0  # the VNNI path ran (it rounds the activations)
+    y = m(x)
+    # With offsets the rounding error of x multiplies scales * q, which is larger than w itself
+    # (the offset is the group's minimum), so asymmetric groups stray further (measured <= 2.6%).
+    assert rel_err(y, exact) < (0.04 if weights.offsets is not None else 0.015)
+    if int8_ops.group_gemv_supported(k, group, weights.bits):
+        no_offsets = type(weights)(weights.qweight, weights.scales, None, group, weights.bits)
+        ref = _rows_rounded(x) @ no_offsets.dequantize().T
+        if weights.offsets is not None:
+            ref += x @ (m.dequantize() - no_offsets.dequantize()).T
+        assert rel_err(y, ref) < 1e-5, "the GEMV is not what it claims to compute"
+
+
+def test_group_gemv_refuses_lanes_that_straddle_groups():
+    """4-bit lanes hold 8 consecutive elements: 4-bit groups of 4 cannot run in the GEMV."""
+    assert not int8_ops.group_gemv_supported(512, 4, 4)
+    if int8_ops.extension() is not None and int8_ops.extension().group_gemv_available():
+        q = torch.zeros(8, 256, dtype=torch.uint8)
+        with pytest.raises(RuntimeError, match="multiple of 64"):
+            int8_ops.group_gemv(torch.ones(1, 512), q, torch.ones(8, 128), None, None, 4, 4)
+
+
+def test_forced_kernels_are_used_for_decode_rows_too(monkeypatch: pytest.MonkeyPatch):
+    """--quant-kernel fbgemm/onednn means that kernel for every row count; only auto routes
+    decode rows to the GEMV."""
+    import pagoda.quant.int8_linear as int8_linear
+
+    called = []
+    monkeypatch.setattr(int8_linear, "int8_gemv", lambda *a: called.append(1) or torch.zeros(1, 8))
+    m = Int8Linear.from_linear(_linear(8, 64), backend="fbgemm")
+    m(torch.randn(1, 64))
+    assert not called
+    m.backend = "auto"
+    m(torch.randn(1, 64))
+    assert called == ([1] if int8_ops.fast_gemv_available() else [])
 
 
 def test_group_gemv_on_the_bundled_gguf_blocks(gguf_source):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from functools import cache
 
 from pagoda.quant.config import LINEAR_KINDS, METHODS
 
@@ -28,12 +29,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def matmul_gflops(dtype: str, rows: int = 64, k: int = 576, n: int = 1536) -> float:
-    """A quick measure (a few ms) of this CPU's GEMM speed in `dtype`, at decode-batch shape."""
+@cache
+def matmul_gflops(dtype: str, rows: int = 32, k: int = 256, n: int = 512) -> float:
+    """A quick measure (milliseconds; cached per process) of this CPU's GEMM speed in `dtype`.
+    Constant inputs, so the global RNG (seeded model initialisation) is left alone."""
     import torch
 
     dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    x, w = torch.randn(rows, k, dtype=dt), torch.randn(n, k, dtype=dt)
+    x, w = torch.full((rows, k), 0.5, dtype=dt), torch.full((n, k), 0.25, dtype=dt)
     for _ in range(2):
         torch.nn.functional.linear(x, w)
     start, reps = time.perf_counter(), 5

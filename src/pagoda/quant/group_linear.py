@@ -5,7 +5,7 @@ The buffers hold a `GroupWeights` exactly (the source of truth that is saved). E
   fbgemm's dynamic linear has one scale per output row and cannot apply a scale per group. This
   costs one extra rounding of at most max|row|/254 per weight and one byte per weight of packed
   memory next to the 0.5-1 byte per weight of the groups (docs/quantization.md measures both).
-- VNNI GEMV (x86 CPUs with AVX512-VNNI, 1-4 rows: decode, on by default): reads the groups in
+- VNNI GEMV (x86 CPUs with AVX512-VNNI, 1-4 rows: decode, backend "auto"): reads the groups in
   place (0.5 byte per 4-bit weight plus fp32 scales/offsets), activations int8 per row; see
   `int8_ops.group_gemv`. Off the VNNI CPUs decode rows take the int8 GEMM path.
 - AVX2 kernel (x86 CPU, 4-bit groups of 32 with offsets, at most `MAX_ROWS` rows: decode):
@@ -25,7 +25,7 @@ from torch import nn
 from pagoda.quant import int4_kernel
 from pagoda.quant.group_weights import GroupWeights, quantize_int4_groups
 from pagoda.quant.int8_ops import GEMV_MAX_ROWS, group_gemv, group_gemv_supported
-from pagoda.quant.kernels import int8_kernel, use_fbgemm
+from pagoda.quant.kernels import use_fbgemm
 from pagoda.quant.quant_linear import QuantLinear
 
 _DTYPES = {"float16": torch.float16, "float32": torch.float32}
@@ -66,8 +66,9 @@ class GroupLinear(QuantLinear):
                                      self.offsets.float().contiguous())
             y = int4_kernel.int4_group32_mm(x.float(), self.qweight, *self._kernel_args)
             return y.to(x.dtype)
-        if (x.shape[0] <= GEMV_MAX_ROWS and int8_kernel(x.device, self.backend) != "reference"
-                and group_gemv_supported(self.in_features, self.group_size)):
+        if (self.backend == "auto" and 1 <= x.shape[0] <= GEMV_MAX_ROWS
+                and x.device.type == "cpu"
+                and group_gemv_supported(self.in_features, self.group_size, self.bits)):
             y = group_gemv(x, self.qweight, *self.gemv_args(), self.bits, self.group_size)
             return y.to(x.dtype)
         return super().forward(x)

@@ -1,8 +1,9 @@
 """`Int8Linear`: symmetric int8 weights with one fp32 scale per output channel.
 
 Batched inputs take the packed GEMM path of `QuantLinear`; at 1-4 rows (decode) CPUs with
-AVX512-VNNI run `int8_gemv` straight on the stored weight, which is faster there (a GEMM call's
-fixed cost exceeds the time to stream the weight) and needs no packed copy.
+AVX512-VNNI run `int8_gemv` straight on the stored weight (backend "auto" only: a forced
+"onednn"/"fbgemm" means that kernel), which is faster there: a GEMM call's fixed cost exceeds
+the time to stream the weight.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ class Int8Linear(QuantLinear):
         return self.qweight, self.scale
 
     def run_packed(self, x: torch.Tensor, packed: Packed) -> torch.Tensor:
-        if x.shape[0] <= GEMV_MAX_ROWS and fast_gemv_available():
+        if self.backend == "auto" and 1 <= x.shape[0] <= GEMV_MAX_ROWS and fast_gemv_available():
             if self._row_sums is None:
                 self._row_sums = self.qweight.sum(1, dtype=torch.int32)
             return int8_gemv(x, self.qweight, self.scale, self._row_sums).to(x.dtype)

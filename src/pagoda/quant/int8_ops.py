@@ -6,8 +6,8 @@
   outlier columns (largest |x| above `outlier_ratio` times the median column's) taken out for an
   exact fp32 product. Kernel and twin return the same `QuantizedRows`, bit for bit.
 - `int8_gemv`: int8 weights times 1-4 rows (decode), streaming each weight byte once. oneDNN's
-  call costs ~40 us however small the input, more than a 960x576 weight takes to stream; this
-  kernel needs no packed copy either.
+  call costs ~40 us however small the input, more than a 960x576 weight takes to stream. It
+  reads the stored weight, not the GEMM library's packed copy.
 - `group_gemv`: the same for group-quantized weights (4-bit nibbles or 8-bit values with a scale
   and offset per group: int4, GGUF's Q4_1/Q8_0/...), read in place at 0.5-1 byte per weight.
 
@@ -55,8 +55,8 @@ def quantize_rows_torch(x: torch.Tensor, outlier_ratio: float,
     kept = x.index_fill(1, cols, 0.0)
     row_max = kept.abs().amax(dim=1, keepdim=True).clamp_min(1e-30)
     if not to_int8:
-        return QuantizedRows(kept * (1.0 / row_max), row_max, cols, x_cols)
-    q = torch.round(kept * (127.0 / row_max)).clamp_(-127, 127).to(torch.int8)
+        return QuantizedRows(kept * row_max.reciprocal(), row_max, cols, x_cols)
+    q = torch.round(kept * (row_max.reciprocal() * 127.0)).clamp_(-127, 127).to(torch.int8)
     return QuantizedRows(q, row_max / 127.0, cols, x_cols)
 
 
@@ -97,11 +97,12 @@ def int8_gemv(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
     return module.int8_gemv(x.float().contiguous(), qweight, scale, row_sums)
 
 
-def group_gemv_supported(k: int, group: int) -> bool:
-    """Whether `group_gemv` runs here for this shape (VNNI build, 64-element chunks)."""
+def group_gemv_supported(k: int, group: int, bits: int) -> bool:
+    """Whether `group_gemv` runs here for this shape (VNNI build, 64-element chunks, each int32
+    lane inside one group: 8 consecutive elements for 4-bit, 4 for 8-bit)."""
     module = extension()
     return (module is not None and module.group_gemv_available() and k % 64 == 0
-            and group >= 4 and (64 % group == 0 or group % 64 == 0))
+            and group >= (8 if bits == 4 else 4) and (64 % group == 0 or group % 64 == 0))
 
 
 def group_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,

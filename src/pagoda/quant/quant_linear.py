@@ -11,8 +11,10 @@ Contract shared by all subclasses:
   value is ~2000x the typical row's, which would flatten every other token of a prefill to a few
   levels (perplexity 50.8 -> 87). Input columns whose magnitude exceeds `outlier_ratio` times the
   median column also go through an exact fp32 product with just those weight columns
-  (LLM.int8()-style decomposition); the rest stays int8. Single rows skip the column split
-  (decode: the row's own scale already fits it).
+  (LLM.int8()-style decomposition); the rest stays int8. Decode calls skip the column split
+  (single rows on fbgemm, 1-4 rows in the VNNI GEMVs): each row's own scale already fits it.
+  The split depends on the batch (a column is an outlier relative to the batch's median), so
+  a token's rounding is not batch-invariant on these paths; fp32 is the batch-invariant mode.
 - The packed kernel form is a cache derived from the buffers, rebuilt after any move or load;
   only the buffers are saved (`spec()` describes their shapes so `from_spec` can rebuild them).
 """
@@ -26,6 +28,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from pagoda.quant import int8_ops
 from pagoda.quant.int8_ops import quantize_rows
 from pagoda.quant.kernels import (
     int8_kernel,
@@ -161,6 +164,8 @@ class QuantLinear(nn.Module):
         kernel = int8_kernel(self.device, self.backend)
         if self._packed is None and kernel != "reference":
             self._packed, self._packed_for = self.pack(kernel), kernel
+        if kernel != "reference":
+            int8_ops.extension()  # compile the C++ helpers at load, not in the first request
 
     @property
     def device(self) -> torch.device:

@@ -46,7 +46,7 @@ __m512i lane_groups(int bits, int64_t g) {
 float prepare_row(const float* x, int64_t k, int bits, uint8_t* out) {
   float mx = 1e-30f;
   for (int64_t j = 0; j < k; ++j) mx = std::max(mx, std::fabs(x[j]));
-  const float inv = 127.f / mx;
+  const float inv = (1.f / mx) * 127.f;
   for (int64_t c = 0; c < k; c += 64) {
     for (int j = 0; j < 64; ++j) {
       const int32_t v = static_cast<int32_t>(std::nearbyint(x[c + j] * inv));
@@ -164,15 +164,26 @@ torch::Tensor group_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor s
   const int64_t m = x.size(0), k = x.size(1), n = qweight.size(0);
   TORCH_CHECK(m >= 1 && m <= kMaxRows, "group_gemv: 1 to 4 rows");
   TORCH_CHECK(bits == 4 || bits == 8, "group_gemv: 4 or 8 bits");
-  TORCH_CHECK(k % 64 == 0 && (64 % group == 0 || group % 64 == 0) && group >= 4,
+  // 4-bit lanes hold 8 consecutive elements ([evens | odds] layout), 8-bit lanes 4.
+  TORCH_CHECK(k % 64 == 0 && (64 % group == 0 || group % 64 == 0) && group >= (bits == 4 ? 8 : 4),
               "group_gemv: K must be a multiple of 64 and the group divide or be a multiple of 64");
-  TORCH_CHECK(qweight.size(1) == (bits == 4 ? k / 2 : k), "group_gemv: qweight shape");
+  TORCH_CHECK(x.device().is_cpu() && qweight.device().is_cpu(), "group_gemv: CPU tensors");
+  TORCH_CHECK(qweight.dim() == 2 && qweight.size(1) == (bits == 4 ? k / 2 : k) &&
+              qweight.scalar_type() == (bits == 4 ? torch::kByte : torch::kChar),
+              "group_gemv: qweight must be (N, K/2) uint8 (4-bit) or (N, K) int8 (8-bit)");
   TORCH_CHECK(scales.scalar_type() == torch::kFloat && scales.size(0) == n &&
               scales.size(1) == k / group, "group_gemv: scales fp32 (N, K/g)");
   const bool has_offsets = offsets.numel() > 0, has_shift = shift.numel() > 0;
   TORCH_CHECK(!has_offsets || offsets.sizes() == scales.sizes(), "group_gemv: offsets shape");
+  TORCH_CHECK(!has_offsets || offsets.scalar_type() == torch::kFloat, "group_gemv: fp32 offsets");
   TORCH_CHECK(bits == 4 || has_shift, "group_gemv: 8-bit weights need their shift");
+  TORCH_CHECK(!has_shift || (shift.numel() == n && shift.scalar_type() == torch::kFloat),
+              "group_gemv: shift must be (N,) fp32");
   x = x.contiguous();
+  qweight = qweight.contiguous();
+  scales = scales.contiguous();
+  if (has_offsets) offsets = offsets.contiguous();
+  if (has_shift) shift = shift.contiguous();
   const float* xp = x.data_ptr<float>();
   const int64_t groups = k / group;
   std::vector<uint8_t> xq(m * k);

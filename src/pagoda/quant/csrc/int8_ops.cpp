@@ -118,7 +118,9 @@ std::vector<torch::Tensor> quantize_rows(torch::Tensor x, double outlier_ratio, 
       row_max = std::max(row_max, 1e-30f);
       if (to_int8) {
         sp[i] = row_max / 127.f;
-        quantize_row(row, keep_p, 127.f / row_max, qp + i * k, k);
+        // (1 / max) * 127, not 127 / max: torch evaluates `127.0 / t` as t.reciprocal() * 127,
+        // and the twin must round identically.
+        quantize_row(row, keep_p, (1.f / row_max) * 127.f, qp + i * k, k);
       } else {
         sp[i] = row_max;
         const float inv = 1.f / row_max;
@@ -217,7 +219,7 @@ void gemv_rows_vnni(const float* x, const int8_t* w, const float* scale, const i
     const float* row = x + r * k;
     float mx = 1e-30f;
     for (int64_t j = 0; j < k; ++j) mx = std::max(mx, std::fabs(row[j]));
-    const float inv = 127.f / mx;
+    const float inv = (1.f / mx) * 127.f;
     xs[r] = mx / 127.f;
     for (int64_t j = 0; j < k; ++j)
       xq[r * k + j] = static_cast<uint8_t>(std::nearbyint(row[j] * inv) + 128.f);
