@@ -3,7 +3,13 @@ streaming, against a real server whose linears are quantized (int8 / int4 / the 
 
 Each mode's accuracy against fp32 is tested offline (tests/quant/test_real_model_modes.py); here
 the point is that the whole serving path runs with it: loading, kernel packing, prefill (GEMM)
-and decode (GEMV) rows, streaming, and the model's reported configuration.
+and decode (GEMV) rows, streaming, and the metrics.
+
+The servers run without prefix caching so that both requests compute the prompt in one prefill.
+With it, the repeated prompt's last token is computed alone, i.e. by the decode GEMV; for int4
+and gguf that reads the exact 4-bit groups while the prefill GEMM multiplies their per-row int8
+re-rounding, and the greedy continuation can differ (measured: it did, for both).
+docs/quantization.md lists this under known gaps.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ MODES = ["int8", "int4", "gguf"]
 
 @pytest.fixture(scope="module", params=MODES)
 def quantized_server(request):
-    proc = ServerProcess("--quantization", request.param)
+    proc = ServerProcess("--quantization", request.param, "--no-prefix-caching")
     try:
         proc.wait_ready()
         yield request.param, proc
