@@ -55,12 +55,26 @@ def test_minimal_config_defaults():
         (minimal(virtual_models=[{"name": "v", "default": "m", "rules": [{"model": "m"}]}]),
          "at least one condition"),
         (minimal(cache={"ttl": 3}), "cache: unknown field"),
+        (minimal(models=[{"name": "m", "upstreams": [
+            {"url": "http://a", "api_key_env": "PAGODA_TEST_UNSET_VARIABLE"}]}]), "is not set"),
+        (minimal(models=[{"name": "m", "upstreams": [
+            {"url": "http://a", "api_key": "k", "api_key_env": "HOME"}]}]), "not both"),
         ([1, 2], "mapping"),
     ],
 )
 def test_invalid_configs_name_the_problem(data, message):
     with pytest.raises(ConfigError, match=message):
         parse_config(data)
+
+
+def test_upstream_key_from_the_environment_never_shows_in_reprs(monkeypatch):
+    monkeypatch.setenv("PAGODA_TEST_UPSTREAM_KEY", "s3cret-value")
+    config = parse_config(minimal(models=[{"name": "m", "upstreams": [
+        {"url": "http://a:1", "api_key_env": "PAGODA_TEST_UPSTREAM_KEY"}, "http://b:2"]}]))
+    keyed, plain = config.models[0].upstreams
+    assert keyed.auth_headers == {"Authorization": "Bearer s3cret-value"}
+    assert plain.auth_headers == {}
+    assert "s3cret" not in repr(config)
 
 
 def test_hash_is_salted_and_verifies():

@@ -1,9 +1,13 @@
 """Two real `pagoda serve` replicas behind the gateway: prefix-aware routing keeps a shared-prefix
-workload on one replica, whose prefix cache then hits (read from the replicas' own /metrics)."""
+workload on one replica, whose prefix cache then hits (read from the replicas' own /metrics).
+
+The replicas run with `--api-key`, so every request, stream and WebSocket also shows that the
+gateway sends each upstream its own key (from `api_key_env`), not the client's."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -15,6 +19,8 @@ from websockets.sync.client import connect as ws_connect
 
 from tests.gateway.gateway_harness import GatewayServer, auth, free_port, make_config, wait_for
 
+UPSTREAM_KEY = "replica-secret"
+KEY_ENV = "PAGODA_TEST_UPSTREAM_KEY"
 SYSTEM = ("You are a helpful assistant for the Pagoda project. You answer questions about serving "
           "large language models briefly and precisely, and you cite numbers when you can.")
 
@@ -31,14 +37,20 @@ def prefix_counters(url: str) -> tuple[float, float]:
     return value("prefix_cache_queries"), value("prefix_cache_hits")
 
 
+def upstreams(urls: list[str]) -> list[dict[str, str]]:
+    return [{"url": url, "api_key_env": KEY_ENV} for url in urls]
+
+
 @pytest.fixture(scope="module")
 def serve_replicas():
+    os.environ[KEY_ENV] = UPSTREAM_KEY  # read by the gateway config when it is parsed
     pagoda = Path(sys.executable).with_name("pagoda")
     procs, urls = [], []
     for _ in range(2):
         port = free_port()
         procs.append(subprocess.Popen(
             [str(pagoda), "serve", "--port", str(port), "--served-model-name", "m",
+             "--api-key", UPSTREAM_KEY,
              "--kv-cache-memory", str(32 << 20), "--max-num-seqs", "4", "--num-threads", "1",
              "--log-level", "warning"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
@@ -67,7 +79,8 @@ def serve_replicas():
 
 @pytest.mark.slow
 def test_prefix_routing_hits_one_real_replicas_prefix_cache(serve_replicas):
-    config = make_config({"m": serve_replicas}, policy="prefix", cache={"enabled": False})
+    config = make_config({"m": upstreams(serve_replicas)}, policy="prefix",
+                         cache={"enabled": False})
     before = [prefix_counters(url) for url in serve_replicas]
     with GatewayServer(config) as gw:
         for i in range(5):
@@ -89,7 +102,7 @@ def test_prefix_routing_hits_one_real_replicas_prefix_cache(serve_replicas):
 
 @pytest.mark.slow
 def test_websocket_and_sse_through_the_gateway_to_a_real_replica(serve_replicas):
-    config = make_config({"m": serve_replicas[:1]}, cache={"enabled": False})
+    config = make_config({"m": upstreams(serve_replicas[:1])}, cache={"enabled": False})
     with GatewayServer(config) as gw:
         ws_url = gw.url.replace("http", "ws") + "/v1/ws?model=m"
         with ws_connect(ws_url, additional_headers=auth()) as ws:

@@ -7,6 +7,7 @@ least one upstream. Errors are `ConfigError` naming the offending entry (e.g. `k
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,8 +49,14 @@ class KeyConfig:
 
 @dataclass(frozen=True, slots=True)
 class UpstreamConfig:
+    """One replica. An upstream started with `pagoda serve --api-key` needs the gateway to send
+    that key: `api_key_env` names the environment variable holding it (read once, at load), so the
+    secret stays out of the YAML; `api_key` takes it literally and is kept out of reprs."""
+
     url: str  # base URL without /v1, e.g. http://127.0.0.1:8001
     name: str = ""  # label in metrics; defaults to the URL's host:port
+    api_key_env: str = ""
+    api_key: str = field(default="", repr=False)
 
     def __post_init__(self) -> None:
         if not self.url.startswith(("http://", "https://")):
@@ -57,6 +64,19 @@ class UpstreamConfig:
         if not self.name:
             object.__setattr__(self, "name", self.url.split("://", 1)[1].rstrip("/"))
         object.__setattr__(self, "url", self.url.rstrip("/"))
+        if self.api_key_env:
+            if self.api_key:
+                raise ConfigError(f"upstream {self.name!r}: give api_key or api_key_env, not both")
+            value = os.environ.get(self.api_key_env, "")
+            if not value:
+                raise ConfigError(f"upstream {self.name!r}: environment variable "
+                                  f"{self.api_key_env!r} (its api_key_env) is not set")
+            object.__setattr__(self, "api_key", value)
+
+    @property
+    def auth_headers(self) -> dict[str, str]:
+        """What every request to this upstream carries (nothing when it has no key)."""
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
 
 @dataclass(frozen=True, slots=True)

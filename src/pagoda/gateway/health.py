@@ -34,7 +34,8 @@ class HealthChecker:
         self._task: asyncio.Task | None = None
 
     async def _probe(self, upstream: Upstream) -> bool:
-        return await self.client.probe(upstream.url + self.config.path, self.config.timeout_s)
+        return await self.client.probe(upstream.url + self.config.path, self.config.timeout_s,
+                                       upstream.auth_headers)
 
     async def check_once(self) -> None:
         upstreams = [u for pool in self.pools for u in pool.upstreams]

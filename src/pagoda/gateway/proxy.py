@@ -113,7 +113,7 @@ class Forwarder:
             upstream.num_outstanding += 1
             try:
                 status, content_type, content = await self.client.post_json(
-                    upstream.url + path, body
+                    upstream.url + path, body, upstream.auth_headers
                 )
             except UPSTREAM_ERRORS as exc:
                 detail = f"{upstream.name}: {type(exc).__name__}"
@@ -141,7 +141,8 @@ class Forwarder:
             response: aiohttp.ClientResponse | None = None
             handed_over = False
             try:
-                response = await self.client.open(upstream.url + path, body)
+                response = await self.client.open(upstream.url + path, body,
+                                                  upstream.auth_headers)
                 if response.status != 200:
                     content = await response.read()
                     if response.status >= 500:

@@ -36,6 +36,10 @@ class Upstream:
     def url(self) -> str:
         return self.config.url
 
+    @property
+    def auth_headers(self) -> dict[str, str]:
+        return self.config.auth_headers
+
     def available(self, now: float) -> bool:
         return self.healthy and now >= self.ejected_until
 

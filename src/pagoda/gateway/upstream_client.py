@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Mapping
 from typing import Any
 
 import aiohttp
@@ -42,21 +43,26 @@ class UpstreamClient:
             )
         return self._session
 
-    async def post_json(self, url: str, body: dict[str, Any]) -> tuple[int, str, bytes]:
+    async def post_json(self, url: str, body: dict[str, Any],
+                        headers: Mapping[str, str] | None = None) -> tuple[int, str, bytes]:
         """POST and read the whole answer: (status, content type, body bytes)."""
-        async with self.session.post(url, data=json.dumps(body), headers=_JSON) as response:
+        async with self.session.post(url, data=json.dumps(body),
+                                     headers={**_JSON, **(headers or {})}) as response:
             content = await response.read()
             return response.status, response.headers.get("content-type", ""), content
 
-    async def open(self, url: str, body: dict[str, Any]) -> aiohttp.ClientResponse:
+    async def open(self, url: str, body: dict[str, Any],
+                   headers: Mapping[str, str] | None = None) -> aiohttp.ClientResponse:
         """POST and return once the status and headers are in; the caller must close it."""
-        return await self.session.post(url, data=json.dumps(body), headers=_JSON)
+        return await self.session.post(url, data=json.dumps(body),
+                                       headers={**_JSON, **(headers or {})})
 
-    async def probe(self, url: str, timeout_s: float) -> bool:
+    async def probe(self, url: str, timeout_s: float,
+                    headers: Mapping[str, str] | None = None) -> bool:
         """GET `url`; True on a 2xx within `timeout_s`."""
         try:
             timeout = aiohttp.ClientTimeout(total=timeout_s)
-            async with self.session.get(url, timeout=timeout) as response:
+            async with self.session.get(url, timeout=timeout, headers=headers) as response:
                 await response.read()
                 return 200 <= response.status < 300
         except UPSTREAM_ERRORS:

@@ -1,7 +1,8 @@
 """`/v1/ws`: a WebSocket passed through, message for message, to an upstream's `/v1/ws`.
 
 The gateway does not interpret the protocol. It authenticates (Bearer header, or `api_key` query
-parameter for browsers, which cannot set headers on WebSockets), picks the pool from the `model`
+parameter for browsers, which cannot set headers on WebSockets; the client's key never goes
+upstream, the upstream's own key from the config does), picks the pool from the `model`
 query parameter (virtual models route by their default), admits the connection against the key's
 limits — one request, holding one concurrency slot while open — and then pumps frames both ways
 until either side closes. Upstream JSON messages carrying `usage` count toward tokens per
@@ -43,7 +44,7 @@ async def _connect(
         try:
             conn = await connect(
                 url, open_timeout=state.config.retry.connect_timeout_s, proxy=None,
-                max_size=None, compression=None,
+                max_size=None, compression=None, additional_headers=upstream.auth_headers,
             )
         except (OSError, WebSocketException, asyncio.TimeoutError):
             pool.record_failure(upstream)
