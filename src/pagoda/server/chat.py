@@ -6,7 +6,6 @@ The template's text already holds the special tokens, so it is encoded with
 
 from __future__ import annotations
 
-import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -15,7 +14,7 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from pagoda.engine.async_llm import AsyncLLM
-from pagoda.engine.outputs import RequestOutput
+from pagoda.engine.outputs import CompletionOutput, RequestOutput
 from pagoda.server.chat_protocol import (
     ChatChoice,
     ChatCompletionChunk,
@@ -25,17 +24,12 @@ from pagoda.server.chat_protocol import (
     ChatResponseMessage,
     ChatStreamChoice,
 )
-from pagoda.server.engine_client import EngineClient, error_of
+from pagoda.server.engine_client import EngineClient
 from pagoda.server.errors import APIError
 from pagoda.server.logprobs import chat_logprobs
 from pagoda.server.protocol import ChatMessage, UsageInfo
 from pagoda.server.request_params import chat_messages, chat_params
-from pagoda.server.streaming import (
-    SSE_DONE,
-    EngineStreamingResponse,
-    cancel_on_disconnect,
-    sse_event,
-)
+from pagoda.server.streaming import EngineStreamingResponse, cancel_on_disconnect, sse_body
 
 
 def render_chat(llm: AsyncLLM, messages: list[ChatMessage],
@@ -86,39 +80,23 @@ async def create_chat_completion(client: EngineClient, request: ChatCompletionRe
         usage=UsageInfo.of(len(prompt_ids), done.num_generated_tokens, cached))
 
 
-async def _stream(client: EngineClient, request: ChatCompletionRequest,
-                  chunk: ChatCompletionChunk, n: int, num_prompt_tokens: int,
-                  outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[str]:
+def _stream(client: EngineClient, request: ChatCompletionRequest, chunk: ChatCompletionChunk,
+            n: int, num_prompt_tokens: int, outputs: AsyncIterator[RequestOutput]
+            ) -> AsyncIterator[str]:
     token_str = client.require_llm().tokenizer.token_str
     num_top = request.top_logprobs or 0
-    generated: dict[int, int] = {}
-    cached = 0
-    async with contextlib.aclosing(outputs):
-        roles = [ChatStreamChoice(index=i, delta=ChatDelta(role="assistant", content=""))
-                 for i in range(n)]
-        yield sse_event(chunk.model_copy(update={"choices": roles}))
-        async for out in outputs:
-            if out.error:
-                yield sse_event(error_of(out.error).body())
-                yield SSE_DONE
-                return
-            choices = []
-            for delta in out.outputs:
-                generated[delta.index] = delta.num_generated_tokens
-                logprobs = None
-                if request.logprobs and delta.logprobs:
-                    logprobs = chat_logprobs(delta.token_ids, delta.logprobs, num_top, token_str)
-                if not delta.text and delta.finish_reason is None and logprobs is None:
-                    continue
-                choices.append(ChatStreamChoice(index=delta.index,
-                                                delta=ChatDelta(content=delta.text),
-                                                logprobs=logprobs,
-                                                finish_reason=delta.finish_reason))
-            if choices:
-                yield sse_event(chunk.model_copy(update={"choices": choices}))
-            if out.metrics is not None:
-                cached = out.metrics.num_cached_tokens
-    if request.stream_options and request.stream_options.include_usage:
-        usage = UsageInfo.of(num_prompt_tokens, sum(generated.values()), cached)
-        yield sse_event(chunk.model_copy(update={"usage": usage}))
-    yield SSE_DONE
+
+    def choice_of(delta: CompletionOutput) -> ChatStreamChoice | None:
+        logprobs = None
+        if request.logprobs and delta.logprobs:
+            logprobs = chat_logprobs(delta.token_ids, delta.logprobs, num_top, token_str)
+        if not delta.text and delta.finish_reason is None and logprobs is None:
+            return None
+        return ChatStreamChoice(index=delta.index, delta=ChatDelta(content=delta.text),
+                                logprobs=logprobs, finish_reason=delta.finish_reason)
+
+    roles = [ChatStreamChoice(index=i, delta=ChatDelta(role="assistant", content=""))
+             for i in range(n)]
+    include_usage = bool(request.stream_options and request.stream_options.include_usage)
+    return sse_body(outputs, chunk, choice_of, num_prompt_tokens, include_usage,
+                    opening=chunk.model_copy(update={"choices": roles}))

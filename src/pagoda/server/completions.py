@@ -6,7 +6,6 @@ schema, streamed as SSE (`data: {chunk}` ... `data: [DONE]`) or returned whole.
 
 from __future__ import annotations
 
-import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -15,7 +14,7 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from pagoda.engine.outputs import CompletionOutput, RequestOutput
-from pagoda.server.engine_client import EngineClient, error_of
+from pagoda.server.engine_client import EngineClient
 from pagoda.server.logprobs import completion_logprobs
 from pagoda.server.protocol import (
     CompletionChoice,
@@ -25,12 +24,7 @@ from pagoda.server.protocol import (
     UsageInfo,
 )
 from pagoda.server.request_params import completion_params, completion_prompt
-from pagoda.server.streaming import (
-    SSE_DONE,
-    EngineStreamingResponse,
-    cancel_on_disconnect,
-    sse_event,
-)
+from pagoda.server.streaming import EngineStreamingResponse, cancel_on_disconnect, sse_body
 
 
 async def create_completion(client: EngineClient, request: CompletionRequest,
@@ -65,33 +59,13 @@ async def create_completion(client: EngineClient, request: CompletionRequest,
         "usage": UsageInfo.of(len(prompt_ids), done.num_generated_tokens, cached)})
 
 
-async def _stream(client: EngineClient, request: CompletionRequest, header: CompletionResponse,
-                  num_prompt_tokens: int, outputs: AsyncIterator[RequestOutput]
-                  ) -> AsyncIterator[str]:
+def _stream(client: EngineClient, request: CompletionRequest, header: CompletionResponse,
+            num_prompt_tokens: int, outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[str]:
     token_str = client.require_llm().tokenizer.token_str
-    generated: dict[int, int] = {}
-    offsets: dict[int, int] = {}
-    final: RequestOutput | None = None
-    async with contextlib.aclosing(outputs):
-        async for out in outputs:
-            if out.error:
-                yield sse_event(error_of(out.error).body())
-                yield SSE_DONE
-                return
-            choices = []
-            for delta in out.outputs:
-                generated[delta.index] = delta.num_generated_tokens
-                choice = _choice(request, delta, token_str, offsets)
-                if choice is not None:
-                    choices.append(choice)
-            if choices:
-                yield sse_event(header.model_copy(update={"choices": choices}))
-            final = out
-    if request.stream_options and request.stream_options.include_usage:
-        cached = final.metrics.num_cached_tokens if final and final.metrics else 0
-        usage = UsageInfo.of(num_prompt_tokens, sum(generated.values()), cached)
-        yield sse_event(header.model_copy(update={"usage": usage}))
-    yield SSE_DONE
+    offsets: dict[int, int] = {}  # sample index -> text offset of its next logprobs token
+    include_usage = bool(request.stream_options and request.stream_options.include_usage)
+    return sse_body(outputs, header, lambda delta: _choice(request, delta, token_str, offsets),
+                    num_prompt_tokens, include_usage)
 
 
 def _choice(request: CompletionRequest, delta: CompletionOutput, token_str,

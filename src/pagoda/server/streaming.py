@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 from fastapi import Request
@@ -18,8 +18,10 @@ from pydantic import BaseModel
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from pagoda.server.engine_client import Ticket
+from pagoda.engine.outputs import CompletionOutput, RequestOutput
+from pagoda.server.engine_client import Ticket, error_of
 from pagoda.server.errors import APIError
+from pagoda.server.protocol import UsageInfo
 
 T = TypeVar("T")
 
@@ -31,6 +33,43 @@ def sse_event(payload: BaseModel | dict[str, Any]) -> str:
     if isinstance(payload, BaseModel):
         return f"data: {payload.model_dump_json()}\n\n"
     return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
+
+
+async def sse_body(outputs: AsyncIterator[RequestOutput], template: BaseModel,
+                   choice_of: Callable[[CompletionOutput], BaseModel | None],
+                   num_prompt_tokens: int, include_usage: bool,
+                   opening: BaseModel | None = None) -> AsyncIterator[str]:
+    """The SSE body of `/v1/completions` and `/v1/chat/completions`.
+
+    `opening` (chat's role chunk) first; then, per engine output, one copy of `template` holding
+    each sample's choice (`choice_of` returns None for a delta with nothing to show yet, e.g. half
+    of a UTF-8 character); an error event and [DONE] if the engine fails; the usage chunk when
+    the client asked for it; [DONE]. Closing this iterator closes `outputs`, which aborts the
+    request in the engine."""
+    generated: dict[int, int] = {}  # sample index -> tokens generated so far
+    cached = 0
+    async with contextlib.aclosing(outputs):
+        if opening is not None:
+            yield sse_event(opening)
+        async for out in outputs:
+            if out.error:
+                yield sse_event(error_of(out.error).body())
+                yield SSE_DONE
+                return
+            choices = []
+            for delta in out.outputs:
+                generated[delta.index] = delta.num_generated_tokens
+                choice = choice_of(delta)
+                if choice is not None:
+                    choices.append(choice)
+            if choices:
+                yield sse_event(template.model_copy(update={"choices": choices}))
+            if out.metrics is not None:
+                cached = out.metrics.num_cached_tokens
+    if include_usage:
+        usage = UsageInfo.of(num_prompt_tokens, sum(generated.values()), cached)
+        yield sse_event(template.model_copy(update={"usage": usage}))
+    yield SSE_DONE
 
 
 class EngineStreamingResponse(StreamingResponse):
