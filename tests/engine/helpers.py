@@ -21,6 +21,18 @@ def with_sliding_window(loaded: LoadedModel, window: int) -> LoadedModel:
     return dataclasses.replace(loaded, model=net.eval(), config=cfg)
 
 
+def hf_greedy(hf_model, prompt_ids: list[list[int]], max_tokens: int) -> list[list[int]]:
+    """transformers' own greedy continuation of each prompt (alone, no EOS stop): the reference
+    Pagoda's greedy output must equal token for token."""
+    refs = []
+    with torch.inference_mode():
+        for ids in prompt_ids:
+            out = hf_model.generate(torch.tensor([ids]), max_new_tokens=max_tokens,
+                                    do_sample=False, eos_token_id=None, pad_token_id=0)
+            refs.append(out[0, len(ids):].tolist())
+    return refs
+
+
 def run_to_completion(engine: LLMEngine, requests: dict[str, tuple[list[int], SamplingParams]],
                       arrivals: dict[str, int] | None = None, max_steps: int = 100_000
                       ) -> dict[str, list[int]]:

@@ -18,7 +18,7 @@ from pagoda.engine.config import EngineConfig
 from pagoda.engine.llm_engine import LLMEngine
 from pagoda.loader.model_loader import LoadedModel, load_model
 from pagoda.sampling.params import SamplingParams
-from tests.engine.helpers import run_to_completion, with_sliding_window
+from tests.engine.helpers import hf_greedy, run_to_completion, with_sliding_window
 
 PROMPTS = [
     "The capital of France is",
@@ -93,25 +93,15 @@ def prompt_ids(gemma):
     return [gemma.tokenizer.encode(p) for p in PROMPTS]
 
 
-def hf_greedy(hf_model, prompt_ids: list[list[int]]) -> list[list[int]]:
-    refs = []
-    with torch.inference_mode():
-        for ids in prompt_ids:
-            out = hf_model.generate(torch.tensor([ids]), max_new_tokens=MAX_TOKENS,
-                                    do_sample=False, eos_token_id=None, pad_token_id=0)
-            refs.append(out[0, len(ids):].tolist())
-    return refs
-
-
 @pytest.fixture(scope="module")
 def reference(hf_gemma, prompt_ids):
-    return hf_greedy(hf_gemma, prompt_ids)
+    return hf_greedy(hf_gemma, prompt_ids, MAX_TOKENS)
 
 
 @pytest.fixture(scope="module")
 def small_window_reference(hf_gemma, prompt_ids):
     with hf_window(hf_gemma, SMALL_WINDOW):
-        refs = hf_greedy(hf_gemma, [prompt_ids[i] for i in SLIDING])
+        refs = hf_greedy(hf_gemma, [prompt_ids[i] for i in SLIDING], MAX_TOKENS)
     return dict(zip(SLIDING, refs, strict=True))
 
 

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from pagoda.sampling.params import SamplingParams
-from tests.engine.helpers import run_to_completion
+from tests.engine.helpers import hf_greedy, run_to_completion
 
 PROMPTS = [
     "The capital of France is",
@@ -33,13 +32,7 @@ def prompt_ids(loaded_model):
 
 @pytest.fixture(scope="module")
 def reference(hf_model, prompt_ids):
-    refs = []
-    with torch.inference_mode():
-        for ids in prompt_ids:
-            out = hf_model.generate(torch.tensor([ids]), max_new_tokens=MAX_TOKENS,
-                                    do_sample=False, eos_token_id=None, pad_token_id=0)
-            refs.append(out[0, len(ids):].tolist())
-    return refs
+    return hf_greedy(hf_model, prompt_ids, MAX_TOKENS)
 
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
