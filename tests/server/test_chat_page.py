@@ -76,3 +76,20 @@ def test_text_streams_in_and_stop_cancels(page, server):
     page.wait_for_timeout(500)
     assert reply.locator(".text").inner_text() == text  # nothing arrives after the stop
     assert page.get_by_test_id("send").is_enabled()
+
+
+def test_question_is_kept_while_the_socket_is_down(page):
+    """Sending while the WebSocket is (re)connecting must not swallow the question: it stays in
+    the input with a status line, and goes out once the socket is back."""
+    page.get_by_test_id("max-tokens").fill("4")
+    page.evaluate("() => { const ws = state.ws; state.ws = null; ws.close(); }")
+    expect(page.get_by_test_id("conn")).to_have_text("offline")
+    ask(page, "Are you there?")
+    expect(page.get_by_test_id("input")).to_have_value("Are you there?")
+    expect(page.get_by_test_id("status")).to_contain_text("not connected")
+    page.evaluate("() => connect()")
+    expect(page.get_by_test_id("conn")).to_have_text("connected")
+    page.get_by_test_id("input").press("Enter")
+    expect(page.locator('.msg[data-role="user"]').last).to_have_text("Are you there?")
+    expect(last_reply(page)).to_have_attribute("data-state", "done")
+    expect(page.get_by_test_id("input")).to_have_value("")

@@ -37,7 +37,9 @@ function connect() {
   ws.onclose = () => {
     $("conn").textContent = "offline";
     if (state.active) finishReply("error", "connection closed");
-    if (state.ws === ws) setTimeout(connect, 1000);
+    // Retry only if this is still the current socket, now and when the timer fires: a key
+    // change in between has already opened a newer one, which a late retry would replace.
+    if (state.ws === ws) setTimeout(() => { if (state.ws === ws) connect(); }, 1000);
   };
   ws.onmessage = (event) => onMessage(JSON.parse(event.data));
 }
@@ -55,8 +57,14 @@ function bubble(role, text) {
   return { el, textEl };
 }
 
+// Returns whether the question went out; it does not while the socket is (re)connecting or a
+// reply is still streaming, and the caller then keeps the text in the input box.
 function send(question) {
-  if (!state.ws || state.ws.readyState !== WebSocket.OPEN || state.active) return;
+  if (state.active) return false;
+  if (!state.ws || state.ws.readyState !== WebSocket.OPEN) {
+    setStatus("not connected yet; try again in a moment");
+    return false;
+  }
   const messages = [];
   const system = $("system").value.trim();
   if (system) messages.push({ role: "system", content: system });
@@ -76,6 +84,7 @@ function send(question) {
   $("send").disabled = true;
   $("stop").disabled = false;
   setStatus("generating…");
+  return true;
 }
 
 function onMessage(msg) {
@@ -131,9 +140,7 @@ function stop() {
 $("form").addEventListener("submit", (event) => {
   event.preventDefault();
   const question = $("input").value.trim();
-  if (!question) return;
-  $("input").value = "";
-  send(question);
+  if (question && send(question)) $("input").value = "";
 });
 $("input").addEventListener("keydown", (event) => {
   if (event.key === "Enter" && !event.shiftKey) {
