@@ -24,7 +24,7 @@ from torch import nn
 
 from pagoda.quant import int4_kernel
 from pagoda.quant.group_weights import GroupWeights, quantize_int4_groups
-from pagoda.quant.int8_ops import GEMV_MAX_ROWS, group_gemv, group_gemv_supported
+from pagoda.quant.int8_ops import group_gemv, group_gemv_supported
 from pagoda.quant.kernels import use_fbgemm
 from pagoda.quant.quant_linear import QuantLinear
 
@@ -51,31 +51,27 @@ class GroupLinear(QuantLinear):
         self.register_buffer("scales", weights.scales)
         self.register_buffer("offsets", weights.offsets)
         self.use_kernel = False  # see enable_int4_kernel
-        self._kernel_args: tuple[torch.Tensor, torch.Tensor] | None = None
         self._gemv_args: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None = None
 
     def invalidate(self) -> None:
         super().invalidate()
-        self._kernel_args = None
         self._gemv_args = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.use_kernel and x.shape[0] <= int4_kernel.MAX_ROWS and use_fbgemm(x, self.backend):
-            if self._kernel_args is None:  # fp32 copies: 8 bytes per 32 weights
-                self._kernel_args = (self.scales.float().contiguous(),
-                                     self.offsets.float().contiguous())
-            y = int4_kernel.int4_group32_mm(x.float(), self.qweight, *self._kernel_args)
+            scales, offsets, _ = self.gemv_args()  # fp32 copies: 8 bytes per 32 weights
+            y = int4_kernel.int4_group32_mm(x.float(), self.qweight, scales, offsets)
             return y.to(x.dtype)
-        if (self.backend == "auto" and 1 <= x.shape[0] <= GEMV_MAX_ROWS
-                and x.device.type == "cpu"
+        if (self.takes_decode_gemv(x)
                 and group_gemv_supported(self.in_features, self.group_size, self.bits)):
             y = group_gemv(x, self.qweight, *self.gemv_args(), self.bits, self.group_size)
             return y.to(x.dtype)
         return super().forward(x)
 
     def gemv_args(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """fp32 scales and offsets (4 bytes each per group) and, for 8-bit values, the shift
-        `group_gemv` takes back out: 128 * sum_g scales[:, g] * (sum of group g's values)."""
+        """fp32 scales and offsets (4 bytes each per group), for both decode kernels, and, for
+        8-bit values, the shift `group_gemv` takes back out: 128 * sum_g scales[:, g] * (sum of
+        group g's values)."""
         if self._gemv_args is None:
             scales = self.scales.float().contiguous()
             offsets = None if self.offsets is None else self.offsets.float().contiguous()

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from pagoda.quant.group_weights import quantize_int8_per_channel
-from pagoda.quant.int8_ops import GEMV_MAX_ROWS, fast_gemv_available, int8_gemv
+from pagoda.quant.int8_ops import fast_gemv_available, int8_gemv
 from pagoda.quant.quant_linear import Packed, QuantLinear
 
 
@@ -53,7 +53,7 @@ class Int8Linear(QuantLinear):
         return self.qweight, self.scale
 
     def run_packed(self, x: torch.Tensor, packed: Packed) -> torch.Tensor:
-        if self.backend == "auto" and 1 <= x.shape[0] <= GEMV_MAX_ROWS and fast_gemv_available():
+        if self.takes_decode_gemv(x) and fast_gemv_available():
             if self._row_sums is None:
                 self._row_sums = self.qweight.sum(1, dtype=torch.int32)
             return int8_gemv(x, self.qweight, self.scale, self._row_sums).to(x.dtype)

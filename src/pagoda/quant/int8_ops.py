@@ -17,6 +17,7 @@ The kernels are built on first use (`native_build`); without them the torch twin
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -77,11 +78,19 @@ def int8_gemv_torch(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor)
     return x.float() @ (qweight.float() * scale[:, None]).T
 
 
+@cache
 def fast_gemv_available() -> bool:
     """Whether `int8_gemv` runs the VNNI kernel, which beats the GEMM libraries at 1-4 rows
-    (without VNNI the widening kernel is slower than fbgemm for large weights)."""
+    (without VNNI the widening kernel is slower than fbgemm for large weights). Asked on every
+    decode call, so answered once."""
     module = extension()
     return module is not None and module.has_vnni()
+
+
+@cache
+def _group_gemv_built() -> bool:
+    module = extension()
+    return module is not None and module.group_gemv_available()
 
 
 def int8_gemv(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
@@ -100,8 +109,7 @@ def int8_gemv(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
 def group_gemv_supported(k: int, group: int, bits: int) -> bool:
     """Whether `group_gemv` runs here for this shape (VNNI build, 64-element chunks, each int32
     lane inside one group: 8 consecutive elements for 4-bit, 4 for 8-bit)."""
-    module = extension()
-    return (module is not None and module.group_gemv_available() and k % 64 == 0
+    return (_group_gemv_built() and k % 64 == 0
             and group >= (8 if bits == 4 else 4) and (64 % group == 0 or group % 64 == 0))
 
 

@@ -3,7 +3,7 @@
 Every quantized format runs on one of three paths (`int8_kernel` picks for "auto"):
 - onednn (x86 CPUs with AMX int8 tiles): int8 weights with one scale per output row, packed once
   into oneDNN's blocked layout; activations arrive already quantized to int8, one scale per row
-  (`row_quantizer`). On this Xeon its GEMM runs 2-3x faster than fbgemm's at 64-256 rows.
+  (`int8_ops.quantize_rows`). On this Xeon its GEMM runs 2-3x faster than fbgemm's at 64-256 rows.
 - fbgemm (other x86 CPUs): the same weights; fbgemm quantizes the activations itself, with one
   uint8 scale for the whole input. It runs 2-4x faster than fp32 on AVX2/AVX-512 cores, while
   torch's weight-only int8/int4 ops (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) reach

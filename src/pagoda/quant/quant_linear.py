@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from pagoda.quant import int8_ops
-from pagoda.quant.int8_ops import quantize_rows
+from pagoda.quant.int8_ops import GEMV_MAX_ROWS, quantize_rows
 from pagoda.quant.kernels import (
     int8_kernel,
     int8_linear_fbgemm,
@@ -104,27 +104,26 @@ class QuantLinear(nn.Module):
         return Packed(kernel, pack_int8(qweight, scale))
 
     def run_packed(self, x: torch.Tensor, packed: Packed) -> torch.Tensor:
-        if packed.kernel == "onednn":
-            return self._run_onednn(x, packed.weight)
-        return self._run_fbgemm(x, packed.weight)
-
-    def _run_onednn(self, x: torch.Tensor, weight: object) -> torch.Tensor:
-        rows = quantize_rows(x, self.outlier_ratio if x.shape[0] > 1 else 0.0)
-        y = int8_linear_onednn(rows.q, weight).mul_(rows.scale)
+        if packed.kernel == "fbgemm" and x.shape[0] == 1:
+            # one row: fbgemm's own per-tensor scale is already per token
+            return int8_linear_fbgemm(x, packed.weight, self.reduce_range)
+        # oneDNN takes the int8 rows; fbgemm quantizes per tensor, so it gets the rows scaled to
+        # a common maximum (they then quantize as if each had its own scale; y = W x is linear
+        # in each row). Either way the product is rescaled per row afterwards.
+        onednn = packed.kernel == "onednn"
+        rows = quantize_rows(x, self.outlier_ratio if x.shape[0] > 1 else 0.0, to_int8=onednn)
+        y = (int8_linear_onednn(rows.q, packed.weight) if onednn
+             else int8_linear_fbgemm(rows.q, packed.weight, self.reduce_range))
+        y.mul_(rows.scale)
         if rows.cols.numel():
             y.addmm_(rows.x_cols, self._outlier_weight(rows.cols))
         return y.to(x.dtype)
 
-    def _run_fbgemm(self, x: torch.Tensor, weight: object) -> torch.Tensor:
-        if x.shape[0] == 1:  # one row: the per-tensor scale is already per token
-            return int8_linear_fbgemm(x, weight, self.reduce_range)
-        # Per-token activation scales through a per-tensor kernel: rows scaled to a common
-        # maximum quantize as if each had its own scale, and y = W x is linear in each row.
-        rows = quantize_rows(x, self.outlier_ratio, to_int8=False)
-        y = int8_linear_fbgemm(rows.q, weight, self.reduce_range).mul_(rows.scale)
-        if rows.cols.numel():
-            y.addmm_(rows.x_cols, self._outlier_weight(rows.cols))
-        return y.to(x.dtype)
+    def takes_decode_gemv(self, x: torch.Tensor) -> bool:
+        """Whether `x` is a decode call (1-4 rows on the CPU under backend "auto") that a
+        subclass's GEMV should take instead of the packed GEMM."""
+        return (self.backend == "auto" and 1 <= x.shape[0] <= GEMV_MAX_ROWS
+                and x.device.type == "cpu")
 
     def _outlier_weight(self, cols: torch.Tensor) -> torch.Tensor:
         """(len(cols), N) fp32 weight rows for the outlier inputs.
