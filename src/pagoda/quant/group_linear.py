@@ -1,18 +1,9 @@
 """`GroupLinear`: group-quantized weights (Pagoda's int4, or a GGUF file's blocks).
 
-The buffers hold a `GroupWeights` exactly (the source of truth that is saved). Execution:
-- fbgemm path (x86 CPU): the groups are re-rounded once onto a per-channel int8 grid, because
-  fbgemm's dynamic linear has one scale per output row and cannot apply a scale per group. This
-  costs one extra rounding of at most max|row|/254 per weight and one byte per weight of packed
-  memory next to the 0.5-1 byte per weight of the groups (docs/quantization.md measures both).
-- VNNI GEMV (x86 CPUs with AVX512-VNNI, 1-4 rows: decode, backend "auto"): reads the groups in
-  place (0.5 byte per 4-bit weight plus fp32 scales/offsets), activations int8 per row; see
-  `int8_ops.group_gemv`. Off the VNNI CPUs decode rows take the int8 GEMM path.
-- AVX2 kernel (x86 CPU, 4-bit groups of 32 with offsets, at most `MAX_ROWS` rows: decode):
-  reads the groups directly (0.75 byte per weight) without re-rounding; see `int4_kernel`.
-  Off unless `enable_int4_kernel(model)` is called: its first use compiles C++, and on this
-  CPU it measured slower than fbgemm's int8 at one row (docs/quantization.md).
-- reference path (any device): dequantize the groups exactly and multiply.
+The buffers hold a `GroupWeights` exactly (the source of truth that is saved). On the CPU qgemm
+reads the 4-bit nibbles or 8-bit values in place for every row count (`kernel_plan.py`); forced
+fbgemm/oneDNN re-round the groups once onto a per-channel int8 grid (one scale per output row is
+all those kernels take), and the reference path dequantizes exactly and multiplies.
 """
 
 from __future__ import annotations
@@ -22,10 +13,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from pagoda.quant import int4_kernel
+from pagoda.kernels.qgemm import QGemmWeight
 from pagoda.quant.group_weights import GroupWeights, quantize_int4_groups
-from pagoda.quant.int8_ops import group_gemv, group_gemv_supported
-from pagoda.quant.kernels import use_fbgemm
+from pagoda.quant.kernel_plan import WeightFormat
 from pagoda.quant.quant_linear import QuantLinear
 
 _DTYPES = {"float16": torch.float16, "float32": torch.float32}
@@ -50,39 +40,14 @@ class GroupLinear(QuantLinear):
         self.register_buffer("qweight", weights.qweight)
         self.register_buffer("scales", weights.scales)
         self.register_buffer("offsets", weights.offsets)
-        self.use_kernel = False  # see enable_int4_kernel
-        self._gemv_args: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None = None
 
-    def invalidate(self) -> None:
-        super().invalidate()
-        self._gemv_args = None
+    def weight_format(self) -> WeightFormat:
+        return WeightFormat(self.method, self.bits, self.group_size, self.in_features)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.use_kernel and x.shape[0] <= int4_kernel.MAX_ROWS and use_fbgemm(x, self.backend):
-            scales, offsets, _ = self.gemv_args()  # fp32 copies: 8 bytes per 32 weights
-            y = int4_kernel.int4_group32_mm(x.float(), self.qweight, scales, offsets)
-            return y.to(x.dtype)
-        if (self.takes_decode_gemv(x)
-                and group_gemv_supported(self.in_features, self.group_size, self.bits)):
-            y = group_gemv(x, self.qweight, *self.gemv_args(), self.bits, self.group_size)
-            return y.to(x.dtype)
-        return super().forward(x)
-
-    def gemv_args(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """fp32 scales and offsets (4 bytes each per group), for both decode kernels, and, for
-        8-bit values, the shift `group_gemv` takes back out: 128 * sum_g scales[:, g] * (sum of
-        group g's values)."""
-        if self._gemv_args is None:
-            scales = self.scales.float().contiguous()
-            offsets = None if self.offsets is None else self.offsets.float().contiguous()
-            shift = None
-            if self.bits == 8:
-                n, k = self.out_features, self.in_features
-                sums = self.qweight.view(n, k // self.group_size, self.group_size).sum(
-                    -1, dtype=torch.int32)
-                shift = (128.0 * (scales.double() * sums.double()).sum(1)).float()
-            self._gemv_args = (scales, offsets, shift)
-        return self._gemv_args
+    def make_qgemm_weight(self) -> QGemmWeight:
+        offsets = None if self.offsets is None else self.offsets.float().contiguous()
+        return QGemmWeight(self.qweight, self.scales.float().contiguous(), offsets, self.bits,
+                           self.group_size)
 
     @property
     def weights(self) -> GroupWeights:
@@ -125,13 +90,3 @@ class GroupLinear(QuantLinear):
         src = f", from {self.source}" if self.source else ""
         return f"{super().extra_repr()}, {self.bits}-bit, group {self.group_size}{src}"
 
-
-def enable_int4_kernel(model: nn.Module) -> int:
-    """Route decode rows of eligible 4-bit layers through the AVX2 kernel; returns how many."""
-    if not int4_kernel.available():
-        return 0
-    eligible = [m for m in model.modules() if isinstance(m, GroupLinear) and m.bits == 4
-                and m.group_size == int4_kernel.GROUP and m.offsets is not None]
-    for m in eligible:
-        m.use_kernel = True
-    return len(eligible)

@@ -1,9 +1,6 @@
 """`Int8Linear`: symmetric int8 weights with one fp32 scale per output channel.
 
-Batched inputs take the packed GEMM path of `QuantLinear`; at 1-4 rows (decode) CPUs with
-AVX512-VNNI run `int8_gemv` straight on the stored weight (backend "auto" only: a forced
-"onednn"/"fbgemm" means that kernel), which is faster there: a GEMM call's fixed cost exceeds
-the time to stream the weight.
+To qgemm this is one 8-bit group spanning the whole row (group = K), read in place.
 """
 
 from __future__ import annotations
@@ -13,9 +10,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from pagoda.kernels.qgemm import QGemmWeight
 from pagoda.quant.group_weights import quantize_int8_per_channel
-from pagoda.quant.int8_ops import fast_gemv_available, int8_gemv
-from pagoda.quant.quant_linear import Packed, QuantLinear
+from pagoda.quant.kernel_plan import WeightFormat
+from pagoda.quant.quant_linear import QuantLinear
 
 
 class Int8Linear(QuantLinear):
@@ -28,7 +26,6 @@ class Int8Linear(QuantLinear):
         assert qweight.dtype == torch.int8 and scale.shape == (out_features,)
         self.register_buffer("qweight", qweight)  # (N, K) int8 in -127..127
         self.register_buffer("scale", scale.float())  # (N,) fp32
-        self._row_sums: torch.Tensor | None = None  # (N,) int32 qweight.sum(1), for int8_gemv
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, backend: str = "auto", reduce_range: bool = False,
@@ -52,13 +49,8 @@ class Int8Linear(QuantLinear):
     def int8_form(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.qweight, self.scale
 
-    def run_packed(self, x: torch.Tensor, packed: Packed) -> torch.Tensor:
-        if self.takes_decode_gemv(x) and fast_gemv_available():
-            if self._row_sums is None:
-                self._row_sums = self.qweight.sum(1, dtype=torch.int32)
-            return int8_gemv(x, self.qweight, self.scale, self._row_sums).to(x.dtype)
-        return super().run_packed(x, packed)
+    def weight_format(self) -> WeightFormat:
+        return WeightFormat("int8", 8, self.in_features, self.in_features)
 
-    def invalidate(self) -> None:
-        super().invalidate()
-        self._row_sums = None
+    def make_qgemm_weight(self) -> QGemmWeight:
+        return QGemmWeight(self.qweight, self.scale.view(-1, 1), None, 8, self.in_features)

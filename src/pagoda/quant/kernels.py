@@ -36,6 +36,18 @@ def fbgemm_available() -> bool:
 
 
 @cache
+def fbgemm_exact() -> bool:
+    """Whether fbgemm's int8 GEMM sums exactly on this CPU. Without AVX512-VNNI it multiplies u8
+    activations by s8 weights with vpmaddubsw, which adds each pair into a saturating int16:
+    255 * 127 * 2 = 64770 clips at 32767. Measured with exactly that product."""
+    if not fbgemm_available():
+        return False
+    packed = pack_int8(torch.full((8, 64), 127, dtype=torch.int8), torch.ones(8))
+    y = int8_linear_fbgemm(torch.ones(1, 64), packed, False)
+    return abs(float(y[0, 0]) - 127.0 * 64) < 1.0
+
+
+@cache
 def onednn_int8_available() -> bool:
     """oneDNN's int8 linear, where the CPU has AMX int8 tiles (without them fbgemm is the faster
     int8 kernel, and the only one measured). Checked with one small product."""

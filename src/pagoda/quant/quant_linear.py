@@ -1,22 +1,22 @@
 """`QuantLinear`: the base of every module that replaces an `nn.Linear` (bias-free).
 
 Contract shared by all subclasses:
-- `forward(x)` takes (T, in_features) in any float dtype and returns (T, out_features) in x's dtype;
-  on CPUs it runs a packed int8 kernel (`kernels.int8_kernel`: oneDNN or fbgemm), elsewhere the
+- `forward(x)` takes (T, in_features) in any float dtype and returns (T, out_features) in x's dtype.
+  The kernel is chosen once per module and device from the table in `kernel_plan.py`: on CPUs
+  Pagoda's qgemm (`kernels/qgemm.py`) reads the stored integers in place for every row count,
+  with activations rounded per 32-element block of each row (batch-invariant); elsewhere the
   portable dequantize + `F.linear`.
+- Forced "onednn" / "fbgemm" run those libraries' packed int8 GEMMs. Their activations are
+  quantized per token (one scale per row), and input columns whose magnitude exceeds
+  `outlier_ratio` times the median column go through an exact fp32 product with just those
+  weight columns (LLM.int8()-style). SmolLM2's down_proj input has a token whose largest value
+  is ~2000x the typical row's, which would flatten a per-tensor scale. The split depends on the
+  batch, so on these paths a token's rounding is not batch-invariant.
 - Quantized modules own their dtypes: `model.to(dtype)` / `.half()` move them between devices but
   never cast their buffers (a bf16 cast of the scales would silently lose precision).
-- Activations are quantized per token (one scale per row), never with one scale for the whole
-  (T, K) input: SmolLM2's down_proj input has a token (the first of a sequence) whose largest
-  value is ~2000x the typical row's, which would flatten every other token of a prefill to a few
-  levels (perplexity 50.8 -> 87). Input columns whose magnitude exceeds `outlier_ratio` times the
-  median column also go through an exact fp32 product with just those weight columns
-  (LLM.int8()-style decomposition); the rest stays int8. Decode calls skip the column split
-  (single rows on fbgemm, 1-4 rows in the VNNI GEMVs): each row's own scale already fits it.
-  The split depends on the batch (a column is an outlier relative to the batch's median), so
-  a token's rounding is not batch-invariant on these paths; fp32 is the batch-invariant mode.
-- The packed kernel form is a cache derived from the buffers, rebuilt after any move or load;
-  only the buffers are saved (`spec()` describes their shapes so `from_spec` can rebuild them).
+- Every kernel form (packed library weights, fp32 scale copies) is a cache derived from the
+  buffers, rebuilt after any move or load; only the buffers are saved (`spec()` describes their
+  shapes so `from_spec` can rebuild them).
 """
 
 from __future__ import annotations
@@ -28,8 +28,10 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from pagoda.kernels.qgemm import QGemmWeight, qgemm
 from pagoda.quant import int8_ops
-from pagoda.quant.int8_ops import GEMV_MAX_ROWS, quantize_rows
+from pagoda.quant.int8_ops import quantize_rows
+from pagoda.quant.kernel_plan import KernelChoice, WeightFormat, choose
 from pagoda.quant.kernels import (
     int8_kernel,
     int8_linear_fbgemm,
@@ -64,6 +66,8 @@ class QuantLinear(nn.Module):
         self._packed_for = ""  # the `int8_kernel` choice _packed was built under
         self._outlier_cache: tuple[torch.Tensor, torch.Tensor] | None = None
         self._outlier_rows: OrderedDict[int, torch.Tensor] = OrderedDict()
+        self._choice: tuple[torch.device, KernelChoice] | None = None
+        self._qgemm_weight: QGemmWeight | None = None
 
     # --- what subclasses provide -------------------------------------------------------------
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -77,6 +81,14 @@ class QuantLinear(nn.Module):
     def dequantize_columns(self, cols: torch.Tensor) -> torch.Tensor:
         """(N, len(cols)) fp32 weight columns, for the exact product of outlier inputs."""
         return self.dequantize()[:, cols]
+
+    def weight_format(self) -> WeightFormat | None:
+        """The format the kernel table looks up (None: not an integer format)."""
+        return None
+
+    def make_qgemm_weight(self) -> QGemmWeight:
+        """The stored integers as qgemm reads them, with fp32 scales/offsets."""
+        raise NotImplementedError
 
     def spec(self) -> dict[str, Any]:
         """JSON-serialisable description that `from_spec` turns back into an empty module."""
@@ -119,12 +131,6 @@ class QuantLinear(nn.Module):
             y.addmm_(rows.x_cols, self._outlier_weight(rows.cols))
         return y.to(x.dtype)
 
-    def takes_decode_gemv(self, x: torch.Tensor) -> bool:
-        """Whether `x` is a decode call (1-4 rows on the CPU under backend "auto") that a
-        subclass's GEMV should take instead of the packed GEMM."""
-        return (self.backend == "auto" and 1 <= x.shape[0] <= GEMV_MAX_ROWS
-                and x.device.type == "cpu")
-
     def _outlier_weight(self, cols: torch.Tensor) -> torch.Tensor:
         """(len(cols), N) fp32 weight rows for the outlier inputs.
 
@@ -150,21 +156,37 @@ class QuantLinear(nn.Module):
         self._outlier_cache = (cols, stacked)
         return stacked
 
+    def kernel_choice(self, device: torch.device) -> KernelChoice:
+        """This module's row of the kernel table on `device`, resolved once per device."""
+        if self._choice is None or self._choice[0] != device:
+            fmt = self.weight_format()
+            choice = (choose(fmt, device, self.backend) if fmt is not None
+                      else KernelChoice(int8_kernel(device, self.backend)))
+            self._choice = (device, choice)
+        return self._choice[1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kernel = int8_kernel(x.device, self.backend)
-        if kernel == "reference":
+        choice = self.kernel_choice(x.device)
+        if choice.kernel == "qgemm":
+            if self._qgemm_weight is None:
+                self._qgemm_weight = self.make_qgemm_weight()
+            return qgemm(x, self._qgemm_weight, choice.flavour).to(x.dtype)
+        if choice.kernel == "reference":
             return linear_reference(x, self.dequantize(x.dtype))
-        if self._packed is None or self._packed_for != kernel:
-            self._packed, self._packed_for = self.pack(kernel), kernel
+        if self._packed is None or self._packed_for != choice.kernel:
+            self._packed, self._packed_for = self.pack(choice.kernel), choice.kernel
         return self.run_packed(x, self._packed)
 
-    def prepare(self) -> None:
-        """Build the packed kernel form now rather than at the first forward (CPU only)."""
-        kernel = int8_kernel(self.device, self.backend)
-        if self._packed is None and kernel != "reference":
-            self._packed, self._packed_for = self.pack(kernel), kernel
-        if kernel != "reference":
-            int8_ops.extension()  # compile the C++ helpers at load, not in the first request
+    def prepare(self) -> KernelChoice:
+        """Resolve the kernel and build its weight form now rather than at the first forward
+        (which also compiles the C++ kernels at load, not in the first request)."""
+        choice = self.kernel_choice(self.device)
+        if choice.kernel == "qgemm" and self._qgemm_weight is None:
+            self._qgemm_weight = self.make_qgemm_weight()
+        elif choice.kernel in ("onednn", "fbgemm") and self._packed is None:
+            self._packed, self._packed_for = self.pack(choice.kernel), choice.kernel
+            int8_ops.extension()
+        return choice
 
     @property
     def device(self) -> torch.device:
@@ -174,8 +196,17 @@ class QuantLinear(nn.Module):
         return sum(b.nbytes for b in self._buffers.values() if b is not None)
 
     def packed_bytes(self) -> int:
-        """Approximate size of the packed kernel form (0 before it is built)."""
-        return 0 if self._packed is None else self.in_features * self.out_features
+        """Approximate size of the kernel's own weight copy (0 before it is built): a packed
+        library weight holds a byte per weight; qgemm only keeps fp32 copies of fp16 scales."""
+        if self._packed is not None:
+            return self.in_features * self.out_features
+        w = self._qgemm_weight
+        if w is None:
+            return 0
+        extra = [t for t in (w.scales, w.offsets) if t is not None]
+        return sum(t.nbytes for t in extra if all(t.data_ptr() != b.data_ptr()
+                                                  for b in self._buffers.values()
+                                                  if b is not None))
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - nn.Module's signature
         # Learn the target device from a probe and move buffers without changing their dtype.
@@ -197,6 +228,8 @@ class QuantLinear(nn.Module):
         self._packed = None
         self._outlier_cache = None
         self._outlier_rows = OrderedDict()
+        self._choice = None
+        self._qgemm_weight = None
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
         self.invalidate()

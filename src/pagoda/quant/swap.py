@@ -8,6 +8,7 @@ quantized copy while the embedding keeps the full-precision table.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -18,7 +19,10 @@ from pagoda.quant.gguf_source import GGUFWeightSource
 from pagoda.quant.group_linear import GroupLinear
 from pagoda.quant.half_linear import HalfLinear
 from pagoda.quant.int8_linear import Int8Linear
+from pagoda.quant.kernel_plan import describe
 from pagoda.quant.quant_linear import QuantLinear
+
+log = logging.getLogger(__name__)
 
 
 def linear_kind(module_name: str) -> str:
@@ -90,10 +94,15 @@ def module_from_spec(spec: dict[str, Any], backend: str = "auto") -> QuantLinear
     raise ValueError(f"unknown quantized module method {method!r}")
 
 
-def prepare_model(model: nn.Module) -> None:
-    """Pack every quantized linear for its device now (otherwise done at its first call)."""
-    for m in quantized_modules(model).values():
-        m.prepare()
+def prepare_model(model: nn.Module) -> list[str]:
+    """Resolve every quantized linear's kernel and build its weight form now (otherwise done at
+    its first call); logs and returns the plan, a line per (format, kernel)."""
+    choices = {name: (m.weight_format(), m.prepare())
+               for name, m in quantized_modules(model).items()}
+    lines = describe(choices)
+    for line in lines:
+        log.info("kernel plan: %s", line)
+    return lines
 
 
 def weight_bytes(model: nn.Module) -> dict[str, int]:

@@ -1,0 +1,313 @@
+// qgemm: y = x @ w.T for fp32 activations x (M, K) and group-quantized weights w (N, K), the one
+// product every quantized Linear runs on the CPU, for every row count (decode and prefill alike).
+//
+//     w[n, k] = scales[n, k / g] * q[n, k] + offsets[n, k / g]      (offsets optional)
+//
+// q is 4-bit unsigned (0..15, element 2i in the low nibble of byte i) or 8-bit signed (-128..127).
+// Per-channel int8 is the case g = K. Activations are rounded like llama.cpp's Q8_0: each row is
+// cut into blocks of 32, and each block gets its own scale d = max|x| / 127 and int8 values.
+// A block's outliers therefore only coarsen that block, which is why no outlier-column split is
+// needed, and the rounding of a row never depends on the other rows of the call:
+//
+//   INVARIANT (batch invariance): y[r, n] is computed by the same operations in the same order
+//   whatever M is and wherever row r sits in x, so a token's output does not depend on its batch.
+//
+// Exactness of the integer part (no saturation anywhere):
+// - 8-bit weights: vpmaddubsw multiplies unsigned by signed bytes and sums pairs into int16 with
+//   saturation. It gets |w| (0..128, unsigned) and sign(x, w) (-127..127), so a pair sums to at
+//   most 2 * 128 * 127 = 32512 < 32767. (fbgemm feeds it u8 activations 0..255 and can saturate.)
+// - 4-bit weights: unsigned 0..15 times x in -127..127: at most 2 * 15 * 127 per pair.
+// - With AVX512-VNNI, vpdpbusd sums four products straight into int32 (same operands).
+// Per 32-block, the eight int32 lanes are converted to fp32 and multiplied by the block's
+// activation scale times the lanes' weight-group scale, accumulated in eight fp32 lanes.
+//
+// 4-bit blocks are read in place: 16 bytes give the 16 even elements (low nibbles) and the 16 odd
+// ones (high nibbles); the activations are laid out per block as [evens | odds] to match, so no
+// weight shuffle is needed. Lanes 0-3 then cover the evens and 4-7 the odds, i.e. every element
+// of the block: 4-bit groups must be multiples of 32. 8-bit blocks keep the natural order, lanes
+// 0-3 covering elements 0-15 and 4-7 elements 16-31, so 8-bit groups of 16 (Q6_K) work too.
+// The offset term sum_g offsets[n, g] * sum(x over group g) uses exact fp32 sums of x.
+//
+// Built once per ISA flavour (pagoda.kernels.build): generic (portable C++), avx2 (AVX2+FMA),
+// avx512 (AVX512-VNNI/BW/VL). Each flavour computes the same integer dot products; fp32
+// accumulation order differs between flavours, never within one.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kBlock = 32;
+
+struct Weights {
+  const uint8_t* q;        // (N, row_bytes)
+  const float* scales;     // (N, K / g)
+  const float* offsets;    // (N, K / g) or nullptr
+  int64_t n, k, g, bits, row_bytes, groups;
+};
+
+struct Acts {
+  std::vector<int8_t> q;   // (M, K): blocks in natural order (8-bit) or [evens | odds] (4-bit)
+  std::vector<float> d;    // (M, K / 32) block scales
+  std::vector<float> sum;  // (M, K / g) exact group sums of x, when the weights have offsets
+};
+
+// Round-half-even like torch.round: nearbyint under the default rounding mode.
+void quantize_acts(const float* x, int64_t m, int64_t k, const Weights& w, Acts& a) {
+  const int64_t nb = k / kBlock;
+  a.q.resize(m * k);
+  a.d.resize(m * nb);
+  if (w.offsets != nullptr) a.sum.resize(m * w.groups);
+  at::parallel_for(0, m, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* xr = x + r * k;
+      for (int64_t b = 0; b < nb; ++b) {
+        const float* xb = xr + b * kBlock;
+        float mx = 0.f;
+        for (int j = 0; j < kBlock; ++j) mx = std::max(mx, std::fabs(xb[j]));
+        a.d[r * nb + b] = mx / 127.f;
+        // (1 / max) * 127 rather than 127 / max: the torch twin computes it this way.
+        const float inv = mx > 0.f ? (1.f / mx) * 127.f : 0.f;
+        int8_t* out = a.q.data() + r * k + b * kBlock;
+        for (int j = 0; j < kBlock; ++j) {
+          const int8_t v = static_cast<int8_t>(std::nearbyint(xb[j] * inv));
+          out[w.bits == 4 ? (j % 2) * 16 + j / 2 : j] = v;
+        }
+      }
+      if (w.offsets != nullptr)
+        for (int64_t t = 0; t < w.groups; ++t) {
+          float s = 0.f;
+          for (int64_t j = 0; j < w.g; ++j) s += xr[t * w.g + j];
+          a.sum[r * w.groups + t] = s;
+        }
+    }
+  });
+}
+
+#if defined(__AVX2__)
+
+// Eight int32 lanes of one 32-block's dot product; lanes 0-3 hold the first 16 positions.
+template <int BITS>
+inline __m256i block_dot(__m256i wv, __m256i xv) {
+  __m256i a, b;
+  if constexpr (BITS == 4) {
+    a = wv;  // unsigned 0..15
+    b = xv;
+  } else {
+    a = _mm256_abs_epi8(wv);  // -128 -> 0x80, read as unsigned 128
+    b = _mm256_sign_epi8(xv, wv);
+  }
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), a, b);
+#else
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1));
+#endif
+}
+
+template <int BITS>
+inline __m256i load_block(const uint8_t* row, int64_t b) {
+  if constexpr (BITS == 4) {
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + b * 16));
+    const __m128i mask = _mm_set1_epi8(0x0F);
+    const __m128i lo = _mm_and_si128(bytes, mask);
+    const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
+    return _mm256_set_m128i(hi, lo);
+  } else {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + b * kBlock));
+  }
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// NB output rows x R activation rows: NB * R independent accumulator chains.
+template <int BITS, int NB, int R>
+void tile(const Weights& w, const Acts& a, int64_t n0, int64_t r0, float* y, int64_t ldy) {
+  const int64_t nb = w.k / kBlock;
+  __m256 acc[NB][R];
+  for (int i = 0; i < NB; ++i)
+    for (int r = 0; r < R; ++r) acc[i][r] = _mm256_setzero_ps();
+  const bool g16 = w.g == 16;
+  for (int64_t b = 0; b < nb; ++b) {
+    __m256i xv[R];
+    __m256 xd[R];
+    for (int r = 0; r < R; ++r) {
+      xv[r] = _mm256_loadu_si256(
+          reinterpret_cast<const __m256i*>(a.q.data() + (r0 + r) * w.k + b * kBlock));
+      xd[r] = _mm256_set1_ps(a.d[(r0 + r) * nb + b]);
+    }
+    for (int i = 0; i < NB; ++i) {
+      const int64_t n = n0 + i;
+      const __m256i wv = load_block<BITS>(w.q + n * w.row_bytes, b);
+      const float* sc = w.scales + n * w.groups;
+      const __m256 ws = g16 ? _mm256_set_m128(_mm_set1_ps(sc[2 * b + 1]), _mm_set1_ps(sc[2 * b]))
+                            : _mm256_set1_ps(sc[b * kBlock / w.g]);
+      for (int r = 0; r < R; ++r) {
+        const __m256 dot = _mm256_cvtepi32_ps(block_dot<BITS>(wv, xv[r]));
+        acc[i][r] = _mm256_fmadd_ps(dot, _mm256_mul_ps(ws, xd[r]), acc[i][r]);
+      }
+    }
+  }
+  for (int i = 0; i < NB; ++i)
+    for (int r = 0; r < R; ++r) y[(r0 + r) * ldy + n0 + i] = hsum(acc[i][r]);
+}
+
+#else  // portable flavour: the same integer dots, fp32 accumulation per block
+
+template <int BITS, int NB, int R>
+void tile(const Weights& w, const Acts& a, int64_t n0, int64_t r0, float* y, int64_t ldy) {
+  const int64_t nb = w.k / kBlock;
+  for (int i = 0; i < NB; ++i) {
+    const int64_t n = n0 + i;
+    const uint8_t* row = w.q + n * w.row_bytes;
+    for (int r = 0; r < R; ++r) {
+      const int8_t* xq = a.q.data() + (r0 + r) * w.k;
+      float acc = 0.f;
+      for (int64_t b = 0; b < nb; ++b) {
+        int32_t lo = 0, hi = 0;  // positions 0-15 and 16-31 of the block
+        for (int j = 0; j < kBlock; ++j) {
+          int32_t wq;
+          if (BITS == 4) {
+            const uint8_t byte = row[b * 16 + (j % 16)];
+            wq = j < 16 ? (byte & 0x0F) : (byte >> 4);
+          } else {
+            wq = static_cast<int8_t>(row[b * kBlock + j]);
+          }
+          (j < 16 ? lo : hi) += wq * xq[b * kBlock + j];
+        }
+        const float* sc = w.scales + n * w.groups;
+        const float s_lo = w.g == 16 ? sc[2 * b] : sc[b * kBlock / w.g];
+        const float s_hi = w.g == 16 ? sc[2 * b + 1] : s_lo;
+        const float xd = a.d[(r0 + r) * nb + b];
+        acc += static_cast<float>(lo) * (s_lo * xd) + static_cast<float>(hi) * (s_hi * xd);
+      }
+      y[(r0 + r) * ldy + n] = acc;
+    }
+  }
+}
+
+#endif
+
+template <int BITS, int NB>
+void rows_of(const Weights& w, const Acts& a, int64_t n0, int64_t m, float* y) {
+  int64_t r = 0;
+  for (; r + 4 <= m; r += 4) tile<BITS, NB, 4>(w, a, n0, r, y, w.n);
+  switch (m - r) {
+    case 3: tile<BITS, NB, 3>(w, a, n0, r, y, w.n); break;
+    case 2: tile<BITS, NB, 2>(w, a, n0, r, y, w.n); break;
+    case 1: tile<BITS, NB, 1>(w, a, n0, r, y, w.n); break;
+    default: break;
+  }
+}
+
+template <int BITS>
+void run(const Weights& w, const Acts& a, int64_t m, float* y) {
+  // Tiles of 16 output rows: their weights (16 * K bytes at most) stay in cache while every
+  // group of four activation rows passes over them.
+  constexpr int64_t kTile = 16;
+  at::parallel_for(0, (w.n + kTile - 1) / kTile, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t lo = t * kTile, hi = std::min(w.n, lo + kTile);
+      int64_t n = lo;
+      for (; n + 2 <= hi; n += 2) rows_of<BITS, 2>(w, a, n, m, y);
+      for (; n < hi; ++n) rows_of<BITS, 1>(w, a, n, m, y);
+    }
+  });
+  if (w.offsets != nullptr) {
+    at::parallel_for(0, w.n, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t r = 0; r < m; ++r)
+        for (int64_t n = begin; n < end; ++n) {
+          const float* o = w.offsets + n * w.groups;
+          const float* s = a.sum.data() + r * w.groups;
+          float acc = 0.f;
+          for (int64_t t = 0; t < w.groups; ++t) acc += o[t] * s[t];
+          y[r * w.n + n] += acc;
+        }
+    });
+  }
+}
+
+}  // namespace
+
+bool shape_supported(int64_t k, int64_t g, int64_t bits) {
+  if (k <= 0 || k % kBlock != 0 || g <= 0 || k % g != 0) return false;
+  if (bits == 4) return g % kBlock == 0;
+  return bits == 8 && (g == 16 || g % kBlock == 0);
+}
+
+// x (M, K) fp32; q (N, K/2) uint8 or (N, K) int8; scales (N, K/g) fp32; offsets like scales or
+// empty. Returns (M, N) fp32.
+torch::Tensor qgemm(torch::Tensor x, torch::Tensor q, torch::Tensor scales, torch::Tensor offsets,
+                    int64_t bits, int64_t group) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.device().is_cpu(),
+              "qgemm: x must be a 2-D fp32 CPU tensor");
+  const int64_t m = x.size(0), k = x.size(1), n = q.size(0);
+  TORCH_CHECK(bits == 4 || bits == 8, "qgemm: 4 or 8 bits");
+  TORCH_CHECK(shape_supported(k, group, bits),
+              "qgemm: K must be a multiple of 32 and the group a multiple of 32 dividing K "
+              "(8-bit weights also take groups of 16)");
+  TORCH_CHECK(q.dim() == 2 && q.device().is_cpu() && q.size(1) == (bits == 4 ? k / 2 : k) &&
+                  q.scalar_type() == (bits == 4 ? torch::kByte : torch::kChar),
+              "qgemm: q must be (N, K/2) uint8 for 4 bits or (N, K) int8 for 8 bits");
+  TORCH_CHECK(scales.scalar_type() == torch::kFloat && scales.dim() == 2 &&
+                  scales.size(0) == n && scales.size(1) == k / group,
+              "qgemm: scales must be (N, K/g) fp32");
+  const bool has_offsets = offsets.numel() > 0;
+  TORCH_CHECK(!has_offsets || (offsets.scalar_type() == torch::kFloat &&
+                               offsets.sizes() == scales.sizes()),
+              "qgemm: offsets must be fp32 shaped like scales");
+  x = x.contiguous();
+  q = q.contiguous();
+  scales = scales.contiguous();
+  if (has_offsets) offsets = offsets.contiguous();
+  Weights w{reinterpret_cast<const uint8_t*>(q.data_ptr()), scales.data_ptr<float>(),
+            has_offsets ? offsets.data_ptr<float>() : nullptr, n, k, group, bits,
+            q.size(1), k / group};
+  auto y = torch::empty({m, n}, x.options());
+  if (m == 0 || n == 0) return y;
+  Acts a;
+  quantize_acts(x.data_ptr<float>(), m, k, w, a);
+  if (bits == 4)
+    run<4>(w, a, m, y.data_ptr<float>());
+  else
+    run<8>(w, a, m, y.data_ptr<float>());
+  return y;
+}
+
+// The activation rounding alone, in natural order: (int8 values (M, K), block scales (M, K/32)).
+std::vector<torch::Tensor> quantize_blocks(torch::Tensor x) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.size(1) % kBlock == 0,
+              "quantize_blocks: x must be (M, K) fp32 with K a multiple of 32");
+  x = x.contiguous();
+  const int64_t m = x.size(0), k = x.size(1);
+  Weights w{nullptr, nullptr, nullptr, 0, k, k, 8, k, 1};
+  Acts a;
+  quantize_acts(x.data_ptr<float>(), m, k, w, a);
+  auto q = torch::from_blob(a.q.data(), {m, k}, torch::kChar).clone();
+  auto d = torch::from_blob(a.d.data(), {m, k / kBlock}, torch::kFloat).clone();
+  return {q, d};
+}
+
+std::string flavour() {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return "avx512";
+#elif defined(__AVX2__)
+  return "avx2";
+#else
+  return "generic";
+#endif
+}

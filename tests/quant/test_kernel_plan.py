@@ -1,0 +1,59 @@
+"""The kernel table (`quant/kernel_plan.py`), enumerated: every format x row bucket x CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pagoda.kernels import build
+from pagoda.quant.kernel_plan import WeightFormat, choose, describe
+
+CPU = torch.device("cpu")
+FORMATS = {
+    "int8 per channel": WeightFormat("int8", 8, 576, 576),
+    "gguf Q4_1/Q4_K": WeightFormat("gguf", 4, 32, 576),
+    "gguf Q8_0": WeightFormat("gguf", 8, 32, 1536),
+    "gguf Q6_K": WeightFormat("gguf", 8, 16, 576),
+    "int4 g64": WeightFormat("int4", 4, 64, 1536),
+}
+
+
+@pytest.mark.parametrize("name", list(FORMATS))
+def test_auto_takes_the_best_qgemm_flavour_for_every_supported_format(name: str):
+    choice = choose(FORMATS[name], CPU, "auto")
+    assert (choice.kernel, choice.flavour) == ("qgemm", build.best_flavour())
+
+
+def test_unsupported_shapes_fall_back_and_forced_qgemm_refuses_them():
+    odd = WeightFormat("int8", 8, 100, 100)  # K not a multiple of 32
+    assert choose(odd, CPU, "auto").kernel in ("fbgemm", "reference")
+    with pytest.raises(ValueError, match="K=100"):
+        choose(odd, CPU, "qgemm")
+    assert choose(WeightFormat("int4", 4, 16, 512), CPU, "auto").kernel != "qgemm"
+
+
+@pytest.mark.parametrize("flavour", list(build.FLAVOURS))
+def test_forcing_a_flavour(flavour: str):
+    fmt = FORMATS["gguf Q4_1/Q4_K"]
+    if build.can_run(flavour):
+        assert choose(fmt, CPU, f"qgemm-{flavour}").flavour == flavour
+    else:
+        with pytest.raises(ValueError, match="lacks"):
+            choose(fmt, CPU, f"qgemm-{flavour}")
+
+
+def test_other_devices_and_reference_take_the_portable_path():
+    fmt = FORMATS["int8 per channel"]
+    assert choose(fmt, torch.device("meta"), "auto").kernel == "reference"
+    assert choose(fmt, CPU, "reference").kernel == "reference"
+    assert choose(fmt, CPU, "fbgemm").kernel in ("fbgemm", "reference")
+
+
+def test_the_plan_is_described_one_line_per_format():
+    choices = {f"m{i}": (fmt, choose(fmt, CPU, "auto")) for i, fmt in enumerate(FORMATS.values())}
+    choices["extra"] = (FORMATS["int8 per channel"], choose(FORMATS["int8 per channel"], CPU,
+                                                            "auto"))
+    lines = describe(choices)
+    assert len(lines) == len(FORMATS)
+    assert any(line.strip().startswith("2 x int8 8-bit g576") for line in lines)
+    assert all(f"qgemm-{build.best_flavour()}" in line for line in lines)
