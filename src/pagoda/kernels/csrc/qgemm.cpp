@@ -134,6 +134,97 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512DQ__)
+#define PAGODA_QGEMM_512 1
+constexpr int kRowsPerPass = 4;  // output rows sharing each activation load (zmm registers)
+
+// Two consecutive 32-blocks (b, b+1) as 64 bytes in the activation layout.
+template <int BITS>
+inline __m512i load_pair(const uint8_t* row, int64_t b) {
+  if constexpr (BITS == 4) {
+    const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + b * 16));
+    const __m256i mask = _mm256_set1_epi8(0x0F);
+    const __m256i lo = _mm256_and_si256(bytes, mask);                         // [lo_b | lo_b1]
+    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), mask);  // [hi_b | hi_b1]
+    const __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+    return _mm512_shuffle_i64x2(v, v, _MM_SHUFFLE(3, 1, 2, 0));  // [lo_b hi_b lo_b1 hi_b1]
+  } else {
+    return _mm512_loadu_si512(row + b * kBlock);
+  }
+}
+
+// Sixteen int32 lanes: 0-7 block b, 8-15 block b+1 (each half as in block_dot).
+template <int BITS>
+inline __m512i pair_dot(__m512i wv, __m512i xv) {
+  if constexpr (BITS == 4) {
+    return _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, xv);
+  } else {
+    const __m512i neg_x = _mm512_mask_sub_epi8(xv, _mm512_movepi8_mask(wv),
+                                               _mm512_setzero_si512(), xv);
+    return _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_abs_epi8(wv), neg_x);
+  }
+}
+
+inline __m512 pair_scales(const float* sc, int64_t b, int64_t g) {
+  if (g == 16) {
+    const __m512i idx = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+    return _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(_mm_loadu_ps(sc + 2 * b)));
+  }
+  return _mm512_insertf32x8(_mm512_set1_ps(sc[b * kBlock / g]),
+                            _mm256_set1_ps(sc[(b + 1) * kBlock / g]), 1);
+}
+
+template <int BITS, int NB, int R>
+void tile(const Weights& w, const Acts& a, int64_t n0, int64_t r0, float* y, int64_t ldy) {
+  const int64_t nb = w.k / kBlock, pairs = nb / 2;
+  __m512 acc[NB][R];
+  for (int i = 0; i < NB; ++i)
+    for (int r = 0; r < R; ++r) acc[i][r] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < pairs; ++p) {
+    const int64_t b = 2 * p;
+    __m512i xv[R];
+    __m512 xd[R];
+    for (int r = 0; r < R; ++r) {
+      xv[r] = _mm512_loadu_si512(a.q.data() + (r0 + r) * w.k + b * kBlock);
+      const float* d = a.d.data() + (r0 + r) * nb + b;
+      xd[r] = _mm512_insertf32x8(_mm512_set1_ps(d[0]), _mm256_set1_ps(d[1]), 1);
+    }
+    for (int i = 0; i < NB; ++i) {
+      const int64_t n = n0 + i;
+      const __m512i wv = load_pair<BITS>(w.q + n * w.row_bytes, b);
+      const __m512 ws = pair_scales(w.scales + n * w.groups, b, w.g);
+      for (int r = 0; r < R; ++r) {
+        const __m512 dot = _mm512_cvtepi32_ps(pair_dot<BITS>(wv, xv[r]));
+        acc[i][r] = _mm512_fmadd_ps(dot, _mm512_mul_ps(ws, xd[r]), acc[i][r]);
+      }
+    }
+  }
+  for (int i = 0; i < NB; ++i) {
+    const int64_t n = n0 + i;
+    for (int r = 0; r < R; ++r) {
+      float v = _mm512_reduce_add_ps(acc[i][r]);
+      if (nb % 2) {  // the last, unpaired block: always the same ops for a given K
+        const int64_t b = nb - 1;
+        const __m256i xq = _mm256_loadu_si256(
+            reinterpret_cast<const __m256i*>(a.q.data() + (r0 + r) * w.k + b * kBlock));
+        const __m256i wv = load_block<BITS>(w.q + n * w.row_bytes, b);
+        const float* sc = w.scales + n * w.groups;
+        const __m256 ws = w.g == 16
+            ? _mm256_set_m128(_mm_set1_ps(sc[2 * b + 1]), _mm_set1_ps(sc[2 * b]))
+            : _mm256_set1_ps(sc[b * kBlock / w.g]);
+        const __m256 t = _mm256_mul_ps(_mm256_cvtepi32_ps(block_dot<BITS>(wv, xq)),
+                                       _mm256_mul_ps(ws, _mm256_set1_ps(a.d[(r0 + r) * nb + b])));
+        v += hsum(t);
+      }
+      y[(r0 + r) * ldy + n] = v;
+    }
+  }
+}
+
+#elif defined(__AVX2__)
+constexpr int kRowsPerPass = 2;  // 16 ymm registers: 2 x 4 accumulators
+
 // NB output rows x R activation rows: NB * R independent accumulator chains.
 template <int BITS, int NB, int R>
 void tile(const Weights& w, const Acts& a, int64_t n0, int64_t r0, float* y, int64_t ldy) {
@@ -166,7 +257,10 @@ void tile(const Weights& w, const Acts& a, int64_t n0, int64_t r0, float* y, int
     for (int r = 0; r < R; ++r) y[(r0 + r) * ldy + n0 + i] = hsum(acc[i][r]);
 }
 
+#endif  // tile flavours
+
 #else  // portable flavour: the same integer dots, fp32 accumulation per block
+constexpr int kRowsPerPass = 2;
 
 template <int BITS, int NB, int R>
 void tile(const Weights& w, const Acts& a, int64_t n0, int64_t r0, float* y, int64_t ldy) {
@@ -223,7 +317,7 @@ void run(const Weights& w, const Acts& a, int64_t m, float* y) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t lo = t * kTile, hi = std::min(w.n, lo + kTile);
       int64_t n = lo;
-      for (; n + 2 <= hi; n += 2) rows_of<BITS, 2>(w, a, n, m, y);
+      for (; n + kRowsPerPass <= hi; n += kRowsPerPass) rows_of<BITS, kRowsPerPass>(w, a, n, m, y);
       for (; n < hi; ++n) rows_of<BITS, 1>(w, a, n, m, y);
     }
   });
