@@ -5,14 +5,15 @@ Each mode's accuracy against fp32 is tested offline (tests/quant/test_real_model
 the point is that the whole serving path runs with it: loading, kernel packing, prefill (GEMM)
 and decode (GEMV) rows, streaming, and the metrics.
 
-The servers run without prefix caching so that both requests compute the prompt in one prefill.
-With it, the repeated prompt's last token is computed alone, i.e. by the decode GEMV; for int4
-and gguf that reads the exact 4-bit groups while the prefill GEMM multiplies their per-row int8
-re-rounding, and the greedy continuation can differ (measured: it did, for both).
-docs/quantization.md lists this under known gaps.
+The servers run with prefix caching on: the repeated prompt's last token is then computed alone
+(a decode-sized call) while the first request computed it inside the prefill, and a request's
+greedy tokens must not depend on that, nor on the other requests of its batch (qgemm computes a
+row the same way in any batch).
 """
 
 from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
@@ -25,7 +26,7 @@ MODES = ["int8", "int4", "gguf"]
 
 @pytest.fixture(scope="module", params=MODES)
 def quantized_server(request):
-    proc = ServerProcess("--quantization", request.param, "--no-prefix-caching")
+    proc = ServerProcess("--quantization", request.param)
     try:
         proc.wait_ready()
         yield request.param, proc
@@ -53,3 +54,31 @@ def test_chat_and_streaming_with_each_quantization(quantized_server):
     generated = [line for line in httpx.get(server.url + "/metrics", timeout=30).text.splitlines()
                  if line.startswith("pagoda:generation_tokens_total")]
     assert generated and float(generated[0].rpartition(" ")[2]) >= 2 * reply.usage.completion_tokens
+
+
+def _metric(server: ServerProcess, name: str) -> float:
+    lines = [line for line in httpx.get(server.url + "/metrics", timeout=30).text.splitlines()
+             if line.startswith(name)]
+    return float(lines[0].rpartition(" ")[2]) if lines else 0.0
+
+
+def test_greedy_tokens_do_not_depend_on_the_batch_or_the_prefix_cache(quantized_server):
+    mode, server = quantized_server
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=server.api_key, max_retries=0)
+    model = client.models.list().data[0].id
+
+    def complete(prompt: str) -> str:
+        return client.completions.create(model=model, prompt=prompt, max_tokens=16,
+                                          temperature=0).choices[0].text
+
+    # longer than two KV blocks of 16 tokens, so the repeat finds whole blocks in the cache
+    prompt = ("Geography notes. France has Paris, Lyon and Marseille. Germany has Berlin, "
+              "Hamburg and Munich. Spain has Madrid, Barcelona and Valencia. The three largest "
+              "cities of Italy are Rome, Milan and")
+    alone = complete(prompt)
+    hits = _metric(server, "pagoda:prefix_cache_hits")
+    others = [f"Write a short note about the number {i}:" for i in range(5)]
+    with ThreadPoolExecutor(6) as pool:  # the same prompt again, amid five others
+        texts = list(pool.map(complete, [*others[:3], prompt, *others[3:]]))
+    assert texts[3] == alone, mode
+    assert _metric(server, "pagoda:prefix_cache_hits") > hits, "the repeat should hit the cache"

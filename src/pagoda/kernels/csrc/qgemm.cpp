@@ -139,80 +139,104 @@ inline float hsum(__m256 v) {
 #define PAGODA_QGEMM_512 1
 constexpr int kRowsPerPass = 4;  // output rows sharing each activation load (zmm registers)
 
-// Two consecutive 32-blocks (b, b+1) as 64 bytes in the activation layout.
+// Lanes 4j..4j+3 <- v[j]: the layout of a quad's dot products (see quad_halves).
+inline __m512 spread4(__m128 v) {
+  const __m512i idx = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+  return _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(v));
+}
+
+// Blocks b..b+3 of 128 bytes (two 64-byte vectors) regrouped as the 16-byte first halves of the
+// four blocks and their second halves: one int32 lane of dpbusd(first) + dpbusd(second) then
+// holds 8 elements of one block, so a quad needs one int -> float conversion, not two.
+inline void quad_halves(__m512i v01, __m512i v23, __m512i& first, __m512i& second) {
+  first = _mm512_shuffle_i64x2(v01, v23, _MM_SHUFFLE(2, 0, 2, 0));
+  second = _mm512_shuffle_i64x2(v01, v23, _MM_SHUFFLE(3, 1, 3, 1));
+}
+
 template <int BITS>
-inline __m512i load_pair(const uint8_t* row, int64_t b) {
-  if constexpr (BITS == 4) {
-    const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + b * 16));
-    const __m256i mask = _mm256_set1_epi8(0x0F);
-    const __m256i lo = _mm256_and_si256(bytes, mask);                         // [lo_b | lo_b1]
-    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), mask);  // [hi_b | hi_b1]
-    const __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
-    return _mm512_shuffle_i64x2(v, v, _MM_SHUFFLE(3, 1, 2, 0));  // [lo_b hi_b lo_b1 hi_b1]
+inline void load_quad(const uint8_t* row, int64_t b, __m512i& first, __m512i& second) {
+  if constexpr (BITS == 4) {  // 64 bytes: block j's low nibbles are its evens, high its odds
+    const __m512i bytes = _mm512_loadu_si512(row + b * 16);
+    const __m512i mask = _mm512_set1_epi8(0x0F);
+    first = _mm512_and_si512(bytes, mask);
+    second = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), mask);
   } else {
-    return _mm512_loadu_si512(row + b * kBlock);
+    quad_halves(_mm512_loadu_si512(row + b * kBlock), _mm512_loadu_si512(row + b * kBlock + 64),
+                first, second);
   }
 }
 
-// Sixteen int32 lanes: 0-7 block b, 8-15 block b+1 (each half as in block_dot).
 template <int BITS>
-inline __m512i pair_dot(__m512i wv, __m512i xv) {
+inline __m512i dot_acc(__m512i acc, __m512i wv, __m512i xv) {
   if constexpr (BITS == 4) {
-    return _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, xv);
+    return _mm512_dpbusd_epi32(acc, wv, xv);
   } else {
-    const __m512i neg_x = _mm512_mask_sub_epi8(xv, _mm512_movepi8_mask(wv),
-                                               _mm512_setzero_si512(), xv);
-    return _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_abs_epi8(wv), neg_x);
+    const __m512i sx = _mm512_mask_sub_epi8(xv, _mm512_movepi8_mask(wv),
+                                            _mm512_setzero_si512(), xv);
+    return _mm512_dpbusd_epi32(acc, _mm512_abs_epi8(wv), sx);
   }
 }
 
-inline __m512 pair_scales(const float* sc, int64_t b, int64_t g) {
-  if (g == 16) {
-    const __m512i idx = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
-    return _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(_mm_loadu_ps(sc + 2 * b)));
-  }
-  return _mm512_insertf32x8(_mm512_set1_ps(sc[b * kBlock / g]),
-                            _mm256_set1_ps(sc[(b + 1) * kBlock / g]), 1);
+inline __m512 pair_scales(const float* sc, int64_t b) {  // groups of 16: 2b .. 2b+3
+  return spread4(_mm_loadu_ps(sc + 2 * b));
 }
 
-template <int BITS, int NB, int R>
-void tile(const Weights& w, const Acts& a, int64_t n0, int64_t r0, float* y, int64_t ldy) {
-  const int64_t nb = w.k / kBlock, pairs = nb / 2;
+// One step of the main loop covers STEP blocks: 4 (a quad) in general, 2 (a pair) for 8-bit
+// groups of 16, whose 16-element halves lie in different groups.
+template <int BITS, bool G16, int NB, int R>
+void tile_impl(const Weights& w, const Acts& a, int64_t n0, int64_t r0, float* y, int64_t ldy) {
+  constexpr int64_t STEP = G16 ? 2 : 4;
+  const int64_t nb = w.k / kBlock, main = nb - nb % STEP;
   __m512 acc[NB][R];
   for (int i = 0; i < NB; ++i)
     for (int r = 0; r < R; ++r) acc[i][r] = _mm512_setzero_ps();
-  for (int64_t p = 0; p < pairs; ++p) {
-    const int64_t b = 2 * p;
-    __m512i xv[R];
+  for (int64_t b = 0; b < main; b += STEP) {
+    __m512i x1[R], x2[R];
     __m512 xd[R];
     for (int r = 0; r < R; ++r) {
-      xv[r] = _mm512_loadu_si512(a.q.data() + (r0 + r) * w.k + b * kBlock);
+      const int8_t* xq = a.q.data() + (r0 + r) * w.k + b * kBlock;
       const float* d = a.d.data() + (r0 + r) * nb + b;
-      xd[r] = _mm512_insertf32x8(_mm512_set1_ps(d[0]), _mm256_set1_ps(d[1]), 1);
+      if constexpr (G16) {
+        x1[r] = _mm512_loadu_si512(xq);
+        xd[r] = _mm512_insertf32x8(_mm512_set1_ps(d[0]), _mm256_set1_ps(d[1]), 1);
+      } else {
+        quad_halves(_mm512_loadu_si512(xq), _mm512_loadu_si512(xq + 64), x1[r], x2[r]);
+        xd[r] = spread4(_mm_loadu_ps(d));
+      }
     }
     for (int i = 0; i < NB; ++i) {
       const int64_t n = n0 + i;
-      const __m512i wv = load_pair<BITS>(w.q + n * w.row_bytes, b);
-      const __m512 ws = pair_scales(w.scales + n * w.groups, b, w.g);
+      const uint8_t* row = w.q + n * w.row_bytes;
+      const float* sc = w.scales + n * w.groups;
+      __m512i w1, w2;
+      __m512 ws;
+      if constexpr (G16) {
+        w1 = _mm512_loadu_si512(row + b * kBlock);
+        ws = pair_scales(sc, b);
+      } else {
+        load_quad<BITS>(row, b, w1, w2);
+        ws = spread4(_mm_set_ps(sc[(b + 3) * kBlock / w.g], sc[(b + 2) * kBlock / w.g],
+                                sc[(b + 1) * kBlock / w.g], sc[b * kBlock / w.g]));
+      }
       for (int r = 0; r < R; ++r) {
-        const __m512 dot = _mm512_cvtepi32_ps(pair_dot<BITS>(wv, xv[r]));
-        acc[i][r] = _mm512_fmadd_ps(dot, _mm512_mul_ps(ws, xd[r]), acc[i][r]);
+        __m512i dot = dot_acc<BITS>(_mm512_setzero_si512(), w1, x1[r]);
+        if constexpr (!G16) dot = dot_acc<BITS>(dot, w2, x2[r]);
+        acc[i][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(ws, xd[r]), acc[i][r]);
       }
     }
   }
   for (int i = 0; i < NB; ++i) {
     const int64_t n = n0 + i;
+    const float* sc = w.scales + n * w.groups;
     for (int r = 0; r < R; ++r) {
       float v = _mm512_reduce_add_ps(acc[i][r]);
-      if (nb % 2) {  // the last, unpaired block: always the same ops for a given K
-        const int64_t b = nb - 1;
+      // The last nb % STEP blocks one at a time: always the same ops for a given K.
+      for (int64_t b = main; b < nb; ++b) {
         const __m256i xq = _mm256_loadu_si256(
             reinterpret_cast<const __m256i*>(a.q.data() + (r0 + r) * w.k + b * kBlock));
         const __m256i wv = load_block<BITS>(w.q + n * w.row_bytes, b);
-        const float* sc = w.scales + n * w.groups;
-        const __m256 ws = w.g == 16
-            ? _mm256_set_m128(_mm_set1_ps(sc[2 * b + 1]), _mm_set1_ps(sc[2 * b]))
-            : _mm256_set1_ps(sc[b * kBlock / w.g]);
+        const __m256 ws = G16 ? _mm256_set_m128(_mm_set1_ps(sc[2 * b + 1]), _mm_set1_ps(sc[2 * b]))
+                              : _mm256_set1_ps(sc[b * kBlock / w.g]);
         const __m256 t = _mm256_mul_ps(_mm256_cvtepi32_ps(block_dot<BITS>(wv, xq)),
                                        _mm256_mul_ps(ws, _mm256_set1_ps(a.d[(r0 + r) * nb + b])));
         v += hsum(t);
@@ -220,6 +244,14 @@ void tile(const Weights& w, const Acts& a, int64_t n0, int64_t r0, float* y, int
       y[(r0 + r) * ldy + n] = v;
     }
   }
+}
+
+template <int BITS, int NB, int R>
+void tile(const Weights& w, const Acts& a, int64_t n0, int64_t r0, float* y, int64_t ldy) {
+  if (w.g == 16)
+    tile_impl<BITS, true, NB, R>(w, a, n0, r0, y, ldy);
+  else
+    tile_impl<BITS, false, NB, R>(w, a, n0, r0, y, ldy);
 }
 
 #elif defined(__AVX2__)
