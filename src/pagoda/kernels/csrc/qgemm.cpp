@@ -54,6 +54,7 @@ struct Weights {
   const float* scales;     // (N, K / g)
   const float* offsets;    // (N, K / g) or nullptr
   int64_t n, k, g, bits, row_bytes, groups;
+  const int32_t* group_of;  // (K / 32): block -> its weight group (g >= 32; no divisions inside)
 };
 
 struct Acts {
@@ -177,81 +178,73 @@ inline __m512i dot_acc(__m512i acc, __m512i wv, __m512i xv) {
   }
 }
 
-inline __m512 pair_scales(const float* sc, int64_t b) {  // groups of 16: 2b .. 2b+3
-  return spread4(_mm_loadu_ps(sc + 2 * b));
-}
-
-// One step of the main loop covers STEP blocks: 4 (a quad) in general, 2 (a pair) for 8-bit
-// groups of 16, whose 16-element halves lie in different groups.
-template <int BITS, bool G16, int NB, int R>
-void tile_impl(const Weights& w, const Acts& a, int64_t n0, int64_t r0, float* y, int64_t ldy) {
-  constexpr int64_t STEP = G16 ? 2 : 4;
-  const int64_t nb = w.k / kBlock, main = nb - nb % STEP;
-  __m512 acc[NB][R];
-  for (int i = 0; i < NB; ++i)
-    for (int r = 0; r < R; ++r) acc[i][r] = _mm512_setzero_ps();
-  for (int64_t b = 0; b < main; b += STEP) {
-    __m512i x1[R], x2[R];
-    __m512 xd[R];
-    for (int r = 0; r < R; ++r) {
-      const int8_t* xq = a.q.data() + (r0 + r) * w.k + b * kBlock;
-      const float* d = a.d.data() + (r0 + r) * nb + b;
-      if constexpr (G16) {
-        x1[r] = _mm512_loadu_si512(xq);
-        xd[r] = _mm512_insertf32x8(_mm512_set1_ps(d[0]), _mm256_set1_ps(d[1]), 1);
-      } else {
-        quad_halves(_mm512_loadu_si512(xq), _mm512_loadu_si512(xq + 64), x1[r], x2[r]);
-        xd[r] = spread4(_mm_loadu_ps(d));
-      }
-    }
-    for (int i = 0; i < NB; ++i) {
-      const int64_t n = n0 + i;
-      const uint8_t* row = w.q + n * w.row_bytes;
-      const float* sc = w.scales + n * w.groups;
-      __m512i w1, w2;
-      __m512 ws;
-      if constexpr (G16) {
-        w1 = _mm512_loadu_si512(row + b * kBlock);
-        ws = pair_scales(sc, b);
-      } else {
-        load_quad<BITS>(row, b, w1, w2);
-        ws = spread4(_mm_set_ps(sc[(b + 3) * kBlock / w.g], sc[(b + 2) * kBlock / w.g],
-                                sc[(b + 1) * kBlock / w.g], sc[b * kBlock / w.g]));
-      }
-      for (int r = 0; r < R; ++r) {
-        __m512i dot = dot_acc<BITS>(_mm512_setzero_si512(), w1, x1[r]);
-        if constexpr (!G16) dot = dot_acc<BITS>(dot, w2, x2[r]);
-        acc[i][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(ws, xd[r]), acc[i][r]);
-      }
+// One step covers STEP blocks: 4 (a quad), 2 (a pair: lanes 0-7 block b, 8-15 block b+1) or 1
+// (lanes 8-15 zero). The main loop takes quads, except for 8-bit groups of 16 (whose 16-element
+// halves lie in different groups), which take pairs; the last blocks take pairs and a single.
+// Every step adds into the same sixteen fp32 lanes, in an order fixed by K alone.
+template <int BITS, int STEP, int NB, int R>
+inline void step(const Weights& w, const Acts& a, int64_t n0, int64_t r0, int64_t b,
+                 __m512 (&acc)[NB][R]) {
+  const int64_t nb = w.k / kBlock;
+  __m512i x1[R], x2[R];
+  __m512 xd[R];
+  for (int r = 0; r < R; ++r) {
+    const int8_t* xq = a.q.data() + (r0 + r) * w.k + b * kBlock;
+    const float* d = a.d.data() + (r0 + r) * nb + b;
+    if constexpr (STEP == 4) {
+      quad_halves(_mm512_loadu_si512(xq), _mm512_loadu_si512(xq + 64), x1[r], x2[r]);
+      xd[r] = spread4(_mm_loadu_ps(d));
+    } else if constexpr (STEP == 2) {
+      x1[r] = _mm512_loadu_si512(xq);
+      xd[r] = _mm512_insertf32x8(_mm512_set1_ps(d[0]), _mm256_set1_ps(d[1]), 1);
+    } else {
+      x1[r] = _mm512_zextsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq)));
+      xd[r] = _mm512_set1_ps(d[0]);
     }
   }
   for (int i = 0; i < NB; ++i) {
     const int64_t n = n0 + i;
+    const uint8_t* row = w.q + n * w.row_bytes;
     const float* sc = w.scales + n * w.groups;
+    const bool g16 = w.g == 16;
+    __m512i w1, w2;
+    __m512 ws;
+    if constexpr (STEP == 4) {
+      load_quad<BITS>(row, b, w1, w2);
+      const int32_t* gi = w.group_of + b;
+      ws = spread4(_mm_set_ps(sc[gi[3]], sc[gi[2]], sc[gi[1]], sc[gi[0]]));
+    } else if constexpr (STEP == 2) {
+      w1 = _mm512_inserti64x4(_mm512_castsi256_si512(load_block<BITS>(row, b)),
+                              load_block<BITS>(row, b + 1), 1);
+      ws = g16 ? spread4(_mm_loadu_ps(sc + 2 * b))
+               : _mm512_insertf32x8(_mm512_set1_ps(sc[w.group_of[b]]),
+                                    _mm256_set1_ps(sc[w.group_of[b + 1]]), 1);
+    } else {
+      w1 = _mm512_zextsi256_si512(load_block<BITS>(row, b));
+      ws = g16 ? spread4(_mm_set_ps(0.f, 0.f, sc[2 * b + 1], sc[2 * b]))
+               : _mm512_set1_ps(sc[w.group_of[b]]);
+    }
     for (int r = 0; r < R; ++r) {
-      float v = _mm512_reduce_add_ps(acc[i][r]);
-      // The last nb % STEP blocks one at a time: always the same ops for a given K.
-      for (int64_t b = main; b < nb; ++b) {
-        const __m256i xq = _mm256_loadu_si256(
-            reinterpret_cast<const __m256i*>(a.q.data() + (r0 + r) * w.k + b * kBlock));
-        const __m256i wv = load_block<BITS>(w.q + n * w.row_bytes, b);
-        const __m256 ws = G16 ? _mm256_set_m128(_mm_set1_ps(sc[2 * b + 1]), _mm_set1_ps(sc[2 * b]))
-                              : _mm256_set1_ps(sc[b * kBlock / w.g]);
-        const __m256 t = _mm256_mul_ps(_mm256_cvtepi32_ps(block_dot<BITS>(wv, xq)),
-                                       _mm256_mul_ps(ws, _mm256_set1_ps(a.d[(r0 + r) * nb + b])));
-        v += hsum(t);
-      }
-      y[(r0 + r) * ldy + n] = v;
+      __m512i dot = dot_acc<BITS>(_mm512_setzero_si512(), w1, x1[r]);
+      if constexpr (STEP == 4) dot = dot_acc<BITS>(dot, w2, x2[r]);
+      acc[i][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(ws, xd[r]), acc[i][r]);
     }
   }
 }
 
 template <int BITS, int NB, int R>
 void tile(const Weights& w, const Acts& a, int64_t n0, int64_t r0, float* y, int64_t ldy) {
-  if (w.g == 16)
-    tile_impl<BITS, true, NB, R>(w, a, n0, r0, y, ldy);
-  else
-    tile_impl<BITS, false, NB, R>(w, a, n0, r0, y, ldy);
+  const int64_t nb = w.k / kBlock;
+  __m512 acc[NB][R];
+  for (int i = 0; i < NB; ++i)
+    for (int r = 0; r < R; ++r) acc[i][r] = _mm512_setzero_ps();
+  int64_t b = 0;
+  if (w.g != 16)
+    for (; b + 4 <= nb; b += 4) step<BITS, 4, NB, R>(w, a, n0, r0, b, acc);
+  for (; b + 2 <= nb; b += 2) step<BITS, 2, NB, R>(w, a, n0, r0, b, acc);
+  if (b < nb) step<BITS, 1, NB, R>(w, a, n0, r0, b, acc);
+  for (int i = 0; i < NB; ++i)
+    for (int r = 0; r < R; ++r) y[(r0 + r) * ldy + n0 + i] = _mm512_reduce_add_ps(acc[i][r]);
 }
 
 #elif defined(__AVX2__)
@@ -278,7 +271,7 @@ void tile(const Weights& w, const Acts& a, int64_t n0, int64_t r0, float* y, int
       const __m256i wv = load_block<BITS>(w.q + n * w.row_bytes, b);
       const float* sc = w.scales + n * w.groups;
       const __m256 ws = g16 ? _mm256_set_m128(_mm_set1_ps(sc[2 * b + 1]), _mm_set1_ps(sc[2 * b]))
-                            : _mm256_set1_ps(sc[b * kBlock / w.g]);
+                            : _mm256_set1_ps(sc[w.group_of[b]]);
       for (int r = 0; r < R; ++r) {
         const __m256 dot = _mm256_cvtepi32_ps(block_dot<BITS>(wv, xv[r]));
         acc[i][r] = _mm256_fmadd_ps(dot, _mm256_mul_ps(ws, xd[r]), acc[i][r]);
@@ -316,7 +309,7 @@ void tile(const Weights& w, const Acts& a, int64_t n0, int64_t r0, float* y, int
           (j < 16 ? lo : hi) += wq * xq[b * kBlock + j];
         }
         const float* sc = w.scales + n * w.groups;
-        const float s_lo = w.g == 16 ? sc[2 * b] : sc[b * kBlock / w.g];
+        const float s_lo = w.g == 16 ? sc[2 * b] : sc[w.group_of[b]];
         const float s_hi = w.g == 16 ? sc[2 * b + 1] : s_lo;
         const float xd = a.d[(r0 + r) * nb + b];
         acc += static_cast<float>(lo) * (s_lo * xd) + static_cast<float>(hi) * (s_hi * xd);
@@ -400,9 +393,11 @@ torch::Tensor qgemm(torch::Tensor x, torch::Tensor q, torch::Tensor scales, torc
   q = q.contiguous();
   scales = scales.contiguous();
   if (has_offsets) offsets = offsets.contiguous();
+  std::vector<int32_t> group_of(k / kBlock);
+  for (int64_t b = 0; b < k / kBlock; ++b) group_of[b] = static_cast<int32_t>(b * kBlock / group);
   Weights w{reinterpret_cast<const uint8_t*>(q.data_ptr()), scales.data_ptr<float>(),
             has_offsets ? offsets.data_ptr<float>() : nullptr, n, k, group, bits,
-            q.size(1), k / group};
+            q.size(1), k / group, group_of.data()};
   auto y = torch::empty({m, n}, x.options());
   if (m == 0 || n == 0) return y;
   Acts a;
@@ -420,7 +415,7 @@ std::vector<torch::Tensor> quantize_blocks(torch::Tensor x) {
               "quantize_blocks: x must be (M, K) fp32 with K a multiple of 32");
   x = x.contiguous();
   const int64_t m = x.size(0), k = x.size(1);
-  Weights w{nullptr, nullptr, nullptr, 0, k, k, 8, k, 1};
+  Weights w{nullptr, nullptr, nullptr, 0, k, k, 8, k, 1, nullptr};
   Acts a;
   quantize_acts(x.data_ptr<float>(), m, k, w, a);
   auto q = torch::from_blob(a.q.data(), {m, k}, torch::kChar).clone();
