@@ -19,7 +19,10 @@
 // - 4-bit weights: unsigned 0..15 times x in -127..127: at most 2 * 15 * 127 per pair.
 // - With AVX512-VNNI, vpdpbusd sums four products straight into int32 (same operands).
 // Per 32-block, the eight int32 lanes are converted to fp32 and multiplied by the block's
-// activation scale times the lanes' weight-group scale, accumulated in eight fp32 lanes.
+// activation scale times the lanes' weight-group scale, accumulated in eight fp32 lanes. The
+// avx512 flavour takes four blocks per step: their 16-element halves are regrouped so that two
+// vpdpbusd put 8 products of one block into each of sixteen int32 lanes (one conversion for four
+// blocks), and the blocks left over take pairs and a single block in the same lanes.
 //
 // 4-bit blocks are read in place: 16 bytes give the 16 even elements (low nibbles) and the 16 odd
 // ones (high nibbles); the activations are laid out per block as [evens | odds] to match, so no
