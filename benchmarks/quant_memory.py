@@ -17,9 +17,9 @@ import time
 
 import torch
 
-from pagoda.loader.model_loader import load_model
+from pagoda.loader.model_loader import load_model, load_quantized_model
 from pagoda.quant.checkpoint import WEIGHTS_FILE, save_quantized
-from pagoda.quant.loading import apply_quantization, load_quantized_model
+from pagoda.quant.loading import apply_quantization
 from pagoda.quant.swap import all_parameter_bytes, weight_bytes
 
 

@@ -30,8 +30,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quantization", default=d.quantization,
                    choices=["none", "int8", "int4", "gguf"])
     g.add_argument("--quant-kernel", default=d.quant_kernel, choices=list(QUANT_KERNELS),
-                   help="int8 GEMM of quantized linears: oneDNN (CPUs with AMX), fbgemm (other "
-                   "x86 CPUs), the portable dequantize + matmul, or auto (the fastest here)")
+                   help="kernel of quantized linears: auto (qgemm, the best ISA flavour this CPU "
+                   "runs; batch-invariant), one qgemm flavour, the oneDNN (AMX) or fbgemm int8 "
+                   "libraries, or the portable dequantize + matmul")
     g.add_argument("--kv-cache-memory", type=parse_bytes, default=d.kv_cache_memory,
                    help="bytes for the KV block pool (e.g. 512MiB, 1GiB)")
     g.add_argument("--kv-cache-dtype", default=d.kv_cache_dtype,
@@ -47,6 +48,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    choices=list(ATTENTION_BACKENDS),
                    help="decode attention: gather + SDPA (torch), paged kernels reading the "
                    "cache in place (cpp, numba; CPU), or auto (cpp when it builds)")
+    g.add_argument("--invariant-attention", default="auto", choices=["auto", "on", "off"],
+                   help="prefill queries through the decode kernel so a token's attention does "
+                   "not depend on its batch or on prefix-cache hits (auto: on when quantized)")
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--threads", "--num-threads", dest="threads", type=int, default=d.num_threads,
                    help="torch CPU threads")
@@ -62,6 +66,7 @@ def engine_config_from_args(args: argparse.Namespace, **overrides: object) -> En
         enable_chunked_prefill=not args.no_chunked_prefill,
         enable_prefix_caching=not args.no_prefix_caching, batching=args.batching,
         attention_backend=args.attention_backend,
+        invariant_attention={"auto": None, "on": True, "off": False}[args.invariant_attention],
         seed=args.seed, num_threads=args.threads,
     )
     values.update(overrides)

@@ -15,7 +15,8 @@ class EngineConfig:
     device: str = "cpu"
     dtype: str = "fp32"
     quantization: str = "none"
-    # int8 GEMM for quantized linears: auto | onednn | fbgemm | reference (quant/kernels.py)
+    # kernel for quantized linears: auto | qgemm-<flavour> | onednn | fbgemm | reference
+    # (quant/kernel_plan.py)
     quant_kernel: str = "auto"
     kv_cache_memory: int = 1 << 30  # bytes for the KV block pool
     kv_cache_dtype: str = "auto"  # auto = the compute dtype
@@ -28,6 +29,12 @@ class EngineConfig:
     batching: str = "continuous"
     # decode attention kernel: auto | torch | cpp | numba (layers/decode_backend.py)
     attention_backend: str = "auto"
+    # Prefill queries attend through the decode kernel, one query row at a time, so a token's
+    # attention output is the same whether it is computed in a prefill chunk, after a prefix-cache
+    # hit or as a decode. None (auto): on for quantized models, whose qgemm linears are already
+    # batch-invariant (with int8 activations a last-ulp difference can flip a rounding and then
+    # a greedy token); fp32 linears (MKL) are not, so fp32 keeps SDPA's faster blocked prefill.
+    invariant_attention: bool | None = None
     seed: int | None = None
     num_threads: int | None = None
     progress: bool = True
@@ -45,6 +52,12 @@ class EngineConfig:
             raise ValueError(f"quant_kernel must be one of {QUANT_KERNELS}")
         if self.kv_cache_memory < 1:
             raise ValueError("kv_cache_memory must be positive")
+
+    @property
+    def resolved_invariant_attention(self) -> bool:
+        if self.invariant_attention is None:
+            return self.quantization in ("int8", "int4", "gguf")
+        return self.invariant_attention
 
     @property
     def resolved_kv_dtype(self) -> str:

@@ -81,7 +81,8 @@ class LLMEngine:
             batching=config.batching), self.kv_manager)
         self.runner = ModelRunner(self.loaded.model, stores, config.block_size, device,
                                   self.tokenizer.eos_token_ids, config.seed, layer_groups,
-                                  select_decode_kernel(config.attention_backend, device))
+                                  select_decode_kernel(config.attention_backend, device),
+                                  config.resolved_invariant_attention)
         self.output_processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
         self.num_prompt_tokens = 0

@@ -76,7 +76,7 @@ def load_model(model: str | None = None, device: str = "cpu", dtype: torch.dtype
     start = time.perf_counter()
     path = resolve_model_path(model)
     if os.path.isdir(path):
-        from pagoda.quant import is_quantized_checkpoint, load_quantized_model
+        from pagoda.quant import is_quantized_checkpoint
 
         if is_quantized_checkpoint(path):  # written by `pagoda quantize`
             return load_quantized_model(path, device=device, dtype=dtype)
@@ -96,3 +96,22 @@ def load_model(model: str | None = None, device: str = "cpu", dtype: torch.dtype
                                               gguf_file=os.path.basename(path),
                                               eos_token_ids=cfg.eos_token_ids)
     return LoadedModel(net, cfg, tokenizer, path, time.perf_counter() - start)
+
+
+def load_quantized_model(path: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                         backend: str = "auto") -> LoadedModel:
+    """Build a `LoadedModel` from a quantized checkpoint directory."""
+    from pagoda.quant import load_quantized, prepare_model, read_model_config
+
+    start = time.perf_counter()
+    cfg = read_model_config(path, ModelConfig)
+    with torch.device("meta"):
+        skeleton = model_class(cfg.architecture)(cfg)
+    model = load_quantized(path, skeleton, device=device, backend=backend, prepare=False)
+    if hasattr(model, "post_load"):
+        model.post_load()
+    # Non-quantized parameters follow the requested dtype; quantized modules keep their own.
+    model = model.to(dtype=dtype).eval()
+    prepare_model(model)  # packing is part of the load time, not of the first request
+    tokenizer = Tokenizer.from_pretrained(path, eos_token_ids=cfg.eos_token_ids)
+    return LoadedModel(model, cfg, tokenizer, path, time.perf_counter() - start)

@@ -62,9 +62,9 @@ def half_precision_warning(device: str, dtype: str) -> str | None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from pagoda.loader.model_loader import load_model
+    from pagoda.loader.model_loader import load_model, load_quantized_model
     from pagoda.quant.checkpoint import WEIGHTS_FILE, save_quantized
-    from pagoda.quant.loading import apply_quantization, load_quantized_model
+    from pagoda.quant.loading import apply_quantization
     from pagoda.quant.swap import weight_bytes
 
     start = time.perf_counter()

@@ -85,9 +85,9 @@ def _measure(precision: str, args: argparse.Namespace, text_ids: list[int],
              reference: list[tuple[int, list[int]]], loaded=None):  # noqa: ANN001, ANN202
     from pagoda.engine.config import EngineConfig
     from pagoda.engine.llm_engine import LLMEngine
-    from pagoda.loader.model_loader import load_model
+    from pagoda.loader.model_loader import load_model, load_quantized_model
     from pagoda.quant.checkpoint import save_quantized
-    from pagoda.quant.loading import apply_quantization, load_quantized_model
+    from pagoda.quant.loading import apply_quantization
     from pagoda.quant.quality import (
         PROMPTS,
         perplexity,

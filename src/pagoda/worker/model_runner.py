@@ -19,9 +19,14 @@ class ModelRunner:
     def __init__(self, model: nn.Module, kv_stores: list[KVStore], block_size: int,
                  device: torch.device, eos_token_ids: tuple[int, ...], seed: int | None = None,
                  layer_groups: list[int] | None = None,
-                 decode_kernel: DecodeKernel | None = None):
+                 decode_kernel: DecodeKernel | None = None, invariant_attention: bool = False):
         self.model = model
         self.decode_kernel = decode_kernel
+        # Every query (prefill rows too) through the decode kernel: only where that kernel reads
+        # the cache in place (fp32 CPU stores); the gather fallback would copy each query's
+        # whole context.
+        self.invariant_attention = (invariant_attention and decode_kernel is not None and all(
+            store.fp32_cpu_blocks() is not None for store in kv_stores))
         self.layer_groups = layer_groups or [0] * len(kv_stores)  # KV group of each layer
         self.kv_stores = kv_stores
         self.block_size = block_size
@@ -82,9 +87,10 @@ class ModelRunner:
             table = [max(b, 0) for b in r.block_ids[group]]
             start, n = r.num_computed_tokens, len(r.token_ids)
             slot_mapping += self._slots(table, start, start + n)
-            if n == 1:
-                decode_tables.append(table)
-                decode_lens.append(start + 1)
+            if n == 1 or self.invariant_attention:
+                # a query per token, each reading its own causal context from the cache
+                decode_tables += [table] * n
+                decode_lens += range(start + 1, start + n + 1)
             else:
                 ctx = None
                 if start > 0:
