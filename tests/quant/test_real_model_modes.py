@@ -1,9 +1,12 @@
 """Every `--quantization` mode on the real SmolLM2 weights, against fp32, through the engine.
 
-Tolerances are set with a margin over what was measured (2026-11-25, oneDNN + VNNI kernels):
-relative logit error 0.029-0.056 (int8), 0.029-0.051 (gguf), 0.053-0.102 (int4); top-1 agreement
-with fp32 98% (int8), 100% (gguf), 90% (int4) over the fixed prompts below; the engine's greedy
-tokens vs the teacher-forced prefill argmax 81% for int4.
+Tolerances are set with a margin over what was measured with qgemm (2026-12-02, avx512 and avx2
+flavours alike): relative logit error 0.030-0.061 (int8), 0.047-0.099 (gguf), 0.064-0.127 (int4);
+top-1 agreement with fp32 98% (int8), 84-86% (gguf), 80% (int4) over the fixed prompts below.
+qgemm rounds activations per 32-element block (no outlier-column split), which on these three
+short prompts strays further from fp32 than the old per-token rounding with the split did (gguf
+100%, int4 90%), while over 8,192 tokens of text its perplexity is closer (int8 +0.5% of fp32
+vs +1.3% before; gguf +1.2%; docs/quantization.md).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ PROMPTS = [
     "Once upon a time, in a small village by the sea, there lived an old fisherman who",
 ]
 # (relative logit error, top-1 agreement with fp32, decode/prefill agreement)
-TOLERANCE = {"int8": (0.09, 0.9, 0.85), "gguf": (0.09, 0.9, 0.85), "int4": (0.15, 0.8, 0.75)}
+TOLERANCE = {"int8": (0.09, 0.9, 0.85), "gguf": (0.12, 0.8, 0.85), "int4": (0.16, 0.75, 0.75)}
 
 
 @pytest.fixture(scope="module")
@@ -47,10 +50,10 @@ def test_mode_stays_close_to_fp32_and_decodes_consistently(mode: str, fp32_logit
         total += len(prompt_ids)
     assert same / total >= min_agree
 
-    # Decode rows (1-4 per call: the GEMV kernels) must agree with the prefill path (the GEMM
-    # kernels) on the same quantized weights: teacher-force the engine's own greedy tokens.
-    # int4 agrees less (81% measured): its GEMM path re-rounds the groups to per-row int8,
-    # while the decode GEMV reads the groups exactly.
+    # The engine's decode rows must agree with a prefill over the same quantized weights:
+    # teacher-force the engine's own greedy tokens.
+    # They differ only by attention: prefill_logits runs SDPA over the whole prompt, the engine
+    # its decode kernel.
     out = run_engine(engine, ids, max_tokens=16).token_ids
     same = total = 0
     for prompt_ids, gen in zip(ids, out, strict=True):
