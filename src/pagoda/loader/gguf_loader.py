@@ -69,12 +69,12 @@ def unpermute_rows(w: np.ndarray, num_heads: int) -> np.ndarray:
 
 class GGUFCheckpoint:
     def __init__(self, path: str):
-        import gguf
+        from pagoda.quant.gguf_source import open_gguf
 
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no such GGUF file: {path}")
         self.path = path
-        self.reader = gguf.GGUFReader(path)
+        self.reader = open_gguf(path)
         self.architecture = str(self._field("general.architecture"))
         self.config = self._read_config()
 

@@ -1,11 +1,19 @@
 """Tokenizer facade: encoding, chat templates, and the raw `tokenizers.Tokenizer` for streaming.
 
 Both model sources (GGUF metadata and HF directories) go through transformers' AutoTokenizer, which
-builds a fast tokenizer and exposes the model's chat template.
+builds a fast tokenizer and exposes the model's chat template. Converting a GGUF's vocabulary takes
+seconds (gguf's reader walks every token string; 262k of them for Gemma 3), so the converted
+tokenizer is saved once under ~/.cache/pagoda/tokenizers (or $PAGODA_CACHE_DIR), keyed by the
+file's path, size and mtime and the transformers version, and later loads read that folder.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
 from typing import Any
 
 from tokenizers import Tokenizer as RawTokenizer
@@ -25,8 +33,10 @@ class Tokenizer:
                         eos_token_ids: tuple[int, ...] = ()) -> Tokenizer:
         from transformers import AutoTokenizer
 
-        kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-        hf = AutoTokenizer.from_pretrained(directory, **kwargs)
+        if gguf_file:
+            hf = _gguf_tokenizer(directory, gguf_file)
+        else:
+            hf = AutoTokenizer.from_pretrained(directory)
         eos = eos_token_ids or ((hf.eos_token_id,) if hf.eos_token_id is not None else ())
         return cls(hf, tuple(eos))
 
@@ -56,3 +66,40 @@ class Tokenizer:
             raise ValueError("this model has no chat template; use completions instead")
         return self.hf.apply_chat_template(messages, tokenize=False,
                                            add_generation_prompt=add_generation_prompt, **kwargs)
+
+
+log = logging.getLogger(__name__)
+
+
+def _cache_dir(gguf_path: str) -> str:
+    import transformers
+
+    st = os.stat(gguf_path)
+    key = f"{os.path.realpath(gguf_path)}|{st.st_size}|{st.st_mtime_ns}|{transformers.__version__}"
+    root = os.environ.get("PAGODA_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                               "pagoda")
+    return os.path.join(root, "tokenizers", hashlib.sha256(key.encode()).hexdigest()[:24])
+
+
+def _gguf_tokenizer(directory: str, gguf_file: str) -> Any:
+    """transformers' tokenizer of a GGUF file, from the conversion cache when it is there."""
+    from transformers import AutoTokenizer
+
+    cached = _cache_dir(os.path.join(directory, gguf_file))
+    if os.path.isfile(os.path.join(cached, "tokenizer_config.json")):
+        try:
+            return AutoTokenizer.from_pretrained(cached)
+        except Exception as exc:  # noqa: BLE001 - a damaged cache entry: convert again
+            log.warning("ignoring the tokenizer cache %s (%s)", cached, exc)
+    hf = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
+    try:  # written to a temporary folder and renamed, so concurrent loads never see half of it
+        os.makedirs(os.path.dirname(cached), exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=os.path.dirname(cached))
+        hf.save_pretrained(tmp)
+        try:
+            os.rename(tmp, cached)
+        except OSError:  # another process stored it first
+            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as exc:
+        log.warning("could not cache the converted tokenizer (%s)", exc)
+    return hf

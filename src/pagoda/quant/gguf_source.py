@@ -10,7 +10,9 @@ stores them interleaved for its RoPE layout); a row permutation of block rows is
 
 from __future__ import annotations
 
+import os
 import re
+from functools import lru_cache
 
 import gguf
 import numpy as np
@@ -43,7 +45,7 @@ def unpermute_order(num_rows: int, num_heads: int) -> torch.Tensor:
 class GGUFWeightSource:
     def __init__(self, path: str):
         self.path = path
-        self.reader = gguf.GGUFReader(path)
+        self.reader = open_gguf(path)
         self.tensors = {t.name: t for t in self.reader.tensors}
         self.architecture = self._field("general.architecture")
         self.num_heads = int(self._field(f"{self.architecture}.attention.head_count"))
@@ -97,3 +99,16 @@ class GGUFWeightSource:
         dense = gguf.quants.dequantize(t.data, t.tensor_type).reshape(-1, num_cols)
         q, scale = quantize_int8_per_channel(torch.from_numpy(np.ascontiguousarray(dense)))
         return GroupWeights(q, scale[:, None], None, num_cols, bits=8), f"{qtype}->int8"
+
+
+@lru_cache(maxsize=4)
+def _reader(path: str, size: int, mtime_ns: int) -> gguf.GGUFReader:
+    return gguf.GGUFReader(path)
+
+
+def open_gguf(path: str) -> gguf.GGUFReader:
+    """A GGUF file's reader, shared by every load of the same file in this process: gguf parses
+    the whole metadata (every vocabulary string) up front, seconds per open. Readers are
+    read-only views of a memory map; a file changed on disk gets a new one."""
+    st = os.stat(path)
+    return _reader(os.path.realpath(path), st.st_size, st.st_mtime_ns)
