@@ -10,7 +10,13 @@
 // block_tables (D, max_blocks) int64; context_lens (D,) int64 (the new token included).
 // A positive `window` limits each query to its last `window` keys (sliding-window layers).
 
-#include <torch/extension.h>
+// ATen headers only (not torch/extension.h): this file then compiles in seconds; the
+// Python bindings live in bindings.cpp.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/from_blob.h>
+#include <c10/util/Exception.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -34,8 +40,8 @@ inline void axpy(float p, const float* x, float* y, int64_t n) {
 
 }  // namespace
 
-torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
-                           torch::Tensor block_tables, torch::Tensor context_lens, double scale,
+at::Tensor paged_decode(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache,
+                           at::Tensor block_tables, at::Tensor context_lens, double scale,
                            int64_t window) {
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(),
               "paged_decode: bad shapes");
@@ -48,7 +54,7 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
   v_cache = v_cache.contiguous();
   block_tables = block_tables.contiguous();
   context_lens = context_lens.contiguous();
-  auto out = torch::empty_like(q);
+  auto out = at::empty_like(q);
 
   const int64_t num_decode = q.size(0), num_heads = q.size(1), head_dim = q.size(2);
   const int64_t block_size = k_cache.size(1), num_kv = k_cache.size(2);

@@ -35,7 +35,13 @@
 // avx512 (AVX512-VNNI/BW/VL). Each flavour computes the same integer dot products; fp32
 // accumulation order differs between flavours, never within one.
 
-#include <torch/extension.h>
+// ATen headers only (not torch/extension.h): this file then compiles in seconds; the
+// Python bindings live in bindings.cpp.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/from_blob.h>
+#include <c10/util/Exception.h>
 #include <ATen/Parallel.h>
 
 #if defined(__AVX2__)
@@ -397,9 +403,9 @@ bool shape_supported(int64_t k, int64_t g, int64_t bits) {
 
 // x (M, K) fp32; q (N, K/2) uint8 or (N, K) int8; scales (N, K/g) fp32; offsets like scales or
 // empty. Returns (M, N) fp32.
-torch::Tensor qgemm(torch::Tensor x, torch::Tensor q, torch::Tensor scales, torch::Tensor offsets,
+at::Tensor qgemm(at::Tensor x, at::Tensor q, at::Tensor scales, at::Tensor offsets,
                     int64_t bits, int64_t group) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.device().is_cpu(),
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu(),
               "qgemm: x must be a 2-D fp32 CPU tensor");
   const int64_t m = x.size(0), k = x.size(1), n = q.size(0);
   TORCH_CHECK(bits == 4 || bits == 8, "qgemm: 4 or 8 bits");
@@ -407,13 +413,13 @@ torch::Tensor qgemm(torch::Tensor x, torch::Tensor q, torch::Tensor scales, torc
               "qgemm: K must be a multiple of 32 and the group a multiple of 32 dividing K "
               "(8-bit weights also take groups of 16)");
   TORCH_CHECK(q.dim() == 2 && q.device().is_cpu() && q.size(1) == (bits == 4 ? k / 2 : k) &&
-                  q.scalar_type() == (bits == 4 ? torch::kByte : torch::kChar),
+                  q.scalar_type() == (bits == 4 ? at::kByte : at::kChar),
               "qgemm: q must be (N, K/2) uint8 for 4 bits or (N, K) int8 for 8 bits");
-  TORCH_CHECK(scales.scalar_type() == torch::kFloat && scales.dim() == 2 &&
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.dim() == 2 &&
                   scales.size(0) == n && scales.size(1) == k / group,
               "qgemm: scales must be (N, K/g) fp32");
   const bool has_offsets = offsets.numel() > 0;
-  TORCH_CHECK(!has_offsets || (offsets.scalar_type() == torch::kFloat &&
+  TORCH_CHECK(!has_offsets || (offsets.scalar_type() == at::kFloat &&
                                offsets.sizes() == scales.sizes()),
               "qgemm: offsets must be fp32 shaped like scales");
   x = x.contiguous();
@@ -425,7 +431,7 @@ torch::Tensor qgemm(torch::Tensor x, torch::Tensor q, torch::Tensor scales, torc
   Weights w{reinterpret_cast<const uint8_t*>(q.data_ptr()), scales.data_ptr<float>(),
             has_offsets ? offsets.data_ptr<float>() : nullptr, n, k, group, bits,
             q.size(1), k / group, group_of.data()};
-  auto y = torch::empty({m, n}, x.options());
+  auto y = at::empty({m, n}, x.options());
   if (m == 0 || n == 0) return y;
   Acts a;
   quantize_acts(x.data_ptr<float>(), m, k, w, a);
@@ -437,16 +443,16 @@ torch::Tensor qgemm(torch::Tensor x, torch::Tensor q, torch::Tensor scales, torc
 }
 
 // The activation rounding alone, in natural order: (int8 values (M, K), block scales (M, K/32)).
-std::vector<torch::Tensor> quantize_blocks(torch::Tensor x) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.size(1) % kBlock == 0,
+std::vector<at::Tensor> quantize_blocks(at::Tensor x) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.size(1) % kBlock == 0,
               "quantize_blocks: x must be (M, K) fp32 with K a multiple of 32");
   x = x.contiguous();
   const int64_t m = x.size(0), k = x.size(1);
   Weights w{nullptr, nullptr, nullptr, 0, k, k, 8, k, 1, nullptr};
   Acts a;
   quantize_acts(x.data_ptr<float>(), m, k, w, a);
-  auto q = torch::from_blob(a.q.data(), {m, k}, torch::kChar).clone();
-  auto d = torch::from_blob(a.d.data(), {m, k / kBlock}, torch::kFloat).clone();
+  auto q = at::from_blob(a.q.data(), {m, k}, at::kChar).clone();
+  auto d = at::from_blob(a.d.data(), {m, k / kBlock}, at::kFloat).clone();
   return {q, d};
 }
 

@@ -15,7 +15,13 @@
 // fbgemm's) and scale is max|x|. The reference semantics live in
 // `pagoda.quant.int8_ops.quantize_rows_torch`, and the tests compare the two.
 
-#include <torch/extension.h>
+// ATen headers only (not torch/extension.h): this file then compiles in seconds; the
+// Python bindings live in bindings.cpp.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/from_blob.h>
+#include <c10/util/Exception.h>
 #include <ATen/Parallel.h>
 
 #include <immintrin.h>
@@ -69,8 +75,8 @@ std::vector<float> column_abs_max(const float* x, int64_t m, int64_t k) {
 
 }  // namespace
 
-std::vector<torch::Tensor> quantize_rows(torch::Tensor x, double outlier_ratio, bool to_int8) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.device().is_cpu(),
+std::vector<at::Tensor> quantize_rows(at::Tensor x, double outlier_ratio, bool to_int8) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu(),
               "quantize_rows: x must be a 2-D fp32 CPU tensor");
   x = x.contiguous();
   const int64_t m = x.size(0), k = x.size(1);
@@ -94,9 +100,9 @@ std::vector<torch::Tensor> quantize_rows(torch::Tensor x, double outlier_ratio, 
   }
   const int64_t n = static_cast<int64_t>(cols.size());
 
-  auto q = torch::empty({m, k}, to_int8 ? x.options().dtype(torch::kChar) : x.options());
-  auto scale = torch::empty({m, 1}, x.options());
-  auto xcols = torch::empty({m, n}, x.options());
+  auto q = at::empty({m, k}, to_int8 ? x.options().dtype(at::kChar) : x.options());
+  auto scale = at::empty({m, 1}, x.options());
+  auto xcols = at::empty({m, n}, x.options());
   int8_t* qp = to_int8 ? q.data_ptr<int8_t>() : nullptr;
   float* fp = to_int8 ? nullptr : q.data_ptr<float>();
   float* sp = scale.data_ptr<float>();
@@ -128,6 +134,6 @@ std::vector<torch::Tensor> quantize_rows(torch::Tensor x, double outlier_ratio, 
       for (int64_t c = 0; c < n; ++c) cp[i * n + c] = row[cols[c]];
     }
   });
-  auto cols_t = torch::from_blob(cols.data(), {n}, torch::kLong).clone();
+  auto cols_t = at::from_blob(cols.data(), {n}, at::kLong).clone();
   return {q, scale, cols_t, xcols};
 }
