@@ -122,8 +122,10 @@ def best_flavour() -> str:
     return runnable_flavours()[-1]
 
 
+@cache
 def native() -> ModuleType | None:
-    """The module of the best flavour that builds here, or None."""
+    """The module of the best flavour that builds here, or None; resolved once per process, as
+    the hot paths (every decode attention call) ask for it."""
     for flavour in reversed(runnable_flavours()):
         module = load(flavour)
         if module is not None:

@@ -18,6 +18,7 @@ import torch
 from pagoda.kernels import build
 
 BLOCK = 32
+_NO_OFFSETS = torch.zeros(0)  # what the C++ takes for "no offsets"
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,5 @@ def qgemm(x: torch.Tensor, w: QGemmWeight, flavour: str | None = None) -> torch.
         if flavour:
             raise RuntimeError(f"the {flavour} kernels are not available on this machine")
         return qgemm_torch(x, w)
-    empty = torch.zeros(0)
     return module.qgemm(x.float().contiguous(), w.q, w.scales,
-                        empty if w.offsets is None else w.offsets, w.bits, w.group)
+                        _NO_OFFSETS if w.offsets is None else w.offsets, w.bits, w.group)

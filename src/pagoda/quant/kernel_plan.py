@@ -66,9 +66,9 @@ def choose(fmt: WeightFormat, device: torch.device, requested: str) -> KernelCho
         if build.load(flavour) is None:
             raise RuntimeError(f"the {flavour} C++ kernels could not be built here")
         return KernelChoice("qgemm", flavour, "asked")
-    if requested in ("auto", "qgemm") and fits and build.native() is not None:
-        flavour = build.native().flavour()
-        return KernelChoice("qgemm", flavour, "best flavour this CPU runs")
+    module = build.native() if requested in ("auto", "qgemm") and fits else None
+    if module is not None:
+        return KernelChoice("qgemm", module.flavour(), "best flavour this CPU runs")
     if requested == "qgemm":
         raise ValueError(f"--quant-kernel qgemm: no qgemm for K={fmt.in_features} with "
                          f"{fmt.bits}-bit groups of {fmt.group}, or no C++ compiler here")

@@ -72,11 +72,6 @@ def int8_kernel(device: torch.device, backend: str) -> str:
     return "reference"
 
 
-def use_fbgemm(x: torch.Tensor, backend: str) -> bool:
-    """Whether fbgemm's other kernels (fp16 weights) may run: CPU tensors, packed paths allowed."""
-    return backend != "reference" and x.device.type == "cpu" and fbgemm_available()
-
-
 @dataclass(frozen=True)
 class OnednnWeight:
     """An (N, K) int8 weight in oneDNN's packed layout, with its per-row scales."""
