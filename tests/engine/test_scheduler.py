@@ -26,7 +26,7 @@ def req(rid, n_prompt, params=GREEDY):
 def step(s: Scheduler, token=7):
     """Schedule and pretend the model sampled `token` for every sampling request."""
     out = s.schedule()
-    sampled = {r.req_id: token for r in out.scheduled if r.sample}
+    sampled = {r.req_id: [token] for r in out.scheduled if r.sample}
     step.results = s.update_from_output(out, ModelRunnerOutput(sampled, {}))
     return out
 
@@ -123,7 +123,7 @@ def test_stop_conditions():
     s.add_request(req("len", 2, SamplingParams(temperature=0, max_tokens=2)))
     s.add_request(req("eos", 2, SamplingParams(temperature=0, max_tokens=5)))
     out = s.schedule()
-    res = s.update_from_output(out, ModelRunnerOutput({"len": 5, "eos": 0}, {}))
+    res = s.update_from_output(out, ModelRunnerOutput({"len": [5], "eos": [0]}, {}))
     reasons = {o.req_id: o.finish_reason for o in res}
     assert reasons == {"len": None, "eos": "stop"}
     step(s, token=5)

@@ -8,6 +8,9 @@ from pagoda.kv_cache.kv_store import KV_DTYPES
 from pagoda.layers.decode_backend import BACKENDS as ATTENTION_BACKENDS
 from pagoda.quant.config import BACKENDS as QUANT_KERNELS
 
+# Draft tokens per step when --num-speculative-tokens is unset (benchmarks/spec_decode.py).
+DEFAULT_SPECULATIVE_TOKENS = {"ngram": 4, "draft": 4}
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -35,6 +38,14 @@ class EngineConfig:
     # batch-invariant (with int8 activations a last-ulp difference can flip a rounding and then
     # a greedy token); fp32 linears (MKL) are not, so fp32 keeps SDPA's faster blocked prefill.
     invariant_attention: bool | None = None
+    # Speculative decoding (docs/spec_decode.md): None (off) | "ngram" (prompt lookup) | "draft"
+    speculative_method: str | None = None
+    num_speculative_tokens: int | None = None  # None: the measured default of the method
+    prompt_lookup_min: int = 2  # ngram sizes tried, longest first
+    prompt_lookup_max: int = 5
+    draft_model: str | None = None  # "self" (default for "draft") or a model path
+    draft_quantization: str = "auto"  # self-draft weights: auto (gguf for a GGUF file) | int4 | ...
+    speculative_max_batch: int = 8  # speculate only while at most this many requests run
     seed: int | None = None
     num_threads: int | None = None
     progress: bool = True
@@ -52,12 +63,34 @@ class EngineConfig:
             raise ValueError(f"quant_kernel must be one of {QUANT_KERNELS}")
         if self.kv_cache_memory < 1:
             raise ValueError("kv_cache_memory must be positive")
+        if self.speculative_method not in (None, "ngram", "draft"):
+            raise ValueError("speculative_method must be ngram or draft")
+        if self.speculative_method != "draft" and self.draft_model is not None:
+            raise ValueError("draft_model needs speculative_method draft")
+        if self.draft_quantization not in ("auto", "none", "int8", "int4", "gguf"):
+            raise ValueError("draft_quantization must be auto, none, int8, int4 or gguf")
+        if self.num_speculative_tokens is not None and not 1 <= self.num_speculative_tokens <= 16:
+            raise ValueError("num_speculative_tokens must be between 1 and 16")
+        if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
+            raise ValueError("prompt lookup sizes need 1 <= prompt_lookup_min <= "
+                             "prompt_lookup_max")
+        if self.speculative_max_batch < 1:
+            raise ValueError("speculative_max_batch must be positive")
 
     @property
     def resolved_invariant_attention(self) -> bool:
         if self.invariant_attention is None:
             return self.quantization in ("int8", "int4", "gguf")
         return self.invariant_attention
+
+    @property
+    def resolved_num_speculative_tokens(self) -> int:
+        """Drafts per step; 0 when speculation is off (defaults measured: docs/spec_decode.md)."""
+        if self.speculative_method is None:
+            return 0
+        if self.num_speculative_tokens is not None:
+            return self.num_speculative_tokens
+        return DEFAULT_SPECULATIVE_TOKENS[self.speculative_method]
 
     @property
     def resolved_kv_dtype(self) -> str:

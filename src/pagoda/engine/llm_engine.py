@@ -24,6 +24,8 @@ from pagoda.loader.model_loader import LoadedModel, load_model
 from pagoda.sampling.params import SamplingParams, SamplingParamsError
 from pagoda.scheduler.request import Request
 from pagoda.scheduler.scheduler import Scheduler, SchedulerConfig
+from pagoda.scheduler.spec_policy import SpecDecodeConfig, SpecPolicy
+from pagoda.spec_decode.setup import build_proposer, check_vocabulary, load_draft, split_budget
 from pagoda.worker.model_runner import ModelRunner
 
 log = logging.getLogger(__name__)
@@ -42,10 +44,19 @@ class EngineStats:
     prefix_cache_hits: int
     num_prompt_tokens: int = 0  # admitted prefill tokens, cumulative
     num_generation_tokens: int = 0  # sampled tokens, cumulative
+    # speculative decoding, cumulative: verify passes with drafts, drafted and accepted tokens,
+    # and accepted tokens by draft position (vLLM's spec_decode counters)
+    spec_num_drafts: int = 0
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
+    spec_accepted_per_pos: tuple[int, ...] = ()
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None):
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None,
+                 draft: LoadedModel | None = None):
+        """`loaded` / `draft`: already loaded target / draft models to use instead of loading
+        them (tests share weights this way); `draft` must be ready (quantized) to run."""
         self.config = config
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
@@ -63,7 +74,15 @@ class LLMEngine:
         self.model_config = cfg = self.loaded.config
         self.tokenizer = self.loaded.tokenizer
         self.max_model_len = min(config.max_model_len or cfg.max_model_len, cfg.max_model_len)
-        self.kv_groups = plan_kv_groups(cfg, config.kv_cache_memory, config.block_size,
+        kv_memory, draft_memory = config.kv_cache_memory, 0
+        if config.speculative_method == "draft":
+            if draft is None:
+                draft = load_draft(config, self.loaded, dtype)
+            else:
+                check_vocabulary(self.loaded, draft)
+            kv_memory, draft_memory = split_budget(kv_memory, cfg, draft.config)
+        self.draft = draft
+        self.kv_groups = plan_kv_groups(cfg, kv_memory, config.block_size,
                                         config.resolved_kv_dtype, config.max_num_seqs,
                                         config.max_num_batched_tokens)
         self.kv_cache_config = self.kv_groups[0]  # full attention (or the only) group
@@ -78,11 +97,14 @@ class LLMEngine:
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_num_seqs=config.max_num_seqs,
             enable_chunked_prefill=config.enable_chunked_prefill,
-            batching=config.batching), self.kv_manager)
+            batching=config.batching), self.kv_manager, SpecPolicy(SpecDecodeConfig(
+                config.resolved_num_speculative_tokens, config.speculative_max_batch)))
+        decode_kernel = select_decode_kernel(config.attention_backend, device)
+        proposer = build_proposer(config, self.loaded, draft, draft_memory, device,
+                                  decode_kernel)
         self.runner = ModelRunner(self.loaded.model, stores, config.block_size, device,
                                   self.tokenizer.eos_token_ids, config.seed, layer_groups,
-                                  select_decode_kernel(config.attention_backend, device),
-                                  config.resolved_invariant_attention)
+                                  decode_kernel, config.resolved_invariant_attention, proposer)
         self.output_processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
         self.num_prompt_tokens = 0
@@ -132,7 +154,7 @@ class LLMEngine:
             return []
         result = self.runner.execute(sched)
         core_outputs = self.scheduler.update_from_output(sched, result)
-        self.num_generation_tokens += len(core_outputs)
+        self.num_generation_tokens += sum(len(o.new_token_ids) for o in core_outputs)
         outputs, stopped = self.output_processor.process(core_outputs)
         for child in stopped:
             self.scheduler.finish_request(child, "stop")
@@ -142,6 +164,7 @@ class LLMEngine:
         return self.scheduler.num_unfinished > 0
 
     def stats(self) -> EngineStats:
+        spec = self.scheduler.spec.stats
         return EngineStats(
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),
@@ -152,6 +175,10 @@ class LLMEngine:
             prefix_cache_hits=self.kv_manager.num_hit_tokens,
             num_prompt_tokens=self.num_prompt_tokens,
             num_generation_tokens=self.num_generation_tokens,
+            spec_num_drafts=spec.num_drafts,
+            spec_num_draft_tokens=spec.num_draft_tokens,
+            spec_num_accepted_tokens=spec.num_accepted_tokens,
+            spec_accepted_per_pos=tuple(spec.accepted_per_pos),
         )
 
     def check_integrity(self) -> None:

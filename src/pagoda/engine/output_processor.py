@@ -7,6 +7,7 @@ end (`to_finish`).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
@@ -86,10 +87,18 @@ class OutputProcessor:
                 m.first_scheduled_time = out.first_scheduled_time
                 m.num_cached_tokens = out.num_cached_tokens
             m.last_token_time = now
+            seen = sample.detok.num_tokens
+            stop = sample.detok.update(out.new_token_ids)
+            if stop is not None:
+                # A step may carry several tokens (accepted drafts): those after the token that
+                # completed the stop string were never generated, as far as the caller knows.
+                kept = sample.detok.num_tokens - seen
+                out = dataclasses.replace(out, new_token_ids=out.new_token_ids[:kept],
+                                          new_logprobs=out.new_logprobs and
+                                          out.new_logprobs[:kept])
             sample.token_ids += out.new_token_ids
             if sample.logprobs is not None and out.new_logprobs:
                 sample.logprobs += out.new_logprobs
-            stop = sample.detok.update(out.new_token_ids)
             if stop is not None and out.finish_reason is None:
                 sample.finish_reason, sample.stop_reason = "stop", stop
                 to_finish.append(out.req_id)

@@ -87,6 +87,10 @@ class HybridKVCacheManager:
         for g in self.groups:
             g.commit_computed(req_id, token_ids, num_computed)
 
+    def trim(self, req_id: str, num_tokens: int) -> None:
+        for g in self.groups:
+            g.trim(req_id, num_tokens)
+
     def free(self, req_id: str) -> None:
         for g in self.groups:
             g.free(req_id)

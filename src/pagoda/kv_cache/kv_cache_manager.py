@@ -150,6 +150,17 @@ class KVCacheManager:
             self._settle(pending[:filled])
             self._in_flight_of[req_id] = pending[filled:]
 
+    def trim(self, req_id: str, num_tokens: int) -> None:
+        """Free the request's blocks past its first `num_tokens` tokens (the slots of rejected
+        draft tokens). No hash covers them: hashes are committed for computed tokens only."""
+        table = self.block_tables.get(req_id)
+        keep = self.blocks_needed(num_tokens)
+        if table is None or len(table) <= keep:
+            return
+        extra = table[keep:]
+        del table[keep:]
+        self.pool.release([b for b in extra[::-1] if b >= 0])
+
     def free(self, req_id: str) -> None:
         table = self.block_tables.pop(req_id, [])
         self.pool.release([b for b in table[::-1] if b >= 0])

@@ -36,6 +36,7 @@ class SamplingParams:
     logprobs: int | None = None  # top-N alternatives per token (the sampled one is always added)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    speculative: bool = True  # False: this request never gets draft tokens (per-request opt-out)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

@@ -1,8 +1,13 @@
 """Turns the logits of sampling positions into next tokens (and optional log-probs).
 
-Seeded requests draw their noise from a generator keyed by (seed, sample index, output position),
-so a seeded request's tokens do not depend on what else is in the batch, nor on preemption.
-Sampling uses the exponential race: argmax(p / E) with E ~ Exp(1) draws exactly from p.
+Seeded requests draw their noise from a generator keyed by (seed, sample index, output position,
+purpose), so a seeded request's tokens do not depend on what else is in the batch, nor on
+preemption. Sampling uses the exponential race: argmax(p / E) with E ~ Exp(1) draws exactly from p.
+
+A row is described by a `ScheduledRequest`: its parameters, and the output tokens *before* the
+position sampled (penalties, min_tokens and the seeded noise key all read them). Speculative
+verification (`spec_decode/rejection_sampler.py`) builds one such view per drafted position and
+reuses the same penalty, filter and noise code, so speculation changes no sampling rule.
 """
 
 from __future__ import annotations
@@ -13,6 +18,10 @@ from pagoda.engine.outputs import TokenLogprobs
 from pagoda.scheduler.output import ScheduledRequest
 
 _MASK = float("-inf")
+
+# Purposes of seeded random draws: each has its own stream, so adding speculation (which needs
+# acceptance draws and residual samples) leaves the plain sampling stream untouched.
+NOISE_SAMPLE, NOISE_ACCEPT, NOISE_RESIDUAL, NOISE_DRAFT = 0, 1, 2, 3
 
 
 class Sampler:
@@ -30,7 +39,17 @@ class Sampler:
         raw_logprobs = None
         if any(r.sampling_params.logprobs is not None for r in requests):
             raw_logprobs = torch.log_softmax(logits, dim=-1)
-        logits = self._apply_penalties(logits, requests, eos_token_ids)
+        logits = self.apply_penalties(logits, requests, eos_token_ids)
+        token_ids = self.sample(logits, requests)
+        logprobs: list[TokenLogprobs | None] = [None] * len(requests)
+        if raw_logprobs is not None:
+            for i, r in enumerate(requests):
+                logprobs[i] = token_logprobs(raw_logprobs[i], r.sampling_params.logprobs,
+                                             token_ids[i])
+        return token_ids, logprobs
+
+    def sample(self, logits: torch.Tensor, requests: list[ScheduledRequest]) -> list[int]:
+        """One token per row of penalized logits (N, V): argmax for greedy rows, else a draw."""
         greedy_rows = [i for i, r in enumerate(requests) if r.sampling_params.greedy]
         random_rows = [i for i, r in enumerate(requests) if not r.sampling_params.greedy]
         sampled = torch.empty(len(requests), dtype=torch.long)
@@ -41,26 +60,19 @@ class Sampler:
             sampled[idx] = logits[idx].argmax(dim=-1)
         if random_rows:
             idx = torch.tensor(random_rows)
-            probs = self._filtered_probs(logits[idx], [requests[i] for i in random_rows])
-            noise = self._noise(probs.shape, [requests[i] for i in random_rows])
-            sampled[idx] = (probs / noise).argmax(dim=-1)
-        token_ids = sampled.tolist()
-        logprobs: list[TokenLogprobs | None] = [None] * len(requests)
-        if raw_logprobs is not None:
-            for i, r in enumerate(requests):
-                n = r.sampling_params.logprobs
-                if n is None:
-                    continue
-                row = raw_logprobs[i]
-                top = torch.topk(row, n) if n > 0 else None
-                entry = {} if top is None else dict(zip(top.indices.tolist(), top.values.tolist(),
-                                                         strict=True))
-                entry[token_ids[i]] = row[token_ids[i]].item()
-                logprobs[i] = entry
-        return token_ids, logprobs
+            rows = [requests[i] for i in random_rows]
+            probs = self.filtered_probs(logits[idx], rows)
+            sampled[idx] = self.race(probs, rows, NOISE_SAMPLE)
+        return sampled.tolist()
 
-    def _apply_penalties(self, logits: torch.Tensor, requests: list[ScheduledRequest],
-                         eos_token_ids: tuple[int, ...]) -> torch.Tensor:
+    def race(self, probs: torch.Tensor, requests: list[ScheduledRequest], purpose: int
+             ) -> torch.Tensor:
+        """Exact draws from each row of `probs` (R, V) (rows need not be normalized)."""
+        return (probs / self.noise(probs.shape, requests, purpose)).argmax(dim=-1)
+
+    @staticmethod
+    def apply_penalties(logits: torch.Tensor, requests: list[ScheduledRequest],
+                        eos_token_ids: tuple[int, ...]) -> torch.Tensor:
         cloned = False
         for i, r in enumerate(requests):
             p = r.sampling_params
@@ -91,7 +103,7 @@ class Sampler:
         return logits
 
     @staticmethod
-    def _filtered_probs(logits: torch.Tensor, requests: list[ScheduledRequest]) -> torch.Tensor:
+    def filtered_probs(logits: torch.Tensor, requests: list[ScheduledRequest]) -> torch.Tensor:
         """Temperature, then top-k, top-p and min-p masks; returns (R, V) probabilities."""
         temps = torch.tensor([r.sampling_params.temperature for r in requests]).unsqueeze(1)
         logits = logits / temps
@@ -116,13 +128,40 @@ class Sampler:
             probs = probs * keep
         return probs
 
-    def _noise(self, shape: torch.Size, requests: list[ScheduledRequest]) -> torch.Tensor:
+    def noise(self, shape: torch.Size, requests: list[ScheduledRequest], purpose: int
+              ) -> torch.Tensor:
+        """Exp(1) noise (R, V); a seeded row's comes from its own keyed generator."""
         noise = torch.empty(shape).exponential_(generator=self.generator)
         for row, r in enumerate(requests):
-            seed = r.sampling_params.seed
-            if seed is None:
-                continue
-            g = torch.Generator().manual_seed(
-                hash((seed, r.sample_index, len(r.output_token_ids))) & 0x7FFF_FFFF_FFFF_FFFF)
-            noise[row] = torch.empty(shape[1]).exponential_(generator=g)
+            g = self.keyed_generator(r, purpose)
+            if g is not None:
+                noise[row] = torch.empty(shape[1]).exponential_(generator=g)
         return noise
+
+    def uniform(self, request: ScheduledRequest, purpose: int) -> float:
+        """One U[0, 1) draw for a row (keyed when the request is seeded)."""
+        g = self.keyed_generator(request, purpose) or self.generator
+        return torch.rand((), generator=g).item()
+
+    @staticmethod
+    def keyed_generator(r: ScheduledRequest, purpose: int) -> torch.Generator | None:
+        seed = r.sampling_params.seed
+        if seed is None:
+            return None
+        key = (seed, r.sample_index, len(r.output_token_ids))
+        if purpose != NOISE_SAMPLE:  # the plain stream keeps the key it always had
+            key = (*key, purpose)
+        return torch.Generator().manual_seed(hash(key) & 0x7FFF_FFFF_FFFF_FFFF)
+
+
+def token_logprobs(row: torch.Tensor, num_top: int | None, token_id: int
+                   ) -> TokenLogprobs | None:
+    """{token: logprob} of the top `num_top` of a log-softmax row plus the sampled token."""
+    if num_top is None:
+        return None
+    entry: TokenLogprobs = {}
+    if num_top > 0:
+        top = torch.topk(row, num_top)
+        entry = dict(zip(top.indices.tolist(), top.values.tolist(), strict=True))
+    entry[token_id] = row[token_id].item()
+    return entry

@@ -19,6 +19,14 @@ class ScheduledRequest:
     sample_index: int  # which of the parent's n samples (seeds differ per sample)
     prompt_token_ids: list[int]  # for penalties; read-only
     output_token_ids: list[int]  # for penalties and seeded sampling; read-only
+    # Draft tokens the worker may propose and verify in this step after token_ids[-1] (their KV
+    # slots are allocated); 0 unless speculative decoding is on and pays for this request.
+    num_spec_tokens: int = 0
+
+    @property
+    def context_token_ids(self) -> list[int]:
+        """Every known token of the request (prompt + output), the last one included."""
+        return self.prompt_token_ids + self.output_token_ids
 
 
 @dataclass(frozen=True)
@@ -26,6 +34,8 @@ class SchedulerOutput:
     scheduled: list[ScheduledRequest]
     num_batched_tokens: int
     preempted_req_ids: list[str] = field(default_factory=list)
+    # Requests that ended since the previous step: workers drop their per-request state.
+    finished_req_ids: list[str] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:
@@ -34,8 +44,11 @@ class SchedulerOutput:
 
 @dataclass(frozen=True)
 class ModelRunnerOutput:
-    sampled_token_ids: dict[str, int]
-    logprobs: dict[str, TokenLogprobs]  # only for requests that asked for logprobs
+    # New tokens of each request that sampled: one, or with speculation the accepted drafts
+    # followed by one token sampled from the target (a correction or the bonus).
+    sampled_token_ids: dict[str, list[int]]
+    logprobs: dict[str, list[TokenLogprobs]]  # one per new token; only if asked for
+    num_draft_tokens: dict[str, int] = field(default_factory=dict)  # drafts verified this step
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,12 @@ One invariant drives it: each request's `num_computed_tokens` catches up with it
 preemption and decode are all this one rule; a step samples for a request when its chunk reaches
 the last known token.
 
+Speculative decoding is the same rule: a decoding request may be given `num_spec_tokens` draft
+tokens beyond its last known token (budget and KV slots included); the worker proposes and
+verifies them, and `num_computed_tokens` then advances only over the accepted ones. The KV of
+rejected drafts sits in slots past `num_computed_tokens`: it is overwritten later, blocks that
+hold nothing computed are freed at once, and no prefix-cache hash covers them.
+
 Order: running requests first (FCFS), then waiting ones. When KV blocks run out, the newest running
 request is preempted by recompute: its blocks are freed (cached blocks stay findable) and it goes
 back to the front of the waiting queue.
@@ -24,6 +30,7 @@ from pagoda.scheduler.output import (
     SchedulerOutput,
 )
 from pagoda.scheduler.request import Request, RequestStatus
+from pagoda.scheduler.spec_policy import SpecDecodeConfig, SpecPolicy
 
 
 @dataclass(frozen=True)
@@ -41,9 +48,12 @@ class SchedulerConfig:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager):
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager,
+                 spec: SpecPolicy | None = None):
         self.config = config
         self.kv = kv
+        self.spec = spec or SpecPolicy(SpecDecodeConfig())
+        self._finished: list[str] = []  # ended since the last schedule(), for the workers
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
@@ -68,6 +78,8 @@ class Scheduler:
         request.finish_reason = request.finish_reason or reason
         request.stop_reason = stop_reason if stop_reason is not None else request.stop_reason
         self.kv.forget(req_id)
+        self.spec.forget(req_id)
+        self._finished.append(req_id)
 
     @property
     def num_unfinished(self) -> int:
@@ -77,6 +89,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         budget = self.config.max_num_batched_tokens
         chunks: dict[str, int] = {}
+        spec: dict[str, int] = {}
         preempted: list[str] = []
 
         i = 0
@@ -86,6 +99,12 @@ class Scheduler:
             if num_new <= 0:
                 i += 1
                 continue
+            if num_new == 1 and request.num_tokens > request.num_prompt_tokens:
+                k = self.spec.num_spec_tokens(request, len(self.running), budget - 1)
+                # Drafts only get blocks that are free now: they never preempt anyone.
+                if k and self.kv.allocate(request.req_id, request.num_computed_tokens + 1 + k):
+                    spec[request.req_id] = k
+                    budget -= k
             while not self.kv.allocate(request.req_id, request.num_computed_tokens + num_new):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -100,8 +119,11 @@ class Scheduler:
         if not preempted and self._may_admit():
             budget = self._admit_waiting(budget, chunks)
 
-        scheduled = [self._scheduled(self.requests[rid], n) for rid, n in chunks.items()]
-        return SchedulerOutput(scheduled, sum(chunks.values()), preempted)
+        scheduled = [self._scheduled(self.requests[rid], n, spec.get(rid, 0))
+                     for rid, n in chunks.items()]
+        finished, self._finished = self._finished, []
+        return SchedulerOutput(scheduled, sum(chunks.values()) + sum(spec.values()), preempted,
+                               finished)
 
     def _may_admit(self) -> bool:
         return self.config.batching == "continuous" or not self.running
@@ -149,7 +171,7 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(request)
 
-    def _scheduled(self, request: Request, num_new: int) -> ScheduledRequest:
+    def _scheduled(self, request: Request, num_new: int, num_spec: int) -> ScheduledRequest:
         start = request.num_computed_tokens
         tokens = request.all_token_ids[start:start + num_new]
         return ScheduledRequest(
@@ -162,6 +184,7 @@ class Scheduler:
             sample_index=request.sample_index,
             prompt_token_ids=request.prompt_token_ids,
             output_token_ids=request.output_token_ids,
+            num_spec_tokens=num_spec,
         )
 
     def update_from_output(self, sched: SchedulerOutput, result: ModelRunnerOutput
@@ -171,17 +194,29 @@ class Scheduler:
             request = self.requests.get(item.req_id)
             if request is None:  # finished (aborted) while the step ran
                 continue
-            request.num_computed_tokens += len(item.token_ids)
+            new_token_ids = result.sampled_token_ids.get(item.req_id, [])
+            # The step computed K/V for item.token_ids and the drafts after them; only accepted
+            # drafts (all new tokens but the last) count as computed.
+            num_accepted = max(0, len(new_token_ids) - 1)
+            num_drafted = result.num_draft_tokens.get(item.req_id, 0)
+            self.spec.record(item.req_id, num_drafted, num_accepted)
+            request.num_computed_tokens += len(item.token_ids) + num_accepted
+            emitted = []
+            for token_id in new_token_ids:
+                request.output_token_ids.append(token_id)
+                emitted.append(token_id)
+                request.check_stop(token_id)
+                if request.finish_reason is not None:
+                    break
             self.kv.commit_computed(request.req_id, request.all_token_ids,
                                     request.num_computed_tokens)
-            token_id = result.sampled_token_ids.get(item.req_id)
-            if token_id is None:
+            if item.num_spec_tokens:
+                self.kv.trim(request.req_id, request.num_computed_tokens)
+            if not emitted:
                 continue
-            request.output_token_ids.append(token_id)
-            request.check_stop(token_id)
             logprobs = result.logprobs.get(item.req_id)
-            outputs.append(EngineCoreOutput(request.req_id, [token_id],
-                                            None if logprobs is None else [logprobs],
+            outputs.append(EngineCoreOutput(request.req_id, emitted,
+                                            None if logprobs is None else logprobs[:len(emitted)],
                                             request.finish_reason, request.stop_reason,
                                             request.first_scheduled_time,
                                             request.num_cached_prompt_tokens))

@@ -1,9 +1,15 @@
 """Runs one scheduled step: builds input tensors and attention metadata, runs the model, samples.
 
-Only the positions that sample go through the LM head.
+Only the positions that sample go through the LM head. With speculative decoding the step first
+asks the proposer for the drafts the scheduler made room for, appends them to their requests'
+tokens, and verifies them: a request with m drafts samples at its last m + 1 positions, and its
+queries attend one row at a time through the decode kernel, so each verified position sees
+exactly the attention it would see as a plain decode.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 from torch import nn
@@ -13,13 +19,16 @@ from pagoda.layers.attention_metadata import AttentionMetadata, PrefillSpan
 from pagoda.layers.decode_backend import DecodeKernel
 from pagoda.sampling.sampler import Sampler
 from pagoda.scheduler.output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
+from pagoda.spec_decode.proposer import Draft, Proposer
+from pagoda.spec_decode.rejection_sampler import RejectionSampler
 
 
 class ModelRunner:
     def __init__(self, model: nn.Module, kv_stores: list[KVStore], block_size: int,
                  device: torch.device, eos_token_ids: tuple[int, ...], seed: int | None = None,
                  layer_groups: list[int] | None = None,
-                 decode_kernel: DecodeKernel | None = None, invariant_attention: bool = False):
+                 decode_kernel: DecodeKernel | None = None, invariant_attention: bool = False,
+                 proposer: Proposer | None = None):
         self.model = model
         self.decode_kernel = decode_kernel
         # Every query (prefill rows too) through the decode kernel: only where that kernel reads
@@ -33,50 +42,107 @@ class ModelRunner:
         self.device = device
         self.eos_token_ids = eos_token_ids
         self.sampler = Sampler(seed)
+        self.proposer = proposer
+        self.rejection_sampler = RejectionSampler(self.sampler)
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
-        # Decodes (one token) first, then prefill chunks: the layout AttentionMetadata expects.
-        ordered = sorted(sched.scheduled, key=lambda r: len(r.token_ids) > 1)
-        input_ids, positions, meta, sample_rows = self._prepare(ordered)
+        drafts = self._propose(sched)
+        batch = [dataclasses.replace(r, token_ids=r.token_ids + drafts[r.req_id].token_ids)
+                 if r.req_id in drafts else r for r in sched.scheduled]
+        num_rows = {rid: len(d.token_ids) + 1 for rid, d in drafts.items()}
+        sampling, logits = self.forward(batch, num_rows)
+        if not sampling:
+            return ModelRunnerOutput({}, {})
+        logits = logits.cpu()
+        offsets, start = [], 0
+        for r in sampling:
+            offsets.append(start)
+            start += num_rows.get(r.req_id, 1)
+        plain = [i for i, r in enumerate(sampling) if r.req_id not in drafts]
+        verify = [i for i, r in enumerate(sampling) if r.req_id in drafts]
+        new_tokens: dict[str, list[int]] = {}
+        new_logprobs = {}
+        if plain:
+            rows = torch.tensor([offsets[i] for i in plain])
+            reqs = [sampling[i] for i in plain]
+            token_ids, logprobs = self.sampler(logits[rows], reqs, self.eos_token_ids)
+            for r, t, lp in zip(reqs, token_ids, logprobs, strict=True):
+                new_tokens[r.req_id] = [t]
+                if lp is not None:
+                    new_logprobs[r.req_id] = [lp]
+        if verify:
+            # the rejection sampler reads each request as scheduled (drafts not yet its tokens)
+            as_scheduled = {r.req_id: r for r in sched.scheduled}
+            items = [(as_scheduled[sampling[i].req_id], drafts[sampling[i].req_id])
+                     for i in verify]
+            rows = torch.cat([torch.arange(offsets[i], offsets[i] + num_rows[sampling[i].req_id])
+                              for i in verify])
+            for (r, _), (tokens, lps) in zip(items, self.rejection_sampler(
+                    logits[rows], items, self.eos_token_ids), strict=True):
+                new_tokens[r.req_id] = tokens
+                if lps is not None:
+                    new_logprobs[r.req_id] = lps
+        return ModelRunnerOutput(new_tokens, new_logprobs,
+                                 {rid: len(d.token_ids) for rid, d in drafts.items()})
+
+    def _propose(self, sched: SchedulerOutput) -> dict[str, Draft]:
+        if self.proposer is None:
+            return {}
+        gone = sched.finished_req_ids + sched.preempted_req_ids
+        if gone:
+            self.proposer.release(gone)
+        wanted = [r for r in sched.scheduled if r.num_spec_tokens > 0]
+        if not wanted:
+            return {}
+        limits = {r.req_id: r.num_spec_tokens for r in wanted}
+        drafts = self.proposer.propose(wanted)
+        return {rid: d.head(limits[rid]) for rid, d in drafts.items()
+                if rid in limits and d.token_ids}
+
+    def forward(self, scheduled: list[ScheduledRequest], num_rows: dict[str, int] | None = None
+                ) -> tuple[list[ScheduledRequest], torch.Tensor]:
+        """Run a batch; returns the requests that sample, in row order, and their logits
+        (rows, V): the last num_rows.get(req_id, 1) positions of each, consecutive."""
+        num_rows = num_rows or {}
+        # Rows attending one query at a time (decodes, verified drafts) first, then prefill
+        # chunks: the layout AttentionMetadata expects.
+        ordered = sorted(scheduled, key=lambda r: len(r.token_ids) > 1 and r.req_id not in num_rows)
+        input_ids, positions, meta, sample_rows = self._prepare(ordered, num_rows)
         hidden = self.model(input_ids, positions, self.kv_stores, meta)
         sampling = [ordered[i] for i, _ in sample_rows]
         if not sampling:
-            return ModelRunnerOutput({}, {})
-        rows = torch.tensor([row for _, row in sample_rows], device=self.device)
-        logits = self.model.compute_logits(hidden.index_select(0, rows))
-        token_ids, logprobs = self.sampler(logits.cpu(), sampling, self.eos_token_ids)
-        return ModelRunnerOutput(
-            sampled_token_ids={r.req_id: t for r, t in zip(sampling, token_ids, strict=True)},
-            logprobs={r.req_id: lp for r, lp in zip(sampling, logprobs, strict=True)
-                      if lp is not None},
-        )
+            return [], hidden.new_empty((0, 0))
+        rows = torch.tensor([row for _, first in sample_rows for row in first], device=self.device)
+        return sampling, self.model.compute_logits(hidden.index_select(0, rows))
 
     def _slots(self, block_ids: list[int], start: int, end: int) -> list[int]:
         bs = self.block_size
         return [block_ids[p // bs] * bs + p % bs for p in range(start, end)]
 
-    def _prepare(self, ordered: list[ScheduledRequest]
+    def _prepare(self, ordered: list[ScheduledRequest], num_rows: dict[str, int]
                  ) -> tuple[torch.Tensor, torch.Tensor, list[AttentionMetadata],
-                            list[tuple[int, int]]]:
+                            list[tuple[int, range]]]:
         """Flat token batch, then one AttentionMetadata per layer (shared within a KV group)."""
         tokens: list[int] = []
         positions: list[int] = []
-        sample_rows: list[tuple[int, int]] = []  # (index in ordered, row in the flat batch)
+        sample_rows: list[tuple[int, range]] = []  # (index in ordered, rows in the flat batch)
         for i, r in enumerate(ordered):
             start, n = r.num_computed_tokens, len(r.token_ids)
             offset = len(tokens)
             tokens += r.token_ids
             positions += range(start, start + n)
             if r.sample:
-                sample_rows.append((i, offset + n - 1))
+                sample_rows.append((i, range(offset + n - num_rows.get(r.req_id, 1), offset + n)))
         num_groups = len(ordered[0].block_ids)
-        group_metas = [self._group_meta(ordered, g) for g in range(num_groups)]
+        per_token = set(num_rows)
+        group_metas = [self._group_meta(ordered, g, per_token) for g in range(num_groups)]
         metas = [group_metas[g] for g in self.layer_groups]
         return (torch.tensor(tokens, device=self.device),
                 torch.tensor(positions, device=self.device), metas, sample_rows)
 
-    def _group_meta(self, ordered: list[ScheduledRequest], group: int) -> AttentionMetadata:
+    def _group_meta(self, ordered: list[ScheduledRequest], group: int, per_token: set[str]
+                    ) -> AttentionMetadata:
         slot_mapping: list[int] = []
         decode_tables: list[list[int]] = []
         decode_lens: list[int] = []
@@ -87,7 +153,7 @@ class ModelRunner:
             table = [max(b, 0) for b in r.block_ids[group]]
             start, n = r.num_computed_tokens, len(r.token_ids)
             slot_mapping += self._slots(table, start, start + n)
-            if n == 1 or self.invariant_attention:
+            if n == 1 or self.invariant_attention or r.req_id in per_token:
                 # a query per token, each reading its own causal context from the cache
                 decode_tables += [table] * n
                 decode_lens += range(start + 1, start + n + 1)

@@ -1,0 +1,106 @@
+"""How many draft tokens each request gets this step, and the speculative decoding counters.
+
+Speculation pays while a step is bound by streaming the weights: at batch 1, verifying k drafted
+tokens costs about what one token costs. As the running batch grows the step becomes
+compute-bound and rejected drafts are pure waste, so the policy speculates only while at most
+`max_batch` requests run (measured: docs/spec_decode.md), and per request only as deep as its
+measured acceptance makes worthwhile.
+
+Acceptance model: each drafted position is accepted with probability `a` given that the ones
+before it were, so position j is reached with probability a**(j-1) and accepted with a**j. A
+request drafts j positions while a**j >= DEPTH_FLOOR. `a` is estimated per request from
+(accepted, trials) counts with exponential decay, where the trials of a step are its accepted
+drafts plus the first rejected one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pagoda.scheduler.request import Request
+
+DEPTH_FLOOR = 0.2  # draft position j only if it is accepted with at least this probability
+DECAY = 0.8  # weight of a request's past steps in its acceptance estimate
+PRIOR = (1.4, 2.0)  # (accepted, trials) before any step: a = 0.7
+PROBE_EVERY = 8  # a request below min_acceptance still drafts one token every this many steps
+
+
+@dataclass(frozen=True)
+class SpecDecodeConfig:
+    num_speculative_tokens: int = 0  # 0: speculation off
+    max_batch: int = 8  # speculate only while at most this many requests run
+    min_acceptance: float = 0.15  # below this a request only probes now and then
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.num_speculative_tokens <= 16:
+            raise ValueError("num_speculative_tokens must be between 0 and 16")
+        if self.max_batch < 1:
+            raise ValueError("speculative max_batch must be positive")
+
+
+@dataclass
+class SpecState:
+    """A request's acceptance record (owned by the policy, keyed by req_id)."""
+
+    accepted: float = PRIOR[0]
+    trials: float = PRIOR[1]
+    num_steps: int = 0
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / self.trials
+
+
+@dataclass
+class SpecDecodeStats:
+    num_drafts: int = 0  # verify passes that carried at least one draft token
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    accepted_per_pos: list[int] = field(default_factory=list)
+
+
+class SpecPolicy:
+    def __init__(self, config: SpecDecodeConfig):
+        self.config = config
+        self.states: dict[str, SpecState] = {}
+        self.stats = SpecDecodeStats(accepted_per_pos=[0] * config.num_speculative_tokens)
+
+    @property
+    def enabled(self) -> bool:
+        return self.config.num_speculative_tokens > 0
+
+    def num_spec_tokens(self, request: Request, num_running: int, budget: int) -> int:
+        """Draft tokens for a decoding request this step (`budget`: tokens left after its own)."""
+        if (not self.enabled or not request.sampling_params.speculative
+                or num_running > self.config.max_batch):
+            return 0
+        state = self.states.setdefault(request.req_id, SpecState())
+        state.num_steps += 1
+        a = state.acceptance
+        if a < self.config.min_acceptance:
+            depth = 1 if state.num_steps % PROBE_EVERY == 0 else 0
+        else:
+            depth = 1
+            while depth < self.config.num_speculative_tokens and a ** (depth + 1) >= DEPTH_FLOOR:
+                depth += 1
+        # A step emits at most depth + 1 tokens and writes depth + 1 positions.
+        room = min(request.max_tokens - len(request.output_token_ids) - 1,
+                   request.max_total_tokens - request.num_tokens)
+        return max(0, min(depth, budget, room))
+
+    def record(self, req_id: str, num_drafted: int, num_accepted: int) -> None:
+        if num_drafted <= 0:
+            return
+        s = self.stats
+        s.num_drafts += 1
+        s.num_draft_tokens += num_drafted
+        s.num_accepted_tokens += num_accepted
+        for pos in range(num_accepted):
+            s.accepted_per_pos[pos] += 1
+        state = self.states.setdefault(req_id, SpecState())
+        trials = num_accepted + (1 if num_accepted < num_drafted else 0)
+        state.accepted = DECAY * state.accepted + num_accepted
+        state.trials = DECAY * state.trials + trials
+
+    def forget(self, req_id: str) -> None:
+        self.states.pop(req_id, None)

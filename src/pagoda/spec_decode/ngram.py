@@ -1,0 +1,46 @@
+"""Prompt lookup: propose the continuation of the latest earlier occurrence of the request's
+last n tokens (n from max_n down to min_n) in its own prompt and output. No model runs.
+
+It pays where the output quotes the input (summaries, edits, answers from a context, code) and
+costs nearly nothing when nothing matches: no draft, no extra verified tokens.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pagoda.scheduler.output import ScheduledRequest
+from pagoda.spec_decode.proposer import Draft
+
+
+class NgramProposer:
+    def __init__(self, min_n: int = 2, max_n: int = 4):
+        if not 1 <= min_n <= max_n:
+            raise ValueError("ngram sizes need 1 <= min_n <= max_n")
+        self.min_n, self.max_n = min_n, max_n
+
+    def propose(self, requests: list[ScheduledRequest]) -> dict[str, Draft]:
+        drafts = {}
+        for r in requests:
+            tokens = lookup(np.asarray(r.context_token_ids, dtype=np.int64), self.min_n,
+                            self.max_n, r.num_spec_tokens)
+            if tokens:
+                drafts[r.req_id] = Draft(tokens)
+        return drafts
+
+    def release(self, req_ids: list[str]) -> None:
+        pass
+
+
+def lookup(context: np.ndarray, min_n: int, max_n: int, k: int) -> list[int]:
+    """Up to k tokens that followed the latest earlier match of the longest suffix n-gram."""
+    length = len(context)
+    for n in range(min(max_n, length - 1), min_n - 1, -1):
+        suffix = context[length - n:]
+        # every window of n tokens that ends before the suffix itself starts
+        windows = np.lib.stride_tricks.sliding_window_view(context[:length - 1], n)
+        hits = np.flatnonzero((windows == suffix).all(axis=1))
+        if len(hits):
+            start = int(hits[-1]) + n  # the latest match: most often the most relevant one
+            return context[start:start + k].tolist()
+    return []

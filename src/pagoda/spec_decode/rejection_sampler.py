@@ -1,0 +1,112 @@
+"""Verification of draft tokens against the target's logits, keeping its distribution exact.
+
+A request with m drafts d_1..d_m has m + 1 target rows: row j (0-based) scores the position
+after d_1..d_j. Its distribution p_j is what the plain sampler would use there: the same
+penalties, temperature, top-k / top-p / min-p, computed with d_1..d_j as output tokens.
+
+- Greedy: d_{j+1} is accepted while it is argmax p_j; the first mismatch emits argmax p_j
+  instead, and when all match the bonus argmax p_m follows. The tokens are exactly the ones
+  decoding without speculation produces.
+- Sampling (Leviathan et al. / Chen et al., "modified rejection sampling"): d_{j+1}, drawn from
+  the draft's q_j, is accepted with probability min(1, p_j(d) / q_j(d)). On the first rejection
+  one token is drawn from norm(max(0, p_j - q_j)) and the step ends; if all m are accepted a
+  bonus token is drawn from p_m. Each emitted token is then distributed exactly as p. For a
+  point-mass draft (prompt lookup) q_j(d) = 1, so the acceptance probability is p_j(d) and the
+  residual is p_j with d removed.
+
+Random draws come from `Sampler`'s streams (keyed per position for seeded requests), so a seeded
+request's output is reproducible run to run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from pagoda.engine.outputs import TokenLogprobs
+from pagoda.sampling.sampler import (
+    NOISE_ACCEPT,
+    NOISE_RESIDUAL,
+    NOISE_SAMPLE,
+    Sampler,
+    token_logprobs,
+)
+from pagoda.scheduler.output import ScheduledRequest
+from pagoda.spec_decode.proposer import Draft
+
+Verified = tuple[list[int], list[TokenLogprobs] | None]  # new tokens, and their logprobs
+
+
+def position_views(r: ScheduledRequest, draft: Draft) -> list[ScheduledRequest]:
+    """One view of the request per target row: the output as it stands before that row."""
+    out = r.output_token_ids
+    return [dataclasses.replace(r, output_token_ids=out + draft.token_ids[:j])
+            for j in range(len(draft.token_ids) + 1)]
+
+
+class RejectionSampler:
+    def __init__(self, sampler: Sampler):
+        self.sampler = sampler
+
+    def __call__(self, logits: torch.Tensor, items: list[tuple[ScheduledRequest, Draft]],
+                 eos_token_ids: tuple[int, ...]) -> list[Verified]:
+        """logits: (sum of len(draft) + 1, V), each request's rows consecutive, in item order."""
+        logits = logits.float()
+        views = [v for r, d in items for v in position_views(r, d)]
+        assert logits.shape[0] == len(views)
+        raw = None
+        if any(r.sampling_params.logprobs is not None for r, _ in items):
+            raw = torch.log_softmax(logits, dim=-1)
+        logits = self.sampler.apply_penalties(logits, views, eos_token_ids)
+        results: list[Verified] = []
+        start = 0
+        for r, draft in items:
+            rows = slice(start, start + len(draft.token_ids) + 1)
+            if r.sampling_params.greedy:
+                tokens = _verify_greedy(logits[rows].argmax(dim=-1).tolist(), draft.token_ids)
+            else:
+                tokens = self._verify_random(logits[rows], views[rows], draft)
+            logprobs = None
+            if raw is not None and r.sampling_params.logprobs is not None:
+                logprobs = [token_logprobs(raw[start + j], r.sampling_params.logprobs, t)
+                            for j, t in enumerate(tokens)]
+            results.append((tokens, logprobs))
+            start = rows.stop
+        return results
+
+    def _verify_random(self, logits: torch.Tensor, views: list[ScheduledRequest], draft: Draft
+                       ) -> list[int]:
+        p = self.sampler.filtered_probs(logits, views)
+        p = p / p.sum(dim=-1, keepdim=True)  # min-p leaves rows unnormalized
+        tokens: list[int] = []
+        for j, d in enumerate(draft.token_ids):
+            q_d = 1.0 if draft.probs is None else draft.probs[j, d].item()
+            # accept with probability min(1, p/q): u * q < p for u ~ U[0, 1)
+            if self.sampler.uniform(views[j], NOISE_ACCEPT) * q_d < p[j, d].item():
+                tokens.append(d)
+                continue
+            if draft.probs is None:
+                residual = p[j].clone()
+                residual[d] = 0.0
+            else:
+                residual = (p[j] - draft.probs[j]).clamp_(min=0.0)
+            if not residual.sum() > 0:  # p <= q everywhere cannot reject; rounding can
+                residual = p[j]
+            tokens.append(int(self.sampler.race(residual.unsqueeze(0), [views[j]],
+                                                NOISE_RESIDUAL)[0]))
+            return tokens
+        m = len(draft.token_ids)
+        tokens.append(int(self.sampler.race(p[m:m + 1], [views[m]], NOISE_SAMPLE)[0]))
+        return tokens
+
+
+def _verify_greedy(targets: list[int], draft_ids: list[int]) -> list[int]:
+    """targets[j] = argmax of row j; accept drafts while they agree, then one target token."""
+    tokens = []
+    for target, d in zip(targets, draft_ids, strict=False):
+        tokens.append(target)
+        if target != d:
+            return tokens
+    tokens.append(targets[len(draft_ids)])
+    return tokens
