@@ -4,6 +4,12 @@ Tokenizer: words of more than 5 letters are two tokens ("▁" + first 3 letters,
 shorter words one, so cutting a token list can split a word and re-encoding can change the count,
 as with a real BPE tokenizer. Generation streams `max_tokens` tokens ("tok0 tok1 ..."),
 `tokens_per_chunk` per SSE chunk, and reports `usage` in a final chunk when asked.
+
+Metrics: with `spec_metrics_prefix` set ("pagoda:" or "vllm:"), GET /metrics serves Prometheus
+text whose speculative-decoding counters start at SPEC_START and advance by SPEC_PER_REQUEST for
+every fully streamed request (before its `[DONE]`, so a client that has read `[DONE]` sees the
+advance). A second model's counters stay fixed, so summing over models must not change a run's
+difference. Without a prefix there is no /metrics route (404), as with llama-server.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from dataclasses import dataclass, field
 
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 
 @dataclass
@@ -29,11 +35,26 @@ class FakeBehavior:
     fail_every: int = 0  # every n-th generation request answers HTTP 500 (0: never)
     stream_error_every: int = 0  # every n-th generation request breaks off with an error chunk
     model: str = "fake-model"
+    spec_metrics_prefix: str | None = None  # "pagoda:", "vllm:" or None (no /metrics)
     # filled in while serving
     num_generation_requests: int = 0
     bodies: list[dict] = field(default_factory=list)
     in_flight: int = 0
     peak_in_flight: int = 0
+    num_streams_done: int = 0
+
+
+@dataclass(frozen=True)
+class SpecCounts:
+    num_drafts: int
+    num_draft_tokens: int
+    accepted_per_pos: tuple[int, ...]
+
+
+# Three draft tokens per draft; acceptance falls with the position, as in real drafters.
+SPEC_START = SpecCounts(num_drafts=50, num_draft_tokens=150, accepted_per_pos=(40, 25, 10))
+SPEC_PER_REQUEST = SpecCounts(num_drafts=4, num_draft_tokens=12, accepted_per_pos=(4, 3, 1))
+SPEC_OTHER_MODEL = SpecCounts(num_drafts=7, num_draft_tokens=21, accepted_per_pos=(5, 2, 1))
 
 
 VOCAB: dict[str, int] = {}
@@ -61,8 +82,52 @@ def decode(ids: list[int]) -> str:
     return "".join(PIECES[i] for i in ids).replace("▁", " ").strip()
 
 
+def metrics_text(behavior: FakeBehavior) -> str:
+    n = behavior.num_streams_done
+    ours = SpecCounts(
+        num_drafts=SPEC_START.num_drafts + n * SPEC_PER_REQUEST.num_drafts,
+        num_draft_tokens=SPEC_START.num_draft_tokens + n * SPEC_PER_REQUEST.num_draft_tokens,
+        accepted_per_pos=tuple(
+            a + n * b
+            for a, b in zip(
+                SPEC_START.accepted_per_pos, SPEC_PER_REQUEST.accepted_per_pos, strict=True
+            )
+        ),
+    )
+    p = behavior.spec_metrics_prefix
+    models = [(behavior.model, ours), ("other-model", SPEC_OTHER_MODEL)]
+    lines = [
+        f"# TYPE {p}generation_tokens_total counter",
+        f'{p}generation_tokens_total{{model_name="{behavior.model}"}} 123.0',
+    ]
+    totals = {
+        "num_drafts": lambda c: c.num_drafts,
+        "num_draft_tokens": lambda c: c.num_draft_tokens,
+        "num_accepted_tokens": lambda c: sum(c.accepted_per_pos),
+    }
+    for name, value_of in totals.items():
+        lines.append(f"# TYPE {p}spec_decode_{name}_total counter")
+        for model, counts in models:
+            value = value_of(counts)
+            lines.append(f'{p}spec_decode_{name}_total{{model_name="{model}"}} {value}.0')
+    lines.append(f"# TYPE {p}spec_decode_num_accepted_tokens_per_pos_total counter")
+    for model, counts in models:
+        for pos, value in enumerate(counts.accepted_per_pos):
+            lines.append(
+                f"{p}spec_decode_num_accepted_tokens_per_pos_total"
+                f'{{model_name="{model}",position="{pos}"}} {value}.0'
+            )
+    return "\n".join(lines) + "\n"
+
+
 def build_app(behavior: FakeBehavior) -> FastAPI:
     app = FastAPI()
+
+    if behavior.spec_metrics_prefix is not None:
+
+        @app.get("/metrics")
+        async def metrics() -> PlainTextResponse:
+            return PlainTextResponse(metrics_text(behavior))
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -142,6 +207,7 @@ async def stream(behavior, chat, prompt_tokens, max_tokens, breaks, body):
                 "total_tokens": prompt_tokens + max_tokens,
             }
             yield sse({"choices": [], "usage": usage})
+        behavior.num_streams_done += 1
         yield "data: [DONE]\n\n"
     finally:
         behavior.in_flight -= 1

@@ -11,8 +11,9 @@ import pytest
 
 from pagoda.bench.report import BenchResult
 from pagoda.bench.runner import LoadConfig, arrival_gaps
+from pagoda.bench.server_metrics import SpecDecodeSummary
 from pagoda.cli.main import main
-from tests.bench.fake_server import FakeBehavior, FakeServer, encode
+from tests.bench.fake_server import SPEC_PER_REQUEST, FakeBehavior, FakeServer, encode
 
 
 def run_bench(tmp_path, url: str, *extra: str) -> tuple[int, BenchResult | None]:
@@ -182,3 +183,66 @@ def test_request_rate_spaces_the_sends(tmp_path):
     # Nearly regular gaps of 50 ms: five gaps take about 0.25 s.
     assert 0.18 < starts[-1] - starts[0] < 1.0
     assert result.settings["warmup"] == 2 and len(result.records) == 6
+
+
+@pytest.mark.parametrize("prefix", ["pagoda:", "vllm:"])
+def test_spec_decode_section(tmp_path, capsys, prefix):
+    # Each streamed request advances the fake's counters by 4 drafts, 12 draft tokens and
+    # (4, 3, 1) accepted tokens by position; another model's counters stay fixed.
+    with FakeServer(FakeBehavior(spec_metrics_prefix=prefix)) as server:
+        rc, result = run_bench(
+            tmp_path, server.url, "--num-prompts", "5", "--input-len", "6", "--output-len", "3",
+        )  # fmt: skip
+    assert rc == 0 and result is not None  # `result` went through the saved JSON
+    assert SPEC_PER_REQUEST.accepted_per_pos == (4, 3, 1)
+    assert result.spec_decode == SpecDecodeSummary(
+        num_drafts=20,
+        num_draft_tokens=60,
+        num_accepted_tokens=40,
+        acceptance_rate=pytest.approx(40 / 60),
+        mean_accepted_length=pytest.approx(3.0),
+        accepted_per_pos_rates=pytest.approx((1.0, 0.75, 0.25)),
+    )
+    report = capsys.readouterr().out
+    rows = {line[:40].strip(): line[40:].strip() for line in report.splitlines()}
+    assert "Speculative Decoding" in report
+    assert rows["Drafts:"] == "20"
+    assert rows["Draft tokens:"] == "60"
+    assert rows["Accepted tokens:"] == "40"
+    assert rows["Acceptance rate (%):"] == "66.67"
+    assert rows["Mean accepted length (tok/pass):"] == "3.00"
+    assert rows["Position 0 acceptance (%):"] == "100.00"
+    assert rows["Position 1 acceptance (%):"] == "75.00"
+    assert rows["Position 2 acceptance (%):"] == "25.00"
+
+
+def test_no_spec_decode_section_without_drafts(tmp_path, capsys):
+    with FakeServer(FakeBehavior()) as server:  # no /metrics at all, as with llama-server
+        rc, result = run_bench(
+            tmp_path, server.url, "--num-prompts", "2", "--input-len", "4", "--output-len", "2",
+        )  # fmt: skip
+    assert rc == 0 and result is not None and result.spec_decode is None
+    # Counters present but nothing drafted during the run (every request fails).
+    with FakeServer(FakeBehavior(spec_metrics_prefix="pagoda:", fail_every=1)) as server:
+        rc, result = run_bench(
+            tmp_path, server.url, "--num-prompts", "2", "--input-len", "4", "--output-len", "2",
+        )  # fmt: skip
+    assert rc == 0 and result is not None and result.spec_decode is None
+    assert "Speculative" not in capsys.readouterr().out
+
+
+def test_results_saved_before_spec_decode_still_load(tmp_path):
+    with FakeServer(FakeBehavior(spec_metrics_prefix="pagoda:")) as server:
+        _, result = run_bench(
+            tmp_path, server.url, "--num-prompts", "2", "--input-len", "4", "--output-len", "2",
+        )  # fmt: skip
+    assert result is not None and result.spec_decode is not None
+    resaved = tmp_path / "resaved.json"
+    result.save(resaved)
+    assert BenchResult.load(resaved).to_json() == result.to_json()
+    old = result.to_json()
+    del old["spec_decode"]
+    old_path = tmp_path / "old.json"
+    old_path.write_text(json.dumps(old))
+    loaded = BenchResult.load(old_path)
+    assert loaded.spec_decode is None and loaded.summary == result.summary

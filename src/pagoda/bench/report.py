@@ -2,7 +2,9 @@
 
 The JSON holds everything needed to re-plot or re-cost a run without the server:
 {"format": 1, "kind": "serve", "created": ISO time, "settings": {...every CLI setting...},
- "tokenizer": "server:pagoda" | "server:llama.cpp" | "words", "summary": {...}, "records": [...]}.
+ "tokenizer": "server:pagoda" | "server:llama.cpp" | "words", "summary": {...}, "records": [...],
+ "spec_decode": {...} | null}. "spec_decode" (the server's speculative-decoding counters over the
+run) was added later without a format bump: files without it load with `spec_decode=None`.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 
 from pagoda.bench.client import RequestRecord
 from pagoda.bench.metrics import LatencyStats, Summary
+from pagoda.bench.server_metrics import SpecDecodeSummary
 
 RESULT_FORMAT = 1
 
@@ -26,6 +29,8 @@ class BenchResult:
     summary: Summary
     records: list[RequestRecord] = field(default_factory=list)
     created: str = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc).isoformat())
+    # None when the server exports no spec-decode counters or drafted nothing during the run
+    spec_decode: SpecDecodeSummary | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -36,6 +41,7 @@ class BenchResult:
             "tokenizer": self.tokenizer,
             "summary": self.summary.to_json(),
             "records": [r.to_json() for r in self.records],
+            "spec_decode": self.spec_decode.to_json() if self.spec_decode else None,
         }
 
     def save(self, path: str | Path) -> None:
@@ -50,12 +56,14 @@ class BenchResult:
             raise FileNotFoundError(f"no such result file: {path}")
         try:
             data = json.loads(path.read_text())
+            spec = data.get("spec_decode")
             return cls(
                 settings=data["settings"],
                 tokenizer=data.get("tokenizer", "unknown"),
                 summary=Summary.from_json(data["summary"]),
                 records=[RequestRecord.from_json(r) for r in data.get("records", [])],
                 created=data.get("created", ""),
+                spec_decode=SpecDecodeSummary.from_json(spec) if spec else None,
             )
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             raise ValueError(f"{path} is not a `pagoda bench serve` result: {exc}") from exc
@@ -75,6 +83,20 @@ def _latency_rows(title: str, short: str, stats: LatencyStats) -> list[str]:
         _row(f"P95 {short} (ms):", stats.p95),
         _row(f"P99 {short} (ms):", stats.p99),
     ]
+
+
+def _spec_decode_rows(spec: SpecDecodeSummary) -> list[str]:
+    lines = [
+        " Speculative Decoding ".center(54, "-"),
+        _row("Drafts:", spec.num_drafts),
+        _row("Draft tokens:", spec.num_draft_tokens),
+        _row("Accepted tokens:", spec.num_accepted_tokens),
+        _row("Acceptance rate (%):", spec.acceptance_rate * 100),
+        _row("Mean accepted length (tok/pass):", spec.mean_accepted_length),
+    ]
+    for pos, rate in enumerate(spec.accepted_per_pos_rates):
+        lines.append(_row(f"  Position {pos} acceptance (%):", rate * 100))
+    return lines
 
 
 def format_report(result: BenchResult) -> str:
@@ -107,6 +129,8 @@ def format_report(result: BenchResult) -> str:
     lines += _latency_rows("Time per Output Token (excl. 1st token)", "TPOT", s.tpot_ms)
     lines += _latency_rows("Inter-token Latency", "ITL", s.itl_ms)
     lines += _latency_rows("End-to-end Latency", "E2EL", s.e2e_ms)
+    if result.spec_decode is not None:
+        lines += _spec_decode_rows(result.spec_decode)
     lines.append("=" * 54)
     if result.tokenizer == "words":
         lines.append("note: the server has no /tokenize; prompt lengths are counted in words")

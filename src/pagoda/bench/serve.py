@@ -1,7 +1,8 @@
 """`pagoda bench serve`: benchmark a running OpenAI-compatible server (Pagoda, llama-server, vLLM).
 
 Flow: resolve the model (first of GET /v1/models unless given) -> detect the server's tokenizer ->
-build the dataset -> run the load -> summarize -> print, and save when asked.
+build the dataset -> run the load between two snapshots of the server's spec-decode counters ->
+summarize -> print, and save when asked.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pagoda.bench.dataset import DATASETS, DatasetConfig, build_dataset
 from pagoda.bench.metrics import parse_slos, summarize
 from pagoda.bench.report import BenchResult, format_report
 from pagoda.bench.runner import LoadConfig, run_load
+from pagoda.bench.server_metrics import fetch_spec_decode_counters, spec_decode_summary
 from pagoda.bench.tokenizer import detect_tokenizer
 
 
@@ -123,10 +125,19 @@ async def benchmark(args: argparse.Namespace) -> BenchResult:
         ignore_eos=args.ignore_eos,
         api_key=args.api_key,
     )
+    # The snapshots bracket run_load, so warmup requests are part of the spec-decode numbers.
+    spec_before = await fetch_spec_decode_counters(root_url, args.api_key)
     outcome = await run_load(endpoint, requests, load)
+    spec_after = await fetch_spec_decode_counters(root_url, args.api_key)
     summary = summarize(outcome.records, outcome.duration_s, outcome.peak_concurrency, slos)
     settings = {**settings_of(args), "model": model}
-    return BenchResult(settings, tokenizer.name, summary, outcome.records)
+    return BenchResult(
+        settings,
+        tokenizer.name,
+        summary,
+        outcome.records,
+        spec_decode=spec_decode_summary(spec_before, spec_after),
+    )
 
 
 def run_serve(args: argparse.Namespace) -> int:

@@ -33,6 +33,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="kernel of quantized linears: auto (qgemm, the best ISA flavour this CPU "
                    "runs; batch-invariant), one qgemm flavour, the oneDNN (AMX) or fbgemm int8 "
                    "libraries, or the portable dequantize + matmul")
+    g.add_argument("--dense-kernel", default=d.dense_kernel, choices=["auto", "onednn", "torch"],
+                   help="kernel of fp32 linears: oneDNN on reordered weights (auto on CPU) or "
+                   "torch's default (MKL)")
     g.add_argument("--kv-cache-memory", type=parse_bytes, default=d.kv_cache_memory,
                    help="bytes for the KV block pool (e.g. 512MiB, 1GiB)")
     g.add_argument("--kv-cache-dtype", default=d.kv_cache_dtype,
@@ -51,6 +54,22 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--invariant-attention", default="auto", choices=["auto", "on", "off"],
                    help="prefill queries through the decode kernel so a token's attention does "
                    "not depend on its batch or on prefix-cache hits (auto: on when quantized)")
+    s = p.add_argument_group("speculative decoding (docs/spec_decode.md)")
+    s.add_argument("--speculative-method", default=None, choices=["ngram", "draft"],
+                   help="draft tokens by prompt lookup (ngram) or from a draft model, verified "
+                   "by the model in one pass; the output distribution is unchanged")
+    s.add_argument("--num-speculative-tokens", type=int, default=None,
+                   help="drafts per step (default: the measured best of the method)")
+    s.add_argument("--prompt-lookup-min", type=int, default=d.prompt_lookup_min)
+    s.add_argument("--prompt-lookup-max", type=int, default=d.prompt_lookup_max)
+    s.add_argument("--draft-model", default=None,
+                   help="'self' (default: a low-bit copy of the model) or a model path with "
+                   "the same vocabulary")
+    s.add_argument("--draft-quantization", default=d.draft_quantization,
+                   choices=["auto", "none", "int8", "int4", "gguf"],
+                   help="weights of the draft (auto: the GGUF file's own blocks, else int4)")
+    s.add_argument("--speculative-max-batch", type=int, default=d.speculative_max_batch,
+                   help="speculate only while at most this many requests run")
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--threads", "--num-threads", dest="threads", type=int, default=d.num_threads,
                    help="torch CPU threads")
@@ -59,7 +78,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 def engine_config_from_args(args: argparse.Namespace, **overrides: object) -> EngineConfig:
     values = dict(
         model=args.model, device=args.device, dtype=args.dtype, quantization=args.quantization,
-        quant_kernel=args.quant_kernel,
+        quant_kernel=args.quant_kernel, dense_kernel=args.dense_kernel,
         kv_cache_memory=args.kv_cache_memory, kv_cache_dtype=args.kv_cache_dtype,
         block_size=args.block_size, max_num_batched_tokens=args.max_num_batched_tokens,
         max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
@@ -67,6 +86,13 @@ def engine_config_from_args(args: argparse.Namespace, **overrides: object) -> En
         enable_prefix_caching=not args.no_prefix_caching, batching=args.batching,
         attention_backend=args.attention_backend,
         invariant_attention={"auto": None, "on": True, "off": False}[args.invariant_attention],
+        speculative_method=args.speculative_method,
+        num_speculative_tokens=args.num_speculative_tokens,
+        prompt_lookup_min=args.prompt_lookup_min, prompt_lookup_max=args.prompt_lookup_max,
+        draft_model=(args.draft_model or "self") if args.speculative_method == "draft"
+        else args.draft_model,
+        draft_quantization=args.draft_quantization,
+        speculative_max_batch=args.speculative_max_batch,
         seed=args.seed, num_threads=args.threads,
     )
     values.update(overrides)

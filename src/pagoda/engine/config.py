@@ -21,6 +21,9 @@ class EngineConfig:
     # kernel for quantized linears: auto | qgemm-<flavour> | onednn | fbgemm | reference
     # (quant/kernel_plan.py)
     quant_kernel: str = "auto"
+    # kernel of fp32 linears: auto (onednn on CPUs where it is available) | onednn | torch
+    # (layers/dense_linear.py: MKL's sgemm is 1.4-2.5x slower on AMD CPUs)
+    dense_kernel: str = "auto"
     kv_cache_memory: int = 1 << 30  # bytes for the KV block pool
     kv_cache_dtype: str = "auto"  # auto = the compute dtype
     block_size: int = 16
@@ -59,6 +62,8 @@ class EngineConfig:
             raise ValueError("block_size must be a power of two")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}")
+        if self.dense_kernel not in ("auto", "onednn", "torch"):
+            raise ValueError("dense_kernel must be auto, onednn or torch")
         if self.quant_kernel not in QUANT_KERNELS:
             raise ValueError(f"quant_kernel must be one of {QUANT_KERNELS}")
         if self.kv_cache_memory < 1:

@@ -19,6 +19,7 @@ from pagoda.engine.outputs import RequestOutput
 from pagoda.engine.request_validator import RequestError as RequestError  # re-exported
 from pagoda.engine.request_validator import RequestValidator
 from pagoda.kv_cache.kv_setup import build_kv, plan_kv_groups
+from pagoda.layers.dense_linear import pack_dense_linears
 from pagoda.layers.decode_backend import select_decode_kernel
 from pagoda.loader.model_loader import LoadedModel, load_model
 from pagoda.sampling.params import SamplingParams, SamplingParamsError
@@ -71,6 +72,9 @@ class LLMEngine:
             from pagoda.quant import apply_quantization
 
             apply_quantization(self.loaded, config.quantization, backend=config.quant_kernel)
+        if config.dense_kernel != "torch" and config.device == "cpu":
+            if not pack_dense_linears(self.loaded.model) and config.dense_kernel == "onednn":
+                log.warning("dense kernel onednn: no fp32 linear to pack or no oneDNN here")
         self.model_config = cfg = self.loaded.config
         self.tokenizer = self.loaded.tokenizer
         self.max_model_len = min(config.max_model_len or cfg.max_model_len, cfg.max_model_len)
@@ -145,6 +149,7 @@ class LLMEngine:
         """Abort a request (all its samples); its KV blocks are freed at once."""
         for child in self.output_processor.child_ids(req_id):
             self.scheduler.finish_request(child, reason)
+        self.runner.release(self.scheduler.take_finished())
         return self.output_processor.abort(req_id, reason, error)
 
     # -- the loop ----------------------------------------------------------------------------
@@ -158,6 +163,9 @@ class LLMEngine:
         outputs, stopped = self.output_processor.process(core_outputs)
         for child in stopped:
             self.scheduler.finish_request(child, "stop")
+        # ended requests, and any the step still computed after an abort had released them
+        self.runner.release(self.scheduler.take_finished() + [
+            r.req_id for r in sched.scheduled if r.req_id not in self.scheduler.requests])
         return outputs
 
     def has_unfinished_requests(self) -> bool:

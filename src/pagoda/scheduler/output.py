@@ -34,8 +34,6 @@ class SchedulerOutput:
     scheduled: list[ScheduledRequest]
     num_batched_tokens: int
     preempted_req_ids: list[str] = field(default_factory=list)
-    # Requests that ended since the previous step: workers drop their per-request state.
-    finished_req_ids: list[str] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:

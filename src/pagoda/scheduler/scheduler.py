@@ -53,7 +53,7 @@ class Scheduler:
         self.config = config
         self.kv = kv
         self.spec = spec or SpecPolicy(SpecDecodeConfig())
-        self._finished: list[str] = []  # ended since the last schedule(), for the workers
+        self._finished: list[str] = []  # ended since the last take_finished()
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
@@ -80,6 +80,11 @@ class Scheduler:
         self.kv.forget(req_id)
         self.spec.forget(req_id)
         self._finished.append(req_id)
+
+    def take_finished(self) -> list[str]:
+        """Requests that ended since the last call (their workers' state can go)."""
+        finished, self._finished = self._finished, []
+        return finished
 
     @property
     def num_unfinished(self) -> int:
@@ -121,9 +126,7 @@ class Scheduler:
 
         scheduled = [self._scheduled(self.requests[rid], n, spec.get(rid, 0))
                      for rid, n in chunks.items()]
-        finished, self._finished = self._finished, []
-        return SchedulerOutput(scheduled, sum(chunks.values()) + sum(spec.values()), preempted,
-                               finished)
+        return SchedulerOutput(scheduled, sum(chunks.values()) + sum(spec.values()), preempted)
 
     def _may_admit(self) -> bool:
         return self.config.batching == "continuous" or not self.running

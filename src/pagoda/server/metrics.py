@@ -58,6 +58,18 @@ class EngineCollector(Collector):
                       stats.prefix_cache_queries)
         yield counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.",
                       stats.prefix_cache_hits)
+        yield counter("spec_decode_num_drafts", "Verify passes that carried draft tokens.",
+                      stats.spec_num_drafts)
+        yield counter("spec_decode_num_draft_tokens", "Draft tokens proposed and verified.",
+                      stats.spec_num_draft_tokens)
+        yield counter("spec_decode_num_accepted_tokens", "Draft tokens accepted.",
+                      stats.spec_num_accepted_tokens)
+        per_pos = CounterMetricFamily("pagoda:spec_decode_num_accepted_tokens_per_pos",
+                                      "Draft tokens accepted, by position in the draft.",
+                                      labels=["model_name", "position"])
+        for pos, value in enumerate(stats.spec_accepted_per_pos):
+            per_pos.add_metric([*labels, str(pos)], value)
+        yield per_pos
 
 
 class ServerMetrics:

@@ -56,6 +56,7 @@ class SamplingFields(Schema):
     min_tokens: int = 0
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    speculative: bool = True  # false: no draft tokens for this request (same output, no speedup)
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None

@@ -62,6 +62,7 @@ def _common(request: SamplingFields) -> dict[str, Any]:
         "min_tokens": request.min_tokens,
         "skip_special_tokens": request.skip_special_tokens,
         "include_stop_str_in_output": request.include_stop_str_in_output,
+        "speculative": request.speculative,
     }
 
 

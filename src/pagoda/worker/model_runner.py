@@ -89,9 +89,8 @@ class ModelRunner:
     def _propose(self, sched: SchedulerOutput) -> dict[str, Draft]:
         if self.proposer is None:
             return {}
-        gone = sched.finished_req_ids + sched.preempted_req_ids
-        if gone:
-            self.proposer.release(gone)
+        if sched.preempted_req_ids:
+            self.proposer.release(sched.preempted_req_ids)
         wanted = [r for r in sched.scheduled if r.num_spec_tokens > 0]
         if not wanted:
             return {}
@@ -99,6 +98,11 @@ class ModelRunner:
         drafts = self.proposer.propose(wanted)
         return {rid: d.head(limits[rid]) for rid, d in drafts.items()
                 if rid in limits and d.token_ids}
+
+    def release(self, req_ids: list[str]) -> None:
+        """Drop per-request state (the draft's KV) of requests that ended."""
+        if self.proposer is not None and req_ids:
+            self.proposer.release(req_ids)
 
     def forward(self, scheduled: list[ScheduledRequest], num_rows: dict[str, int] | None = None
                 ) -> tuple[list[ScheduledRequest], torch.Tensor]:

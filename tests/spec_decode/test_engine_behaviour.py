@@ -1,0 +1,159 @@
+"""Speculation changes nothing a client can see but speed: stop strings inside accepted drafts,
+max_tokens, logprobs, seeded sampling, aborts mid-verification, the per-request opt-out, and the
+adaptive policy; a draft with another vocabulary is refused."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from pagoda.engine.config import EngineConfig
+from pagoda.engine.llm_engine import LLMEngine
+from pagoda.entrypoints.llm import LLM
+from pagoda.sampling.params import SamplingParams
+from pagoda.spec_decode.ngram import lookup
+from pagoda.spec_decode.setup import check_vocabulary
+from tests.engine.helpers import run_to_completion
+
+QUOTE = ("Repeat after me: the red fox ran past the old mill, the red fox ran past the old mill, "
+         "the red fox ran past the old mill, the red fox")
+
+
+def engine(loaded, method="ngram", draft=None, **kw):
+    kw.setdefault("kv_cache_memory", 64 << 20)
+    return LLMEngine(EngineConfig(progress=False, speculative_method=method, **kw),
+                     loaded=loaded, draft=draft)
+
+
+def outputs(eng, prompt, params):
+    return LLM.from_engine(eng).generate([prompt], params)[0].outputs[0]
+
+
+def test_ngram_lookup_takes_the_latest_longest_match():
+    ctx = np.array([5, 1, 2, 3, 9, 1, 2, 3, 7, 8, 4, 1, 2, 3])
+    assert lookup(ctx, 2, 3, 2) == [7, 8]  # "1 2 3" last seen before 7 8
+    assert lookup(ctx, 2, 3, 9) == [7, 8, 4, 1, 2, 3]
+    assert lookup(np.array([1, 2, 3, 4]), 1, 3, 4) == []
+    assert lookup(np.array([4, 4, 4]), 1, 2, 3) == [4]
+
+
+@pytest.mark.parametrize("method", ["ngram", "draft"])
+def test_stop_string_inside_accepted_drafts(loaded_model, gguf_draft, method):
+    ids = loaded_model.tokenizer.encode(QUOTE)
+    params = SamplingParams(temperature=0, max_tokens=48, stop=["old mill"])
+    want = outputs(engine(loaded_model, None), ids, params)
+    eng = engine(loaded_model, method, gguf_draft if method == "draft" else None)
+    got = outputs(eng, ids, params)
+    assert (got.text, got.token_ids, got.finish_reason, got.stop_reason) == (
+        want.text, want.token_ids, want.finish_reason, want.stop_reason)
+    assert eng.stats().spec_num_accepted_tokens > 0
+    eng.check_integrity()
+
+
+def test_max_tokens_and_logprobs_unchanged(loaded_model):
+    ids = loaded_model.tokenizer.encode(QUOTE)
+    for max_tokens in (1, 2, 7, 13):
+        params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True,
+                                logprobs=3)
+        want = outputs(engine(loaded_model, None), ids, params)
+        got = outputs(engine(loaded_model, "ngram"), ids, params)
+        assert got.token_ids == want.token_ids and len(got.token_ids) == max_tokens
+        assert got.finish_reason == "length"
+        for a, b in zip(got.logprobs, want.logprobs, strict=True):
+            assert a.keys() == b.keys()
+            assert all(abs(a[t] - b[t]) < 1e-3 for t in a)
+
+
+def test_seeded_sampling_is_reproducible_and_batch_independent(loaded_model, gguf_draft):
+    ids = loaded_model.tokenizer.encode(QUOTE)
+    params = SamplingParams(temperature=0.8, top_p=0.95, max_tokens=32, seed=1234,
+                            ignore_eos=True)
+    alone = outputs(engine(loaded_model, "draft", gguf_draft), ids, params).token_ids
+    again = outputs(engine(loaded_model, "draft", gguf_draft), ids, params).token_ids
+    assert alone == again
+    eng = engine(loaded_model, "draft", gguf_draft, speculative_max_batch=8)
+    others = {f"o{i}": (loaded_model.tokenizer.encode(f"Story number {i}:"),
+                        SamplingParams(temperature=1.0, max_tokens=20)) for i in range(4)}
+    got = run_to_completion(eng, {"seeded": (ids, params), **others},
+                            arrivals={"seeded": 2})
+    assert got["seeded"] == alone
+    eng.check_integrity()
+
+
+def test_abort_mid_verification_frees_everything(loaded_model, gguf_draft):
+    eng = engine(loaded_model, "draft", gguf_draft)
+    ids = loaded_model.tokenizer.encode(QUOTE)
+    params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
+    for rid in ("a", "b", "c"):
+        eng.add_request(rid, ids, params)
+    for _ in range(4):
+        eng.step()
+    real_execute = eng.runner.execute
+    aborted = []
+
+    def abort_during_verification(sched):
+        """An abort that lands while a verify step with drafts for "b" is under way."""
+        if not aborted and any(r.req_id == "b" and r.num_spec_tokens for r in sched.scheduled):
+            eng.abort_request("b")
+            aborted.append("b")
+        return real_execute(sched)
+
+    eng.runner.execute = abort_during_verification
+    while eng.has_unfinished_requests():
+        eng.step()
+        if aborted and "a" in eng.scheduler.requests:
+            eng.abort_request("a")
+    assert aborted
+    eng.check_integrity()
+    assert eng.kv_manager.num_free_blocks == eng.kv_cache_config.num_blocks
+    assert not eng.runner.proposer.held
+    assert eng.runner.proposer.kv.num_free_blocks == eng.runner.proposer.kv.pool.num_blocks
+
+
+def test_opt_out_and_batch_threshold(loaded_model):
+    ids = loaded_model.tokenizer.encode(QUOTE)
+    off = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, speculative=False)
+    eng = engine(loaded_model, "ngram")
+    outputs(eng, ids, off)
+    assert eng.stats().spec_num_drafts == 0
+    on = dataclasses.replace(off, speculative=True)
+    eng = engine(loaded_model, "ngram", speculative_max_batch=2)
+    run_to_completion(eng, {f"r{i}": (ids, on) for i in range(3)})
+    drafted_crowded = eng.stats().spec_num_drafts
+    # three requests exceed the threshold of 2 until the first of them ends
+    assert 0 < drafted_crowded < 3 * 24 / 2
+    eng = engine(loaded_model, "ngram", speculative_max_batch=3)
+    run_to_completion(eng, {f"r{i}": (ids, on) for i in range(3)})
+    assert eng.stats().spec_num_drafts > drafted_crowded
+
+
+def test_metrics_count_drafts_and_acceptance(loaded_model):
+    eng = engine(loaded_model, "ngram", num_speculative_tokens=3)
+    outputs(eng, loaded_model.tokenizer.encode(QUOTE),
+            SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))
+    s = eng.stats()
+    assert s.spec_num_drafts > 0 and len(s.spec_accepted_per_pos) == 3
+    assert s.spec_num_accepted_tokens == sum(s.spec_accepted_per_pos) <= s.spec_num_draft_tokens
+    assert list(s.spec_accepted_per_pos) == sorted(s.spec_accepted_per_pos, reverse=True)
+    assert s.num_generation_tokens == 32
+
+
+def test_draft_with_another_vocabulary_is_refused(loaded_model, gguf_draft):
+    smaller = dataclasses.replace(gguf_draft, config=dataclasses.replace(
+        gguf_draft.config, vocab_size=gguf_draft.config.vocab_size - 1))
+    with pytest.raises(ValueError, match="vocabulary size"):
+        check_vocabulary(loaded_model, smaller)
+
+    class Raw:
+        def get_vocab(self):
+            vocab = loaded_model.tokenizer.raw.get_vocab()
+            vocab["<|swapped|>"] = vocab.pop("hello")
+            return vocab
+
+    other = dataclasses.replace(gguf_draft, tokenizer=type("T", (), {"raw": Raw()})())
+    with pytest.raises(ValueError, match="tokenizer differs"):
+        check_vocabulary(loaded_model, other)
+    with pytest.raises(ValueError, match="draft_model needs"):
+        EngineConfig(speculative_method="ngram", draft_model="self")
