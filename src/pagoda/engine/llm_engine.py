@@ -19,8 +19,8 @@ from pagoda.engine.outputs import RequestOutput
 from pagoda.engine.request_validator import RequestError as RequestError  # re-exported
 from pagoda.engine.request_validator import RequestValidator
 from pagoda.kv_cache.kv_setup import build_kv, plan_kv_groups
-from pagoda.layers.dense_linear import pack_dense_linears
 from pagoda.layers.decode_backend import select_decode_kernel
+from pagoda.layers.dense_linear import pack_dense_linears
 from pagoda.loader.model_loader import LoadedModel, load_model
 from pagoda.sampling.params import SamplingParams, SamplingParamsError
 from pagoda.scheduler.request import Request

@@ -19,15 +19,22 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)  # (max_positions, head_dim)
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
+        # rotate_half(x) * sin == roll(x, half) * sin_signed, with sin_signed's first half
+        # negated: negation is exact, so this equals HF's formula bit for bit in fewer ops.
+        half = head_dim // 2
+        self.register_buffer("sin_signed", torch.cat((-emb.sin()[:, :half], emb.sin()[:, half:]),
+                                                     dim=-1), persistent=False)
+        self.half = half
+        # Every layer of one forward passes the same positions tensor: its (cos, sin) rows are
+        # gathered once. The memo holds the tensor itself, so its id cannot be reused meanwhile.
+        self._memo: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """q: (T, n_heads, head_dim), k: (T, n_kv_heads, head_dim), positions: (T,)."""
-        cos = self.cos[positions].unsqueeze(1)  # (T, 1, head_dim)
-        sin = self.sin[positions].unsqueeze(1)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        if self._memo is None or self._memo[0] is not positions:
+            self._memo = (positions, self.cos[positions].unsqueeze(1),  # (T, 1, head_dim)
+                          self.sin_signed[positions].unsqueeze(1))
+        _, cos, sin = self._memo
+        return (q * cos + torch.roll(q, self.half, -1) * sin,
+                k * cos + torch.roll(k, self.half, -1) * sin)

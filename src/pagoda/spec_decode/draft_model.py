@@ -70,17 +70,17 @@ class DraftModelProposer:
         """A token per row: argmax for greedy requests (a point mass), else drawn from q, the
         draft's distribution under the request's temperature / top-k / top-p / min-p (any q
         keeps verification exact; a q close to the target's is accepted more often)."""
-        out: list[tuple[int, torch.Tensor | None]] = []
-        for i, r in enumerate(requests):
-            if r.sampling_params.greedy:
-                out.append((int(logits[i].argmax()), None))
-                continue
-            # the view of the request at this draft's position keys its seeded draw
-            view = dataclasses.replace(
-                r, output_token_ids=r.output_token_ids + drafted[r.req_id])
-            q = self.sampler.filtered_probs(logits[i:i + 1], [view])
+        out: list[tuple[int, torch.Tensor | None]] = [
+            (t, None) for t in logits.argmax(dim=-1).tolist()]
+        rows = [i for i, r in enumerate(requests) if not r.sampling_params.greedy]
+        if rows:
+            # each row's view of its request at this draft's position keys its seeded draw
+            views = [dataclasses.replace(requests[i], output_token_ids=(
+                requests[i].output_token_ids + drafted[requests[i].req_id])) for i in rows]
+            q = self.sampler.filtered_probs(logits[rows], views)
             q = q / q.sum(dim=-1, keepdim=True)
-            out.append((int(self.sampler.race(q, [view], NOISE_DRAFT)[0]), q[0]))
+            for j, t in enumerate(self.sampler.race(q, views, NOISE_DRAFT).tolist()):
+                out[rows[j]] = (t, q[j])
         return out
 
     def release(self, req_ids: list[str]) -> None:

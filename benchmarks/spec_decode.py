@@ -1,0 +1,161 @@
+"""Speculative decoding against speculation off, in the same run, on the fp32 default model.
+
+Sections (each prints a table of output tokens/s, the ratio to speculation off, acceptance):
+  grounded  batch-1 decode of prompts whose answers quote their input (summarize, edit, answer
+            from a context), greedy: prompt lookup (ngram) and the low-bit self-draft
+  chat      batch-1 chat-page prompts at the page's defaults (temperature 0.7)
+  depth     tokens/s by num_speculative_tokens (the default's measurement)
+  batch     B concurrent grounded requests, speculation forced on vs off: where it stops paying
+            (the measurement behind speculative_max_batch)
+  w1        W1: 32 requests x (128 prompt, 128 output) tokens at 32 concurrent, adaptive policy
+
+    python benchmarks/spec_decode.py [--sections grounded,chat,depth,batch,w1] [--max-tokens 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import subprocess
+import time
+from importlib import resources
+
+from pagoda.engine.config import EngineConfig
+from pagoda.engine.llm_engine import LLMEngine
+from pagoda.loader.model_loader import LoadedModel, load_model
+from pagoda.quant import apply_quantization
+from pagoda.sampling.params import SamplingParams
+
+CHAT = [
+    "What are three tips for staying healthy?",
+    "Write a short poem about the sea.",
+    "Explain what a CPU cache is, simply.",
+    "Give me a recipe for pancakes.",
+    "How do I reverse a list in Python?",
+    "What is the difference between weather and climate?",
+]
+TASKS = [
+    "Rewrite the following text with correct punctuation, keeping every word:\n\n{text}",
+    "Repeat the following passage word for word:\n\n{text}",
+    "Here is a passage:\n\n{text}\n\nQuote the first two sentences of the passage exactly.",
+    "Summarize this text, quoting its key phrases:\n\n{text}",
+    "Fix any typos in this text and return it in full:\n\n{text}",
+    "Context:\n{text}\n\nQuestion: what does the passage say? Answer using its own words.",
+]
+
+
+def passages(num: int, words: int = 90) -> list[str]:
+    text = resources.files("pagoda.data").joinpath("devils_dictionary.txt").read_text()
+    body = " ".join(text.split()[2000:])
+    tokens = body.split()
+    rng = random.Random(0)
+    starts = [rng.randrange(0, len(tokens) - words) for _ in range(num)]
+    return [" ".join(tokens[s:s + words]) for s in starts]
+
+
+def chat_ids(loaded: LoadedModel, content: str) -> list[int]:
+    tok = loaded.tokenizer
+    return tok.encode(tok.apply_chat_template([{"role": "user", "content": content}]),
+                      add_special_tokens=False)
+
+
+def run(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams,
+        concurrency: int) -> tuple[float, int]:
+    """(output tokens/s, output tokens) for the prompts at `concurrency` requests in flight."""
+    pending = list(enumerate(prompts))
+    tokens = 0
+    start = time.perf_counter()
+    while pending or engine.has_unfinished_requests():
+        while pending and engine.scheduler.num_unfinished < concurrency:
+            i, p = pending.pop(0)
+            engine.add_request(f"r{i}-{time.monotonic_ns()}", p, params)
+        for out in engine.step():
+            tokens += sum(len(o.token_ids) for o in out.outputs)
+    return tokens / (time.perf_counter() - start), tokens
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.loaded = load_model(None)
+        self.draft = load_model(self.loaded.path, progress=False)
+        apply_quantization(self.draft, args.draft_quantization)
+
+    def engine(self, method: str | None, **kw) -> LLMEngine:
+        kw.setdefault("max_num_seqs", 32)
+        cfg = EngineConfig(progress=False, kv_cache_memory=512 << 20,
+                           speculative_method=method, **kw)
+        return LLMEngine(cfg, loaded=self.loaded, draft=self.draft if method == "draft" else None)
+
+    def compare(self, title: str, prompts: list[list[int]], params: SamplingParams,
+                concurrency: int, configs: list[tuple[str, str | None, dict]]) -> None:
+        warm = self.engine(None)
+        run(warm, prompts[:1], SamplingParams(temperature=0, max_tokens=8), 1)
+        print(f"\n## {title}\n")
+        print("| configuration | output tok/s | vs off | drafted | accepted | acceptance "
+              "| tokens / verify pass |")
+        print("|---|---|---|---|---|---|---|")
+        base = None
+        for label, method, kw in configs:
+            engine = self.engine(method, **kw)
+            tps, _ = run(engine, prompts, params, concurrency)
+            base = base or tps
+            s = engine.stats()
+            acc = s.spec_num_accepted_tokens / s.spec_num_draft_tokens if s.spec_num_drafts else 0
+            per_pass = 1 + s.spec_num_accepted_tokens / s.spec_num_drafts if s.spec_num_drafts \
+                else 1
+            print(f"| {label} | {tps:.1f} | {tps / base:.2f}x | {s.spec_num_draft_tokens} | "
+                  f"{s.spec_num_accepted_tokens} | {acc:.0%} | {per_pass:.2f} |", flush=True)
+
+    def grounded(self) -> list[list[int]]:
+        texts = passages(len(TASKS))
+        return [chat_ids(self.loaded, t.format(text=x)) for t, x in zip(TASKS, texts,
+                                                                        strict=True)]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sections", default="grounded,chat,depth,batch,w1")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--draft-quantization", default="gguf")
+    args = p.parse_args()
+    cpu = subprocess.run("lscpu | grep 'Model name'", shell=True, capture_output=True,
+                         text=True).stdout.split(":")[-1].strip()
+    print(f"# spec_decode benchmark, {time.strftime('%Y-%m-%d')}, CPU: {cpu}")
+    b = Bench(args)
+    greedy = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
+    three = [("off", None, {}), ("ngram", "ngram", {}),
+             (f"draft self-{args.draft_quantization}", "draft", {})]
+    sections = args.sections.split(",")
+    if "grounded" in sections:
+        b.compare("batch 1, input-grounded prompts, greedy", b.grounded(), greedy, 1, three)
+    if "chat" in sections:
+        chat = [chat_ids(b.loaded, c) for c in CHAT]
+        sampled = SamplingParams(temperature=0.7, max_tokens=args.max_tokens, seed=0)
+        b.compare("batch 1, chat prompts, temperature 0.7", chat, sampled, 1, three)
+        b.compare("batch 1, chat prompts, greedy", chat, greedy, 1, three)
+    if "depth" in sections:
+        prompts = b.grounded()[:3] + [chat_ids(b.loaded, c) for c in CHAT[:3]]
+        configs = [("off", None, {})] + [
+            (f"{m} k={k}", m, {"num_speculative_tokens": k})
+            for m in ("ngram", "draft") for k in (2, 4, 6, 8)]
+        b.compare("batch 1, num_speculative_tokens (3 grounded + 3 chat prompts, greedy)",
+                  prompts, greedy, 1, configs)
+    if "batch" in sections:
+        prompts = b.grounded() * 3
+        for bs in (2, 4, 8, 16):
+            b.compare(f"{bs} concurrent grounded requests, greedy, speculation forced on",
+                      prompts[:max(bs, 6)], greedy, bs,
+                      [("off", None, {}),
+                       ("ngram", "ngram", {"speculative_max_batch": 64}),
+                       ("draft", "draft", {"speculative_max_batch": 64})])
+    if "w1" in sections:
+        rng = random.Random(0)
+        prompts = [[rng.randrange(1000, 30000) for _ in range(128)] for _ in range(32)]
+        w1 = SamplingParams(temperature=0, max_tokens=128, ignore_eos=True)
+        b.compare("W1: 32 x (128 in, 128 out) at 32 concurrent, adaptive", prompts, w1, 32,
+                  [("off", None, {}), ("ngram", "ngram", {}), ("draft", "draft", {})])
+
+
+if __name__ == "__main__":
+    main()
