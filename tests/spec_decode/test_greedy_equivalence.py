@@ -12,7 +12,7 @@ from pagoda.sampling.params import SamplingParams
 from tests.engine.helpers import run_to_completion
 from tests.engine.test_hf_reference import PROMPTS
 
-GREEDY = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+GREEDY = SamplingParams(temperature=0.0, max_tokens=28, ignore_eos=True)
 # Prompts whose continuations quote them, so prompt lookup finds drafts that are accepted.
 QUOTING = [
     "Repeat after me: the red fox ran past the old mill, the red fox ran past the old mill, "
@@ -25,7 +25,9 @@ QUOTING = [
 
 @pytest.fixture(scope="module")
 def prompts(loaded_model):
-    return [loaded_model.tokenizer.encode(p) for p in PROMPTS + QUOTING]
+    # a subset of the HF-reference prompts (code, CJK, chat template, several blocks) + quoting
+    chosen = [PROMPTS[i] for i in (2, 5, 6, 7)] + QUOTING
+    return [loaded_model.tokenizer.encode(p) for p in chosen]
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +48,7 @@ def spec_engine(request, loaded_model, gguf_draft):
         return LLMEngine(cfg, loaded=loaded_model,
                          draft=gguf_draft if method == "draft" else None)
 
+    make.method = method
     return make
 
 
@@ -87,6 +90,8 @@ def test_chunked_prefill(spec_engine, prompts, baseline):
 
 
 def test_forced_preemption(spec_engine, prompts, baseline):
-    engine = spec_engine(kv_cache_memory=14 * 16 * 46080 * 2, enable_prefix_caching=True)
+    # ~10 target blocks of 16 tokens (a draft's share comes on top): far less than 7 requests need
+    blocks = 10 * (2 if spec_engine.method == "draft" else 1)
+    engine = spec_engine(kv_cache_memory=blocks * 16 * 46080, enable_prefix_caching=True)
     check(engine, prompts, baseline)
     assert engine.scheduler.num_preemptions > 0
