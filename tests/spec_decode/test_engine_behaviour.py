@@ -157,3 +157,29 @@ def test_draft_with_another_vocabulary_is_refused(loaded_model, gguf_draft):
         check_vocabulary(loaded_model, other)
     with pytest.raises(ValueError, match="draft_model needs"):
         EngineConfig(speculative_method="ngram", draft_model="self")
+
+
+def test_small_draft_pool_evicts_idle_state(loaded_model, gguf_draft):
+    """A draft pool that holds one request's context: a request that needs blocks evicts the
+    state of requests not drafting now; an evicted request is rebuilt by a catch-up pass and
+    drafts exactly what a fresh draft would."""
+    from pagoda.scheduler.output import ScheduledRequest
+
+    eng = engine(loaded_model, "draft", gguf_draft, kv_cache_memory=8 * 256 * 46080,
+                 max_num_seqs=16, speculative_max_batch=4)  # draft pool: 16 blocks
+    proposer = eng.runner.proposer
+    params = SamplingParams(temperature=0)
+
+    def sreq(rid, text):
+        ids = loaded_model.tokenizer.encode(text)
+        return ScheduledRequest(rid, ids[-1:], len(ids) - 1, [], True, params, 0, ids[:-1], [],
+                                num_spec_tokens=3)
+
+    a, b = sreq("a", QUOTE * 4), sreq("b", "Another text. " + QUOTE * 4)
+    first = proposer.propose([a])["a"].token_ids
+    assert proposer.propose([b])["b"].token_ids  # needs a's blocks
+    assert proposer.num_evicted == 1 and "a" not in proposer.held
+    assert proposer.propose([a])["a"].token_ids == first
+    proposer.kv.check_integrity()
+    proposer.release(["a", "b"])
+    assert proposer.kv.num_free_blocks == proposer.kv.pool.num_blocks

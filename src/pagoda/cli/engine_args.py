@@ -69,7 +69,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    choices=["auto", "none", "int8", "int4", "gguf"],
                    help="weights of the draft (auto: the GGUF file's own blocks, else int4)")
     s.add_argument("--speculative-max-batch", type=int, default=d.speculative_max_batch,
-                   help="speculate only while at most this many requests run")
+                   help="speculate only while at most this many requests run (default: "
+                   "measured per method, ngram 8, draft 4)")
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--threads", "--num-threads", dest="threads", type=int, default=d.num_threads,
                    help="torch CPU threads")

@@ -8,8 +8,14 @@ from pagoda.kv_cache.kv_store import KV_DTYPES
 from pagoda.layers.decode_backend import BACKENDS as ATTENTION_BACKENDS
 from pagoda.quant.config import BACKENDS as QUANT_KERNELS
 
-# Draft tokens per step when --num-speculative-tokens is unset (benchmarks/spec_decode.py).
+# Draft tokens per step when --num-speculative-tokens is unset, and how likely a drafted position
+# must be to be accepted for it to be drafted (benchmarks/spec_decode.py; spec_policy.py).
 DEFAULT_SPECULATIVE_TOKENS = {"ngram": 4, "draft": 4}
+SPECULATIVE_DEPTH_FLOOR = {"ngram": 0.05, "draft": 0.2}
+# Speculate only while at most this many requests run: measured break-even batch sizes on a
+# 2-core EPYC (docs/spec_decode.md): prompt lookup still paid at 4 concurrent requests (1.5x) and
+# broke even at 8; a draft model paid at 2 (1.3x), barely at 4, and cost 36% at 8.
+DEFAULT_SPECULATIVE_MAX_BATCH = {"ngram": 8, "draft": 4}
 
 
 @dataclass(frozen=True)
@@ -48,7 +54,7 @@ class EngineConfig:
     prompt_lookup_max: int = 5
     draft_model: str | None = None  # "self" (default for "draft") or a model path
     draft_quantization: str = "auto"  # self-draft weights: auto (gguf for a GGUF file) | int4 | ...
-    speculative_max_batch: int = 8  # speculate only while at most this many requests run
+    speculative_max_batch: int | None = None  # speculate only while at most this many run
     seed: int | None = None
     num_threads: int | None = None
     progress: bool = True
@@ -79,7 +85,7 @@ class EngineConfig:
         if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
             raise ValueError("prompt lookup sizes need 1 <= prompt_lookup_min <= "
                              "prompt_lookup_max")
-        if self.speculative_max_batch < 1:
+        if self.speculative_max_batch is not None and self.speculative_max_batch < 1:
             raise ValueError("speculative_max_batch must be positive")
 
     @property
@@ -96,6 +102,12 @@ class EngineConfig:
         if self.num_speculative_tokens is not None:
             return self.num_speculative_tokens
         return DEFAULT_SPECULATIVE_TOKENS[self.speculative_method]
+
+    @property
+    def resolved_speculative_max_batch(self) -> int:
+        if self.speculative_max_batch is not None or self.speculative_method is None:
+            return self.speculative_max_batch or 1
+        return DEFAULT_SPECULATIVE_MAX_BATCH[self.speculative_method]
 
     @property
     def resolved_kv_dtype(self) -> str:

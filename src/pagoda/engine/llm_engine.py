@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pagoda.engine.config import EngineConfig
+from pagoda.engine.config import SPECULATIVE_DEPTH_FLOOR, EngineConfig
 from pagoda.engine.output_processor import OutputProcessor
 from pagoda.engine.outputs import RequestOutput
 from pagoda.engine.request_validator import RequestError as RequestError  # re-exported
@@ -84,7 +84,9 @@ class LLMEngine:
                 draft = load_draft(config, self.loaded, dtype)
             else:
                 check_vocabulary(self.loaded, draft)
-            kv_memory, draft_memory = split_budget(kv_memory, cfg, draft.config)
+            kv_memory, draft_memory = split_budget(kv_memory, cfg, draft.config,
+                                                   config.resolved_speculative_max_batch,
+                                                   config.max_num_seqs)
         self.draft = draft
         self.kv_groups = plan_kv_groups(cfg, kv_memory, config.block_size,
                                         config.resolved_kv_dtype, config.max_num_seqs,
@@ -102,7 +104,8 @@ class LLMEngine:
             max_num_seqs=config.max_num_seqs,
             enable_chunked_prefill=config.enable_chunked_prefill,
             batching=config.batching), self.kv_manager, SpecPolicy(SpecDecodeConfig(
-                config.resolved_num_speculative_tokens, config.speculative_max_batch)))
+                config.resolved_num_speculative_tokens, config.resolved_speculative_max_batch,
+                depth_floor=SPECULATIVE_DEPTH_FLOOR.get(config.speculative_method, 1.0))))
         decode_kernel = select_decode_kernel(config.attention_backend, device)
         proposer = build_proposer(config, self.loaded, draft, draft_memory, device,
                                   decode_kernel)

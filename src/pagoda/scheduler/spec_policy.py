@@ -8,9 +8,11 @@ measured acceptance makes worthwhile.
 
 Acceptance model: each drafted position is accepted with probability `a` given that the ones
 before it were, so position j is reached with probability a**(j-1) and accepted with a**j. A
-request drafts j positions while a**j >= DEPTH_FLOOR. `a` is estimated per request from
-(accepted, trials) counts with exponential decay, where the trials of a step are its accepted
-drafts plus the first rejected one.
+request drafts j positions while a**j >= depth_floor: the cost of one more draft token over its
+expected gain. A draft model pays a forward pass per draft token (floor 0.2); prompt lookup pays
+only the extra verified row, nearly free at small batches (floor 0.05). `a` is estimated per
+request from (accepted, trials) counts with exponential decay, where the trials of a step are its
+accepted drafts plus the first rejected one.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ from dataclasses import dataclass, field
 
 from pagoda.scheduler.request import Request
 
-DEPTH_FLOOR = 0.2  # draft position j only if it is accepted with at least this probability
 DECAY = 0.8  # weight of a request's past steps in its acceptance estimate
 PRIOR = (1.4, 2.0)  # (accepted, trials) before any step: a = 0.7
 PROBE_EVERY = 8  # a request below min_acceptance still drafts one token every this many steps
@@ -30,6 +31,7 @@ class SpecDecodeConfig:
     num_speculative_tokens: int = 0  # 0: speculation off
     max_batch: int = 8  # speculate only while at most this many requests run
     min_acceptance: float = 0.15  # below this a request only probes now and then
+    depth_floor: float = 0.2  # draft position j only while it is accepted with this probability
 
     def __post_init__(self) -> None:
         if not 0 <= self.num_speculative_tokens <= 16:
@@ -81,7 +83,8 @@ class SpecPolicy:
             depth = 1 if state.num_steps % PROBE_EVERY == 0 else 0
         else:
             depth = 1
-            while depth < self.config.num_speculative_tokens and a ** (depth + 1) >= DEPTH_FLOOR:
+            while (depth < self.config.num_speculative_tokens
+                   and a ** (depth + 1) >= self.config.depth_floor):
                 depth += 1
         # A step emits at most depth + 1 tokens and writes depth + 1 positions.
         room = min(request.max_tokens - len(request.output_token_ids) - 1,

@@ -6,9 +6,10 @@ tokens the target's verification added), which yields the first draft, then deco
 per pass for the rest. Tokens are append-only, so what the draft holds stays valid up to the
 first position where its guesses and the verified tokens part; it resumes from there.
 
-Its blocks come from its own pool, sized from the same memory budget as the target's
-(`kv_setup.split_budget`). When that pool is short a request simply gets no drafts this step:
-the draft never preempts the target.
+Its blocks come from its own pool, carved from the same memory budget as the target's
+(`setup.split_budget`). When that pool is short, the state of requests that are not speculating
+this step is evicted (it is rebuilt by a catch-up pass if they speculate again); if it is still
+short, a request gets no drafts this step: the draft never preempts the target.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class DraftModelProposer:
         self.kv = kv
         self.sampler = runner.sampler
         self.held: dict[str, list[int]] = {}  # req_id -> tokens whose K/V the draft holds
+        self.num_evicted = 0  # request states evicted for lack of blocks
 
     def propose(self, requests: list[ScheduledRequest]) -> dict[str, Draft]:
         passes: list[ScheduledRequest] = []
@@ -38,8 +40,12 @@ class DraftModelProposer:
             context = r.context_token_ids
             start = min(_common_prefix(self.held.get(r.req_id, []), context), len(context) - 1)
             # room for the catch-up and the positions of drafts 1..k-1 (draft k is not fed back)
-            if not self.kv.allocate(r.req_id, len(context) + r.num_spec_tokens - 1):
-                continue
+            need = len(context) + r.num_spec_tokens - 1
+            if not self.kv.allocate(r.req_id, need):
+                self._evict(keep={q.req_id for q in requests})
+                if not self.kv.allocate(r.req_id, need):
+                    continue
+            start = min(start, len(self.held.get(r.req_id, [])))  # its state may be evicted
             self.kv.commit_computed(r.req_id, context, start)  # sliding windows drop dead blocks
             self.held[r.req_id] = context[:start]
             passes.append(dataclasses.replace(
@@ -82,6 +88,12 @@ class DraftModelProposer:
             for j, t in enumerate(self.sampler.race(q, views, NOISE_DRAFT).tolist()):
                 out[rows[j]] = (t, q[j])
         return out
+
+    def _evict(self, keep: set[str]) -> None:
+        """Free the draft state of every request not in `keep`."""
+        victims = [rid for rid in self.held if rid not in keep]
+        self.num_evicted += len(victims)
+        self.release(victims)
 
     def release(self, req_ids: list[str]) -> None:
         for rid in req_ids:
