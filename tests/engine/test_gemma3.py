@@ -277,3 +277,16 @@ def test_hf_directory_tiny_random_gemma(tmp_path, hf_tok):
             for token_id, logprob in entry.items():
                 assert logprob == pytest.approx(ref_logprobs[pos, token_id].item(), abs=1e-4)
     engine.check_integrity()
+
+
+def test_sliding_window_with_speculation(gemma_small_window, prompt_ids, small_window_reference):
+    """Prompt-lookup speculation on the hybrid (sliding + full) KV groups: verified rows read
+    through the window mask, rejected drafts' slots are trimmed in both groups, and the sliding
+    group releases blocks only behind accepted tokens. Same tokens as the transformers reference
+    with the same window."""
+    engine = make_engine(gemma_small_window, speculative_method="ngram",
+                         num_speculative_tokens=6)
+    got = run_to_completion(engine, {f"r{i}": (prompt_ids[i], GREEDY) for i in LONG})
+    assert all(got[f"r{i}"] == small_window_reference[i] for i in LONG)
+    assert engine.stats().spec_num_draft_tokens > 0
+    engine.check_integrity()
