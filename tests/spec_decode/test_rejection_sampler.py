@@ -20,7 +20,7 @@ from pagoda.spec_decode.rejection_sampler import RejectionSampler
 
 ROW0 = torch.tensor([2.0, 1.2, 0.9, 0.1, -0.4, -2.0])
 ROW1 = torch.tensor([-1.0, 0.3, 1.5, 0.2, 0.8, 0.0])
-N = 6000
+N = 4000
 ALPHA = 0.001
 
 
