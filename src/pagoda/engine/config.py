@@ -105,8 +105,10 @@ class EngineConfig:
 
     @property
     def resolved_speculative_max_batch(self) -> int:
-        if self.speculative_max_batch is not None or self.speculative_method is None:
-            return self.speculative_max_batch or 1
+        if self.speculative_max_batch is not None:
+            return self.speculative_max_batch
+        if self.speculative_method is None:
+            return 1  # unused: no request gets drafts
         return DEFAULT_SPECULATIVE_MAX_BATCH[self.speculative_method]
 
     @property

@@ -45,7 +45,6 @@ class DraftModelProposer:
                 self._evict(keep={q.req_id for q in requests})
                 if not self.kv.allocate(r.req_id, need):
                     continue
-            start = min(start, len(self.held.get(r.req_id, [])))  # its state may be evicted
             self.kv.commit_computed(r.req_id, context, start)  # sliding windows drop dead blocks
             self.held[r.req_id] = context[:start]
             passes.append(dataclasses.replace(

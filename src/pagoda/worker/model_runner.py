@@ -55,31 +55,32 @@ class ModelRunner:
         if not sampling:
             return ModelRunnerOutput({}, {})
         logits = logits.cpu()
-        offsets, start = [], 0
+        # Split the rows: one per plain request, len(draft) + 1 consecutive per verified one.
+        plain, plain_rows, verify, verify_rows = [], [], [], []
+        row = 0
         for r in sampling:
-            offsets.append(start)
-            start += num_rows.get(r.req_id, 1)
-        plain = [i for i, r in enumerate(sampling) if r.req_id not in drafts]
-        verify = [i for i, r in enumerate(sampling) if r.req_id in drafts]
+            n = num_rows.get(r.req_id, 1)
+            if r.req_id in drafts:
+                verify.append(r)
+                verify_rows += range(row, row + n)
+            else:
+                plain.append(r)
+                plain_rows.append(row)
+            row += n
         new_tokens: dict[str, list[int]] = {}
         new_logprobs = {}
         if plain:
-            rows = torch.tensor([offsets[i] for i in plain])
-            reqs = [sampling[i] for i in plain]
-            token_ids, logprobs = self.sampler(logits[rows], reqs, self.eos_token_ids)
-            for r, t, lp in zip(reqs, token_ids, logprobs, strict=True):
+            token_ids, logprobs = self.sampler(logits[plain_rows], plain, self.eos_token_ids)
+            for r, t, lp in zip(plain, token_ids, logprobs, strict=True):
                 new_tokens[r.req_id] = [t]
                 if lp is not None:
                     new_logprobs[r.req_id] = [lp]
         if verify:
-            # the rejection sampler reads each request as scheduled (drafts not yet its tokens)
-            as_scheduled = {r.req_id: r for r in sched.scheduled}
-            items = [(as_scheduled[sampling[i].req_id], drafts[sampling[i].req_id])
-                     for i in verify]
-            rows = torch.cat([torch.arange(offsets[i], offsets[i] + num_rows[sampling[i].req_id])
-                              for i in verify])
-            for (r, _), (tokens, lps) in zip(items, self.rejection_sampler(
-                    logits[rows], items, self.eos_token_ids), strict=True):
+            # The rejection sampler reads parameters and output tokens, which the drafts appended
+            # to token_ids leave as scheduled.
+            items = [(r, drafts[r.req_id]) for r in verify]
+            verified = self.rejection_sampler(logits[verify_rows], items, self.eos_token_ids)
+            for r, (tokens, lps) in zip(verify, verified, strict=True):
                 new_tokens[r.req_id] = tokens
                 if lps is not None:
                     new_logprobs[r.req_id] = lps
