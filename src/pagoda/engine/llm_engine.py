@@ -27,10 +27,13 @@ from pagoda.scheduler.request import Request
 from pagoda.scheduler.scheduler import Scheduler, SchedulerConfig
 from pagoda.scheduler.spec_policy import SpecDecodeConfig, SpecPolicy
 from pagoda.spec_decode.setup import build_proposer, check_vocabulary, load_draft, split_budget
+from pagoda.structured_output.grammar_compiler import GrammarCompiler
+from pagoda.structured_output.manager import StructuredOutputManager
 from pagoda.worker.model_runner import ModelRunner
 
 log = logging.getLogger(__name__)
 
+COMPILE_WAIT_S = 0.005  # with nothing to run but grammars compiling, wait this long per step
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -109,9 +112,15 @@ class LLMEngine:
         decode_kernel = select_decode_kernel(config.attention_backend, device)
         proposer = build_proposer(config, self.loaded, draft, draft_memory, device,
                                   decode_kernel)
+        self.structured = StructuredOutputManager(GrammarCompiler(
+            self.tokenizer.hf, cfg.vocab_size, self.tokenizer.eos_token_ids), cfg.vocab_size)
+        # constrained requests whose grammar is still compiling: (parent id, request); they join
+        # the scheduler when it is ready, so a compile never stalls the batch
+        self.compiling: list[tuple[str, Request]] = []
         self.runner = ModelRunner(self.loaded.model, stores, config.block_size, device,
                                   self.tokenizer.eos_token_ids, config.seed, layer_groups,
-                                  decode_kernel, config.resolved_invariant_attention, proposer)
+                                  decode_kernel, config.resolved_invariant_attention, proposer,
+                                  self.structured)
         self.output_processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
         self.num_prompt_tokens = 0
@@ -140,26 +149,36 @@ class LLMEngine:
         arrival = arrival_time or time.monotonic()
         children = self.output_processor.add(req_id, prompt, prompt_token_ids, params, arrival)
         for i, child in enumerate(children):
-            self.scheduler.add_request(Request(
+            request = Request(
                 req_id=child, prompt_token_ids=list(prompt_token_ids),
                 sampling_params=params.for_sample(i) if params.n > 1 else params,
                 eos_token_ids=self.tokenizer.eos_token_ids, max_total_tokens=self.max_model_len,
-                sample_index=i, arrival_time=arrival))
+                sample_index=i, arrival_time=arrival)
+            if params.structured_outputs is None:
+                self.scheduler.add_request(request)
+            else:
+                self.structured.add(child, params.structured_outputs)
+                self.compiling.append((req_id, request))
         self.num_prompt_tokens += len(prompt_token_ids) * len(children)
 
     def abort_request(self, req_id: str, reason: str = "abort", error: str | None = None
                       ) -> RequestOutput | None:
         """Abort a request (all its samples); its KV blocks are freed at once."""
-        for child in self.output_processor.child_ids(req_id):
+        children = self.output_processor.child_ids(req_id)
+        for child in children:
             self.scheduler.finish_request(child, reason)
-        self.runner.release(self.scheduler.take_finished())
+        self.compiling = [(p, r) for p, r in self.compiling if p != req_id]
+        self.runner.release(self.scheduler.take_finished() + children)
         return self.output_processor.abort(req_id, reason, error)
 
     # -- the loop ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        refused = self._admit_compiled()
         sched = self.scheduler.schedule()
         if sched.is_empty:
-            return []
+            if self.compiling:
+                self.structured.wait(COMPILE_WAIT_S)
+            return refused
         result = self.runner.execute(sched)
         core_outputs = self.scheduler.update_from_output(sched, result)
         self.num_generation_tokens += sum(len(o.new_token_ids) for o in core_outputs)
@@ -169,16 +188,34 @@ class LLMEngine:
         # ended requests, and any the step still computed after an abort had released them
         self.runner.release(self.scheduler.take_finished() + [
             r.req_id for r in sched.scheduled if r.req_id not in self.scheduler.requests])
-        return outputs
+        return refused + outputs
+
+    def _admit_compiled(self) -> list[RequestOutput]:
+        """Move requests whose grammar compiled into the scheduler; fail those whose grammar
+        could not be compiled (the front-end's check makes that rare)."""
+        if not self.compiling:
+            return []
+        waiting, failed = [], {}
+        for parent, request in self.compiling:
+            ready, error = self.structured.poll(request.req_id)
+            if error is not None:
+                failed[parent] = error
+            elif ready:
+                self.scheduler.add_request(request)
+            else:
+                waiting.append((parent, request))
+        self.compiling = waiting
+        return [out for parent, error in failed.items()
+                if (out := self.abort_request(parent, "abort", error)) is not None]
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.num_unfinished > 0
+        return self.scheduler.num_unfinished > 0 or bool(self.compiling)
 
     def stats(self) -> EngineStats:
         spec = self.scheduler.spec.stats
         return EngineStats(
             num_running=len(self.scheduler.running),
-            num_waiting=len(self.scheduler.waiting),
+            num_waiting=len(self.scheduler.waiting) + len(self.compiling),
             kv_cache_usage=self.kv_manager.usage,
             num_free_blocks=self.kv_manager.num_free_blocks,
             num_preemptions=self.scheduler.num_preemptions,

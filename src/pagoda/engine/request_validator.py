@@ -51,6 +51,17 @@ class RequestValidator:
         return -(-num_tokens // self.block_size)
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        for param, ids in params.token_ids_referenced:
+            if any(t >= self.vocab_size for t in ids):
+                raise RequestError(f"{param} names a token id outside the vocabulary "
+                                   f"[0, {self.vocab_size})", param)
+        if params.structured_outputs is not None:
+            from pagoda.structured_output.grammar import ConstraintError, build_grammar
+
+            try:
+                build_grammar(params.structured_outputs)
+            except ConstraintError as exc:
+                raise RequestError(str(exc), "structured_outputs") from None
         n = len(prompt_token_ids)
         if n == 0:
             raise RequestError("prompt must not be empty", "prompt")

@@ -2,7 +2,7 @@
 
 A request is cacheable only if its output is a function of its input: `temperature` is 0 or a `seed`
 is fixed. The key hashes the endpoint, the public model name and the request body normalised as
-canonical JSON, with the fields that change only the transport (`stream`, `stream_options`) or only
+JSON (top-level fields sorted), with the fields that change only the transport (`stream`, `stream_options`) or only
 bookkeeping (`user`) removed — so a streamed and a non-streamed request share one entry.
 
 Values are always the complete non-streaming response body (JSON bytes); streamed answers are
@@ -29,7 +29,10 @@ def is_cacheable(body: dict[str, Any]) -> bool:
 def cache_key(endpoint: str, model: str, body: dict[str, Any]) -> str:
     normalized = {k: v for k, v in body.items() if k not in _TRANSPORT_FIELDS and v is not None}
     normalized["model"] = model
-    blob = json.dumps([endpoint, normalized], sort_keys=True, separators=(",", ":"))
+    # Top-level fields in sorted order, values as sent: key order inside a value can matter
+    # (a JSON schema's property order is the order the constrained output follows).
+    fields = [[k, normalized[k]] for k in sorted(normalized)]
+    blob = json.dumps([endpoint, fields], separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()
 
 

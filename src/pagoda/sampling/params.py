@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from pagoda.sampling.constraint import StructuredOutputs
+
 
 class SamplingParamsError(ValueError):
     """Invalid sampling parameters; `param` names the offending field (OpenAI error shape)."""
@@ -15,6 +17,7 @@ class SamplingParamsError(ValueError):
 
 
 MAX_LOGPROBS = 20
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range: [-100, 100]
 
 
 @dataclass
@@ -37,6 +40,9 @@ class SamplingParams:
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     speculative: bool = True  # False: this request never gets draft tokens (per-request opt-out)
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit before sampling
+    allowed_token_ids: list[int] | None = None  # vLLM: only these tokens may be sampled
+    structured_outputs: StructuredOutputs | None = None  # the output must match this grammar
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -66,10 +72,29 @@ class SamplingParams:
             (len(self.stop) <= 16, "stop", "at most 16 stop strings"),
             (all(t >= 0 for t in self.stop_token_ids), "stop_token_ids",
              "stop_token_ids must be non-negative"),
+            (all(isinstance(t, int) and t >= 0 and -MAX_LOGIT_BIAS <= b <= MAX_LOGIT_BIAS
+                 for t, b in (self.logit_bias or {}).items()), "logit_bias",
+             "logit_bias maps token ids to biases in [-100, 100]"),
+            (self.allowed_token_ids is None or (len(self.allowed_token_ids) > 0 and all(
+                isinstance(t, int) and t >= 0 for t in self.allowed_token_ids)),
+             "allowed_token_ids", "allowed_token_ids must be a non-empty list of token ids"),
+            # A grammar decides when the output may end; a forced minimum or an ignored EOS
+            # would contradict it, so the pair is refused rather than resolved silently.
+            (self.structured_outputs is None or self.min_tokens == 0, "min_tokens",
+             "min_tokens cannot be combined with a structured-output constraint"),
+            (self.structured_outputs is None or not self.ignore_eos, "ignore_eos",
+             "ignore_eos cannot be combined with a structured-output constraint"),
         ]
         for ok, param, message in checks:
             if not ok:
                 raise SamplingParamsError(message, param)
+
+    @property
+    def token_ids_referenced(self) -> list[tuple[str, list[int]]]:
+        """(field, ids) of every field naming token ids, for the vocabulary check."""
+        return [("stop_token_ids", self.stop_token_ids),
+                ("logit_bias", list(self.logit_bias or ())),
+                ("allowed_token_ids", list(self.allowed_token_ids or ()))]
 
     @property
     def greedy(self) -> bool:

@@ -73,17 +73,27 @@ class Sampler:
     @staticmethod
     def apply_penalties(logits: torch.Tensor, requests: list[ScheduledRequest],
                         eos_token_ids: tuple[int, ...]) -> torch.Tensor:
+        """Per-row logit processing before temperature: allowed_token_ids, logit_bias,
+        repetition / presence / frequency penalties, and min_tokens' stop suppression."""
         cloned = False
         for i, r in enumerate(requests):
             p = r.sampling_params
             suppress_stop = len(r.output_token_ids) < p.min_tokens
             has_penalty = (p.repetition_penalty != 1.0 or p.presence_penalty != 0.0
                            or p.frequency_penalty != 0.0)
-            if not (suppress_stop or has_penalty):
+            if not (suppress_stop or has_penalty or p.logit_bias or p.allowed_token_ids):
                 continue
             if not cloned:
                 logits, cloned = logits.clone(), True
             row = logits[i]
+            if p.allowed_token_ids:
+                keep = torch.tensor(p.allowed_token_ids, dtype=torch.long)
+                kept = row[keep]
+                row.fill_(_MASK)
+                row[keep] = kept
+            if p.logit_bias:  # OpenAI: added to the logits before sampling
+                ids = torch.tensor(list(p.logit_bias), dtype=torch.long)
+                row[ids] += torch.tensor(list(p.logit_bias.values()), dtype=row.dtype)
             if p.repetition_penalty != 1.0:
                 seen = torch.tensor(sorted(set(r.prompt_token_ids) | set(r.output_token_ids)),
                                     dtype=torch.long)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import Request
 from fastapi.responses import Response
@@ -30,34 +31,44 @@ from pagoda.server.logprobs import chat_logprobs
 from pagoda.server.protocol import ChatMessage, UsageInfo
 from pagoda.server.request_params import chat_messages, chat_params
 from pagoda.server.streaming import EngineStreamingResponse, cancel_on_disconnect, sse_body
+from pagoda.server.tool_parser import ToolCallStream, parse_tool_calls
+from pagoda.server.tool_prompt import ToolUse, template_messages, tool_use
 
 
-def render_chat(llm: AsyncLLM, messages: list[ChatMessage],
-                add_generation_prompt: bool = True) -> list[int]:
-    """Chat messages -> prompt token ids through the model's chat template."""
+def render_chat(llm: AsyncLLM, messages: list[ChatMessage], add_generation_prompt: bool = True,
+                tools: ToolUse | None = None, template_kwargs: dict[str, Any] | None = None
+                ) -> list[int]:
+    """Chat messages (and tools) -> prompt token ids through the model's chat template."""
+    tools = tools or ToolUse("none", ())
+    tokenizer = llm.tokenizer
+    knows_tools = "tools" in (getattr(tokenizer.hf, "chat_template", None) or "")
+    rendered, extra = template_messages(chat_messages(messages), tools, knows_tools)
+    kwargs = {**(template_kwargs or {}), **extra}
     try:
-        text = llm.tokenizer.apply_chat_template(chat_messages(messages), add_generation_prompt)
+        text = tokenizer.apply_chat_template(rendered, add_generation_prompt, **kwargs)
     except APIError:
         raise
     except Exception as exc:  # template errors (bad role order...) are the caller's fault
         raise APIError(400, f"cannot apply the chat template: {exc}", "messages") from exc
-    return llm.tokenizer.encode(text, add_special_tokens=False)
+    return tokenizer.encode(text, add_special_tokens=False)
 
 
 async def create_chat_completion(client: EngineClient, request: ChatCompletionRequest,
                                  raw: Request) -> ChatCompletionResponse | Response:
     llm = client.require_llm()
     client.check_model(request.model)
-    params = chat_params(request)
+    tools = tool_use(request)
+    params = chat_params(request, tools)
     prompt_ids = await client.prepare(
-        render_chat(llm, request.messages, request.add_generation_prompt), params)
+        render_chat(llm, request.messages, request.add_generation_prompt, tools,
+                    request.chat_template_kwargs), params)
     req_id = f"chatcmpl-{uuid.uuid4().hex}"
     ticket = client.admit()
     outputs = client.generate(prompt_ids, params, ticket, req_id)
     chunk = ChatCompletionChunk(id=req_id, created=int(time.time()), model=client.model_name,
                                 system_fingerprint=client.system_fingerprint, choices=[])
     if request.stream:
-        body = _stream(client, request, chunk, params.n, len(prompt_ids), outputs)
+        body = _stream(client, request, tools, chunk, params.n, len(prompt_ids), outputs)
         return EngineStreamingResponse(body, ticket)
     try:
         done = await cancel_on_disconnect(raw, client.complete(outputs))
@@ -70,9 +81,13 @@ async def create_chat_completion(client: EngineClient, request: ChatCompletionRe
         if request.logprobs and sample.logprobs is not None:
             logprobs = chat_logprobs(sample.token_ids, sample.logprobs, num_top,
                                      llm.tokenizer.token_str)
-        choices.append(ChatChoice(index=sample.index,
-                                  message=ChatResponseMessage(content=sample.text),
-                                  logprobs=logprobs, finish_reason=sample.finish_reason))
+        content, calls = parse_tool_calls(sample.text, tools)
+        finish = sample.finish_reason
+        if calls and finish == "stop":
+            finish = "tool_calls"
+        choices.append(ChatChoice(index=sample.index, message=ChatResponseMessage(
+            content=content if calls else sample.text, tool_calls=calls or None),
+            logprobs=logprobs, finish_reason=finish))
     cached = done.output.metrics.num_cached_tokens if done.output.metrics else 0
     return ChatCompletionResponse(
         id=req_id, created=chunk.created, model=chunk.model,
@@ -80,22 +95,34 @@ async def create_chat_completion(client: EngineClient, request: ChatCompletionRe
         usage=UsageInfo.of(len(prompt_ids), done.num_generated_tokens, cached))
 
 
-def _stream(client: EngineClient, request: ChatCompletionRequest, chunk: ChatCompletionChunk,
-            n: int, num_prompt_tokens: int, outputs: AsyncIterator[RequestOutput]
-            ) -> AsyncIterator[str]:
+def _stream(client: EngineClient, request: ChatCompletionRequest, tools: ToolUse,
+            chunk: ChatCompletionChunk, n: int, num_prompt_tokens: int,
+            outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[str]:
     token_str = client.require_llm().tokenizer.token_str
     num_top = request.top_logprobs or 0
+    streams = [ToolCallStream(tools) for _ in range(n)]  # one per choice
 
     def choice_of(delta: CompletionOutput) -> ChatStreamChoice | None:
         logprobs = None
         if request.logprobs and delta.logprobs:
             logprobs = chat_logprobs(delta.token_ids, delta.logprobs, num_top, token_str)
-        if not delta.text and delta.finish_reason is None and logprobs is None:
+        stream = streams[delta.index]
+        text, calls = stream.feed(delta.text)
+        finish = delta.finish_reason
+        if finish is not None:
+            more_text, more_calls = stream.finish()
+            text, calls = text + more_text, calls + more_calls
+            if stream.made_calls and finish == "stop":
+                finish = "tool_calls"
+        if not text and not calls and finish is None and logprobs is None:
             return None
-        return ChatStreamChoice(index=delta.index, delta=ChatDelta(content=delta.text),
-                                logprobs=logprobs, finish_reason=delta.finish_reason)
+        return ChatStreamChoice(index=delta.index, delta=ChatDelta(
+            content=text if text or not calls else None, tool_calls=calls or None),
+            logprobs=logprobs, finish_reason=finish)
 
-    roles = [ChatStreamChoice(index=i, delta=ChatDelta(role="assistant", content=""))
+    # a reply that can only be tool calls opens with null content, as OpenAI's does
+    opening = None if tools.mode in ("required", "named") else ""
+    roles = [ChatStreamChoice(index=i, delta=ChatDelta(role="assistant", content=opening))
              for i in range(n)]
     include_usage = bool(request.stream_options and request.stream_options.include_usage)
     return sse_body(outputs, chunk, choice_of, num_prompt_tokens, include_usage,

@@ -2,12 +2,39 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import ConfigDict, Field
 
 from pagoda.sampling.params import MAX_LOGPROBS
-from pagoda.server.protocol import ChatMessage, SamplingFields, Schema, UsageInfo
+from pagoda.server.protocol import ChatMessage, SamplingFields, Schema, ToolCall, UsageInfo
+
+
+class FunctionDefinition(Schema):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments object
+    strict: bool | None = None
+
+
+class Tool(Schema):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class NamedFunction(Schema):
+    name: str
+
+
+class NamedToolChoice(Schema):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"] = "function"
+    function: NamedFunction
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -17,6 +44,10 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = True
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # default true, as OpenAI
+    chat_template_kwargs: dict[str, Any] | None = None  # vLLM: extra variables of the template
 
 
 class TopLogprob(Schema):
@@ -35,7 +66,22 @@ class ChatLogprobs(Schema):
 
 class ChatResponseMessage(Schema):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
+
+
+class DeltaFunctionCall(Schema):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(Schema):
+    """One fragment of a streamed call: the first carries id, type and name."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall
 
 
 class ChatChoice(Schema):
@@ -58,6 +104,7 @@ class ChatCompletionResponse(Schema):
 class ChatDelta(Schema):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatStreamChoice(Schema):

@@ -1,13 +1,14 @@
 """OpenAI wire schemas shared by every endpoint, and the completions endpoint's own.
 
 These models are the HTTP contract (they generate /openapi.json); translating them into engine
-`SamplingParams` happens in `request_params.py`, never here. Unknown fields are ignored, as
-OpenAI's clients send fields of newer API versions.
+`SamplingParams` happens in `request_params.py`, never here. Request bodies keep the fields they
+do not declare (`extra="allow"`) so that `field_policy.py` can refuse the known ones Pagoda does
+not implement (400 naming the field) and log the truly unknown ones: nothing is ignored silently.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -35,10 +36,47 @@ class StreamOptions(Schema):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(Schema):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(Schema):
+    """OpenAI's `response_format`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsRequest(Schema):
+    """vLLM's `structured_outputs`: exactly one of json, regex, choice, grammar, json_object."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    json_: dict[str, Any] | str | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    # vLLM's knobs: Pagoda's JSON never has free whitespace, never falls back to another
+    # backend, and `disable_additional_properties` is its strict mode; the two below are refused.
+    disable_any_whitespace: bool = False
+    disable_fallback: bool = False
+    disable_additional_properties: bool = False
+    whitespace_pattern: str | None = None
+    structural_tag: str | None = None
+
+
 class SamplingFields(Schema):
     """Request fields common to completions and chat completions (OpenAI's plus vLLM's extras)."""
 
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     model: str | None = None
     n: int = 1
@@ -60,6 +98,16 @@ class SamplingFields(Schema):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in [-100, 100]
+    allowed_token_ids: list[int] | None = None  # vLLM
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsRequest | None = None  # vLLM
+    # vLLM's older spellings of structured_outputs
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None  # "xgrammar" (or "auto"); others are refused
 
 
 class CompletionRequest(SamplingFields):
@@ -157,10 +205,26 @@ class ContentPart(Schema):
     text: str
 
 
+class FunctionCall(Schema):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(Schema):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(Schema):
+    model_config = ConfigDict(extra="allow")  # field_policy.py refuses or logs the rest
+
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # assistant turns that called tools
+    tool_call_id: str | None = None  # tool turns: the call this result answers
+    refusal: str | None = None  # echoed back by clients from earlier assistant turns
 
     def text(self) -> str:
         if self.content is None:

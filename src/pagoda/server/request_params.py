@@ -8,10 +8,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from pagoda.sampling.constraint import StructuredOutputs
 from pagoda.sampling.params import SamplingParams
 from pagoda.server.chat_protocol import ChatCompletionRequest
+from pagoda.server.constraint_fields import check, request_constraint
 from pagoda.server.errors import APIError
+from pagoda.server.field_policy import check_fields
 from pagoda.server.protocol import ChatMessage, CompletionRequest, SamplingFields
+from pagoda.server.tool_prompt import ToolUse, tool_constraint
 
 Prompt = str | list[int]
 
@@ -38,15 +42,36 @@ def chat_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     out = []
     for msg in messages:
         role = "system" if msg.role == "developer" else msg.role
-        out.append({"role": role, "content": msg.text()})
-    if all(not m["content"] for m in out):
+        entry: dict[str, Any] = {"role": role, "content": msg.text()}
+        if msg.tool_calls:
+            entry["tool_calls"] = [c.model_dump() for c in msg.tool_calls]
+        if msg.tool_call_id is not None:
+            entry["tool_call_id"] = msg.tool_call_id
+        if msg.name is not None:
+            entry["name"] = msg.name
+        out.append(entry)
+    if all(not m["content"] and not m.get("tool_calls") for m in out):
         raise APIError(400, "messages must not all be empty", "messages")
     return out
 
 
-def _common(request: SamplingFields) -> dict[str, Any]:
+def _logit_bias(request: SamplingFields) -> dict[int, float] | None:
+    if not request.logit_bias:
+        return None
+    try:
+        return {int(token): bias for token, bias in request.logit_bias.items()}
+    except ValueError:
+        raise APIError(400, "logit_bias keys must be token ids", "logit_bias") from None
+
+
+def _common(request: SamplingFields, constraint: StructuredOutputs | None = None
+            ) -> dict[str, Any]:
+    check_fields(request)
     stop = request.stop
     return {
+        "logit_bias": _logit_bias(request),
+        "allowed_token_ids": request.allowed_token_ids,
+        "structured_outputs": constraint,
         "n": request.n,
         "temperature": request.temperature,
         "top_p": request.top_p,
@@ -69,11 +94,12 @@ def _common(request: SamplingFields) -> dict[str, Any]:
 def completion_params(request: CompletionRequest) -> SamplingParams:
     if request.echo:
         raise APIError(400, "echo is not supported", "echo")
+    found = request_constraint(request)
     return SamplingParams(max_tokens=request.max_tokens, logprobs=request.logprobs,
-                          **_common(request))
+                          **_common(request, found[0] if found else None))
 
 
-def chat_params(request: ChatCompletionRequest) -> SamplingParams:
+def chat_params(request: ChatCompletionRequest, tools: ToolUse) -> SamplingParams:
     # max_completion_tokens wins; None lets the reply run up to the context length.
     max_tokens = request.max_completion_tokens or request.max_tokens
     if request.max_completion_tokens is not None and request.max_completion_tokens < 1:
@@ -83,4 +109,14 @@ def chat_params(request: ChatCompletionRequest) -> SamplingParams:
         logprobs = request.top_logprobs or 0
     elif request.top_logprobs:
         raise APIError(400, "top_logprobs requires logprobs to be true", "top_logprobs")
-    return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **_common(request))
+    found = request_constraint(request)
+    constraint = tool_constraint(tools)
+    if constraint is not None:
+        if found is not None:
+            raise APIError(400, f"tool_choice {tools.mode!r} constrains the output; it cannot "
+                           f"be combined with {found[1]}", found[1])
+        check(constraint, "tools")
+    elif found is not None:
+        constraint = found[0]
+    return SamplingParams(max_tokens=max_tokens, logprobs=logprobs,
+                          **_common(request, constraint))

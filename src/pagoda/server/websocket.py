@@ -34,6 +34,8 @@ from pagoda.server.request_params import (
     completion_params,
     completion_prompt,
 )
+from pagoda.server.tool_parser import parse_tool_calls
+from pagoda.server.tool_prompt import ToolUse, tool_use
 
 log = logging.getLogger(__name__)
 
@@ -136,8 +138,10 @@ class Connection:
         if kind == "chat":
             chat = ChatCompletionRequest.model_validate(payload)
             client.check_model(chat.model)
-            params = chat_params(chat)
-            prompt: str | list[int] = render_chat(llm, chat.messages, chat.add_generation_prompt)
+            tools = tool_use(chat)
+            params = chat_params(chat, tools)
+            prompt: str | list[int] = render_chat(llm, chat.messages, chat.add_generation_prompt,
+                                                  tools, chat.chat_template_kwargs)
             num_top = (chat.top_logprobs or 0) if chat.logprobs else None
         else:
             completion = CompletionRequest.model_validate(payload)
@@ -145,6 +149,7 @@ class Connection:
             params = completion_params(completion)
             prompt = completion_prompt(completion)
             num_top = None
+            tools = ToolUse("none", ())
         prompt_ids = await client.prepare(prompt, params)
         engine_id = f"ws-{uuid.uuid4().hex}"
         ticket = client.admit()
@@ -153,6 +158,7 @@ class Connection:
                          "prompt_tokens": len(prompt_ids)})
         generated: dict[int, int] = {}
         finish: dict[int, str | None] = {}
+        texts: dict[int, str] = {}
         final = None
         try:
             async with contextlib.aclosing(client.generate(prompt_ids, params, ticket,
@@ -162,6 +168,7 @@ class Connection:
                         raise error_of(out.error)
                     for d in out.outputs:
                         generated[d.index] = d.num_generated_tokens
+                        texts[d.index] = texts.get(d.index, "") + d.text
                         finish[d.index] = d.finish_reason
                         message = {"type": "delta", "id": req_id, "index": d.index,
                                    "text": d.text, "token_ids": d.token_ids}
@@ -181,9 +188,18 @@ class Connection:
             timing["ttft_s"] = m.first_token_time - m.arrival_time
         if m is not None and m.finished_time is not None:
             timing["e2e_s"] = m.finished_time - m.arrival_time
-        await self.send({"type": "done", "id": req_id,
-                         "choices": [{"index": i, "finish_reason": finish[i]}
-                                     for i in sorted(finish)],
+        choices = []
+        for i in sorted(finish):
+            choice: dict[str, Any] = {"index": i, "finish_reason": finish[i]}
+            if tools.mode != "none":  # the deltas carried the raw text; the calls come here
+                content, calls = parse_tool_calls(texts.get(i, ""), tools)
+                if calls:
+                    choice["content"] = content
+                    choice["tool_calls"] = [c.model_dump() for c in calls]
+                    if finish[i] == "stop":
+                        choice["finish_reason"] = "tool_calls"
+            choices.append(choice)
+        await self.send({"type": "done", "id": req_id, "choices": choices,
                          "usage": usage.model_dump(), "timing": timing})
 
 

@@ -4,7 +4,9 @@ Only the positions that sample go through the LM head. With speculative decoding
 asks the proposer for the drafts the scheduler made room for, appends them to their requests'
 tokens, and verifies them: a request with m drafts samples at its last m + 1 positions, and its
 queries attend one row at a time through the decode kernel, so each verified position sees
-exactly the attention it would see as a plain decode.
+exactly the attention it would see as a plain decode. Constrained requests' rows are masked by
+their grammar (drafts included) before sampling, and their grammar state advances on the tokens
+the step accepted.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pagoda.sampling.sampler import Sampler
 from pagoda.scheduler.output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
 from pagoda.spec_decode.proposer import Draft, Proposer
 from pagoda.spec_decode.rejection_sampler import RejectionSampler
+from pagoda.structured_output.manager import StructuredOutputManager
 
 
 class ModelRunner:
@@ -28,7 +31,8 @@ class ModelRunner:
                  device: torch.device, eos_token_ids: tuple[int, ...], seed: int | None = None,
                  layer_groups: list[int] | None = None,
                  decode_kernel: DecodeKernel | None = None, invariant_attention: bool = False,
-                 proposer: Proposer | None = None):
+                 proposer: Proposer | None = None,
+                 structured: StructuredOutputManager | None = None):
         self.model = model
         self.decode_kernel = decode_kernel
         # Every query (prefill rows too) through the decode kernel: only where that kernel reads
@@ -44,6 +48,7 @@ class ModelRunner:
         self.sampler = Sampler(seed)
         self.proposer = proposer
         self.rejection_sampler = RejectionSampler(self.sampler)
+        self.structured = structured  # grammar masks of constrained requests (and their state)
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
@@ -55,18 +60,19 @@ class ModelRunner:
         if not sampling:
             return ModelRunnerOutput({}, {})
         logits = logits.cpu()
-        # Split the rows: one per plain request, len(draft) + 1 consecutive per verified one.
-        plain, plain_rows, verify, verify_rows = [], [], [], []
-        row = 0
+        # Each request's rows: one per plain request, len(draft) + 1 consecutive per verified one.
+        rows: dict[str, range] = {}
+        start = 0
         for r in sampling:
-            n = num_rows.get(r.req_id, 1)
-            if r.req_id in drafts:
-                verify.append(r)
-                verify_rows += range(row, row + n)
-            else:
-                plain.append(r)
-                plain_rows.append(row)
-            row += n
+            rows[r.req_id] = range(start, start + num_rows.get(r.req_id, 1))
+            start = rows[r.req_id].stop
+        if self.structured is not None:
+            self.structured.apply_masks(logits, rows,
+                                        {rid: d.token_ids for rid, d in drafts.items()})
+        plain = [r for r in sampling if r.req_id not in drafts]
+        plain_rows = [rows[r.req_id].start for r in plain]
+        verify = [r for r in sampling if r.req_id in drafts]
+        verify_rows = [i for r in verify for i in rows[r.req_id]]
         new_tokens: dict[str, list[int]] = {}
         new_logprobs = {}
         if plain:
@@ -84,6 +90,8 @@ class ModelRunner:
                 new_tokens[r.req_id] = tokens
                 if lps is not None:
                     new_logprobs[r.req_id] = lps
+        if self.structured is not None:
+            self.structured.advance(new_tokens)
         return ModelRunnerOutput(new_tokens, new_logprobs,
                                  {rid: len(d.token_ids) for rid, d in drafts.items()})
 
@@ -101,9 +109,11 @@ class ModelRunner:
                 if rid in limits and d.token_ids}
 
     def release(self, req_ids: list[str]) -> None:
-        """Drop per-request state (the draft's KV) of requests that ended."""
+        """Drop per-request state (the draft's KV, the grammar) of requests that ended."""
         if self.proposer is not None and req_ids:
             self.proposer.release(req_ids)
+        if self.structured is not None and req_ids:
+            self.structured.release(req_ids)
 
     def forward(self, scheduled: list[ScheduledRequest], num_rows: dict[str, int] | None = None
                 ) -> tuple[list[ScheduledRequest], torch.Tensor]:

@@ -1,0 +1,191 @@
+"""Tool calls out of generated text: whole replies, and streams of deltas.
+
+Formats (chosen by `tool_choice`, the same for every model since the generic tool prompt is
+Hermes-style; see docs/structured_output.md):
+- auto: Hermes blocks `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` anywhere in
+  the reply (text around them is the content), or a reply that is only a JSON object (or list
+  of objects) with a known `name` and `arguments` (or `parameters`): the JSON format.
+- required: the grammar made the reply a JSON array of {"name", "arguments"} objects.
+- named: the grammar made the reply the named function's arguments object.
+A block that does not parse as a call of a known function stays in the content: nothing the
+model wrote is dropped. Streams send content as it comes, minus any text that may be the start
+of a `<tool_call>` tag, and each call as two deltas: id/type/name, then its arguments.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from typing import Any
+
+from pagoda.server.chat_protocol import DeltaFunctionCall, DeltaToolCall
+from pagoda.server.protocol import FunctionCall, ToolCall
+from pagoda.server.tool_prompt import ToolUse
+
+START, END = "<tool_call>", "</tool_call>"
+BLOCK = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.S)
+
+
+def new_call(name: str, arguments: Any) -> ToolCall:
+    text = arguments if isinstance(arguments, str) else json.dumps(arguments)
+    return ToolCall(id=f"call_{uuid.uuid4().hex[:24]}",
+                    function=FunctionCall(name=name, arguments=text))
+
+
+def _as_calls(value: Any, names: set[str]) -> list[ToolCall] | None:
+    """[calls] if `value` is a call object or a list of them (known names only), else None."""
+    items = value if isinstance(value, list) else [value]
+    calls = []
+    for item in items:
+        if not isinstance(item, dict) or item.get("name") not in names:
+            return None
+        args = item.get("arguments", item.get("parameters", {}))
+        if not isinstance(args, dict):
+            return None
+        calls.append(new_call(item["name"], args))
+    return calls or None
+
+
+def _loads(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return None
+
+
+def parse_tool_calls(text: str, use: ToolUse) -> tuple[str | None, list[ToolCall]]:
+    """(content, calls) of a whole reply."""
+    if use.mode == "named":
+        return None, [new_call(use.named, text)]
+    if use.mode == "required":
+        calls = _as_calls(_loads(text), use.names)
+        return (None, calls) if calls else (text, [])
+    if use.mode == "none":
+        return text, []
+    calls: list[ToolCall] = []
+    content: list[str] = []
+    pos = 0
+    for match in BLOCK.finditer(text):
+        parsed = _as_calls(_loads(match.group(1).strip()), use.names)
+        if parsed:
+            content.append(text[pos:match.start()])
+            calls += parsed
+            pos = match.end()
+    content.append(text[pos:])
+    if not calls and text.lstrip().startswith(("{", "[")):
+        calls = _as_calls(_loads(text.strip()), use.names) or []
+        if calls:
+            content = []
+    joined = "".join(content).strip()
+    return (joined or None, calls)
+
+
+class ToolCallStream:
+    """One choice's stream: `feed(text)` and `finish()` return (content, tool-call deltas)."""
+
+    def __init__(self, use: ToolUse):
+        self.use = use
+        self.pending = ""  # text held back: a possible tag start, a call body
+        self.spaces = ""  # trailing whitespace of the content sent so far
+        self.in_call = False
+        self.num_calls = 0
+        self.started = False  # any content sent yet (leading whitespace is dropped)
+        self.json_reply: bool | None = None  # auto: the reply opened with '{' or '['
+
+    def feed(self, text: str) -> tuple[str, list[DeltaToolCall]]:
+        mode = self.use.mode
+        if mode == "none":
+            return text, []
+        if mode == "named":
+            deltas = [] if self.num_calls else self._open(new_call(self.use.named, ""))
+            if text:
+                deltas.append(DeltaToolCall(index=0, function=DeltaFunctionCall(arguments=text)))
+            return "", deltas
+        self.pending += text
+        if mode == "required":
+            return "", []
+        if self.json_reply is None and self.pending.strip():
+            self.json_reply = self.pending.lstrip().startswith(("{", "["))
+        if self.json_reply:
+            return "", []
+        return self._scan()
+
+    def finish(self) -> tuple[str, list[DeltaToolCall]]:
+        mode, text = self.use.mode, self.pending
+        self.pending = ""
+        if mode in ("none", "named"):
+            return "", []
+        if mode == "required" or self.json_reply:
+            content, calls = parse_tool_calls(text, self.use)
+            deltas = [d for c in calls for d in self._send(c)]
+            return (content or "") if not calls else "", deltas
+        if self.in_call:  # a block the reply ended inside (no closing tag)
+            calls = _as_calls(_loads(text.strip()), self.use.names)
+            if calls:
+                return "", [d for c in calls for d in self._send(c)]
+            text = START + text
+        return self._content(text), []
+
+    @property
+    def made_calls(self) -> bool:
+        return self.num_calls > 0
+
+    def _scan(self) -> tuple[str, list[DeltaToolCall]]:
+        content, deltas = "", []
+        while True:
+            if self.in_call:
+                end = self.pending.find(END)
+                if end < 0:
+                    break
+                body, self.pending = self.pending[:end], self.pending[end + len(END):]
+                self.in_call = False
+                calls = _as_calls(_loads(body.strip()), self.use.names)
+                if calls:
+                    deltas += [d for c in calls for d in self._send(c)]
+                else:
+                    content += self._content(START + body + END)
+                continue
+            start = self.pending.find(START)
+            if start >= 0:
+                content += self._content(self.pending[:start])
+                self.pending = self.pending[start + len(START):]
+                self.in_call = True
+                continue
+            keep = _partial_tag(self.pending)
+            cut = len(self.pending) - keep
+            content += self._content(self.pending[:cut])
+            self.pending = self.pending[cut:]
+            break
+        return content, deltas
+
+    def _content(self, text: str) -> str:
+        """Text to send now. Whitespace before a call, or at either end of the reply, is what
+        `parse_tool_calls` strips, so trailing whitespace waits to see what follows it."""
+        text = self.spaces + text
+        if not self.started:
+            text = text.lstrip()
+        body = text.rstrip()
+        self.spaces = text[len(body):]
+        if body:
+            self.started = True
+        return body
+
+    def _open(self, call: ToolCall) -> list[DeltaToolCall]:
+        index = self.num_calls
+        self.num_calls += 1
+        return [DeltaToolCall(index=index, id=call.id, type="function",
+                              function=DeltaFunctionCall(name=call.function.name, arguments=""))]
+
+    def _send(self, call: ToolCall) -> list[DeltaToolCall]:
+        opened = self._open(call)
+        return opened + [DeltaToolCall(index=opened[0].index, function=DeltaFunctionCall(
+            arguments=call.function.arguments))]
+
+
+def _partial_tag(text: str) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of the start tag."""
+    for n in range(min(len(START) - 1, len(text)), 0, -1):
+        if text.endswith(START[:n]):
+            return n
+    return 0

@@ -1,0 +1,130 @@
+"""Tools into the prompt, and the constraint that `tool_choice` implies.
+
+A chat template that knows tools (its source mentions `tools`) renders them itself, and gets the
+conversation's `tool_calls` and `tool` turns as OpenAI-shaped dicts. A template that does not
+(SmolLM2's, Gemma 3's) gets Pagoda's generic Hermes-style tool prompt: the functions as JSON
+lines inside <tools></tools> in the system turn, calls written as
+`<tool_call>{"name": ..., "arguments": {...}}</tool_call>`; earlier calls are rendered that way
+in assistant turns and tool results as <tool_response> blocks in a user turn (so templates
+that only know user/assistant/system still accept the history).
+
+`tool_choice` "required" constrains the reply to a JSON array of calls (at least one; exactly
+one when `parallel_tool_calls` is false) whose arguments follow each function's schema; a named
+function constrains it to that function's arguments object. "auto" leaves the model free and
+the parser (`tool_parser.py`) finds the calls; "none" renders no tools.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from pagoda.sampling.constraint import StructuredOutputs
+from pagoda.server.chat_protocol import ChatCompletionRequest, Tool
+from pagoda.server.errors import APIError
+
+TOOL_PROMPT = (
+    "You can call functions to help with the user's request. The functions are described by "
+    "JSON schemas inside <tools></tools>:\n<tools>\n{tools}\n</tools>\n"
+    "To call a function, reply with a JSON object holding its name and arguments inside "
+    "<tool_call></tool_call> tags, one block per call:\n"
+    '<tool_call>\n{{"name": "<function name>", "arguments": {{<arguments as JSON>}}}}\n'
+    "</tool_call>\nIf no function is needed, answer directly.")
+
+
+@dataclass(frozen=True)
+class ToolUse:
+    mode: str  # "none", "auto", "required" or "named"
+    tools: tuple[Tool, ...]
+    named: str | None = None
+    parallel: bool = True
+
+    @property
+    def names(self) -> set[str]:
+        return {t.function.name for t in self.tools}
+
+
+def tool_use(request: ChatCompletionRequest) -> ToolUse:
+    tools = tuple(request.tools or ())
+    names = [t.function.name for t in tools]
+    if len(set(names)) != len(names):
+        raise APIError(400, "tools: function names must be unique", "tools")
+    choice = request.tool_choice
+    if choice is None:
+        mode = "auto" if tools else "none"
+    elif isinstance(choice, str):
+        mode = choice
+    else:
+        mode = "named"
+    if mode in ("required", "named") and not tools:
+        raise APIError(400, f"tool_choice {mode!r} needs tools", "tool_choice")
+    named = None
+    if mode == "named":
+        named = choice.function.name
+        if named not in names:
+            raise APIError(400, f"tool_choice names {named!r}, which is not in tools",
+                           "tool_choice")
+    return ToolUse(mode, tools, named, request.parallel_tool_calls is not False)
+
+
+def _parameters(tool: Tool) -> dict[str, Any]:
+    return tool.function.parameters or {"type": "object", "properties": {}}
+
+
+def tool_constraint(use: ToolUse) -> StructuredOutputs | None:
+    if use.mode == "named":
+        tool = next(t for t in use.tools if t.function.name == use.named)
+        return StructuredOutputs.json_schema(_parameters(tool), strict=True)
+    if use.mode != "required":
+        return None
+    calls = [{"type": "object", "properties": {
+        "name": {"const": t.function.name}, "arguments": _parameters(t)},
+        "required": ["name", "arguments"]} for t in use.tools]
+    item = calls[0] if len(calls) == 1 else {"anyOf": calls}
+    schema: dict[str, Any] = {"type": "array", "items": item, "minItems": 1}
+    if not use.parallel:
+        schema["maxItems"] = 1
+    return StructuredOutputs.json_schema(schema, strict=True)
+
+
+def template_messages(messages: list[dict[str, Any]], use: ToolUse,
+                      template_knows_tools: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """(messages for the chat template, extra template arguments)."""
+    if template_knows_tools:
+        tools = [t.model_dump(exclude_none=True) for t in use.tools] if use.mode != "none" else None
+        return messages, ({"tools": tools} if tools else {})
+    out: list[dict[str, Any]] = []
+    for m in messages:
+        if m["role"] == "assistant" and m.get("tool_calls"):
+            blocks = [_call_block(c) for c in m["tool_calls"]]
+            text = "\n".join(([m["content"]] if m["content"] else []) + blocks)
+            out.append({"role": "assistant", "content": text})
+        elif m["role"] == "tool":
+            block = f"<tool_response>\n{m['content']}\n</tool_response>"
+            if out and out[-1].get("tool_results"):  # consecutive results: one user turn
+                out[-1]["content"] += "\n" + block
+            else:
+                out.append({"role": "user", "content": block, "tool_results": True})
+        else:
+            out.append({"role": m["role"], "content": m["content"]})
+    out = [{"role": m["role"], "content": m["content"]} for m in out]
+    if use.mode != "none" and use.tools:
+        lines = "\n".join(json.dumps(t.function.model_dump(exclude_none=True))
+                          for t in use.tools)
+        prompt = TOOL_PROMPT.format(tools=lines)
+        if out and out[0]["role"] == "system":
+            out[0] = {"role": "system", "content": f"{out[0]['content']}\n\n{prompt}"}
+        else:
+            out.insert(0, {"role": "system", "content": prompt})
+    return out, {}
+
+
+def _call_block(call: dict[str, Any]) -> str:
+    fn = call.get("function", {})
+    try:
+        arguments = json.loads(fn.get("arguments") or "{}")
+    except json.JSONDecodeError:
+        arguments = fn.get("arguments")
+    body = json.dumps({"name": fn.get("name"), "arguments": arguments})
+    return f"<tool_call>\n{body}\n</tool_call>"

@@ -1,0 +1,1 @@
+"""Structured output: constraints compiled into grammars (xgrammar) that mask the sampler."""

@@ -1,0 +1,96 @@
+"""A constraint's grammar, built without a tokenizer: what the front-end checks (so a bad schema,
+regex or grammar is a 400 before any token is generated) and what the engine then compiles.
+
+xgrammar accepts some JSON Schema keywords without enforcing them (measured with its acceptor on
+violating strings: `not`, `allOf` with several parts, `if`/`then`/`else`, `uniqueItems`,
+`contains`, `dependentRequired`...). A schema using one is refused, naming it, because output
+that silently ignores part of the schema is exactly what this package exists to prevent.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pagoda.sampling.constraint import StructuredOutputs
+
+
+class ConstraintError(ValueError):
+    """A constraint that cannot be compiled; the message says why."""
+
+
+# Keywords a schema may use that xgrammar does not enforce; `format` values are annotations in
+# JSON Schema 2020-12 (validators ignore unknown ones too), so they are not listed.
+UNENFORCED_KEYWORDS = frozenset({
+    "not", "if", "then", "else", "uniqueItems", "contains", "minContains", "maxContains",
+    "dependentRequired", "dependentSchemas", "dependencies", "$dynamicRef", "$recursiveRef",
+})
+SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
+SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+SUBSCHEMAS = ("items", "additionalProperties", "propertyNames", "additionalItems")
+
+
+def check_schema(schema: Any, path: str = "#") -> None:
+    """Raise ConstraintError for an invalid JSON Schema or one xgrammar would not enforce."""
+    if path == "#":
+        import jsonschema
+
+        try:
+            jsonschema.validators.validator_for(schema).check_schema(schema)
+        except jsonschema.SchemaError as exc:
+            raise ConstraintError(f"invalid JSON schema: {exc.message}") from None
+    if isinstance(schema, bool):
+        return
+    if not isinstance(schema, dict):
+        raise ConstraintError(f"invalid JSON schema at {path}: expected an object")
+    for key in UNENFORCED_KEYWORDS.intersection(schema):
+        if key == "uniqueItems" and not schema[key]:
+            continue
+        raise ConstraintError(f"JSON schema keyword {key!r} at {path} is not supported "
+                              "by the grammar engine")
+    if len(schema.get("allOf", ())) > 1:
+        raise ConstraintError(f"JSON schema keyword 'allOf' with several schemas at {path} is "
+                              "not supported by the grammar engine; merge them into one")
+    for key in SUBSCHEMA_MAPS:
+        for name, sub in (schema.get(key) or {}).items():
+            check_schema(sub, f"{path}/{key}/{name}")
+    for key in SUBSCHEMA_LISTS:
+        for i, sub in enumerate(schema.get(key) or ()):
+            check_schema(sub, f"{path}/{key}/{i}")
+    for key in SUBSCHEMAS:
+        if isinstance(schema.get(key), (dict, bool)):
+            check_schema(schema[key], f"{path}/{key}")
+
+
+def build_grammar(constraint: StructuredOutputs) -> Any:
+    """The constraint as an `xgrammar.Grammar`; raises ConstraintError with the reason."""
+    import xgrammar as xgr
+
+    kind, value = constraint.kind, constraint.value
+    if kind == "json":
+        check_schema(constraint.schema)
+    if kind == "grammar" and "::=" not in value:
+        raise ConstraintError("grammar must be EBNF/GBNF with a `root ::= ...` rule "
+                              "(Lark grammars are not supported)")
+    try:
+        if kind == "json":
+            # no free whitespace: small models otherwise pad JSON with newlines until max_tokens
+            return xgr.Grammar.from_json_schema(value, any_whitespace=False,
+                                                strict_mode=constraint.strict)
+        if kind == "json_object":
+            return xgr.Grammar.from_json_schema('{"type": "object"}', any_whitespace=False,
+                                                strict_mode=False)
+        if kind == "regex":
+            return xgr.Grammar.from_regex(value)
+        if kind == "choice":
+            options = constraint.options
+            if not options or not all(isinstance(o, str) and o for o in options):
+                raise ConstraintError("choice must be a non-empty list of non-empty strings")
+            return xgr.Grammar.from_ebnf("root ::= " + " | ".join(json.dumps(o) for o in options))
+        return xgr.Grammar.from_ebnf(value)
+    except ConstraintError:
+        raise
+    except (RuntimeError, ValueError) as exc:
+        # xgrammar prefixes "[time] /path/file.cc:line: "; the client needs only the reason
+        reason = str(exc).strip().split(": ", 1)[-1] if ".cc:" in str(exc) else str(exc)
+        raise ConstraintError(f"invalid {kind} constraint: {reason}") from None
