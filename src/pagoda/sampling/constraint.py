@@ -21,18 +21,17 @@ class StructuredOutputs:
     # json: the schema as canonical JSON text; regex / grammar: the source; choice: JSON list of
     # the allowed strings; json_object: "" (any JSON object)
     value: str
-    strict: bool = True  # json: no properties or items beyond those the schema names
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"unknown constraint kind {self.kind!r}; expected one of {KINDS}")
 
     @classmethod
-    def json_schema(cls, schema: dict[str, Any] | str, strict: bool = True) -> StructuredOutputs:
+    def json_schema(cls, schema: dict[str, Any] | str) -> StructuredOutputs:
         if isinstance(schema, str):
             schema = json.loads(schema)
         # key order kept: properties are generated in the order the schema lists them
-        return cls("json", json.dumps(schema, separators=(",", ":")), strict)
+        return cls("json", json.dumps(schema, separators=(",", ":")))
 
     @classmethod
     def choice(cls, options: list[str]) -> StructuredOutputs:
@@ -49,5 +48,5 @@ class StructuredOutputs:
     @property
     def key(self) -> str:
         """Identical constraints share one compiled grammar."""
-        text = f"{self.kind}\0{int(self.strict)}\0{self.value}"
+        text = f"{self.kind}\0{self.value}"
         return hashlib.sha256(text.encode()).hexdigest()

@@ -117,7 +117,7 @@ def _stream(client: EngineClient, request: ChatCompletionRequest, tools: ToolUse
         if not text and not calls and finish is None and logprobs is None:
             return None
         return ChatStreamChoice(index=delta.index, delta=ChatDelta(
-            content=text if text or not calls else None, tool_calls=calls or None),
+            content=text or None, tool_calls=calls or None),
             logprobs=logprobs, finish_reason=finish)
 
     # a reply that can only be tool calls opens with null content, as OpenAI's does

@@ -52,12 +52,12 @@ def _sources(request: SamplingFields) -> list[tuple[StructuredOutputs, str] | No
         if spec is None or spec.schema_ is None:
             raise APIError(400, "response_format json_schema needs json_schema.schema",
                            "response_format")
-        out.append((_schema(spec.schema_, bool(spec.strict), "response_format"),
-                    "response_format"))
+        # strict or not, the output follows the schema (see structured_output/grammar.py)
+        out.append((_schema(spec.schema_, "response_format"), "response_format"))
     if request.structured_outputs is not None:
         out.append((_structured(request.structured_outputs), "structured_outputs"))
     if request.guided_json is not None:
-        out.append((_schema(request.guided_json, True, "guided_json"), "guided_json"))
+        out.append((_schema(request.guided_json, "guided_json"), "guided_json"))
     if request.guided_regex is not None:
         out.append((StructuredOutputs("regex", request.guided_regex), "guided_regex"))
     if request.guided_choice is not None:
@@ -67,9 +67,9 @@ def _sources(request: SamplingFields) -> list[tuple[StructuredOutputs, str] | No
     return out
 
 
-def _schema(schema: dict[str, Any] | str, strict: bool, param: str) -> StructuredOutputs:
+def _schema(schema: dict[str, Any] | str, param: str) -> StructuredOutputs:
     try:
-        return StructuredOutputs.json_schema(schema, strict)
+        return StructuredOutputs.json_schema(schema)
     except (json.JSONDecodeError, TypeError) as exc:
         raise APIError(400, f"{param}: the JSON schema is not valid JSON ({exc})", param) from None
 
@@ -88,7 +88,7 @@ def _structured(so: StructuredOutputsRequest) -> StructuredOutputs:
                        "grammar, json_object", param)
     kind, value = kinds[0]
     if kind == "json":
-        return _schema(value, True, param)
+        return _schema(value, param)
     if kind == "choice":
         return StructuredOutputs.choice(value)
     return StructuredOutputs(kind, value)

@@ -75,7 +75,7 @@ def _parameters(tool: Tool) -> dict[str, Any]:
 def tool_constraint(use: ToolUse) -> StructuredOutputs | None:
     if use.mode == "named":
         tool = next(t for t in use.tools if t.function.name == use.named)
-        return StructuredOutputs.json_schema(_parameters(tool), strict=True)
+        return StructuredOutputs.json_schema(_parameters(tool))
     if use.mode != "required":
         return None
     calls = [{"type": "object", "properties": {
@@ -85,7 +85,7 @@ def tool_constraint(use: ToolUse) -> StructuredOutputs | None:
     schema: dict[str, Any] = {"type": "array", "items": item, "minItems": 1}
     if not use.parallel:
         schema["maxItems"] = 1
-    return StructuredOutputs.json_schema(schema, strict=True)
+    return StructuredOutputs.json_schema(schema)
 
 
 def template_messages(messages: list[dict[str, Any]], use: ToolUse,

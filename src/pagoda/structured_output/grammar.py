@@ -74,9 +74,7 @@ def build_grammar(constraint: StructuredOutputs) -> Any:
                               "(Lark grammars are not supported)")
     try:
         if kind == "json":
-            # no free whitespace: small models otherwise pad JSON with newlines until max_tokens
-            return xgr.Grammar.from_json_schema(value, any_whitespace=False,
-                                                strict_mode=constraint.strict)
+            return _json_grammar(xgr, value)
         if kind == "json_object":
             return xgr.Grammar.from_json_schema('{"type": "object"}', any_whitespace=False,
                                                 strict_mode=False)
@@ -94,3 +92,15 @@ def build_grammar(constraint: StructuredOutputs) -> Any:
         # xgrammar prefixes "[time] /path/file.cc:line: "; the client needs only the reason
         reason = str(exc).strip().split(": ", 1)[-1] if ".cc:" in str(exc) else str(exc)
         raise ConstraintError(f"invalid {kind} constraint: {reason}") from None
+
+
+def _json_grammar(xgr: Any, schema: str) -> Any:
+    """No free whitespace, and nothing the schema does not name (xgrammar's strict mode: no
+    unnamed properties or items). Small models otherwise pad JSON with newlines, or invent
+    properties, until max_tokens; the output stays valid under the schema either way. A schema
+    that strict mode cannot satisfy (an array with minItems but no items) compiles permissively.
+    """
+    try:
+        return xgr.Grammar.from_json_schema(schema, any_whitespace=False, strict_mode=True)
+    except RuntimeError:
+        return xgr.Grammar.from_json_schema(schema, any_whitespace=False, strict_mode=False)
