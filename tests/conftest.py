@@ -46,7 +46,8 @@ def hf_model(loaded_model):
 
 @pytest.fixture(scope="session")
 def gguf_draft(loaded_model):
-    """(speculative decoding) The default model again, on its GGUF blocks (qgemm): the practical CPU draft."""
+    """The default model again, on its GGUF blocks (qgemm): the practical CPU draft (for the
+    speculative decoding tests)."""
     from pagoda.loader.model_loader import load_model
     from pagoda.quant import apply_quantization
 

@@ -127,3 +127,38 @@ def test_websocket_and_sse_through_the_gateway_to_a_real_replica(serve_replicas)
             {"key": "alice", "model": "m", "upstream": serve_replicas[0][7:],
              "kind": "completion"})
         assert tokens == 4  # counted from the SSE stream's usage chunk
+
+
+@pytest.mark.slow
+def test_structured_output_and_tools_through_the_gateway_and_its_cache(serve_replicas):
+    config = make_config({"m": upstreams(serve_replicas[:1])}, cache={"enabled": True})
+    ask = [{"role": "user", "content": "Reply in JSON: what is the capital of France?"}]
+
+    def fmt(*names: str) -> dict:
+        return {"type": "json_schema", "json_schema": {"name": "c", "schema": {
+            "type": "object", "properties": {n: {"type": "string", "maxLength": 20}
+                                             for n in names}, "required": list(names)}}}
+
+    with GatewayServer(config) as gw, httpx.Client(base_url=gw.url, headers=auth(),
+                                                   timeout=120) as http:
+        body = {"model": "m", "messages": ask, "temperature": 0, "max_tokens": 60}
+        first = http.post("/v1/chat/completions", json={**body, "response_format": fmt("city")})
+        assert first.status_code == 200 and first.headers["x-cache"] == "miss"
+        assert list(json.loads(first.json()["choices"][0]["message"]["content"])) == ["city"]
+        again = http.post("/v1/chat/completions", json={**body, "response_format": fmt("city")})
+        assert again.headers["x-cache"] == "hit" and again.json() == first.json()
+        other = http.post("/v1/chat/completions",
+                          json={**body, "response_format": fmt("country", "city")})
+        assert other.headers["x-cache"] == "miss"
+        assert list(json.loads(other.json()["choices"][0]["message"]["content"])) == [
+            "country", "city"]
+        bad = http.post("/v1/chat/completions", json={**body, "guided_regex": "[a-"})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "guided_regex"
+        tools = [{"type": "function", "function": {"name": "lookup", "parameters": {
+            "type": "object", "properties": {"q": {"type": "string", "maxLength": 20}},
+            "required": ["q"]}}}]
+        call = http.post("/v1/chat/completions", json={**body, "tools": tools,
+                                                       "tool_choice": "required"})
+        choice = call.json()["choices"][0]
+        assert choice["finish_reason"] == "tool_calls"
+        assert choice["message"]["tool_calls"][0]["function"]["name"] == "lookup"

@@ -147,6 +147,22 @@ def test_cache_key_ignores_transport_fields_only():
     assert not is_cacheable({"temperature": 0.7})
 
 
+def test_cache_key_covers_constraints_and_their_key_order():
+    body = {"messages": [{"role": "user", "content": "x"}], "temperature": 0}
+    fmt = {"type": "json_schema", "json_schema": {"name": "a", "schema": {
+        "type": "object", "properties": {"x": {}, "y": {}}}}}
+    swapped = {"type": "json_schema", "json_schema": {"name": "a", "schema": {
+        "type": "object", "properties": {"y": {}, "x": {}}}}}
+    base = cache_key("/v1/chat/completions", "m", body)
+    with_fmt = cache_key("/v1/chat/completions", "m", {**body, "response_format": fmt})
+    assert base != with_fmt
+    # property order is the order the output follows: a different answer, a different entry
+    assert with_fmt != cache_key("/v1/chat/completions", "m", {**body, "response_format": swapped})
+    assert base != cache_key("/v1/chat/completions", "m", {**body, "tools": [{"type": "function"}]})
+    assert with_fmt == cache_key("/v1/chat/completions", "m",
+                                 {"response_format": fmt, **body})  # top-level order: no matter
+
+
 def test_memory_cache_ttl_and_lru():
     clock = Clock()
     cache = MemoryResponseCache(ttl_s=10, max_entries=2, clock=clock)

@@ -2,8 +2,10 @@
 
 A request is cacheable only if its output is a function of its input: `temperature` is 0 or a `seed`
 is fixed. The key hashes the endpoint, the public model name and the request body normalised as
-JSON (top-level fields sorted), with the fields that change only the transport (`stream`, `stream_options`) or only
-bookkeeping (`user`) removed — so a streamed and a non-streamed request share one entry.
+JSON (top-level fields sorted), with the fields that change only the transport (`stream`,
+`stream_options`) or only bookkeeping (`user`) removed — so a streamed and a non-streamed request
+share one entry. Every field that shapes the output (`response_format`, `tools`, `logit_bias`...)
+is part of the key.
 
 Values are always the complete non-streaming response body (JSON bytes); streamed answers are
 assembled into that form before they are stored (see sse.py) and re-chunked when served.
