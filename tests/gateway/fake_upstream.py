@@ -6,7 +6,8 @@ number, reports `usage`, serves `/health` and an echoing `/v1/ws`, and can be st
 
 - `POST /control` with any of `healthy`, `fail_next`, `fail_mode`, `delay_s`, `chunk_delay_s`,
   `linger_s` (seconds a stream stays open after `[DONE]`);
-  `fail_mode` is "500" or "400" (that HTTP status), "early" (200 headers, then the connection
+  `fail_mode` is "500", "400", "502" or "503" (that HTTP status; a 503 with
+  Retry-After: 7), "early" (200 headers, then the connection
   drops before any body byte) or "midstream" (drops after two chunks).
 - `GET /stats` reports counters: requests, completed, cancelled (requests whose client vanished),
   active, and the prompts and models seen.
@@ -104,9 +105,11 @@ def create_fake_app(name: str) -> FastAPI:
         failing = behaviour.fail_next > 0
         if failing:
             behaviour.fail_next -= 1
-            if behaviour.fail_mode in ("500", "400"):
+            if behaviour.fail_mode in ("500", "400", "502", "503"):
                 status = int(behaviour.fail_mode)
-                return JSONResponse({"error": {"message": "injected"}}, status_code=status)
+                headers = {"Retry-After": "7"} if status == 503 else None
+                return JSONResponse({"error": {"message": f"injected by {name}"}},
+                                    status_code=status, headers=headers)
         if behaviour.delay_s and not body.get("stream"):
             # like a real server: stop working on a request whose client has gone
             deadline = time.monotonic() + behaviour.delay_s

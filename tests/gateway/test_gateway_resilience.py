@@ -32,8 +32,9 @@ def two(replicas, **overrides) -> GatewayServer:
     return GatewayServer(make_config({"m": [replicas[0].url, replicas[1].url]}, **overrides))
 
 
-def test_5xx_and_connection_failures_retry_on_another_replica(replicas):
-    replicas[0].control(fail_next=1, fail_mode="500")
+@pytest.mark.parametrize("mode", ["502", "503"])
+def test_unavailable_replicas_and_connection_failures_retry_on_another(replicas, mode):
+    replicas[0].control(fail_next=1, fail_mode=mode)
     with two(replicas) as gw:
         r = complete(gw)  # round robin starts at r1, which fails; r2 answers
         assert r.status_code == 200 and r.json()["choices"][0]["text"].startswith("[r2#1]")
@@ -77,19 +78,41 @@ def test_client_errors_are_not_retried(replicas):
     assert [u.stats()["requests"] for u in replicas[:2]] == [1, 1]
 
 
-def test_all_replicas_failing_gives_502_after_max_attempts(replicas):
+def test_a_replicas_own_500_is_passed_through_unretried(replicas):
+    replicas[0].control(fail_next=2, fail_mode="500")
+    with two(replicas) as gw:
+        r = complete(gw)
+        assert r.status_code == 500
+        assert r.json() == {"error": {"message": "injected by r1"}}  # the upstream's own body
+        replicas[1].control(fail_next=1, fail_mode="500")
+        s, _ = stream_lines(gw)
+        assert s.status_code == 500
+    assert [u.stats()["requests"] for u in replicas[:2]] == [1, 1]
+
+
+def test_all_replicas_overloaded_passes_the_last_503_through(replicas):
     for u in replicas:
-        u.control(fail_next=5, fail_mode="500")
+        u.control(fail_next=5, fail_mode="503")
     config = make_config({"m": [u.url for u in replicas]}, retry={"max_attempts": 2})
     with GatewayServer(config) as gw:
         r = complete(gw)
+        assert r.status_code == 503 and r.headers["retry-after"] == "7"
+        assert r.json()["error"]["message"].startswith("injected by")
+        s, _ = stream_lines(gw)
+        assert s.status_code == 503 and s.headers["retry-after"] == "7"
+    assert sum(u.stats()["requests"] for u in replicas) == 4
+
+
+def test_no_replica_reachable_gives_502_after_max_attempts():
+    dead = ["http://127.0.0.1:9", "http://127.0.0.1:7"]  # nothing listens: connection refused
+    with GatewayServer(make_config({"m": dead}, retry={"max_attempts": 2})) as gw:
+        r = complete(gw)
     assert r.status_code == 502
     assert r.json()["error"]["code"] == "upstream_unavailable"
-    assert sum(u.stats()["requests"] for u in replicas) == 2
 
 
 def test_passive_ejection_after_consecutive_failures(replicas):
-    replicas[0].control(fail_next=100, fail_mode="500")
+    replicas[0].control(fail_next=100, fail_mode="503")
     config = make_config({"m": [replicas[0].url, replicas[1].url]},
                          health={"eject_after_failures": 2, "eject_s": 60})
     with GatewayServer(config) as gw:

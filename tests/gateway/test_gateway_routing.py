@@ -6,6 +6,7 @@ import asyncio
 import json
 
 import httpx
+from websockets.sync.client import connect as ws_connect
 
 from tests.gateway.gateway_harness import GatewayServer, auth, make_config, wait_for
 
@@ -126,3 +127,19 @@ def test_upstream_model_is_renamed_both_ways(replicas):
                        json={"model": "m", "prompt": "x", "max_tokens": 2})
     assert r.json()["model"] == "m"
     assert replicas[0].stats()["models"] == ["backend-7b"]
+
+
+def test_upstream_model_is_renamed_in_websocket_messages(replicas):
+    pool = {"name": "m", "upstreams": [replicas[0].url], "upstream_model": "backend-7b"}
+    config = make_config({"m": [replicas[0].url]}, models=[pool])
+    with GatewayServer(config) as gw, ws_connect(gw.url.replace("http", "ws") + "/v1/ws?model=m",
+                                                 additional_headers=auth()) as ws:
+        for sent, upstream_sees in (({"type": "chat", "id": 1, "model": "m"}, "backend-7b"),
+                                    ({"type": "chat", "id": 2, "model": "other"}, "other"),
+                                    ({"type": "chat", "id": 3}, None)):
+            ws.send(json.dumps(sent))
+            reply = json.loads(ws.recv(timeout=5))
+            assert json.loads(reply["echo"]).get("model") == upstream_sees
+            assert reply["query"] == {"model": "backend-7b"}
+        ws.send("not json")  # passed through untouched
+        assert json.loads(ws.recv(timeout=5))["echo"] == "not json"

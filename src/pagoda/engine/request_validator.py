@@ -38,7 +38,10 @@ class RequestValidator:
         if isinstance(prompt, str):
             if not prompt:
                 raise RequestError("prompt must not be empty", "prompt")
-            return prompt, tokenizer.encode(prompt)
+            try:
+                return prompt, tokenizer.encode(prompt)
+            except ValueError as exc:  # e.g. a lone surrogate
+                raise RequestError(str(exc), "prompt") from None
         ids = list(prompt)
         if not ids:
             raise RequestError("prompt must not be empty", "prompt")

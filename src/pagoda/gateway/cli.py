@@ -38,6 +38,7 @@ def _serve(args: argparse.Namespace) -> int:
         raise ValueError("--config is required (see docs/gateway.md)")
     import uvicorn
 
+    from pagoda import log_redaction
     from pagoda.gateway.app import create_app
     from pagoda.gateway.config import load_config
 
@@ -49,7 +50,10 @@ def _serve(args: argparse.Namespace) -> int:
     state = "redis" if (args.redis or config.redis_url) else "in-memory"
     print(f"pagoda gateway: {len(config.keys)} keys; models: {pools}; {state} limits and cache; "
           f"http://{host}:{port}", file=sys.stderr)
-    uvicorn.run(app, host=host, port=port, log_level=args.log_level, access_log=False)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=args.log_level,
+                                           access_log=args.log_level == "debug"))
+    log_redaction.install()  # after uvicorn.Config, which applies uvicorn's logging config
+    server.run()
     return 0
 
 

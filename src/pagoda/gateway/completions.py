@@ -290,6 +290,8 @@ async def _forward(state: GatewayState, call: Call, upstream_body: dict[str, Any
     _observe(state, call, reply.upstream.name, reply.status)
     cache = "miss" if call.cache_key is not None else "bypass"
     headers = call.headers(cache, reply.upstream.name)
+    if reply.retry_after is not None:
+        headers["retry-after"] = reply.retry_after
     return Response(content, status_code=reply.status, media_type=reply.content_type,
                     headers=headers)
 
@@ -303,10 +305,13 @@ async def _forward_stream(
         call.pool, policy, text, call.endpoint, upstream_body
     )
     cache = "miss" if call.cache_key is not None else "bypass"
-    if not isinstance(opened, OpenStream):  # a 4xx: pass it through as a complete answer
+    if not isinstance(opened, OpenStream):  # the upstream's own error: passed through whole
         _observe(state, call, opened.upstream.name, opened.status)
+        headers = call.headers(cache, None)
+        if opened.retry_after is not None:
+            headers["retry-after"] = opened.retry_after
         return Response(opened.content, status_code=opened.status,
-                        media_type=opened.content_type, headers=call.headers(cache, None))
+                        media_type=opened.content_type, headers=headers)
     outcome = RelayOutcome()
     assembler = StreamAssembler(chat=call.chat) if call.cache_key is not None else None
     options = call.body.get("stream_options") or {}

@@ -1,12 +1,17 @@
 """Sending one request to a pool, with retries that never duplicate output the client has seen.
 
-Retry rule: an attempt may be retried on another upstream (never the same one) if it failed
-before any byte reached the client — a connection error, a timeout, a 5xx status, or, for streams,
-a failure before the first body chunk arrived (the first chunk is read before the gateway commits
-its own response headers). 4xx answers are the client's problem and are passed through unretried.
-Once a stream's first chunk has been handed over, a failure ends the stream; it is never retried.
+Retry rule: an attempt may be retried on another upstream (never the same one) if the upstream
+could not take it — a connection error, a timeout, a 502/503/504 (a proxy's failure, an
+overloaded or draining replica), or, for streams, a failure before the first body chunk arrived
+(the first chunk is read before the gateway commits its own response headers). Every other
+answer is the upstream's own word on this request and is passed through unretried: a 4xx is the
+client's problem, and a 500 is the replica failing *this* request, which another replica would
+fail the same way (retrying it everywhere only multiplied the damage and hid the error behind a
+502). When every attempt got a 502/503/504, the last one is passed through (with its
+Retry-After) rather than replaced by the gateway's own 502. Once a stream's first chunk has
+been handed over, a failure ends the stream; it is never retried.
 
-Every failed attempt counts toward the upstream's passive ejection.
+Every retried attempt counts toward the upstream's passive ejection.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from pagoda.gateway.upstream import Upstream, UpstreamPool
 from pagoda.gateway.upstream_client import UPSTREAM_ERRORS, UpstreamClient
 
 logger = logging.getLogger(__name__)
+
+RETRYABLE_STATUS = frozenset({502, 503, 504})
 
 
 class UpstreamUnavailable(Exception):
@@ -48,6 +55,7 @@ class Reply:
     status: int
     content: bytes
     content_type: str
+    retry_after: str | None = None
 
 
 @dataclass(slots=True)
@@ -108,11 +116,17 @@ class Forwarder:
     ) -> Reply:
         tried: set[str] = set()
         detail = "no upstream configured"
+        last: Reply | None = None  # the latest 502/503/504, passed through if all attempts fail
         for _ in range(self.retry.max_attempts):
-            upstream = self._next(pool, policy, text, tried, detail)
+            try:
+                upstream = self._next(pool, policy, text, tried, detail)
+            except UpstreamUnavailable:
+                if last is not None:
+                    return last
+                raise
             upstream.num_outstanding += 1
             try:
-                status, content_type, content = await self.client.post_json(
+                status, content_type, content, retry_after = await self.client.post_json(
                     upstream.url + path, body, upstream.auth_headers
                 )
             except UPSTREAM_ERRORS as exc:
@@ -121,12 +135,18 @@ class Forwarder:
                 continue
             finally:
                 upstream.num_outstanding -= 1
-            if status >= 500:
+            reply = Reply(upstream, status, content, content_type or "application/json",
+                          retry_after)
+            if status in RETRYABLE_STATUS:
                 detail = f"{upstream.name}: HTTP {status}"
                 self._failed(pool, upstream)
+                last = reply
                 continue
-            upstream.record_success()
-            return Reply(upstream, status, content, content_type or "application/json")
+            if status < 500:
+                upstream.record_success()
+            return reply
+        if last is not None:
+            return last
         raise UpstreamUnavailable(detail, len(tried))
 
     async def open_stream(
@@ -135,8 +155,14 @@ class Forwarder:
         """A 200 stream ready to relay, or the upstream's complete non-200, non-5xx answer."""
         tried: set[str] = set()
         detail = "no upstream configured"
+        last: Reply | None = None  # the latest 502/503/504, passed through if all attempts fail
         for _ in range(self.retry.max_attempts):
-            upstream = self._next(pool, policy, text, tried, detail)
+            try:
+                upstream = self._next(pool, policy, text, tried, detail)
+            except UpstreamUnavailable:
+                if last is not None:
+                    return last
+                raise
             upstream.num_outstanding += 1
             response: aiohttp.ClientResponse | None = None
             handed_over = False
@@ -145,12 +171,15 @@ class Forwarder:
                                                   upstream.auth_headers)
                 if response.status != 200:
                     content = await response.read()
-                    if response.status >= 500:
+                    reply = Reply(upstream, response.status, content,
+                                  response.headers.get("content-type", "application/json"),
+                                  response.headers.get("retry-after"))
+                    if response.status in RETRYABLE_STATUS:
                         detail = f"{upstream.name}: HTTP {response.status}"
                         self._failed(pool, upstream)
+                        last = reply
                         continue
-                    content_type = response.headers.get("content-type", "application/json")
-                    return Reply(upstream, response.status, content, content_type)
+                    return reply
                 first = await response.content.readany()
                 if not first:
                     raise UpstreamClosedEarly("stream ended before its first byte")
@@ -166,4 +195,6 @@ class Forwarder:
                         response.close()
             upstream.record_success()
             return OpenStream(upstream, response, first)
+        if last is not None:
+            return last
         raise UpstreamUnavailable(detail, len(tried))

@@ -91,7 +91,7 @@ class PrefixAffinity(Policy):
         self._fallback = LeastOutstanding()
 
     def ranking(self, candidates: list[Upstream], text: str) -> list[Upstream]:
-        prefix = text[: self.prefix_chars].encode()
+        prefix = text[: self.prefix_chars].encode("utf-8", "surrogatepass")  # lone surrogates too
 
         def score(upstream: Upstream) -> bytes:
             return hashlib.blake2b(prefix + b"\0" + upstream.name.encode(), digest_size=8).digest()

@@ -44,12 +44,14 @@ class UpstreamClient:
         return self._session
 
     async def post_json(self, url: str, body: dict[str, Any],
-                        headers: Mapping[str, str] | None = None) -> tuple[int, str, bytes]:
-        """POST and read the whole answer: (status, content type, body bytes)."""
+                        headers: Mapping[str, str] | None = None
+                        ) -> tuple[int, str, bytes, str | None]:
+        """POST and read the whole answer: (status, content type, body bytes, Retry-After)."""
         async with self.session.post(url, data=json.dumps(body),
                                      headers={**_JSON, **(headers or {})}) as response:
             content = await response.read()
-            return response.status, response.headers.get("content-type", ""), content
+            return (response.status, response.headers.get("content-type", ""), content,
+                    response.headers.get("retry-after"))
 
     async def open(self, url: str, body: dict[str, Any],
                    headers: Mapping[str, str] | None = None) -> aiohttp.ClientResponse:

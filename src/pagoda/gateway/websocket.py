@@ -5,8 +5,9 @@ parameter for browsers, which cannot set headers on WebSockets; the client's key
 upstream, the upstream's own key from the config does), picks the pool from the `model`
 query parameter (virtual models route by their default), admits the connection against the key's
 limits — one request, holding one concurrency slot while open — and then pumps frames both ways
-until either side closes. Upstream JSON messages carrying `usage` count toward tokens per
-minute.
+until either side closes. A client message naming the connection's model is renamed to the
+upstream's `upstream_model`, as on HTTP. Upstream JSON messages carrying `usage` count toward
+tokens per minute.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import asyncio
 import contextlib
 import json
 import uuid
+from collections.abc import Callable
 from urllib.parse import urlencode
 
 from fastapi import WebSocket
@@ -83,7 +85,9 @@ async def serve_websocket(state: GatewayState, ws: WebSocket) -> None:
         upstream.num_outstanding += 1
         try:
             await ws.accept()
-            await _pump(state, ws, conn, key.name, lease_id)
+            aliases = {model, pool.name}  # what a message may call this connection's model
+            await _pump(state, ws, conn, key.name, lease_id,
+                        lambda text: _rename_model(text, aliases, pool.upstream_model))
         finally:
             upstream.num_outstanding -= 1
             await conn.close()
@@ -92,8 +96,23 @@ async def serve_websocket(state: GatewayState, ws: WebSocket) -> None:
         await state.limiter.release(key.name, lease_id)
 
 
+def _rename_model(text: str, aliases: set[str], upstream_model: str) -> str:
+    """A client message naming this connection's model (by its public name or alias) is sent
+    upstream with the upstream's own name for it, as HTTP requests are."""
+    if '"model"' not in text:
+        return text
+    try:
+        message = json.loads(text)
+    except ValueError:
+        return text  # not JSON: the upstream answers it with its own error
+    if not isinstance(message, dict) or message.get("model") not in aliases:
+        return text
+    return json.dumps({**message, "model": upstream_model})
+
+
 async def _pump(
-    state: GatewayState, ws: WebSocket, conn: ClientConnection, key: str, lease_id: str
+    state: GatewayState, ws: WebSocket, conn: ClientConnection, key: str, lease_id: str,
+    rewrite: Callable[[str], str],
 ) -> None:
     async def client_to_upstream() -> None:
         while True:
@@ -101,7 +120,7 @@ async def _pump(
             if message["type"] == "websocket.disconnect":
                 return
             if message.get("text") is not None:
-                await conn.send(message["text"])
+                await conn.send(rewrite(message["text"]))
             elif message.get("bytes") is not None:
                 await conn.send(message["bytes"])
 

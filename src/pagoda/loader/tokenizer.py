@@ -41,6 +41,7 @@ class Tokenizer:
         return cls(hf, tuple(eos))
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        check_unicode(text)
         return self.hf.encode(text, add_special_tokens=add_special_tokens)
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
@@ -69,6 +70,19 @@ class Tokenizer:
 
 
 log = logging.getLogger(__name__)
+
+
+class TextError(ValueError):
+    """Text the tokenizer cannot take (a lone UTF-16 surrogate, which JSON's \\uD800 escapes
+    can produce but UTF-8 cannot encode)."""
+
+
+def check_unicode(text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise TextError(f"the text is not valid Unicode: a lone surrogate at character "
+                        f"{exc.start}") from None
 
 
 def _cache_dir(gguf_path: str) -> str:

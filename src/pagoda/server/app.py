@@ -25,7 +25,8 @@ from pagoda.server.chat_protocol import ChatCompletionRequest, ChatCompletionRes
 from pagoda.server.completions import create_completion
 from pagoda.server.config import ServerConfig
 from pagoda.server.engine_client import EngineClient
-from pagoda.server.errors import APIError, install_error_handlers
+from pagoda.server.errors import APIError, install_error_handlers, openapi_without_422
+from pagoda.server.last_resort import LastResortMiddleware
 from pagoda.server.protocol import (
     CompletionRequest,
     CompletionResponse,
@@ -77,6 +78,8 @@ def build_app(config: ServerConfig, on_fatal: Callable[[], None] | None = None,
                               "WebSocket streaming).")
     app.state.client = client
     install_error_handlers(app)
+    openapi_without_422(app)
+    app.add_middleware(LastResortMiddleware)
     if config.api_key is not None:
         app.add_middleware(APIKeyMiddleware, api_key=config.api_key)
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)
@@ -111,8 +114,11 @@ def _add_openai_routes(app: FastAPI, client: EngineClient) -> None:
         if body.messages is not None:
             ids = render_chat(llm, body.messages, body.add_generation_prompt)
         else:
-            ids = llm.tokenizer.encode(body.prompt or "",
-                                       add_special_tokens=body.add_special_tokens)
+            try:
+                ids = llm.tokenizer.encode(body.prompt or "",
+                                           add_special_tokens=body.add_special_tokens)
+            except ValueError as exc:  # a lone surrogate
+                raise APIError(400, str(exc), "prompt") from None
         return TokenizeResponse(tokens=ids, count=len(ids), max_model_len=client.max_model_len)
 
     @app.post("/detokenize", response_model=DetokenizeResponse, responses=ERRORS)
@@ -137,6 +143,21 @@ def _add_operational_routes(app: FastAPI, client: EngineClient) -> None:
         body = HealthResponse(status=status, detail=client.detail)  # type: ignore[arg-type]
         code = 200 if status == "ok" else 503
         return JSONResponse(body.model_dump(), status_code=code)
+
+    @app.get("/health/live", response_model=HealthResponse,
+             responses={503: {"model": HealthResponse}})
+    async def live() -> JSONResponse:
+        """Kubernetes liveness: the process serves (loading and draining included); 503 only
+        once the model failed to load or the engine died, when a restart is the cure."""
+        status = client.check_engine()
+        body = HealthResponse(status=status, detail=client.detail)  # type: ignore[arg-type]
+        return JSONResponse(body.model_dump(), status_code=503 if status == "failed" else 200)
+
+    @app.get("/health/ready", response_model=HealthResponse,
+             responses={503: {"model": HealthResponse}})
+    async def ready() -> JSONResponse:
+        """Kubernetes readiness: send traffic only when a request would be served."""
+        return await health()
 
     @app.get("/metrics", response_class=Response)
     async def metrics() -> Response:

@@ -50,7 +50,10 @@ def render_chat(llm: AsyncLLM, messages: list[ChatMessage], add_generation_promp
         raise
     except Exception as exc:  # template errors (bad role order...) are the caller's fault
         raise APIError(400, f"cannot apply the chat template: {exc}", "messages") from exc
-    return tokenizer.encode(text, add_special_tokens=False)
+    try:
+        return tokenizer.encode(text, add_special_tokens=False)
+    except ValueError as exc:  # a lone surrogate in some message
+        raise APIError(400, str(exc), "messages") from None
 
 
 async def create_chat_completion(client: EngineClient, request: ChatCompletionRequest,

@@ -7,10 +7,17 @@ from typing import Any, Literal
 from pydantic import ConfigDict, Field
 
 from pagoda.sampling.params import MAX_LOGPROBS
-from pagoda.server.protocol import ChatMessage, SamplingFields, Schema, ToolCall, UsageInfo
+from pagoda.server.protocol import (
+    ChatMessage,
+    RequestSchema,
+    SamplingFields,
+    Schema,
+    ToolCall,
+    UsageInfo,
+)
 
 
-class FunctionDefinition(Schema):
+class FunctionDefinition(RequestSchema):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
@@ -19,18 +26,18 @@ class FunctionDefinition(Schema):
     strict: bool | None = None
 
 
-class Tool(Schema):
+class Tool(RequestSchema):
     model_config = ConfigDict(extra="forbid")
 
     type: Literal["function"] = "function"
     function: FunctionDefinition
 
 
-class NamedFunction(Schema):
+class NamedFunction(RequestSchema):
     name: str
 
 
-class NamedToolChoice(Schema):
+class NamedToolChoice(RequestSchema):
     model_config = ConfigDict(extra="forbid")
 
     type: Literal["function"] = "function"
@@ -39,8 +46,8 @@ class NamedToolChoice(Schema):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage]
-    max_tokens: int | None = None  # deprecated by OpenAI in favour of max_completion_tokens
-    max_completion_tokens: int | None = None
+    max_tokens: int | None = Field(default=None, ge=1)  # deprecated: max_completion_tokens
+    max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = True

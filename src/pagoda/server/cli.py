@@ -53,6 +53,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from pagoda import log_redaction
     from pagoda.server.app import build_app
     from pagoda.server.uvicorn_server import DrainingServer
 
@@ -70,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
         app, host=config.host, port=config.port, log_level=args.log_level,
         timeout_graceful_shutdown=config.shutdown_grace, ws_max_size=config.max_body_bytes,
         access_log=args.log_level == "debug")
+    log_redaction.install()  # after uvicorn.Config, which applies uvicorn's logging config
     server = DrainingServer(uv_config, app.state.client)
     server.run()
     return 1 if app.state.client.failed else 0

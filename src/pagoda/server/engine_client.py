@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import importlib
 import logging
 import os
 import time
@@ -78,6 +79,9 @@ class EngineClient:
         try:
             llm = await asyncio.to_thread(AsyncLLM.from_config, self.config.engine,
                                           self.config.engine_process)
+            # the grammar engine's import (~0.9 s) happens here, before the server reports
+            # ready, rather than on the event loop in the first constrained request
+            await asyncio.to_thread(importlib.import_module, "xgrammar")
         except Exception as exc:
             log.exception("model loading failed")
             self.status, self.detail = "failed", f"{type(exc).__name__}: {exc}"

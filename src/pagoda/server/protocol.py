@@ -8,17 +8,29 @@ not implement (400 naming the field) and log the truly unknown ones: nothing is 
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from pagoda.sampling.params import MAX_LOGPROBS
 
 MAX_SEED = (1 << 63) - 1
+MAX_STOP_CHARS = 1000  # per stop string: each is searched for in every new piece of text
+MAX_STOP_STRINGS = 16
 
 
 class Schema(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+
+class RequestSchema(Schema):
+    """A request body (or part of one): strict types, so `"stream": "yes"` or `"max_tokens":
+    true` is a 400 rather than a guess (pydantic's lax mode would read them as true and 1)."""
+
+    model_config = ConfigDict(strict=True)
+
+
+StopString = Annotated[str, StringConstraints(max_length=MAX_STOP_CHARS)]
 
 
 class ErrorInfo(Schema):
@@ -32,11 +44,11 @@ class ErrorResponse(Schema):
     error: ErrorInfo
 
 
-class StreamOptions(Schema):
+class StreamOptions(RequestSchema):
     include_usage: bool = False
 
 
-class JsonSchemaFormat(Schema):
+class JsonSchemaFormat(RequestSchema):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     name: str = "response"
@@ -45,7 +57,7 @@ class JsonSchemaFormat(Schema):
     strict: bool | None = None
 
 
-class ResponseFormat(Schema):
+class ResponseFormat(RequestSchema):
     """OpenAI's `response_format`."""
 
     model_config = ConfigDict(extra="forbid")
@@ -54,7 +66,7 @@ class ResponseFormat(Schema):
     json_schema: JsonSchemaFormat | None = None
 
 
-class StructuredOutputsRequest(Schema):
+class StructuredOutputsRequest(RequestSchema):
     """vLLM's `structured_outputs`: exactly one of json, regex, choice, grammar, json_object."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
@@ -73,25 +85,26 @@ class StructuredOutputsRequest(Schema):
     structural_tag: str | None = None
 
 
-class SamplingFields(Schema):
+class SamplingFields(RequestSchema):
     """Request fields common to completions and chat completions (OpenAI's plus vLLM's extras)."""
 
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     model: str | None = None
-    n: int = 1
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    # The ranges SamplingParams enforces, declared here too so /openapi.json shows them.
+    n: int = Field(default=1, ge=1, le=128)
+    temperature: float = Field(default=1.0, ge=0.0, le=100.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=-1, ge=-1)
+    min_p: float = Field(default=0.0, ge=0.0, le=1.0)
+    repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = None
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
     ignore_eos: bool = False
-    min_tokens: int = 0
+    min_tokens: int = Field(default=0, ge=0)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     speculative: bool = True  # false: no draft tokens for this request (same output, no speedup)
@@ -113,7 +126,7 @@ class SamplingFields(Schema):
 class CompletionRequest(SamplingFields):
     # A string, a list of one string, token ids, or a list of one list of token ids.
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = 16
+    max_tokens: int | None = Field(default=16, ge=1)
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
 
@@ -175,7 +188,7 @@ class ModelList(Schema):
     data: list[ModelCard]
 
 
-class TokenizeRequest(Schema):
+class TokenizeRequest(RequestSchema):
     """Either `prompt` (text) or `messages` (rendered with the chat template)."""
 
     model: str | None = None
@@ -191,7 +204,7 @@ class TokenizeResponse(Schema):
     max_model_len: int
 
 
-class DetokenizeRequest(Schema):
+class DetokenizeRequest(RequestSchema):
     model: str | None = None
     tokens: list[int]
 
@@ -200,23 +213,23 @@ class DetokenizeResponse(Schema):
     prompt: str
 
 
-class ContentPart(Schema):
+class ContentPart(RequestSchema):
     type: Literal["text"] = "text"
     text: str
 
 
-class FunctionCall(Schema):
+class FunctionCall(RequestSchema):
     name: str
     arguments: str  # JSON text, as OpenAI sends it
 
 
-class ToolCall(Schema):
+class ToolCall(RequestSchema):
     id: str
     type: Literal["function"] = "function"
     function: FunctionCall
 
 
-class ChatMessage(Schema):
+class ChatMessage(RequestSchema):
     model_config = ConfigDict(extra="allow")  # field_policy.py refuses or logs the rest
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
