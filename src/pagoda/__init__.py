@@ -16,7 +16,8 @@ os.environ.setdefault("GOMP_SPINCOUNT", "30000")
 
 from pagoda.sampling.params import SamplingParams  # noqa: E402
 
-__all__ = ["LLM", "SamplingParams"]
+__all__ = ["LLM", "SamplingParams", "__version__"]
+__version__ = "0.1.0"  # keep in step with pyproject.toml
 
 
 def __getattr__(name: str):

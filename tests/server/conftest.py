@@ -57,7 +57,21 @@ def offline(make_engine):
                     texts[out.req_id][o.index] += o.text
         return [texts[r][0] for r in req_ids] if batch else texts[req_ids[0]]
 
+    def score(ids: list[int]) -> list:
+        """The prompt's log-probs (one {token: logprob} per token, None first)."""
+        def run_scoring():
+            req_id = f"offline-{next(counter)}"
+            engine.add_request(req_id, ids, SamplingParams(max_tokens=1, prompt_logprobs=0))
+            last = None
+            while engine.has_unfinished_requests():
+                for out in engine.step():
+                    last = out if out.req_id == req_id else last
+            return last.prompt_logprobs
+
+        return worker.submit(run_scoring).result()
+
     generate.tokenizer = engine.tokenizer
+    generate.score = score
     yield generate
     worker.shutdown()
 

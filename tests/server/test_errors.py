@@ -107,7 +107,9 @@ def test_unknown_model_is_404(http):
 
 
 def test_unsupported_features(http):
-    assert_error(http.post(COMPLETIONS, json={"prompt": "x", "echo": True}), 400, "echo")
+    assert_error(http.post(COMPLETIONS, json={"prompt": "x", "suffix": "y"}), 400, "suffix")
+    assert_error(http.post(COMPLETIONS, json={"prompt": "x", "max_tokens": 0}), 400,
+                 "max_tokens")  # 0 only with echo
 
 
 def test_oversized_bodies_are_413(http, server):

@@ -32,7 +32,7 @@ def test_each_unimplemented_field_is_a_400_naming_it(field):
     with pytest.raises(APIError) as err:
         chat(**{field: value})
     assert err.value.status == 400 and err.value.param == field
-    if field != "echo":  # completions implements echo's neutral value only (issue 18)
+    if field != "echo":  # completions implements echo
         with pytest.raises(APIError) as err:
             completion_params(CompletionRequest(prompt="hi", **{field: value}))
         assert err.value.param == field

@@ -35,6 +35,7 @@ class ParentState:
     prompt_token_ids: list[int]
     samples: list[SampleState]
     metrics: RequestMetrics
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # once the prompt is scored
 
     @property
     def finished(self) -> bool:
@@ -87,6 +88,8 @@ class OutputProcessor:
                 m.first_scheduled_time = out.first_scheduled_time
                 m.num_cached_tokens = out.num_cached_tokens
             m.last_token_time = now
+            if out.prompt_logprobs is not None and parent.prompt_logprobs is None:
+                parent.prompt_logprobs = out.prompt_logprobs  # n samples: the same prompt
             seen = sample.detok.num_tokens
             stop = sample.detok.update(out.new_token_ids)
             if stop is not None:
@@ -127,7 +130,8 @@ class OutputProcessor:
             parent.metrics.finished_time = time.monotonic()
             self._drop(parent_id)
         return RequestOutput(parent_id, parent.prompt, parent.prompt_token_ids, deltas,
-                             finished, parent.metrics)
+                             finished, parent.metrics,
+                             prompt_logprobs=parent.prompt_logprobs)
 
     def abort(self, req_id: str, reason: str = "abort", error: str | None = None
               ) -> RequestOutput | None:

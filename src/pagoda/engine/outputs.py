@@ -64,3 +64,6 @@ class RequestOutput:
     finished: bool = False
     metrics: RequestMetrics | None = None
     error: str | None = None
+    # if asked for: one entry per prompt token ({token_id: logprob}, the actual token included;
+    # None for the first), carried by every output once the prompt has been scored
+    prompt_logprobs: list[TokenLogprobs | None] | None = None

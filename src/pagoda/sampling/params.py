@@ -37,6 +37,10 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None  # top-N alternatives per token (the sampled one is always added)
+    # log-probabilities of the prompt's tokens (top-N alternatives each, the actual token always
+    # added; the first token has none). Such a request bypasses the prefix cache: a cached
+    # block's positions are never run through the model.
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     speculative: bool = True  # False: this request never gets draft tokens (per-request opt-out)
@@ -69,6 +73,8 @@ class SamplingParams:
              "min_tokens must not exceed max_tokens"),
             (self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS, "logprobs",
              f"logprobs must be between 0 and {MAX_LOGPROBS}"),
+            (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= MAX_LOGPROBS,
+             "prompt_logprobs", f"prompt_logprobs must be between 0 and {MAX_LOGPROBS}"),
             (len(self.stop) <= 16, "stop", "at most 16 stop strings"),
             (all(t >= 0 for t in self.stop_token_ids), "stop_token_ids",
              "stop_token_ids must be non-negative"),

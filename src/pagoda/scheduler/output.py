@@ -47,6 +47,9 @@ class ModelRunnerOutput:
     sampled_token_ids: dict[str, list[int]]
     logprobs: dict[str, list[TokenLogprobs]]  # one per new token; only if asked for
     num_draft_tokens: dict[str, int] = field(default_factory=dict)  # drafts verified this step
+    # requests asking for prompt log-probs, per prefill chunk: (index of the first prompt token
+    # scored, one entry per prompt token scored from there)
+    prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -60,3 +63,5 @@ class EngineCoreOutput:
     stop_reason: str | int | None = None
     first_scheduled_time: float | None = None
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache
+    # with the request's first token, if asked for: one per prompt token, None for the first
+    prompt_logprobs: list[TokenLogprobs | None] | None = None

@@ -6,6 +6,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from pagoda.engine.outputs import TokenLogprobs
 from pagoda.sampling.params import SamplingParams
 
 
@@ -32,6 +33,8 @@ class Request:
     num_preemptions: int = 0
     num_cached_prompt_tokens: int = 0
     first_scheduled_time: float | None = None
+    # log-probs of prompt tokens 1..P-1 so far (if asked for), in order; sent with the first token
+    prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:

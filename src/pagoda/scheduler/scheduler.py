@@ -136,7 +136,8 @@ class Scheduler:
         deferred: list[Request] = []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting.popleft()
-            cached = self.kv.find_cached_prefix(request.req_id, request.all_token_ids)
+            cached = [] if request.sampling_params.prompt_logprobs is not None else \
+                self.kv.find_cached_prefix(request.req_id, request.all_token_ids)
             num_cached = len(cached) * self.kv.block_size
             num_new = request.num_tokens - num_cached
             # Prompt blocks that an admitted request computes in this step are cache hits in the
@@ -197,6 +198,11 @@ class Scheduler:
             request = self.requests.get(item.req_id)
             if request is None:  # finished (aborted) while the step ran
                 continue
+            if item.req_id in result.prompt_logprobs:
+                first, entries = result.prompt_logprobs[item.req_id]
+                have = len(request.prompt_logprobs) + 1  # index of the next prompt token
+                # a recomputed chunk (after preemption) scores tokens already kept
+                request.prompt_logprobs += entries[max(0, have - first):]
             new_token_ids = result.sampled_token_ids.get(item.req_id, [])
             # The step computed K/V for item.token_ids and the drafts after them; only accepted
             # drafts (all new tokens but the last) count as computed.
@@ -218,11 +224,15 @@ class Scheduler:
             if not emitted:
                 continue
             logprobs = result.logprobs.get(item.req_id)
+            prompt_logprobs = None
+            if (request.sampling_params.prompt_logprobs is not None
+                    and len(request.output_token_ids) == len(emitted)):  # the first token
+                prompt_logprobs = [None, *request.prompt_logprobs]
             outputs.append(EngineCoreOutput(request.req_id, emitted,
                                             None if logprobs is None else logprobs[:len(emitted)],
                                             request.finish_reason, request.stop_reason,
                                             request.first_scheduled_time,
-                                            request.num_cached_prompt_tokens))
+                                            request.num_cached_prompt_tokens, prompt_logprobs))
             if request.finish_reason is not None:
                 self.finish_request(request.req_id, request.finish_reason)
         return outputs

@@ -18,6 +18,7 @@ from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
+import pagoda
 from pagoda.server.auth import APIKeyMiddleware
 from pagoda.server.body_limit import BodyLimitMiddleware
 from pagoda.server.chat import create_chat_completion, render_chat
@@ -94,6 +95,27 @@ def _add_openai_routes(app: FastAPI, client: EngineClient) -> None:
         card = ModelCard(id=client.model_name, created=client.created,
                          max_model_len=client.max_model_len)
         return ModelList(data=[card])
+
+    @app.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=ERRORS)
+    async def get_model(model_id: str) -> ModelCard:
+        client.check_model(model_id)  # 404 in OpenAI's shape for any other name
+        return ModelCard(id=client.model_name, created=client.created,
+                         max_model_len=client.max_model_len)
+
+    @app.get("/tokenizer_info", responses=ERRORS)
+    async def tokenizer_info() -> dict[str, Any]:
+        """vLLM's shape: what a remote tokenizer (lm-evaluation-harness) needs besides
+        /tokenize and /detokenize."""
+        hf = client.require_llm().tokenizer.hf
+        return {"tokenizer_class": type(hf).__name__, "eos_token": hf.eos_token,
+                "bos_token": hf.bos_token, "pad_token": hf.pad_token,
+                "unk_token": hf.unk_token, "chat_template": getattr(hf, "chat_template", None),
+                "model_max_length": client.max_model_len, "vocab_size": len(hf),
+                "add_bos_token": getattr(hf, "add_bos_token", None)}
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": pagoda.__version__}
 
     @app.post("/v1/completions", response_model=CompletionResponse,
               responses={**ERRORS, **STREAM})

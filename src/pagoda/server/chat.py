@@ -27,7 +27,7 @@ from pagoda.server.chat_protocol import (
 )
 from pagoda.server.engine_client import EngineClient
 from pagoda.server.errors import APIError
-from pagoda.server.logprobs import chat_logprobs
+from pagoda.server.logprobs import chat_logprobs, vllm_prompt_logprobs
 from pagoda.server.protocol import ChatMessage, UsageInfo
 from pagoda.server.request_params import chat_messages, chat_params
 from pagoda.server.streaming import EngineStreamingResponse, cancel_on_disconnect, sse_body
@@ -92,10 +92,14 @@ async def create_chat_completion(client: EngineClient, request: ChatCompletionRe
             content=content if calls else sample.text, tool_calls=calls or None),
             logprobs=logprobs, finish_reason=finish))
     cached = done.output.metrics.num_cached_tokens if done.output.metrics else 0
+    prompt_lps = None
+    if request.prompt_logprobs is not None and done.output.prompt_logprobs is not None:
+        prompt_lps = vllm_prompt_logprobs(done.output.prompt_logprobs, llm.tokenizer.token_str)
     return ChatCompletionResponse(
         id=req_id, created=chunk.created, model=chunk.model,
         system_fingerprint=chunk.system_fingerprint, choices=choices,
-        usage=UsageInfo.of(len(prompt_ids), done.num_generated_tokens, cached))
+        usage=UsageInfo.of(len(prompt_ids), done.num_generated_tokens, cached),
+        prompt_logprobs=prompt_lps)
 
 
 def _stream(client: EngineClient, request: ChatCompletionRequest, tools: ToolUse,

@@ -9,6 +9,7 @@ from pydantic import ConfigDict, Field
 from pagoda.sampling.params import MAX_LOGPROBS
 from pagoda.server.protocol import (
     ChatMessage,
+    PromptLogprob,
     RequestSchema,
     SamplingFields,
     Schema,
@@ -55,6 +56,7 @@ class ChatCompletionRequest(SamplingFields):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None  # default true, as OpenAI
     chat_template_kwargs: dict[str, Any] | None = None  # vLLM: extra variables of the template
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)  # vLLM
 
 
 class TopLogprob(Schema):
@@ -106,6 +108,7 @@ class ChatCompletionResponse(Schema):
     system_fingerprint: str
     choices: list[ChatChoice]
     usage: UsageInfo
+    prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = None  # vLLM, if asked for
 
 
 class ChatDelta(Schema):

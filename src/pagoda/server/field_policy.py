@@ -48,7 +48,6 @@ REFUSED: dict[str, tuple[Callable[[Any], bool], str]] = {
     "echo": (_unset, "echo is not supported on chat completions"),
     "use_beam_search": (_unset, "beam search is not supported"),
     "length_penalty": (_one_of(1, 1.0), "is a beam-search parameter; beam search is not supported"),
-    "prompt_logprobs": (_unset, "prompt logprobs are not supported yet"),
     "truncate_prompt_tokens": (_unset, "prompt truncation is not supported"),
     "spaces_between_special_tokens": (_one_of(True), "is not supported"),
     "bad_words": (_unset, "is not supported; use logit_bias"),

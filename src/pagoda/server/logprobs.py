@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from pagoda.engine.outputs import TokenLogprobs
 from pagoda.server.chat_protocol import ChatLogprobs, TokenLogprob, TopLogprob
-from pagoda.server.protocol import CompletionLogprobs
+from pagoda.server.protocol import CompletionLogprobs, PromptLogprob
 
 TokenStr = Callable[[int], str]
 FLOOR = -9999.0  # stands in for -inf, which JSON cannot carry
@@ -20,22 +20,36 @@ def _top(entry: TokenLogprobs, n: int) -> list[tuple[int, float]]:
     return sorted(entry.items(), key=lambda kv: kv[1], reverse=True)[:n]
 
 
-def completion_logprobs(token_ids: list[int], entries: list[TokenLogprobs], num_top: int,
-                        token_str: TokenStr, text_offset: int) -> CompletionLogprobs:
+def completion_logprobs(token_ids: list[int], entries: list[TokenLogprobs | None],
+                        num_top: int, token_str: TokenStr, text_offset: int
+                        ) -> CompletionLogprobs:
     """Legacy shape: parallel lists; `text_offset` counts characters of the token strings
-    from the start of the completion, continuing from `text_offset` across stream chunks."""
+    from the start of the completion, continuing from `text_offset` across stream chunks.
+    A None entry (an echoed prompt's first token) has null log-probs, as OpenAI's."""
     out = CompletionLogprobs()
     offset = text_offset
     for token_id, entry in zip(token_ids, entries, strict=False):
         text = token_str(token_id)
         out.tokens.append(text)
+        out.text_offset.append(offset)
+        offset += len(text)
+        if entry is None:
+            out.token_logprobs.append(None)
+            out.top_logprobs.append(None)
+            continue
         out.token_logprobs.append(entry.get(token_id))
         top = {token_str(t): lp for t, lp in _top(entry, num_top)}
         top.setdefault(text, entry.get(token_id, FLOOR))
         out.top_logprobs.append(top)
-        out.text_offset.append(offset)
-        offset += len(text)
     return out
+
+
+def vllm_prompt_logprobs(entries: list[TokenLogprobs | None], token_str: TokenStr
+                         ) -> list[dict[str, PromptLogprob] | None]:
+    """vLLM's `prompt_logprobs`: per prompt token {token id: logprob, decoded token}."""
+    return [None if entry is None else {
+        str(t): PromptLogprob(logprob=lp, decoded_token=token_str(t)) for t, lp in entry.items()}
+        for entry in entries]
 
 
 def chat_logprobs(token_ids: list[int], entries: list[TokenLogprobs], num_top: int,

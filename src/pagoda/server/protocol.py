@@ -126,9 +126,10 @@ class SamplingFields(RequestSchema):
 class CompletionRequest(SamplingFields):
     # A string, a list of one string, token ids, or a list of one list of token ids.
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(default=16, ge=1)
+    max_tokens: int | None = Field(default=16, ge=0)  # 0 only with echo: score the prompt
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)  # vLLM
 
 
 class PromptTokensDetails(Schema):
@@ -158,11 +159,21 @@ class CompletionLogprobs(Schema):
     text_offset: list[int] = Field(default_factory=list)
 
 
+class PromptLogprob(Schema):
+    """vLLM's entry for one prompt token alternative."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str
+
+
 class CompletionChoice(Schema):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
+    # vLLM: per prompt token {token id: entry}, null for the first (only if asked for)
+    prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = None
 
 
 class CompletionResponse(Schema):

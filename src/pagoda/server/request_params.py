@@ -20,19 +20,24 @@ from pagoda.server.tool_prompt import ToolUse, tool_constraint
 Prompt = str | list[int]
 
 
-def completion_prompt(request: CompletionRequest) -> Prompt:
-    """The single prompt of a completions request: text or token ids."""
+MAX_PROMPTS = 1024  # prompts per completions request
+
+
+def completion_prompts(request: CompletionRequest) -> list[Prompt]:
+    """The prompts of a completions request: a string, a list of strings, token ids, or a list
+    of token-id lists."""
     prompt = request.prompt
-    if isinstance(prompt, list):
-        if not prompt:
-            raise APIError(400, "prompt must not be empty", "prompt")
-        if isinstance(prompt[0], (str, list)):
-            if len(prompt) != 1:
-                raise APIError(400, "only one prompt per request is supported", "prompt")
-            prompt = prompt[0]
-    if not prompt:
+    if isinstance(prompt, str):
+        prompts: list[Prompt] = [prompt]
+    elif prompt and isinstance(prompt[0], (str, list)):
+        prompts = list(prompt)  # type: ignore[arg-type]
+    else:
+        prompts = [prompt]  # type: ignore[list-item]
+    if not prompts or any(not p for p in prompts):
         raise APIError(400, "prompt must not be empty", "prompt")
-    return prompt
+    if len(prompts) > MAX_PROMPTS:
+        raise APIError(400, f"at most {MAX_PROMPTS} prompts per request", "prompt")
+    return prompts
 
 
 def chat_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
@@ -92,10 +97,18 @@ def _common(request: SamplingFields, constraint: StructuredOutputs | None = None
 
 
 def completion_params(request: CompletionRequest) -> SamplingParams:
-    if request.echo:
-        raise APIError(400, "echo is not supported", "echo")
+    max_tokens = request.max_tokens
+    if max_tokens == 0:
+        if not request.echo:
+            raise APIError(400, "max_tokens 0 needs echo (scoring the prompt)", "max_tokens")
+        max_tokens = 1  # the engine always generates; completions.py drops this token
+    # echo with logprobs reports the prompt tokens' log-probs too
+    prompt_logprobs = request.prompt_logprobs
+    if request.echo and request.logprobs is not None:
+        prompt_logprobs = max(prompt_logprobs or 0, request.logprobs)
     found = request_constraint(request)
-    return SamplingParams(max_tokens=request.max_tokens, logprobs=request.logprobs,
+    return SamplingParams(max_tokens=max_tokens, logprobs=request.logprobs,
+                          prompt_logprobs=prompt_logprobs,
                           **_common(request, found[0] if found else None))
 
 
@@ -119,4 +132,5 @@ def chat_params(request: ChatCompletionRequest, tools: ToolUse) -> SamplingParam
     elif found is not None:
         constraint = found[0]
     return SamplingParams(max_tokens=max_tokens, logprobs=logprobs,
+                          prompt_logprobs=request.prompt_logprobs,
                           **_common(request, constraint))

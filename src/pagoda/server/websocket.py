@@ -32,7 +32,7 @@ from pagoda.server.protocol import CompletionRequest, UsageInfo
 from pagoda.server.request_params import (
     chat_params,
     completion_params,
-    completion_prompt,
+    completion_prompts,
 )
 from pagoda.server.tool_parser import parse_tool_calls
 from pagoda.server.tool_prompt import ToolUse, tool_use
@@ -147,7 +147,11 @@ class Connection:
             completion = CompletionRequest.model_validate(payload)
             client.check_model(completion.model)
             params = completion_params(completion)
-            prompt = completion_prompt(completion)
+            prompts = completion_prompts(completion)
+            if len(prompts) > 1 or completion.echo:
+                raise APIError(400, "one prompt per WebSocket message, without echo",
+                               "echo" if completion.echo else "prompt")
+            prompt = prompts[0]
             num_top = None
             tools = ToolUse("none", ())
         prompt_ids = await client.prepare(prompt, params)

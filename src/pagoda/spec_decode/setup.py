@@ -95,7 +95,7 @@ def build_proposer(config: EngineConfig, target: LoadedModel, draft: LoadedModel
     kv, stores, layer_groups = build_kv(groups, cfg, device, dtype, False, "draft")
     runner = ModelRunner(draft.model, stores, config.block_size, device,
                          draft.tokenizer.eos_token_ids, config.seed, layer_groups, decode_kernel,
-                         invariant_attention=draft_quantized(draft))
+                         invariant_attention=draft_quantized(draft), score_prompts=False)
     return DraftModelProposer(runner, kv)
 
 

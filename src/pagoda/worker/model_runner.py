@@ -16,14 +16,17 @@ import dataclasses
 import torch
 from torch import nn
 
+from pagoda.engine.outputs import TokenLogprobs
 from pagoda.kv_cache.kv_store import KVStore
 from pagoda.layers.attention_metadata import AttentionMetadata, PrefillSpan
 from pagoda.layers.decode_backend import DecodeKernel
-from pagoda.sampling.sampler import Sampler
+from pagoda.sampling.sampler import Sampler, token_logprobs
 from pagoda.scheduler.output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
 from pagoda.spec_decode.proposer import Draft, Proposer
 from pagoda.spec_decode.rejection_sampler import RejectionSampler
 from pagoda.structured_output.manager import StructuredOutputManager
+
+PROMPT_LOGPROBS_ROWS = 256  # prompt positions scored per LM-head call: (256, V) fp32 logits
 
 
 class ModelRunner:
@@ -32,7 +35,7 @@ class ModelRunner:
                  layer_groups: list[int] | None = None,
                  decode_kernel: DecodeKernel | None = None, invariant_attention: bool = False,
                  proposer: Proposer | None = None,
-                 structured: StructuredOutputManager | None = None):
+                 structured: StructuredOutputManager | None = None, score_prompts: bool = True):
         self.model = model
         self.decode_kernel = decode_kernel
         # Every query (prefill rows too) through the decode kernel: only where that kernel reads
@@ -49,6 +52,10 @@ class ModelRunner:
         self.proposer = proposer
         self.rejection_sampler = RejectionSampler(self.sampler)
         self.structured = structured  # grammar masks of constrained requests (and their state)
+        # forward() scores the prompts of requests asking for prompt log-probs (the target
+        # model's runner does; a draft model's does not)
+        self.score_prompts = score_prompts
+        self._prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]] = {}
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
@@ -57,8 +64,9 @@ class ModelRunner:
                  if r.req_id in drafts else r for r in sched.scheduled]
         num_rows = {rid: len(d.token_ids) + 1 for rid, d in drafts.items()}
         sampling, logits = self.forward(batch, num_rows)
+        prompt_logprobs, self._prompt_logprobs = self._prompt_logprobs, {}
         if not sampling:
-            return ModelRunnerOutput({}, {})
+            return ModelRunnerOutput({}, {}, prompt_logprobs=prompt_logprobs)
         logits = logits.cpu()
         # Each request's rows: one per plain request, len(draft) + 1 consecutive per verified one.
         rows: dict[str, range] = {}
@@ -93,7 +101,8 @@ class ModelRunner:
         if self.structured is not None:
             self.structured.advance(new_tokens)
         return ModelRunnerOutput(new_tokens, new_logprobs,
-                                 {rid: len(d.token_ids) for rid, d in drafts.items()})
+                                 {rid: len(d.token_ids) for rid, d in drafts.items()},
+                                 prompt_logprobs)
 
     def _propose(self, sched: SchedulerOutput) -> dict[str, Draft]:
         if self.proposer is None:
@@ -125,11 +134,36 @@ class ModelRunner:
         ordered = sorted(scheduled, key=lambda r: len(r.token_ids) > 1 and r.req_id not in num_rows)
         input_ids, positions, meta, sample_rows = self._prepare(ordered, num_rows)
         hidden = self.model(input_ids, positions, self.kv_stores, meta)
+        if self.score_prompts:
+            self._prompt_logprobs = self._score_prompts(ordered, hidden)
         sampling = [ordered[i] for i, _ in sample_rows]
         if not sampling:
             return [], hidden.new_empty((0, 0))
         rows = torch.tensor([row for _, first in sample_rows for row in first], device=self.device)
         return sampling, self.model.compute_logits(hidden.index_select(0, rows))
+
+    def _score_prompts(self, ordered: list[ScheduledRequest], hidden: torch.Tensor
+                       ) -> dict[str, tuple[int, list[TokenLogprobs]]]:
+        """Log-probs of the prompt tokens that this step's chunks predict, for requests that
+        asked (position p's logits score prompt token p + 1)."""
+        out: dict[str, tuple[int, list[TokenLogprobs]]] = {}
+        offset = 0
+        for r in ordered:
+            start, n = r.num_computed_tokens, len(r.token_ids)
+            num_top = r.sampling_params.prompt_logprobs
+            end = min(start + n, len(r.prompt_token_ids) - 1)  # positions scoring prompt tokens
+            if num_top is not None and start < end:
+                entries: list[TokenLogprobs] = []
+                for lo in range(start, end, PROMPT_LOGPROBS_ROWS):  # bounded (rows, V) logits
+                    hi = min(lo + PROMPT_LOGPROBS_ROWS, end)
+                    rows = hidden[offset + lo - start:offset + hi - start]
+                    logprobs = torch.log_softmax(self.model.compute_logits(rows).float(), -1).cpu()
+                    targets = r.prompt_token_ids[lo + 1:hi + 1]
+                    entries += [token_logprobs(row, num_top, t)
+                                for row, t in zip(logprobs, targets, strict=True)]
+                out[r.req_id] = (start + 1, entries)
+            offset += n
+        return out
 
     def _slots(self, block_ids: list[int], start: int, end: int) -> list[int]:
         bs = self.block_size
