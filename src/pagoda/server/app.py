@@ -28,6 +28,13 @@ from pagoda.server.config import ServerConfig
 from pagoda.server.engine_client import EngineClient
 from pagoda.server.errors import APIError, install_error_handlers, openapi_without_422
 from pagoda.server.last_resort import LastResortMiddleware
+from pagoda.server.messages import count_tokens, create_message
+from pagoda.server.messages_protocol import (
+    CountTokensRequest,
+    MessagesRequest,
+    MessagesResponse,
+    TokenCount,
+)
 from pagoda.server.protocol import (
     CompletionRequest,
     CompletionResponse,
@@ -101,6 +108,14 @@ def _add_openai_routes(app: FastAPI, client: EngineClient) -> None:
         client.check_model(model_id)  # 404 in OpenAI's shape for any other name
         return ModelCard(id=client.model_name, created=client.created,
                          max_model_len=client.max_model_len)
+
+    @app.post("/v1/messages", response_model=MessagesResponse, responses={**ERRORS, **STREAM})
+    async def messages(body: MessagesRequest, raw: Request) -> Any:
+        return await create_message(client, body, raw)
+
+    @app.post("/v1/messages/count_tokens", response_model=TokenCount, responses=ERRORS)
+    async def messages_count_tokens(body: CountTokensRequest) -> TokenCount:
+        return await count_tokens(client, body)
 
     @app.get("/tokenizer_info", responses=ERRORS)
     async def tokenizer_info() -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""Bearer API-key check for the OpenAI routes (health, metrics and the chat page stay open)."""
+"""API-key check for the API routes (health, metrics and the chat page stay open): a Bearer
+token, or Anthropic's `x-api-key` header."""
 
 from __future__ import annotations
 
@@ -36,9 +37,11 @@ class APIKeyMiddleware:
         if scope["type"] == "http" and scope["path"].startswith(PROTECTED_PREFIXES):
             headers = dict(scope.get("headers") or [])
             header = headers.get(b"authorization", b"").decode("latin-1")
-            if not token_matches(header, self.api_key):
+            x_api_key = headers.get(b"x-api-key", b"").decode("latin-1")  # Anthropic's clients
+            if not (token_matches(header, self.api_key)
+                    or token_matches(f"Bearer {x_api_key}", self.api_key)):
                 error = APIError(401, "missing or incorrect API key; send 'Authorization: "
-                                 "Bearer <key>'", code="invalid_api_key")
-                await error.response()(scope, receive, send)
+                                 "Bearer <key>' or 'x-api-key: <key>'", code="invalid_api_key")
+                await error.response(scope["path"])(scope, receive, send)
                 return
         await self.app(scope, receive, send)

@@ -32,6 +32,13 @@ ERROR_TYPES = {
 }
 
 
+ANTHROPIC_PREFIX = "/v1/messages"
+ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error",
+                   403: "permission_error", 404: "not_found_error", 413: "request_too_large",
+                   429: "rate_limit_error", 500: "api_error", 503: "overloaded_error",
+                   504: "api_error"}
+
+
 class APIError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None,
                  code: str | None = None, headers: dict[str, str] | None = None):
@@ -49,8 +56,17 @@ class APIError(Exception):
     def body(self) -> dict[str, Any]:
         return error_body(self.message, self.type, self.param, self.code)
 
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+    def anthropic_body(self) -> dict[str, Any]:
+        """Anthropic's shape, for the Messages API's routes."""
+        kind = ANTHROPIC_TYPES.get(self.status, "invalid_request_error" if self.status < 500
+                                   else "api_error")
+        return {"type": "error", "error": {"type": kind, "message": self.message}}
+
+    def response(self, path: str | None = None) -> JSONResponse:
+        """The error in the shape of the route at `path` (OpenAI's unless it is Anthropic's)."""
+        body = self.anthropic_body() if path and path.startswith(ANTHROPIC_PREFIX) \
+            else self.body()
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
 
     @classmethod
     def bad_request(cls, exc: ValueError) -> APIError:
@@ -86,29 +102,29 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
-    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return exc.response()
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return exc.response(request.url.path)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         message, param = _validation_message(exc)
-        return APIError(400, message, param).response()
+        return APIError(400, message, param).response(request.url.path)
 
     @app.exception_handler(RequestError)
     @app.exception_handler(SamplingParamsError)
-    async def _engine_validation(_: Request, exc: ValueError) -> JSONResponse:
-        return APIError.bad_request(exc).response()
+    async def _engine_validation(request: Request, exc: ValueError) -> JSONResponse:
+        return APIError.bad_request(exc).response(request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        response = APIError(exc.status_code, str(exc.detail)).response()
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        response = APIError(exc.status_code, str(exc.detail)).response(request.url.path)
         response.headers.update(exc.headers or {})  # e.g. a 405's Allow
         return response
 
     @app.exception_handler(Exception)
     async def _crash(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s", request.url.path)
-        return APIError(500, f"internal error: {type(exc).__name__}").response()
+        return APIError(500, f"internal error: {type(exc).__name__}").response(request.url.path)
 
 
 def openapi_without_422(app: FastAPI) -> None:

@@ -1,0 +1,103 @@
+"""Anthropic Messages API wire schemas (`/v1/messages`, `/v1/messages/count_tokens`)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import ConfigDict, Field
+
+from pagoda.server.protocol import RequestSchema, Schema
+
+
+class TextBlock(RequestSchema):
+    type: Literal["text"]
+    text: str
+    cache_control: dict[str, Any] | None = None  # a caching hint; prefix caching is automatic
+
+
+class ToolUseBlock(RequestSchema):
+    type: Literal["tool_use"]
+    id: str
+    name: str
+    input: dict[str, Any]
+
+
+class ToolResultBlock(RequestSchema):
+    type: Literal["tool_result"]
+    tool_use_id: str
+    content: str | list[TextBlock] = ""
+    is_error: bool = False
+
+    def text(self) -> str:
+        body = self.content if isinstance(self.content, str) else \
+            "".join(b.text for b in self.content)
+        return f"Error: {body}" if self.is_error else body
+
+
+Block = TextBlock | ToolUseBlock | ToolResultBlock
+
+
+class AnthropicMessage(RequestSchema):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["user", "assistant"]
+    content: str | list[Block]
+
+
+class AnthropicTool(RequestSchema):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    input_schema: dict[str, Any]
+    cache_control: dict[str, Any] | None = None
+
+
+class AnthropicToolChoice(RequestSchema):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["auto", "any", "tool", "none"]
+    name: str | None = None
+    disable_parallel_tool_use: bool = False
+
+
+class CountTokensRequest(RequestSchema):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    messages: list[AnthropicMessage] = Field(min_length=1)
+    system: str | list[TextBlock] | None = None
+    tools: list[AnthropicTool] | None = None
+    tool_choice: AnthropicToolChoice | None = None
+
+
+class MessagesRequest(CountTokensRequest):
+    model_config = ConfigDict(extra="forbid")  # an unknown field is a 400 naming it
+
+    max_tokens: int = Field(ge=1)
+    stop_sequences: list[str] | None = Field(default=None, max_length=16)
+    temperature: float = Field(default=1.0, ge=0.0, le=1.0)  # Anthropic's range
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=1)
+    stream: bool = False
+    metadata: dict[str, Any] | None = None  # user_id etc.: cannot change the output
+    service_tier: Literal["auto", "standard_only"] | None = None  # one tier here
+
+
+class TokenCount(Schema):
+    input_tokens: int
+
+
+class Usage(Schema):
+    input_tokens: int
+    output_tokens: int
+    cache_read_input_tokens: int = 0  # prompt tokens served from the prefix cache
+
+
+class MessagesResponse(Schema):
+    id: str
+    type: Literal["message"] = "message"
+    role: Literal["assistant"] = "assistant"
+    model: str
+    content: list[dict[str, Any]]
+    stop_reason: Literal["end_turn", "max_tokens", "stop_sequence", "tool_use"] | None
+    stop_sequence: str | None = None
+    usage: Usage
