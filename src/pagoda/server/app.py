@@ -48,6 +48,8 @@ from pagoda.server.protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
+from pagoda.server.responses import create_response
+from pagoda.server.responses_protocol import ResponsesRequest
 from pagoda.server.websocket import serve_websocket
 
 log = logging.getLogger(__name__)
@@ -116,6 +118,10 @@ def _add_openai_routes(app: FastAPI, client: EngineClient) -> None:
     @app.post("/v1/messages/count_tokens", response_model=TokenCount, responses=ERRORS)
     async def messages_count_tokens(body: CountTokensRequest) -> TokenCount:
         return await count_tokens(client, body)
+
+    @app.post("/v1/responses", responses={**ERRORS, **STREAM})
+    async def responses(body: ResponsesRequest, raw: Request) -> Any:
+        return await create_response(client, body, raw)
 
     @app.get("/tokenizer_info", responses=ERRORS)
     async def tokenizer_info() -> dict[str, Any]:
