@@ -16,7 +16,8 @@ from tests.server.server_process import KV_CACHE_MEMORY, ServerProcess
 
 @pytest.fixture(scope="session")
 def thread_server():
-    proc = ServerProcess("--max-waiting", "512")
+    # info: uvicorn's WebSocket lines are logged, which the key-redaction test reads
+    proc = ServerProcess("--max-waiting", "512", "--log-level", "info")
     try:
         proc.wait_ready()
         yield proc

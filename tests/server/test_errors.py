@@ -79,7 +79,7 @@ def test_chat_specific_parameters(http):
 def test_empty_prompt_and_messages(http):
     for prompt in ("", [], [""], [[]]):
         assert_error(http.post(COMPLETIONS, json={"prompt": prompt}), 400, "prompt")
-    assert_error(http.post(COMPLETIONS, json={"prompt": ["a", "b"]}), 400, "prompt")
+    assert_error(http.post(COMPLETIONS, json={"prompt": ["a", ""]}), 400, "prompt")
     assert_error(http.post(CHAT, json={"messages": []}), 400, "messages")
     assert_error(http.post(CHAT, json={"messages": [{"role": "user", "content": ""}]}), 400,
                  "messages")

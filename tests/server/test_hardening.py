@@ -4,6 +4,7 @@ an unhandled exception that used to drop the keep-alive connection."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -16,7 +17,7 @@ from starlette.testclient import TestClient
 from websockets.asyncio.client import connect
 
 from pagoda.server.last_resort import LastResortMiddleware
-from tests.server.server_process import API_KEY, ServerProcess
+from tests.server.server_process import API_KEY
 from tests.server.test_websocket import receive_until, ws_url
 
 SURROGATE = b'"a\\ud800b"'  # JSON text: a lone high surrogate, valid JSON, invalid Unicode
@@ -100,28 +101,21 @@ def test_an_unhandled_exception_is_a_500_and_never_reaches_the_server():
     assert r.status_code == 500 and r.json()["error"]["message"] == "internal error: RuntimeError"
 
 
-def test_api_keys_never_reach_the_log():
-    server = ServerProcess("--log-level", "info", "--max-num-seqs", "2")
-    try:
-        server.wait_ready()
-        with httpx.Client(base_url=server.url, timeout=60) as http:
-            r = http.post(f"/v1/completions?api_key={API_KEY}", json={"prompt": "x"})
-            assert r.status_code == 401  # keys go in headers; the query is not a credential
+def test_api_keys_never_reach_the_log(server):
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        r = http.post(f"/v1/completions?api_key={API_KEY}", json={"prompt": "x"})
+        assert r.status_code == 401  # keys go in headers; the query is not a credential
 
-        async def chat_page_style():
-            async with connect(ws_url(server, f"?api_key={API_KEY}")) as ws:
-                await ws.send(json.dumps({"type": "completion", "id": 1, "prompt": "Hi",
-                                          "max_tokens": 1}))
-                await receive_until(ws, lambda m: m["type"] == "done")
+    async def chat_page_style():
+        async with connect(ws_url(server, f"?api_key={API_KEY}")) as ws:
+            await ws.send(json.dumps({"type": "completion", "id": 1, "prompt": "Hi",
+                                      "max_tokens": 1}))
+            await receive_until(ws, lambda m: m["type"] == "done")
 
-        import asyncio
-
-        asyncio.run(chat_page_style())
-        log = server.log_tail(200_000)
-        assert "WebSocket /v1/ws?api_key=[redacted]" in log  # the line is there, redacted
-        assert API_KEY not in log
-    finally:
-        server.stop()
+    asyncio.run(chat_page_style())
+    log = server.log_tail(2_000_000)
+    assert "WebSocket /v1/ws?api_key=[redacted]" in log  # the line is there, redacted
+    assert API_KEY not in log
 
 
 def test_the_redaction_filter_covers_uvicorns_loggers():

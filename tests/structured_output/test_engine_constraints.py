@@ -176,7 +176,8 @@ def test_a_compiling_grammar_does_not_stall_the_batch(engine, monkeypatch):
     never: Future = Future()
     monkeypatch.setattr(engine.structured.compiler, "submit", lambda c: never)
     tok = engine.tokenizer
-    engine.add_request("slow", tok.encode("Hi"), json_params({"type": "integer"}))
+    bounded = {"type": "integer", "minimum": 0, "maximum": 999}
+    engine.add_request("slow", tok.encode("Hi"), json_params(bounded))
     engine.add_request("free", tok.encode("Hi"), SamplingParams(temperature=0, max_tokens=8,
                                                                 ignore_eos=True))
     finished = set()
@@ -188,7 +189,7 @@ def test_a_compiling_grammar_does_not_stall_the_batch(engine, monkeypatch):
     assert engine.stats().num_waiting == 1  # counted as waiting while its grammar compiles
     monkeypatch.undo()
     never.set_result(engine.structured.compiler.compile_now(
-        StructuredOutputs.json_schema({"type": "integer"})))
+        StructuredOutputs.json_schema(bounded)))
     while engine.has_unfinished_requests():
         finished |= {o.req_id for o in engine.step() if o.finished}
     assert "slow" in finished
