@@ -73,10 +73,16 @@ def test_choice_ends_exactly_when_the_grammar_accepts(engine):
                                               structured_outputs=choice)) for i in range(6)}
     requests["regex"] = (ids, SamplingParams(temperature=0, max_tokens=20, structured_outputs=(
         StructuredOutputs("regex", r"[0-9]{3}-[0-9]{4}"))))
+    requests["lark"] = (ids, SamplingParams(temperature=1.0, seed=7, max_tokens=20,
+                                            structured_outputs=StructuredOutputs(
+        "grammar", 'start: ANSWER " (" NUM "%)"\nANSWER: "yes" | "no"\nNUM: /[0-9]{1,2}/')))
     results = run(engine, requests)
     for rid, [(text, finish)] in results.items():
         assert finish == "stop"
-        if rid == "regex":
+        if rid == "lark":
+            answer, _, rest = text.partition(" (")
+            assert answer in ("yes", "no") and rest.endswith("%)") and rest[:-2].isdigit()
+        elif rid == "regex":
             assert len(text) == 8 and text[3] == "-" and text.replace("-", "").isdigit()
         else:
             assert text in CHOICES
@@ -118,6 +124,9 @@ def test_speculation_keeps_constrained_output_identical(make_engine, loaded_mode
     for i, (desc, schema) in enumerate(SCHEMAS[:8]):
         messages = [{"role": "user", "content": f"Example: {example}. Now JSON for {desc}."}]
         requests[f"c{i}"] = (chat_ids(tok, messages), json_params(schema, temperature=0))
+    requests["lark"] = (tok.encode("Count: 1, 2, 3, 4, 5, 6"), SamplingParams(
+        temperature=0, max_tokens=30, structured_outputs=StructuredOutputs(
+            "grammar", 'start: (" " NUM ",")+ " done"\nNUM: /[0-9]+/')))
     requests["bias"] = (tok.encode("1, 2, 3, 4, 5,"), SamplingParams(
         temperature=0, max_tokens=20, ignore_eos=True, logit_bias={17: 4.0, 28: -3.0}))
     plain = run_to_completion(make_engine(kv_cache_memory=64 << 20), requests)

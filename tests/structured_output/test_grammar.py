@@ -31,7 +31,8 @@ def test_bad_or_unenforceable_schemas_are_refused_with_the_reason(schema, reason
 @pytest.mark.parametrize("constraint, reason", [
     (StructuredOutputs("regex", "[a-"), "Unclosed"),
     (StructuredOutputs("grammar", 'root ::= "a" |'), "invalid grammar"),
-    (StructuredOutputs("grammar", 'start: "a" | "b"'), "Lark grammars are not supported"),
+    (StructuredOutputs("grammar", 'start: "a" | undefined_rule'), "invalid Lark grammar"),
+    (StructuredOutputs("grammar", 'start: ( "a"'), "invalid Lark grammar"),
     (StructuredOutputs.choice([]), "non-empty list"),
 ])
 def test_bad_regex_grammar_choice_are_refused(constraint, reason):
@@ -61,3 +62,12 @@ def test_schema_needing_unnamed_items_compiles_permissively():
     assert _is_grammar_accept_string(named, '{"a": 1}')
     assert not _is_grammar_accept_string(named, '{"a": 1, "b": 2}')  # nothing unnamed
     assert not _is_grammar_accept_string(named, '{ "a": 1 }')  # no free whitespace
+
+
+def test_lark_grammars_go_to_llguidance_and_ebnf_to_xgrammar():
+    from pagoda.structured_output.grammar import LarkGrammar
+
+    assert isinstance(build_grammar(StructuredOutputs("grammar", 'start: "a" | "b"')),
+                      LarkGrammar)
+    assert not isinstance(build_grammar(StructuredOutputs("grammar", 'root ::= "a"')),
+                          LarkGrammar)

@@ -62,16 +62,39 @@ def check_schema(schema: Any, path: str = "#") -> None:
             check_schema(schema[key], f"{path}/{key}")
 
 
+def is_lark(constraint: StructuredOutputs) -> bool:
+    """A grammar without EBNF's `::=` rules is Lark (`start: ...`), which llguidance reads."""
+    return constraint.kind == "grammar" and "::=" not in constraint.value
+
+
+class LarkGrammar:
+    """A Lark grammar, checked by llguidance (xgrammar reads EBNF only; llguidance's masks are
+    slower, so it serves only what xgrammar cannot: docs/structured_output.md)."""
+
+    def __init__(self, source: str):
+        self.source = source
+
+    @classmethod
+    def checked(cls, source: str) -> LarkGrammar:
+        import llguidance
+
+        grammar = llguidance.LLMatcher.grammar_from_lark(source)
+        error = llguidance.LLMatcher.validate_grammar(grammar)
+        if error:
+            raise ConstraintError(f"invalid Lark grammar: {error.strip().splitlines()[0]}")
+        return cls(grammar)
+
+
 def build_grammar(constraint: StructuredOutputs) -> Any:
-    """The constraint as an `xgrammar.Grammar`; raises ConstraintError with the reason."""
+    """The constraint as an `xgrammar.Grammar` (or a `LarkGrammar`); raises ConstraintError
+    with the reason."""
     import xgrammar as xgr
 
     kind, value = constraint.kind, constraint.value
     if kind == "json":
         check_schema(constraint.schema)
-    if kind == "grammar" and "::=" not in value:
-        raise ConstraintError("grammar must be EBNF/GBNF with a `root ::= ...` rule "
-                              "(Lark grammars are not supported)")
+    if is_lark(constraint):
+        return LarkGrammar.checked(value)
     try:
         if kind == "json":
             return _json_grammar(xgr, value)

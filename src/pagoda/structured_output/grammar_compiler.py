@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from pagoda.sampling.constraint import StructuredOutputs
-from pagoda.structured_output.grammar import build_grammar
+from pagoda.structured_output.grammar import LarkGrammar, build_grammar
+from pagoda.structured_output.lark_matcher import LarkMatcher
 
 CACHE_SIZE = 256
 
@@ -33,10 +35,11 @@ class GrammarCompiler:
         # `compile_now` (benchmarks, tests) may come from elsewhere
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="pagoda-grammar")
         self._xgr_compiler = None
+        self._llg_tokenizer = None
 
     def submit(self, constraint: StructuredOutputs) -> Future:
-        """A future of the compiled grammar (already done when the constraint is cached); it
-        raises ConstraintError when the constraint cannot be compiled."""
+        """A future of the compiled grammar, as a factory of matchers (already done when the
+        constraint is cached); it raises ConstraintError when it cannot be compiled."""
         key = constraint.key
         with self._lock:
             future = self._cache.get(key)
@@ -52,9 +55,26 @@ class GrammarCompiler:
     def compile_now(self, constraint: StructuredOutputs) -> Any:
         return self.submit(constraint).result()
 
-    def _compile(self, constraint: StructuredOutputs) -> Any:
+    def _compile(self, constraint: StructuredOutputs) -> Callable[[], Any]:
+        """A factory of fresh matchers for the constraint (one per request)."""
         grammar = build_grammar(constraint)
-        return self._compiler().compile_grammar(grammar)
+        if isinstance(grammar, LarkGrammar):
+            import llguidance
+
+            tokenizer = self._lark_tokenizer()
+            return lambda: LarkMatcher(llguidance.LLMatcher(tokenizer, grammar.source))
+        import xgrammar as xgr
+
+        compiled = self._compiler().compile_grammar(grammar)
+        return lambda: xgr.GrammarMatcher(compiled)
+
+    def _lark_tokenizer(self) -> Any:
+        if self._llg_tokenizer is None:
+            import llguidance.hf
+
+            self._llg_tokenizer = llguidance.hf.from_tokenizer(
+                self.hf_tokenizer, n_vocab=self.vocab_size, eos_token=self.stop_token_ids[0])
+        return self._llg_tokenizer
 
     def _compiler(self) -> Any:
         if self._xgr_compiler is None:

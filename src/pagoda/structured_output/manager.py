@@ -27,7 +27,7 @@ class StructuredOutputManager:
         self.compiler = compiler
         self.vocab_size = vocab_size
         self._pending: dict[str, Future] = {}
-        self._matchers: dict[str, Any] = {}  # req_id -> xgrammar.GrammarMatcher
+        self._matchers: dict[str, Any] = {}  # req_id -> xgrammar.GrammarMatcher or LarkMatcher
 
     # -- lifecycle ---------------------------------------------------------------------------
     def add(self, req_id: str, constraint: StructuredOutputs) -> None:
@@ -42,12 +42,10 @@ class StructuredOutputManager:
             return False, None
         del self._pending[req_id]
         try:
-            compiled = future.result()
+            new_matcher = future.result()
         except Exception as exc:  # noqa: BLE001 - the front-end validated; a late refusal
             return True, str(exc)
-        import xgrammar as xgr
-
-        self._matchers[req_id] = xgr.GrammarMatcher(compiled)
+        self._matchers[req_id] = new_matcher()
         return True, None
 
     def wait(self, timeout: float) -> None:
