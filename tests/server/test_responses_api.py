@@ -89,7 +89,8 @@ def test_function_calls_and_their_outputs(oai, stream):
 @pytest.mark.parametrize("fields, param", [
     ({"store": True}, "store"), ({"previous_response_id": "resp_1"}, "previous_response_id"),
     ({"reasoning": {"effort": "high"}}, "reasoning"), ({"truncation": "auto"}, "truncation"),
-    ({"made_up": 1}, "made_up"), ({"max_output_tokens": 0}, "max_output_tokens")])
+    ({"made_up": 1}, "made_up"), ({"max_output_tokens": 0}, "max_output_tokens"),
+    ({"stream_options": {"include_obfuscation": True}}, "stream_options")])
 def test_refused_fields_are_400s_naming_them(server, fields, param):
     r = httpx.post(server.url + "/v1/responses", headers=server.headers,
                    json={"model": MODEL, "input": "hi", **fields})

@@ -49,7 +49,8 @@ REFUSED = {"store": "responses are not stored (stateless server)",
            "reasoning": "this server's models have no reasoning mode",
            "include": "no extra output data is available",
            "top_logprobs": "log-probs are not supported on /v1/responses; use chat completions",
-           "max_tool_calls": "is not supported"}
+           "max_tool_calls": "is not supported",
+           "stream_options": "is not supported"}
 
 
 def _check_refused(request: ResponsesRequest) -> None:
