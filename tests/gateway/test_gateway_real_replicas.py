@@ -162,3 +162,35 @@ def test_structured_output_and_tools_through_the_gateway_and_its_cache(serve_rep
         choice = call.json()["choices"][0]
         assert choice["finish_reason"] == "tool_calls"
         assert choice["message"]["tool_calls"][0]["function"]["name"] == "lookup"
+
+
+@pytest.mark.slow
+def test_responses_and_anthropic_messages_through_the_gateway(serve_replicas):
+    config = make_config({"m": upstreams(serve_replicas[:1])}, cache={"enabled": True})
+    anthropic_headers = {"x-api-key": auth()["Authorization"].split()[1]}
+    with GatewayServer(config) as gw, httpx.Client(base_url=gw.url, timeout=120) as http:
+        msg = http.post("/v1/messages", headers=anthropic_headers, json={
+            "model": "m", "max_tokens": 4, "messages": [{"role": "user", "content": "Hi"}]})
+        assert msg.status_code == 200 and msg.json()["type"] == "message"
+        assert msg.headers["x-cache"] == "bypass"  # never cached: replays OpenAI chunks only
+        with http.stream("POST", "/v1/messages", headers=anthropic_headers, json={
+                "model": "m", "max_tokens": 4, "stream": True,
+                "messages": [{"role": "user", "content": "Hi"}]}) as r:
+            events = [line for line in r.iter_lines() if line.startswith("event: ")]
+        assert events[0] == "event: message_start" and events[-1] == "event: message_stop"
+        resp = http.post("/v1/responses", headers=auth(), json={
+            "model": "m", "input": "Hi", "max_output_tokens": 4})
+        assert resp.status_code == 200 and resp.json()["object"] == "response"
+        with http.stream("POST", "/v1/responses", headers=auth(), json={
+                "model": "m", "input": "Hi", "max_output_tokens": 4, "stream": True}) as r:
+            events = [line for line in r.iter_lines() if line.startswith("event: ")]
+        assert events[0] == "event: response.created"
+        assert events[-1] == "event: response.completed"
+        bad = http.post("/v1/responses", headers=auth(), json={"model": "m", "input": "Hi",
+                                                               "store": True})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "store"
+        tokens = gw.state.metrics.registry.get_sample_value(
+            "pagoda:gateway_tokens_total",
+            {"key": "alice", "model": "m", "upstream": serve_replicas[0][7:],
+             "kind": "prompt"})
+        assert tokens and tokens > 0  # counted from the replies' own usage shapes

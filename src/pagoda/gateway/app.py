@@ -59,6 +59,14 @@ def create_app(config: GatewayConfig, redis_url: str | None = None) -> FastAPI:
     async def chat_completions(request: Request) -> Response:
         return await serve_completion(state, request, "/v1/chat/completions")
 
+    @app.post("/v1/responses")
+    async def responses(request: Request) -> Response:
+        return await serve_completion(state, request, "/v1/responses")
+
+    @app.post("/v1/messages")
+    async def messages(request: Request) -> Response:
+        return await serve_completion(state, request, "/v1/messages")
+
     @app.websocket("/v1/ws")
     async def websocket(ws: WebSocket) -> None:
         await serve_websocket(state, ws)

@@ -1,4 +1,5 @@
-"""The gateway's path for `/v1/completions` and `/v1/chat/completions`.
+"""The gateway's path for `/v1/completions`, `/v1/chat/completions`, `/v1/responses` and
+`/v1/messages`.
 
 authenticate -> parse -> resolve model (virtual -> pool) -> admit (rate limits) -> cache lookup ->
 forward (with retries) -> record usage, cache, metrics -> answer.
@@ -41,6 +42,25 @@ from pagoda.gateway.stream_relay import ProxiedStream, RelayOutcome, relay_event
 from pagoda.gateway.upstream import UpstreamPool
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Surface:
+    """What the gateway needs to know about one API route."""
+
+    required: str  # the body field every request must carry
+    openai_stream: bool  # SSE chunks in OpenAI's chat/completions shape, ending in [DONE]
+    cacheable: bool  # the response cache can store and re-stream its answers
+
+
+SURFACES = {
+    "/v1/completions": Surface("prompt", True, True),
+    "/v1/chat/completions": Surface("messages", True, True),
+    # Responses and Anthropic Messages: routed, limited and counted (non-streaming usage), their
+    # event streams relayed untouched; never cached (the cache replays OpenAI chunks only)
+    "/v1/responses": Surface("input", False, False),
+    "/v1/messages": Surface("messages", False, False),
+}
 # Failures of the shared state backend (Redis): the cache degrades to misses, limits to a 503.
 STATE_ERRORS = (RedisError, OSError)
 
@@ -90,7 +110,9 @@ async def admit(
 ) -> Call | Response:
     """A Call holding an in-flight lease, or the error response that refuses the request."""
     started = time.perf_counter()
-    key = await state.keys.authenticate_async(bearer_token(request.headers.get("authorization")))
+    token = bearer_token(request.headers.get("authorization")) or \
+        request.headers.get("x-api-key")  # Anthropic's clients
+    key = await state.keys.authenticate_async(token)
     if key is None:
         return unauthorized("Missing or invalid API key. Send `Authorization: Bearer <key>`.")
     raw = await _read_body(request, state.config.max_body_bytes)
@@ -106,8 +128,9 @@ async def admit(
     model = body.get("model")
     if not isinstance(model, str) or not model:
         return bad_request("You must provide a model parameter.", param="model")
-    if ("messages" if chat else "prompt") not in body:
-        return bad_request(f"'{'messages' if chat else 'prompt'}' is a required property.")
+    surface = SURFACES[endpoint]
+    if surface.required not in body:
+        return bad_request(f"'{surface.required}' is a required property.")
     pool_name = resolve_pool(state, model, body)
     if pool_name is None or not key.allows(model):
         message = f"The model `{model}` does not exist or you do not have access to it."
@@ -127,7 +150,7 @@ async def admit(
         )
     pool = state.pools[pool_name]
     ckey = None
-    if state.cache is not None and is_cacheable(body):
+    if state.cache is not None and surface.cacheable and is_cacheable(body):
         ckey = cache_key(endpoint, pool.name, body)
     return Call(key, endpoint, chat, body, model, pool, lease_id, decision, started, ckey)
 
@@ -159,7 +182,7 @@ async def serve_completion(state: GatewayState, request: Request, endpoint: str)
             if cached is not None:
                 return _cached_answer(state, call, cached)
         upstream_body = {**call.body, "model": call.pool.upstream_model}
-        if call.stream:
+        if call.stream and SURFACES[endpoint].openai_stream:
             options = call.body.get("stream_options") or {}
             upstream_body["stream_options"] = {**options, "include_usage": True}
             response = await _forward_stream(state, call, upstream_body)
@@ -327,6 +350,7 @@ async def _forward_stream(
         opened, outcome, wants_usage=bool(options.get("include_usage")),
         public_model=call.public_model, assembler=assembler,
         on_usage=on_usage, on_complete=on_complete, on_done=lambda: _release(state, call),
+        ends_with_done=SURFACES[call.endpoint].openai_stream,
     )
 
     async def cleanup() -> None:

@@ -51,8 +51,8 @@ class GatewayMetrics:
         if not isinstance(usage, dict):
             return 0
         total = 0
-        for kind in ("prompt", "completion"):
-            value = usage.get(f"{kind}_tokens")
+        for kind, alias in (("prompt", "input_tokens"), ("completion", "output_tokens")):
+            value = usage.get(f"{kind}_tokens", usage.get(alias))  # OpenAI's or Anthropic's
             if isinstance(value, int) and value > 0:
                 self.tokens.labels(key, model, upstream, kind).inc(value)
                 total += value

@@ -36,6 +36,8 @@ def prompt_text(body: dict[str, Any]) -> str:
                 content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
             parts.append(f"{message.get('role', '')}: {content or ''}\n")
         return "".join(parts)
+    if isinstance(body.get("input"), str):  # the Responses API
+        return body["input"]
     prompt = body.get("prompt", "")
     if isinstance(prompt, list):
         return "\n".join(p if isinstance(p, str) else str(p) for p in prompt)

@@ -52,10 +52,13 @@ async def relay_events(
     on_usage: OnUsage,
     on_complete: OnComplete,
     on_done: Callable[[], Awaitable[None]],
+    ends_with_done: bool = True,
 ) -> AsyncIterator[bytes]:
     """Yield the client's bytes. `public_model`, if set, replaces every chunk's `model`.
 
-    `on_usage` (token accounting), `on_complete` (the assembled answer, for the cache) and
+    `ends_with_done`: the stream ends with OpenAI's `[DONE]`; other streams are done when the
+    upstream ends them. `on_usage` (token accounting), `on_complete` (the assembled answer, for
+    the cache) and
     `on_done` (the upstream sent `[DONE]`: release the concurrency slot) run *before* the bytes
     that carried them are forwarded, so once a client has read `[DONE]`, its tokens are counted,
     its answer is cached and its slot is free: its next request sees all three.
@@ -82,6 +85,10 @@ async def relay_events(
                 yield out
         if splitter.rest().strip():
             yield splitter.rest() + b"\n\n"
+        if not ends_with_done and not outcome.done_notified:
+            # event streams without [DONE] (Responses, Anthropic) are done when they end
+            outcome.saw_done = outcome.done_notified = True
+            await on_done()
     except UPSTREAM_ERRORS as exc:
         # Bytes already reached the client, so no retry: end the stream with an error event.
         outcome.upstream_failed = True
