@@ -172,10 +172,16 @@ def test_responses_and_anthropic_messages_through_the_gateway(serve_replicas):
         msg = http.post("/v1/messages", headers=anthropic_headers, json={
             "model": "m", "max_tokens": 4, "messages": [{"role": "user", "content": "Hi"}]})
         assert msg.status_code == 200 and msg.json()["type"] == "message"
-        assert msg.headers["x-cache"] == "bypass"  # never cached: replays OpenAI chunks only
-        with http.stream("POST", "/v1/messages", headers=anthropic_headers, json={
-                "model": "m", "max_tokens": 4, "stream": True,
-                "messages": [{"role": "user", "content": "Hi"}]}) as r:
+        assert msg.headers["x-cache"] == "bypass"  # temperature 1, no seed: not cacheable
+        greedy = {"model": "m", "max_tokens": 4, "temperature": 0,
+                  "messages": [{"role": "user", "content": "Hello"}]}
+        first = http.post("/v1/messages", headers=anthropic_headers, json=greedy)
+        again = http.post("/v1/messages", headers=anthropic_headers, json=greedy)
+        assert first.headers["x-cache"] == "miss" and again.headers["x-cache"] == "hit"
+        assert again.json() == first.json()
+        with http.stream("POST", "/v1/messages", headers=anthropic_headers,
+                         json={**greedy, "stream": True}) as r:  # a stream never hits the cache
+            assert r.headers["x-cache"] == "bypass"
             events = [line for line in r.iter_lines() if line.startswith("event: ")]
         assert events[0] == "event: message_start" and events[-1] == "event: message_stop"
         resp = http.post("/v1/responses", headers=auth(), json={

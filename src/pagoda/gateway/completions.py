@@ -50,14 +50,14 @@ class Surface:
 
     required: str  # the body field every request must carry
     openai_stream: bool  # SSE chunks in OpenAI's chat/completions shape, ending in [DONE]
-    cacheable: bool  # the response cache can store and re-stream its answers
+    cacheable: bool  # the response cache can re-stream its answers (else: non-streaming only)
 
 
 SURFACES = {
     "/v1/completions": Surface("prompt", True, True),
     "/v1/chat/completions": Surface("messages", True, True),
-    # Responses and Anthropic Messages: routed, limited and counted (non-streaming usage), their
-    # event streams relayed untouched; never cached (the cache replays OpenAI chunks only)
+    # Responses and Anthropic Messages: routed, limited and counted, their event streams relayed
+    # untouched; only their non-streaming answers are cached (the cache re-streams OpenAI chunks)
     "/v1/responses": Surface("input", False, False),
     "/v1/messages": Surface("messages", False, False),
 }
@@ -150,7 +150,10 @@ async def admit(
         )
     pool = state.pools[pool_name]
     ckey = None
-    if state.cache is not None and surface.cacheable and is_cacheable(body):
+    # Responses / Messages answers are cached whole and served only to non-streaming requests
+    # (the cache re-streams OpenAI chunks only)
+    if state.cache is not None and is_cacheable(body) and (
+            surface.cacheable or not body.get("stream")):
         ckey = cache_key(endpoint, pool.name, body)
     return Call(key, endpoint, chat, body, model, pool, lease_id, decision, started, ckey)
 
@@ -308,7 +311,8 @@ async def _forward(state: GatewayState, call: Call, upstream_body: dict[str, Any
             if call.public_model is not None and payload.get("model") != call.public_model:
                 payload["model"] = call.public_model
                 content = json.dumps(payload).encode()
-            if call.cache_key is not None and can_rechunk(payload):
+            if call.cache_key is not None and (
+                    can_rechunk(payload) or not SURFACES[call.endpoint].openai_stream):
                 await _cache_put(state, call.cache_key, content)
     _observe(state, call, reply.upstream.name, reply.status)
     cache = "miss" if call.cache_key is not None else "bypass"
