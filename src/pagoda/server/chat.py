@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
@@ -16,6 +17,7 @@ from fastapi.responses import Response
 
 from pagoda.engine.async_llm import AsyncLLM
 from pagoda.engine.outputs import CompletionOutput, RequestOutput
+from pagoda.sampling.params import SamplingParams
 from pagoda.server.chat_protocol import (
     ChatChoice,
     ChatCompletionChunk,
@@ -56,15 +58,32 @@ def render_chat(llm: AsyncLLM, messages: list[ChatMessage], add_generation_promp
         raise APIError(400, str(exc), "messages") from None
 
 
-async def create_chat_completion(client: EngineClient, request: ChatCompletionRequest,
-                                 raw: Request) -> ChatCompletionResponse | Response:
+@dataclass(frozen=True)
+class PreparedChat:
+    tools: ToolUse
+    params: SamplingParams
+    prompt_ids: list[int]
+
+
+async def prepare_chat(client: EngineClient, request: ChatCompletionRequest,
+                       model: str | None) -> PreparedChat:
+    """The preamble every chat-shaped surface shares (chat, Responses, Messages): the model
+    check, tools, sampling parameters and the rendered, validated prompt."""
     llm = client.require_llm()
-    client.check_model(request.model)
+    client.check_model(model)
     tools = tool_use(request)
     params = chat_params(request, tools)
     prompt_ids = await client.prepare(
         render_chat(llm, request.messages, request.add_generation_prompt, tools,
                     request.chat_template_kwargs), params)
+    return PreparedChat(tools, params, prompt_ids)
+
+
+async def create_chat_completion(client: EngineClient, request: ChatCompletionRequest,
+                                 raw: Request) -> ChatCompletionResponse | Response:
+    llm = client.require_llm()
+    prepared = await prepare_chat(client, request, request.model)
+    tools, params, prompt_ids = prepared.tools, prepared.params, prepared.prompt_ids
     req_id = f"chatcmpl-{uuid.uuid4().hex}"
     ticket = client.admit()
     outputs = client.generate(prompt_ids, params, ticket, req_id)

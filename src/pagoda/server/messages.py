@@ -21,7 +21,7 @@ from fastapi.responses import Response
 from pydantic import ValidationError
 
 from pagoda.engine.outputs import CompletionOutput, RequestOutput
-from pagoda.server.chat import render_chat
+from pagoda.server.chat import prepare_chat, render_chat
 from pagoda.server.chat_protocol import ChatCompletionRequest, DeltaToolCall
 from pagoda.server.engine_client import EngineClient, error_of
 from pagoda.server.errors import APIError
@@ -35,7 +35,6 @@ from pagoda.server.messages_protocol import (
     ToolUseBlock,
     Usage,
 )
-from pagoda.server.request_params import chat_params
 from pagoda.server.streaming import EngineStreamingResponse, cancel_on_disconnect
 from pagoda.server.tool_parser import ToolCallStream, parse_tool_calls
 from pagoda.server.tool_prompt import tool_use
@@ -98,12 +97,8 @@ async def count_tokens(client: EngineClient, request: CountTokensRequest) -> Tok
 
 async def create_message(client: EngineClient, request: MessagesRequest, raw: Request
                          ) -> MessagesResponse | Response:
-    llm = client.require_llm()
-    client.check_model(request.model)
-    chat = to_chat(request)
-    tools = tool_use(chat)
-    params = chat_params(chat, tools)
-    prompt_ids = await client.prepare(render_chat(llm, chat.messages, True, tools), params)
+    prepared = await prepare_chat(client, to_chat(request), request.model)
+    tools, params, prompt_ids = prepared.tools, prepared.params, prepared.prompt_ids
     msg_id = f"msg_{uuid.uuid4().hex[:24]}"
     ticket = client.admit()
     outputs = client.generate(prompt_ids, params, ticket, msg_id)

@@ -28,11 +28,10 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
 from pagoda.engine.outputs import CompletionOutput, RequestOutput
-from pagoda.server.chat import render_chat
+from pagoda.server.chat import prepare_chat
 from pagoda.server.chat_protocol import ChatCompletionRequest
 from pagoda.server.engine_client import EngineClient, error_of
 from pagoda.server.errors import APIError
-from pagoda.server.request_params import chat_params
 from pagoda.server.responses_protocol import (
     FunctionCallItem,
     FunctionCallOutputItem,
@@ -40,7 +39,7 @@ from pagoda.server.responses_protocol import (
 )
 from pagoda.server.streaming import EngineStreamingResponse, cancel_on_disconnect
 from pagoda.server.tool_parser import ToolCallStream, parse_tool_calls
-from pagoda.server.tool_prompt import ToolUse, tool_use
+from pagoda.server.tool_prompt import ToolUse
 
 REFUSED = {"store": "responses are not stored (stateless server)",
            "previous_response_id": "responses are not stored (stateless server)",
@@ -116,12 +115,8 @@ def to_chat(request: ResponsesRequest) -> ChatCompletionRequest:
 
 async def create_response(client: EngineClient, request: ResponsesRequest, raw: Request
                           ) -> Response:
-    llm = client.require_llm()
-    client.check_model(request.model)
-    chat = to_chat(request)
-    tools = tool_use(chat)
-    params = chat_params(chat, tools)
-    prompt_ids = await client.prepare(render_chat(llm, chat.messages, True, tools), params)
+    prepared = await prepare_chat(client, to_chat(request), request.model)
+    tools, params, prompt_ids = prepared.tools, prepared.params, prepared.prompt_ids
     resp_id = f"resp_{uuid.uuid4().hex[:24]}"
     shell = _shell(client, request, resp_id)
     ticket = client.admit()
