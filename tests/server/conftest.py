@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import concurrent.futures
 
+import openai
 import pytest
 
 from pagoda.sampling.params import SamplingParams
@@ -28,6 +29,17 @@ def thread_server():
 @pytest.fixture(scope="session")
 def server(thread_server):
     return thread_server
+
+
+@pytest.fixture(scope="module")
+def oai(server):
+    """The official `openai` client against `server` (whichever server the module uses)."""
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=server.api_key, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def model(oai):
+    return oai.models.list().data[0].id
 
 
 @pytest.fixture(scope="session")

@@ -3,17 +3,11 @@ lm-evaluation-harness sends), vLLM's prompt_logprobs, and the tokenizer/version 
 
 from __future__ import annotations
 
-import openai
 import pytest
 
 from pagoda.sampling.params import SamplingParams
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time"]
-
-
-@pytest.fixture(scope="module")
-def oai(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key=server.api_key, max_retries=0)
 
 
 def test_each_prompt_of_a_batch_equals_it_alone(oai, offline):

@@ -6,7 +6,6 @@ import json
 
 import httpx
 import jsonschema
-import openai
 import pytest
 
 from pagoda.sampling.params import SamplingParams
@@ -16,11 +15,6 @@ MODEL = "SmolLM2-135M-Instruct"
 WEATHER = {"type": "function", "name": "get_weather", "description": "Weather in a city",
            "parameters": {"type": "object", "properties": {"city": {
                "type": "string", "maxLength": 30}}, "required": ["city"]}}
-
-
-@pytest.fixture(scope="module")
-def oai(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key=server.api_key, max_retries=0)
 
 
 def test_create_equals_the_chat_route_greedy(oai, offline):
@@ -90,7 +84,8 @@ def test_function_calls_and_their_outputs(oai, stream):
     ({"store": True}, "store"), ({"previous_response_id": "resp_1"}, "previous_response_id"),
     ({"reasoning": {"effort": "high"}}, "reasoning"), ({"truncation": "auto"}, "truncation"),
     ({"made_up": 1}, "made_up"), ({"max_output_tokens": 0}, "max_output_tokens"),
-    ({"stream_options": {"include_obfuscation": True}}, "stream_options")])
+    ({"stream_options": {"include_obfuscation": True}}, "stream_options"),
+    ({"text": {"verbosity": "low"}}, "text.verbosity")])
 def test_refused_fields_are_400s_naming_them(server, fields, param):
     r = httpx.post(server.url + "/v1/responses", headers=server.headers,
                    json={"model": MODEL, "input": "hi", **fields})

@@ -10,7 +10,6 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 
 import jsonschema
-import openai
 import pytest
 from websockets.asyncio.client import connect
 
@@ -18,16 +17,6 @@ from tests.server.test_websocket import receive_until, ws_url
 from tests.structured_output.schemas import SCHEMAS, chat_for
 
 COMBOS = list(itertools.product([False, True], [0.0, 1.0], [1, 2]))  # stream, temperature, n
-
-
-@pytest.fixture(scope="module")
-def oai(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key=server.api_key, max_retries=0)
-
-
-@pytest.fixture(scope="module")
-def model(oai):
-    return oai.models.list().data[0].id
 
 
 def chat_texts(oai, model, stream: bool, n: int, **kw) -> list[tuple[str, str]]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 
 import jsonschema
-import openai
 import pytest
 
 WEATHER = {"type": "function", "function": {
@@ -25,16 +24,6 @@ TOOLS = [WEATHER, ADD]
 SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
 ASK = [{"role": "user", "content": "What is the weather in Paris right now?"}]
 NAMED = {"type": "function", "function": {"name": "get_weather"}}
-
-
-@pytest.fixture(scope="module")
-def oai(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key=server.api_key, max_retries=0)
-
-
-@pytest.fixture(scope="module")
-def model(oai):
-    return oai.models.list().data[0].id
 
 
 def calls_of(message) -> list[tuple[str, dict]]:

@@ -17,9 +17,9 @@ Every retried attempt counts toward the upstream's passive ejection.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 
@@ -32,6 +32,7 @@ from pagoda.gateway.upstream_client import UPSTREAM_ERRORS, UpstreamClient
 logger = logging.getLogger(__name__)
 
 RETRYABLE_STATUS = frozenset({502, 503, 504})
+T = TypeVar("T")
 
 
 class UpstreamUnavailable(Exception):
@@ -111,12 +112,16 @@ class Forwarder:
         upstream.num_requests += 1
         return upstream
 
-    async def send(
-        self, pool: UpstreamPool, policy: Policy, text: str, path: str, body: dict[str, Any]
-    ) -> Reply:
+    async def _first_final(
+        self, pool: UpstreamPool, policy: Policy, text: str,
+        attempt: Callable[[Upstream], Awaitable[T]],
+    ) -> T | Reply:
+        """Runs `attempt` on upstreams in the policy's order until one gives an answer that is
+        not a connection failure or a 502/503/504. When every attempt got a 502/503/504 the
+        latest is passed through (with its Retry-After) rather than replaced by our own 502."""
         tried: set[str] = set()
         detail = "no upstream configured"
-        last: Reply | None = None  # the latest 502/503/504, passed through if all attempts fail
+        last: Reply | None = None
         for _ in range(self.retry.max_attempts):
             try:
                 upstream = self._next(pool, policy, text, tried, detail)
@@ -124,45 +129,44 @@ class Forwarder:
                 if last is not None:
                     return last
                 raise
-            upstream.num_outstanding += 1
             try:
-                status, content_type, content, retry_after = await self.client.post_json(
-                    upstream.url + path, body, upstream.auth_headers
-                )
+                result = await attempt(upstream)
             except UPSTREAM_ERRORS as exc:
                 detail = f"{upstream.name}: {type(exc).__name__}"
                 self._failed(pool, upstream)
                 continue
-            finally:
-                upstream.num_outstanding -= 1
-            reply = Reply(upstream, status, content, content_type or "application/json",
-                          retry_after)
-            if status in RETRYABLE_STATUS:
-                detail = f"{upstream.name}: HTTP {status}"
+            if isinstance(result, Reply) and result.status in RETRYABLE_STATUS:
+                detail = f"{upstream.name}: HTTP {result.status}"
                 self._failed(pool, upstream)
-                last = reply
+                last = result
                 continue
-            if status < 500:
-                upstream.record_success()
-            return reply
+            return result
         if last is not None:
             return last
         raise UpstreamUnavailable(detail, len(tried))
 
+    async def send(
+        self, pool: UpstreamPool, policy: Policy, text: str, path: str, body: dict[str, Any]
+    ) -> Reply:
+        async def attempt(upstream: Upstream) -> Reply:
+            upstream.num_outstanding += 1
+            try:
+                status, content_type, content, retry_after = await self.client.post_json(
+                    upstream.url + path, body, upstream.auth_headers)
+            finally:
+                upstream.num_outstanding -= 1
+            if status < 500:
+                upstream.record_success()
+            return Reply(upstream, status, content, content_type or "application/json",
+                         retry_after)
+
+        return await self._first_final(pool, policy, text, attempt)
+
     async def open_stream(
         self, pool: UpstreamPool, policy: Policy, text: str, path: str, body: dict[str, Any]
     ) -> OpenStream | Reply:
-        """A 200 stream ready to relay, or the upstream's complete non-200, non-5xx answer."""
-        tried: set[str] = set()
-        detail = "no upstream configured"
-        last: Reply | None = None  # the latest 502/503/504, passed through if all attempts fail
-        for _ in range(self.retry.max_attempts):
-            try:
-                upstream = self._next(pool, policy, text, tried, detail)
-            except UpstreamUnavailable:
-                if last is not None:
-                    return last
-                raise
+        """A 200 stream ready to relay, or the upstream's complete non-200 answer."""
+        async def attempt(upstream: Upstream) -> OpenStream | Reply:
             upstream.num_outstanding += 1
             response: aiohttp.ClientResponse | None = None
             handed_over = False
@@ -170,24 +174,13 @@ class Forwarder:
                 response = await self.client.open(upstream.url + path, body,
                                                   upstream.auth_headers)
                 if response.status != 200:
-                    content = await response.read()
-                    reply = Reply(upstream, response.status, content,
-                                  response.headers.get("content-type", "application/json"),
-                                  response.headers.get("retry-after"))
-                    if response.status in RETRYABLE_STATUS:
-                        detail = f"{upstream.name}: HTTP {response.status}"
-                        self._failed(pool, upstream)
-                        last = reply
-                        continue
-                    return reply
+                    return Reply(upstream, response.status, await response.read(),
+                                 response.headers.get("content-type", "application/json"),
+                                 response.headers.get("retry-after"))
                 first = await response.content.readany()
                 if not first:
                     raise UpstreamClosedEarly("stream ended before its first byte")
                 handed_over = True
-            except UPSTREAM_ERRORS as exc:
-                detail = f"{upstream.name}: {type(exc).__name__} before the first byte"
-                self._failed(pool, upstream)
-                continue
             finally:
                 if not handed_over:  # every exit but success gives the slot back
                     upstream.num_outstanding -= 1
@@ -195,6 +188,5 @@ class Forwarder:
                         response.close()
             upstream.record_success()
             return OpenStream(upstream, response, first)
-        if last is not None:
-            return last
-        raise UpstreamUnavailable(detail, len(tried))
+
+        return await self._first_final(pool, policy, text, attempt)

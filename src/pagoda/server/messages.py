@@ -37,7 +37,7 @@ from pagoda.server.messages_protocol import (
 )
 from pagoda.server.streaming import EngineStreamingResponse, cancel_on_disconnect
 from pagoda.server.tool_parser import ToolCallStream, parse_tool_calls
-from pagoda.server.tool_prompt import tool_use
+from pagoda.server.tool_prompt import chat_tools, named_choice, tool_use
 
 CHOICES = {"auto": "auto", "any": "required", "none": "none"}
 
@@ -69,12 +69,11 @@ def to_chat(request: CountTokensRequest) -> ChatCompletionRequest:
             messages.append({"role": "user", "content": text})
     fields: dict[str, Any] = {"messages": messages}
     if request.tools:
-        fields["tools"] = [{"type": "function", "function": {
-            "name": t.name, "description": t.description, "parameters": t.input_schema}}
-            for t in request.tools]
+        fields["tools"] = chat_tools([(t.name, t.description, t.input_schema)
+                                      for t in request.tools])
     choice = request.tool_choice
     if choice is not None:
-        fields["tool_choice"] = {"type": "function", "function": {"name": choice.name or ""}} \
+        fields["tool_choice"] = named_choice(choice.name or "") \
             if choice.type == "tool" else CHOICES[choice.type]
         fields["parallel_tool_calls"] = not choice.disable_parallel_tool_use
     if isinstance(request, MessagesRequest):

@@ -39,7 +39,7 @@ from pagoda.server.responses_protocol import (
 )
 from pagoda.server.streaming import EngineStreamingResponse, cancel_on_disconnect
 from pagoda.server.tool_parser import ToolCallStream, parse_tool_calls
-from pagoda.server.tool_prompt import ToolUse
+from pagoda.server.tool_prompt import ToolUse, chat_tools, named_choice
 
 REFUSED = {"store": "responses are not stored (stateless server)",
            "previous_response_id": "responses are not stored (stateless server)",
@@ -61,6 +61,10 @@ def _check_refused(request: ResponsesRequest) -> None:
         raise APIError(400, "truncation 'auto' is not supported", "truncation")
     if request.service_tier not in (None, "auto", "default"):
         raise APIError(400, "only the default service tier exists", "service_tier")
+    if request.text is not None and request.text.verbosity not in (None, "medium"):
+        # nothing steers a small model's length by a word; the default is what it does anyway
+        raise APIError(400, "text.verbosity: only 'medium' (the default) is supported",
+                       "text.verbosity")
 
 
 def to_chat(request: ResponsesRequest) -> ChatCompletionRequest:
@@ -98,13 +102,11 @@ def to_chat(request: ResponsesRequest) -> ChatCompletionRequest:
         fields["response_format"] = {"type": "json_schema", "json_schema": {
             "name": fmt.name or "response", "schema": fmt.schema_, "strict": fmt.strict}}
     if request.tools:
-        fields["tools"] = [{"type": "function", "function": {
-            "name": t.name, "description": t.description, "parameters": t.parameters}}
-            for t in request.tools]
+        fields["tools"] = chat_tools([(t.name, t.description, t.parameters)
+                                      for t in request.tools])
     choice = request.tool_choice
     if choice is not None:
-        fields["tool_choice"] = choice if isinstance(choice, str) else \
-            {"type": "function", "function": {"name": choice.name}}
+        fields["tool_choice"] = choice if isinstance(choice, str) else named_choice(choice.name)
     if request.parallel_tool_calls is not None:
         fields["parallel_tool_calls"] = request.parallel_tool_calls
     try:

@@ -77,7 +77,7 @@ class TextFormat(RequestSchema):
 
 class TextConfig(RequestSchema):
     format: TextFormat | None = None
-    verbosity: str | None = None
+    verbosity: Literal["low", "medium", "high"] | None = None  # only "medium" (responses.py)
 
 
 class ResponsesRequest(RequestSchema):

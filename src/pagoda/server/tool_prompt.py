@@ -33,6 +33,19 @@ TOOL_PROMPT = (
     "</tool_call>\nIf no function is needed, answer directly.")
 
 
+def chat_tools(specs: list[tuple[str, str | None, dict[str, Any] | None]]) -> list[dict[str, Any]]:
+    """(name, description, parameters) triples as OpenAI chat `tools`: how the Messages and
+    Responses surfaces hand their own tool shapes to the chat route."""
+    return [{"type": "function", "function": {
+        "name": name, "description": description, "parameters": parameters}}
+        for name, description, parameters in specs]
+
+
+def named_choice(name: str) -> dict[str, Any]:
+    """OpenAI chat's `tool_choice` naming one function."""
+    return {"type": "function", "function": {"name": name}}
+
+
 @dataclass(frozen=True)
 class ToolUse:
     mode: str  # "none", "auto", "required" or "named"
