@@ -65,3 +65,19 @@ def int4_draft(loaded_model):
     draft = load_model(loaded_model.path, progress=False)
     apply_quantization(draft, "int4")
     return draft
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> str:
+    """The packaged all-MiniLM-L6-v2 (sentence-transformers layout)."""
+    from pagoda.loader.model_loader import resolve_model_path
+
+    return resolve_model_path("all-MiniLM-L6-v2")
+
+
+@pytest.fixture(scope="session")
+def sentence_transformer(minilm_dir):
+    """The reference: sentence-transformers on the same files."""
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(minilm_dir, device="cpu")

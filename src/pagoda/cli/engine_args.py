@@ -6,6 +6,8 @@ import argparse
 import re
 
 from pagoda.engine.config import ATTENTION_BACKENDS, QUANT_KERNELS, EngineConfig
+from pagoda.layers.pooler import POOLING_MODES
+from pagoda.models.bert import ATTENTION_MODES
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20,
           "mb": 1 << 20, "mib": 1 << 20, "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30}
@@ -71,6 +73,16 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--speculative-max-batch", type=int, default=d.speculative_max_batch,
                    help="speculate only while at most this many requests run (default: "
                    "measured per method, ngram 8, draft 4)")
+    e = p.add_argument_group("embeddings (docs/embeddings.md)")
+    e.add_argument("--task", default=d.task, choices=["auto", "generate", "embed"],
+                   help="embed: serve /v1/embeddings (auto: embed for encoder models such as "
+                   "all-MiniLM-L6-v2, generate otherwise)")
+    e.add_argument("--pooling", default=d.pooling, choices=list(POOLING_MODES),
+                   help="override the model's pooling (default: the sentence-transformers "
+                   "config; lasttoken for decoders)")
+    e.add_argument("--embed-attention", default=d.embed_attention, choices=list(ATTENTION_MODES),
+                   help="encoder attention over a packed batch: one padded call or one call "
+                   "per sequence")
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--threads", "--num-threads", dest="threads", type=int, default=d.num_threads,
                    help="torch CPU threads")
@@ -94,6 +106,7 @@ def engine_config_from_args(args: argparse.Namespace, **overrides: object) -> En
         else args.draft_model,
         draft_quantization=args.draft_quantization,
         speculative_max_batch=args.speculative_max_batch,
+        task=args.task, pooling=args.pooling, embed_attention=args.embed_attention,
         seed=args.seed, num_threads=args.threads,
     )
     values.update(overrides)

@@ -54,9 +54,9 @@ class AsyncLLM:
             from pagoda.engine.engine_process import ProcessCoreClient
 
             return cls(ProcessCoreClient.launch(config))
-        from pagoda.engine.llm_engine import LLMEngine
+        from pagoda.engine.engine_factory import build_engine
 
-        return cls(ThreadCoreClient(LLMEngine(config)))
+        return cls(ThreadCoreClient(build_engine(config)))
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
@@ -97,6 +97,23 @@ class AsyncLLM:
         if self.error is not None:
             raise EngineDeadError(f"engine failed: {self.error}")
         text, ids = self.prepare(prompt, params)
+        async for out in self._run(text, ids, params, req_id, timeout):
+            yield out
+
+    async def embed(self, token_ids: list[int], req_id: str | None = None,
+                    timeout: float | None = None) -> RequestOutput:
+        """The final output of one embedding request (`embedding` set unless `error` is); the
+        engine must be an embedding engine (`info.task == "embed"`) and checks the input."""
+        final = None
+        async for out in self._run(None, token_ids, None, req_id, timeout):
+            final = out
+        assert final is not None
+        return final
+
+    async def _run(self, text: str | None, ids: list[int], params: SamplingParams | None,
+                   req_id: str | None, timeout: float | None) -> AsyncIterator[RequestOutput]:
+        if self.error is not None:
+            raise EngineDeadError(f"engine failed: {self.error}")
         req_id = req_id or f"req-{next(self._ids)}"
         if req_id in self._streams:
             raise ValueError(f"request id {req_id!r} is already in use")

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from pagoda.kv_cache.kv_store import KV_DTYPES
 from pagoda.layers.decode_backend import BACKENDS as ATTENTION_BACKENDS
+from pagoda.layers.pooler import POOLING_MODES
+from pagoda.models.bert import ATTENTION_MODES
 from pagoda.quant.config import BACKENDS as QUANT_KERNELS
 
 # Draft tokens per step when --num-speculative-tokens is unset, and how likely a drafted position
@@ -55,6 +57,11 @@ class EngineConfig:
     draft_model: str | None = None  # "self" (default for "draft") or a model path
     draft_quantization: str = "auto"  # self-draft weights: auto (gguf for a GGUF file) | int4 | ...
     speculative_max_batch: int | None = None  # speculate only while at most this many run
+    # auto: embed for encoder models (BERT), generate otherwise; embed on a decoder pools its
+    # hidden states (docs/embeddings.md)
+    task: str = "auto"
+    pooling: str | None = None  # embed: override the model's pooling (layers/pooler.py modes)
+    embed_attention: str = "padded"  # encoder attention: padded | varlen (models/bert.py)
     seed: int | None = None
     num_threads: int | None = None
     progress: bool = True
@@ -85,6 +92,12 @@ class EngineConfig:
         if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
             raise ValueError("prompt lookup sizes need 1 <= prompt_lookup_min <= "
                              "prompt_lookup_max")
+        if self.task not in ("auto", "generate", "embed"):
+            raise ValueError("task must be auto, generate or embed")
+        if self.pooling is not None and self.pooling not in POOLING_MODES:
+            raise ValueError(f"pooling must be one of {POOLING_MODES}")
+        if self.embed_attention not in ATTENTION_MODES:
+            raise ValueError(f"embed_attention must be one of {ATTENTION_MODES}")
         if self.speculative_max_batch is not None and self.speculative_max_batch < 1:
             raise ValueError("speculative_max_batch must be positive")
 

@@ -32,7 +32,7 @@ class AddRequest:
     req_id: str
     prompt: str | None
     prompt_token_ids: list[int]
-    params: SamplingParams
+    params: SamplingParams | None  # None: an embedding request
     arrival_time: float  # time.monotonic(): one clock for every process on the machine
 
 
@@ -64,10 +64,12 @@ class EngineInfo:
     model_config: ModelConfig
     tokenizer: Tokenizer
     validator: RequestValidator
+    task: str = "generate"  # or "embed" (engine/embedding_engine.py)
 
     @classmethod
     def of(cls, engine: LLMEngine) -> EngineInfo:
-        return cls(engine.loaded.path, engine.model_config, engine.tokenizer, engine.validator)
+        return cls(engine.loaded.path, engine.model_config, engine.tokenizer, engine.validator,
+                   engine.task)
 
     @property
     def max_model_len(self) -> int:

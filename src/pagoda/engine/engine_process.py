@@ -161,12 +161,12 @@ def run_engine_process(config: EngineConfig, conn: Connection, log_level: int) -
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s "
                                                 "[engine %(process)d]: %(message)s")
-    from pagoda.engine.llm_engine import LLMEngine
+    from pagoda.engine.engine_factory import build_engine
 
     start = time.perf_counter()
     log.info("loading model %s", config.model or "(default)")
     try:
-        engine = LLMEngine(config)
+        engine = build_engine(config)
     except Exception as exc:
         log.exception("model loading failed")
         conn.send(EngineFailed(f"{type(exc).__name__}: {exc}"))

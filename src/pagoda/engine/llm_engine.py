@@ -54,9 +54,12 @@ class EngineStats:
     spec_num_draft_tokens: int = 0
     spec_num_accepted_tokens: int = 0
     spec_accepted_per_pos: tuple[int, ...] = ()
+    num_embedded_inputs: int = 0  # embedding models: sequences pooled, cumulative
 
 
 class LLMEngine:
+    task = "generate"
+
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None,
                  draft: LoadedModel | None = None):
         """`loaded` / `draft`: already loaded target / draft models to use instead of loading

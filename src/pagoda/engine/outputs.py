@@ -67,3 +67,5 @@ class RequestOutput:
     # if asked for: one entry per prompt token ({token_id: logprob}, the actual token included;
     # None for the first), carried by every output once the prompt has been scored
     prompt_logprobs: list[TokenLogprobs | None] | None = None
+    # embedding models: the pooled vector (float32 values), on the request's only output
+    embedding: list[float] | None = None

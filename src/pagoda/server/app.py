@@ -25,6 +25,8 @@ from pagoda.server.chat import create_chat_completion, render_chat
 from pagoda.server.chat_protocol import ChatCompletionRequest, ChatCompletionResponse
 from pagoda.server.completions import create_completion
 from pagoda.server.config import ServerConfig
+from pagoda.server.embeddings import create_embedding
+from pagoda.server.embeddings_protocol import EmbeddingRequest, EmbeddingResponse
 from pagoda.server.engine_client import EngineClient
 from pagoda.server.errors import APIError, install_error_handlers, openapi_without_422
 from pagoda.server.last_resort import LastResortMiddleware
@@ -84,8 +86,8 @@ def build_app(config: ServerConfig, on_fatal: Callable[[], None] | None = None,
         client.shutdown()
 
     app = FastAPI(title="Pagoda", version="0.1.0", lifespan=lifespan,
-                  description="OpenAI-compatible LLM server (completions, chat, tokenize, "
-                              "WebSocket streaming).")
+                  description="OpenAI-compatible LLM server (completions, chat, embeddings, "
+                              "tokenize, WebSocket streaming).")
     app.state.client = client
     install_error_handlers(app)
     openapi_without_422(app)
@@ -110,6 +112,10 @@ def _add_openai_routes(app: FastAPI, client: EngineClient) -> None:
         client.check_model(model_id)  # 404 in OpenAI's shape for any other name
         return ModelCard(id=client.model_name, created=client.created,
                          max_model_len=client.max_model_len)
+
+    @app.post("/v1/embeddings", response_model=EmbeddingResponse, responses=ERRORS)
+    async def embeddings(body: EmbeddingRequest) -> EmbeddingResponse:
+        return await create_embedding(client, body)
 
     @app.post("/v1/messages", response_model=MessagesResponse, responses={**ERRORS, **STREAM})
     async def messages(body: MessagesRequest, raw: Request) -> Any:

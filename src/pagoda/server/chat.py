@@ -69,7 +69,7 @@ async def prepare_chat(client: EngineClient, request: ChatCompletionRequest,
                        model: str | None) -> PreparedChat:
     """The preamble every chat-shaped surface shares (chat, Responses, Messages): the model
     check, tools, sampling parameters and the rendered, validated prompt."""
-    llm = client.require_llm()
+    llm = client.require_generator()
     client.check_model(model)
     tools = tool_use(request)
     params = chat_params(request, tools)
@@ -81,7 +81,7 @@ async def prepare_chat(client: EngineClient, request: ChatCompletionRequest,
 
 async def create_chat_completion(client: EngineClient, request: ChatCompletionRequest,
                                  raw: Request) -> ChatCompletionResponse | Response:
-    llm = client.require_llm()
+    llm = client.require_generator()
     prepared = await prepare_chat(client, request, request.model)
     tools, params, prompt_ids = prepared.tools, prepared.params, prepared.prompt_ids
     req_id = f"chatcmpl-{uuid.uuid4().hex}"

@@ -45,7 +45,7 @@ class Echo:
 
 async def create_completion(client: EngineClient, request: CompletionRequest,
                             raw: Request) -> CompletionResponse | Response:
-    llm = client.require_llm()
+    llm = client.require_generator()
     client.check_model(request.model)
     params = completion_params(request)
     prompts = completion_prompts(request)

@@ -147,10 +147,17 @@ class EngineClient:
         if name and name != self.model_name:
             raise APIError(404, f"the model '{name}' does not exist", "model", "model_not_found")
 
+    def require_generator(self) -> AsyncLLM:
+        llm = self.require_llm()
+        if llm.info.task != "generate":
+            raise APIError(400, f"the model '{self.model_name}' is an embedding model: it "
+                           "serves /v1/embeddings and does not generate text", "model")
+        return llm
+
     # -- requests ----------------------------------------------------------------------------
     async def prepare(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
         """Tokenize and validate (RequestError -> 400 via the error handlers)."""
-        llm = self.require_llm()
+        llm = self.require_generator()
         if isinstance(prompt, str) and len(prompt) > INLINE_TOKENIZE_CHARS:
             _, ids = await asyncio.to_thread(llm.prepare, prompt, params)
         else:
@@ -169,7 +176,7 @@ class EngineClient:
     async def generate(self, prompt_ids: list[int], params: SamplingParams, ticket: Ticket,
                        req_id: str) -> AsyncIterator[RequestOutput]:
         """Delta outputs of one request; closing the iterator early aborts it."""
-        llm = self.require_llm()
+        llm = self.require_generator()
         last = None
         finished = False
         try:

@@ -88,7 +88,7 @@ def to_chat(request: CountTokensRequest) -> ChatCompletionRequest:
 
 
 async def count_tokens(client: EngineClient, request: CountTokensRequest) -> TokenCount:
-    llm = client.require_llm()
+    llm = client.require_generator()
     client.check_model(request.model)
     chat = to_chat(request)
     return TokenCount(input_tokens=len(render_chat(llm, chat.messages, True, tool_use(chat))))

@@ -64,6 +64,8 @@ class EngineCollector(Collector):
                       stats.spec_num_draft_tokens)
         yield counter("spec_decode_num_accepted_tokens", "Draft tokens accepted.",
                       stats.spec_num_accepted_tokens)
+        yield counter("embedding_inputs", "Inputs embedded (embedding models).",
+                      stats.num_embedded_inputs)
         per_pos = CounterMetricFamily("pagoda:spec_decode_num_accepted_tokens_per_pos",
                                       "Draft tokens accepted, by position in the draft.",
                                       labels=["model_name", "position"])
@@ -90,6 +92,9 @@ class ServerMetrics:
                              LATENCY_BUCKETS)
         self.queue = histogram("request_queue_time_seconds", "Arrival to first scheduling.",
                                LATENCY_BUCKETS)
+        self.embedding_latency = histogram("embedding_request_latency_seconds",
+                                           "Embedding requests, arrival to answer.",
+                                           LATENCY_BUCKETS)
         self.success = Counter("pagoda:request_success", "Finished requests by reason.",
                                ["model_name", "finished_reason"], registry=self.registry)
         self.registry.register(EngineCollector(get_llm, model_name))

@@ -134,7 +134,7 @@ class Connection:
 
     async def _generate(self, kind: str, req_id: Any, payload: dict[str, Any]) -> None:
         client = self.client
-        llm = client.require_llm()
+        llm = client.require_generator()
         if kind == "chat":
             chat = ChatCompletionRequest.model_validate(payload)
             client.check_model(chat.model)
