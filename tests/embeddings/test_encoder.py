@@ -126,3 +126,13 @@ def test_abort_drops_a_waiting_request(engine):
     assert out is not None and out.finished and out.error == "gone"
     assert [o.req_id for o in engine.step()] == ["b"]
     assert engine.abort_request("b") is None  # already answered
+
+
+def test_offline_llm_embed(sentence_transformer):
+    from pagoda.entrypoints.llm import LLM
+
+    llm = LLM(MINILM, progress=False)
+    ours = llm.embed(TEXTS, truncate=True)
+    assert cosines(ours, sentence_transformer.encode(TEXTS)).min() >= MIN_COSINE
+    with pytest.raises(ValueError, match="at most 256"):
+        llm.embed([TEXTS[-4]])

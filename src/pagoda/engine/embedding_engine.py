@@ -9,6 +9,7 @@ with `params=None` (an embedding has no sampling parameters) and ends in one out
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 
@@ -73,12 +74,16 @@ class EmbeddingEngine:
         self.validator = RequestValidator(self.max_model_len, cfg.vocab_size, 1, 1)
         self.scheduler = PoolingScheduler(config.max_num_batched_tokens, config.max_num_seqs)
         self.runner = PoolingRunner(self.loaded.model, pooling, torch.device(config.device))
+        self._ids = itertools.count()
         self.num_prompt_tokens = 0
         self.num_embedded = 0
         log.info("embedding model %s: %s pooling%s, up to %d tokens per input", path,
                  pooling.mode, ", normalized" if pooling.normalize else "", self.max_model_len)
 
     # -- requests ----------------------------------------------------------------------------
+    def new_request_id(self) -> str:
+        return f"embd-{next(self._ids)}"
+
     def check(self, token_ids: list[int]) -> None:
         if not token_ids:
             raise RequestError("input must not be empty", "input")

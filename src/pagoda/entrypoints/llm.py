@@ -1,4 +1,5 @@
-"""Offline API in vLLM's shape: `LLM(model=...).generate(prompts, params)` and `.chat(messages)`."""
+"""Offline API in vLLM's shape: `LLM(model=...).generate(prompts, params)`, `.chat(messages)`, and
+`.embed(texts)` for embedding models (`LLM(model="all-MiniLM-L6-v2")` or `task="embed"`)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ from typing import Any
 from tqdm import tqdm
 
 from pagoda.engine.config import EngineConfig
-from pagoda.engine.llm_engine import LLMEngine
+from pagoda.engine.engine_factory import Engine, build_engine
 from pagoda.engine.outputs import CompletionOutput, RequestOutput, merge_delta
+from pagoda.engine.request_validator import RequestError
 from pagoda.sampling.params import SamplingParams
 
 Prompt = str | list[int]
@@ -18,11 +20,11 @@ Prompt = str | list[int]
 
 class LLM:
     def __init__(self, model: str | None = None, **kwargs: Any):
-        self.engine = LLMEngine(EngineConfig(model=model, **kwargs))
+        self.engine: Engine = build_engine(EngineConfig(model=model, **kwargs))
         self.tokenizer = self.engine.tokenizer
 
     @classmethod
-    def from_engine(cls, engine: LLMEngine) -> LLM:
+    def from_engine(cls, engine: Engine) -> LLM:
         llm = cls.__new__(cls)
         llm.engine, llm.tokenizer = engine, engine.tokenizer
         return llm
@@ -52,6 +54,25 @@ class LLM:
         prompts = [self.tokenizer.encode(self.tokenizer.apply_chat_template(c),
                                          add_special_tokens=False) for c in conversations]
         return self.generate(prompts, params, use_tqdm)
+
+    def embed(self, texts: str | Sequence[str], truncate: bool = False) -> list[list[float]]:
+        """One vector per text, in order (an embedding model only). Texts longer than the
+        model's limit raise, unless `truncate` cuts them (keeping their start)."""
+        if self.engine.task != "embed":
+            raise ValueError("this model generates text; load it with task='embed' to embed")
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        kwargs = {"truncation": True, "max_length": self.engine.max_model_len} if truncate else {}
+        ids = self.tokenizer.hf(texts, **kwargs)["input_ids"] if texts else []
+        order = [self.engine.new_request_id() for _ in ids]
+        for req_id, seq in zip(order, ids, strict=True):
+            self.engine.add_tokenized_request(req_id, None, seq, None)
+        vectors: dict[str, list[float]] = {}
+        while self.engine.has_unfinished_requests():
+            for out in self.engine.step():
+                if out.embedding is None:
+                    raise RequestError(out.error or "no embedding returned")
+                vectors[out.req_id] = out.embedding
+        return [vectors[r] for r in order]
 
     def _run(self, order: list[str], use_tqdm: bool) -> list[RequestOutput]:
         done: dict[str, RequestOutput] = {}
