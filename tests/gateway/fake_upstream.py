@@ -2,7 +2,8 @@
 
 Run as `python tests/gateway/fake_upstream.py --port P --name r1`. It answers `/v1/completions` and
 `/v1/chat/completions` (JSON or SSE) with deterministic text naming itself and a per-replica serial
-number, reports `usage`, serves `/health` and an echoing `/v1/ws`, and can be steered by tests:
+number, reports `usage`, serves `/health` and an echoing `/v1/ws`, answers `/v1/embeddings` with
+deterministic vectors (see `fake_vector`), and can be steered by tests:
 
 - `POST /control` with any of `healthy`, `fail_next`, `fail_mode`, `delay_s`, `chunk_delay_s`,
   `linger_s` (seconds a stream stays open after `[DONE]`);
@@ -10,23 +11,34 @@ number, reports `usage`, serves `/health` and an echoing `/v1/ws`, and can be st
   Retry-After: 7), "early" (200 headers, then the connection
   drops before any body byte) or "midstream" (drops after two chunks).
 - `GET /stats` reports counters: requests, completed, cancelled (requests whose client vanished),
-  active, and the prompts and models seen.
+  active, and the prompts and models seen; for embeddings, the requests, the inputs in the order
+  received, and the encoding formats asked for.
 - `POST /reset` restores defaults and zeroes counters.
 
 Usage: prompt_tokens = words in the rendered prompt; completion_tokens = max_tokens (default 8).
+Embeddings: prompt_tokens = words of each text input, or its number of token ids. Like `pagoda
+serve`, the embeddings route refuses unknown fields and `dimensions` with a 400 naming them, and
+an input containing "TOO LONG" with a 400 naming `input[k]`.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import uvicorn
 from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse, StreamingResponse
+
+EMBEDDING_DIM = 8
+EMBEDDING_FIELDS = {"model", "input", "encoding_format", "dimensions", "user",
+                    "truncate_prompt_tokens"}
 
 
 @dataclass
@@ -48,6 +60,9 @@ class Stats:
     ws_closed: int = 0  # WebSocket sessions that ended because the other side went away
     prompts: list[str] = field(default_factory=list)
     models: list[str] = field(default_factory=list)
+    embedding_requests: int = 0
+    embedding_inputs: list = field(default_factory=list)  # every input, as received, in order
+    embedding_formats: list[str] = field(default_factory=list)
 
 
 class UpstreamDropped(Exception):
@@ -59,6 +74,22 @@ def render(body: dict) -> str:
         return "".join(f"{m.get('role')}: {m.get('content')}\n" for m in body["messages"])
     prompt = body.get("prompt", "")
     return prompt if isinstance(prompt, str) else "\n".join(map(str, prompt))
+
+
+def fake_vector(item: str | list[int], truncate: int | None = None) -> np.ndarray:
+    """A deterministic float32 vector of one input: the same on every replica, so tests can
+    compare answers across replicas, gateways and cache states."""
+    digest = hashlib.sha256(json.dumps([item, truncate]).encode()).digest()
+    words = np.frombuffer(digest, dtype="<u4")[:EMBEDDING_DIM].astype(np.float64)
+    return ((words / 2**31) - 1.0).astype("<f4")
+
+
+def embedding_inputs(value) -> list:
+    if isinstance(value, str):
+        return [value]
+    if value and all(isinstance(x, int) for x in value):
+        return [value]
+    return list(value)
 
 
 def create_fake_app(name: str) -> FastAPI:
@@ -171,6 +202,45 @@ def create_fake_app(name: str) -> FastAPI:
             stats.active -= 1
             if not finished and not mode:
                 stats.cancelled += 1
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request):
+        body = await request.json()
+        stats.embedding_requests += 1
+        stats.models.append(body.get("model"))
+        if behaviour.fail_next > 0 and behaviour.fail_mode in ("500", "400", "502", "503"):
+            behaviour.fail_next -= 1
+            status = int(behaviour.fail_mode)
+            headers = {"Retry-After": "7"} if status == 503 else None
+            return JSONResponse({"error": {"message": f"injected by {name}"}},
+                                status_code=status, headers=headers)
+        if behaviour.delay_s:
+            await asyncio.sleep(behaviour.delay_s)
+        unknown = sorted(set(body) - EMBEDDING_FIELDS)
+        refused = unknown[0] if unknown else ("dimensions" if "dimensions" in body else None)
+        if refused is not None:
+            return error(f"Unsupported parameter: {refused}", refused)
+        inputs = embedding_inputs(body["input"])
+        for k, item in enumerate(inputs):
+            if isinstance(item, str) and "TOO LONG" in item:
+                return error(f"input[{k}] is longer than the model's 512 tokens", f"input[{k}]")
+        stats.embedding_inputs.extend(inputs)
+        encoding = body.get("encoding_format") or "float"
+        stats.embedding_formats.append(encoding)
+        data = []
+        for i, item in enumerate(inputs):
+            vector = fake_vector(item, body.get("truncate_prompt_tokens"))
+            embedding = (base64.b64encode(vector.tobytes()).decode() if encoding == "base64"
+                         else vector.tolist())
+            data.append({"object": "embedding", "index": i, "embedding": embedding})
+        tokens = sum(len(x.split()) if isinstance(x, str) else len(x) for x in inputs)
+        return {"object": "list", "data": data, "model": body["model"],
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+    def error(message: str, param: str) -> JSONResponse:
+        body = {"message": message, "type": "invalid_request_error", "param": param,
+                "code": None}
+        return JSONResponse({"error": body}, status_code=400)
 
     @app.post("/v1/completions")
     async def completions(request: Request):

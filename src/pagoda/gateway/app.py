@@ -1,7 +1,8 @@
 """The gateway's FastAPI app: OpenAI-compatible routes in front of upstream pools.
 
-Routes: `/v1/models`, `/v1/completions`, `/v1/chat/completions` (JSON or SSE), `/v1/ws`
-(WebSocket pass-through), `/health` (the gateway's own, with its view of each upstream) and
+Routes: `/v1/models`, `/v1/completions`, `/v1/chat/completions` (JSON or SSE), `/v1/responses`,
+`/v1/messages`, `/v1/embeddings` (with the per-input embedding cache), `/v1/ws` (WebSocket
+pass-through), `/health` (the gateway's own, with its view of each upstream) and
 `/metrics` (Prometheus text, unauthenticated like any scrape target).
 """
 
@@ -17,6 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pagoda.gateway.auth import bearer_token
 from pagoda.gateway.completions import serve_completion
 from pagoda.gateway.config import GatewayConfig
+from pagoda.gateway.embeddings import serve_embeddings
 from pagoda.gateway.errors import unauthorized
 from pagoda.gateway.state import GatewayState
 from pagoda.gateway.websocket import serve_websocket
@@ -66,6 +68,10 @@ def create_app(config: GatewayConfig, redis_url: str | None = None) -> FastAPI:
     @app.post("/v1/messages")
     async def messages(request: Request) -> Response:
         return await serve_completion(state, request, "/v1/messages")
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request) -> Response:
+        return await serve_embeddings(state, request)
 
     @app.websocket("/v1/ws")
     async def websocket(ws: WebSocket) -> None:

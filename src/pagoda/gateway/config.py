@@ -150,6 +150,31 @@ class CacheConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class EmbeddingCacheConfig:
+    """The per-input embedding cache (see embedding_cache.py). Vectors of a fixed model and input
+    never change, so entries live long: `ttl_s` (7 days) unless `model_ttl_s` names the model."""
+
+    enabled: bool = True
+    ttl_s: float = 7 * 86400.0
+    model_ttl_s: dict[str, float] = field(default_factory=dict)  # pool name -> its entries' TTL
+    max_bytes: int = 256 << 20  # in-memory backend only (vectors + keys); Redis relies on TTLs
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model_ttl_s, dict):
+            raise ConfigError("model_ttl_s must map model names to seconds")
+        for name, ttl in {"": self.ttl_s, **self.model_ttl_s}.items():
+            where = f"model_ttl_s[{name!r}]" if name else "ttl_s"
+            if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or ttl <= 0:
+                raise ConfigError(f"{where} must be a positive number of seconds")
+        if isinstance(self.max_bytes, bool) or not isinstance(self.max_bytes, int) \
+                or self.max_bytes < 1:
+            raise ConfigError("max_bytes must be a positive integer")
+
+    def ttl_for(self, pool: str) -> float:
+        return self.model_ttl_s.get(pool, self.ttl_s)
+
+
+@dataclass(frozen=True, slots=True)
 class GatewayConfig:
     models: tuple[PoolConfig, ...]
     keys: tuple[KeyConfig, ...] = ()
@@ -157,6 +182,7 @@ class GatewayConfig:
     health: HealthConfig = field(default_factory=HealthConfig)
     retry: RetryConfig = field(default_factory=RetryConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    embedding_cache: EmbeddingCacheConfig = field(default_factory=EmbeddingCacheConfig)
     redis_url: str = ""  # empty: in-memory limits and cache (one gateway instance)
     redis_prefix: str = "pagoda:gw:"
     host: str = "127.0.0.1"
@@ -179,6 +205,9 @@ class GatewayConfig:
             for target in [vm.default, *(r.model for r in vm.rules)]:
                 if target not in pools:
                     raise ConfigError(f"virtual model {vm.name!r}: unknown model {target!r}")
+        unknown_ttl = sorted(set(self.embedding_cache.model_ttl_s) - pools)
+        if unknown_ttl:  # a virtual name has no vectors of its own: they belong to its pools
+            raise ConfigError(f"embedding_cache.model_ttl_s: unknown models {unknown_ttl}")
         public = pools | {vm.name for vm in self.virtual_models}
         for key in self.keys:
             unknown = [m for m in key.models if m != "*" and m not in public]
@@ -247,7 +276,9 @@ def parse_config(data: Any) -> GatewayConfig:
             raw = {**raw, "rules": rules}
         virtual.append(_build(VirtualModelConfig, raw, f"virtual_models[{i}]"))
     top = {k: v for k, v in data.items() if k not in ("models", "keys", "virtual_models")}
-    for section, cls in (("health", HealthConfig), ("retry", RetryConfig), ("cache", CacheConfig)):
+    sections = (("health", HealthConfig), ("retry", RetryConfig), ("cache", CacheConfig),
+                ("embedding_cache", EmbeddingCacheConfig))
+    for section, cls in sections:
         if section in top:
             top[section] = _build(cls, top[section] or {}, section)
     return _build(

@@ -33,6 +33,15 @@ class GatewayMetrics:
             "pagoda:gateway_cache_lookups", "Response-cache lookups by result (hit|miss).",
             ["model", "result"], registry=r,
         )
+        # per input, not per request: a request of 10 inputs with 7 cached adds 7 and 3
+        self.embedding_cache_hits = Counter(
+            "pagoda:gateway_embedding_cache_hits", "Embedding inputs answered from the cache.",
+            ["model"], registry=r,
+        )
+        self.embedding_cache_misses = Counter(
+            "pagoda:gateway_embedding_cache_misses",
+            "Embedding inputs looked up and not found (computed upstream).", ["model"], registry=r,
+        )
         self.retries = Counter(
             "pagoda:gateway_retries", "Attempts that failed before any byte reached the client.",
             ["model", "upstream"], registry=r,

@@ -1,6 +1,7 @@
-"""Redis backends for rate limits and the response cache, shared by several gateway instances.
+"""Redis backends for rate limits, the response cache and the embedding cache, shared by several
+gateway instances.
 
-Both borrow one `redis.asyncio.Redis` client that the app owns and closes.
+All borrow one `redis.asyncio.Redis` client that the app owns and closes.
 
 Each admission is one Lua script, so the check-and-record of all three limits is atomic across
 gateways. Times come from the Redis server's clock (`TIME`), never the gateways', so instances with
@@ -14,8 +15,11 @@ skewed clocks still agree on the window. Per key (members unique per request: it
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from redis.asyncio import Redis
 
+from pagoda.gateway.embedding_cache import EmbeddingCache
 from pagoda.gateway.rate_limit import LEASE_S, WINDOW_S, Decision, Limits, RateLimiter
 from pagoda.gateway.response_cache import ResponseCache
 
@@ -114,9 +118,14 @@ def _or_minus_one(value: int | None) -> int:
 
 
 class RedisRateLimiter(RateLimiter):
+    """A key with no limit at all has nothing to check or count, so it never touches Redis: its
+    requests keep working (its caches missing) while Redis is down. Limits are per key name and
+    fixed for the process, so a name seen unlimited once is unlimited for every later call."""
+
     def __init__(self, redis: Redis, prefix: str) -> None:
         self._redis = redis
         self._prefix = prefix
+        self._unlimited: set[str] = set()  # key names with no limits
         self._acquire = redis.register_script(_ACQUIRE)
         self._record = redis.register_script(_RECORD_TOKENS)
         self._finish = redis.register_script(_FINISH)
@@ -126,6 +135,10 @@ class RedisRateLimiter(RateLimiter):
         return [base + "req", base + "tok", base + "run", base + "sum"]
 
     async def acquire(self, key: str, limits: Limits, lease_id: str) -> Decision:
+        if limits == Limits():
+            self._unlimited.add(key)
+            return Decision(allowed=True, reason="", limits=limits, num_requests=0, num_tokens=0,
+                            reset_requests_s=0.0, reset_tokens_s=0.0)
         args = [
             _or_minus_one(limits.requests_per_minute),
             _or_minus_one(limits.tokens_per_minute),
@@ -147,15 +160,19 @@ class RedisRateLimiter(RateLimiter):
         )
 
     async def release(self, key: str, lease_id: str) -> None:
+        if key in self._unlimited:
+            return
         await self._redis.zrem(self._keys(key)[2], lease_id)
 
     async def record_tokens(self, key: str, lease_id: str, num_tokens: int) -> None:
-        if num_tokens > 0:
+        if num_tokens > 0 and key not in self._unlimited:
             keys = self._keys(key)
             member = f"{lease_id}:{num_tokens}"
             await self._record([keys[1], keys[3]], [member, num_tokens, int(WINDOW_S * 1000)])
 
     async def finish(self, key: str, lease_id: str, num_tokens: int) -> None:
+        if key in self._unlimited:
+            return
         keys = self._keys(key)
         args = [f"{lease_id}:{num_tokens}", max(0, num_tokens), int(WINDOW_S * 1000), lease_id]
         await self._finish([keys[1], keys[3], keys[2]], args)
@@ -174,3 +191,26 @@ class RedisResponseCache(ResponseCache):
 
     async def put(self, key: str, value: bytes) -> None:
         await self._redis.set(self._prefix + key, value, px=self._ttl_ms)
+
+
+class RedisEmbeddingCache(EmbeddingCache):
+    """`<prefix>emb:<key>` strings holding float32 bytes, each with its model's TTL. A request's
+    lookups are one MGET and its stores one pipeline (no transaction: each entry stands alone)."""
+
+    def __init__(self, redis: Redis, prefix: str) -> None:
+        self._redis = redis
+        self._prefix = prefix + "emb:"
+
+    async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        if not keys:
+            return []
+        return list(await self._redis.mget([self._prefix + key for key in keys]))
+
+    async def put_many(self, entries: Sequence[tuple[str, bytes]], ttl_s: float) -> None:
+        if not entries:
+            return
+        ttl_ms = max(1, int(ttl_s * 1000))
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for key, value in entries:
+                pipe.set(self._prefix + key, value, px=ttl_ms)
+            await pipe.execute()

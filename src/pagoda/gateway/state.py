@@ -1,4 +1,4 @@
-"""Everything one gateway app owns: config, keys, limits, cache, pools, HTTP client, metrics.
+"""Everything one gateway app owns: config, keys, limits, caches, pools, HTTP client, metrics.
 
 Built once per app by `GatewayState.build`; `start()` and `close()` bracket the app's lifetime
 (the health checker runs in between). Nothing here is module-global, so tests and benchmarks can
@@ -13,11 +13,16 @@ from redis.asyncio import Redis
 
 from pagoda.gateway.auth import KeyStore
 from pagoda.gateway.config import GatewayConfig, PoolConfig
+from pagoda.gateway.embedding_cache import EmbeddingCache, MemoryEmbeddingCache
 from pagoda.gateway.health import HealthChecker
 from pagoda.gateway.metrics import GatewayMetrics
 from pagoda.gateway.proxy import Forwarder
 from pagoda.gateway.rate_limit import MemoryRateLimiter, RateLimiter
-from pagoda.gateway.redis_state import RedisRateLimiter, RedisResponseCache
+from pagoda.gateway.redis_state import (
+    RedisEmbeddingCache,
+    RedisRateLimiter,
+    RedisResponseCache,
+)
 from pagoda.gateway.response_cache import MemoryResponseCache, ResponseCache
 from pagoda.gateway.router import Policy, make_policy
 from pagoda.gateway.upstream import UpstreamPool
@@ -30,6 +35,7 @@ class GatewayState:
     keys: KeyStore
     limiter: RateLimiter
     cache: ResponseCache | None
+    embedding_cache: EmbeddingCache | None
     pools: dict[str, UpstreamPool]
     policies: dict[str, Policy]
     client: UpstreamClient
@@ -49,19 +55,25 @@ class GatewayState:
         redis = Redis.from_url(redis_url) if redis_url else None
         limiter: RateLimiter
         cache: ResponseCache | None = None
+        embedding_cache: EmbeddingCache | None = None
         if redis is not None:
             limiter = RedisRateLimiter(redis, config.redis_prefix)
             if config.cache.enabled:
                 cache = RedisResponseCache(redis, config.redis_prefix, config.cache.ttl_s)
+            if config.embedding_cache.enabled:
+                embedding_cache = RedisEmbeddingCache(redis, config.redis_prefix)
         else:
             limiter = MemoryRateLimiter()
             if config.cache.enabled:
                 cache = MemoryResponseCache(config.cache.ttl_s, config.cache.max_entries)
+            if config.embedding_cache.enabled:
+                embedding_cache = MemoryEmbeddingCache(config.embedding_cache.max_bytes)
         return cls(
             config=config,
             keys=KeyStore(config.keys),
             limiter=limiter,
             cache=cache,
+            embedding_cache=embedding_cache,
             pools=pools,
             policies=policies,
             client=client,
