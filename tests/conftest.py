@@ -11,6 +11,33 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def _share_gguf_readers() -> None:
+    """Parse each GGUF file once per test session. gguf-py's reader walks every metadata array
+    element up front (~30 s for Gemma 3's 262k-token vocabulary), and the same file is opened
+    by our loader, transformers' config, weights and tokenizer loaders (the references) — five
+    parses of one file. Readers are read-only memory maps, so one instance serves them all; the
+    reading code of each party is unchanged. Keyed by size and mtime: a rewritten file is
+    parsed again."""
+    import gguf
+
+    original = gguf.GGUFReader
+    readers: dict[tuple[str, int, int], object] = {}
+
+    def shared(path, mode="r"):
+        if mode != "r":
+            return original(path, mode)
+        st = os.stat(path)
+        key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+        if key not in readers:
+            readers[key] = original(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader = shared
+
+
+_share_gguf_readers()
+
+
 @pytest.fixture(scope="session")
 def loaded_model():
     from pagoda.loader.model_loader import load_model

@@ -73,15 +73,14 @@ def read_model_shape(path: str | Path | None = None) -> ModelShape:
 
 @functools.lru_cache(maxsize=4)
 def _read_gguf_cached(path: str, mtime_ns: int) -> ModelShape:
-    """GGUFReader parses every metadata array (the whole vocabulary) in about two seconds; a
-    `ModelShape` is immutable, so one read per file version is shared."""
+    """A `ModelShape` is immutable, so one read per file version is shared."""
     return read_gguf(Path(path))
 
 
 def read_gguf(path: Path) -> ModelShape:
-    import gguf  # heavy-ish import, only needed here
+    from pagoda.quant.fast_gguf_reader import FastGGUFReader  # heavy-ish import (gguf)
 
-    reader = gguf.GGUFReader(str(path))
+    reader = FastGGUFReader(str(path))
 
     def get(key: str, default: object = None) -> object:
         field = reader.fields.get(key)

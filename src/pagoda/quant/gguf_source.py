@@ -18,6 +18,7 @@ import gguf
 import numpy as np
 import torch
 
+from pagoda.quant.fast_gguf_reader import FastGGUFReader
 from pagoda.quant.gguf_blocks import SUPPORTED, decode_blocks
 from pagoda.quant.group_weights import GroupWeights, cat_rows, quantize_int8_per_channel
 
@@ -102,11 +103,11 @@ class GGUFWeightSource:
 
 
 @lru_cache(maxsize=4)
-def _reader(path: str, size: int, mtime_ns: int) -> gguf.GGUFReader:
-    return gguf.GGUFReader(path)
+def _reader(path: str, size: int, mtime_ns: int) -> FastGGUFReader:
+    return FastGGUFReader(path)
 
 
-def open_gguf(path: str) -> gguf.GGUFReader:
+def open_gguf(path: str) -> FastGGUFReader:
     """A GGUF file's reader, shared by every load of the same file in this process: gguf parses
     the whole metadata (every vocabulary string) up front, seconds per open. Readers are
     read-only views of a memory map; a file changed on disk gets a new one."""
