@@ -96,8 +96,9 @@ def start(cmd: list[str], url: str, env: dict[str, str] | None = None) -> subpro
     return proc
 
 
-async def one_big_request(url: str, texts: list[str]) -> float:
-    async with httpx.AsyncClient(timeout=600) as client:
+async def one_big_request(url: str, texts: list[str], headers: dict[str, str] | None = None
+                          ) -> float:
+    async with httpx.AsyncClient(timeout=600, headers=headers) as client:
         t0 = time.perf_counter()
         r = await client.post(url + "/v1/embeddings", json={"model": MODEL, "input": texts})
         r.raise_for_status()
@@ -105,9 +106,10 @@ async def one_big_request(url: str, texts: list[str]) -> float:
         return time.perf_counter() - t0
 
 
-async def many_small_requests(url: str, texts: list[str]) -> tuple[float, list[float]]:
+async def many_small_requests(url: str, texts: list[str], headers: dict[str, str] | None = None
+                              ) -> tuple[float, list[float]]:
     limits = httpx.Limits(max_connections=len(texts))
-    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+    async with httpx.AsyncClient(timeout=600, limits=limits, headers=headers) as client:
         async def one(text: str) -> float:
             t0 = time.perf_counter()
             r = await client.post(url + "/v1/embeddings", json={"model": MODEL, "input": text})
@@ -124,12 +126,13 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
-def measure(name: str, url: str, texts: list[str], rounds: int) -> dict[str, float]:
-    asyncio.run(one_big_request(url, texts[:16]))  # warm-up
-    big = [asyncio.run(one_big_request(url, texts)) for _ in range(rounds)]
+def measure(name: str, url: str, texts: list[str], rounds: int,
+            headers: dict[str, str] | None = None) -> dict[str, float]:
+    asyncio.run(one_big_request(url, texts[:16], headers))  # warm-up
+    big = [asyncio.run(one_big_request(url, texts, headers)) for _ in range(rounds)]
     walls, lat = [], []
     for _ in range(rounds):
-        wall, latencies = asyncio.run(many_small_requests(url, texts))
+        wall, latencies = asyncio.run(many_small_requests(url, texts, headers))
         walls.append(wall)
         lat += latencies
     row = {"a_emb_s": len(texts) / statistics.median(big), "a_s": statistics.median(big),
@@ -196,21 +199,27 @@ def main() -> int:
 
 def gateway_cached(bindir: str, upstream: str, texts: list[str], rounds: int,
                    tmp: str) -> dict[str, float]:
+    from pagoda.gateway.auth import hash_key
+
     config = os.path.join(tmp, "gateway.yaml")
+    port = free_port()
     with open(config, "w") as f:
         f.write(textwrap.dedent(f"""
-            pools:
-              - name: embed
-                models: ["{MODEL}"]
+            port: {port}
+            keys:
+              - name: bench
+                hash: "{hash_key('bench-key')}"
+                models: ["*"]
+            models:
+              - name: {MODEL}
                 upstreams: ["{upstream}"]
         """))
-    port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = start([os.path.join(bindir, "pagoda"), "gateway", "--config", config,
-                  "--port", str(port)], url)
+    headers = {"Authorization": "Bearer bench-key"}
+    proc = start([os.path.join(bindir, "pagoda"), "gateway", "--config", config], url)
     try:
-        asyncio.run(many_small_requests(url, texts))  # fills the cache
-        return measure("gateway, every input cached", url, texts, rounds)
+        asyncio.run(many_small_requests(url, texts, headers))  # fills the cache
+        return measure("gateway, every input cached", url, texts, rounds, headers)
     finally:
         proc.terminate()
         proc.wait()
