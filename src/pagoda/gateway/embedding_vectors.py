@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 from typing import Any
 
 import numpy as np
+import orjson
 
 _F32 = np.dtype("<f4")
 
@@ -78,10 +78,14 @@ def embeddings_body(
 def render_embeddings(
     vectors: list[bytes], encoding_format: str, model: str, num_tokens: int
 ) -> bytes:
-    """`embeddings_body` as JSON bytes. Printing floats is the costly part (about 0.5 s for
-    2048 vectors of 384 floats here; base64 is 13x cheaper)."""
-    return json.dumps(embeddings_body(vectors, encoding_format, model, num_tokens)).encode()
-
-
-def num_floats(vectors: list[bytes]) -> int:
-    return sum(len(v) for v in vectors) // _F32.itemsize
+    """`embeddings_body` as JSON bytes, printed by orjson: each float32 as the double it
+    equals, in the shortest form that reads back to it (the same numbers Python's json prints,
+    24x faster: 98k floats in 3 ms instead of 68 ms)."""
+    if encoding_format != "float":
+        return orjson.dumps(embeddings_body(vectors, encoding_format, model, num_tokens))
+    data = [{"object": "embedding", "index": i,
+             "embedding": np.frombuffer(v, dtype=_F32).astype(np.float64)}
+            for i, v in enumerate(vectors)]
+    return orjson.dumps({"object": "list", "data": data, "model": model,
+                         "usage": {"prompt_tokens": num_tokens, "total_tokens": num_tokens}},
+                        option=orjson.OPT_SERIALIZE_NUMPY)
