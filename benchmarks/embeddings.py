@@ -163,6 +163,8 @@ def main() -> int:
     results = {}
     from pagoda.loader.model_loader import resolve_model_path
 
+    results["in-process"] = in_process(resolve_model_path(MODEL), texts, args.rounds)
+
     with tempfile.TemporaryDirectory() as tmp:
         app = os.path.join(tmp, "st_app.py")
         with open(app, "w") as f:
@@ -193,13 +195,33 @@ def main() -> int:
                 proc.terminate()
                 proc.wait()
     base = results["baseline"]
+    print(f"in-process encode() vs pagoda serve (padded), workload a: "
+          f"{results['padded']['a_emb_s'] / results['in-process']['a_emb_s']:.2f}x")
     for name, row in results.items():
-        if name == "baseline":
+        if name in ("baseline", "in-process"):
             continue
         print(f"{name:<10} vs baseline: a) {row['a_emb_s'] / base['a_emb_s']:.2f}x  "
               f"b) {row['b_emb_s'] / base['b_emb_s']:.2f}x, p99 "
               f"{row['b_p99'] / base['b_p99']:.2f}x")
     return 0
+
+
+def in_process(model_dir: str, texts: list[str], rounds: int) -> dict[str, float]:
+    """Workload a without HTTP: `SentenceTransformer.encode` of the 256 sentences in this
+    process (a library user's number, no server at all)."""
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(model_dir, device="cpu")
+    model.encode(texts[:16])
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        model.encode(texts)
+        times.append(time.perf_counter() - t0)
+    seconds = statistics.median(times)
+    print(f"{'sentence-transformers in-process':<34} a) {len(texts) / seconds:7.1f} emb/s "
+          f"({seconds * 1000:6.0f} ms)", flush=True)
+    return {"a_emb_s": len(texts) / seconds, "a_s": seconds}
 
 
 def gateway_cached(bindir: str, upstream: str, texts: list[str], rounds: int,
