@@ -24,9 +24,12 @@ from pagoda.gateway.state import GatewayState
 from pagoda.gateway.websocket import serve_websocket
 
 
-def create_app(config: GatewayConfig, redis_url: str | None = None) -> FastAPI:
-    """A gateway app; `redis_url` (if given) overrides the config's state backend."""
+def create_app(config: GatewayConfig, redis_url: str | None = None,
+               otlp_traces_endpoint: str | None = None) -> FastAPI:
+    """A gateway app; `redis_url` / `otlp_traces_endpoint` (if given) override the config's."""
     state = GatewayState.build(config, redis_url)
+    endpoint = otlp_traces_endpoint or config.otlp_traces_endpoint
+    provider = None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -35,9 +38,16 @@ def create_app(config: GatewayConfig, redis_url: str | None = None) -> FastAPI:
             yield
         finally:
             await state.close()
+            if provider is not None:
+                provider.shutdown()  # flushes the spans still batched
 
     app = FastAPI(title="Pagoda gateway", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.gateway = state
+    if endpoint:
+        from pagoda import telemetry
+
+        provider = telemetry.tracer_provider("pagoda-gateway", endpoint)
+        telemetry.instrument(app, provider)
 
     @app.get("/v1/models")
     async def list_models(request: Request) -> Response:

@@ -43,7 +43,8 @@ def _serve(args: argparse.Namespace) -> int:
     from pagoda.gateway.config import load_config
 
     config = load_config(args.config)
-    app = create_app(config, redis_url=args.redis)
+    app = create_app(config, redis_url=args.redis,
+                     otlp_traces_endpoint=args.otlp_traces_endpoint)
     host = args.host or config.host
     port = config.port if args.port is None else args.port
     pools = ", ".join(f"{p.name} ({len(p.upstreams)} upstreams, {p.policy})" for p in config.models)
@@ -72,6 +73,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--log-level", default="info",
                         choices=["critical", "error", "warning", "info", "debug"])
+    parser.add_argument("--otlp-traces-endpoint", default=None, metavar="URL",
+                        help="export OpenTelemetry traces over OTLP/HTTP to this collector "
+                        "(overrides the config's otlp_traces_endpoint)")
     parser.set_defaults(func=_serve)
     actions = parser.add_subparsers(dest="gateway_action", metavar="ACTION")
     hasher = actions.add_parser("hash-key", help="print the config hash of an API key")

@@ -185,6 +185,8 @@ class GatewayConfig:
     embedding_cache: EmbeddingCacheConfig = field(default_factory=EmbeddingCacheConfig)
     redis_url: str = ""  # empty: in-memory limits and cache (one gateway instance)
     redis_prefix: str = "pagoda:gw:"
+    # OTLP/HTTP collector URL for traces; empty: no tracing (pagoda/telemetry.py)
+    otlp_traces_endpoint: str = ""
     host: str = "127.0.0.1"
     port: int = 8080
     max_body_bytes: int = 16 << 20  # larger request bodies get 413 without being read

@@ -20,6 +20,7 @@ from typing import Any
 import aiohttp
 
 from pagoda.gateway.config import RetryConfig
+from pagoda.telemetry import inject_context
 
 UPSTREAM_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
 _JSON = {"content-type": "application/json"}
@@ -47,8 +48,9 @@ class UpstreamClient:
                         headers: Mapping[str, str] | None = None
                         ) -> tuple[int, str, bytes, str | None]:
         """POST and read the whole answer: (status, content type, body bytes, Retry-After)."""
-        async with self.session.post(url, data=json.dumps(body),
-                                     headers={**_JSON, **(headers or {})}) as response:
+        # the current span's traceparent goes along, so the upstream's spans join this trace
+        sent = inject_context({**_JSON, **(headers or {})})
+        async with self.session.post(url, data=json.dumps(body), headers=sent) as response:
             content = await response.read()
             return (response.status, response.headers.get("content-type", ""), content,
                     response.headers.get("retry-after"))
@@ -57,7 +59,7 @@ class UpstreamClient:
                    headers: Mapping[str, str] | None = None) -> aiohttp.ClientResponse:
         """POST and return once the status and headers are in; the caller must close it."""
         return await self.session.post(url, data=json.dumps(body),
-                                       headers={**_JSON, **(headers or {})})
+                                       headers=inject_context({**_JSON, **(headers or {})}))
 
     async def probe(self, url: str, timeout_s: float,
                     headers: Mapping[str, str] | None = None) -> bool:

@@ -84,11 +84,20 @@ def build_app(config: ServerConfig, on_fatal: Callable[[], None] | None = None,
         if task is not None and not task.done():
             task.cancel()
         client.shutdown()
+        if provider is not None:
+            provider.shutdown()  # flushes the spans still batched
 
     app = FastAPI(title="Pagoda", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible LLM server (completions, chat, embeddings, "
                               "tokenize, WebSocket streaming).")
     app.state.client = client
+    provider = None
+    if config.otlp_traces_endpoint:
+        from pagoda import telemetry
+
+        provider = telemetry.tracer_provider("pagoda-server", config.otlp_traces_endpoint)
+        telemetry.instrument(app, provider)
+        client.tracer = provider.get_tracer("pagoda.server")
     install_error_handlers(app)
     openapi_without_422(app)
     app.add_middleware(LastResortMiddleware)

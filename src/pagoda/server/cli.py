@@ -34,6 +34,9 @@ def register(subparsers: Any) -> None:
                    help="run the engine loop in a separate process instead of a thread")
     p.add_argument("--log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--otlp-traces-endpoint", default=None, metavar="URL",
+                   help="export OpenTelemetry traces over OTLP/HTTP to this collector URL "
+                   "(e.g. http://127.0.0.1:4318/v1/traces); docs/server.md")
     add_engine_args(p)
     p.set_defaults(func=run)
 
@@ -47,7 +50,8 @@ def config_from_args(args: argparse.Namespace) -> Any:
         engine=engine, host=args.host, port=args.port, api_key=args.api_key,
         served_model_name=args.served_model_name, max_waiting=args.max_waiting,
         request_timeout=args.request_timeout, shutdown_grace=args.shutdown_grace,
-        max_body_bytes=args.max_body_bytes, engine_process=args.engine_process)
+        max_body_bytes=args.max_body_bytes, engine_process=args.engine_process,
+        otlp_traces_endpoint=args.otlp_traces_endpoint)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -23,6 +23,8 @@ class ServerConfig:
     retry_after: int = 1  # seconds, sent with 503 responses
     # the engine loop in a spawned process instead of a thread of the server (docs/server.md)
     engine_process: bool = False
+    # OTLP/HTTP collector URL for traces (e.g. http://127.0.0.1:4318/v1/traces); None: no tracing
+    otlp_traces_endpoint: str | None = None
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:

@@ -22,6 +22,7 @@ import os
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from pagoda.engine.async_llm import TIMEOUT_ERROR, AsyncLLM
 from pagoda.engine.outputs import CompletionOutput, RequestOutput, merge_delta
@@ -30,6 +31,9 @@ from pagoda.sampling.params import SamplingParams
 from pagoda.server.config import ServerConfig
 from pagoda.server.errors import APIError, overloaded
 from pagoda.server.metrics import ServerMetrics
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Tracer
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +74,7 @@ class EngineClient:
         self.num_pending = 0
         self.created = int(time.time())
         self.metrics = ServerMetrics(lambda: self.llm, lambda: self.model_name)
+        self.tracer: Tracer | None = None  # set when traces are exported (telemetry.py)
         self._fingerprint = "fp_pagoda"
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -179,10 +184,15 @@ class EngineClient:
         llm = self.require_generator()
         last = None
         finished = False
+        generated: dict[int, int] = {}  # sample index -> tokens so far (for the trace)
+        ended: list[str] = []  # every sample's finish reason (for the trace)
         try:
             async for out in llm.generate(prompt_ids, params, req_id,
                                           self.config.request_timeout):
                 ticket.release()
+                for o in out.outputs:
+                    generated[o.index] = o.num_generated_tokens
+                    ended += [o.finish_reason] if o.finish_reason else []
                 now = time.monotonic()
                 if last is None:
                     self.metrics.observe_first_output(out.metrics)
@@ -192,13 +202,45 @@ class EngineClient:
                 last = now
                 if out.finished:
                     finished = True
-                    self.metrics.observe_finished(
-                        out.metrics, [o.finish_reason for o in out.outputs if o.finish_reason])
+                    reasons = [o.finish_reason for o in out.outputs if o.finish_reason]
+                    self.metrics.observe_finished(out.metrics, reasons)
+                    if self.tracer is not None:
+                        self._trace(req_id, prompt_ids, params, out, sum(generated.values()),
+                                    ended)
                 yield out
         finally:
             ticket.release()
             if not finished:  # the consumer left: AsyncLLM aborts the request
                 self.metrics.observe_finished(None, ["abort"])
+
+    def _trace(self, req_id: str, prompt_ids: list[int], params: SamplingParams,
+                out: RequestOutput, num_generated: int, reasons: list[str]) -> None:
+        """The finished request as an `llm_request` span (vLLM's attribute names)."""
+        from pagoda.telemetry import record_llm_request
+
+        m = out.metrics
+        if self.tracer is None or m is None or m.finished_time is None:
+            return
+
+        def between(a: float | None, b: float | None) -> float | None:
+            return None if a is None or b is None else b - a
+
+        record_llm_request(self.tracer, {
+            "gen_ai.request.id": req_id, "gen_ai.response.model": self.model_name,
+            "gen_ai.request.max_tokens": params.max_tokens, "gen_ai.request.n": params.n,
+            "gen_ai.request.temperature": params.temperature, "gen_ai.request.top_p": params.top_p,
+            "gen_ai.usage.prompt_tokens": len(prompt_ids),
+            "gen_ai.usage.completion_tokens": num_generated,
+            "gen_ai.response.finish_reasons": reasons,
+            "gen_ai.latency.time_in_queue": between(m.arrival_time, m.first_scheduled_time),
+            "gen_ai.latency.time_to_first_token": between(m.arrival_time, m.first_token_time),
+            "gen_ai.latency.time_in_model_prefill": between(m.first_scheduled_time,
+                                                            m.first_token_time),
+            "gen_ai.latency.time_in_model_decode": between(m.first_token_time, m.finished_time),
+            "gen_ai.latency.e2e": m.finished_time - m.arrival_time,
+            "pagoda.num_preemptions": m.num_preemptions,
+            "pagoda.num_cached_tokens": m.num_cached_tokens,
+        }, m.arrival_time, m.finished_time)
 
     async def complete(self, outputs: AsyncIterator[RequestOutput]) -> Completed:
         """Drain a request; raises APIError (504 on timeout, 500 on engine errors)."""
