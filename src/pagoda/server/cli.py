@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from typing import Any
 
 from pagoda.cli.engine_args import add_engine_args, engine_config_from_args
@@ -22,7 +23,9 @@ def register(subparsers: Any) -> None:
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer <key>'")
+    p.add_argument("--api-key", default=os.environ.get("PAGODA_API_KEY") or None,
+                   help="require 'Authorization: Bearer <key>' (default: $PAGODA_API_KEY, which "
+                   "keeps the key out of the process list)")
     p.add_argument("--served-model-name", default=None, help="model id reported by the API")
     p.add_argument("--max-waiting", type=int, default=256,
                    help="admitted requests without a first token beyond which new ones get 503")
