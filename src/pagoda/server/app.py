@@ -236,4 +236,16 @@ def _add_operational_routes(app: FastAPI, client: EngineClient) -> None:
     async def chat_page() -> FileResponse:
         return FileResponse(str(STATIC_DIR / "index.html"))
 
+    @app.get("/dashboard", include_in_schema=False)
+    async def dashboard_page() -> FileResponse:
+        """Live charts of this server's /metrics (static/dashboard.js)."""
+        return FileResponse(str(STATIC_DIR / "dashboard.html"))
+
+    @app.get("/static/vendor/plotly.min.js", include_in_schema=False)
+    async def plotly_js() -> FileResponse:
+        """The dashboard's chart library, served from the installed `plotly` package (nothing
+        is fetched from the internet, and no copy lives in this repository)."""
+        path = resources.files("plotly") / "package_data" / "plotly.min.js"
+        return FileResponse(str(path), media_type="text/javascript")
+
     app.mount("/static", StaticFiles(directory=str(STATIC_DIR)), name="static")
