@@ -21,8 +21,6 @@ import pytest
 from tests.server.server_process import ServerProcess
 from tests.server.test_openai_api import (  # noqa: F401  (collected again, against `server`)
     CHAT,
-    model,
-    oai,
     test_chat_greedy_matches_offline,
     test_completion_greedy_matches_offline,
     test_health_was_503_while_loading,
