@@ -206,6 +206,16 @@ async def unless_client_leaves(request: Request, work: Awaitable[Response]) -> R
     return None
 
 
+async def answer_unless_client_leaves(state: GatewayState, call: Call, request: Request,
+                                      work: Awaitable[Response]) -> Response:
+    """`work`'s answer, or a 499 (counted) when the client left first."""
+    answer = await unless_client_leaves(request, work)
+    if answer is None:  # nobody to answer; the upstream saw its connection drop
+        observe(state, call, "none", 499)
+        return Response(status_code=499)
+    return answer
+
+
 async def _disconnected(request: Request) -> None:
     """Returns when the client goes away (the request body has already been read)."""
     while (await request.receive())["type"] != "http.disconnect":

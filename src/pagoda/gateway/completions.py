@@ -23,12 +23,12 @@ from pagoda.gateway.call import (
     SURFACES,
     Call,
     admit,
+    answer_unless_client_leaves,
     finish,
     observe,
     receive,
     release,
     unavailable,
-    unless_client_leaves,
 )
 from pagoda.gateway.proxy import OpenStream, UpstreamUnavailable
 from pagoda.gateway.router import affinity_text
@@ -61,11 +61,8 @@ async def serve_completion(state: GatewayState, request: Request, endpoint: str)
             response = await _forward_stream(state, call, upstream_body)
             streaming = isinstance(response, ProxiedStream)  # it now owns the lease
             return response
-        answer = await unless_client_leaves(request, forward(state, call, upstream_body))
-        if answer is None:  # nobody to answer; the upstream saw its connection drop
-            observe(state, call, "none", 499)
-            return Response(status_code=499)
-        return answer
+        return await answer_unless_client_leaves(state, call, request,
+                                                 forward(state, call, upstream_body))
     except UpstreamUnavailable as exc:
         return unavailable(state, call, exc)
     finally:

@@ -35,11 +35,11 @@ from pagoda.gateway.call import (
     STATE_ERRORS,
     Call,
     admit,
+    answer_unless_client_leaves,
     finish,
     observe,
     receive,
     unavailable,
-    unless_client_leaves,
 )
 from pagoda.gateway.completions import forward
 from pagoda.gateway.embedding_cache import embedding_key
@@ -99,11 +99,7 @@ async def serve_embeddings(state: GatewayState, request: Request) -> Response:
         return call
     try:
         work = _answer(state, call, parsed, cache_directives(request))
-        answer = await unless_client_leaves(request, work)
-        if answer is None:  # nobody to answer; the upstream saw its connection drop
-            observe(state, call, "none", 499)
-            return Response(status_code=499)
-        return answer
+        return await answer_unless_client_leaves(state, call, request, work)
     except UpstreamUnavailable as exc:
         return unavailable(state, call, exc)
     finally:
