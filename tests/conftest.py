@@ -108,3 +108,23 @@ def sentence_transformer(minilm_dir):
     from sentence_transformers import SentenceTransformer
 
     return SentenceTransformer(minilm_dir, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def thread_server():
+    """One `pagoda serve` (API key on, engine in a thread) shared by the whole session: the
+    server, reliability and operations tests run against it as `server`."""
+    from tests.server.server_process import ServerProcess
+
+    # info: uvicorn's WebSocket lines are logged, which the key-redaction test reads
+    proc = ServerProcess("--max-waiting", "512", "--log-level", "info")
+    try:
+        proc.wait_ready()
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture(scope="session")
+def server(thread_server):
+    return thread_server

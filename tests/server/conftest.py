@@ -1,8 +1,8 @@
-"""Server test fixtures: one shared `pagoda serve` process (API key on, engine in a thread) for the
-session, and an offline engine on the same weights for reference outputs.
+"""Server test fixtures: the `openai` client on `server` (the session's shared `pagoda serve`,
+tests/conftest.py), and an offline engine on the same weights for reference outputs.
 
-`server` is what the tests use; `test_engine_process.py` overrides it with an `--engine-process`
-server and re-runs some of them, comparing against `thread_server`."""
+`test_engine_process.py` overrides `server` with an `--engine-process` server and re-runs some
+tests, comparing against `thread_server`."""
 
 from __future__ import annotations
 
@@ -12,23 +12,7 @@ import openai
 import pytest
 
 from pagoda.sampling.params import SamplingParams
-from tests.server.server_process import KV_CACHE_MEMORY, ServerProcess
-
-
-@pytest.fixture(scope="session")
-def thread_server():
-    # info: uvicorn's WebSocket lines are logged, which the key-redaction test reads
-    proc = ServerProcess("--max-waiting", "512", "--log-level", "info")
-    try:
-        proc.wait_ready()
-        yield proc
-    finally:
-        proc.stop()
-
-
-@pytest.fixture(scope="session")
-def server(thread_server):
-    return thread_server
+from tests.server.server_process import KV_CACHE_MEMORY
 
 
 @pytest.fixture(scope="module")

@@ -46,13 +46,17 @@ def test_neutral_values_of_unimplemented_fields_pass(field, neutral):
     chat(**{field: neutral})
 
 
-def test_accepted_and_unknown_fields_pass_and_unknown_ones_are_logged_once(caplog):
+def test_accepted_fields_pass_and_unknown_ones_are_refused_unless_neutral(caplog):
     chat(**dict.fromkeys(ACCEPTED, "v"))
-    with caplog.at_level(logging.WARNING, logger="pagoda.server.field_policy"):
+    chat(some_future_field=None, another_one=False)  # neutral values change nothing
+    with pytest.raises(APIError) as err:
         chat(some_future_field=1)
-        chat(some_future_field=2)
+    assert err.value.param == "some_future_field" and "unknown field" in err.value.message
+    with caplog.at_level(logging.WARNING, logger="pagoda.server.field_policy"):
+        chat(messages=[{"role": "assistant", "content": "x", "refusal_note": "n"},
+                       {"role": "user", "content": "hi", "refusal_note": "m"}])
     assert [r.getMessage() for r in caplog.records].count(
-        "ignoring the unknown request field 'some_future_field' (logged once)") == 1
+        "ignoring the unknown request field 'messages[].refusal_note' (logged once)") == 1
 
 
 def test_message_level_fields():

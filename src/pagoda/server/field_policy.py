@@ -4,8 +4,10 @@ A field from OpenAI's chat/completions schema or one of vLLM's extras that Pagod
 implement is a 400 naming it (OpenAI's error shape, `param` set) as soon as its value would
 change the result; its neutral values (null, false, the default) pass, since some clients send
 every field. A few fields are accepted because they cannot change the output (`metadata`,
-`prompt_cache_key`: prefix caching is automatic). A field no one defines is logged once per name
-and otherwise ignored, as OpenAI's clients send fields of newer API versions.
+`prompt_cache_key`: prefix caching is automatic). A field no one defines is a 400 naming it too
+unless its value is neutral (null, false, empty): a client that sends `"foo": null` loses nothing,
+one that sends `"foo": 1` learns that nothing here reads it. Unknown keys inside a message are
+logged once per name (clients echo assistant messages back with fields such as `refusal`).
 """
 
 from __future__ import annotations
@@ -79,6 +81,8 @@ def check_fields(request: BaseModel) -> None:
     """Refuse (400) the request's undeclared fields that Pagoda knows but does not implement."""
     for name, value in (request.model_extra or {}).items():
         _check(name, value, REFUSED, name)
+    if "messages" not in type(request).model_fields:  # e.g. `messages` sent to completions
+        return
     for i, message in enumerate(getattr(request, "messages", None) or ()):
         for name, value in (message.model_extra or {}).items():
             if name in MESSAGE_REFUSED and not _unset(value):
@@ -93,8 +97,8 @@ def _check(name: str, value: Any, refused: dict, param: str) -> None:
         neutral, reason = refused[name]
         if not neutral(value):
             raise APIError(400, f"{name}: {reason}", param)
-    elif name not in ACCEPTED:
-        _log_unknown(name)
+    elif name not in ACCEPTED and not _unset(value):
+        raise APIError(400, f"unknown field '{name}': this server does not read it", param)
 
 
 def _log_unknown(name: str) -> None:

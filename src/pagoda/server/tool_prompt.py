@@ -63,6 +63,8 @@ def tool_use(request: ChatCompletionRequest) -> ToolUse:
     names = [t.function.name for t in tools]
     if len(set(names)) != len(names):
         raise APIError(400, "tools: function names must be unique", "tools")
+    for i, tool in enumerate(tools):  # whether or not a constraint will compile it
+        _check_parameters(i, tool)
     choice = request.tool_choice
     if choice is None:
         mode = "auto" if tools else "none"
@@ -79,6 +81,19 @@ def tool_use(request: ChatCompletionRequest) -> ToolUse:
             raise APIError(400, f"tool_choice names {named!r}, which is not in tools",
                            "tool_choice")
     return ToolUse(mode, tools, named, request.parallel_tool_calls is not False)
+
+
+def _check_parameters(index: int, tool: Tool) -> None:
+    """A tool's `parameters` must be a JSON Schema (as OpenAI checks): the model is shown it,
+    and `required` / named tool choice compile it."""
+    from jsonschema import Draft202012Validator
+    from jsonschema.exceptions import SchemaError
+
+    try:
+        Draft202012Validator.check_schema(_parameters(tool))
+    except SchemaError as exc:
+        raise APIError(400, f"tools[{index}].function.parameters is not a valid JSON Schema: "
+                       f"{exc.message}", f"tools[{index}].function.parameters") from None
 
 
 def _parameters(tool: Tool) -> dict[str, Any]:
