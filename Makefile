@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: run test lint bench clean
+.PHONY: run test soak lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -27,6 +27,12 @@ run: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/pytest -q -ra --durations=25
+
+# Long reliability runs, not part of `make test`: schemathesis with many more examples per
+# operation, then the 1,000-request soak (benchmarks/soak.py; docs/reliability.md).
+soak: $(STAMP)
+	PAGODA_FUZZ_EXAMPLES=100 $(VENV)/bin/pytest -q -ra tests/reliability
+	$(VENV)/bin/python benchmarks/soak.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
