@@ -8,7 +8,6 @@ and normalizes (the sentence-transformers default for BERT).
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import time
@@ -17,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from pagoda.layers.pooler import PoolingConfig
+from pagoda.loader.hf_loader import safetensors_files, safetensors_weights
 from pagoda.loader.model_loader import LoadedModel
 from pagoda.loader.tokenizer import Tokenizer
 from pagoda.models.bert import BertEncoder, EncoderConfig
@@ -52,21 +52,11 @@ def load_encoder(path: str, device: str = "cpu", attention: str = "padded") -> L
         layer_norm_eps=raw.get("layer_norm_eps", 1e-12), hidden_act=raw.get("hidden_act", "gelu"))
     if raw.get("position_embedding_type", "absolute") != "absolute":
         raise ValueError(f"{path}: only absolute position embeddings are supported")
-    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
-    if not files:
-        raise FileNotFoundError(f"{path} has no *.safetensors files")
+    files = safetensors_files(path)
     with torch.device("meta"):
         net = BertEncoder(cfg, attention)
     net = net.to_empty(device=device)
-    from safetensors import safe_open
-
-    def weights():
-        for file in files:
-            with safe_open(file, framework="pt") as f:
-                for name in f.keys():
-                    yield name, f.get_tensor(name).float()
-
-    net.load_weights(weights())
+    net.load_weights(safetensors_weights(files, progress=False))
     net.eval()
     pooling = PoolingConfig.from_sentence_transformers(path) or PoolingConfig("mean", True)
     max_len = cfg.max_position_embeddings

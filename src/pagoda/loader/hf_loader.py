@@ -23,9 +23,7 @@ class HFCheckpoint:
         self.directory = directory
         with open(cfg_path) as f:
             self.raw = json.load(f)
-        self.files = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
-        if not self.files:
-            raise FileNotFoundError(f"{directory} has no *.safetensors files")
+        self.files = safetensors_files(directory)
         self.config = self._read_config()
 
     def _read_config(self) -> ModelConfig:
@@ -66,9 +64,22 @@ class HFCheckpoint:
         return ModelConfig(**common)
 
     def weights(self, progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
-        from safetensors import safe_open
+        return safetensors_weights(self.files, progress)
 
-        for path in tqdm(self.files, desc="Loading weights", unit="file", disable=not progress):
-            with safe_open(path, framework="pt") as f:
-                for name in f.keys():
-                    yield name, f.get_tensor(name).float()
+
+def safetensors_files(directory: str) -> list[str]:
+    files = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
+    if not files:
+        raise FileNotFoundError(f"{directory} has no *.safetensors files")
+    return files
+
+
+def safetensors_weights(files: list[str], progress: bool = True
+                        ) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, fp32 tensor) of every tensor in `files`, one file open at a time."""
+    from safetensors import safe_open
+
+    for path in tqdm(files, desc="Loading weights", unit="file", disable=not progress):
+        with safe_open(path, framework="pt") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name).float()

@@ -41,7 +41,8 @@ class EncoderConfig:
 
 @dataclass
 class PackedBatch:
-    """A step's sequences, concatenated; `index`/`valid` place them in (B, L_max) when padded."""
+    """A step's sequences, concatenated; `padded_index` places them in (B, L_max) for padded
+    attention."""
 
     input_ids: torch.Tensor  # (T,) int64
     positions: torch.Tensor  # (T,) int64, from 0 in each sequence
@@ -56,11 +57,11 @@ class PackedBatch:
     def padded_index(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(T,) flat position of each packed token in a (B * L_max) grid, and the (B, L_max)
         mask of real tokens."""
+        device = self.positions.device
+        lengths = torch.tensor(self.lengths, device=device)
         max_len = max(self.lengths)
-        row = torch.repeat_interleave(torch.arange(len(self.lengths), device=self.positions.device),
-                                      torch.tensor(self.lengths, device=self.positions.device))
-        valid = torch.arange(max_len, device=self.positions.device)[None, :] < torch.tensor(
-            self.lengths, device=self.positions.device)[:, None]
+        row = torch.repeat_interleave(torch.arange(len(self.lengths), device=device), lengths)
+        valid = torch.arange(max_len, device=device)[None, :] < lengths[:, None]
         return row * max_len + self.positions, valid
 
 
