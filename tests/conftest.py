@@ -114,15 +114,11 @@ def sentence_transformer(minilm_dir):
 def thread_server():
     """One `pagoda serve` (API key on, engine in a thread) shared by the whole session: the
     server, reliability and operations tests run against it as `server`."""
-    from tests.server.server_process import ServerProcess
+    from tests.server.server_process import serving
 
     # info: uvicorn's WebSocket lines are logged, which the key-redaction test reads
-    proc = ServerProcess("--max-waiting", "512", "--log-level", "info")
-    try:
-        proc.wait_ready()
+    with serving("--max-waiting", "512", "--log-level", "info") as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 @pytest.fixture(scope="session")

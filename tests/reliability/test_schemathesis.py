@@ -19,7 +19,7 @@ from schemathesis.checks import (
     status_code_conformance,
 )
 
-from tests.server.server_process import ServerProcess
+from tests.server.server_process import serving
 
 # per operation: bounded in `make test`; `make soak` raises it
 EXAMPLES = int(os.environ.get("PAGODA_FUZZ_EXAMPLES", "6"))
@@ -27,13 +27,9 @@ EXAMPLES = int(os.environ.get("PAGODA_FUZZ_EXAMPLES", "6"))
 
 @pytest.fixture(scope="module")
 def fuzz_server():
-    proc = ServerProcess("--max-model-len", "96", "--max-num-seqs", "8", "--max-waiting", "64",
-                         api_key=None)
-    try:
-        proc.wait_ready()
+    with serving("--max-model-len", "96", "--max-num-seqs", "8", "--max-waiting", "64",
+                 api_key=None) as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 def test_no_server_error_and_answers_match_the_schema(fuzz_server):

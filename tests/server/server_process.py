@@ -9,6 +9,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import httpx
 
@@ -90,3 +92,14 @@ class ServerProcess:
                 self.proc.kill()
                 self.proc.wait()
         self.log.close()
+
+
+@contextmanager
+def serving(*args: str, api_key: str | None = API_KEY) -> Iterator[ServerProcess]:
+    """A ready `pagoda serve` with these flags, stopped on exit (what server fixtures yield)."""
+    proc = ServerProcess(*args, api_key=api_key)
+    try:
+        proc.wait_ready()
+        yield proc
+    finally:
+        proc.stop()

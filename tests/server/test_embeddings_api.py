@@ -14,7 +14,7 @@ import pytest
 
 from tests.embeddings.conftest import MINILM
 from tests.embeddings.texts import LONG, TEXTS
-from tests.server.server_process import ServerProcess
+from tests.server.server_process import serving
 
 MIN_COSINE = 0.9999
 TRUNCATE = {"truncate_prompt_tokens": -1}  # what sentence-transformers does to long inputs
@@ -47,12 +47,8 @@ PAIRS = [  # (sentence, paraphrase) for the retrieval check
 
 @pytest.fixture(scope="module")
 def embed_server():
-    proc = ServerProcess("--model", MINILM)
-    try:
-        proc.wait_ready()
+    with serving("--model", MINILM) as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 @pytest.fixture(scope="module")

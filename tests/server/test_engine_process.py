@@ -18,7 +18,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.server.server_process import ServerProcess
+from tests.server.server_process import ServerProcess, serving
 from tests.server.test_openai_api import (  # noqa: F401  (collected again, against `server`)
     CHAT,
     test_chat_greedy_matches_offline,
@@ -38,12 +38,8 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time"]
 
 @pytest.fixture(scope="module")
 def server():
-    proc = ServerProcess("--engine-process", "--max-waiting", "512")
-    try:
-        proc.wait_ready()
+    with serving("--engine-process", "--max-waiting", "512") as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 def engine_children(server: ServerProcess) -> list[psutil.Process]:

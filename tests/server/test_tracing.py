@@ -18,7 +18,7 @@ import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from tests.gateway.gateway_harness import GatewayServer, auth, make_config
-from tests.server.server_process import ServerProcess, free_port
+from tests.server.server_process import free_port, serving
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 CLIENT_SPAN = "00f067aa0ba902b7"
@@ -61,17 +61,15 @@ class Collector:
 def traced():
     collector = Collector()
     os.environ["OTEL_BSP_SCHEDULE_DELAY"] = "100"  # export within 0.1 s (default 5 s)
-    proc = ServerProcess("--otlp-traces-endpoint", collector.url, "--served-model-name", "small",
-                         api_key=None)
     try:
-        proc.wait_ready()
-        config = dataclasses.replace(make_config({"small": [proc.url]}),
-                                     otlp_traces_endpoint=collector.url)
-        with GatewayServer(config) as gateway:
-            yield collector, proc, gateway
+        with serving("--otlp-traces-endpoint", collector.url, "--served-model-name", "small",
+                     api_key=None) as proc:
+            config = dataclasses.replace(make_config({"small": [proc.url]}),
+                                         otlp_traces_endpoint=collector.url)
+            with GatewayServer(config) as gateway:
+                yield collector, proc, gateway
     finally:
         os.environ.pop("OTEL_BSP_SCHEDULE_DELAY", None)
-        proc.stop()
         collector.server.shutdown()
 
 

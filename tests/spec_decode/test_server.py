@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from tests.server.server_process import ServerProcess
+from tests.server.server_process import ServerProcess, serving
 
 QUOTE = ("Repeat this sentence twice: the lantern by the harbour burns all night for the "
          "fishing boats.")
@@ -21,12 +21,8 @@ QUOTE = ("Repeat this sentence twice: the lantern by the harbour burns all night
 
 @pytest.fixture(scope="module")
 def spec_server():
-    proc = ServerProcess("--speculative-method", "draft", "--num-speculative-tokens", "3")
-    try:
-        proc.wait_ready()
+    with serving("--speculative-method", "draft", "--num-speculative-tokens", "3") as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 def metric(server: ServerProcess, name: str) -> float:
