@@ -24,9 +24,16 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(VENV)/bin/pagoda serve --host $(HOST) --port $(PORT)
 
+# Two worker processes (pytest-xdist; each takes whole test files, so module fixtures load
+# once), one thread per torch op in each (OMP_NUM_THREADS=1, inherited by the servers the tests
+# start): these small models gain little from a second thread per op, so two files side by side
+# keep both cores busy (2-core Zen 4: 1,128 s one process, 605 s two). tests/engine/test_threads.py
+# runs the two-thread paths. `make test TEST_WORKERS=1` runs one process.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
-	$(VENV)/bin/pytest -q -ra --durations=25
+	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -q -ra --durations=25 -n $(TEST_WORKERS) --dist loadfile
 
 # Long reliability runs, not part of `make test`: schemathesis with many more examples per
 # operation, then the 1,000-request soak (benchmarks/soak.py; docs/reliability.md).

@@ -12,12 +12,15 @@ import time
 import httpx
 import pytest
 
-from tests.server.server_process import ServerProcess
+from tests.server.server_process import ServerProcess, serving
 
 # The backpressure test reads the queue while one request runs, which must not have timed out by
 # then: 8 s, then 15 s, were each once too short on a loaded 2-core CI box (that request ended,
 # a waiter started, the queue read 1).
 TIMEOUT_S = 30.0
+# The deadline test has a server of its own whose deadline is short: it waits the deadline out
+# twice (a stream, then a request queued behind it), which at TIMEOUT_S cost a minute.
+SHORT_TIMEOUT_S = 6.0
 LONG = {"prompt": "Write a long essay about rivers.", "max_tokens": 2000, "ignore_eos": True,
         "stream": True}
 
@@ -33,6 +36,13 @@ def limited():
         yield proc
     finally:
         proc.stop()
+
+
+@pytest.fixture(scope="module")
+def short_deadline():
+    with serving("--max-num-seqs", "1", "--max-waiting", "2", "--request-timeout",
+                 str(SHORT_TIMEOUT_S)) as proc:
+        yield proc
 
 
 def wait_for(predicate, timeout: float = 10.0) -> None:
@@ -88,34 +98,34 @@ def test_backpressure_503_with_retry_after(limited):
             .status_code == 200
 
 
-def test_timeout_streaming_and_non_streaming(limited):
+def test_timeout_streaming_and_non_streaming(short_deadline):
     """A streaming request times out with an error chunk; a non-streaming one queued behind it
     times out with a 504 (the deadline counts from arrival, queueing included)."""
     result: dict[str, httpx.Response] = {}
 
     def non_streaming() -> None:
-        with limited.client() as http:
+        with short_deadline.client() as http:
             result["r"] = http.post("/v1/chat/completions", json={
                 "messages": [{"role": "user", "content": "Write a long essay."}],
                 "max_tokens": 2000, "ignore_eos": True})
 
     start = time.monotonic()
-    with limited.client() as http, http.stream("POST", "/v1/completions", json=LONG) as r:
+    with short_deadline.client() as http, http.stream("POST", "/v1/completions", json=LONG) as r:
         lines = r.iter_lines()
         events = [next(line for line in lines if line.startswith("data: {"))[len("data: "):]]
         waiter = threading.Thread(target=non_streaming)
         waiter.start()
         events += [line[len("data: "):] for line in lines if line.startswith("data: ")]
     elapsed = time.monotonic() - start
-    assert TIMEOUT_S <= elapsed < TIMEOUT_S + 10
+    assert SHORT_TIMEOUT_S <= elapsed < SHORT_TIMEOUT_S + 10
     assert events[-1] == "[DONE]"
     error = json.loads(events[-2])["error"]
     assert error["type"] == "timeout_error" and error["code"] == "request_timeout"
     assert len(events) > 3  # tokens were streamed before the deadline
-    waiter.join(3 * TIMEOUT_S)
+    waiter.join(3 * SHORT_TIMEOUT_S)
     assert result["r"].status_code == 504
     assert result["r"].json()["error"]["code"] == "request_timeout"
-    kv = limited.wait_all_blocks_free(timeout=5)
+    kv = short_deadline.wait_all_blocks_free(timeout=5)
     assert kv["num_free_blocks"] == kv["num_total_blocks"] and kv["num_waiting"] == 0
 
 

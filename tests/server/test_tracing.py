@@ -73,14 +73,17 @@ def traced():
         collector.server.shutdown()
 
 
-def wait_for_spans(collector: Collector, trace_id: str, want: set[str]) -> dict:
+def wait_for_spans(collector: Collector, trace_id: str, want: set[tuple[str, str]]) -> dict:
+    """{span name: (service, span)} once every wanted (service, span name) pair has arrived:
+    each process exports on its own schedule, so the gateway's span may come last."""
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
-        names = {s.name: (svc, s) for svc, s in collector.in_trace(trace_id)}
-        if want <= set(names):
-            return names
+        trace = collector.in_trace(trace_id)
+        if want <= {(svc, s.name) for svc, s in trace}:
+            return {s.name: (svc, s) for svc, s in trace}
         time.sleep(0.1)
-    raise AssertionError(f"spans of trace {trace_id}: {sorted(names)}; wanted {sorted(want)}")
+    seen = sorted((svc, s.name) for svc, s in collector.in_trace(trace_id))
+    raise AssertionError(f"spans of trace {trace_id}: {seen}; wanted {sorted(want)}")
 
 
 def test_one_trace_from_client_through_gateway_to_engine(traced):
@@ -91,7 +94,9 @@ def test_one_trace_from_client_through_gateway_to_engine(traced):
         "messages": [{"role": "user", "content": "Say hi"}]})
     assert r.status_code == 200, r.text
     usage = r.json()["usage"]
-    spans = wait_for_spans(collector, TRACE_ID, {"POST /v1/chat/completions", "llm_request"})
+    http = "POST /v1/chat/completions"
+    spans = wait_for_spans(collector, TRACE_ID, {("pagoda-gateway", http), ("pagoda-server", http),
+                                                 ("pagoda-server", "llm_request")})
     trace = collector.in_trace(TRACE_ID)
     gateway_spans = {s.span_id: s for svc, s in trace if svc == "pagoda-gateway"}
     server_http = [s for svc, s in trace if svc == "pagoda-server"

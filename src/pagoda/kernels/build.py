@@ -134,8 +134,26 @@ def native() -> ModuleType | None:
 
 
 def build_all() -> int:
-    """Build every flavour this CPU runs (`make` calls this); returns how many failed."""
-    return sum(load(f) is None for f in runnable_flavours())
+    """Build every flavour this CPU runs (`make` calls this); returns how many failed.
+
+    Each flavour compiles in its own process, all at once: a flavour's build is dominated by
+    one translation unit (the bindings, which parse all of torch's headers), so building them
+    side by side keeps both cores busy where one after another left one idle (2-core Zen 4,
+    all three flavours: 113 s one after another, 86 s side by side). Then each is loaded here,
+    from the cache, to report failures."""
+    import subprocess
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    def build_one(flavour: str) -> None:
+        code = f"import logging; logging.basicConfig(level=logging.INFO, format='%(message)s'); " \
+               f"from pagoda.kernels.build import load; load({flavour!r})"
+        subprocess.run([sys.executable, "-c", code], check=False)
+
+    flavours = runnable_flavours()
+    with ThreadPoolExecutor(len(flavours)) as pool:
+        list(pool.map(build_one, flavours))
+    return sum(load(f) is None for f in flavours)
 
 
 if __name__ == "__main__":  # `python -m pagoda.kernels.build`
