@@ -51,8 +51,17 @@ def gemma_path() -> str:
 
 
 @pytest.fixture(scope="module")
-def gemma(gemma_path) -> LoadedModel:
-    return load_model(gemma_path, progress=False)
+def gemma_llm(gemma_path):
+    """The public API from the file path: its model is the one every test here runs (one
+    262k-vocabulary load for the module, not one per entry point)."""
+    from pagoda import LLM
+
+    return LLM(model=gemma_path, kv_cache_memory=64 << 20, progress=False)
+
+
+@pytest.fixture(scope="module")
+def gemma(gemma_llm) -> LoadedModel:
+    return gemma_llm.engine.loaded
 
 
 @pytest.fixture(scope="module")
@@ -218,12 +227,9 @@ def test_sliding_window_chunked_prefill(gemma_small_window, prompt_ids, small_wi
     engine.check_integrity()
 
 
-def test_llm_api_text(gemma_path, hf_tok, reference):
+def test_llm_api_text(gemma_llm, hf_tok, reference):
     """The public API, from the file path to text, decodes to transformers' text."""
-    from pagoda import LLM
-
-    llm = LLM(model=gemma_path, kv_cache_memory=64 << 20, progress=False)
-    outs = llm.generate(PROMPTS[:2], GREEDY)
+    outs = gemma_llm.generate(PROMPTS[:2], GREEDY)
     for i, out in enumerate(outs):
         assert out.outputs[0].token_ids == reference[i]
         assert out.outputs[0].text == hf_tok.decode(reference[i], skip_special_tokens=True)
