@@ -34,10 +34,10 @@ def prompt_ids(loaded_model):
     return [loaded_model.tokenizer.encode(p) for p in PROMPTS]
 
 
-def generate(loaded, prompt_ids, num_threads: int, **overrides) -> dict[str, list[int]]:
+def generate(loaded, prompt_ids, num_threads: int) -> dict[str, list[int]]:
     """Each prompt alone, then all together, in an engine running `num_threads` threads."""
     engine = LLMEngine(EngineConfig(kv_cache_memory=64 << 20, progress=False,
-                                    num_threads=num_threads, **overrides), loaded=loaded)
+                                    num_threads=num_threads), loaded=loaded)
     assert torch.get_num_threads() == num_threads
     out = {f"alone{i}": run_to_completion(engine, {"r": (ids, GREEDY)})["r"]
            for i, ids in enumerate(prompt_ids)}
@@ -52,12 +52,11 @@ def generate(loaded, prompt_ids, num_threads: int, **overrides) -> dict[str, lis
 def test_tokens_do_not_depend_on_the_thread_count(threads, request, model, prompt_ids):
     """fp32 (whose one-thread tokens equal transformers', tests/engine/test_hf_reference.py), and
     the default model on its GGUF blocks and on int4 groups (the native kernels' paths) with the
-    batch-invariant attention quantized models use by default (the weights are quantized
-    already, so the engine is told rather than left to infer it)."""
+    batch-invariant attention quantized models get by default (inferred from the pre-quantized
+    weights: the engine's own `quantization` is "none" here)."""
     loaded = request.getfixturevalue(model)
-    overrides = {} if model == "loaded_model" else {"invariant_attention": True}
-    one = generate(loaded, prompt_ids, num_threads=1, **overrides)
-    two = generate(loaded, prompt_ids, num_threads=2, **overrides)
+    one = generate(loaded, prompt_ids, num_threads=1)
+    two = generate(loaded, prompt_ids, num_threads=2)
     assert one == two
     for i in range(len(prompt_ids)):
         assert one[f"alone{i}"] == one[f"batched{i}"], f"prompt {i} differs when batched"

@@ -141,10 +141,11 @@ def auth(key: str = KEY_ALICE) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
-def start_redis() -> tuple[subprocess.Popen, str]:
-    """A throwaway redis-server on a free port (no persistence); returns it and its URL."""
+def start_redis(port: int | None = None) -> tuple[subprocess.Popen, str]:
+    """A throwaway redis-server (no persistence) on `port`, or a free one; returns it and its
+    URL. Passing the port of a killed one restarts Redis where the gateway expects it."""
     binary = shutil.which("redis-server") or "/usr/bin/redis-server"
-    port = free_port()
+    port = port or free_port()
     proc = subprocess.Popen(
         [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
         stdout=subprocess.DEVNULL,

@@ -4,6 +4,9 @@ instances sharing limits and the response cache through Redis."""
 from __future__ import annotations
 
 import asyncio
+import itertools
+import threading
+import time
 import uuid
 
 import httpx
@@ -12,7 +15,15 @@ from redis.asyncio import Redis
 
 from pagoda.gateway.rate_limit import Limits
 from pagoda.gateway.redis_state import RedisRateLimiter
-from tests.gateway.gateway_harness import KEY_BOB, GatewayServer, auth, make_config, start_redis
+from tests.gateway.gateway_harness import (
+    KEY_ALICE,
+    KEY_BOB,
+    GatewayServer,
+    auth,
+    make_config,
+    start_redis,
+    wait_for,
+)
 
 BACKENDS = ["memory", "redis"]
 
@@ -158,6 +169,59 @@ def test_redis_outage_degrades_cache_and_refuses_with_503(replicas):
         if proc.poll() is None:
             proc.kill()
     assert replicas[0].stats()["requests"] == 1
+
+
+def test_redis_killed_and_restarted_under_load(replicas):
+    """Redis SIGKILLed while four clients keep sending, then restarted on the same port: every
+    answer is a 200 or the documented 503 (with Retry-After), never another error; a key
+    without limits is served throughout; limited keys are served again without a gateway
+    restart."""
+    proc, url = start_redis()
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    answers: list[tuple[float, str, int, str | None]] = []  # (time, key, status, error code)
+    stop = threading.Event()
+
+    def client(key: str, name: str) -> None:
+        with httpx.Client(timeout=20, headers=auth(key)) as http:
+            for i in itertools.count():
+                if stop.is_set():
+                    return
+                r = http.post(gw.url + "/v1/completions", json={
+                    "model": "m", "prompt": f"{name} {i % 5}", "max_tokens": 2,
+                    "temperature": 0})
+                code = None if r.status_code == 200 else r.json()["error"]["code"]
+                if r.status_code == 503:
+                    assert r.headers["retry-after"] == "1"
+                answers.append((time.monotonic(), name, r.status_code, code))
+
+    def count(since: float, name: str, status: int) -> int:
+        return sum(1 for t, n, s, _ in answers if t > since and n == name and s == status)
+
+    config = make_config({"m": [replicas[0].url]}, alice={"requests_per_minute": 100_000})
+    with GatewayServer(config, url) as gw:
+        threads = [threading.Thread(target=client, args=(key, f"{name}{i}"), daemon=True)
+                   for i in range(2) for key, name in ((KEY_ALICE, "alice"), (KEY_BOB, "bob"))]
+        try:
+            for t in threads:
+                t.start()
+            start = time.monotonic()
+            wait_for(lambda: count(start, "alice0", 200) >= 10, timeout=30)
+            proc.kill()  # SIGKILL: connections drop mid-command, nothing is flushed
+            proc.wait(timeout=10)
+            killed = time.monotonic()
+            wait_for(lambda: count(killed, "alice0", 503) >= 5, timeout=30)
+            proc, _ = start_redis(port)  # empty: limits and cache start afresh
+            restarted = time.monotonic()
+            wait_for(lambda: count(restarted, "alice0", 200) >= 10, timeout=30)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(timeout=30)
+            proc.kill()
+    outcomes = {(s, c) for _, _, s, c in answers}
+    assert outcomes == {(200, None), (503, "state_backend_unavailable")}, outcomes
+    assert not any(s != 200 for _, n, s, _ in answers if n.startswith("bob"))  # no limits
+    assert count(killed, "bob0", 200) > 0 and count(restarted, "alice1", 200) > 0
 
 
 async def test_redis_limiter_keeps_a_running_token_sum(redis_url):

@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -42,7 +43,8 @@ def upstreams(urls: list[str]) -> list[dict[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def serve_replicas():
+def replica_processes():
+    """Two ready `pagoda serve` replicas as (url, process); the last test kills one."""
     os.environ[KEY_ENV] = UPSTREAM_KEY  # read by the gateway config when it is parsed
     pagoda = Path(sys.executable).with_name("pagoda")
     procs, urls = [], []
@@ -66,7 +68,7 @@ def serve_replicas():
     try:
         for url, proc in zip(urls, procs, strict=True):
             wait_for(lambda url=url, proc=proc: ready(url, proc), timeout=300, interval=0.5)
-        yield urls
+        yield list(zip(urls, procs, strict=True))
     finally:
         for proc in procs:
             proc.terminate()
@@ -75,6 +77,11 @@ def serve_replicas():
                 proc.wait(timeout=40)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+@pytest.fixture(scope="module")
+def serve_replicas(replica_processes):
+    return [url for url, _ in replica_processes]
 
 
 @pytest.mark.slow
@@ -200,3 +207,35 @@ def test_responses_and_anthropic_messages_through_the_gateway(serve_replicas):
             {"key": "alice", "model": "m", "upstream": serve_replicas[0][7:],
              "kind": "prompt"})
         assert tokens and tokens > 0  # counted from the replies' own usage shapes
+
+
+@pytest.mark.slow
+def test_replica_sigkilled_under_load_fails_no_request(replica_processes):
+    """Runs last in this module: it kills a replica. 8 clients send 48 non-streaming requests
+    over both replicas; one replica is SIGKILLed with requests in flight on it. Every request
+    still answers 200 (the gateway retries connection failures on the survivor, which then
+    takes all the traffic), and the gateway's health checks mark the victim down."""
+    (url0, _), (victim_url, victim) = replica_processes
+    config = make_config({"m": upstreams([url0, victim_url])}, policy="least_outstanding",
+                         cache={"enabled": False})
+    statuses: list[int] = []
+    with GatewayServer(config) as gw:
+        def one(i: int) -> None:
+            r = httpx.post(gw.url + "/v1/completions", headers=auth(), timeout=120, json={
+                "model": "m", "prompt": f"Request {i}: the river", "max_tokens": 12,
+                "ignore_eos": True, "temperature": 0})
+            statuses.append(r.status_code)
+
+        with ThreadPoolExecutor(8) as pool:
+            futures = [pool.submit(one, i) for i in range(48)]
+            wait_for(lambda: len(statuses) >= 8, timeout=120, interval=0.02)
+            victim.kill()  # SIGKILL: no drain, sockets reset
+            for f in futures:
+                f.result()
+        metric = gw.state.metrics.registry.get_sample_value
+        labels = {"model": "m", "upstream": victim_url[7:]}
+        retried = metric("pagoda:gateway_retries_total", labels)
+        wait_for(lambda: metric("pagoda:gateway_upstream_healthy", labels) == 0, timeout=10)
+    assert statuses.count(200) == 48, statuses
+    assert victim.wait(timeout=10) == -9
+    assert retried and retried >= 1  # requests in flight on the victim were retried

@@ -45,7 +45,8 @@ class EngineConfig:
     attention_backend: str = "auto"
     # Prefill queries attend through the decode kernel, one query row at a time, so a token's
     # attention output is the same whether it is computed in a prefill chunk, after a prefix-cache
-    # hit or as a decode. None (auto): on for quantized models, whose qgemm linears are already
+    # hit or as a decode. None (auto): on when the loaded model has quantized linears (from
+    # `quantization` or passed in pre-quantized as `loaded=`), whose qgemm linears are already
     # batch-invariant (with int8 activations a last-ulp difference can flip a rounding and then
     # a greedy token); fp32 linears (MKL) are not, so fp32 keeps SDPA's faster blocked prefill.
     invariant_attention: bool | None = None
@@ -100,12 +101,6 @@ class EngineConfig:
             raise ValueError(f"embed_attention must be one of {ATTENTION_MODES}")
         if self.speculative_max_batch is not None and self.speculative_max_batch < 1:
             raise ValueError("speculative_max_batch must be positive")
-
-    @property
-    def resolved_invariant_attention(self) -> bool:
-        if self.invariant_attention is None:
-            return self.quantization in ("int8", "int4", "gguf")
-        return self.invariant_attention
 
     @property
     def resolved_num_speculative_tokens(self) -> int:

@@ -26,7 +26,13 @@ from pagoda.sampling.params import SamplingParams, SamplingParamsError
 from pagoda.scheduler.request import Request
 from pagoda.scheduler.scheduler import Scheduler, SchedulerConfig
 from pagoda.scheduler.spec_policy import SpecDecodeConfig, SpecPolicy
-from pagoda.spec_decode.setup import build_proposer, check_vocabulary, load_draft, split_budget
+from pagoda.spec_decode.setup import (
+    build_proposer,
+    check_vocabulary,
+    is_quantized,
+    load_draft,
+    split_budget,
+)
 from pagoda.structured_output.grammar_compiler import GrammarCompiler
 from pagoda.structured_output.manager import StructuredOutputManager
 from pagoda.worker.model_runner import ModelRunner
@@ -35,6 +41,15 @@ log = logging.getLogger(__name__)
 
 COMPILE_WAIT_S = 0.005  # with nothing to run but grammars compiling, wait this long per step
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def invariant_attention(config: EngineConfig, loaded: LoadedModel) -> bool:
+    """The config's choice, else on exactly when the model's linears are quantized (see
+    EngineConfig.invariant_attention): decided from the loaded model, so an engine given
+    pre-quantized weights batches as invariantly as one that quantized them itself."""
+    if config.invariant_attention is not None:
+        return config.invariant_attention
+    return is_quantized(loaded)
 
 
 @dataclass(frozen=True)
@@ -122,7 +137,7 @@ class LLMEngine:
         self.compiling: list[tuple[str, Request]] = []
         self.runner = ModelRunner(self.loaded.model, stores, config.block_size, device,
                                   self.tokenizer.eos_token_ids, config.seed, layer_groups,
-                                  decode_kernel, config.resolved_invariant_attention, proposer,
+                                  decode_kernel, invariant_attention(config, self.loaded), proposer,
                                   self.structured)
         self.output_processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()

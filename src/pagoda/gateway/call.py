@@ -155,7 +155,10 @@ async def admit(
     except STATE_ERRORS as exc:
         logger.warning("rate-limit backend unavailable: %s", type(exc).__name__)
         message = "The rate-limit backend is unavailable; retry shortly."
-        return error_response(503, message, "server_error", "state_backend_unavailable")
+        # Retry-After: clients (openai's included) back off and retry; Redis usually returns
+        # within seconds, and the limiter reconnects on its next command.
+        return error_response(503, message, "server_error", "state_backend_unavailable",
+                              headers={"Retry-After": "1"})
     if not decision.allowed:
         state.metrics.rate_limited.labels(key.name, decision.reason).inc()
         message = f"Rate limit reached for {decision.reason} on key {key.name!r}."

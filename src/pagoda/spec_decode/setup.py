@@ -95,11 +95,12 @@ def build_proposer(config: EngineConfig, target: LoadedModel, draft: LoadedModel
     kv, stores, layer_groups = build_kv(groups, cfg, device, dtype, False, "draft")
     runner = ModelRunner(draft.model, stores, config.block_size, device,
                          draft.tokenizer.eos_token_ids, config.seed, layer_groups, decode_kernel,
-                         invariant_attention=draft_quantized(draft), score_prompts=False)
+                         invariant_attention=is_quantized(draft), score_prompts=False)
     return DraftModelProposer(runner, kv)
 
 
-def draft_quantized(draft: LoadedModel) -> bool:
+def is_quantized(loaded: LoadedModel) -> bool:
+    """True when the model has quantized linears, whichever way they were made."""
     from pagoda.quant import quantized_modules
 
-    return bool(quantized_modules(draft.model))
+    return bool(quantized_modules(loaded.model))
