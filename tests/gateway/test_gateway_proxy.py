@@ -7,6 +7,7 @@ import json
 import logging
 import time
 
+import anthropic
 import httpx
 import pytest
 from websockets.exceptions import InvalidStatus
@@ -40,6 +41,25 @@ def test_missing_or_invalid_key_gets_openai_401(replicas, headers):
             assert set(error) == {"message", "type", "param", "code"}
             assert error["code"] == "invalid_api_key"
         assert httpx.get(gw.url + "/v1/models", headers=headers).status_code == 401
+    assert replicas[0].stats()["requests"] == 0
+
+
+def test_anthropic_clients_get_the_gateways_refusals_in_anthropics_shape(replicas):
+    """On /v1/messages the gateway's own errors are Anthropic's shape (as a Pagoda server's
+    are there), so Anthropic's SDK raises its typed errors with the gateway's message."""
+    with GatewayServer(make_config({"m": [replicas[0].url]})) as gw:
+        ask = {"max_tokens": 4, "messages": [{"role": "user", "content": "Hi"}]}
+        bad_key = anthropic.Anthropic(base_url=gw.url, api_key="sk-wrong", max_retries=0)
+        with pytest.raises(anthropic.AuthenticationError) as refused:
+            bad_key.messages.create(model="m", **ask)
+        assert refused.value.body["type"] == "error"
+        assert refused.value.body["error"]["type"] == "authentication_error"
+        client = anthropic.Anthropic(base_url=gw.url, api_key=KEY_ALICE, max_retries=0)
+        with pytest.raises(anthropic.NotFoundError) as missing:
+            client.messages.create(model="no-such-model", **ask)
+        assert missing.value.body["error"] == {
+            "type": "not_found_error",
+            "message": "The model `no-such-model` does not exist or you do not have access to it."}
     assert replicas[0].stats()["requests"] == 0
 
 

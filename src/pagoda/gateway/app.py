@@ -20,6 +20,7 @@ from pagoda.gateway.completions import serve_completion
 from pagoda.gateway.config import GatewayConfig
 from pagoda.gateway.embeddings import serve_embeddings
 from pagoda.gateway.errors import unauthorized
+from pagoda.gateway.openapi import install_openapi
 from pagoda.gateway.state import GatewayState
 from pagoda.gateway.websocket import serve_websocket
 
@@ -43,6 +44,7 @@ def create_app(config: GatewayConfig, redis_url: str | None = None,
 
     app = FastAPI(title="Pagoda gateway", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.gateway = state
+    install_openapi(app, state.public_models())
     if endpoint:
         from pagoda import telemetry
 
@@ -95,7 +97,7 @@ def create_app(config: GatewayConfig, redis_url: str | None = None,
             upstreams[pool.name] = {u.name: u.available(now) for u in pool.upstreams}
         return JSONResponse({"status": "ok", "upstreams": upstreams})
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response)
     async def metrics() -> Response:
         state.health.publish()
         return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)

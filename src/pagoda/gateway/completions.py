@@ -30,6 +30,7 @@ from pagoda.gateway.call import (
     release,
     unavailable,
 )
+from pagoda.gateway.errors import in_route_shape
 from pagoda.gateway.proxy import OpenStream, UpstreamUnavailable
 from pagoda.gateway.router import affinity_text
 from pagoda.gateway.sse import StreamAssembler, can_rechunk, chunks_from_response
@@ -43,10 +44,10 @@ async def serve_completion(state: GatewayState, request: Request, endpoint: str)
     chat = endpoint.endswith("/chat/completions")
     incoming = await receive(state, request, endpoint)
     if isinstance(incoming, Response):
-        return incoming
+        return in_route_shape(incoming, endpoint)
     call = await admit(state, incoming, endpoint, chat)
     if isinstance(call, Response):
-        return call
+        return in_route_shape(call, endpoint)
     streaming = False
     try:
         if call.cache_key is not None:
@@ -64,7 +65,7 @@ async def serve_completion(state: GatewayState, request: Request, endpoint: str)
         return await answer_unless_client_leaves(state, call, request,
                                                  forward(state, call, upstream_body))
     except UpstreamUnavailable as exc:
-        return unavailable(state, call, exc)
+        return in_route_shape(unavailable(state, call, exc), endpoint)
     finally:
         if not streaming:
             await finish(state, call)
