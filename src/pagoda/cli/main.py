@@ -20,6 +20,7 @@ COMMANDS: dict[str, str] = {
     "cost": "pagoda.bench.cost",
     "capacity": "pagoda.bench.capacity",
     "gateway": "pagoda.gateway.cli",
+    "ray-serve": "pagoda.cluster.cli",
     "quantize": "pagoda.quant.cli",
     "eval": "pagoda.quant.eval_cli",
 }

@@ -21,6 +21,12 @@ log = logging.getLogger("pagoda.server")
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser("serve", help="run the OpenAI-compatible HTTP server",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_server_args(p)
+    p.set_defaults(func=run)
+
+
+def add_server_args(p: argparse.ArgumentParser) -> None:
+    """The HTTP and engine flags of `pagoda serve` (also `pagoda ray-serve`'s)."""
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=os.environ.get("PAGODA_API_KEY") or None,
@@ -41,7 +47,6 @@ def register(subparsers: Any) -> None:
                    help="export OpenTelemetry traces over OTLP/HTTP to this collector URL "
                    "(e.g. http://127.0.0.1:4318/v1/traces); docs/server.md")
     add_engine_args(p)
-    p.set_defaults(func=run)
 
 
 def config_from_args(args: argparse.Namespace) -> Any:

@@ -1,0 +1,1 @@
+"""Running Pagoda beyond one process: Ray Serve replicas (ray_serve.py)."""

@@ -1,0 +1,120 @@
+"""Pagoda's OpenAI app as a Ray Serve application: each replica is one engine behind the same
+FastAPI routes as `pagoda serve`, and Ray's HTTP proxy routes between them.
+
+Ray Serve owns what a home-made process manager would: placing replicas on the cluster's nodes,
+restarting a dead one, autoscaling on ongoing requests, power-of-two-choices routing, and
+draining a replica before it stops. Pagoda supplies the replica:
+
+- its constructor loads the model (awaited), so Ray marks a replica running — and routes to it —
+  only once it can generate; the app is built afterwards around that loaded engine
+  (`__serve_build_asgi_app__`, Ray's late-bound ingress), so nothing engine-side is pickled;
+- `check_health` raises when the engine has died, so Ray replaces the replica;
+- each replica reserves `num_threads` CPUs, so Ray places no more replicas on a node than its
+  cores can run without the replicas fighting over them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pagoda.server.config import ServerConfig
+
+DEPLOYMENT = "pagoda"
+
+
+@dataclass(frozen=True)
+class RayServeConfig:
+    """How many replicas and how Ray scales them; `num_replicas` pins, the rest autoscale."""
+
+    num_replicas: int | None = 1  # None: autoscale between min and max replicas
+    min_replicas: int = 1
+    max_replicas: int = 2
+    target_ongoing_requests: float = 8.0  # per replica, what autoscaling aims for
+    max_ongoing_requests: int = 64  # per replica; the proxy queues beyond it
+    graceful_shutdown_timeout_s: float = 30.0  # drain on scale-down or shutdown
+    address: str | None = None  # an existing cluster ("auto", "ray://..."); None: start one
+
+    def __post_init__(self) -> None:
+        if self.num_replicas is not None and self.num_replicas < 1:
+            raise ValueError("num_replicas must be at least 1")
+        if not 0 <= self.min_replicas <= self.max_replicas or self.max_replicas < 1:
+            raise ValueError("need 0 <= min_replicas <= max_replicas and max_replicas >= 1")
+        if self.target_ongoing_requests <= 0 or self.max_ongoing_requests < 1:
+            raise ValueError("target_ongoing_requests and max_ongoing_requests must be positive")
+
+    def deployment_options(self, cpus_per_replica: float) -> dict[str, Any]:
+        options: dict[str, Any] = {
+            "name": DEPLOYMENT,
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s,
+            "health_check_period_s": 2.0,
+            "health_check_timeout_s": 30.0,
+            "ray_actor_options": {"num_cpus": cpus_per_replica},
+        }
+        if self.num_replicas is not None:
+            options["num_replicas"] = self.num_replicas
+        else:
+            options["autoscaling_config"] = {
+                "min_replicas": self.min_replicas, "max_replicas": self.max_replicas,
+                "target_ongoing_requests": self.target_ongoing_requests,
+                # react within seconds: a CPU replica saturates quickly
+                "upscale_delay_s": 3.0, "downscale_delay_s": 30.0, "metrics_interval_s": 1.0,
+                "look_back_period_s": 5.0}
+        return options
+
+
+class PagodaReplica:
+    """One engine and its OpenAI routes (wrapped by `serve.ingress()` in `application`)."""
+
+    async def __init__(self, config: ServerConfig) -> None:
+        from pagoda.server.engine_client import EngineClient
+
+        self.config = config
+        self.client = EngineClient(config)
+        await self.client.load()  # raises on failure: Ray reports the replica as failed
+
+    def __serve_build_asgi_app__(self) -> Any:
+        from ray import serve
+
+        from pagoda.server.app import build_app
+
+        app = build_app(self.config, client=self.client)
+        app.add_middleware(ReplicaHeader, replica=serve.get_replica_context().replica_id.unique_id)
+        return app
+
+    def check_health(self) -> None:
+        status = self.client.check_engine()
+        if status == "failed":
+            raise RuntimeError(f"the engine failed: {self.client.detail}")
+
+
+class ReplicaHeader:
+    """ASGI middleware naming the replica that answered (`x-pagoda-replica`), as the gateway's
+    `x-pagoda-upstream` names the upstream: for debugging routing and for the tests."""
+
+    def __init__(self, app: Any, replica: str) -> None:
+        self.app = app
+        self.header = (b"x-pagoda-replica", replica.encode())
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_named(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), self.header]}
+            await send(message)
+
+        await self.app(scope, receive, send_named)
+
+
+def application(config: ServerConfig, ray_config: RayServeConfig) -> Any:
+    """The bound Ray Serve application (pass it to `serve.run`)."""
+    from ray import serve
+
+    cpus = float(config.engine.num_threads or 1)
+    ingress = serve.ingress()(PagodaReplica)
+    deployment = serve.deployment(ingress, **ray_config.deployment_options(cpus))
+    return deployment.bind(config)
