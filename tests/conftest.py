@@ -153,7 +153,7 @@ def thread_server():
     from tests.server.server_process import serving
 
     # info: uvicorn's WebSocket lines are logged, which the key-redaction test reads
-    with serving("--max-waiting", "512", "--log-level", "info") as proc:
+    with serving("--engine-thread", "--max-waiting", "512", "--log-level", "info") as proc:
         yield proc
 
 

@@ -1,7 +1,7 @@
 """`pagoda serve`: the OpenAI-compatible HTTP server (FastAPI on uvicorn).
 
-The engine loop runs in a background thread of this process by default, or in a spawned engine
-process with `--engine-process`; docs/server.md and docs/benchmarks.md compare the two. The engine
+The engine loop runs in a spawned engine process by default, or in a background thread of this
+process with `--engine-thread`; docs/server.md and docs/benchmarks.md compare the two. The engine
 flags are the ones every engine command shares (`pagoda.cli.engine_args`).
 """
 
@@ -39,8 +39,14 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shutdown-grace", type=float, default=30.0,
                    help="seconds in-flight requests may run after SIGTERM")
     p.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES)
-    p.add_argument("--engine-process", action="store_true",
-                   help="run the engine loop in a separate process instead of a thread")
+    # The default since 2026-12-03: the engine steps on its process's main thread, where the C++
+    # kernels' OpenMP regions are cheap; from a server thread they cost ~120 us more each, which
+    # made batch-1 decode 3x slower (docs/benchmarks.md, "batch-1 through the server").
+    p.add_argument("--engine-process", dest="engine_process", action="store_true", default=True,
+                   help="run the engine loop in a spawned engine process (the default)")
+    p.add_argument("--engine-thread", dest="engine_process", action="store_false",
+                   help="run the engine loop in a thread of the server process instead "
+                   "(~300 MB less memory, one process; slower batch-1 decode with 2+ threads)")
     p.add_argument("--log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument("--otlp-traces-endpoint", default=None, metavar="URL",
