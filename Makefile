@@ -33,12 +33,15 @@ TEST_WORKERS ?= 2
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
-	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -q -ra --durations=25 -n $(TEST_WORKERS) --dist loadfile
+	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -q -ra --durations=25 -n $(TEST_WORKERS) --dist loadfile \
+		-m "not soak"
 
 # Long reliability runs, not part of `make test`: schemathesis with many more examples per
-# operation, then the 1,000-request soak (benchmarks/soak.py; docs/reliability.md).
+# operation, the Ray Serve autoscaling and replica-kill tests (`soak` marker), then the
+# 1,000-request soak (benchmarks/soak.py; docs/reliability.md).
 soak: $(STAMP)
 	PAGODA_FUZZ_EXAMPLES=100 $(VENV)/bin/pytest -q -ra tests/reliability
+	$(VENV)/bin/pytest -q -ra -s -m soak
 	$(VENV)/bin/python benchmarks/soak.py
 
 lint: $(STAMP)
