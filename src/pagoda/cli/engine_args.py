@@ -56,6 +56,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--invariant-attention", default="auto", choices=["auto", "on", "off"],
                    help="prefill queries through the decode kernel so a token's attention does "
                    "not depend on its batch or on prefix-cache hits (auto: on when quantized)")
+    g.add_argument("--fused-ops", default="auto", choices=["auto", "on", "off"],
+                   help="RMSNorm, RoPE + KV write and SiLU * up as single C++ calls (CPU; "
+                   "auto: on when quantized, off for fp32, which matches transformers exactly)")
     s = p.add_argument_group("speculative decoding (docs/spec_decode.md)")
     s.add_argument("--speculative-method", default=None, choices=["ngram", "draft"],
                    help="draft tokens by prompt lookup (ngram) or from a draft model, verified "
@@ -99,6 +102,7 @@ def engine_config_from_args(args: argparse.Namespace, **overrides: object) -> En
         enable_prefix_caching=not args.no_prefix_caching, batching=args.batching,
         attention_backend=args.attention_backend,
         invariant_attention={"auto": None, "on": True, "off": False}[args.invariant_attention],
+        fused_ops={"auto": None, "on": True, "off": False}[args.fused_ops],
         speculative_method=args.speculative_method,
         num_speculative_tokens=args.num_speculative_tokens,
         prompt_lookup_min=args.prompt_lookup_min, prompt_lookup_max=args.prompt_lookup_max,

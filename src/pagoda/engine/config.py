@@ -50,6 +50,10 @@ class EngineConfig:
     # batch-invariant (with int8 activations a last-ulp difference can flip a rounding and then
     # a greedy token); fp32 linears (MKL) are not, so fp32 keeps SDPA's faster blocked prefill.
     invariant_attention: bool | None = None
+    # The elementwise steps of each layer (RMSNorm, RoPE + cache write, SiLU * up) as single C++
+    # calls (layers/fused_ops.py). None (auto): on for CPU models with quantized linears; fp32
+    # models keep torch's ops, which match transformers bit for bit.
+    fused_ops: bool | None = None
     # Speculative decoding (docs/spec_decode.md): None (off) | "ngram" (prompt lookup) | "draft"
     speculative_method: str | None = None
     num_speculative_tokens: int | None = None  # None: the measured default of the method

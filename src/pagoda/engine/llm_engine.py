@@ -21,6 +21,7 @@ from pagoda.engine.request_validator import RequestValidator
 from pagoda.kv_cache.kv_setup import build_kv, plan_kv_groups
 from pagoda.layers.decode_backend import select_decode_kernel
 from pagoda.layers.dense_linear import pack_dense_linears
+from pagoda.layers.fused_ops import FusedOps
 from pagoda.loader.model_loader import LoadedModel, load_model
 from pagoda.sampling.params import SamplingParams, SamplingParamsError
 from pagoda.scheduler.request import Request
@@ -50,6 +51,18 @@ def invariant_attention(config: EngineConfig, loaded: LoadedModel) -> bool:
     if config.invariant_attention is not None:
         return config.invariant_attention
     return is_quantized(loaded)
+
+
+def fused_ops(choice: bool | None, loaded: LoadedModel, device: str) -> FusedOps | None:
+    """The C++ elementwise kernels for `loaded` (EngineConfig.fused_ops): `choice`, else on
+    exactly when its linears are quantized; only on the CPU, for models that take them."""
+    wanted = is_quantized(loaded) if choice is None else choice
+    if not wanted or device != "cpu" or not hasattr(loaded.model, "use_fused_ops"):
+        return None
+    ops = FusedOps.load()
+    if ops is None and choice:
+        raise RuntimeError("--fused-ops on: the C++ kernels could not be built here")
+    return ops
 
 
 @dataclass(frozen=True)
@@ -96,6 +109,9 @@ class LLMEngine:
         if config.dense_kernel != "torch" and config.device == "cpu":
             if not pack_dense_linears(self.loaded.model) and config.dense_kernel == "onednn":
                 log.warning("dense kernel onednn: no fp32 linear to pack or no oneDNN here")
+        if hasattr(self.loaded.model, "use_fused_ops"):  # a shared model follows this engine
+            self.loaded.model.use_fused_ops(fused_ops(config.fused_ops, self.loaded,
+                                                      config.device))
         self.model_config = cfg = self.loaded.config
         self.tokenizer = self.loaded.tokenizer
         self.max_model_len = min(config.max_model_len or cfg.max_model_len, cfg.max_model_len)
@@ -108,6 +124,8 @@ class LLMEngine:
             kv_memory, draft_memory = split_budget(kv_memory, cfg, draft.config,
                                                    config.resolved_speculative_max_batch,
                                                    config.max_num_seqs)
+        if draft is not None and hasattr(draft.model, "use_fused_ops"):
+            draft.model.use_fused_ops(fused_ops(None, draft, config.device))
         self.draft = draft
         self.kv_groups = plan_kv_groups(cfg, kv_memory, config.block_size,
                                         config.resolved_kv_dtype, config.max_num_seqs,

@@ -27,7 +27,8 @@ from types import ModuleType
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = ("bindings.cpp", "qgemm.cpp", "paged_decode.cpp", "quantize_rows.cpp")
+SOURCES = ("bindings.cpp", "qgemm.cpp", "paged_decode.cpp", "quantize_rows.cpp",
+           "fused_ops.cpp")
 
 FLAVOURS: dict[str, tuple[str, ...]] = {
     "generic": (),

@@ -23,8 +23,10 @@ def paged_attention(
     meta: AttentionMetadata,
     scale: float,
     window: int | None = None,
+    written: bool = False,  # the caller already wrote k, v to their slots
 ) -> torch.Tensor:  # (T, n_heads, head_dim)
-    store.write(meta.slot_mapping, k, v)
+    if not written:
+        store.write(meta.slot_mapping, k, v)
     out = torch.empty_like(q)
     num_decode = meta.num_decode
     kernel = meta.decode_kernel if num_decode else None

@@ -2,6 +2,8 @@
 
 Projections are plain `nn.Linear` so quantization can swap them without touching this file.
 q/k/v and gate/up are fused into single matmuls; `load_weights` stacks HF's separate tensors.
+With `use_fused_ops` (quantized models on the CPU) the elementwise steps between the products
+run as single C++ calls (layers/fused_ops.py); the torch expressions stay the reference path.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from torch import nn
 from pagoda.kv_cache.kv_store import KVStore
 from pagoda.layers.attention import paged_attention
 from pagoda.layers.attention_metadata import AttentionMetadata, layer_meta
+from pagoda.layers.fused_ops import FusedOps
 from pagoda.layers.mlp import GatedMLP
 from pagoda.layers.norm import RMSNorm
 from pagoda.layers.rotary import RotaryEmbedding
@@ -34,14 +37,20 @@ class LlamaAttention(nn.Module):
         self.scale = cfg.head_dim ** -0.5
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding,
-                store: KVStore, meta: AttentionMetadata) -> torch.Tensor:
+                store: KVStore, meta: AttentionMetadata, ops: FusedOps | None = None
+                ) -> torch.Tensor:
         num_tokens = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        qkv = self.qkv_proj(x)  # (T, (H + 2 KVH) * hd)
+        # fused: q and k rotated in place and k, v already in the cache
+        written = ops is not None and ops.rope_write(qkv, positions, rope, self.num_heads,
+                                                     self.num_kv_heads, store, meta.slot_mapping)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        q, k = rope(positions, q, k)
-        o = paged_attention(q, k, v, store, meta, self.scale)
+        if not written:
+            q, k = rope(positions, q, k)
+        o = paged_attention(q, k, v, store, meta, self.scale, written=written)
         return self.o_proj(o.view(num_tokens, self.q_size))
 
 
@@ -52,11 +61,18 @@ class LlamaDecoderLayer(nn.Module):
         self.self_attn = LlamaAttention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, F.silu)
+        self.fused: FusedOps | None = None
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding,
                 store: KVStore, meta: AttentionMetadata) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, rope, store, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        ops = self.fused
+        if ops is None or not ops.applies(x):
+            x = x + self.self_attn(self.input_layernorm(x), positions, rope, store, meta)
+            return x + self.mlp(self.post_attention_layernorm(x))
+        h = ops.rms_norm(x, self.input_layernorm)
+        x, h = ops.add_rms_norm(x, self.self_attn(h, positions, rope, store, meta, ops),
+                                self.post_attention_layernorm)
+        return x + self.mlp.down_proj(ops.silu_mul(self.mlp.gate_up_proj(h)))
 
 
 class LlamaForCausalLM(nn.Module):
@@ -70,6 +86,13 @@ class LlamaForCausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_model_len, cfg.rope_theta)
+        self.fused: FusedOps | None = None
+
+    def use_fused_ops(self, ops: FusedOps | None) -> None:
+        """Run the elementwise steps through `ops` (None: torch's ops, the reference)."""
+        self.fused = ops
+        for layer in self.layers:
+            layer.fused = ops
 
     def post_load(self) -> None:
         """Re-tie embeddings and rebuild RoPE tables (built on the meta device, then loaded)."""
@@ -85,6 +108,8 @@ class LlamaForCausalLM(nn.Module):
         x = self.embed_tokens(input_ids)
         for i, (layer, store) in enumerate(zip(self.layers, kv_stores, strict=True)):
             x = layer(x, positions, self.rope, store, layer_meta(meta, i))
+        if self.fused is not None and self.fused.applies(x):
+            return self.fused.rms_norm(x, self.norm)
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

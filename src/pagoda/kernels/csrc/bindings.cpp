@@ -16,6 +16,14 @@ torch::Tensor qgemm(torch::Tensor x, torch::Tensor q, torch::Tensor scales, torc
 std::vector<torch::Tensor> quantize_blocks(torch::Tensor x);
 bool shape_supported(int64_t k, int64_t g, int64_t bits);
 std::string flavour();
+// fused_ops.cpp
+at::Tensor rms_norm(at::Tensor x, at::Tensor weight, double eps, double offset);
+std::vector<at::Tensor> add_rms_norm(at::Tensor x, at::Tensor delta, at::Tensor weight,
+                                     double eps, double offset);
+void rope_write(at::Tensor qkv, at::Tensor positions, at::Tensor cos, at::Tensor sin_signed,
+                int64_t num_heads, int64_t num_kv_heads, at::Tensor k_cache, at::Tensor v_cache,
+                at::Tensor slots);
+at::Tensor silu_mul(at::Tensor gate_up);
 // quantize_rows.cpp
 std::vector<torch::Tensor> quantize_rows(torch::Tensor x, double outlier_ratio, bool to_int8);
 
@@ -25,6 +33,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quantize_blocks", &quantize_blocks, "per-32-block int8 activation rounding");
   m.def("shape_supported", &shape_supported, "whether qgemm takes this (K, group, bits)");
   m.def("flavour", &flavour, "the ISA this module was compiled for");
+  m.def("rms_norm", &rms_norm, "RMSNorm of each row, (offset + weight) scaled");
+  m.def("add_rms_norm", &add_rms_norm, "(x + delta, rms_norm(x + delta))");
+  m.def("rope_write", &rope_write, "RoPE on q/k of a fused qkv in place, k/v written to slots");
+  m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused [gate | up]");
   m.def("quantize_rows", &quantize_rows,
         "per-row int8 quantization (or normalisation) with outlier columns split off");
 }
