@@ -372,7 +372,8 @@ void rows_of(const Weights& w, const Acts& a, int64_t n0, int64_t m, float* y) {
 template <int BITS>
 void run(const Weights& w, const Acts& a, int64_t m, float* y) {
   // Tiles of 16 output rows: their weights (16 * K bytes at most) stay in cache while every
-  // group of four activation rows passes over them.
+  // group of four activation rows passes over them. The offset term is added per tile, in the
+  // same parallel region: a second region cost a fork/join per call, ~5% of a decode step.
   constexpr int64_t kTile = 16;
   at::parallel_for(0, (w.n + kTile - 1) / kTile, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
@@ -380,17 +381,13 @@ void run(const Weights& w, const Acts& a, int64_t m, float* y) {
       int64_t n = lo;
       for (; n + kRowsPerPass <= hi; n += kRowsPerPass) rows_of<BITS, kRowsPerPass>(w, a, n, m, y);
       for (; n < hi; ++n) rows_of<BITS, 1>(w, a, n, m, y);
-    }
-  });
-  if (w.offsets != nullptr) {
-    at::parallel_for(0, w.n, 64, [&](int64_t begin, int64_t end) {
+      if (w.offsets == nullptr) continue;
       for (int64_t r = 0; r < m; ++r)
-        for (int64_t n = begin; n < end; ++n) {
+        for (n = lo; n < hi; ++n)
           y[r * w.n + n] += offset_dot(w.offsets + n * w.groups, a.sum.data() + r * w.groups,
                                        w.groups);
-        }
-    });
-  }
+    }
+  });
 }
 
 }  // namespace
