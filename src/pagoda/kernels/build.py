@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = ("bindings.cpp", "qgemm.cpp", "paged_decode.cpp", "quantize_rows.cpp",
-           "fused_ops.cpp")
+           "fused_ops.cpp", "decode_layer.cpp")
 
 FLAVOURS: dict[str, tuple[str, ...]] = {
     "generic": (),

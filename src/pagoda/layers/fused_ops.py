@@ -7,7 +7,9 @@ cache write, SiLU * up, the residual adds) as in the weight products. Here each 
 - `rms_norm(x, norm)`, `add_rms_norm(x, delta, norm)` -> (x + delta, its norm);
 - `rope_write(qkv, ...)`: q and k of the fused qkv rotated in place, k and v written to their
   cache slots;
-- `silu_mul(gate_up)`.
+- `silu_mul(gate_up)`;
+- `decode_layer(...)`: a whole Llama layer (the above and its four qgemm products and the paged
+  decode attention) in one call, when every row of the step attends through the decode kernel.
 
 Each output row depends on its own input row only (batch-invariant). RoPE and the residual add
 are bit-identical to the torch expressions; RMSNorm's sum and SiLU's exp differ in the last bits,
@@ -24,13 +26,19 @@ import torch
 
 from pagoda.kernels import build
 from pagoda.kv_cache.kv_store import KVStore
+from pagoda.layers import paged_decode_cpp
+from pagoda.layers.attention_metadata import AttentionMetadata
 from pagoda.layers.norm import RMSNorm
 from pagoda.layers.rotary import RotaryEmbedding
 
 
 class FusedOps:
-    def __init__(self, module: Any):
+    def __init__(self, module: Any, whole_layers: bool = True):
         self.module = module  # one ISA flavour's compiled kernels
+        self.whole_layers = whole_layers  # decode_layer() allowed (off: one call per elementwise step)
+        self.num_layer_calls = 0  # layers run as one call (counted by the model; for tests)
+        self.flavour: str = module.flavour()
+        self._is_native = module is build.native()
 
     @classmethod
     def load(cls, flavour: str | None = None) -> FusedOps | None:
@@ -65,3 +73,28 @@ class FusedOps:
 
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         return self.module.silu_mul(gate_up.contiguous())
+
+    def qgemm_operands(self, linear: Any) -> tuple[list[torch.Tensor], list[int]] | None:
+        """([q, scales, offsets], [bits, group]) of a linear whose products run on this module's
+        qgemm flavour, else None (another kernel or flavour: the layer then runs in Python,
+        where each module computes with its own)."""
+        operands = getattr(linear, "qgemm_operands", None)
+        found = operands(torch.device("cpu")) if operands is not None else None
+        if found is None:
+            return None
+        weight, flavour = found
+        if flavour != self.flavour and not (flavour == "" and self._is_native):
+            return None
+        offsets = weight.offsets if weight.offsets is not None else _NO_OFFSETS
+        return [weight.q, weight.scales, offsets], [weight.bits, weight.group]
+
+    def decode_layer(self, meta: AttentionMetadata, store: KVStore) -> bool:
+        """Whether a layer can run as one call this step: every row attends through the C++
+        decode kernel of this module over an fp32 CPU cache."""
+        return (self.whole_layers and not meta.prefills and meta.decode_kernel is paged_decode_cpp.paged_decode_attention
+                and self._is_native and meta.decode_block_tables is not None
+                and meta.decode_block_tables.shape[0] == meta.slot_mapping.shape[0]
+                and store.fp32_cpu_blocks() is not None)
+
+
+_NO_OFFSETS = torch.zeros(0)  # what the C++ takes for "no offsets"

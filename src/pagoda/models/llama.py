@@ -69,10 +69,36 @@ class LlamaDecoderLayer(nn.Module):
         if ops is None or not ops.applies(x):
             x = x + self.self_attn(self.input_layernorm(x), positions, rope, store, meta)
             return x + self.mlp(self.post_attention_layernorm(x))
+        if ops.decode_layer(meta, store):
+            out = self._in_one_call(ops, x, positions, rope, store, meta)
+            if out is not None:
+                return out
         h = ops.rms_norm(x, self.input_layernorm)
         x, h = ops.add_rms_norm(x, self.self_attn(h, positions, rope, store, meta, ops),
                                 self.post_attention_layernorm)
         return x + self.mlp.down_proj(ops.silu_mul(self.mlp.gate_up_proj(h)))
+
+
+    def _in_one_call(self, ops: FusedOps, x: torch.Tensor, positions: torch.Tensor,
+                     rope: RotaryEmbedding, store: KVStore, meta: AttentionMetadata
+                     ) -> torch.Tensor | None:
+        """The layer as one C++ call (bit-identical to the fused Python path below it), or None
+        when a linear does not run on qgemm."""
+        attn, mlp = self.self_attn, self.mlp
+        linears = [ops.qgemm_operands(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj,
+                                                  mlp.down_proj)]
+        if any(operands is None for operands in linears):
+            return None
+        k_blocks, v_blocks = store.fp32_cpu_blocks()  # type: ignore[misc]
+        (qkv_w, qkv_f), (o_w, o_f), (gu_w, gu_f), (d_w, d_f) = linears  # type: ignore[misc]
+        norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
+        assert norm1.eps == norm2.eps and not norm1.offset and not norm2.offset
+        ops.num_layer_calls += 1
+        return ops.module.llama_decode_layer(
+            x.contiguous(), norm1.weight, norm2.weight, norm1.eps, qkv_w, qkv_f, o_w, o_f, gu_w,
+            gu_f, d_w, d_f, positions, rope.cos, rope.sin_signed, attn.num_heads,
+            attn.num_kv_heads, k_blocks, v_blocks, meta.slot_mapping, meta.decode_block_tables,
+            meta.decode_context_lens, attn.scale)
 
 
 class LlamaForCausalLM(nn.Module):

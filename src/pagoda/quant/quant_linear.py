@@ -177,6 +177,16 @@ class QuantLinear(nn.Module):
             self._packed, self._packed_for = self.pack(choice.kernel), choice.kernel
         return self.run_packed(x, self._packed)
 
+    def qgemm_operands(self, device: torch.device) -> tuple[QGemmWeight, str] | None:
+        """(weight, flavour) when this module's products run on qgemm on `device` ("" is the
+        best flavour this CPU runs), else None: what a fused layer needs to call qgemm itself."""
+        choice = self.kernel_choice(device)
+        if choice.kernel != "qgemm":
+            return None
+        if self._qgemm_weight is None:
+            self._qgemm_weight = self.make_qgemm_weight()
+        return self._qgemm_weight, choice.flavour
+
     def prepare(self) -> KernelChoice:
         """Resolve the kernel and build its weight form now rather than at the first forward
         (which also compiles the C++ kernels at load, not in the first request)."""

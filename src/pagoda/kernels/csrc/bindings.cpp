@@ -24,6 +24,16 @@ void rope_write(at::Tensor qkv, at::Tensor positions, at::Tensor cos, at::Tensor
                 int64_t num_heads, int64_t num_kv_heads, at::Tensor k_cache, at::Tensor v_cache,
                 at::Tensor slots);
 at::Tensor silu_mul(at::Tensor gate_up);
+// decode_layer.cpp
+at::Tensor llama_decode_layer(at::Tensor x, at::Tensor norm1, at::Tensor norm2, double eps,
+                              std::vector<at::Tensor> qkv_w, std::vector<int64_t> qkv_form,
+                              std::vector<at::Tensor> o_w, std::vector<int64_t> o_form,
+                              std::vector<at::Tensor> gate_up_w, std::vector<int64_t> gate_up_form,
+                              std::vector<at::Tensor> down_w, std::vector<int64_t> down_form,
+                              at::Tensor positions, at::Tensor cos, at::Tensor sin_signed,
+                              int64_t num_heads, int64_t num_kv_heads, at::Tensor k_blocks,
+                              at::Tensor v_blocks, at::Tensor slots, at::Tensor block_tables,
+                              at::Tensor context_lens, double scale);
 // quantize_rows.cpp
 std::vector<torch::Tensor> quantize_rows(torch::Tensor x, double outlier_ratio, bool to_int8);
 
@@ -37,6 +47,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_rms_norm", &add_rms_norm, "(x + delta, rms_norm(x + delta))");
   m.def("rope_write", &rope_write, "RoPE on q/k of a fused qkv in place, k/v written to slots");
   m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused [gate | up]");
+  m.def("llama_decode_layer", &llama_decode_layer,
+        "a Llama decoder layer over qgemm weights, every row through the paged decode kernel");
   m.def("quantize_rows", &quantize_rows,
         "per-row int8 quantization (or normalisation) with outlier columns split off");
 }

@@ -1,0 +1,71 @@
+// A whole Llama decoder layer in one call, for steps whose every row attends through the paged
+// decode kernel (decodes, and prefill rows of batch-invariant engines) with 4/8-bit qgemm
+// linears and an fp32 CPU cache. It composes the kernels the Python layer calls one by one —
+// rms_norm, qgemm, rope_write, paged_decode, add_rms_norm, silu_mul — in the same order on the
+// same tensors, so its output is bit-identical to that path (tested); what it removes is the
+// Python between them (module calls, views, wrappers): ~50 us per layer at batch 1.
+//
+//   h = norm1(x); qkv = h Wqkv^T; rope(q, k), k/v -> cache; a = attention(q)
+//   (x2, h2) = (x + a Wo^T, norm2(x + a Wo^T)); out = x2 + (silu(h2 Wg^T) * h2 Wu^T) Wd^T
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+#include <vector>
+
+at::Tensor qgemm(at::Tensor x, at::Tensor q, at::Tensor scales, at::Tensor offsets,
+                 int64_t bits, int64_t group);
+at::Tensor paged_decode(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache,
+                        at::Tensor block_tables, at::Tensor context_lens, double scale,
+                        int64_t window);
+at::Tensor rms_norm(at::Tensor x, at::Tensor weight, double eps, double offset);
+std::vector<at::Tensor> add_rms_norm(at::Tensor x, at::Tensor delta, at::Tensor weight,
+                                     double eps, double offset);
+void rope_write(at::Tensor qkv, at::Tensor positions, at::Tensor cos, at::Tensor sin_signed,
+                int64_t num_heads, int64_t num_kv_heads, at::Tensor k_cache, at::Tensor v_cache,
+                at::Tensor slots);
+at::Tensor silu_mul(at::Tensor gate_up);
+
+namespace {
+
+// One linear's qgemm operands: {q, scales, offsets (empty: none)} and {bits, group}.
+at::Tensor linear(const at::Tensor& x, const std::vector<at::Tensor>& w,
+                  const std::vector<int64_t>& form) {
+  TORCH_CHECK(w.size() == 3 && form.size() == 2, "decode_layer: a weight is {q, scales, "
+              "offsets} with {bits, group}");
+  return qgemm(x, w[0], w[1], w[2], form[0], form[1]);
+}
+
+}  // namespace
+
+at::Tensor llama_decode_layer(at::Tensor x, at::Tensor norm1, at::Tensor norm2, double eps,
+                              std::vector<at::Tensor> qkv_w, std::vector<int64_t> qkv_form,
+                              std::vector<at::Tensor> o_w, std::vector<int64_t> o_form,
+                              std::vector<at::Tensor> gate_up_w, std::vector<int64_t> gate_up_form,
+                              std::vector<at::Tensor> down_w, std::vector<int64_t> down_form,
+                              at::Tensor positions, at::Tensor cos, at::Tensor sin_signed,
+                              int64_t num_heads, int64_t num_kv_heads, at::Tensor k_blocks,
+                              at::Tensor v_blocks, at::Tensor slots, at::Tensor block_tables,
+                              at::Tensor context_lens, double scale) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kFloat,
+              "decode_layer: x must be a contiguous (T, H) fp32 tensor");
+  const int64_t tokens = x.size(0), head_dim = cos.size(1);
+  TORCH_CHECK(block_tables.size(0) == tokens && context_lens.numel() == tokens,
+              "decode_layer: one block table and context length per row");
+  at::Tensor qkv = linear(rms_norm(x, norm1, eps, 0.0), qkv_w, qkv_form);
+  rope_write(qkv, positions, cos, sin_signed, num_heads, num_kv_heads, k_blocks, v_blocks, slots);
+  at::Tensor q = qkv.narrow(1, 0, num_heads * head_dim).view({tokens, num_heads, head_dim});
+  at::Tensor attn = paged_decode(q, k_blocks, v_blocks, block_tables, context_lens, scale, 0);
+  std::vector<at::Tensor> mid = add_rms_norm(
+      x, linear(attn.view({tokens, num_heads * head_dim}), o_w, o_form), norm2, eps, 0.0);
+  at::Tensor down = linear(silu_mul(linear(mid[1], gate_up_w, gate_up_form)), down_w, down_form);
+  // the residual add, one fp32 rounding per element like torch's `x + y`
+  at::Tensor out = at::empty_like(down);
+  const float* a = mid[0].data_ptr<float>();
+  const float* b = down.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  for (int64_t i = 0, n = out.numel(); i < n; ++i) o[i] = a[i] + b[i];
+  return out;
+}

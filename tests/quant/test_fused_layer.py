@@ -1,0 +1,41 @@
+"""A quantized Llama layer as one C++ call (kernels/csrc/decode_layer.cpp) computes exactly what
+the per-op fused path computes — the same tokens and bit-identical log-probs, over a batch with
+prefill and decode rows and prefix-cache hits — and it is what quantized steps run by default."""
+
+from __future__ import annotations
+
+import pytest
+
+from pagoda.engine.config import EngineConfig
+from pagoda.engine.llm_engine import LLMEngine
+from pagoda.entrypoints.llm import LLM
+from pagoda.layers.fused_ops import FusedOps
+from pagoda.sampling.params import SamplingParams
+
+SHARED = "You are a careful assistant. Answer in one or two sentences.\n"
+PROMPTS = [SHARED + p for p in (
+    "What is the boiling point of water at sea level?",
+    "Name a prime number larger than 50.",
+    "Why is the sky blue?",
+    "Translate 'good morning' into Spanish.",
+    "def add(a, b):",
+)]
+
+
+@pytest.mark.parametrize("weights", ["gguf_draft", "int4_draft"])
+def test_one_call_layers_equal_the_per_op_path(request: pytest.FixtureRequest, weights: str):
+    loaded = request.getfixturevalue(weights)  # quantized copies of the default model
+    engine = LLMEngine(EngineConfig(kv_cache_memory=64 << 20, progress=False,
+                                    max_num_batched_tokens=48), loaded=loaded)
+    ops = engine.loaded.model.fused
+    assert ops is not None and ops.whole_layers, "quantized models run the fused kernels"
+    llm = LLM.from_engine(engine)
+    params = SamplingParams(temperature=0.0, max_tokens=20, logprobs=3, ignore_eos=True)
+    whole = llm.generate(PROMPTS, params)
+    assert ops.num_layer_calls > 0, "no layer ran as one call"
+    engine.loaded.model.use_fused_ops(FusedOps(ops.module, whole_layers=False))
+    per_op = llm.generate(PROMPTS, params)  # now with prefix-cache hits on SHARED
+    for a, b in zip(whole, per_op, strict=True):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        assert a.outputs[0].logprobs == b.outputs[0].logprobs
+    engine.check_integrity()
