@@ -35,7 +35,8 @@ from pagoda.layers.rotary import RotaryEmbedding
 class FusedOps:
     def __init__(self, module: Any, whole_layers: bool = True):
         self.module = module  # one ISA flavour's compiled kernels
-        self.whole_layers = whole_layers  # decode_layer() allowed (off: one call per elementwise step)
+        # decode_layer() allowed (off: one call per elementwise step, for tests)
+        self.whole_layers = whole_layers
         self.num_layer_calls = 0  # layers run as one call (counted by the model; for tests)
         self.flavour: str = module.flavour()
         self._is_native = module is build.native()
@@ -91,8 +92,9 @@ class FusedOps:
     def decode_layer(self, meta: AttentionMetadata, store: KVStore) -> bool:
         """Whether a layer can run as one call this step: every row attends through the C++
         decode kernel of this module over an fp32 CPU cache."""
-        return (self.whole_layers and not meta.prefills and meta.decode_kernel is paged_decode_cpp.paged_decode_attention
-                and self._is_native and meta.decode_block_tables is not None
+        return (self.whole_layers and not meta.prefills and self._is_native
+                and meta.decode_kernel is paged_decode_cpp.paged_decode_attention
+                and meta.decode_block_tables is not None
                 and meta.decode_block_tables.shape[0] == meta.slot_mapping.shape[0]
                 and store.fp32_cpu_blocks() is not None)
 

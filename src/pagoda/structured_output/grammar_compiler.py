@@ -62,7 +62,8 @@ class GrammarCompiler:
             import llguidance
 
             tokenizer = self._lark_tokenizer()
-            return lambda: LarkMatcher(llguidance.LLMatcher(tokenizer, grammar.source))
+            stop_ids = tuple(self.stop_token_ids)
+            return lambda: LarkMatcher(llguidance.LLMatcher(tokenizer, grammar.source), stop_ids)
         import xgrammar as xgr
 
         compiled = self._compiler().compile_grammar(grammar)

@@ -85,13 +85,16 @@ class StructuredOutputManager:
         for j, row in enumerate(row_range):
             matcher.fill_next_token_bitmask(bitmask, row)
             if j < len(draft):
-                if not matcher.accept_token(draft[j]):
-                    # Verification rejects this draft (its probability is masked to 0), so
-                    # the rows after it are never read; they keep this row's mask.
+                ok = matcher.accept_token(draft[j])
+                accepted += ok
+                if not ok or matcher.is_terminated():
+                    # Verification rejects this draft (its probability is masked to 0), or it
+                    # is the stop token that ends the grammar and the request (a terminated
+                    # matcher has no next mask): either way no token is taken from the rows
+                    # after it; they keep this row's mask.
                     for later in row_range[j + 1:]:
                         bitmask[later] = bitmask[row]
                     break
-                accepted += 1
         if accepted:
             matcher.rollback(accepted)
 
