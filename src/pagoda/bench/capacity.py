@@ -183,7 +183,24 @@ def run_capacity(args: argparse.Namespace) -> int:
         raise ValueError("--context and --block-size must be positive, --kv-scale-bytes >= 0")
     shape = read_model_shape(args.model)
     print(format_capacity(shape, args, memory))
+    if args.bench:
+        print(deployment_report(args))
+    elif args.target_rate is not None:
+        raise ValueError("--target-rate plans from measured runs: give them with --bench")
     return 0
+
+
+def deployment_report(args: argparse.Namespace) -> str:
+    from pagoda.bench.deployment import format_plan, load_points, plan_deployment
+    from pagoda.bench.metrics import parse_slos
+
+    if args.target_rate is None:
+        raise ValueError("--bench needs --target-rate (requests/s to serve)")
+    slos = parse_slos(args.slo)
+    points = load_points(args.bench, args.percentile)
+    plan = plan_deployment(points, args.target_rate, slos, args.headroom,
+                           args.replicas_per_machine)
+    return format_plan(plan, points, slos, args.percentile)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -196,4 +213,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     p.add_argument("--kv-scale-bytes", type=int, default=4, help="bytes per int8 KV scale")
     p.add_argument("--reserve", default="0", help="memory held back for activations, e.g. 256MiB")
+    d = p.add_argument_group("deployment plan (from measured runs of one replica)")
+    d.add_argument("--bench", nargs="+", default=None, metavar="RESULT.json",
+                   help="`pagoda bench serve`/`sweep` results of one replica at several loads")
+    d.add_argument("--target-rate", type=float, default=None, help="requests/s to serve")
+    d.add_argument("--slo", nargs="+", default=None, metavar="NAME:MS",
+                   help="latency limits, e.g. ttft:2000 tpot:100 (ttft, tpot, e2e)")
+    d.add_argument("--percentile", choices=["median", "p95", "p99"], default="p99",
+                   help="the percentile each SLO applies to")
+    d.add_argument("--headroom", type=float, default=0.8,
+                   help="plan each replica at this fraction of its measured capacity")
+    d.add_argument("--replicas-per-machine", type=int, default=1)
     p.set_defaults(func=run_capacity)

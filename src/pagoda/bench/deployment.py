@@ -1,0 +1,120 @@
+"""`pagoda capacity --bench ...`: how many replicas serve a target request rate within latency
+SLOs, planned from measured runs of one replica rather than from a model of the hardware.
+
+Input: `pagoda bench serve` results of one replica at several loads (what `pagoda bench sweep`
+saves), all with the workload the deployment will see. A load point *meets* the SLOs when its
+chosen percentile of every named metric (TTFT, TPOT, E2E) is within its limit and no request
+failed. The replica's capacity is the highest measured request rate among those points — never
+extrapolated past the measurements — and the plan is
+
+    replicas = ceil(target_rate / (capacity * headroom))
+    machines = ceil(replicas / replicas_per_machine)
+
+`headroom` (default 0.8) keeps each replica below the load where it was measured to just meet the
+SLOs, for bursts and for a replica lost. Each replica is one engine (tensor and pipeline
+parallelism are not implemented yet, so TP = PP = 1): a model that does not fit one machine's
+memory cannot be planned here (`pagoda capacity --memory` answers that part).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from pagoda.bench.metrics import LatencyStats, Summary
+from pagoda.bench.report import BenchResult
+
+PERCENTILES = ("median", "p95", "p99")
+
+
+@dataclass(frozen=True)
+class LoadPoint:
+    source: str  # the result file
+    request_rate: float  # measured completed requests / s
+    output_throughput: float
+    concurrency: int  # peak requests in flight
+    latencies_ms: dict[str, float]  # metric -> its percentile
+    failed: int
+
+    def misses(self, slos_ms: dict[str, float]) -> list[str]:
+        """The SLOs this point misses, as readable reasons (empty: it meets them all)."""
+        out = [f"{self.failed} failed requests"] if self.failed else []
+        out += [f"{name} {self.latencies_ms[name]:.0f} ms > {limit:.0f} ms"
+                for name, limit in slos_ms.items() if self.latencies_ms[name] > limit]
+        return out
+
+
+@dataclass(frozen=True)
+class DeploymentPlan:
+    target_rate: float
+    capacity: float  # request rate one replica sustains within the SLOs (measured)
+    headroom: float
+    replicas: int
+    machines: int
+    at: LoadPoint  # the measured point the capacity comes from
+
+
+def load_point(result: BenchResult, source: str, percentile: str) -> LoadPoint:
+    s: Summary = result.summary
+    stats: dict[str, LatencyStats] = {"ttft": s.ttft_ms, "tpot": s.tpot_ms, "e2e": s.e2e_ms}
+    return LoadPoint(source, s.request_throughput, s.output_throughput, s.peak_concurrency,
+                     {name: getattr(st, percentile) for name, st in stats.items()}, s.failed)
+
+
+def load_points(paths: list[str], percentile: str) -> list[LoadPoint]:
+    if percentile not in PERCENTILES:
+        raise ValueError(f"percentile must be one of {PERCENTILES}")
+    results = [BenchResult.load(p) for p in paths]
+    points = [load_point(r, Path(p).name, percentile) for r, p in zip(results, paths, strict=True)]
+    workloads = {_workload(r) for r in results}
+    if len(workloads) > 1:
+        raise ValueError("the results measure different workloads (dataset, input or output "
+                         f"lengths): {sorted(workloads)}; plan from runs of one workload")
+    return sorted(points, key=lambda p: p.request_rate)
+
+
+def _workload(result: BenchResult) -> str:
+    st = result.settings
+    return f"{st.get('dataset')} {st.get('input_len')} in / {st.get('output_len')} out"
+
+
+def plan_deployment(points: list[LoadPoint], target_rate: float, slos_ms: dict[str, float],
+                    headroom: float = 0.8, replicas_per_machine: int = 1) -> DeploymentPlan:
+    if target_rate <= 0 or not 0 < headroom <= 1 or replicas_per_machine < 1:
+        raise ValueError("target rate must be positive, headroom in (0, 1], replicas per "
+                         "machine at least 1")
+    if not slos_ms:
+        raise ValueError("give at least one SLO (--slo ttft:MS, tpot:MS or e2e:MS)")
+    if not points:
+        raise ValueError("no measured load points")
+    meeting = [p for p in points if not p.misses(slos_ms)]
+    if not meeting:
+        lightest = points[0]
+        raise ValueError(f"no measured load meets the SLOs: even the lightest "
+                         f"({lightest.request_rate:.2f} req/s, {lightest.source}) has "
+                         f"{'; '.join(lightest.misses(slos_ms))}. Measure lighter loads, relax "
+                         "the SLOs, or make one replica faster")
+    best = max(meeting, key=lambda p: p.request_rate)
+    replicas = math.ceil(target_rate / (best.request_rate * headroom))
+    return DeploymentPlan(target_rate, best.request_rate, headroom, replicas,
+                          math.ceil(replicas / replicas_per_machine), best)
+
+
+def format_plan(plan: DeploymentPlan, points: list[LoadPoint], slos_ms: dict[str, float],
+                percentile: str) -> str:
+    slo_text = ", ".join(f"{k} {percentile} <= {v:.0f} ms" for k, v in slos_ms.items())
+    lines = [f"deployment plan for {plan.target_rate:g} req/s with {slo_text}:",
+             "  measured load points (one replica):"]
+    for p in points:
+        verdict = "meets" if not p.misses(slos_ms) else "misses: " + "; ".join(p.misses(slos_ms))
+        lines.append(f"    {p.request_rate:7.2f} req/s  {p.output_throughput:8.1f} out tok/s  "
+                     f"concurrency {p.concurrency:3d}  {verdict}  ({p.source})")
+    lines += [
+        f"  one replica sustains {plan.capacity:.2f} req/s within the SLOs "
+        f"(measured at concurrency {plan.at.concurrency})",
+        f"  planned at {plan.headroom:.0%} of that: {plan.capacity * plan.headroom:.2f} req/s "
+        "per replica",
+        f"  -> {plan.replicas} replica(s) of TP=1 x PP=1 on {plan.machines} machine(s)",
+    ]
+    return "\n".join(lines)

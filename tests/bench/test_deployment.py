@@ -1,0 +1,85 @@
+"""`pagoda capacity --bench ...`: replicas for a target rate within SLOs, from measured load
+points of one replica (synthetic `bench serve` result files with known latencies)."""
+
+from __future__ import annotations
+
+import pytest
+
+from pagoda.bench.deployment import load_points, plan_deployment
+from pagoda.bench.metrics import LatencyStats, Summary
+from pagoda.bench.report import BenchResult
+from pagoda.cli.main import main
+
+
+def stats(ms: float) -> LatencyStats:
+    return LatencyStats(count=10, mean=ms, std=0.0, min=ms, median=ms / 2, p95=ms, p99=ms,
+                        max=ms)
+
+
+def result_file(tmp_path, name: str, rate: float, ttft: float, tpot: float, failed: int = 0,
+                output_len: int = 64) -> str:
+    summary = Summary(num_requests=10, completed=10 - failed, failed=failed, duration_s=10.0,
+                      total_input_tokens=1280, total_output_tokens=640,
+                      request_throughput=rate, output_throughput=rate * output_len,
+                      total_token_throughput=rate * 192, peak_concurrency=int(rate * 4) + 1,
+                      ttft_ms=stats(ttft), tpot_ms=stats(tpot), itl_ms=stats(tpot),
+                      e2e_ms=stats(ttft + 63 * tpot))
+    settings = {"dataset": "random", "input_len": 128, "output_len": output_len}
+    path = tmp_path / name
+    BenchResult(settings, "server:pagoda", summary).save(path)
+    return str(path)
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    return [result_file(tmp_path, "c1.json", 0.5, 200, 20),
+            result_file(tmp_path, "c4.json", 1.8, 400, 35),
+            result_file(tmp_path, "c16.json", 3.0, 1500, 90)]
+
+
+def test_capacity_is_the_best_measured_point_within_the_slos(sweep):
+    points = load_points(sweep, "p99")
+    plan = plan_deployment(points, target_rate=10, slos_ms={"ttft": 1000, "tpot": 50})
+    assert plan.capacity == 1.8 and plan.at.source == "c4.json"
+    assert plan.replicas == 7  # ceil(10 / (1.8 * 0.8)) = ceil(6.94)
+    assert plan.machines == 7
+    looser = plan_deployment(points, 10, {"ttft": 2000, "tpot": 100}, headroom=1.0,
+                             replicas_per_machine=2)
+    assert (looser.capacity, looser.replicas, looser.machines) == (3.0, 4, 2)
+
+
+def test_percentile_and_failures_count(sweep, tmp_path):
+    # medians are half the p99s here: the c16 point meets ttft 1000 at the median
+    assert plan_deployment(load_points(sweep, "median"), 3, {"ttft": 1000}).capacity == 3.0
+    failing = result_file(tmp_path, "c8.json", 2.5, 300, 30, failed=1)
+    plan = plan_deployment(load_points(sweep + [failing], "p99"), 3, {"ttft": 1000})
+    assert plan.capacity == 1.8  # the faster point lost requests: it does not count
+
+
+def test_refusals(sweep, tmp_path):
+    points = load_points(sweep, "p99")
+    with pytest.raises(ValueError, match=r"even the lightest \(0.50 req/s, c1.json\) has ttft"):
+        plan_deployment(points, 5, {"ttft": 100})
+    with pytest.raises(ValueError, match="at least one SLO"):
+        plan_deployment(points, 5, {})
+    with pytest.raises(ValueError, match="target rate must be positive"):
+        plan_deployment(points, 0, {"ttft": 1000})
+    other = result_file(tmp_path, "long.json", 1.0, 300, 30, output_len=512)
+    with pytest.raises(ValueError, match="different workloads"):
+        load_points(sweep + [other], "p99")
+
+
+def test_cli_prints_the_plan_and_refuses_in_one_line(sweep, capsys):
+    assert main(["capacity", "--bench", *sweep, "--target-rate", "10",
+                 "--slo", "ttft:1000", "tpot:50"]) == 0
+    out = capsys.readouterr().out
+    assert "one replica sustains 1.80 req/s" in out
+    assert "-> 7 replica(s) of TP=1 x PP=1 on 7 machine(s)" in out
+    assert "misses: ttft 1500 ms > 1000 ms; tpot 90 ms > 50 ms  (c16.json)" in out
+    assert main(["capacity", "--bench", *sweep]) != 0
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--bench needs --target-rate" in err
+    assert main(["capacity", "--bench", "/nonexistent.json", "--target-rate", "1",
+                 "--slo", "ttft:1"]) != 0
+    assert "no such result file" in capsys.readouterr().err
+
