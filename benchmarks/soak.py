@@ -137,12 +137,16 @@ def main() -> int:
     second = [b for t, b in rss if 60 <= t < 120] or [b for _, b in rss[: len(rss) // 2]]
     last = [b for t, b in rss if t >= rss[-1][0] - 60] or [b for _, b in rss[len(rss) // 2:]]
     drift = statistics.median(last) / statistics.median(second) - 1
+    # the curve, so a plateau can be told from a steady climb
+    by_minute = [round(statistics.median(b for t, b in rss if m * 60 <= t < (m + 1) * 60) / 2**20)
+                 for m in range(int(rss[-1][0] // 60) + 1)
+                 if any(m * 60 <= t < (m + 1) * 60 for t, _ in rss)]
     print(json.dumps({"requests": args.requests, "concurrency": args.concurrency,
                       "seconds": round(result["seconds"], 1), **stats,
                       "leaked_blocks": leaked, "running_after": kv["num_running"],
                       "rss_mib_second_minute": round(statistics.median(second) / 2**20),
                       "rss_mib_last_minute": round(statistics.median(last) / 2**20),
-                      "rss_drift": round(drift, 4)}, indent=1))
+                      "rss_drift": round(drift, 4), "rss_mib_by_minute": by_minute}, indent=1))
     ok = stats["errors"] == 0 and leaked == 0 and abs(drift) <= 0.05
     print("PASS" if ok else "FAIL")
     return 0 if ok else 1
