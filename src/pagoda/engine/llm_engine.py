@@ -62,6 +62,8 @@ def fused_ops(choice: bool | None, loaded: LoadedModel, device: str) -> FusedOps
     ops = FusedOps.load()
     if ops is None and choice:
         raise RuntimeError("--fused-ops on: the C++ kernels could not be built here")
+    if ops is not None:
+        log.info("fused decoder layers: on (%s kernels)", ops.flavour)
     return ops
 
 

@@ -5,6 +5,12 @@ A flavour is a fixed set of compiler flags, never `-march=native`: a native buil
 `pagoda_kernels_<flavour>` and compiled once per source version into ~/.cache/torch_extensions by
 torch's extension builder (ninja, both cores); `make` prebuilds the flavours this CPU can run.
 
+torch guards a build directory with a `lock` file that only its own `release()` removes: a build
+killed mid-way (Ctrl-C, a timeout, a machine stopped) leaves it behind and every later build of
+that flavour waits on it forever. So each build runs under an `flock` of our own (released by the
+kernel when its holder dies, however it dies), and a torch lock found while holding it can only
+be stale and is removed.
+
 - generic: portable C++ (any CPU; the compiler's baseline ISA).
 - avx2: AVX2 + FMA + F16C (x86 since 2013/2015: Haswell, Zen).
 - avx512: AVX-512 F/BW/VL/DQ + VNNI (Cascade Lake, Ice Lake, Sapphire Rapids, Zen 4).
@@ -16,10 +22,13 @@ once, and callers fall back to their torch path.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import platform
+import sys
 import time
+from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
 from types import ModuleType
@@ -93,6 +102,40 @@ def missing_flags(flavour: str) -> list[str]:
     return missing
 
 
+def build_directory(flavour: str) -> Path:
+    """Where `flavour` is compiled: torch's build root (TORCH_EXTENSIONS_DIR or
+    ~/.cache/torch_extensions), one folder per Python and torch version."""
+    import torch
+    from torch.utils.cpp_extension import get_default_build_root
+
+    tag = f"py{sys.version_info.major}{sys.version_info.minor}-torch{torch.__version__}"
+    return Path(get_default_build_root()) / tag / f"pagoda_kernels_{flavour}"
+
+
+@contextlib.contextmanager
+def build_lock(directory: Path) -> Iterator[None]:
+    """Hold an exclusive `flock` on `directory`'s build; clear a stale torch lock inside it.
+
+    Every pagoda build of this directory takes this lock first, so a torch `lock` file seen while
+    holding it belongs to no running build."""
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no flock; torch's own baton alone
+        yield
+        return
+    with open(directory / "pagoda.flock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        stale = directory / "lock"
+        if stale.exists():
+            log.warning("removing %s, left by a build that was killed", stale)
+            stale.unlink(missing_ok=True)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 @cache
 def load(flavour: str) -> ModuleType | None:
     """The compiled module of `flavour`, or None if it cannot be built or run here."""
@@ -106,10 +149,12 @@ def load(flavour: str) -> ModuleType | None:
     start = time.perf_counter()
     log.info("loading the %s C++ kernels (the first build takes a minute or two)", flavour)
     flags = ["-O3", "-fopenmp", "-fno-math-errno", *FLAVOURS[flavour]]
+    directory = build_directory(flavour)
     try:
-        module = build(name=f"pagoda_kernels_{flavour}",
-                       sources=[str(CSRC / s) for s in SOURCES],
-                       extra_cflags=flags, verbose=False)
+        with build_lock(directory):
+            module = build(name=f"pagoda_kernels_{flavour}",
+                           sources=[str(CSRC / s) for s in SOURCES],
+                           extra_cflags=flags, build_directory=str(directory), verbose=False)
     except Exception as exc:  # noqa: BLE001 - any build failure means: use the torch path
         log.warning("%s kernels unavailable (%s: %s); using torch ops", flavour,
                     type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
@@ -134,6 +179,11 @@ def native() -> ModuleType | None:
     return None
 
 
+# One flavour compiles in 1-2 minutes on 2 cores; ten times that means something is stuck, and
+# `make` must fail over to the torch path rather than wait for ever.
+BUILD_TIMEOUT_S = 1200
+
+
 def build_all() -> int:
     """Build every flavour this CPU runs (`make` calls this); returns how many failed.
 
@@ -143,18 +193,23 @@ def build_all() -> int:
     all three flavours: 113 s one after another, 86 s side by side). Then each is loaded here,
     from the cache, to report failures."""
     import subprocess
-    import sys
     from concurrent.futures import ThreadPoolExecutor
 
-    def build_one(flavour: str) -> None:
+    def build_one(flavour: str) -> bool:
         code = f"import logging; logging.basicConfig(level=logging.INFO, format='%(message)s'); " \
                f"from pagoda.kernels.build import load; load({flavour!r})"
-        subprocess.run([sys.executable, "-c", code], check=False)
+        try:
+            subprocess.run([sys.executable, "-c", code], check=False, timeout=BUILD_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            log.warning("the %s kernels' build took over %d s; stopped", flavour, BUILD_TIMEOUT_S)
+            return False
+        return True
 
     flavours = runnable_flavours()
     with ThreadPoolExecutor(len(flavours)) as pool:
-        list(pool.map(build_one, flavours))
-    return sum(load(f) is None for f in flavours)
+        finished = list(pool.map(build_one, flavours))
+    # A build that timed out is not retried here: it would block `make` without a time limit.
+    return sum(not done or load(f) is None for f, done in zip(flavours, finished, strict=True))
 
 
 if __name__ == "__main__":  # `python -m pagoda.kernels.build`
