@@ -73,4 +73,4 @@ def test_build_directories_are_per_flavour_and_torch_version():
 
     dirs = {build.build_directory(f) for f in build.FLAVOURS}
     assert len(dirs) == len(build.FLAVOURS)
-    assert all(f"torch{torch.__version__}" in d.parent.name for d in dirs)
+    assert all(f"torch{torch.__version__}-" in d.parent.name for d in dirs)

@@ -76,6 +76,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--speculative-max-batch", type=int, default=d.speculative_max_batch,
                    help="speculate only while at most this many requests run (default: "
                    "measured per method, ngram 8, draft 4)")
+    t = p.add_argument_group("parallelism (docs/parallel.md)")
+    t.add_argument("--tensor-parallel-size", "-tp", type=int, default=d.tensor_parallel_size,
+                   help="split each layer's heads and MLP over this many processes (gloo on "
+                   "CPU); --threads is divided between them")
     e = p.add_argument_group("embeddings (docs/embeddings.md)")
     e.add_argument("--task", default=d.task, choices=["auto", "generate", "embed"],
                    help="embed: serve /v1/embeddings (auto: embed for encoder models such as "
@@ -112,6 +116,7 @@ def engine_config_from_args(args: argparse.Namespace, **overrides: object) -> En
         speculative_max_batch=args.speculative_max_batch,
         task=args.task, pooling=args.pooling, embed_attention=args.embed_attention,
         seed=args.seed, num_threads=args.threads,
+        tensor_parallel_size=args.tensor_parallel_size,
     )
     values.update(overrides)
     return EngineConfig(**values)

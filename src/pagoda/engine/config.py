@@ -67,6 +67,9 @@ class EngineConfig:
     task: str = "auto"
     pooling: str | None = None  # embed: override the model's pooling (layers/pooler.py modes)
     embed_attention: str = "padded"  # encoder attention: padded | varlen (models/bert.py)
+    # Ranks of tensor parallelism (docs/parallel.md): this process is rank 0 and starts the rest;
+    # `num_threads` (default: torch's) is split between them.
+    tensor_parallel_size: int = 1
     seed: int | None = None
     num_threads: int | None = None
     progress: bool = True
@@ -103,6 +106,8 @@ class EngineConfig:
             raise ValueError(f"pooling must be one of {POOLING_MODES}")
         if self.embed_attention not in ATTENTION_MODES:
             raise ValueError(f"embed_attention must be one of {ATTENTION_MODES}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError("tensor_parallel_size must be at least 1")
         if self.speculative_max_batch is not None and self.speculative_max_batch < 1:
             raise ValueError("speculative_max_batch must be positive")
 

@@ -20,51 +20,23 @@ from pagoda.engine.request_validator import RequestError as RequestError  # re-e
 from pagoda.engine.request_validator import RequestValidator
 from pagoda.kv_cache.kv_setup import build_kv, plan_kv_groups
 from pagoda.layers.decode_backend import select_decode_kernel
-from pagoda.layers.dense_linear import pack_dense_linears
-from pagoda.layers.fused_ops import FusedOps
 from pagoda.loader.model_loader import LoadedModel, load_model
+from pagoda.parallel.peers import start_peers
 from pagoda.sampling.params import SamplingParams, SamplingParamsError
 from pagoda.scheduler.request import Request
 from pagoda.scheduler.scheduler import Scheduler, SchedulerConfig
 from pagoda.scheduler.spec_policy import SpecDecodeConfig, SpecPolicy
-from pagoda.spec_decode.setup import (
-    build_proposer,
-    check_vocabulary,
-    is_quantized,
-    load_draft,
-    split_budget,
-)
+from pagoda.spec_decode.setup import build_proposer, check_vocabulary, load_draft, split_budget
 from pagoda.structured_output.grammar_compiler import GrammarCompiler
 from pagoda.structured_output.manager import StructuredOutputManager
 from pagoda.worker.model_runner import ModelRunner
+from pagoda.worker.model_setup import fused_ops as fused_ops  # re-exported
+from pagoda.worker.model_setup import invariant_attention, prepare_model
 
 log = logging.getLogger(__name__)
 
 COMPILE_WAIT_S = 0.005  # with nothing to run but grammars compiling, wait this long per step
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def invariant_attention(config: EngineConfig, loaded: LoadedModel) -> bool:
-    """The config's choice, else on exactly when the model's linears are quantized (see
-    EngineConfig.invariant_attention): decided from the loaded model, so an engine given
-    pre-quantized weights batches as invariantly as one that quantized them itself."""
-    if config.invariant_attention is not None:
-        return config.invariant_attention
-    return is_quantized(loaded)
-
-
-def fused_ops(choice: bool | None, loaded: LoadedModel, device: str) -> FusedOps | None:
-    """The C++ elementwise kernels for `loaded` (EngineConfig.fused_ops): `choice`, else on
-    exactly when its linears are quantized; only on the CPU, for models that take them."""
-    wanted = is_quantized(loaded) if choice is None else choice
-    if not wanted or device != "cpu" or not hasattr(loaded.model, "use_fused_ops"):
-        return None
-    ops = FusedOps.load()
-    if ops is None and choice:
-        raise RuntimeError("--fused-ops on: the C++ kernels could not be built here")
-    if ops is not None:
-        log.info("fused decoder layers: on (%s kernels)", ops.flavour)
-    return ops
 
 
 @dataclass(frozen=True)
@@ -104,17 +76,12 @@ class LLMEngine:
         if warning:
             log.warning(warning)
         self.loaded = loaded or load_model(config.model, config.device, dtype, config.progress)
-        if config.quantization != "none":
-            from pagoda.quant import apply_quantization
-
-            apply_quantization(self.loaded, config.quantization, backend=config.quant_kernel)
-        if config.dense_kernel != "torch" and config.device == "cpu":
-            if not pack_dense_linears(self.loaded.model) and config.dense_kernel == "onednn":
-                log.warning("dense kernel onednn: no fp32 linear to pack or no oneDNN here")
-        if hasattr(self.loaded.model, "use_fused_ops"):  # a shared model follows this engine
-            self.loaded.model.use_fused_ops(fused_ops(config.fused_ops, self.loaded,
-                                                      config.device))
         self.model_config = cfg = self.loaded.config
+        # tensor parallelism: this process is rank 0 and holds its share of the weights
+        self.peers = start_peers(config, self.loaded) if config.tensor_parallel_size > 1 else None
+        prepare_model(config, self.loaded, whole_layers=self.peers is None)
+        if self.peers is not None:
+            self.peers.attach(self.loaded.model)
         self.tokenizer = self.loaded.tokenizer
         self.max_model_len = min(config.max_model_len or cfg.max_model_len, cfg.max_model_len)
         kv_memory, draft_memory = config.kv_cache_memory, 0
@@ -138,8 +105,13 @@ class LLMEngine:
                                           self.kv_cache_config.num_blocks)
         salt = f"{self.loaded.path}|{config.resolved_kv_dtype}|{config.quantization}|{config.dtype}"
         device = torch.device(config.device)
+        # under tensor parallelism every rank has the same blocks, each holding its own heads
         self.kv_manager, stores, layer_groups = build_kv(
-            self.kv_groups, cfg, device, dtype, config.enable_prefix_caching, salt)
+            self.kv_groups, self.peers.local_config if self.peers else cfg, device, dtype,
+            config.enable_prefix_caching, salt)
+        invariant = invariant_attention(config, self.loaded)
+        if self.peers is not None:
+            self.peers.start_runners(self.kv_groups, invariant)
         self.scheduler = Scheduler(SchedulerConfig(
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_num_seqs=config.max_num_seqs,
@@ -157,8 +129,8 @@ class LLMEngine:
         self.compiling: list[tuple[str, Request]] = []
         self.runner = ModelRunner(self.loaded.model, stores, config.block_size, device,
                                   self.tokenizer.eos_token_ids, config.seed, layer_groups,
-                                  decode_kernel, invariant_attention(config, self.loaded), proposer,
-                                  self.structured)
+                                  decode_kernel, invariant, proposer, self.structured,
+                                  peers=self.peers)
         self.output_processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
         self.num_prompt_tokens = 0
@@ -269,3 +241,9 @@ class LLMEngine:
 
     def check_integrity(self) -> None:
         self.scheduler.check_integrity()
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers, if any (they also stop when this process ends)."""
+        if self.peers is not None:
+            self.peers.close()
+            self.peers = None

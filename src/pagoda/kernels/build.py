@@ -104,11 +104,16 @@ def missing_flags(flavour: str) -> list[str]:
 
 def build_directory(flavour: str) -> Path:
     """Where `flavour` is compiled: torch's build root (TORCH_EXTENSIONS_DIR or
-    ~/.cache/torch_extensions), one folder per Python and torch version."""
+    ~/.cache/torch_extensions), one folder per Python and torch version and per source folder
+    (two checkouts side by side would otherwise rebuild over each other: ninja's commands name
+    the sources' paths)."""
+    import hashlib
+
     import torch
     from torch.utils.cpp_extension import get_default_build_root
 
-    tag = f"py{sys.version_info.major}{sys.version_info.minor}-torch{torch.__version__}"
+    where = hashlib.sha256(str(CSRC.resolve()).encode()).hexdigest()[:8]
+    tag = f"py{sys.version_info.major}{sys.version_info.minor}-torch{torch.__version__}-{where}"
     return Path(get_default_build_root()) / tag / f"pagoda_kernels_{flavour}"
 
 

@@ -12,6 +12,7 @@ the step accepted.
 from __future__ import annotations
 
 import dataclasses
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -26,6 +27,13 @@ from pagoda.spec_decode.proposer import Draft, Proposer
 from pagoda.spec_decode.rejection_sampler import RejectionSampler
 from pagoda.structured_output.manager import StructuredOutputManager
 
+
+class StepPeers(Protocol):
+    """Other ranks that must run each forward this runner runs (parallel/peers.py)."""
+
+    def send(self, scheduled: list[ScheduledRequest], num_rows: dict[str, int]) -> None: ...
+
+
 PROMPT_LOGPROBS_ROWS = 256  # prompt positions scored per LM-head call: (256, V) fp32 logits
 
 
@@ -35,8 +43,10 @@ class ModelRunner:
                  layer_groups: list[int] | None = None,
                  decode_kernel: DecodeKernel | None = None, invariant_attention: bool = False,
                  proposer: Proposer | None = None,
-                 structured: StructuredOutputManager | None = None, score_prompts: bool = True):
+                 structured: StructuredOutputManager | None = None, score_prompts: bool = True,
+                 peers: StepPeers | None = None):
         self.model = model
+        self.peers = peers  # tensor parallelism: the other ranks run every forward with us
         self.decode_kernel = decode_kernel
         # Every query (prefill rows too) through the decode kernel: only where that kernel reads
         # the cache in place (fp32 CPU stores); the gather fallback would copy each query's
@@ -129,6 +139,8 @@ class ModelRunner:
         """Run a batch; returns the requests that sample, in row order, and their logits
         (rows, V): the last num_rows.get(req_id, 1) positions of each, consecutive."""
         num_rows = num_rows or {}
+        if self.peers is not None:
+            self.peers.send(scheduled, num_rows)
         # Rows attending one query at a time (decodes, verified drafts) first, then prefill
         # chunks: the layout AttentionMetadata expects.
         ordered = sorted(scheduled, key=lambda r: len(r.token_ids) > 1 and r.req_id not in num_rows)

@@ -1,0 +1,80 @@
+"""A tensor-parallel worker (ranks 1..N-1): `python -m pagoda.parallel.worker`, started by
+rank 0 (peers.py) with its orders on stdin.
+
+It loads the model itself, keeps its share (the same code path as rank 0: shard, then
+`prepare_model`), builds its share of the KV cache with rank 0's block plan (same block ids on
+every rank, fewer heads per block), then runs one forward per step message until stdin closes.
+It never samples: the logits it helps gather land on rank 0. stdout carries the protocol, so
+anything printed goes to stderr.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import traceback
+from multiprocessing.connection import Connection
+
+import torch
+
+
+def main() -> int:
+    # The protocol owns the original stdout; fd 1 becomes stderr for logs and stray prints.
+    conn_out = Connection(os.dup(1), readable=False)
+    os.dup2(2, 1)
+    conn_in = Connection(os.dup(0), writable=False)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s tp-worker %(message)s")
+    try:
+        run(conn_in, conn_out)
+    except EOFError:  # rank 0 went away
+        return 0
+    except Exception as exc:  # noqa: BLE001 - reported to rank 0 if it is listening
+        traceback.print_exc()
+        try:
+            conn_out.send(("error", f"{type(exc).__name__}: {exc}"))
+        except OSError:
+            pass
+        return 1
+    return 0
+
+
+def run(conn_in: Connection, conn_out: Connection) -> None:
+    from pagoda.kv_cache.kv_setup import build_kv
+    from pagoda.layers.decode_backend import select_decode_kernel
+    from pagoda.loader.model_loader import load_model
+    from pagoda.parallel import comm, partition, sharding
+    from pagoda.parallel.wire import from_wire
+    from pagoda.worker.model_runner import ModelRunner
+    from pagoda.worker.model_setup import prepare_model
+
+    config, model_path, rank, world, port, threads = conn_in.recv()
+    torch.set_num_threads(threads)
+    device = torch.device(config.device)
+    group = comm.connect(rank, world, "127.0.0.1", port, device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[config.dtype]
+    loaded = load_model(model_path, config.device, dtype, progress=False)
+    cfg = loaded.config
+    shard = partition.plan(cfg, rank, world)
+    sharding.shard_weights(loaded.model, cfg, shard)
+    prepare_model(config, loaded, whole_layers=False)
+    sharding.attach_collectives(loaded.model, cfg, group)
+    message = conn_in.recv()
+    if message is None:
+        return
+    _, kv_groups, invariant = message
+    _, stores, layer_groups = build_kv(kv_groups, partition.local_config(cfg, shard), device,
+                                       dtype, False, "")
+    runner = ModelRunner(loaded.model, stores, config.block_size, device, (), None, layer_groups,
+                         select_decode_kernel(config.attention_backend, device), invariant)
+    conn_out.send(("ready", None))
+    logging.getLogger(__name__).info("rank %d of %d ready (KV heads %s)", rank, world,
+                                     list(shard.kv_heads))
+    with torch.inference_mode():
+        while (message := conn_in.recv()) is not None:
+            _, rows, num_rows = message
+            runner.forward([from_wire(r) for r in rows], num_rows)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""Turning loaded weights into the model a runner executes: quantize, pack, pick the kernels.
+
+One sequence for the engine's own model and for every tensor-parallel worker's share of it
+(parallel/worker.py), so ranks never disagree on a kernel choice: the choices below decide the
+arithmetic, and a rank computing differently from another would break the sum of their parts.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from pagoda.layers.dense_linear import pack_dense_linears
+from pagoda.layers.fused_ops import FusedOps
+from pagoda.loader.model_loader import LoadedModel
+from pagoda.spec_decode.setup import is_quantized
+
+if TYPE_CHECKING:
+    from pagoda.engine.config import EngineConfig
+
+log = logging.getLogger(__name__)
+
+
+def invariant_attention(config: EngineConfig, loaded: LoadedModel) -> bool:
+    """The config's choice, else on exactly when the model's linears are quantized (see
+    EngineConfig.invariant_attention): decided from the loaded model, so an engine given
+    pre-quantized weights batches as invariantly as one that quantized them itself."""
+    if config.invariant_attention is not None:
+        return config.invariant_attention
+    return is_quantized(loaded)
+
+
+def fused_ops(choice: bool | None, loaded: LoadedModel, device: str, whole_layers: bool = True
+              ) -> FusedOps | None:
+    """The C++ elementwise kernels for `loaded` (EngineConfig.fused_ops): `choice`, else on
+    exactly when its linears are quantized; only on the CPU, for models that take them.
+    `whole_layers=False` keeps each linear a module call (tensor parallelism hooks them)."""
+    wanted = is_quantized(loaded) if choice is None else choice
+    if not wanted or device != "cpu" or not hasattr(loaded.model, "use_fused_ops"):
+        return None
+    ops = FusedOps.load()
+    if ops is None and choice:
+        raise RuntimeError("--fused-ops on: the C++ kernels could not be built here")
+    if ops is not None:
+        ops.whole_layers = whole_layers
+        log.info("fused decoder layers: on (%s kernels%s)", ops.flavour,
+                 "" if whole_layers else ", one call per step, not per layer")
+    return ops
+
+
+def prepare_model(config: EngineConfig, loaded: LoadedModel, whole_layers: bool = True) -> None:
+    """Quantize (config.quantization), pack fp32 linears for oneDNN, choose the fused kernels:
+    in place, in this order (each step swaps modules the next one looks at)."""
+    if config.quantization != "none":
+        from pagoda.quant import apply_quantization
+
+        apply_quantization(loaded, config.quantization, backend=config.quant_kernel)
+    if config.dense_kernel != "torch" and config.device == "cpu":
+        if not pack_dense_linears(loaded.model) and config.dense_kernel == "onednn":
+            log.warning("dense kernel onednn: no fp32 linear to pack or no oneDNN here")
+    if hasattr(loaded.model, "use_fused_ops"):  # a shared model follows this engine
+        loaded.model.use_fused_ops(fused_ops(config.fused_ops, loaded, config.device,
+                                             whole_layers))

@@ -1,0 +1,140 @@
+"""Tensor parallelism through the real engine: worker processes, gloo collectives, sharded KV.
+
+fp32 is held to the single-process contract (transformers' greedy tokens, log-probs within
+1e-4: only the all-reduce's summation order differs) in a busy batch with chunked prefill,
+prefix-cache hits and preemption. Quantized shards are compared by perplexity: their products
+are the same per block, but a last-ulp difference in a sum can flip an activation's int8
+rounding downstream (docs/parallel.md)."""
+
+from __future__ import annotations
+
+import math
+
+import psutil
+import pytest
+
+from pagoda.engine.config import EngineConfig
+from pagoda.engine.llm_engine import LLMEngine
+from pagoda.sampling.params import SamplingParams
+from tests.engine.helpers import hf_greedy, run_to_completion
+from tests.engine.test_hf_reference import GREEDY, MAX_TOKENS, PROMPTS
+
+
+def tp_engine(**overrides) -> LLMEngine:
+    overrides.setdefault("kv_cache_memory", 64 << 20)
+    # its own weights: tensor parallelism cuts the loaded model to rank 0's share in place
+    return LLMEngine(EngineConfig(progress=False, **overrides))
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(loaded_model):
+    return [loaded_model.tokenizer.encode(p) for p in PROMPTS]
+
+
+@pytest.fixture(scope="module")
+def reference(hf_model, prompt_ids):
+    return hf_greedy(hf_model, prompt_ids, MAX_TOKENS)
+
+
+@pytest.fixture(scope="module")
+def tp2():
+    engine = tp_engine(tensor_parallel_size=2, max_num_batched_tokens=64)
+    yield engine
+    engine.close()
+
+
+def test_two_ranks_split_three_kv_heads_unevenly(tp2):
+    assert list(tp2.peers.shard.kv_heads) == [0, 1]
+    attn = tp2.loaded.model.layers[0].self_attn
+    assert (attn.num_heads, attn.num_kv_heads) == (6, 2)
+    assert len(tp2.peers.workers) == 1 and tp2.peers.workers[0].process.poll() is None
+
+
+def test_greedy_equals_transformers_in_a_staggered_batch(tp2, prompt_ids, reference):
+    """Chunked prefill (64-token budget) beside decodes, then the same batch again, now served
+    from the prefix cache."""
+    requests = {f"r{i}": (ids, GREEDY) for i, ids in enumerate(prompt_ids)}
+    arrivals = {f"r{i}": 3 * i for i in range(len(prompt_ids))}
+    for _ in range(2):
+        got = run_to_completion(tp2, requests, arrivals)
+        for i in range(len(prompt_ids)):
+            assert got[f"r{i}"] == reference[i], f"prompt {i} ({PROMPTS[i][:30]!r}) differs"
+        tp2.check_integrity()
+    assert tp2.kv_manager.num_hit_tokens > 0
+
+
+def prompt_logprobs(engine: LLMEngine, ids: list[int]) -> list[float]:
+    params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
+    engine.add_request("score", ids, params)
+    scored = None
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            scored = out.prompt_logprobs or scored
+    assert scored is not None
+    return [entry[t] for entry, t in zip(scored[1:], ids[1:], strict=True)]
+
+
+def test_log_probs_within_1e4_of_one_process(tp2, make_engine, prompt_ids):
+    ids = [t for p in prompt_ids for t in p]  # one long prompt: several prefill chunks
+    ours = prompt_logprobs(tp2, ids)
+    single = prompt_logprobs(make_engine(), ids)
+    assert max(abs(a - b) for a, b in zip(ours, single, strict=True)) <= 1e-4
+
+
+def test_three_ranks_under_preemption(prompt_ids, reference):
+    """One KV head per rank and a KV budget too small for the batch: requests are preempted and
+    recomputed, and still decode transformers' tokens."""
+    engine = tp_engine(tensor_parallel_size=3, kv_cache_memory=16 << 20,
+                       enable_prefix_caching=False)
+    try:
+        got = run_to_completion(engine, {f"r{i}": (ids, GREEDY)
+                                         for i, ids in enumerate(prompt_ids)})
+        assert engine.scheduler.num_preemptions > 0
+        for i in range(len(prompt_ids)):
+            assert got[f"r{i}"] == reference[i], f"prompt {i} differs under preemption"
+        engine.check_integrity()
+    finally:
+        engine.close()
+
+
+def test_int8_shards_keep_the_perplexity(prompt_ids):
+    ids = [t for p in prompt_ids for t in p]
+    perplexity = {}
+    for tp in (1, 2):
+        engine = tp_engine(tensor_parallel_size=tp, quantization="int8")
+        try:
+            lps = prompt_logprobs(engine, ids)
+        finally:
+            engine.close()
+        perplexity[tp] = math.exp(-sum(lps) / len(lps))
+    assert abs(perplexity[2] / perplexity[1] - 1) < 0.01, perplexity
+
+
+def test_a_dead_rank_fails_the_step_instead_of_hanging(prompt_ids):
+    engine = tp_engine(tensor_parallel_size=2)
+    try:
+        worker = engine.peers.workers[0].process
+        psutil.Process(worker.pid).kill()
+        worker.wait(10)
+        engine.add_request("r", prompt_ids[0], GREEDY)
+        with pytest.raises(RuntimeError, match="rank 1|Connection|closed|reset"):
+            for _ in range(5):
+                engine.step()
+    finally:
+        engine.close()
+
+
+def test_workers_exit_with_their_engine():
+    engine = tp_engine(tensor_parallel_size=2)
+    worker = engine.peers.workers[0].process
+    engine.close()
+    assert worker.poll() == 0
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"tensor_parallel_size": 4}, "exceeds .* 3 KV heads"),
+    ({"tensor_parallel_size": 2, "quantization": "gguf"}, "GGUF blocks are not sharded"),
+])
+def test_what_cannot_be_split_is_refused(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        tp_engine(**overrides)
