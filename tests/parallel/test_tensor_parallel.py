@@ -138,3 +138,17 @@ def test_workers_exit_with_their_engine():
 def test_what_cannot_be_split_is_refused(overrides, message):
     with pytest.raises(ValueError, match=message):
         tp_engine(**overrides)
+
+
+def test_speculative_drafts_are_verified_across_ranks(prompt_ids, reference):
+    """The self-draft runs on rank 0 alone; its drafts' verification rows go to every rank."""
+    engine = tp_engine(tensor_parallel_size=2, speculative_method="draft")
+    try:
+        got = run_to_completion(engine, {f"r{i}": (ids, GREEDY)
+                                         for i, ids in enumerate(prompt_ids[:3])})
+        assert engine.stats().spec_num_accepted_tokens > 0
+        for i in range(3):
+            assert got[f"r{i}"] == reference[i], f"prompt {i} differs with drafts"
+        engine.check_integrity()
+    finally:
+        engine.close()
