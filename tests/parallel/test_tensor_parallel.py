@@ -152,3 +152,8 @@ def test_speculative_drafts_are_verified_across_ranks(prompt_ids, reference):
         engine.check_integrity()
     finally:
         engine.close()
+
+
+def test_a_shared_loaded_model_is_not_cut(make_engine):
+    with pytest.raises(ValueError, match="not a loaded"):
+        make_engine(tensor_parallel_size=2)

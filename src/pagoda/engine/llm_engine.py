@@ -75,6 +75,9 @@ class LLMEngine:
         warning = half_precision_warning(config.device, config.dtype)
         if warning:
             log.warning(warning)
+        if loaded is not None and config.tensor_parallel_size > 1:
+            raise ValueError("tensor parallelism cuts the model to rank 0's share in place: "
+                             "give the engine a model path, not a loaded (shared) model")
         self.loaded = loaded or load_model(config.model, config.device, dtype, config.progress)
         self.model_config = cfg = self.loaded.config
         # tensor parallelism: this process is rank 0 and holds its share of the weights
