@@ -50,15 +50,20 @@ def fbgemm_exact() -> bool:
 @cache
 def onednn_int8_available() -> bool:
     """oneDNN's int8 linear, where the CPU has AMX int8 tiles (without them fbgemm is the faster
-    int8 kernel, and the only one measured). Checked with one small product."""
+    int8 kernel, and the only one measured). Checked with two small products, one of them
+    full-range (exact sums, not saturated ones)."""
     if not (torch.backends.mkldnn.is_available() and torch.cpu._is_amx_tile_supported()):
         return False
     try:
         w = pack_int8_onednn(torch.arange(-8, 8, dtype=torch.int8).reshape(2, 8), torch.ones(2))
         y = int8_linear_onednn(torch.ones(1, 8, dtype=torch.int8), w)
+        # full-range pairs: exact on AMX / VNNI; oneDNN capped below them (ONEDNN_MAX_CPU_ISA)
+        # sums u8 x s8 pairs into saturating int16, like fbgemm without VNNI
+        full = pack_int8_onednn(torch.full((8, 64), 127, dtype=torch.int8), torch.ones(8))
+        z = int8_linear_onednn(torch.full((1, 64), 127, dtype=torch.int8), full)
     except RuntimeError:
         return False
-    return y.tolist() == [[-36.0, 28.0]]
+    return y.tolist() == [[-36.0, 28.0]] and abs(float(z[0, 0]) - 127.0 * 127 * 64) < 1.0
 
 
 def int8_kernel(device: torch.device, backend: str) -> str:
