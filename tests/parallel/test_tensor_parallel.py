@@ -84,13 +84,13 @@ def test_log_probs_within_1e4_of_one_process(tp2, make_engine, prompt_ids):
 def test_three_ranks_under_preemption(prompt_ids, reference):
     """One KV head per rank and a KV budget too small for the batch: requests are preempted and
     recomputed, and still decode transformers' tokens."""
-    engine = tp_engine(tensor_parallel_size=3, kv_cache_memory=16 << 20,
+    engine = tp_engine(tensor_parallel_size=3, kv_cache_memory=8 << 20,
                        enable_prefix_caching=False)
     try:
         got = run_to_completion(engine, {f"r{i}": (ids, GREEDY)
-                                         for i, ids in enumerate(prompt_ids)})
+                                         for i, ids in enumerate(prompt_ids[:5])})
         assert engine.scheduler.num_preemptions > 0
-        for i in range(len(prompt_ids)):
+        for i in range(5):
             assert got[f"r{i}"] == reference[i], f"prompt {i} differs under preemption"
         engine.check_integrity()
     finally:
