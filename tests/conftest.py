@@ -160,3 +160,30 @@ def thread_server():
 @pytest.fixture(scope="session")
 def server(thread_server):
     return thread_server
+
+
+# The longest test files (model loads, real servers, Ray), measured by `make test`'s durations.
+# pytest-xdist's loadfile hands files to whichever worker is free, in collection order: starting
+# with these keeps one worker from running a long file alone at the end (longest first).
+LONGEST_FILES = (
+    "tests/engine/test_gemma3.py",
+    "tests/parallel/test_tensor_parallel.py",
+    "tests/cluster/test_ray_serve.py",
+    "tests/engine/test_threads.py",
+    "tests/engine/test_equivalence.py",
+    "tests/engine/test_hf_reference.py",
+    "tests/gateway/test_gateway_real_replicas.py",
+    "tests/server/test_quantized_server.py",
+    "tests/parallel/test_tensor_parallel_server.py",
+    "tests/spec_decode/test_greedy_equivalence.py",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {path: i for i, path in enumerate(LONGEST_FILES)}
+
+    def key(item: pytest.Item) -> int:
+        path = os.path.relpath(str(item.path), str(config.rootpath))
+        return rank.get(path, len(LONGEST_FILES))
+
+    items.sort(key=key)  # stable: each file keeps its order, the rest keep theirs
