@@ -168,13 +168,14 @@ def server(thread_server):
 LONGEST_FILES = (
     "tests/engine/test_gemma3.py",
     "tests/parallel/test_tensor_parallel.py",
+    "tests/parallel/test_pipeline_parallel.py",
     "tests/cluster/test_ray_serve.py",
     "tests/engine/test_threads.py",
     "tests/engine/test_equivalence.py",
     "tests/engine/test_hf_reference.py",
     "tests/gateway/test_gateway_real_replicas.py",
     "tests/server/test_quantized_server.py",
-    "tests/parallel/test_tensor_parallel_server.py",
+    "tests/parallel/test_parallel_server.py",
     "tests/spec_decode/test_greedy_equivalence.py",
 )
 

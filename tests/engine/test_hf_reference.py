@@ -25,12 +25,12 @@ PROMPTS = [
 MAX_TOKENS = 24
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def prompt_ids(loaded_model):
     return [loaded_model.tokenizer.encode(p) for p in PROMPTS]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def reference(hf_model, prompt_ids):
     return hf_greedy(hf_model, prompt_ids, MAX_TOKENS)
 

@@ -16,24 +16,25 @@ import pytest
 from pagoda.engine.config import EngineConfig
 from pagoda.engine.llm_engine import LLMEngine
 from pagoda.sampling.params import SamplingParams
-from tests.engine.helpers import hf_greedy, run_to_completion
-from tests.engine.test_hf_reference import GREEDY, MAX_TOKENS, PROMPTS
+from tests.engine.helpers import run_to_completion
+from tests.engine.test_hf_reference import GREEDY, PROMPTS
+from tests.engine.test_hf_reference import prompt_ids as prompt_ids  # the same fixtures
+from tests.engine.test_hf_reference import reference as reference
+
+
+def assert_reference_tokens(engine: LLMEngine, prompt_ids: list[list[int]],
+                            reference: list[list[int]], what: str) -> None:
+    """Run the prompts together; each must decode transformers' greedy tokens."""
+    got = run_to_completion(engine, {f"r{i}": (ids, GREEDY) for i, ids in enumerate(prompt_ids)})
+    for i in range(len(prompt_ids)):
+        assert got[f"r{i}"] == reference[i], f"prompt {i} differs {what}"
+    engine.check_integrity()
 
 
 def tp_engine(**overrides) -> LLMEngine:
     overrides.setdefault("kv_cache_memory", 64 << 20)
     # its own weights: tensor parallelism cuts the loaded model to rank 0's share in place
     return LLMEngine(EngineConfig(progress=False, **overrides))
-
-
-@pytest.fixture(scope="module")
-def prompt_ids(loaded_model):
-    return [loaded_model.tokenizer.encode(p) for p in PROMPTS]
-
-
-@pytest.fixture(scope="module")
-def reference(hf_model, prompt_ids):
-    return hf_greedy(hf_model, prompt_ids, MAX_TOKENS)
 
 
 @pytest.fixture(scope="module")
@@ -87,12 +88,8 @@ def test_three_ranks_under_preemption(prompt_ids, reference):
     engine = tp_engine(tensor_parallel_size=3, kv_cache_memory=8 << 20,
                        enable_prefix_caching=False)
     try:
-        got = run_to_completion(engine, {f"r{i}": (ids, GREEDY)
-                                         for i, ids in enumerate(prompt_ids[:5])})
+        assert_reference_tokens(engine, prompt_ids[:5], reference, "under preemption")
         assert engine.scheduler.num_preemptions > 0
-        for i in range(5):
-            assert got[f"r{i}"] == reference[i], f"prompt {i} differs under preemption"
-        engine.check_integrity()
     finally:
         engine.close()
 
@@ -150,12 +147,8 @@ def test_speculative_drafts_are_verified_across_ranks(prompt_ids, reference):
     """The self-draft runs on rank 0 alone; its drafts' verification rows go to every rank."""
     engine = tp_engine(tensor_parallel_size=2, speculative_method="draft")
     try:
-        got = run_to_completion(engine, {f"r{i}": (ids, GREEDY)
-                                         for i, ids in enumerate(prompt_ids[:3])})
+        assert_reference_tokens(engine, prompt_ids[:3], reference, "with drafts")
         assert engine.stats().spec_num_accepted_tokens > 0
-        for i in range(3):
-            assert got[f"r{i}"] == reference[i], f"prompt {i} differs with drafts"
-        engine.check_integrity()
     finally:
         engine.close()
 

@@ -80,6 +80,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     t.add_argument("--tensor-parallel-size", "-tp", type=int, default=d.tensor_parallel_size,
                    help="split each layer's heads and MLP over this many processes (gloo on "
                    "CPU); --threads is divided between them")
+    t.add_argument("--pipeline-parallel-size", "-pp", type=int,
+                   default=d.pipeline_parallel_size,
+                   help="cut the layers into this many stages, one process each (micro-batches "
+                   "keep them busy); --threads is divided between them")
     e = p.add_argument_group("embeddings (docs/embeddings.md)")
     e.add_argument("--task", default=d.task, choices=["auto", "generate", "embed"],
                    help="embed: serve /v1/embeddings (auto: embed for encoder models such as "
@@ -117,6 +121,7 @@ def engine_config_from_args(args: argparse.Namespace, **overrides: object) -> En
         task=args.task, pooling=args.pooling, embed_attention=args.embed_attention,
         seed=args.seed, num_threads=args.threads,
         tensor_parallel_size=args.tensor_parallel_size,
+        pipeline_parallel_size=args.pipeline_parallel_size,
     )
     values.update(overrides)
     return EngineConfig(**values)

@@ -70,6 +70,9 @@ class EngineConfig:
     # Ranks of tensor parallelism (docs/parallel.md): this process is rank 0 and starts the rest;
     # `num_threads` (default: torch's) is split between them.
     tensor_parallel_size: int = 1
+    # Pipeline stages (contiguous layers, one process each; docs/parallel.md). Not combined
+    # with tensor parallelism yet.
+    pipeline_parallel_size: int = 1
     seed: int | None = None
     num_threads: int | None = None
     progress: bool = True
@@ -108,6 +111,11 @@ class EngineConfig:
             raise ValueError(f"embed_attention must be one of {ATTENTION_MODES}")
         if self.tensor_parallel_size < 1:
             raise ValueError("tensor_parallel_size must be at least 1")
+        if self.pipeline_parallel_size < 1:
+            raise ValueError("pipeline_parallel_size must be at least 1")
+        if self.tensor_parallel_size > 1 and self.pipeline_parallel_size > 1:
+            raise ValueError("tensor and pipeline parallelism together are not supported yet: "
+                             "use --tensor-parallel-size or --pipeline-parallel-size")
         if self.speculative_max_batch is not None and self.speculative_max_batch < 1:
             raise ValueError("speculative_max_batch must be positive")
 

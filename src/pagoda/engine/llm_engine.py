@@ -30,13 +30,13 @@ from pagoda.spec_decode.setup import build_proposer, check_vocabulary, load_draf
 from pagoda.structured_output.grammar_compiler import GrammarCompiler
 from pagoda.structured_output.manager import StructuredOutputManager
 from pagoda.worker.model_runner import ModelRunner
+from pagoda.worker.model_setup import TORCH_DTYPES as TORCH_DTYPES  # re-exported
 from pagoda.worker.model_setup import fused_ops as fused_ops  # re-exported
 from pagoda.worker.model_setup import invariant_attention, prepare_model
 
 log = logging.getLogger(__name__)
 
 COMPILE_WAIT_S = 0.005  # with nothing to run but grammars compiling, wait this long per step
-TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -75,14 +75,16 @@ class LLMEngine:
         warning = half_precision_warning(config.device, config.dtype)
         if warning:
             log.warning(warning)
-        if loaded is not None and config.tensor_parallel_size > 1:
-            raise ValueError("tensor parallelism cuts the model to rank 0's share in place: "
-                             "give the engine a model path, not a loaded (shared) model")
+        parallel = config.tensor_parallel_size > 1 or config.pipeline_parallel_size > 1
+        if loaded is not None and parallel:
+            raise ValueError("tensor and pipeline parallelism cut the model to rank 0's share in "
+                             "place: give the engine a model path, not a loaded (shared) model")
         self.loaded = loaded or load_model(config.model, config.device, dtype, config.progress)
         self.model_config = cfg = self.loaded.config
-        # tensor parallelism: this process is rank 0 and holds its share of the weights
-        self.peers = start_peers(config, self.loaded) if config.tensor_parallel_size > 1 else None
-        prepare_model(config, self.loaded, whole_layers=self.peers is None)
+        # parallelism: this process is rank 0 and holds its share of the weights
+        self.peers = start_peers(config, self.loaded) if parallel else None
+        prepare_model(config, self.loaded, whole_layers=self.peers is None
+                      or self.peers.whole_layers)
         if self.peers is not None:
             self.peers.attach(self.loaded.model)
         self.tokenizer = self.loaded.tokenizer
@@ -111,7 +113,7 @@ class LLMEngine:
         # under tensor parallelism every rank has the same blocks, each holding its own heads
         self.kv_manager, stores, layer_groups = build_kv(
             self.kv_groups, self.peers.local_config if self.peers else cfg, device, dtype,
-            config.enable_prefix_caching, salt)
+            config.enable_prefix_caching, salt, self.peers.stage if self.peers else None)
         invariant = invariant_attention(config, self.loaded)
         if self.peers is not None:
             self.peers.start_runners(self.kv_groups, invariant)
@@ -133,7 +135,8 @@ class LLMEngine:
         self.runner = ModelRunner(self.loaded.model, stores, config.block_size, device,
                                   self.tokenizer.eos_token_ids, config.seed, layer_groups,
                                   decode_kernel, invariant, proposer, self.structured,
-                                  peers=self.peers)
+                                  peers=self.peers,
+                                  pipeline=self.peers.pipeline if self.peers else None)
         self.output_processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
         self.num_prompt_tokens = 0
@@ -246,7 +249,7 @@ class LLMEngine:
         self.scheduler.check_integrity()
 
     def close(self) -> None:
-        """Stop the tensor-parallel workers, if any (they also stop when this process ends)."""
+        """Stop the parallel workers, if any (they also stop when this process ends)."""
         if self.peers is not None:
             self.peers.close()
             self.peers = None

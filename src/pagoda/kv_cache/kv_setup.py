@@ -65,21 +65,26 @@ def plan_kv_groups(cfg: ModelConfig, memory: int, block_size: int, kv_dtype: str
 
 
 def build_kv(groups: list[KVCacheConfig], cfg: ModelConfig, device: torch.device,
-             compute_dtype: torch.dtype, enable_prefix_caching: bool, salt: str
+             compute_dtype: torch.dtype, enable_prefix_caching: bool, salt: str,
+             layers: range | None = None
              ) -> tuple[KVCacheManager | HybridKVCacheManager, list[KVStore], list[int]]:
-    """Returns (manager, one store per layer, KV group index of each layer)."""
+    """Returns (manager, one store per layer, KV group index of each layer). `layers`: only
+    these layers' stores (a pipeline stage's; same blocks, fewer layers), default all."""
+    layers = range(cfg.num_layers) if layers is None else layers
     stores: list[KVStore | None] = [None] * cfg.num_layers
     layer_groups = [0] * cfg.num_layers
     managers: list[KVCacheManager] = []
     for gi, g in enumerate(groups):
         for layer in g.layers:
-            stores[layer] = make_kv_store(g.kv_dtype, g.num_blocks, g.block_size,
-                                          cfg.num_kv_heads, cfg.head_dim, device, compute_dtype)
             layer_groups[layer] = gi
+            if layer in layers:
+                stores[layer] = make_kv_store(g.kv_dtype, g.num_blocks, g.block_size,
+                                              cfg.num_kv_heads, cfg.head_dim, device,
+                                              compute_dtype)
         if g.window is None:
             managers.append(KVCacheManager(g.num_blocks, g.block_size,
                                            enable_prefix_caching and len(groups) == 1, salt))
         else:
             managers.append(SlidingWindowKVCacheManager(g.num_blocks, g.block_size, g.window))
     manager = managers[0] if len(managers) == 1 else HybridKVCacheManager(managers)
-    return manager, [s for s in stores if s is not None], layer_groups
+    return manager, [s for s in stores if s is not None], [layer_groups[i] for i in layers]

@@ -115,9 +115,17 @@ class Gemma3ForCausalLM(nn.Module):
                 kv_stores: list[KVStore], meta: AttentionMetadata | list[AttentionMetadata]
                 ) -> torch.Tensor:
         """input_ids, positions: (T,). Returns final hidden states (T, hidden)."""
+        return self.final_norm(self.run_layers(self.embed(input_ids), positions, kv_stores, meta))
+
+    # The three parts of forward(), for pipeline stages (parallel/pipeline.py): a stage holds a
+    # contiguous slice of `layers` (each knows whether it slides) and their KV stores.
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         x = self.embed_tokens(input_ids)  # (T, hidden)
         # The scale is rounded to the weights' dtype before multiplying, as Gemma was trained.
-        x = x * torch.tensor(self.config.hidden_size ** 0.5, dtype=x.dtype)
+        return x * torch.tensor(self.config.hidden_size ** 0.5, dtype=x.dtype)
+
+    def run_layers(self, x: torch.Tensor, positions: torch.Tensor, kv_stores: list[KVStore],
+                   meta: AttentionMetadata | list[AttentionMetadata]) -> torch.Tensor:
         window = self._step_window(layer_meta(meta, 0))
         for i, (layer, store) in enumerate(zip(self.layers, kv_stores, strict=True)):
             m = layer_meta(meta, i)
@@ -125,6 +133,9 @@ class Gemma3ForCausalLM(nn.Module):
                 x = layer(x, positions, self.rope_global, store, m, None)
             else:
                 x = layer(x, positions, self.rope_local, store, m, window)
+        return x
+
+    def final_norm(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(x)
 
     def _step_window(self, meta: AttentionMetadata) -> int | None:

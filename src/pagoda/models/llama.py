@@ -131,9 +131,20 @@ class LlamaForCausalLM(nn.Module):
                 kv_stores: list[KVStore], meta: AttentionMetadata | list[AttentionMetadata]
                 ) -> torch.Tensor:
         """input_ids, positions: (T,). Returns final hidden states (T, hidden)."""
-        x = self.embed_tokens(input_ids)
+        return self.final_norm(self.run_layers(self.embed(input_ids), positions, kv_stores, meta))
+
+    # The three parts of forward(), for pipeline stages (parallel/pipeline.py): a stage holds a
+    # contiguous slice of `layers` and one KV store (and metadata entry) per layer it holds.
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)
+
+    def run_layers(self, x: torch.Tensor, positions: torch.Tensor, kv_stores: list[KVStore],
+                   meta: AttentionMetadata | list[AttentionMetadata]) -> torch.Tensor:
         for i, (layer, store) in enumerate(zip(self.layers, kv_stores, strict=True)):
             x = layer(x, positions, self.rope, store, layer_meta(meta, i))
+        return x
+
+    def final_norm(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused is not None and self.fused.applies(x):
             return self.fused.rms_norm(x, self.norm)
         return self.norm(x)

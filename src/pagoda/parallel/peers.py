@@ -1,4 +1,5 @@
-"""Rank 0's side of tensor parallelism: start the workers, hand each the step, keep them honest.
+"""Rank 0's side of tensor and pipeline parallelism: start the workers, hand each the step, keep
+them honest.
 
 Each worker is a `python -m pagoda.parallel.worker` child (not a multiprocessing child: the engine
 process is a daemon, and daemons may not have children) talking to rank 0 over its stdin/stdout
@@ -6,7 +7,8 @@ pipes (private to the pair; EOF is how either side learns the other died). Start
 phases so the workers load their weights while rank 0 loads its own: `start_peers` launches them
 right after rank 0's load, `start_runners` hands them the KV plan once rank 0 has made it.
 Every step, `send` gives each worker the batch rank 0's runner is about to run; each worker runs
-the same forward on its share, the collectives meeting inside it.
+the same forward on its share (tensor parallelism: its heads and columns of every layer, the
+collectives meeting inside it; pipeline parallelism: its stage's layers, pipeline.py).
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ from torch import nn
 from pagoda.loader.model_loader import LoadedModel
 from pagoda.models.config import ModelConfig
 from pagoda.parallel import comm, partition, sharding
+from pagoda.parallel.pipeline import PipelineStages, keep_stage, stage_layers
 from pagoda.parallel.wire import to_wire
+from pagoda.worker.model_setup import TORCH_DTYPES
 
 if TYPE_CHECKING:
     from pagoda.engine.config import EngineConfig
@@ -40,7 +44,7 @@ READY_TIMEOUT_S = 600  # a worker loads, shards and quantizes its model within t
 
 
 class PeerError(RuntimeError):
-    """A tensor-parallel worker failed or died; the engine cannot step any more."""
+    """A parallel worker failed or died; the engine cannot step any more."""
 
 
 @dataclass
@@ -52,14 +56,32 @@ class Worker:
 
 
 class Peers:
+    """The workers and the group; `shard` under tensor parallelism, `stage` (this rank's
+    layers) and `pipeline` under pipeline parallelism."""
+
     def __init__(self, config: EngineConfig, cfg: ModelConfig, workers: list[Worker],
-                 group: comm.TPGroup, shard: partition.Shard):
+                 group: comm.TPGroup, shard: partition.Shard | None = None,
+                 stage: range | None = None):
         self.config, self.cfg, self.workers, self.group = config, cfg, workers, group
-        self.shard = shard
-        self.local_config = partition.local_config(cfg, shard)
+        self.shard, self.stage = shard, stage
+        self.kind = "tensor-parallel" if shard is not None else "pipeline"
+        # what the KV cache is built from: this rank's heads, or all heads of its layers
+        self.local_config = partition.local_config(cfg, shard) if shard is not None else cfg
+        self.pipeline = (None if stage is None else PipelineStages(
+            group, cfg.hidden_size, TORCH_DTYPES[config.dtype], torch.device(config.device)))
+
+    @property
+    def whole_layers(self) -> bool:
+        """Fused whole-layer kernels are fine unless tensor parallelism hooks each linear."""
+        return self.shard is None
 
     def attach(self, model: nn.Module) -> None:
-        sharding.attach_collectives(model, self.cfg, self.group)
+        """After prepare_model: hook the collectives in, or cut the model to stage 0."""
+        if self.shard is not None:
+            sharding.attach_collectives(model, self.cfg, self.group)
+        else:
+            assert self.stage is not None
+            keep_stage(model, self.stage, first=True)
 
     def start_runners(self, kv_groups: list[KVCacheConfig], invariant_attention: bool) -> None:
         """Give the workers the KV plan; return once each has built its cache and runner."""
@@ -67,7 +89,7 @@ class Peers:
             self._send(w, ("runner", kv_groups, invariant_attention))
         for w in self.workers:
             self._wait_ready(w)
-        log.info("tensor parallel: %d ranks ready", self.group.world)
+        log.info("%s: %d ranks ready", self.kind, self.group.world)
 
     def send(self, scheduled: list[ScheduledRequest], num_rows: dict[str, int]) -> None:
         """The batch of the forward rank 0 is about to run (every rank must run it)."""
@@ -94,20 +116,20 @@ class Peers:
         try:
             w.conn_out.send(message)
         except OSError as exc:
-            raise PeerError(f"tensor-parallel rank {w.rank} is gone "
+            raise PeerError(f"{self.kind} rank {w.rank} is gone "
                             f"(exit code {w.process.poll()})") from exc
 
     def _wait_ready(self, w: Worker) -> None:
         deadline = time.monotonic() + READY_TIMEOUT_S
         while not w.conn_in.poll(1.0):
             if w.process.poll() is not None:
-                raise PeerError(f"tensor-parallel rank {w.rank} exited with code "
+                raise PeerError(f"{self.kind} rank {w.rank} exited with code "
                                 f"{w.process.returncode} while starting (its log is above)")
             if time.monotonic() > deadline:
-                raise PeerError(f"tensor-parallel rank {w.rank} not ready in {READY_TIMEOUT_S} s")
+                raise PeerError(f"{self.kind} rank {w.rank} not ready in {READY_TIMEOUT_S} s")
         status, detail = w.conn_in.recv()
         if status != "ready":
-            raise PeerError(f"tensor-parallel rank {w.rank} failed: {detail}")
+            raise PeerError(f"{self.kind} rank {w.rank} failed: {detail}")
 
 
 def free_port() -> int:
@@ -117,11 +139,15 @@ def free_port() -> int:
 
 
 def start_peers(config: EngineConfig, loaded: LoadedModel) -> Peers:
-    """Launch ranks 1..N-1, join the group as rank 0 and cut `loaded` to rank 0's share."""
-    world = config.tensor_parallel_size
+    """Launch ranks 1..N-1 and join the group as rank 0. Tensor parallelism cuts `loaded` to
+    rank 0's share here; pipeline parallelism in Peers.attach, once it is quantized."""
     cfg = loaded.config
-    shard = partition.plan(cfg, 0, world)  # refuses a model that cannot be split this way
-    if config.quantization == "gguf":
+    pipelined = config.pipeline_parallel_size > 1
+    world = config.pipeline_parallel_size if pipelined else config.tensor_parallel_size
+    # refuse a model that cannot be split this way before starting anything
+    shard = None if pipelined else partition.plan(cfg, 0, world)
+    stage = stage_layers(cfg, 0, world) if pipelined else None
+    if not pipelined and config.quantization == "gguf":
         raise ValueError("--tensor-parallel-size with --quantization gguf: GGUF blocks are not "
                          "sharded; use --quantization int8 or int4 (or fp32)")
     port = free_port()
@@ -130,15 +156,21 @@ def start_peers(config: EngineConfig, loaded: LoadedModel) -> Peers:
                for rank in range(1, world)]
     torch.set_num_threads(threads)  # each rank its own cores
     try:
-        group = comm.connect(0, world, "127.0.0.1", port, torch.device(config.device))
+        # stages exchange hidden states point to point: no shared-memory collectives
+        group = comm.connect(0, world, "127.0.0.1", port, torch.device(config.device),
+                             shared_memory=not pipelined)
     except Exception:
         for w in workers:
             w.process.kill()
         raise
-    sharding.shard_weights(loaded.model, cfg, shard)
-    log.info("tensor parallel: rank 0 of %d (KV heads %s, %d threads per rank)", world,
-             list(shard.kv_heads), threads)
-    return Peers(config, cfg, workers, group, shard)
+    if shard is not None:
+        sharding.shard_weights(loaded.model, cfg, shard)
+        log.info("tensor parallel: rank 0 of %d (KV heads %s, %d threads per rank)", world,
+                 list(shard.kv_heads), threads)
+    else:
+        log.info("pipeline parallel: rank 0 of %d (layers %d-%d, %d threads per rank)", world,
+                 stage.start, stage.stop - 1, threads)
+    return Peers(config, cfg, workers, group, shard, stage)
 
 
 def _launch(config: EngineConfig, model_path: str, rank: int, world: int, port: int,

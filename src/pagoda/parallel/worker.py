@@ -1,9 +1,10 @@
-"""A tensor-parallel worker (ranks 1..N-1): `python -m pagoda.parallel.worker`, started by
-rank 0 (peers.py) with its orders on stdin.
+"""A tensor- or pipeline-parallel worker (ranks 1..N-1): `python -m pagoda.parallel.worker`,
+started by rank 0 (peers.py) with its orders on stdin.
 
-It loads the model itself, keeps its share (the same code path as rank 0: shard, then
-`prepare_model`), builds its share of the KV cache with rank 0's block plan (same block ids on
-every rank, fewer heads per block), then runs one forward per step message until stdin closes.
+It loads the model itself, keeps its share (the same code path as rank 0: shard then
+`prepare_model`, or `prepare_model` then cut to its stage), builds its share of the KV cache
+with rank 0's block plan (same block ids on every rank: fewer heads per block, or only its
+stage's layers), then runs its part of one forward per step message until stdin closes.
 It never samples: the logits it helps gather land on rank 0. stdout carries the protocol, so
 anything printed goes to stderr.
 """
@@ -24,7 +25,7 @@ def main() -> int:
     conn_out = Connection(os.dup(1), readable=False)
     os.dup2(2, 1)
     conn_in = Connection(os.dup(0), writable=False)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s tp-worker %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s parallel-worker %(message)s")
     try:
         run(conn_in, conn_out)
     except EOFError:  # rank 0 went away
@@ -44,36 +45,51 @@ def run(conn_in: Connection, conn_out: Connection) -> None:
     from pagoda.layers.decode_backend import select_decode_kernel
     from pagoda.loader.model_loader import load_model
     from pagoda.parallel import comm, partition, sharding
+    from pagoda.parallel.pipeline import PipelineStages, keep_stage, stage_layers
     from pagoda.parallel.wire import from_wire
     from pagoda.worker.model_runner import ModelRunner
-    from pagoda.worker.model_setup import prepare_model
+    from pagoda.worker.model_setup import TORCH_DTYPES, prepare_model
 
     config, model_path, rank, world, port, threads = conn_in.recv()
     torch.set_num_threads(threads)
     device = torch.device(config.device)
-    group = comm.connect(rank, world, "127.0.0.1", port, device)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[config.dtype]
+    pipelined = config.pipeline_parallel_size > 1
+    group = comm.connect(rank, world, "127.0.0.1", port, device, shared_memory=not pipelined)
+    dtype = TORCH_DTYPES[config.dtype]
     loaded = load_model(model_path, config.device, dtype, progress=False)
-    cfg = loaded.config
-    shard = partition.plan(cfg, rank, world)
-    sharding.shard_weights(loaded.model, cfg, shard)
-    prepare_model(config, loaded, whole_layers=False)
-    sharding.attach_collectives(loaded.model, cfg, group)
+    cfg = kv_cfg = loaded.config
+    stages, layers = None, None
+    if pipelined:  # all of the model prepared as rank 0 prepares it, then cut to this stage
+        layers = stage_layers(cfg, rank, world)
+        prepare_model(config, loaded)
+        keep_stage(loaded.model, layers, first=False)
+        stages = PipelineStages(group, cfg.hidden_size, dtype, device)
+        role = f"layers {layers.start}-{layers.stop - 1}"
+    else:
+        shard = partition.plan(cfg, rank, world)
+        sharding.shard_weights(loaded.model, cfg, shard)
+        prepare_model(config, loaded, whole_layers=False)
+        sharding.attach_collectives(loaded.model, cfg, group)
+        kv_cfg = partition.local_config(cfg, shard)
+        role = f"KV heads {list(shard.kv_heads)}"
     message = conn_in.recv()
     if message is None:
         return
     _, kv_groups, invariant = message
-    _, stores, layer_groups = build_kv(kv_groups, partition.local_config(cfg, shard), device,
-                                       dtype, False, "")
+    _, stores, layer_groups = build_kv(kv_groups, kv_cfg, device, dtype, False, "", layers)
     runner = ModelRunner(loaded.model, stores, config.block_size, device, (), None, layer_groups,
-                         select_decode_kernel(config.attention_backend, device), invariant)
+                         select_decode_kernel(config.attention_backend, device), invariant,
+                         pipeline=stages)
     conn_out.send(("ready", None))
-    logging.getLogger(__name__).info("rank %d of %d ready (KV heads %s)", rank, world,
-                                     list(shard.kv_heads))
+    logging.getLogger(__name__).info("rank %d of %d ready (%s)", rank, world, role)
     with torch.inference_mode():
         while (message := conn_in.recv()) is not None:
             _, rows, num_rows = message
-            runner.forward([from_wire(r) for r in rows], num_rows)
+            batch = [from_wire(r) for r in rows]
+            if stages is not None:
+                runner.forward_stage(batch, num_rows)
+            else:
+                runner.forward(batch, num_rows)
 
 
 if __name__ == "__main__":

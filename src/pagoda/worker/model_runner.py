@@ -34,6 +34,42 @@ class StepPeers(Protocol):
     def send(self, scheduled: list[ScheduledRequest], num_rows: dict[str, int]) -> None: ...
 
 
+class PipelineStages(Protocol):
+    """This rank's stage of pipeline parallelism (parallel/pipeline.py): runs the micro-batches
+    through the ring; rank 0 gets the final hidden states back, other ranks None."""
+
+    parts: int  # micro-batches a step is cut into
+
+    def run(self, model: nn.Module,
+            prepared: list[tuple[torch.Tensor, torch.Tensor, list[AttentionMetadata]]],
+            kv_stores: list[KVStore]) -> torch.Tensor | None: ...
+
+
+def batch_order(scheduled: list[ScheduledRequest], num_rows: dict[str, int]
+                ) -> list[ScheduledRequest]:
+    """Rows attending one query at a time (decodes, verified drafts) first, then prefill
+    chunks: the layout AttentionMetadata expects (every rank orders a step the same way)."""
+    return sorted(scheduled, key=lambda r: len(r.token_ids) > 1 and r.req_id not in num_rows)
+
+
+def micro_batches(ordered: list[ScheduledRequest], parts: int) -> list[list[ScheduledRequest]]:
+    """`ordered` cut into at most `parts` contiguous runs of whole requests with about equal
+    token counts (each run keeps the decode-first layout; none is empty)."""
+    parts = min(parts, len(ordered))
+    total = sum(len(r.token_ids) for r in ordered)
+    runs: list[list[ScheduledRequest]] = [[]]
+    done = 0
+    for i, r in enumerate(ordered):
+        runs[-1].append(r)
+        done += len(r.token_ids)
+        cuts_left = parts - len(runs)
+        # invariant: requests left >= cuts left, so no run ends empty
+        if cuts_left > 0 and (done * parts >= total * len(runs)
+                              or len(ordered) - i - 1 == cuts_left):
+            runs.append([])
+    return runs
+
+
 PROMPT_LOGPROBS_ROWS = 256  # prompt positions scored per LM-head call: (256, V) fp32 logits
 
 
@@ -44,9 +80,10 @@ class ModelRunner:
                  decode_kernel: DecodeKernel | None = None, invariant_attention: bool = False,
                  proposer: Proposer | None = None,
                  structured: StructuredOutputManager | None = None, score_prompts: bool = True,
-                 peers: StepPeers | None = None):
+                 peers: StepPeers | None = None, pipeline: PipelineStages | None = None):
         self.model = model
-        self.peers = peers  # tensor parallelism: the other ranks run every forward with us
+        self.peers = peers  # tensor or pipeline parallelism: the ranks that run every forward
+        self.pipeline = pipeline  # pipeline parallelism: `model` holds this rank's stage
         self.decode_kernel = decode_kernel
         # Every query (prefill rows too) through the decode kernel: only where that kernel reads
         # the cache in place (fp32 CPU stores); the gather fallback would copy each query's
@@ -141,11 +178,14 @@ class ModelRunner:
         num_rows = num_rows or {}
         if self.peers is not None:
             self.peers.send(scheduled, num_rows)
-        # Rows attending one query at a time (decodes, verified drafts) first, then prefill
-        # chunks: the layout AttentionMetadata expects.
-        ordered = sorted(scheduled, key=lambda r: len(r.token_ids) > 1 and r.req_id not in num_rows)
-        input_ids, positions, meta, sample_rows = self._prepare(ordered, num_rows)
-        hidden = self.model(input_ids, positions, self.kv_stores, meta)
+        ordered = batch_order(scheduled, num_rows)
+        if self.pipeline is None:
+            input_ids, positions, meta, sample_rows = self._prepare(ordered, num_rows)
+            hidden = self.model(input_ids, positions, self.kv_stores, meta)
+        else:
+            pipelined, sample_rows = self._pipelined(ordered, num_rows)
+            assert pipelined is not None, "only rank 0 samples"
+            hidden = pipelined
         if self.score_prompts:
             self._prompt_logprobs = self._score_prompts(ordered, hidden)
         sampling = [ordered[i] for i, _ in sample_rows]
@@ -153,6 +193,28 @@ class ModelRunner:
             return [], hidden.new_empty((0, 0))
         rows = torch.tensor([row for _, first in sample_rows for row in first], device=self.device)
         return sampling, self.model.compute_logits(hidden.index_select(0, rows))
+
+    def forward_stage(self, scheduled: list[ScheduledRequest], num_rows: dict[str, int]
+                      ) -> None:
+        """A later pipeline stage's part of the forward rank 0 runs (parallel/worker.py)."""
+        self._pipelined(batch_order(scheduled, num_rows), num_rows)
+
+    def _pipelined(self, ordered: list[ScheduledRequest], num_rows: dict[str, int]
+                   ) -> tuple[torch.Tensor | None, list[tuple[int, range]]]:
+        """The batch as micro-batches through the pipeline; the hidden states come back (on
+        rank 0) in `ordered`'s order, so the sample rows are offset per micro-batch."""
+        assert self.pipeline is not None
+        prepared = []
+        sample_rows: list[tuple[int, range]] = []
+        first_request = first_row = 0
+        for run in micro_batches(ordered, self.pipeline.parts):
+            input_ids, positions, meta, rows = self._prepare(run, num_rows)
+            prepared.append((input_ids, positions, meta))
+            sample_rows += [(first_request + i, range(first_row + r.start, first_row + r.stop))
+                            for i, r in rows]
+            first_request += len(run)
+            first_row += len(input_ids)
+        return self.pipeline.run(self.model, prepared, self.kv_stores), sample_rows
 
     def _score_prompts(self, ordered: list[ScheduledRequest], hidden: torch.Tensor
                        ) -> dict[str, tuple[int, list[TokenLogprobs]]]:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+import torch
+
 from pagoda.layers.dense_linear import pack_dense_linears
 from pagoda.layers.fused_ops import FusedOps
 from pagoda.loader.model_loader import LoadedModel
@@ -19,6 +21,8 @@ if TYPE_CHECKING:
     from pagoda.engine.config import EngineConfig
 
 log = logging.getLogger(__name__)
+
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def invariant_attention(config: EngineConfig, loaded: LoadedModel) -> bool:

@@ -1,7 +1,7 @@
-"""`pagoda serve --tensor-parallel-size 2` end to end: the openai client gets the same greedy
-text as a one-process engine; a rank killed under load fails the requests in flight with an
-error and turns /health into 503 (never a hang); stopping the server then stops every
-process it started."""
+"""`pagoda serve --tensor-parallel-size 2` and `--pipeline-parallel-size 2` end to end: the
+openai client gets the same greedy text as a one-process engine; a rank killed under load fails
+the requests in flight with an error and turns /health into 503 (never a hang); stopping the
+server then stops every process it started."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import time
 import httpx
 import openai
 import psutil
+import pytest
 
 from pagoda.sampling.params import SamplingParams
 from tests.engine.helpers import run_to_completion
@@ -20,19 +21,20 @@ from tests.server.server_process import ServerProcess
 PROMPT = "The three primary colours are"
 
 
-def tp_workers(server: ServerProcess) -> list[psutil.Process]:
+def parallel_workers(server: ServerProcess) -> list[psutil.Process]:
     children = psutil.Process(server.proc.pid).children(recursive=True)
     return [p for p in children if "pagoda.parallel.worker" in " ".join(p.cmdline())]
 
 
-def test_openai_client_and_a_killed_rank(make_engine, loaded_model):
+@pytest.mark.parametrize("flag", ["--tensor-parallel-size", "--pipeline-parallel-size"])
+def test_openai_client_and_a_killed_rank(flag, make_engine, loaded_model):
     expected_ids = run_to_completion(make_engine(), {"r": (
         loaded_model.tokenizer.encode(PROMPT), SamplingParams(temperature=0, max_tokens=16))})
     expected = loaded_model.tokenizer.decode(expected_ids["r"])
-    srv = ServerProcess("--tensor-parallel-size", "2", "--served-model-name", "m")
+    srv = ServerProcess(flag, "2", "--served-model-name", "m")
     try:
         srv.wait_ready()
-        (worker,) = tp_workers(srv)
+        (worker,) = parallel_workers(srv)
         client = openai.OpenAI(base_url=srv.url + "/v1", api_key=srv.api_key, max_retries=0)
         got = client.completions.create(model="m", prompt=PROMPT, max_tokens=16, temperature=0)
         assert got.choices[0].text == expected

