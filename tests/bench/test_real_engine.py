@@ -111,6 +111,9 @@ def test_tiny_run_against_pagoda_serve(tmp_path, shape, pagoda_server):
         assert record.prompt_len == record.server_prompt_tokens == 16
         assert len(record.itl_s) == record.num_chunks - 1
     assert result.summary.total_output_tokens == 32
+    layout = result.settings["server_layout"]  # for `pagoda capacity --bench` across layouts
+    assert (layout["tensor_parallel_size"], layout["pipeline_parallel_size"]) == ("1", "1")
+    assert int(layout["num_threads"]) >= 1
     # The server's KV pool is the size `pagoda capacity` predicts for its settings.
     kv_info = httpx.get(f"{url}/debug/kv", timeout=10).json()
     memory = KV_MEMORY + weight_bytes(shape, "fp32")

@@ -14,6 +14,7 @@ import openai
 import psutil
 import pytest
 
+from pagoda.bench.server_metrics import parse_engine_layout
 from pagoda.sampling.params import SamplingParams
 from tests.engine.helpers import run_to_completion
 from tests.server.server_process import ServerProcess
@@ -38,6 +39,9 @@ def test_openai_client_and_a_killed_rank(flag, make_engine, loaded_model):
         client = openai.OpenAI(base_url=srv.url + "/v1", api_key=srv.api_key, max_retries=0)
         got = client.completions.create(model="m", prompt=PROMPT, max_tokens=16, temperature=0)
         assert got.choices[0].text == expected
+        layout = parse_engine_layout(httpx.get(srv.url + "/metrics", timeout=10).text)
+        size = "tensor" if flag == "--tensor-parallel-size" else "pipeline"
+        assert layout is not None and layout[f"{size}_parallel_size"] == "2"
         stream = client.chat.completions.create(
             model="m", messages=[{"role": "user", "content": "Hi"}], max_tokens=8, stream=True)
         assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)

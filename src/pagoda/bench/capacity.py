@@ -191,16 +191,18 @@ def run_capacity(args: argparse.Namespace) -> int:
 
 
 def deployment_report(args: argparse.Namespace) -> str:
-    from pagoda.bench.deployment import format_plan, load_points, plan_deployment
+    from pagoda.bench.deployment import format_plan, load_points, plan_layouts
     from pagoda.bench.metrics import parse_slos
 
     if args.target_rate is None:
         raise ValueError("--bench needs --target-rate (requests/s to serve)")
+    if args.cores_per_machine is not None and args.cores_per_machine < 1:
+        raise ValueError("--cores-per-machine must be at least 1")
     slos = parse_slos(args.slo)
     points = load_points(args.bench, args.percentile)
-    plan = plan_deployment(points, args.target_rate, slos, args.headroom,
-                           args.replicas_per_machine)
-    return format_plan(plan, points, slos, args.percentile)
+    plan, plans = plan_layouts(points, args.target_rate, slos, args.headroom,
+                               args.replicas_per_machine, args.cores_per_machine)
+    return format_plan(plan, points, slos, args.percentile, plans)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -213,9 +215,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     p.add_argument("--kv-scale-bytes", type=int, default=4, help="bytes per int8 KV scale")
     p.add_argument("--reserve", default="0", help="memory held back for activations, e.g. 256MiB")
-    d = p.add_argument_group("deployment plan (from measured runs of one replica)")
+    d = p.add_argument_group("deployment plan (from measured runs of one replica per layout)")
     d.add_argument("--bench", nargs="+", default=None, metavar="RESULT.json",
-                   help="`pagoda bench serve`/`sweep` results of one replica at several loads")
+                   help="`pagoda bench serve`/`sweep` results of one replica at several loads "
+                   "(of one or several TP x PP layouts: the cheapest in cores is chosen)")
     d.add_argument("--target-rate", type=float, default=None, help="requests/s to serve")
     d.add_argument("--slo", nargs="+", default=None, metavar="NAME:MS",
                    help="latency limits, e.g. ttft:2000 tpot:100 (ttft, tpot, e2e)")
@@ -224,4 +227,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     d.add_argument("--headroom", type=float, default=0.8,
                    help="plan each replica at this fraction of its measured capacity")
     d.add_argument("--replicas-per-machine", type=int, default=1)
+    d.add_argument("--cores-per-machine", type=int, default=None,
+                   help="fit replicas on machines by the threads each uses (when recorded) "
+                   "instead of --replicas-per-machine")
     p.set_defaults(func=run_capacity)

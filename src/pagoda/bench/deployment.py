@@ -11,9 +11,15 @@ extrapolated past the measurements — and the plan is
     machines = ceil(replicas / replicas_per_machine)
 
 `headroom` (default 0.8) keeps each replica below the load where it was measured to just meet the
-SLOs, for bursts and for a replica lost. Each replica is one engine (tensor and pipeline
-parallelism are not implemented yet, so TP = PP = 1): a model that does not fit one machine's
-memory cannot be planned here (`pagoda capacity --memory` answers that part).
+SLOs, for bursts and for a replica lost.
+
+A replica may itself be several processes (tensor or pipeline parallelism). `pagoda bench serve`
+records the server's layout (`pagoda:engine_config_info`: TP, PP, threads); results of several
+layouts are planned layout by layout, and the plan chosen is the one using the fewest cores in
+all (replicas x threads per replica), then the fewest machines. With `cores_per_machine`, a
+machine holds as many replicas as its cores allow; a replica needing more cores than a machine
+has would need ranks on several machines, which Pagoda does not run yet, so that layout is not
+planned.
 """
 
 from __future__ import annotations
@@ -36,6 +42,8 @@ class LoadPoint:
     concurrency: int  # peak requests in flight
     latencies_ms: dict[str, float]  # metric -> its percentile
     failed: int
+    layout: str = "layout not recorded"  # e.g. "TP=2 x PP=1, 4 threads"
+    threads: int | None = None  # cores one replica uses (all its ranks), when recorded
 
     def misses(self, slos_ms: dict[str, float]) -> list[str]:
         """The SLOs this point misses, as readable reasons (empty: it meets them all)."""
@@ -54,12 +62,23 @@ class DeploymentPlan:
     machines: int
     at: LoadPoint  # the measured point the capacity comes from
 
+    @property
+    def cores(self) -> int | None:
+        return None if self.at.threads is None else self.replicas * self.at.threads
+
 
 def load_point(result: BenchResult, source: str, percentile: str) -> LoadPoint:
     s: Summary = result.summary
     stats: dict[str, LatencyStats] = {"ttft": s.ttft_ms, "tpot": s.tpot_ms, "e2e": s.e2e_ms}
+    layout, threads = "layout not recorded", None
+    recorded = result.settings.get("server_layout") or {}
+    if recorded:
+        threads = int(recorded.get("num_threads", 0)) or None
+        layout = (f"TP={recorded.get('tensor_parallel_size', '?')} x "
+                  f"PP={recorded.get('pipeline_parallel_size', '?')}, {threads} threads")
     return LoadPoint(source, s.request_throughput, s.output_throughput, s.peak_concurrency,
-                     {name: getattr(st, percentile) for name, st in stats.items()}, s.failed)
+                     {name: getattr(st, percentile) for name, st in stats.items()}, s.failed,
+                     layout, threads)
 
 
 def load_points(paths: list[str], percentile: str) -> list[LoadPoint]:
@@ -79,8 +98,42 @@ def _workload(result: BenchResult) -> str:
     return f"{st.get('dataset')} {st.get('input_len')} in / {st.get('output_len')} out"
 
 
+def plan_layouts(points: list[LoadPoint], target_rate: float, slos_ms: dict[str, float],
+                 headroom: float = 0.8, replicas_per_machine: int = 1,
+                 cores_per_machine: int | None = None
+                 ) -> tuple[DeploymentPlan, dict[str, DeploymentPlan | str]]:
+    """A plan per measured layout (or why it has none) and the cheapest of them."""
+    layouts: dict[str, list[LoadPoint]] = {}
+    for p in points:
+        layouts.setdefault(p.layout, []).append(p)
+    plans: dict[str, DeploymentPlan | str] = {}
+    for layout, group in layouts.items():
+        per_machine = replicas_per_machine
+        threads = group[0].threads
+        if cores_per_machine is not None and threads is not None:
+            per_machine = cores_per_machine // threads
+            if per_machine < 1:
+                plans[layout] = (f"a replica needs {threads} cores, a machine has "
+                                 f"{cores_per_machine} (ranks across machines: not yet)")
+                continue
+        try:
+            plans[layout] = plan_deployment(group, target_rate, slos_ms, headroom, per_machine)
+        except ValueError as exc:
+            if len(layouts) == 1:
+                raise
+            plans[layout] = str(exc)
+    feasible = [p for p in plans.values() if isinstance(p, DeploymentPlan)]
+    if not feasible:
+        raise ValueError("no measured layout can be planned: " + "; ".join(
+            f"{layout}: {why}" for layout, why in plans.items()))
+    best = min(feasible, key=lambda p: (p.cores if p.cores is not None else p.replicas,
+                                        p.machines, p.replicas))
+    return best, plans
+
+
 def plan_deployment(points: list[LoadPoint], target_rate: float, slos_ms: dict[str, float],
                     headroom: float = 0.8, replicas_per_machine: int = 1) -> DeploymentPlan:
+    """The plan for replicas of one layout, measured at `points`."""
     if target_rate <= 0 or not 0 < headroom <= 1 or replicas_per_machine < 1:
         raise ValueError("target rate must be positive, headroom in (0, 1], replicas per "
                          "machine at least 1")
@@ -102,19 +155,30 @@ def plan_deployment(points: list[LoadPoint], target_rate: float, slos_ms: dict[s
 
 
 def format_plan(plan: DeploymentPlan, points: list[LoadPoint], slos_ms: dict[str, float],
-                percentile: str) -> str:
+                percentile: str, plans: dict[str, DeploymentPlan | str] | None = None) -> str:
     slo_text = ", ".join(f"{k} {percentile} <= {v:.0f} ms" for k, v in slos_ms.items())
     lines = [f"deployment plan for {plan.target_rate:g} req/s with {slo_text}:",
-             "  measured load points (one replica):"]
-    for p in points:
+             "  measured load points (one replica each):"]
+    for p in sorted(points, key=lambda p: (p.layout, p.request_rate)):
         verdict = "meets" if not p.misses(slos_ms) else "misses: " + "; ".join(p.misses(slos_ms))
-        lines.append(f"    {p.request_rate:7.2f} req/s  {p.output_throughput:8.1f} out tok/s  "
-                     f"concurrency {p.concurrency:3d}  {verdict}  ({p.source})")
+        lines.append(f"    {p.layout}: {p.request_rate:7.2f} req/s  {p.output_throughput:8.1f} "
+                     f"out tok/s  concurrency {p.concurrency:3d}  {verdict}  ({p.source})")
+    if plans and len(plans) > 1:
+        lines.append("  per layout:")
+        for layout, other in plans.items():
+            if isinstance(other, str):
+                lines.append(f"    {layout}: not planned: {other}")
+            else:
+                cores = "" if other.cores is None else f", {other.cores} cores"
+                lines.append(f"    {layout}: {other.capacity:.2f} req/s per replica -> "
+                             f"{other.replicas} replica(s) on {other.machines} machine(s){cores}")
+    cores = "" if plan.cores is None else f" ({plan.cores} cores in all)"
     lines += [
         f"  one replica sustains {plan.capacity:.2f} req/s within the SLOs "
-        f"(measured at concurrency {plan.at.concurrency})",
+        f"(measured at concurrency {plan.at.concurrency}; {plan.at.layout})",
         f"  planned at {plan.headroom:.0%} of that: {plan.capacity * plan.headroom:.2f} req/s "
         "per replica",
-        f"  -> {plan.replicas} replica(s) of TP=1 x PP=1 on {plan.machines} machine(s)",
+        f"  -> {plan.replicas} replica(s) of {plan.at.layout} on {plan.machines} "
+        f"machine(s){cores}",
     ]
     return "\n".join(lines)

@@ -19,7 +19,11 @@ from pagoda.bench.dataset import DATASETS, DatasetConfig, build_dataset
 from pagoda.bench.metrics import parse_slos, summarize
 from pagoda.bench.report import BenchResult, format_report
 from pagoda.bench.runner import LoadConfig, run_load
-from pagoda.bench.server_metrics import fetch_spec_decode_counters, spec_decode_summary
+from pagoda.bench.server_metrics import (
+    fetch_engine_layout,
+    fetch_spec_decode_counters,
+    spec_decode_summary,
+)
 from pagoda.bench.tokenizer import detect_tokenizer
 
 
@@ -130,7 +134,8 @@ async def benchmark(args: argparse.Namespace) -> BenchResult:
     outcome = await run_load(endpoint, requests, load)
     spec_after = await fetch_spec_decode_counters(root_url, args.api_key)
     summary = summarize(outcome.records, outcome.duration_s, outcome.peak_concurrency, slos)
-    settings = {**settings_of(args), "model": model}
+    settings = {**settings_of(args), "model": model,
+                "server_layout": await fetch_engine_layout(root_url, args.api_key)}
     return BenchResult(
         settings,
         tokenizer.name,

@@ -6,6 +6,9 @@ vLLM exports the same names under `vllm:`. Both prefixes are read. The counters 
 over the server's life, so a run's numbers are the difference of a snapshot taken before and one
 taken after it. They are server-wide: traffic from other clients during the run is counted too.
 
+`pagoda:engine_config_info` (labels: parallel sizes, threads, weights) says how the server under
+test was laid out; `pagoda capacity --bench` compares layouts by it.
+
 The endpoint is optional (llama-server has none unless started with --metrics, and then without
 these counters), so every failure to fetch or parse means "no data", never an error.
 """
@@ -136,3 +139,24 @@ def spec_decode_summary(
 
 def _at(values: tuple[float, ...], i: int) -> float:
     return values[i] if i < len(values) else 0.0
+
+
+def parse_engine_layout(text: str) -> dict[str, str] | None:
+    """The labels of `pagoda:engine_config_info` in a Prometheus text exposition, if any."""
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "pagoda:engine_config_info":
+                return dict(sample.labels)
+    return None
+
+
+async def fetch_engine_layout(root_url: str, api_key: str | None = None,
+                              timeout_s: float = 5.0) -> dict[str, str] | None:
+    """The server's engine layout from GET {root_url}/metrics; None when it does not say."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        async with httpx.AsyncClient(timeout=httpx.Timeout(timeout_s)) as client:
+            resp = await client.get(f"{root_url}/metrics", headers=headers)
+        return parse_engine_layout(resp.text) if resp.status_code == 200 else None
+    except Exception:  # an optional side channel must never fail the benchmark
+        return None

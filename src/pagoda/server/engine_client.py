@@ -24,6 +24,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import torch
+
 from pagoda.engine.async_llm import TIMEOUT_ERROR, AsyncLLM
 from pagoda.engine.outputs import CompletionOutput, RequestOutput, merge_delta
 from pagoda.loader.model_loader import DEFAULT_MODEL
@@ -73,7 +75,12 @@ class EngineClient:
         self.detail: str | None = None
         self.num_pending = 0
         self.created = int(time.time())
-        self.metrics = ServerMetrics(lambda: self.llm, lambda: self.model_name)
+        engine = config.engine
+        self.metrics = ServerMetrics(lambda: self.llm, lambda: self.model_name, {
+            "tensor_parallel_size": str(engine.tensor_parallel_size),
+            "pipeline_parallel_size": str(engine.pipeline_parallel_size),
+            "num_threads": str(engine.num_threads or torch.get_num_threads()),
+            "quantization": engine.quantization, "dtype": engine.dtype})
         self.tracer: Tracer | None = None  # set when traces are exported (telemetry.py)
         self._fingerprint = "fp_pagoda"
 

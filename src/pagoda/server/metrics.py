@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, Info, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -75,8 +75,14 @@ class EngineCollector(Collector):
 
 
 class ServerMetrics:
-    def __init__(self, get_llm: Callable[[], AsyncLLM | None], model_name: Callable[[], str]):
+    def __init__(self, get_llm: Callable[[], AsyncLLM | None], model_name: Callable[[], str],
+                 layout: dict[str, str] | None = None):
+        """`layout`: the engine's shape (parallel sizes, threads, weights), exported as
+        `pagoda:engine_config_info` so a benchmark run can record what it measured."""
         self.registry = CollectorRegistry(auto_describe=True)
+        if layout:
+            Info("pagoda:engine_config", "How the engine is laid out (constant).",
+                 registry=self.registry).info(layout)
         self.model_name = model_name
         labels = ["model_name"]
 
