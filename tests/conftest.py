@@ -169,6 +169,7 @@ LONGEST_FILES = (
     "tests/engine/test_gemma3.py",
     "tests/parallel/test_tensor_parallel.py",
     "tests/parallel/test_pipeline_parallel.py",
+    "tests/parallel/test_nodes.py",
     "tests/cluster/test_ray_serve.py",
     "tests/engine/test_threads.py",
     "tests/engine/test_equivalence.py",

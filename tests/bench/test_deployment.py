@@ -104,7 +104,7 @@ def test_layouts_are_planned_apart_and_the_fewest_cores_win(tmp_path, capsys):
     other = plans["TP=2 x PP=1, 4 threads"]
     assert (other.replicas, other.cores, other.machines) == (5, 20, 5)
     best, plans = plan_layouts(points, 10, {"ttft": 1000}, cores_per_machine=4)
-    assert "ranks across machines" in plans["TP=1 x PP=2, 8 threads"]
+    assert "one replica per machine or less" in plans["TP=1 x PP=2, 8 threads"]
     best, plans = plan_layouts(points, 10, {"ttft": 1000}, cores_per_machine=8)
     assert plans["TP=1 x PP=2, 8 threads"].cores == 16  # 2 replicas x 8: still more than 14
     assert best.at.layout == "TP=1 x PP=1, 2 threads" and best.machines == 2

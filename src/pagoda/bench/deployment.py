@@ -18,8 +18,8 @@ records the server's layout (`pagoda:engine_config_info`: TP, PP, threads); resu
 layouts are planned layout by layout, and the plan chosen is the one using the fewest cores in
 all (replicas x threads per replica), then the fewest machines. With `cores_per_machine`, a
 machine holds as many replicas as its cores allow; a replica needing more cores than a machine
-has would need ranks on several machines, which Pagoda does not run yet, so that layout is not
-planned.
+has would need its ranks on several machines (`--nnodes`), which this planner does not model,
+so that layout is not planned.
 """
 
 from __future__ import annotations
@@ -114,7 +114,8 @@ def plan_layouts(points: list[LoadPoint], target_rate: float, slos_ms: dict[str,
             per_machine = cores_per_machine // threads
             if per_machine < 1:
                 plans[layout] = (f"a replica needs {threads} cores, a machine has "
-                                 f"{cores_per_machine} (ranks across machines: not yet)")
+                                 f"{cores_per_machine} (not planned: one replica per machine "
+                                 "or less)")
                 continue
         try:
             plans[layout] = plan_deployment(group, target_rate, slos_ms, headroom, per_machine)

@@ -84,6 +84,14 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    default=d.pipeline_parallel_size,
                    help="cut the layers into this many stages, one process each (micro-batches "
                    "keep them busy); --threads is divided between them")
+    t.add_argument("--nnodes", type=int, default=d.nnodes,
+                   help="machines the ranks run on; the others run `pagoda worker` "
+                   "(docs/parallel.md; needs PAGODA_DIST_KEY on every node)")
+    t.add_argument("--master-addr", default=d.master_addr,
+                   help="this machine's address as the other nodes reach it")
+    t.add_argument("--master-port", type=int, default=d.master_port,
+                   help="rendezvous port on this machine (the next port takes the workers' "
+                   "connections)")
     e = p.add_argument_group("embeddings (docs/embeddings.md)")
     e.add_argument("--task", default=d.task, choices=["auto", "generate", "embed"],
                    help="embed: serve /v1/embeddings (auto: embed for encoder models such as "
@@ -122,6 +130,7 @@ def engine_config_from_args(args: argparse.Namespace, **overrides: object) -> En
         seed=args.seed, num_threads=args.threads,
         tensor_parallel_size=args.tensor_parallel_size,
         pipeline_parallel_size=args.pipeline_parallel_size,
+        nnodes=args.nnodes, master_addr=args.master_addr, master_port=args.master_port,
     )
     values.update(overrides)
     return EngineConfig(**values)

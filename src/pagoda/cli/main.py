@@ -21,6 +21,7 @@ COMMANDS: dict[str, str] = {
     "capacity": "pagoda.bench.capacity",
     "gateway": "pagoda.gateway.cli",
     "ray-serve": "pagoda.cluster.cli",
+    "worker": "pagoda.parallel.cli",
     "quantize": "pagoda.quant.cli",
     "eval": "pagoda.quant.eval_cli",
 }

@@ -73,6 +73,12 @@ class EngineConfig:
     # Pipeline stages (contiguous layers, one process each; docs/parallel.md). Not combined
     # with tensor parallelism yet.
     pipeline_parallel_size: int = 1
+    # Ranks on several machines, torchrun's way (parallel/nodes.py): this engine is node 0 and
+    # hosts the rendezvous on master_addr:master_port (+1 for its workers' connections); the
+    # other nodes run `pagoda worker`. Ranks split evenly over the nodes.
+    nnodes: int = 1
+    master_addr: str = "127.0.0.1"
+    master_port: int | None = None  # default: a free port (one node only)
     seed: int | None = None
     num_threads: int | None = None
     progress: bool = True
@@ -113,6 +119,16 @@ class EngineConfig:
             raise ValueError("tensor_parallel_size must be at least 1")
         if self.pipeline_parallel_size < 1:
             raise ValueError("pipeline_parallel_size must be at least 1")
+        ranks = self.tensor_parallel_size * self.pipeline_parallel_size
+        if self.nnodes < 1 or ranks % self.nnodes:
+            raise ValueError(f"nnodes must be at least 1 and divide the {ranks} ranks "
+                             "(tensor x pipeline parallel size) evenly")
+        if self.nnodes > 1 and self.master_port is None:
+            raise ValueError("ranks on several nodes need --master-port (and --master-addr, "
+                             "this machine's address the other nodes reach)")
+        if self.master_port is not None and not 0 < self.master_port < 65535:
+            raise ValueError("master_port must be a TCP port below 65535 (the next one is used "
+                             "too)")
         if self.tensor_parallel_size > 1 and self.pipeline_parallel_size > 1:
             raise ValueError("tensor and pipeline parallelism together are not supported yet: "
                              "use --tensor-parallel-size or --pipeline-parallel-size")

@@ -29,6 +29,7 @@ from torch import nn
 from pagoda.loader.model_loader import LoadedModel
 from pagoda.models.config import ModelConfig
 from pagoda.parallel import comm, partition, sharding
+from pagoda.parallel.nodes import accept_ranks, node_ranks
 from pagoda.parallel.pipeline import PipelineStages, keep_stage, stage_layers
 from pagoda.parallel.wire import to_wire
 from pagoda.worker.model_setup import TORCH_DTYPES
@@ -50,9 +51,15 @@ class PeerError(RuntimeError):
 @dataclass
 class Worker:
     rank: int
-    process: subprocess.Popen[bytes]
-    conn_out: Connection  # rank 0 -> worker (its stdin)
-    conn_in: Connection  # worker -> rank 0 (its stdout)
+    process: subprocess.Popen[bytes] | None  # None: a rank on another node (nodes.py)
+    conn_out: Connection  # rank 0 -> worker (its stdin, or the node connection)
+    conn_in: Connection  # worker -> rank 0 (its stdout, or the same connection)
+
+    def exit_code(self) -> str:
+        if self.process is None:
+            return "on another node"
+        code = self.process.poll()
+        return "still running" if code is None else f"exit code {code}"
 
 
 class Peers:
@@ -104,11 +111,12 @@ class Peers:
             except OSError:
                 pass
         for w in self.workers:
-            try:
-                w.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                w.process.kill()
-                w.process.wait()
+            if w.process is not None:
+                try:
+                    w.process.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    w.process.kill()
+                    w.process.wait()
             w.conn_out.close()
             w.conn_in.close()
 
@@ -116,18 +124,22 @@ class Peers:
         try:
             w.conn_out.send(message)
         except OSError as exc:
-            raise PeerError(f"{self.kind} rank {w.rank} is gone "
-                            f"(exit code {w.process.poll()})") from exc
+            raise PeerError(f"{self.kind} rank {w.rank} is gone ({w.exit_code()})") from exc
 
     def _wait_ready(self, w: Worker) -> None:
         deadline = time.monotonic() + READY_TIMEOUT_S
-        while not w.conn_in.poll(1.0):
-            if w.process.poll() is not None:
-                raise PeerError(f"{self.kind} rank {w.rank} exited with code "
-                                f"{w.process.returncode} while starting (its log is above)")
-            if time.monotonic() > deadline:
-                raise PeerError(f"{self.kind} rank {w.rank} not ready in {READY_TIMEOUT_S} s")
-        status, detail = w.conn_in.recv()
+        try:
+            while not w.conn_in.poll(1.0):
+                if w.process is not None and w.process.poll() is not None:
+                    raise PeerError(f"{self.kind} rank {w.rank} exited with code "
+                                    f"{w.process.returncode} while starting (its log is above)")
+                if time.monotonic() > deadline:
+                    raise PeerError(f"{self.kind} rank {w.rank} not ready in "
+                                    f"{READY_TIMEOUT_S} s")
+            status, detail = w.conn_in.recv()
+        except (EOFError, OSError) as exc:
+            raise PeerError(f"{self.kind} rank {w.rank} went away while starting "
+                            f"({w.exit_code()}; its log is on its node)") from exc
         if status != "ready":
             raise PeerError(f"{self.kind} rank {w.rank} failed: {detail}")
 
@@ -150,18 +162,26 @@ def start_peers(config: EngineConfig, loaded: LoadedModel) -> Peers:
     if not pipelined and config.quantization == "gguf":
         raise ValueError("--tensor-parallel-size with --quantization gguf: GGUF blocks are not "
                          "sharded; use --quantization int8 or int4 (or fp32)")
-    port = free_port()
-    threads = max(1, (config.num_threads or torch.get_num_threads()) // world)
-    workers = [_launch(config, loaded.path, rank, world, port, threads)
-               for rank in range(1, world)]
-    torch.set_num_threads(threads)  # each rank its own cores
+    host = config.master_addr if config.nnodes > 1 else "127.0.0.1"
+    port = config.master_port or free_port()
+    local = node_ranks(0, config.nnodes, world)
+    # each rank its own share of this node's cores (every node is taken to be like this one)
+    threads = max(1, (config.num_threads or torch.get_num_threads()) // len(local))
+    setup = (config, loaded.path, world, host, port, threads)
+    workers = [_launch(setup, rank) for rank in local if rank > 0]
+    torch.set_num_threads(threads)
     try:
-        # stages exchange hidden states point to point: no shared-memory collectives
-        group = comm.connect(0, world, "127.0.0.1", port, torch.device(config.device),
-                             shared_memory=not pipelined)
+        if config.nnodes > 1:
+            workers += _join_remote(setup, config.nnodes)
+        # stages exchange hidden states point to point: no shared-memory collectives; nor
+        # across machines
+        group = comm.connect(0, world, host, port, torch.device(config.device),
+                             shared_memory=not pipelined and config.nnodes == 1)
     except Exception:
         for w in workers:
-            w.process.kill()
+            if w.process is not None:
+                w.process.kill()
+            w.conn_out.close()
         raise
     if shard is not None:
         sharding.shard_weights(loaded.model, cfg, shard)
@@ -173,8 +193,13 @@ def start_peers(config: EngineConfig, loaded: LoadedModel) -> Peers:
     return Peers(config, cfg, workers, group, shard, stage)
 
 
-def _launch(config: EngineConfig, model_path: str, rank: int, world: int, port: int,
-            threads: int) -> Worker:
+def _orders(setup: tuple, rank: int) -> tuple:
+    """What a worker is told first: (config, model path, rank, world, host, port, threads)."""
+    config, path, world, host, port, threads = setup
+    return (config, path, rank, world, host, port, threads)
+
+
+def _launch(setup: tuple, rank: int) -> Worker:
     process = subprocess.Popen([sys.executable, "-m", "pagoda.parallel.worker"],
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     assert process.stdin is not None and process.stdout is not None
@@ -183,5 +208,17 @@ def _launch(config: EngineConfig, model_path: str, rank: int, world: int, port: 
     process.stdin.close()
     process.stdout.close()
     worker = Worker(rank, process, conn_out, conn_in)
-    conn_out.send((config, model_path, rank, world, port, threads))
+    conn_out.send(_orders(setup, rank))
     return worker
+
+
+def _join_remote(setup: tuple, nnodes: int) -> list[Worker]:
+    """Wait for the other nodes' ranks (`pagoda worker`) and give each its orders."""
+    config, _, world, host, port, _ = setup
+    log.info("waiting for nodes 1..%d on %s:%d (`pagoda worker --master-addr %s --master-port "
+             "%d --node-rank I`)", nnodes - 1, host, port + 1, host, port)
+    conns = accept_ranks(host, port + 1, nnodes, world, READY_TIMEOUT_S)
+    workers = [Worker(rank, None, conn, conn) for rank, conn in sorted(conns.items())]
+    for w in workers:
+        w.conn_out.send(_orders(setup, w.rank))
+    return workers

@@ -1,5 +1,6 @@
 """A tensor- or pipeline-parallel worker (ranks 1..N-1): `python -m pagoda.parallel.worker`,
-started by rank 0 (peers.py) with its orders on stdin.
+started by rank 0 (peers.py) with its orders on stdin, or on another node by `pagoda worker`
+(`--connect HOST:PORT --rank R`, nodes.py) with its orders over a connection to rank 0.
 
 It loads the model itself, keeps its share (the same code path as rank 0: shard then
 `prepare_model`, or `prepare_model` then cut to its stage), builds its share of the KV cache
@@ -20,12 +21,17 @@ from multiprocessing.connection import Connection
 import torch
 
 
-def main() -> int:
-    # The protocol owns the original stdout; fd 1 becomes stderr for logs and stray prints.
-    conn_out = Connection(os.dup(1), readable=False)
-    os.dup2(2, 1)
-    conn_in = Connection(os.dup(0), writable=False)
+def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s parallel-worker %(message)s")
+    if argv[:1] == ["--connect"]:  # a rank on another node (nodes.py): one duplex connection
+        from pagoda.parallel.nodes import JOIN_TIMEOUT_S, connect
+
+        conn_in = conn_out = connect(argv[1], ("rank", int(argv[3])), JOIN_TIMEOUT_S)
+    else:
+        # The protocol owns the original stdout; fd 1 becomes stderr for logs and stray prints.
+        conn_out = Connection(os.dup(1), readable=False)
+        os.dup2(2, 1)
+        conn_in = Connection(os.dup(0), writable=False)
     try:
         run(conn_in, conn_out)
     except EOFError:  # rank 0 went away
@@ -50,11 +56,12 @@ def run(conn_in: Connection, conn_out: Connection) -> None:
     from pagoda.worker.model_runner import ModelRunner
     from pagoda.worker.model_setup import TORCH_DTYPES, prepare_model
 
-    config, model_path, rank, world, port, threads = conn_in.recv()
+    config, model_path, rank, world, host, port, threads = conn_in.recv()
     torch.set_num_threads(threads)
     device = torch.device(config.device)
     pipelined = config.pipeline_parallel_size > 1
-    group = comm.connect(rank, world, "127.0.0.1", port, device, shared_memory=not pipelined)
+    group = comm.connect(rank, world, host, port, device,
+                         shared_memory=not pipelined and config.nnodes == 1)
     dtype = TORCH_DTYPES[config.dtype]
     loaded = load_model(model_path, config.device, dtype, progress=False)
     cfg = kv_cfg = loaded.config
@@ -93,4 +100,4 @@ def run(conn_in: Connection, conn_out: Connection) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))
