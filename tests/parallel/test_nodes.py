@@ -103,7 +103,7 @@ def test_a_wrong_secret_or_a_stranger_is_not_let_in():
 
     threading.Timer(0.5, knock).start()
     with pytest.raises(TimeoutError, match=r"ranks \[1\] did not join"):
-        accept_ranks("127.0.0.1", port, 2, 2, timeout_s=5)
+        accept_ranks("127.0.0.1", port, {1}, 2, 2, timeout_s=5, key=KEY.encode())
 
 
 def test_refusals(capsys, monkeypatch):

@@ -68,6 +68,18 @@ def test_three_stages_under_preemption_with_drafts(prompt_ids, reference):
         engine.close()
 
 
+def test_a_grid_of_two_stages_by_two_ranks(prompt_ids, reference):
+    """TP=2 x PP=2: each stage's two ranks split its heads; hidden states go from each rank to
+    the same rank of the next stage, and stage 0's ranks compute the LM head together."""
+    engine = tp_engine(tensor_parallel_size=2, pipeline_parallel_size=2, num_threads=2)
+    try:
+        assert engine.peers.stage == range(0, 15) and list(engine.peers.shard.kv_heads) == [0, 1]
+        assert len(engine.peers.workers) == 3
+        assert_reference_tokens(engine, prompt_ids[:4], reference, "on a 2 x 2 grid")
+    finally:
+        engine.close()
+
+
 def greedy_outputs(engine: LLMEngine, prompt_ids: list[list[int]], max_tokens: int = 24
                    ) -> dict[str, list[int]]:
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
@@ -121,7 +133,7 @@ def test_a_dead_stage_fails_the_step_instead_of_hanging(prompt_ids):
 
 @pytest.mark.parametrize("overrides,message", [
     ({"pipeline_parallel_size": 31}, "exceeds .* 30 layers"),
-    ({"pipeline_parallel_size": 2, "tensor_parallel_size": 2}, "together are not supported"),
+    ({"pipeline_parallel_size": 2, "tensor_parallel_size": 4}, "exceeds .* 3 KV heads"),
 ])
 def test_what_cannot_be_staged_is_refused(overrides, message):
     with pytest.raises(ValueError, match=message):

@@ -87,6 +87,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     t.add_argument("--nnodes", type=int, default=d.nnodes,
                    help="machines the ranks run on; the others run `pagoda worker` "
                    "(docs/parallel.md; needs PAGODA_DIST_KEY on every node)")
+    t.add_argument("--distributed-executor", default=d.distributed_executor,
+                   choices=["mp", "ray"],
+                   help="who starts the other ranks: mp (this process, and `pagoda worker` on "
+                   "other nodes) or ray (a placement group on the Ray cluster of RAY_ADDRESS)")
     t.add_argument("--master-addr", default=d.master_addr,
                    help="this machine's address as the other nodes reach it")
     t.add_argument("--master-port", type=int, default=d.master_port,
@@ -131,6 +135,7 @@ def engine_config_from_args(args: argparse.Namespace, **overrides: object) -> En
         tensor_parallel_size=args.tensor_parallel_size,
         pipeline_parallel_size=args.pipeline_parallel_size,
         nnodes=args.nnodes, master_addr=args.master_addr, master_port=args.master_port,
+        distributed_executor=args.distributed_executor,
     )
     values.update(overrides)
     return EngineConfig(**values)

@@ -70,13 +70,15 @@ class EngineConfig:
     # Ranks of tensor parallelism (docs/parallel.md): this process is rank 0 and starts the rest;
     # `num_threads` (default: torch's) is split between them.
     tensor_parallel_size: int = 1
-    # Pipeline stages (contiguous layers, one process each; docs/parallel.md). Not combined
-    # with tensor parallelism yet.
+    # Pipeline stages (contiguous layers; docs/parallel.md): tp x pp ranks in all.
     pipeline_parallel_size: int = 1
     # Ranks on several machines, torchrun's way (parallel/nodes.py): this engine is node 0 and
     # hosts the rendezvous on master_addr:master_port (+1 for its workers' connections); the
     # other nodes run `pagoda worker`. Ranks split evenly over the nodes.
     nnodes: int = 1
+    # who starts ranks 1..N-1: "mp" (this process; other nodes by `pagoda worker`) or "ray"
+    # (a placement group on the Ray cluster, parallel/ray_executor.py)
+    distributed_executor: str = "mp"
     master_addr: str = "127.0.0.1"
     master_port: int | None = None  # default: a free port (one node only)
     seed: int | None = None
@@ -123,15 +125,17 @@ class EngineConfig:
         if self.nnodes < 1 or ranks % self.nnodes:
             raise ValueError(f"nnodes must be at least 1 and divide the {ranks} ranks "
                              "(tensor x pipeline parallel size) evenly")
+        if self.distributed_executor not in ("mp", "ray"):
+            raise ValueError("distributed_executor must be mp or ray")
+        if self.distributed_executor == "ray" and self.nnodes > 1:
+            raise ValueError("--distributed-executor ray places the ranks itself: leave "
+                             "--nnodes at 1")
         if self.nnodes > 1 and self.master_port is None:
             raise ValueError("ranks on several nodes need --master-port (and --master-addr, "
                              "this machine's address the other nodes reach)")
         if self.master_port is not None and not 0 < self.master_port < 65535:
             raise ValueError("master_port must be a TCP port below 65535 (the next one is used "
                              "too)")
-        if self.tensor_parallel_size > 1 and self.pipeline_parallel_size > 1:
-            raise ValueError("tensor and pipeline parallelism together are not supported yet: "
-                             "use --tensor-parallel-size or --pipeline-parallel-size")
         if self.speculative_max_batch is not None and self.speculative_max_batch < 1:
             raise ValueError("speculative_max_batch must be positive")
 

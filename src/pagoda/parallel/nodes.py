@@ -46,15 +46,15 @@ def node_ranks(node: int, nnodes: int, world: int) -> range:
     return range(node * per_node, (node + 1) * per_node)
 
 
-def accept_ranks(host: str, port: int, nnodes: int, world: int, timeout_s: float
-                 ) -> dict[int, Connection]:
-    """Rank 0's side: answer each node (its ranks), then take one connection per remote rank;
-    returns {rank: connection} or raises once `timeout_s` passes without all of them."""
-    wanted = set(range(world)) - set(node_ranks(0, nnodes, world))
+def accept_ranks(host: str, port: int, wanted: set[int], nnodes: int, world: int,
+                 timeout_s: float, key: bytes) -> dict[int, Connection]:
+    """Rank 0's side: answer each node 1..nnodes-1 (which ranks are its own), and take one
+    connection per rank in `wanted`; returns {rank: connection} or raises once `timeout_s`
+    passes without all of them."""
     nodes_seen: set[int] = set()
     ranks: dict[int, Connection] = {}
     arrivals: queue.Queue[tuple[Connection, object] | Exception] = queue.Queue()
-    listener = Listener((host, port), authkey=dist_key())
+    listener = Listener((host, port), authkey=key)
     closed = threading.Event()
 
     def accept_loop() -> None:  # Listener.accept has no timeout: a thread waits instead
@@ -104,13 +104,13 @@ def accept_ranks(host: str, port: int, nnodes: int, world: int, timeout_s: float
     return ranks
 
 
-def connect(address: str, hello: tuple[str, int], timeout_s: float) -> Connection:
+def connect(address: str, hello: tuple[str, int], timeout_s: float, key: bytes) -> Connection:
     """A worker's or node's connection to rank 0's door, retried until rank 0 is up."""
     host, _, port = address.rpartition(":")
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            conn = Client((host, int(port)), authkey=dist_key())
+            conn = Client((host, int(port)), authkey=key)
             conn.send(hello)
             return conn
         except (ConnectionRefusedError, ConnectionResetError, FileNotFoundError):
@@ -122,9 +122,9 @@ def connect(address: str, hello: tuple[str, int], timeout_s: float) -> Connectio
 
 def run_node(master_addr: str, master_port: int, node_rank: int, timeout_s: float) -> int:
     """`pagoda worker`: start this node's ranks and wait for them; their worst exit code."""
-    dist_key()  # refuse before waiting for rank 0
+    key = dist_key()  # refuse before waiting for rank 0
     door = f"{master_addr}:{master_port + 1}"
-    conn = connect(door, ("node", node_rank), timeout_s)
+    conn = connect(door, ("node", node_rank), timeout_s, key)
     kind, detail = conn.recv()
     conn.close()
     if kind != "ranks":

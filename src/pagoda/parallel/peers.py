@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING
@@ -29,14 +30,15 @@ from torch import nn
 from pagoda.loader.model_loader import LoadedModel
 from pagoda.models.config import ModelConfig
 from pagoda.parallel import comm, partition, sharding
-from pagoda.parallel.nodes import accept_ranks, node_ranks
+from pagoda.parallel.nodes import accept_ranks, dist_key, node_ranks
 from pagoda.parallel.pipeline import PipelineStages, keep_stage, stage_layers
-from pagoda.parallel.wire import to_wire
+from pagoda.parallel.wire import Orders, to_wire
 from pagoda.worker.model_setup import TORCH_DTYPES
 
 if TYPE_CHECKING:
     from pagoda.engine.config import EngineConfig
     from pagoda.kv_cache.kv_setup import KVCacheConfig
+    from pagoda.parallel.ray_executor import RayRanks
     from pagoda.scheduler.output import ScheduledRequest
 
 log = logging.getLogger(__name__)
@@ -63,19 +65,24 @@ class Worker:
 
 
 class Peers:
-    """The workers and the group; `shard` under tensor parallelism, `stage` (this rank's
-    layers) and `pipeline` under pipeline parallelism."""
+    """The workers and the groups: `shard` (this rank's heads and columns) under tensor
+    parallelism, `stage` (its layers) and `pipeline` under pipeline parallelism, both for a
+    grid of tp x pp ranks."""
 
     def __init__(self, config: EngineConfig, cfg: ModelConfig, workers: list[Worker],
-                 group: comm.TPGroup, shard: partition.Shard | None = None,
-                 stage: range | None = None):
+                 group: comm.TPGroup, tp_group: comm.TPGroup | None,
+                 shard: partition.Shard | None = None, stage: range | None = None,
+                 placed: RayRanks | None = None):
         self.config, self.cfg, self.workers, self.group = config, cfg, workers, group
+        self.tp_group, self.placed = tp_group, placed
         self.shard, self.stage = shard, stage
-        self.kind = "tensor-parallel" if shard is not None else "pipeline"
-        # what the KV cache is built from: this rank's heads, or all heads of its layers
+        self.kind = ("tensor-parallel" if stage is None else "pipeline" if shard is None
+                     else "parallel")
+        # what the KV cache is built from: this rank's heads (of its stage's layers)
         self.local_config = partition.local_config(cfg, shard) if shard is not None else cfg
         self.pipeline = (None if stage is None else PipelineStages(
-            group, cfg.hidden_size, TORCH_DTYPES[config.dtype], torch.device(config.device)))
+            group, config.tensor_parallel_size, cfg.hidden_size, TORCH_DTYPES[config.dtype],
+            torch.device(config.device)))
 
     @property
     def whole_layers(self) -> bool:
@@ -83,11 +90,11 @@ class Peers:
         return self.shard is None
 
     def attach(self, model: nn.Module) -> None:
-        """After prepare_model: hook the collectives in, or cut the model to stage 0."""
+        """After prepare_model: hook the collectives in, then cut the model to stage 0."""
         if self.shard is not None:
-            sharding.attach_collectives(model, self.cfg, self.group)
-        else:
-            assert self.stage is not None
+            assert self.tp_group is not None
+            sharding.attach_collectives(model, self.cfg, self.tp_group)
+        if self.stage is not None:
             keep_stage(model, self.stage, first=True)
 
     def start_runners(self, kv_groups: list[KVCacheConfig], invariant_attention: bool) -> None:
@@ -119,6 +126,8 @@ class Peers:
                     w.process.wait()
             w.conn_out.close()
             w.conn_in.close()
+        if self.placed is not None:
+            self.placed.close()
 
     def _send(self, w: Worker, message: object) -> None:
         try:
@@ -151,55 +160,66 @@ def free_port() -> int:
 
 
 def start_peers(config: EngineConfig, loaded: LoadedModel) -> Peers:
-    """Launch ranks 1..N-1 and join the group as rank 0. Tensor parallelism cuts `loaded` to
-    rank 0's share here; pipeline parallelism in Peers.attach, once it is quantized."""
+    """Launch ranks 1..N-1 and join the groups as rank 0. Tensor parallelism cuts `loaded` to
+    rank 0's heads here (before quantizing); pipeline parallelism cuts its layers in
+    Peers.attach, once it is quantized."""
     cfg = loaded.config
-    pipelined = config.pipeline_parallel_size > 1
-    world = config.pipeline_parallel_size if pipelined else config.tensor_parallel_size
+    tp, pp = config.tensor_parallel_size, config.pipeline_parallel_size
+    world = tp * pp
     # refuse a model that cannot be split this way before starting anything
-    shard = None if pipelined else partition.plan(cfg, 0, world)
-    stage = stage_layers(cfg, 0, world) if pipelined else None
-    if not pipelined and config.quantization == "gguf":
+    shard = partition.plan(cfg, 0, tp) if tp > 1 else None
+    stage = stage_layers(cfg, 0, pp) if pp > 1 else None
+    if tp > 1 and config.quantization == "gguf":
         raise ValueError("--tensor-parallel-size with --quantization gguf: GGUF blocks are not "
                          "sharded; use --quantization int8 or int4 (or fp32)")
-    host = config.master_addr if config.nnodes > 1 else "127.0.0.1"
+    total_threads = config.num_threads or torch.get_num_threads()
+    placed = None  # Ray's placement of ranks 1..N-1 (--distributed-executor ray)
+    if config.distributed_executor == "ray":
+        from pagoda.parallel.ray_executor import RayRanks
+
+        threads = max(1, total_threads // world)
+        placed = RayRanks(world - 1, threads)
+        host, key, local = placed.host, placed.key, range(1)
+        one_machine = placed.on_this_node()
+    else:
+        host = config.master_addr if config.nnodes > 1 else "127.0.0.1"
+        key = dist_key() if config.nnodes > 1 else b""
+        local = node_ranks(0, config.nnodes, world)
+        # each rank its own share of this node's cores (every node taken to be like this one)
+        threads = max(1, total_threads // len(local))
+        one_machine = config.nnodes == 1
     port = config.master_port or free_port()
-    local = node_ranks(0, config.nnodes, world)
-    # each rank its own share of this node's cores (every node is taken to be like this one)
-    threads = max(1, (config.num_threads or torch.get_num_threads()) // len(local))
-    setup = (config, loaded.path, world, host, port, threads)
-    workers = [_launch(setup, rank) for rank in local if rank > 0]
+
+    def orders(rank: int) -> Orders:
+        return Orders(config, loaded.path, rank, world, host, port, threads, one_machine)
+
+    workers = [_launch(orders(rank)) for rank in local if rank > 0]
     torch.set_num_threads(threads)
     try:
-        if config.nnodes > 1:
-            workers += _join_remote(setup, config.nnodes)
-        # stages exchange hidden states point to point: no shared-memory collectives; nor
-        # across machines
-        group = comm.connect(0, world, host, port, torch.device(config.device),
-                             shared_memory=not pipelined and config.nnodes == 1)
+        remote = [rank for rank in range(world) if rank not in local]
+        if placed is not None:
+            placed.start(remote, f"{host}:{port + 1}")
+        if remote:
+            workers += _join_remote(orders, set(remote), config.nnodes, world, key)
+        group, tp_group = comm.connect_grid(0, tp, pp, host, port, torch.device(config.device),
+                                            shared_memory=one_machine)
     except Exception:
         for w in workers:
             if w.process is not None:
                 w.process.kill()
             w.conn_out.close()
+        if placed is not None:
+            placed.close()
         raise
     if shard is not None:
         sharding.shard_weights(loaded.model, cfg, shard)
-        log.info("tensor parallel: rank 0 of %d (KV heads %s, %d threads per rank)", world,
-                 list(shard.kv_heads), threads)
-    else:
-        log.info("pipeline parallel: rank 0 of %d (layers %d-%d, %d threads per rank)", world,
-                 stage.start, stage.stop - 1, threads)
-    return Peers(config, cfg, workers, group, shard, stage)
+    log.info("rank 0 of %d (TP=%d x PP=%d; KV heads %s, layers %s; %d threads per rank)",
+             world, tp, pp, list(shard.kv_heads) if shard else "all",
+             f"{stage.start}-{stage.stop - 1}" if stage else "all", threads)
+    return Peers(config, cfg, workers, group, tp_group, shard, stage, placed)
 
 
-def _orders(setup: tuple, rank: int) -> tuple:
-    """What a worker is told first: (config, model path, rank, world, host, port, threads)."""
-    config, path, world, host, port, threads = setup
-    return (config, path, rank, world, host, port, threads)
-
-
-def _launch(setup: tuple, rank: int) -> Worker:
+def _launch(orders: Orders) -> Worker:
     process = subprocess.Popen([sys.executable, "-m", "pagoda.parallel.worker"],
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     assert process.stdin is not None and process.stdout is not None
@@ -207,18 +227,21 @@ def _launch(setup: tuple, rank: int) -> Worker:
     conn_in = Connection(os.dup(process.stdout.fileno()), writable=False)
     process.stdin.close()
     process.stdout.close()
-    worker = Worker(rank, process, conn_out, conn_in)
-    conn_out.send(_orders(setup, rank))
+    worker = Worker(orders.rank, process, conn_out, conn_in)
+    conn_out.send(orders)
     return worker
 
 
-def _join_remote(setup: tuple, nnodes: int) -> list[Worker]:
-    """Wait for the other nodes' ranks (`pagoda worker`) and give each its orders."""
-    config, _, world, host, port, _ = setup
-    log.info("waiting for nodes 1..%d on %s:%d (`pagoda worker --master-addr %s --master-port "
-             "%d --node-rank I`)", nnodes - 1, host, port + 1, host, port)
-    conns = accept_ranks(host, port + 1, nnodes, world, READY_TIMEOUT_S)
+def _join_remote(orders: Callable[[int], Orders], wanted: set[int], nnodes: int, world: int,
+                 key: bytes) -> list[Worker]:
+    """Wait for the ranks that dial in (other nodes' `pagoda worker`, or Ray's tasks) and give
+    each its orders."""
+    host, port = orders(0).host, orders(0).port
+    if nnodes > 1:
+        log.info("waiting for nodes 1..%d on %s:%d (`pagoda worker --master-addr %s "
+                 "--master-port %d --node-rank I`)", nnodes - 1, host, port + 1, host, port)
+    conns = accept_ranks(host, port + 1, wanted, nnodes, world, READY_TIMEOUT_S, key)
     workers = [Worker(rank, None, conn, conn) for rank, conn in sorted(conns.items())]
     for w in workers:
-        w.conn_out.send(_orders(setup, w.rank))
+        w.conn_out.send(orders(w.rank))
     return workers

@@ -50,19 +50,29 @@ def keep_stage(model: nn.Module, layers: range, first: bool) -> None:
 
 
 class PipelineStages:
-    """One rank's side of the ring; rank 0's run() returns the final hidden states."""
+    """One rank's side of the ring. Ranks are stage-major (rank = stage * tp + tp_rank); each
+    tensor-parallel rank passes its (replicated) hidden states to the same tp_rank of the next
+    stage, and the last stage back to stage 0, whose ranks all get the final hidden states
+    (under tensor parallelism the LM head is a collective of stage 0's ranks)."""
 
-    def __init__(self, group: TPGroup, hidden_size: int, dtype: torch.dtype,
+    def __init__(self, group: TPGroup, tp: int, hidden_size: int, dtype: torch.dtype,
                  device: torch.device, timeout: datetime.timedelta = COLLECTIVE_TIMEOUT):
         self.group, self.hidden_size, self.dtype, self.timeout = group, hidden_size, dtype, timeout
         self.device = device
-        self.parts = group.world  # micro-batches per step: one per stage keeps every stage busy
+        self.tp = tp
+        self.stage, self.tp_rank = divmod(group.rank, tp)
+        self.num_stages = group.world // tp
+        self.parts = self.num_stages  # micro-batches per step: one per stage keeps all busy
+
+    @property
+    def first(self) -> bool:
+        return self.stage == 0
 
     def run(self, model: nn.Module, prepared: list[Prepared], kv_stores: list[KVStore]
             ) -> torch.Tensor | None:
-        if self.group.rank == 0:
+        if self.first:
             return self._first(model, prepared, kv_stores)
-        self._middle(model, prepared, kv_stores)
+        self._later(model, prepared, kv_stores)
         return None
 
     def _first(self, model: nn.Module, prepared: list[Prepared], kv_stores: list[KVStore]
@@ -70,20 +80,21 @@ class PipelineStages:
         pending = []  # (tensor, work): a send's tensor must live until the send completes
         for tag, (ids, positions, meta) in enumerate(prepared):
             x = model.run_layers(model.embed(ids), positions, kv_stores, meta).contiguous()
-            pending.append((x, self.group.group.send([x], 1, tag)))
-        outputs = [self._receive(len(ids), self.group.world - 1, tag)
-                   for tag, (ids, _, _) in enumerate(prepared)]
+            pending.append((x, self.group.group.send([x], self.group.rank + self.tp, tag)))
+        last = (self.num_stages - 1) * self.tp + self.tp_rank
+        outputs = [self._receive(len(ids), last, tag) for tag, (ids, _, _) in enumerate(prepared)]
         self._finish(pending)
         return model.final_norm(torch.cat(outputs))
 
-    def _middle(self, model: nn.Module, prepared: list[Prepared], kv_stores: list[KVStore]
-                ) -> None:
-        rank, world = self.group.rank, self.group.world
+    def _later(self, model: nn.Module, prepared: list[Prepared], kv_stores: list[KVStore]
+               ) -> None:
+        rank = self.group.rank
+        after = rank + self.tp if self.stage < self.num_stages - 1 else self.tp_rank
         pending = []
         for tag, (ids, positions, meta) in enumerate(prepared):
-            x = self._receive(len(ids), rank - 1, tag)
+            x = self._receive(len(ids), rank - self.tp, tag)
             y = model.run_layers(x, positions, kv_stores, meta).contiguous()
-            pending.append((y, self.group.group.send([y], (rank + 1) % world, tag)))
+            pending.append((y, self.group.group.send([y], after, tag)))
         self._finish(pending)
 
     def _receive(self, rows: int, src: int, tag: int) -> torch.Tensor:

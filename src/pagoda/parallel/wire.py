@@ -1,14 +1,31 @@
-"""What a worker needs of a scheduled request to run its forward: the tokens, positions and
-block table, and the prompt for prompt log-probs (their LM-head calls are collectives too, so
-every rank must make them). Sampling happens on rank 0 alone, so sampling parameters, grammars
-and output tokens stay there."""
+"""What rank 0 tells its workers: first their orders (who they are, where the group meets),
+then every step what a worker needs of a scheduled request to run its forward: the tokens,
+positions and block table, and the prompt for prompt log-probs (their LM-head calls are
+collectives too, so every rank must make them). Sampling happens on rank 0 alone, so sampling
+parameters, grammars and output tokens stay there."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from pagoda.sampling.params import SamplingParams
 from pagoda.scheduler.output import ScheduledRequest
+
+if TYPE_CHECKING:
+    from pagoda.engine.config import EngineConfig
+
+
+@dataclass(frozen=True)
+class Orders:
+    config: EngineConfig  # rank 0's: every rank prepares the model the same way
+    model_path: str  # the same files at the same path on every node
+    rank: int
+    world: int
+    host: str  # the group's rendezvous (rank 0's TCPStore)
+    port: int
+    threads: int
+    shared_memory: bool  # every rank on one machine: collectives through /dev/shm
 
 
 @dataclass(frozen=True)

@@ -24,9 +24,10 @@ import torch
 def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s parallel-worker %(message)s")
     if argv[:1] == ["--connect"]:  # a rank on another node (nodes.py): one duplex connection
-        from pagoda.parallel.nodes import JOIN_TIMEOUT_S, connect
+        from pagoda.parallel.nodes import JOIN_TIMEOUT_S, connect, dist_key
 
-        conn_in = conn_out = connect(argv[1], ("rank", int(argv[3])), JOIN_TIMEOUT_S)
+        conn_in = conn_out = connect(argv[1], ("rank", int(argv[3])), JOIN_TIMEOUT_S,
+                                     dist_key())
     else:
         # The protocol owns the original stdout; fd 1 becomes stderr for logs and stray prints.
         conn_out = Connection(os.dup(1), readable=False)
@@ -52,33 +53,36 @@ def run(conn_in: Connection, conn_out: Connection) -> None:
     from pagoda.loader.model_loader import load_model
     from pagoda.parallel import comm, partition, sharding
     from pagoda.parallel.pipeline import PipelineStages, keep_stage, stage_layers
-    from pagoda.parallel.wire import from_wire
+    from pagoda.parallel.wire import Orders, from_wire
     from pagoda.worker.model_runner import ModelRunner
     from pagoda.worker.model_setup import TORCH_DTYPES, prepare_model
 
-    config, model_path, rank, world, host, port, threads = conn_in.recv()
-    torch.set_num_threads(threads)
+    orders: Orders = conn_in.recv()
+    config, rank = orders.config, orders.rank
+    tp, pp = config.tensor_parallel_size, config.pipeline_parallel_size
+    stage_index, tp_rank = divmod(rank, tp)
+    torch.set_num_threads(orders.threads)
     device = torch.device(config.device)
-    pipelined = config.pipeline_parallel_size > 1
-    group = comm.connect(rank, world, host, port, device,
-                         shared_memory=not pipelined and config.nnodes == 1)
+    group, tp_group = comm.connect_grid(rank, tp, pp, orders.host, orders.port, device,
+                                        shared_memory=orders.shared_memory)
     dtype = TORCH_DTYPES[config.dtype]
-    loaded = load_model(model_path, config.device, dtype, progress=False)
+    loaded = load_model(orders.model_path, config.device, dtype, progress=False)
     cfg = kv_cfg = loaded.config
-    stages, layers = None, None
-    if pipelined:  # all of the model prepared as rank 0 prepares it, then cut to this stage
-        layers = stage_layers(cfg, rank, world)
-        prepare_model(config, loaded)
-        keep_stage(loaded.model, layers, first=False)
-        stages = PipelineStages(group, cfg.hidden_size, dtype, device)
-        role = f"layers {layers.start}-{layers.stop - 1}"
-    else:
-        shard = partition.plan(cfg, rank, world)
+    role = []
+    if tp > 1:  # heads and columns first (quantization then sees only this rank's share)
+        shard = partition.plan(cfg, tp_rank, tp)
         sharding.shard_weights(loaded.model, cfg, shard)
-        prepare_model(config, loaded, whole_layers=False)
-        sharding.attach_collectives(loaded.model, cfg, group)
         kv_cfg = partition.local_config(cfg, shard)
-        role = f"KV heads {list(shard.kv_heads)}"
+        role.append(f"KV heads {list(shard.kv_heads)}")
+    prepare_model(config, loaded, whole_layers=tp == 1)
+    if tp_group is not None and tp > 1:
+        sharding.attach_collectives(loaded.model, cfg, tp_group)
+    stages, layers = None, None
+    if pp > 1:  # then the layers (GGUF blocks are found by layer number while quantizing)
+        layers = stage_layers(cfg, stage_index, pp)
+        keep_stage(loaded.model, layers, first=stage_index == 0)
+        stages = PipelineStages(group, tp, cfg.hidden_size, dtype, device)
+        role.append(f"layers {layers.start}-{layers.stop - 1}")
     message = conn_in.recv()
     if message is None:
         return
@@ -88,14 +92,15 @@ def run(conn_in: Connection, conn_out: Connection) -> None:
                          select_decode_kernel(config.attention_backend, device), invariant,
                          pipeline=stages)
     conn_out.send(("ready", None))
-    logging.getLogger(__name__).info("rank %d of %d ready (%s)", rank, world, role)
+    logging.getLogger(__name__).info("rank %d of %d ready (%s)", rank, orders.world,
+                                     ", ".join(role))
     with torch.inference_mode():
         while (message := conn_in.recv()) is not None:
             _, rows, num_rows = message
             batch = [from_wire(r) for r in rows]
-            if stages is not None:
+            if stages is not None and not stages.first:
                 runner.forward_stage(batch, num_rows)
-            else:
+            else:  # stage 0 under tensor parallelism: its LM head is a collective too
                 runner.forward(batch, num_rows)
 
 

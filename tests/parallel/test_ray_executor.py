@@ -1,0 +1,47 @@
+"""`--distributed-executor ray`: Ray's placement group holds ranks 1..N-1 (Ray tasks running
+Pagoda's worker, dialing rank 0 as another node's ranks do) on a local Ray instance; the
+contract is the one-process one, and stopping the engine frees the Ray CPUs."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.engine.test_hf_reference import prompt_ids as prompt_ids  # the same fixtures
+from tests.engine.test_hf_reference import reference as reference
+from tests.parallel.test_tensor_parallel import assert_reference_tokens, tp_engine
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.mark.parametrize("layout", [{"pipeline_parallel_size": 2},
+                                    {"tensor_parallel_size": 3}])
+def test_ray_places_the_ranks(layout, local_ray, prompt_ids, reference):
+    engine = tp_engine(distributed_executor="ray", num_threads=2, **layout)
+    try:
+        assert engine.peers.placed is not None
+        assert all(w.process is None for w in engine.peers.workers)  # none is our child
+        assert local_ray.available_resources().get("CPU", 0) < 2  # the ranks' bundles
+        assert_reference_tokens(engine, prompt_ids[:3], reference, "with Ray's ranks")
+    finally:
+        engine.close()
+    deadline = time.monotonic() + 20  # Ray reports freed resources a moment later
+    while local_ray.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert local_ray.available_resources().get("CPU", 0) == 2  # the placement group is gone
+
+
+def test_ray_with_nodes_is_refused():
+    with pytest.raises(ValueError, match="places the ranks itself"):
+        tp_engine(tensor_parallel_size=2, distributed_executor="ray", nnodes=2,
+                  master_port=29500)
