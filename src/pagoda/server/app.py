@@ -80,7 +80,8 @@ def build_app(config: ServerConfig, on_fatal: Callable[[], None] | None = None,
             task = asyncio.create_task(client.load())
             task.add_done_callback(loaded)
         yield
-        client.status = "draining"
+        if client.status != "failed":  # a failed load keeps its status: the exit code says it
+            client.status = "draining"
         if task is not None and not task.done():
             task.cancel()
         client.shutdown()

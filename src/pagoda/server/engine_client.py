@@ -95,7 +95,10 @@ class EngineClient:
             # ready, rather than on the event loop in the first constrained request
             await asyncio.to_thread(importlib.import_module, "xgrammar")
         except Exception as exc:
-            log.exception("model loading failed")
+            # one line for the operator (the cause is usually a flag or a path); the stack for
+            # --log-level debug
+            log.error("model loading failed: %s", exc)
+            log.debug("model loading failed", exc_info=True)
             self.status, self.detail = "failed", f"{type(exc).__name__}: {exc}"
             raise
         llm.start(asyncio.get_running_loop())
