@@ -113,18 +113,25 @@ def test_int8_shards_keep_the_perplexity(loaded_model):
     assert abs(perplexity[2] / perplexity[1] - 1) < 0.02, perplexity
 
 
-def test_a_dead_rank_fails_the_step_instead_of_hanging(prompt_ids):
-    engine = tp_engine(tensor_parallel_size=2)
+def assert_a_dead_rank_fails_the_step(engine: LLMEngine, rank: psutil.Process,
+                                      prompt_ids: list[int]) -> None:
+    """Kill `rank` (a worker process of `engine`): the next steps raise instead of hanging;
+    the engine is closed afterwards either way."""
     try:
-        worker = engine.peers.workers[0].process
-        psutil.Process(worker.pid).kill()
-        worker.wait(10)
-        engine.add_request("r", prompt_ids[0], GREEDY)
+        rank.kill()
+        rank.wait(10)
+        engine.add_request("r", prompt_ids, GREEDY)
         with pytest.raises(RuntimeError, match="rank 1|Connection|closed|reset"):
             for _ in range(5):
                 engine.step()
     finally:
         engine.close()
+
+
+def test_a_dead_rank_fails_the_step_instead_of_hanging(prompt_ids):
+    engine = tp_engine(tensor_parallel_size=2)
+    worker = psutil.Process(engine.peers.workers[0].process.pid)
+    assert_a_dead_rank_fails_the_step(engine, worker, prompt_ids[0])
 
 
 def test_workers_exit_with_their_engine():
