@@ -53,3 +53,19 @@ def test_both_replicas_answer_the_openai_client(ray_app):
         raw = via.completions.with_raw_response.create(model="m", prompt="Hello", max_tokens=3)
     assert raw.http_response.status_code == 200 and raw.parse().choices[0].text
     assert raw.headers["x-pagoda-upstream"] == ray_app[len("http://"):]
+
+
+def test_a_replica_whose_engine_is_tensor_parallel(make_engine, loaded_model):
+    """Scale-out of sharded engines: the replica's engine starts its second rank as its own
+    child process, and answers through Ray's proxy with one process's greedy text."""
+    from pagoda.sampling.params import SamplingParams
+    from tests.engine.helpers import run_to_completion
+
+    prompt = "The capital of France is"
+    expected = loaded_model.tokenizer.decode(run_to_completion(make_engine(), {"r": (
+        loaded_model.tokenizer.encode(prompt), SamplingParams(temperature=0, max_tokens=8))})["r"])
+    with ray_serve("--num-replicas", "1", "--tensor-parallel-size", "2") as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        raw = client.completions.with_raw_response.create(
+            model="m", prompt=prompt, max_tokens=8, temperature=0)
+        assert raw.parse().choices[0].text == expected and raw.headers["x-pagoda-replica"]
