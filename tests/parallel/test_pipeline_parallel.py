@@ -15,12 +15,13 @@ from pagoda.engine.config import EngineConfig
 from pagoda.engine.llm_engine import LLMEngine
 from pagoda.sampling.params import SamplingParams
 from tests.engine.helpers import run_to_completion
-from tests.engine.test_hf_reference import GREEDY, PROMPTS
+from tests.engine.test_hf_reference import PROMPTS
 from tests.engine.test_hf_reference import prompt_ids as prompt_ids  # the same fixtures
 from tests.engine.test_hf_reference import reference as reference
 from tests.parallel.test_tensor_parallel import (
     assert_a_dead_rank_fails_the_step,
     assert_reference_tokens,
+    assert_staggered_then_cached,
     prompt_logprobs,
     tp_engine,
 )
@@ -40,16 +41,9 @@ def test_two_stages_hold_half_the_layers_each(pp2):
 
 
 def test_greedy_equals_transformers_in_a_staggered_batch(pp2, prompt_ids, reference):
-    """Chunked prefill (64-token budget) beside decodes, split into micro-batches, then the same
-    batch again, now served from the prefix cache."""
-    requests = {f"r{i}": (ids, GREEDY) for i, ids in enumerate(prompt_ids)}
-    arrivals = {f"r{i}": 3 * i for i in range(len(prompt_ids))}
-    for _ in range(2):
-        got = run_to_completion(pp2, requests, arrivals)
-        for i in range(len(prompt_ids)):
-            assert got[f"r{i}"] == reference[i], f"prompt {i} ({PROMPTS[i][:30]!r}) differs"
-        pp2.check_integrity()
-    assert pp2.kv_manager.num_hit_tokens > 0
+    """Chunked prefill (64-token budget) beside decodes, split into micro-batches, then from
+    the prefix cache."""
+    assert_staggered_then_cached(pp2, prompt_ids, reference)
 
 
 def test_log_probs_match_one_process(pp2, make_engine, prompt_ids):

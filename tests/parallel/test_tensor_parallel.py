@@ -51,17 +51,23 @@ def test_two_ranks_split_three_kv_heads_unevenly(tp2):
     assert len(tp2.peers.workers) == 1 and tp2.peers.workers[0].process.poll() is None
 
 
-def test_greedy_equals_transformers_in_a_staggered_batch(tp2, prompt_ids, reference):
-    """Chunked prefill (64-token budget) beside decodes, then the same batch again, now served
-    from the prefix cache."""
+def assert_staggered_then_cached(engine: LLMEngine, prompt_ids: list[list[int]],
+                                 reference: list[list[int]]) -> None:
+    """Staggered arrivals (chunked prefill beside decodes), then the same batch again, now
+    served from the prefix cache: transformers' greedy tokens both times."""
     requests = {f"r{i}": (ids, GREEDY) for i, ids in enumerate(prompt_ids)}
     arrivals = {f"r{i}": 3 * i for i in range(len(prompt_ids))}
     for _ in range(2):
-        got = run_to_completion(tp2, requests, arrivals)
+        got = run_to_completion(engine, requests, arrivals)
         for i in range(len(prompt_ids)):
             assert got[f"r{i}"] == reference[i], f"prompt {i} ({PROMPTS[i][:30]!r}) differs"
-        tp2.check_integrity()
-    assert tp2.kv_manager.num_hit_tokens > 0
+        engine.check_integrity()
+    assert engine.kv_manager.num_hit_tokens > 0
+
+
+def test_greedy_equals_transformers_in_a_staggered_batch(tp2, prompt_ids, reference):
+    """Chunked prefill (64-token budget) beside decodes, then from the prefix cache."""
+    assert_staggered_then_cached(tp2, prompt_ids, reference)
 
 
 def prompt_logprobs(engine: LLMEngine, ids: list[int]) -> list[float]:

@@ -75,7 +75,8 @@ def run(conn_in: Connection, conn_out: Connection) -> None:
         kv_cfg = partition.local_config(cfg, shard)
         role.append(f"KV heads {list(shard.kv_heads)}")
     prepare_model(config, loaded, whole_layers=tp == 1)
-    if tp_group is not None and tp > 1:
+    if tp > 1:
+        assert tp_group is not None
         sharding.attach_collectives(loaded.model, cfg, tp_group)
     stages, layers = None, None
     if pp > 1:  # then the layers (GGUF blocks are found by layer number while quantizing)
