@@ -121,9 +121,8 @@ class EngineConfig:
             raise ValueError("tensor_parallel_size must be at least 1")
         if self.pipeline_parallel_size < 1:
             raise ValueError("pipeline_parallel_size must be at least 1")
-        ranks = self.tensor_parallel_size * self.pipeline_parallel_size
-        if self.nnodes < 1 or ranks % self.nnodes:
-            raise ValueError(f"nnodes must be at least 1 and divide the {ranks} ranks "
+        if self.nnodes < 1 or self.num_ranks % self.nnodes:
+            raise ValueError(f"nnodes must be at least 1 and divide the {self.num_ranks} ranks "
                              "(tensor x pipeline parallel size) evenly")
         if self.distributed_executor not in ("mp", "ray"):
             raise ValueError("distributed_executor must be mp or ray")
@@ -138,6 +137,11 @@ class EngineConfig:
                              "too)")
         if self.speculative_max_batch is not None and self.speculative_max_batch < 1:
             raise ValueError("speculative_max_batch must be positive")
+
+    @property
+    def num_ranks(self) -> int:
+        """Processes one engine runs in: tensor x pipeline parallel size."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
 
     @property
     def resolved_num_speculative_tokens(self) -> int:

@@ -46,7 +46,7 @@ class EmbeddingEngine:
         path = resolve_model_path(config.model)
         if config.speculative_method is not None:
             raise ValueError("speculative decoding does not apply to embedding models")
-        if config.tensor_parallel_size > 1 or config.pipeline_parallel_size > 1:
+        if config.num_ranks > 1:
             raise ValueError("tensor and pipeline parallelism are for generation; embedding "
                              "models run in one process (scale them out with replicas)")
         if is_encoder_dir(path):

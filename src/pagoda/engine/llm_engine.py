@@ -75,7 +75,7 @@ class LLMEngine:
         warning = half_precision_warning(config.device, config.dtype)
         if warning:
             log.warning(warning)
-        parallel = config.tensor_parallel_size > 1 or config.pipeline_parallel_size > 1
+        parallel = config.num_ranks > 1
         if loaded is not None and parallel:
             raise ValueError("tensor and pipeline parallelism cut the model to rank 0's share in "
                              "place: give the engine a model path, not a loaded (shared) model")
