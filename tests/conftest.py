@@ -108,6 +108,53 @@ def hf_model(loaded_model):
 
 
 @pytest.fixture(scope="session")
+def computed_once(tmp_path_factory, worker_id):
+    """`computed_once(name, compute)`: compute a JSON-able value once per test run and share it
+    with every pytest-xdist worker (pytest-xdist's documented pattern: a file in the run's
+    shared temporary folder, written under a lock). A reference that takes seconds (a
+    transformers generate) is then computed by whichever worker needs it first, and the other
+    reads it; it is never stored between runs."""
+    import json
+
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp().parent
+
+    def get(name: str, compute):
+        if worker_id == "master":  # no xdist: nothing to share
+            return compute()
+        path = root / f"{name}.json"
+        with FileLock(f"{path}.lock"):
+            if not path.is_file():
+                path.write_text(json.dumps(compute()))
+            return json.loads(path.read_text())
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def prompt_ids(loaded_model):
+    """The token ids of tests/engine/test_hf_reference.py's prompts."""
+    from tests.engine.test_hf_reference import PROMPTS
+
+    return [loaded_model.tokenizer.encode(p) for p in PROMPTS]
+
+
+@pytest.fixture(scope="session")
+def reference(request, computed_once, prompt_ids):
+    """transformers' greedy continuation of each of `prompt_ids` (the reference of the engine,
+    parallel and Ray tests). Defined here, not in a test module: a session fixture imported
+    into several modules is a separate fixture in each, computed once per module."""
+    from tests.engine.helpers import hf_greedy
+    from tests.engine.test_hf_reference import MAX_TOKENS
+
+    def compute():
+        return hf_greedy(request.getfixturevalue("hf_model"), prompt_ids, MAX_TOKENS)
+
+    return computed_once("smollm2_hf_greedy", compute)
+
+
+@pytest.fixture(scope="session")
 def gguf_draft(loaded_model):
     """The default model again, on its GGUF blocks (qgemm): the practical CPU draft (for the
     speculative decoding tests)."""

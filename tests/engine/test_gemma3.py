@@ -296,3 +296,16 @@ def test_sliding_window_with_speculation(gemma_small_window, prompt_ids, small_w
     assert all(got[f"r{i}"] == small_window_reference[i] for i in LONG)
     assert engine.stats().spec_num_draft_tokens > 0
     engine.check_integrity()
+
+
+def test_pipeline_stages_keep_both_kv_groups(gemma_path, prompt_ids, reference):
+    """Gemma 3's sliding and global layers are two KV groups; each of two pipeline stages (two
+    processes) builds the stores of its own layers in both: transformers' tokens, batched."""
+    engine = make_engine(None, model=gemma_path, pipeline_parallel_size=2)
+    try:
+        assert engine.peers.stage == range(0, 9)
+        got = run_to_completion(engine, {f"r{i}": (prompt_ids[i], GREEDY) for i in range(4)})
+        for i in range(4):
+            assert got[f"r{i}"] == reference[i], f"prompt {i} differs across two stages"
+    finally:
+        engine.close()

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import pytest
-
 from pagoda.sampling.params import SamplingParams
-from tests.engine.helpers import hf_greedy, run_to_completion
+from tests.engine.helpers import run_to_completion
 
 PROMPTS = [
     "The capital of France is",
@@ -25,16 +23,7 @@ PROMPTS = [
 MAX_TOKENS = 24
 
 
-@pytest.fixture(scope="session")
-def prompt_ids(loaded_model):
-    return [loaded_model.tokenizer.encode(p) for p in PROMPTS]
-
-
-@pytest.fixture(scope="session")
-def reference(hf_model, prompt_ids):
-    return hf_greedy(hf_model, prompt_ids, MAX_TOKENS)
-
-
+# The `prompt_ids` and `reference` (transformers' tokens) fixtures are in tests/conftest.py.
 GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
 
 

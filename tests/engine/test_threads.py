@@ -16,7 +16,7 @@ from pagoda.sampling.params import SamplingParams
 from tests.engine.helpers import run_to_completion
 from tests.engine.test_hf_reference import PROMPTS as ALL_PROMPTS
 
-PROMPTS = ALL_PROMPTS[::2]  # short, code, German, chat, SQL: one of each kind
+PROMPTS = ALL_PROMPTS[2::2]  # code, German, chat, SQL: one of each kind
 MAX_TOKENS = 16
 GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
 

@@ -20,8 +20,6 @@ from pagoda.cli.main import main
 from pagoda.parallel.nodes import accept_ranks
 from pagoda.sampling.params import SamplingParams
 from tests.engine.helpers import run_to_completion
-from tests.engine.test_hf_reference import prompt_ids as prompt_ids  # the same fixtures
-from tests.engine.test_hf_reference import reference as reference
 from tests.gateway.gateway_harness import free_port
 from tests.parallel.test_tensor_parallel import (
     assert_a_dead_rank_fails_the_step,

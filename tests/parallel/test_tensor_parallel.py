@@ -18,8 +18,6 @@ from pagoda.engine.llm_engine import LLMEngine
 from pagoda.sampling.params import SamplingParams
 from tests.engine.helpers import run_to_completion
 from tests.engine.test_hf_reference import GREEDY, PROMPTS
-from tests.engine.test_hf_reference import prompt_ids as prompt_ids  # the same fixtures
-from tests.engine.test_hf_reference import reference as reference
 
 
 def assert_reference_tokens(engine: LLMEngine, prompt_ids: list[list[int]],
