@@ -1,9 +1,12 @@
-"""Decode-step time per attention backend, at a given context length, in the same run.
+"""Decode-step time per attention backend and KV-cache dtype, at a given context length, in the
+same run.
 
 64 requests whose prompts share all but their last 64 tokens (as with a common system prompt) are
-prefilled, then `--steps` decode steps of all 64 are timed for each backend:
+prefilled, then `--steps` decode steps of all 64 are timed for each backend x KV dtype (the
+first one is the baseline of the ratios):
 
-    python benchmarks/decode_attention.py [--context 576] [--backends torch,cpp] [--steps 10]
+    python benchmarks/decode_attention.py [--context 576] [--backends torch,cpp]
+        [--kv-dtypes fp32,fp16] [--quantization none] [--steps 10]
 """
 
 from __future__ import annotations
@@ -42,22 +45,32 @@ def main() -> None:
     p.add_argument("--context", type=int, default=576)
     p.add_argument("--num-requests", type=int, default=64)
     p.add_argument("--backends", default="torch,cpp")
+    p.add_argument("--kv-dtypes", default="fp32")
+    p.add_argument("--quantization", default="none")
     p.add_argument("--steps", type=int, default=10)
     args = p.parse_args()
     loaded = load_model(None)
+    if args.quantization != "none":
+        from pagoda.quant import apply_quantization
+
+        apply_quantization(loaded, args.quantization)
     rng = random.Random(0)
     shared = [rng.randrange(1000, 30000) for _ in range(args.context - 64)]
     prompts = [shared + [rng.randrange(1000, 30000) for _ in range(64)]
                for _ in range(args.num_requests)]
     results = {}
     for backend in args.backends.split(","):
-        engine = LLMEngine(EngineConfig(attention_backend=backend, progress=False), loaded=loaded)
-        results[backend] = decode_step_ms(engine, prompts, args.steps)
-        print(f"  {backend:<6} {results[backend]:7.1f} ms per decode step "
-              f"({args.num_requests} requests, ~{args.context} tokens of context)", flush=True)
-    base = results[args.backends.split(",")[0]]
-    for backend, ms in results.items():
-        print(f"  {backend:<6} {base / ms:5.2f}x the first backend")
+        for kv in args.kv_dtypes.split(","):
+            engine = LLMEngine(EngineConfig(attention_backend=backend, kv_cache_dtype=kv,
+                                            progress=False), loaded=loaded)
+            name = f"{backend}/{kv}"
+            results[name] = decode_step_ms(engine, prompts, args.steps)
+            print(f"  {name:<11} {results[name]:7.1f} ms per decode step ({args.num_requests} "
+                  f"requests, ~{args.context} tokens of context, weights "
+                  f"{args.quantization})", flush=True)
+    base = next(iter(results.values()))
+    for name, ms in results.items():
+        print(f"  {name:<11} {base / ms:5.2f}x the first")
 
 
 if __name__ == "__main__":

@@ -94,3 +94,18 @@ def test_prefix_shared_by_simultaneous_requests(make_engine, prompts, loaded_mod
 def test_paged_decode_kernels_equal_gather_sdpa(make_engine, prompts, baseline, backend):
     check(make_engine(max_num_seqs=32, enable_prefix_caching=False, attention_backend=backend),
           prompts, baseline)
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["fp16", "bf16"])
+def test_half_precision_cache_read_in_place_equals_gathered(make_engine, prompts,
+                                                            kv_cache_dtype):
+    """The C++ kernel reads fp16 / bf16 blocks where they lie; the torch path gathers and widens
+    the same stored values: the same greedy tokens, 32 requests at once."""
+    runs = {}
+    for backend in ("torch", "cpp"):
+        engine = make_engine(max_num_seqs=32, enable_prefix_caching=False,
+                             attention_backend=backend, kv_cache_dtype=kv_cache_dtype)
+        runs[backend] = run_to_completion(engine, {f"r{i}": (p, GREEDY)
+                                                   for i, p in enumerate(prompts)})
+        engine.check_integrity()
+    assert runs["cpp"] == runs["torch"]

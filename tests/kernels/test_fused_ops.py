@@ -49,13 +49,14 @@ def test_rms_norm_of_a_zero_row_and_odd_widths(flavour: str):
             torch.testing.assert_close(ops.rms_norm(x, n), n(x), rtol=2e-6, atol=1e-6)
 
 
-def test_rope_write_equals_torch_rope_and_store_write(flavour: str):
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_rope_write_equals_torch_rope_and_store_write(flavour: str, kv_dtype: torch.dtype):
+    """Bit for bit, the cache's rounding to fp16 / bf16 included."""
     torch.manual_seed(1)
     heads, kv_heads, hd, tokens = 9, 3, 64, 11
     rope = RotaryEmbedding(hd, 512, 10000.0)
-    store = DenseKVStore(8, 16, kv_heads, hd, torch.device("cpu"), torch.float32, torch.float32)
-    want_store = DenseKVStore(8, 16, kv_heads, hd, torch.device("cpu"), torch.float32,
-                              torch.float32)
+    store = DenseKVStore(8, 16, kv_heads, hd, torch.device("cpu"), kv_dtype, torch.float32)
+    want_store = DenseKVStore(8, 16, kv_heads, hd, torch.device("cpu"), kv_dtype, torch.float32)
     qkv = torch.randn(tokens, (heads + 2 * kv_heads) * hd)
     positions = torch.tensor([0, 1, 2, 5, 100, 101, 200, 300, 400, 510, 511])
     slots = torch.randperm(8 * 16)[:tokens]

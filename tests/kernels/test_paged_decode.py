@@ -1,4 +1,5 @@
-"""The paged decode-attention kernel in every ISA flavour this CPU runs, against SDPA."""
+"""The paged decode-attention kernel in every ISA flavour this CPU runs, against SDPA, over fp32,
+fp16 and bf16 caches and head sizes that take the vector path (multiples of 8) and the plain one."""
 
 from __future__ import annotations
 
@@ -9,16 +10,30 @@ from pagoda.layers.paged_decode_cpp import paged_decode_attention
 from tests.engine.test_decode_kernels import reference
 
 
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("window", [None, 37])
-def test_flavour_matches_sdpa(flavour: str, window: int | None):
+@pytest.mark.parametrize("head_dim", [64, 256, 36])
+@pytest.mark.parametrize("spread", [1.0, 40.0])  # 40: most weights underflow to exactly 0
+def test_flavour_matches_sdpa(flavour: str, window: int | None, kv_dtype: torch.dtype,
+                              head_dim: int, spread: float):
     torch.manual_seed(0)
-    num_blocks, block_size, kvh, hd, heads = 64, 16, 3, 64, 9
-    k_blocks = torch.randn(num_blocks, block_size, kvh, hd)
-    v_blocks = torch.randn(num_blocks, block_size, kvh, hd)
-    lens = torch.tensor([1, 16, 17, 100, 160])
-    tables = torch.stack([torch.randperm(num_blocks)[:10] for _ in lens])
-    q = torch.randn(len(lens), heads, hd)
-    got = paged_decode_attention(q, k_blocks, v_blocks, tables, lens, 0.125, window,
+    num_blocks, block_size, kvh, heads = 64, 16, 3, 9
+    # lengths: one token, a full block, one past, longer, and not a multiple of 8
+    lens = torch.tensor([1, 16, 17, 100, 160, 83])
+    k_blocks = torch.randn(num_blocks, block_size, kvh, head_dim).to(kv_dtype)
+    v_blocks = torch.randn(num_blocks, block_size, kvh, head_dim).to(kv_dtype)
+    tables = torch.stack([torch.randperm(num_blocks)[:11] for _ in lens])
+    q = spread * torch.randn(len(lens), heads, head_dim)
+    got = paged_decode_attention(q, k_blocks, v_blocks, tables, lens, head_dim ** -0.5, window,
                                  flavour=flavour)
-    want = reference(q, k_blocks, v_blocks, tables, lens, 0.125, window)
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # the reference reads the same stored values, widened to fp32
+    want = reference(q, k_blocks.float(), v_blocks.float(), tables, lens, head_dim ** -0.5,
+                     window)
+    torch.testing.assert_close(got, want, atol=1e-5 * spread, rtol=1e-5)
+
+
+def test_refuses_an_int8_cache(flavour: str):
+    k = torch.zeros(4, 16, 3, 64, dtype=torch.int8)
+    with pytest.raises(RuntimeError, match="fp32, fp16 or bf16 cache"):
+        paged_decode_attention(torch.zeros(1, 9, 64), k, k, torch.zeros(1, 1, dtype=torch.long),
+                               torch.ones(1, dtype=torch.long), 0.125, None, flavour=flavour)

@@ -41,16 +41,19 @@ def _engine(loaded, **overrides) -> LLMEngine:
     return LLMEngine(config, loaded=loaded)  # the weights are already quantized
 
 
-def test_alone_chunked_cached_and_batched_give_the_same_tokens(quantized):
+@pytest.mark.parametrize("kv_cache_dtype", ["fp32", "fp16"])  # both read in place by the kernel
+def test_alone_chunked_cached_and_batched_give_the_same_tokens(quantized, kv_cache_dtype):
     mode, loaded = quantized
-    alone = [run_engine(_engine(loaded, enable_prefix_caching=False), [p], 12).token_ids[0]
+    alone = [run_engine(_engine(loaded, enable_prefix_caching=False,
+                                kv_cache_dtype=kv_cache_dtype), [p], 12).token_ids[0]
              for p in PROMPTS]
     # chunks of 8 tokens per step, several requests together
-    chunked = run_engine(_engine(loaded, max_num_batched_tokens=8, enable_prefix_caching=False),
-                         PROMPTS, 12).token_ids
+    chunked = run_engine(_engine(loaded, max_num_batched_tokens=8, enable_prefix_caching=False,
+                                 kv_cache_dtype=kv_cache_dtype), PROMPTS, 12).token_ids
     assert chunked == alone, mode
     # the same engine twice: the second pass finds the prompts' blocks in the prefix cache
-    engine = _engine(loaded)
+    engine = _engine(loaded, kv_cache_dtype=kv_cache_dtype)
+    assert engine.runner.invariant_attention
     first = run_engine(engine, [*PROMPTS, *OTHERS], 12).token_ids[: len(PROMPTS)]
     hits = engine.kv_manager.num_hit_tokens
     again = run_engine(engine, [*OTHERS[:3], *PROMPTS, *OTHERS[3:]], 12).token_ids[3:6]

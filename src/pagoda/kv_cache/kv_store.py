@@ -34,8 +34,9 @@ class KVStore:
     def _blocks(self, x: torch.Tensor) -> torch.Tensor:
         return x.view(self.num_blocks, self.block_size, *x.shape[1:])
 
-    def fp32_cpu_blocks(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(num_blocks, block_size, n_kv, hd) K and V views when kept as fp32 on the CPU."""
+    def cpu_blocks(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(num_blocks, block_size, n_kv, hd) K and V views when kept in a float dtype (fp32,
+        fp16, bf16) on the CPU: what the C++ kernels read and write in place."""
         return None
 
 
@@ -53,8 +54,8 @@ class DenseKVStore(KVStore):
         self.k.index_copy_(0, slots, k.to(self.k.dtype))
         self.v.index_copy_(0, slots, v.to(self.v.dtype))
 
-    def fp32_cpu_blocks(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        if self.k.dtype == torch.float32 and self.k.device.type == "cpu":
+    def cpu_blocks(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self.k.device.type == "cpu":
             return self._blocks(self.k), self._blocks(self.v)
         return None
 

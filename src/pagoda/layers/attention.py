@@ -2,7 +2,7 @@
 
 New tokens' K/V are written to their slots first, so each query reads its whole context (cached
 prefix and the current chunk) from the cache, or from the fresh K/V when nothing was cached.
-With `meta.decode_kernel` set (decode_backend.py), decodes over an fp32 CPU cache run a kernel that
+With `meta.decode_kernel` set (decode_backend.py), decodes over a float CPU cache run a kernel that
 reads blocks in place; everything else gathers blocks and runs SDPA.
 """
 
@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from pagoda.kv_cache.kv_store import KVStore
 from pagoda.layers.attention_metadata import AttentionMetadata
+from pagoda.layers.decode_backend import reads_in_place
 
 
 def paged_attention(
@@ -30,8 +31,9 @@ def paged_attention(
     out = torch.empty_like(q)
     num_decode = meta.num_decode
     kernel = meta.decode_kernel if num_decode else None
-    dense = store.fp32_cpu_blocks() if kernel is not None else None
-    if kernel is not None and dense is not None and q.dtype == torch.float32:
+    if kernel is not None and reads_in_place(kernel, store) and q.dtype == torch.float32:
+        dense = store.cpu_blocks()
+        assert dense is not None
         assert meta.decode_block_tables is not None and meta.decode_context_lens is not None
         out[:num_decode] = kernel(
             q[:num_decode], dense[0], dense[1], meta.decode_block_tables,

@@ -48,7 +48,7 @@ class AttentionMetadata:
     decode_context_lens: torch.Tensor | None  # (num_decode,) int64, new token included
     prefills: list[PrefillSpan]
     block_size: int
-    # reads decodes' K/V in place when the store is fp32 on the CPU (decode_backend.py)
+    # reads decodes' K/V in place when the store is a float dtype on the CPU (decode_backend.py)
     decode_kernel: DecodeKernel | None = None
     _masks: dict[int | None, torch.Tensor] = field(default_factory=dict, repr=False)
 

@@ -5,9 +5,9 @@
 - "numba": the same algorithm in numba; its own thread pool competes with torch's on few cores.
 - "auto": "cpp" on the CPU when it builds, else "torch".
 
-A kernel takes q (D, H, hd) fp32, the fp32 block views of K and V, the block tables, the context
-lengths, the softmax scale and the sliding window, and returns (D, H, hd). Stores that are not
-fp32 on the CPU (int8, fp16, GPU) always take the torch path.
+A kernel takes q (D, H, hd) fp32, the block views of K and V, the block tables, the context
+lengths, the softmax scale and the sliding window, and returns (D, H, hd). The C++ kernel reads
+fp32, fp16 and bf16 caches, numba's fp32 only; int8 and GPU stores always take the torch path.
 """
 
 from __future__ import annotations
@@ -16,8 +16,22 @@ from collections.abc import Callable
 
 import torch
 
+from pagoda.kv_cache.kv_store import KVStore
+
 DecodeKernel = Callable[..., torch.Tensor]
 BACKENDS = ("auto", "torch", "cpp", "numba")
+
+
+def reads_in_place(kernel: DecodeKernel, store: KVStore) -> bool:
+    """Whether `kernel` reads `store`'s cache where it lies (else: gather + SDPA)."""
+    blocks = store.cpu_blocks()
+    if blocks is None:
+        return False
+    from pagoda.layers import paged_decode_cpp
+
+    if kernel is paged_decode_cpp.paged_decode_attention:
+        return blocks[0].dtype in (torch.float32, torch.float16, torch.bfloat16)
+    return blocks[0].dtype == torch.float32
 
 
 def select_decode_kernel(backend: str, device: torch.device | str) -> DecodeKernel | None:

@@ -64,8 +64,8 @@ class FusedOps:
                    num_heads: int, num_kv_heads: int, store: KVStore,
                    slot_mapping: torch.Tensor) -> bool:
         """Rotate q and k of `qkv` (T, (H + 2 KVH) * hd) in place and write k, v to the store;
-        False (nothing done) when the store does not keep fp32 on the CPU."""
-        blocks = store.fp32_cpu_blocks()
+        False (nothing done) when the store does not keep a float dtype on the CPU."""
+        blocks = store.cpu_blocks()
         if blocks is None or not qkv.is_contiguous():
             return False
         self.module.rope_write(qkv, positions, rope.cos, rope.sin_signed, num_heads,
@@ -91,12 +91,12 @@ class FusedOps:
 
     def decode_layer(self, meta: AttentionMetadata, store: KVStore) -> bool:
         """Whether a layer can run as one call this step: every row attends through the C++
-        decode kernel of this module over an fp32 CPU cache."""
+        decode kernel of this module over a float CPU cache (fp32, fp16, bf16)."""
         return (self.whole_layers and not meta.prefills and self._is_native
                 and meta.decode_kernel is paged_decode_cpp.paged_decode_attention
                 and meta.decode_block_tables is not None
                 and meta.decode_block_tables.shape[0] == meta.slot_mapping.shape[0]
-                and store.fp32_cpu_blocks() is not None)
+                and store.cpu_blocks() is not None)
 
 
 _NO_OFFSETS = torch.zeros(0)  # what the C++ takes for "no offsets"

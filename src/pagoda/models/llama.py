@@ -89,7 +89,7 @@ class LlamaDecoderLayer(nn.Module):
                                                   mlp.down_proj)]
         if any(operands is None for operands in linears):
             return None
-        k_blocks, v_blocks = store.fp32_cpu_blocks()  # type: ignore[misc]
+        k_blocks, v_blocks = store.cpu_blocks()  # type: ignore[misc]
         (qkv_w, qkv_f), (o_w, o_f), (gu_w, gu_f), (d_w, d_f) = linears  # type: ignore[misc]
         norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
         assert norm1.eps == norm2.eps and not norm1.offset and not norm2.offset

@@ -28,7 +28,7 @@ class DiscardingKVStore(KVStore):
     def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         return None
 
-    def fp32_cpu_blocks(self) -> None:
+    def cpu_blocks(self) -> None:
         return None
 
 

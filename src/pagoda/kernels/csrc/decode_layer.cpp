@@ -1,9 +1,9 @@
 // A whole Llama decoder layer in one call, for steps whose every row attends through the paged
 // decode kernel (decodes, and prefill rows of batch-invariant engines) with 4/8-bit qgemm
-// linears and an fp32 CPU cache. It composes the kernels the Python layer calls one by one —
-// rms_norm, qgemm, rope_write, paged_decode, add_rms_norm, silu_mul — in the same order on the
-// same tensors, so its output is bit-identical to that path (tested); what it removes is the
-// Python between them (module calls, views, wrappers): ~50 us per layer at batch 1.
+// linears and a CPU cache of fp32, fp16 or bf16. It composes the kernels the Python layer calls
+// one by one — rms_norm, qgemm, rope_write, paged_decode, add_rms_norm, silu_mul — in the same
+// order on the same tensors, so its output is bit-identical to that path (tested); what it
+// removes is the Python between them (module calls, views, wrappers): ~50 us per layer at batch 1.
 //
 //   h = norm1(x); qkv = h Wqkv^T; rope(q, k), k/v -> cache; a = attention(q)
 //   (x2, h2) = (x + a Wo^T, norm2(x + a Wo^T)); out = x2 + (silu(h2 Wg^T) * h2 Wu^T) Wd^T

@@ -17,8 +17,11 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
+#include <c10/util/Half.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -124,7 +127,7 @@ std::vector<at::Tensor> add_rms_norm(at::Tensor x, at::Tensor delta, at::Tensor 
 }
 
 // qkv (T, (H + 2 KVH) * hd), contiguous: q and k rotated in place at their positions, then each
-// token's k and v copied to its slot of the caches (S, KVH, hd), slot-major fp32.
+// token's k and v copied to its slot of the caches (S, KVH, hd), slot-major fp32, fp16 or bf16.
 void rope_write(at::Tensor qkv, at::Tensor positions, at::Tensor cos, at::Tensor sin_signed,
                 int64_t num_heads, int64_t num_kv_heads, at::Tensor k_cache, at::Tensor v_cache,
                 at::Tensor slots) {
@@ -139,9 +142,12 @@ void rope_write(at::Tensor qkv, at::Tensor positions, at::Tensor cos, at::Tensor
                   positions.numel() == t_count && slots.numel() == t_count &&
                   positions.is_contiguous() && slots.is_contiguous(),
               "rope_write: positions and slots must be (T,) int64");
+  const auto kv_type = k_cache.scalar_type();
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() &&
-                  k_cache.scalar_type() == at::kFloat && v_cache.sizes() == k_cache.sizes() &&
-                  k_cache.numel() % kv == 0, "rope_write: caches must be contiguous fp32");
+                  v_cache.scalar_type() == kv_type && v_cache.sizes() == k_cache.sizes() &&
+                  (kv_type == at::kFloat || kv_type == at::kHalf || kv_type == at::kBFloat16) &&
+                  k_cache.numel() % kv == 0,
+              "rope_write: caches must be contiguous fp32, fp16 or bf16");
   const int64_t num_slots = k_cache.numel() / kv, max_pos = cos.size(0);
   const int64_t* pos = positions.data_ptr<int64_t>();
   const int64_t* sl = slots.data_ptr<int64_t>();
@@ -152,8 +158,21 @@ void rope_write(at::Tensor qkv, at::Tensor positions, at::Tensor cos, at::Tensor
   float* base = qkv.data_ptr<float>();
   const float* cp = cos.data_ptr<float>();
   const float* snp = sin_signed.data_ptr<float>();
-  float* kc = k_cache.data_ptr<float>();
-  float* vc = v_cache.data_ptr<float>();
+  // k and v rows into the cache, rounded to its dtype as torch's `.to()` rounds (to nearest even)
+  void* const kc = k_cache.data_ptr();
+  void* const vc = v_cache.data_ptr();
+  const auto store = [&](const float* row, int64_t slot) {
+    if (kv_type == at::kFloat) {
+      std::memcpy(static_cast<float*>(kc) + slot * kv, row, kv * sizeof(float));
+      std::memcpy(static_cast<float*>(vc) + slot * kv, row + kv, kv * sizeof(float));
+    } else if (kv_type == at::kHalf) {
+      std::copy(row, row + kv, static_cast<at::Half*>(kc) + slot * kv);
+      std::copy(row + kv, row + 2 * kv, static_cast<at::Half*>(vc) + slot * kv);
+    } else {
+      std::copy(row, row + kv, static_cast<at::BFloat16*>(kc) + slot * kv);
+      std::copy(row + kv, row + 2 * kv, static_cast<at::BFloat16*>(vc) + slot * kv);
+    }
+  };
   at::parallel_for(0, t_count, kRowGrain, [&](int64_t begin, int64_t end) {
     std::vector<float> head(hd);
     for (int64_t t = begin; t < end; ++t) {
@@ -167,8 +186,7 @@ void rope_write(at::Tensor qkv, at::Tensor positions, at::Tensor cos, at::Tensor
         for (int64_t i = 0; i < half; ++i) x[i] = head[i] * c[i] + head[i + half] * s[i];
         for (int64_t i = half; i < hd; ++i) x[i] = head[i] * c[i] + head[i - half] * s[i];
       }
-      std::memcpy(kc + sl[t] * kv, row + num_heads * hd, kv * sizeof(float));
-      std::memcpy(vc + sl[t] * kv, row + num_heads * hd + kv, kv * sizeof(float));
+      store(row + num_heads * hd, sl[t]);
     }
   });
 }
