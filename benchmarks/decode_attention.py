@@ -1,12 +1,13 @@
 """Decode-step time per attention backend and KV-cache dtype, at a given context length, in the
 same run.
 
-64 requests whose prompts share all but their last 64 tokens (as with a common system prompt) are
-prefilled, then `--steps` decode steps of all 64 are timed for each backend x KV dtype (the
-first one is the baseline of the ratios):
+64 requests whose prompts share all but their last 64 tokens (as with a common system prompt;
+`--shared 0`: nothing shared, each reads its own blocks, as in a W1 load) are prefilled, then
+`--steps` decode steps of all 64 are timed for each backend x KV dtype (the first one is the
+baseline of the ratios):
 
     python benchmarks/decode_attention.py [--context 576] [--backends torch,cpp]
-        [--kv-dtypes fp32,fp16] [--quantization none] [--steps 10]
+        [--kv-dtypes fp32,fp16] [--quantization none] [--shared 512] [--steps 10]
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ def main() -> None:
     p.add_argument("--num-requests", type=int, default=64)
     p.add_argument("--backends", default="torch,cpp")
     p.add_argument("--kv-dtypes", default="fp32")
+    p.add_argument("--shared", type=int, default=None,
+                   help="prompt tokens shared by all requests (default: all but the last 64)")
     p.add_argument("--quantization", default="none")
     p.add_argument("--steps", type=int, default=10)
     args = p.parse_args()
@@ -55,8 +58,9 @@ def main() -> None:
 
         apply_quantization(loaded, args.quantization)
     rng = random.Random(0)
-    shared = [rng.randrange(1000, 30000) for _ in range(args.context - 64)]
-    prompts = [shared + [rng.randrange(1000, 30000) for _ in range(64)]
+    num_shared = args.context - 64 if args.shared is None else min(args.shared, args.context)
+    shared = [rng.randrange(1000, 30000) for _ in range(num_shared)]
+    prompts = [shared + [rng.randrange(1000, 30000) for _ in range(args.context - num_shared)]
                for _ in range(args.num_requests)]
     results = {}
     for backend in args.backends.split(","):

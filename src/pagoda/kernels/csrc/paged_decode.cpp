@@ -6,10 +6,11 @@
 // reading K/V three times. Tasks run on ATen's own thread pool (at::parallel_for), so they never
 // compete with another runtime's threads for the cores.
 //
-// Per query head, three passes over the context: scores q.k (eight tokens at a time on AVX2, so
-// one horizontal reduction serves eight dot products), the softmax (a vectorised exp), then the
-// weighted sum of V with the output row held in registers. Each task's arithmetic depends only
-// on its own request, never on the batch around it (batch invariance).
+// Per group of up to three query heads sharing a KV head, three passes over the context: scores
+// q.k (four rows at a time, each K load serving every head of the group, one horizontal
+// reduction per four dot products), the softmax (a vectorised exp), then the weighted sum of V
+// with the output rows held in registers. Each task's arithmetic depends only on its own
+// request and context length, never on the batch around it (batch invariance).
 //
 // The cache may hold fp32, fp16 or bf16 (read and widened to fp32 in registers: half the bytes
 // of fp32, which is what a decode step with long contexts is bound by); q, the scores and the
@@ -55,6 +56,16 @@ inline __m256 load8(const c10::BFloat16* p) {  // bf16 is the top half of an fp3
   return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
 }
 
+// Rows are scattered over the cache's blocks and each is a few cache lines: the hardware
+// prefetcher does not see the next one coming, so the loops ask for rows a few ahead.
+constexpr int64_t kAhead = 8;
+template <typename T>
+inline void prefetch_row(const T* row, int64_t elements) {
+  const char* p = reinterpret_cast<const char*>(row);
+  for (int64_t b = 0; b < elements * static_cast<int64_t>(sizeof(T)); b += 64)
+    _mm_prefetch(p + b, _MM_HINT_T0);
+}
+
 // e^x for x <= 0 (softmax arguments), ~1 ulp: 2^n * p(r) with x = n ln2 + r, |r| <= ln2 / 2, and
 // p the degree-7 Taylor polynomial (its remainder, under 6e-9 relative, is far below fp32's
 // half-ulp of 6e-8).
@@ -88,25 +99,10 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// out[j] = q . k[j] for eight rows: eight accumulators, one transposing reduction.
-template <typename T>
-inline void dot8(const float* q, const T* const* k, int64_t hd, float* out) {
-  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
-  for (int64_t i = 0; i < hd; i += 8) {
-    const __m256 qv = _mm256_loadu_ps(q + i);
-    a0 = _mm256_fmadd_ps(qv, load8(k[0] + i), a0);
-    a1 = _mm256_fmadd_ps(qv, load8(k[1] + i), a1);
-    a2 = _mm256_fmadd_ps(qv, load8(k[2] + i), a2);
-    a3 = _mm256_fmadd_ps(qv, load8(k[3] + i), a3);
-    a4 = _mm256_fmadd_ps(qv, load8(k[4] + i), a4);
-    a5 = _mm256_fmadd_ps(qv, load8(k[5] + i), a5);
-    a6 = _mm256_fmadd_ps(qv, load8(k[6] + i), a6);
-    a7 = _mm256_fmadd_ps(qv, load8(k[7] + i), a7);
-  }
-  const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
-  const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a4, a5), _mm256_hadd_ps(a6, a7));
-  _mm256_storeu_ps(out, _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20),
-                                      _mm256_permute2f128_ps(u0, u1, 0x31)));
+// Four sums of eight lanes each: [sum(a0), sum(a1), sum(a2), sum(a3)].
+inline __m128 hsum4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
+  const __m256 u = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+  return _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1));
 }
 
 template <typename T>
@@ -116,15 +112,41 @@ inline float dot1(const float* q, const T* k, int64_t hd) {
   return hsum(a);
 }
 
-template <typename T>
-void scores_of(const float* q, const T* const* rows, int64_t n, int64_t hd, float scale,
-               float* s) {
+// s[h][t] = scale * q[h] . k[t] for G query heads of one KV group (G <= 3) and all n rows: four
+// rows at a time, each loaded K vector serving the G heads (4G accumulators and G + 1 vectors
+// fit AVX2's sixteen registers), so the loop issues 4 + G loads per 4G multiply-adds.
+template <int G, typename T>
+void scores_of(const float* const* q, const T* const* rows, int64_t n, int64_t hd, float scale,
+               float* const* s) {
   int64_t t = 0;
-  for (; t + 8 <= n; t += 8) dot8(q, rows + t, hd, s + t);
-  for (; t < n; ++t) s[t] = dot1(q, rows[t], hd);
-  const __m256 sc = _mm256_set1_ps(scale);
-  for (t = 0; t + 8 <= n; t += 8) _mm256_storeu_ps(s + t, _mm256_mul_ps(_mm256_loadu_ps(s + t), sc));
-  for (; t < n; ++t) s[t] *= scale;
+  for (; t + 4 <= n; t += 4) {
+    __m256 acc[G][4];
+#pragma GCC unroll 4
+    for (int h = 0; h < G; ++h)
+      for (int j = 0; j < 4; ++j) acc[h][j] = _mm256_setzero_ps();
+    for (int64_t a = t + kAhead; a < std::min(t + kAhead + 4, n); ++a) prefetch_row(rows[a], hd);
+    const T* k0 = rows[t];
+    const T* k1 = rows[t + 1];
+    const T* k2 = rows[t + 2];
+    const T* k3 = rows[t + 3];
+    for (int64_t i = 0; i < hd; i += 8) {
+      const __m256 r0 = load8(k0 + i), r1 = load8(k1 + i), r2 = load8(k2 + i), r3 = load8(k3 + i);
+#pragma GCC unroll 4
+      for (int h = 0; h < G; ++h) {
+        const __m256 qv = _mm256_loadu_ps(q[h] + i);
+        acc[h][0] = _mm256_fmadd_ps(qv, r0, acc[h][0]);
+        acc[h][1] = _mm256_fmadd_ps(qv, r1, acc[h][1]);
+        acc[h][2] = _mm256_fmadd_ps(qv, r2, acc[h][2]);
+        acc[h][3] = _mm256_fmadd_ps(qv, r3, acc[h][3]);
+      }
+    }
+    const __m128 sc = _mm_set1_ps(scale);
+#pragma GCC unroll 4
+    for (int h = 0; h < G; ++h)
+      _mm_storeu_ps(s[h] + t, _mm_mul_ps(hsum4(acc[h][0], acc[h][1], acc[h][2], acc[h][3]), sc));
+  }
+  for (; t < n; ++t)
+    for (int h = 0; h < G; ++h) s[h][t] = dot1(q[h], rows[t], hd) * scale;
 }
 
 // s <- e^(s - max); returns the sum.
@@ -148,85 +170,133 @@ float exp_shifted(float* s, int64_t n) {
   return hsum(total) + rest;
 }
 
-// out = (sum_t p[t] v[t]) * inv, 64 columns at a time held in eight registers.
-template <typename T>
-void weighted_sum(const float* p, const T* const* rows, int64_t n, int64_t hd, float inv,
-                  float* out) {
-  for (int64_t c = 0; c < hd; c += 64) {
-    const int64_t width = std::min<int64_t>(64, hd - c);
-    __m256 acc[8];
-    for (auto& a : acc) a = _mm256_setzero_ps();
-    if (width == 64) {
+// out[h] = (sum_t p[h][t] v[t]) * inv[h] for G heads (G <= 3), 32 columns at a time: 4G
+// accumulators in registers, each loaded V vector serving the G heads.
+template <int G, typename T>
+void weighted_sum(const float* const* p, const T* const* rows, int64_t n, int64_t hd,
+                  const float* inv, float* const* out) {
+  for (int64_t c = 0; c < hd; c += 32) {
+    const int width = static_cast<int>(std::min<int64_t>(32, hd - c)) / 8;  // vectors
+    __m256 acc[G][4];
+#pragma GCC unroll 4
+    for (int h = 0; h < G; ++h)
+      for (int j = 0; j < 4; ++j) acc[h][j] = _mm256_setzero_ps();
+    if (width == 4) {
       for (int64_t t = 0; t < n; ++t) {
-        const __m256 pt = _mm256_set1_ps(p[t]);
+        if (c == 0 && t + kAhead < n) prefetch_row(rows[t + kAhead], hd);
         const T* v = rows[t] + c;
-        for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(pt, load8(v + 8 * j), acc[j]);
+        const __m256 v0 = load8(v), v1 = load8(v + 8), v2 = load8(v + 16), v3 = load8(v + 24);
+#pragma GCC unroll 4
+        for (int h = 0; h < G; ++h) {
+          const __m256 pt = _mm256_set1_ps(p[h][t]);
+          acc[h][0] = _mm256_fmadd_ps(pt, v0, acc[h][0]);
+          acc[h][1] = _mm256_fmadd_ps(pt, v1, acc[h][1]);
+          acc[h][2] = _mm256_fmadd_ps(pt, v2, acc[h][2]);
+          acc[h][3] = _mm256_fmadd_ps(pt, v3, acc[h][3]);
+        }
       }
-    } else {
+    } else {  // the last 8, 16 or 24 columns of a head size that is not a multiple of 32
       for (int64_t t = 0; t < n; ++t) {
-        const __m256 pt = _mm256_set1_ps(p[t]);
         const T* v = rows[t] + c;
-        for (int64_t j = 0; j < width / 8; ++j) acc[j] = _mm256_fmadd_ps(pt, load8(v + 8 * j), acc[j]);
+        for (int h = 0; h < G; ++h) {
+          const __m256 pt = _mm256_set1_ps(p[h][t]);
+          for (int j = 0; j < width; ++j)
+            acc[h][j] = _mm256_fmadd_ps(pt, load8(v + 8 * j), acc[h][j]);
+        }
       }
     }
-    const __m256 iv = _mm256_set1_ps(inv);
-    for (int64_t j = 0; j < width / 8; ++j)
-      _mm256_storeu_ps(out + c + 8 * j, _mm256_mul_ps(acc[j], iv));
+    for (int h = 0; h < G; ++h) {
+      const __m256 iv = _mm256_set1_ps(inv[h]);
+      for (int j = 0; j < width; ++j)
+        _mm256_storeu_ps(out[h] + c + 8 * j, _mm256_mul_ps(acc[h][j], iv));
+    }
   }
+}
+
+// G heads of one KV group over the same n rows: scores, softmax, weighted sum of V.
+template <int G, typename T>
+void attend_group(const float* const* q, const T* const* keys, const T* const* values,
+                  int64_t n, int64_t hd, float scale, float* const* s, float* const* out) {
+  scores_of<G>(q, keys, n, hd, scale, s);
+  float inv[G];
+  for (int h = 0; h < G; ++h) inv[h] = 1.f / exp_shifted(s[h], n);
+  weighted_sum<G>(s, values, n, hd, inv, out);
 }
 
 #endif  // PAGED_DECODE_AVX2
 
-// The portable passes (any head_dim; the generic flavour, and head_dims not a multiple of 8).
+// The portable path (the generic flavour, and head sizes not a multiple of 8): each K and V row
+// read once for the whole group, its head-sized dot products and updates left to the compiler's
+// vectoriser.
 template <typename T>
-void scores_of_plain(const float* __restrict q, const T* const* rows, int64_t n, int64_t hd,
-                     float scale, float* __restrict s) {
+void attend_plain(const float* __restrict q, const T* const* keys, const T* const* values,
+                  int64_t n, int64_t hd, float scale, float* __restrict s,
+                  float* __restrict out, int64_t heads) {
   for (int64_t t = 0; t < n; ++t) {
-    const T* __restrict k = rows[t];
-    float acc = 0.f;
+    const T* __restrict k = keys[t];
+    for (int64_t h = 0; h < heads; ++h) {
+      const float* __restrict qh = q + h * hd;
+      float acc = 0.f;
 #pragma omp simd reduction(+ : acc)
-    for (int64_t i = 0; i < hd; ++i) acc += q[i] * static_cast<float>(k[i]);
-    s[t] = acc * scale;
+      for (int64_t i = 0; i < hd; ++i) acc += qh[i] * static_cast<float>(k[i]);
+      s[h * n + t] = acc * scale;
+    }
   }
-}
-
-float exp_shifted_plain(float* s, int64_t n) {
-  float m = -std::numeric_limits<float>::infinity();
-  for (int64_t t = 0; t < n; ++t) m = std::max(m, s[t]);
-  float total = 0.f;
-  for (int64_t t = 0; t < n; ++t) {
-    s[t] = std::exp(s[t] - m);
-    total += s[t];
+  std::vector<float> inv(heads);
+  for (int64_t h = 0; h < heads; ++h) {
+    float* sh = s + h * n;
+    float m = -std::numeric_limits<float>::infinity();
+    for (int64_t t = 0; t < n; ++t) m = std::max(m, sh[t]);
+    float total = 0.f;
+#pragma omp simd reduction(+ : total)
+    for (int64_t t = 0; t < n; ++t) {
+      sh[t] = std::exp(sh[t] - m);
+      total += sh[t];
+    }
+    inv[h] = 1.f / total;
   }
-  return total;
-}
-
-template <typename T>
-void weighted_sum_plain(const float* __restrict p, const T* const* rows, int64_t n, int64_t hd,
-                        float inv, float* __restrict out) {
-  std::fill(out, out + hd, 0.f);
+  std::fill(out, out + heads * hd, 0.f);
   for (int64_t t = 0; t < n; ++t) {
-    const float pt = p[t];
-    const T* __restrict v = rows[t];
+    const T* __restrict v = values[t];
+    for (int64_t h = 0; h < heads; ++h) {
+      const float p = s[h * n + t];
+      float* __restrict o = out + h * hd;
 #pragma omp simd
-    for (int64_t i = 0; i < hd; ++i) out[i] += pt * static_cast<float>(v[i]);
+      for (int64_t i = 0; i < hd; ++i) o[i] += p * static_cast<float>(v[i]);
+    }
   }
-  for (int64_t i = 0; i < hd; ++i) out[i] *= inv;
+  for (int64_t h = 0; h < heads; ++h)
+    for (int64_t i = 0; i < hd; ++i) out[h * hd + i] *= inv[h];
 }
 
-// One query head over its n context rows (K rows `keys`, V rows `values`).
+// The query heads [h0, h1) of one KV group over its n context rows (K rows `keys`, V rows
+// `values`); s holds n scores per head. Heads go three (or two) at a time through the vector
+// path, so each K and V row is read once per three heads rather than once per head.
 template <typename T>
 void attend(const float* q, const T* const* keys, const T* const* values, int64_t n,
-            int64_t hd, float scale, float* s, float* out) {
+            int64_t hd, float scale, float* s, float* out, int64_t heads) {
 #if PAGED_DECODE_AVX2
   if (hd % 8 == 0) {
-    scores_of(q, keys, n, hd, scale, s);
-    weighted_sum(s, values, n, hd, 1.f / exp_shifted(s, n), out);
+    for (int64_t h = 0; h < heads;) {
+      const int64_t left = heads - h;
+      const int take = left == 4 ? 2 : static_cast<int>(std::min<int64_t>(left, 3));
+      const float* qs[3];
+      float* ss[3];
+      float* os[3];
+      for (int j = 0; j < take; ++j) {
+        qs[j] = q + (h + j) * hd;
+        ss[j] = s + (h + j) * n;
+        os[j] = out + (h + j) * hd;
+      }
+      if (take == 3) attend_group<3>(qs, keys, values, n, hd, scale, ss, os);
+      else if (take == 2) attend_group<2>(qs, keys, values, n, hd, scale, ss, os);
+      else attend_group<1>(qs, keys, values, n, hd, scale, ss, os);
+      h += take;
+    }
     return;
   }
 #endif
-  scores_of_plain(q, keys, n, hd, scale, s);
-  weighted_sum_plain(s, values, n, hd, 1.f / exp_shifted_plain(s, n), out);
+  attend_plain(q, keys, values, n, hd, scale, s, out, heads);
 }
 
 template <typename T>
@@ -247,17 +317,17 @@ void run(const float* qp, const T* kp, const T* vp, const int64_t* tables, const
       const int64_t* table = tables + d * max_blocks;
       keys.resize(n);
       values.resize(n);
-      scores.resize(n);
+      scores.resize(group * n);
       for (int64_t t = start; t < length; ++t) {
         const int64_t offset = (table[t / block_size] * block_size + t % block_size) * row +
                                g * head_dim;
         keys[t - start] = kp + offset;
         values[t - start] = vp + offset;
       }
-      for (int64_t h = g * group; h < (g + 1) * group; ++h) {
-        const int64_t at = (d * num_heads + h) * head_dim;
-        attend(qp + at, keys.data(), values.data(), n, head_dim, scale, scores.data(), op + at);
-      }
+      // the group's query heads are consecutive: q and out rows g * group .. (g + 1) * group
+      const int64_t at = (d * num_heads + g * group) * head_dim;
+      attend(qp + at, keys.data(), values.data(), n, head_dim, scale, scores.data(), op + at,
+             group);
     }
   });
 }

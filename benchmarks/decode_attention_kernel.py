@@ -1,0 +1,89 @@
+"""The paged decode-attention kernel alone, per ISA flavour and KV dtype, as a decode step reads
+it: one call per layer over 30 layers' own caches in turn (so the context is not already in the
+core's cache), blocks scattered over the pool. `--baseline REV` also builds the kernel's source
+at git revision REV (avx2 flags) and reports every figure as a ratio to it, in the same run.
+
+    python benchmarks/decode_attention_kernel.py [--baseline REV] [--shapes 1x256,32x256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from pagoda.kernels import build
+
+BINDING = """#include <torch/extension.h>
+at::Tensor paged_decode(at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, double,
+                        int64_t);
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("paged_decode", &paged_decode); }
+"""
+
+
+def baseline_kernel(rev: str):
+    """The kernel as it was at `rev`, built with the avx2 flavour's flags."""
+    from torch.utils.cpp_extension import load
+
+    source = subprocess.run(["git", "show", f"{rev}:src/pagoda/kernels/csrc/paged_decode.cpp"],
+                            check=True, capture_output=True, text=True).stdout
+    folder = Path(tempfile.mkdtemp(prefix="paged_decode_baseline_"))
+    (folder / "paged_decode.cpp").write_text(source)
+    (folder / "binding.cpp").write_text(BINDING)
+    module = load(f"paged_decode_{rev}", [str(folder / "paged_decode.cpp"),
+                                          str(folder / "binding.cpp")],
+                  extra_cflags=["-O3", "-fopenmp", "-fno-math-errno", *build.FLAVOURS["avx2"]],
+                  build_directory=str(folder), verbose=False)
+    return module.paged_decode
+
+
+def per_layer_us(fn, layers, q, tables, lens, repeats: int = 10) -> float:
+    for k, v in layers:  # warm-up
+        fn(q, k, v, tables, lens, 0.125, 0)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        for k, v in layers:
+            fn(q, k, v, tables, lens, 0.125, 0)
+    return 1e6 * (time.perf_counter() - start) / repeats / len(layers)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--baseline", help="git revision whose kernel is the baseline")
+    p.add_argument("--shapes", default="1x256,1x2048,32x256,64x576",
+                   help="requests x context length, comma-separated")
+    p.add_argument("--kv-dtypes", default="fp32,fp16")
+    p.add_argument("--layers", type=int, default=30)
+    args = p.parse_args()
+    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    flavours = [f for f in build.FLAVOURS if f != "generic" and build.can_run(f)]
+    kernels = {f: build.load(f).paged_decode for f in flavours}
+    base = baseline_kernel(args.baseline) if args.baseline else None
+    block_size, kv_heads, head_dim, heads = 16, 3, 64, 9  # SmolLM2-135M's attention
+    torch.manual_seed(0)
+    for shape in args.shapes.split(","):
+        num, context = (int(x) for x in shape.split("x"))
+        per = -(-context // block_size)
+        pool = per * num + 8
+        tables = torch.randperm(pool)[: per * num].view(num, per)
+        lens = torch.full((num,), context)
+        q = torch.randn(num, heads, head_dim)
+        rows = []
+        for name in args.kv_dtypes.split(","):
+            layers = [tuple(torch.randn(pool, block_size, kv_heads, head_dim).to(dtypes[name])
+                            for _ in range(2)) for _ in range(args.layers)]
+            if base is not None and name == "fp32":
+                rows.append((f"{args.baseline}/fp32", per_layer_us(base, layers, q, tables, lens)))
+            rows += [(f"{f}/{name}", per_layer_us(kernels[f], layers, q, tables, lens))
+                     for f in flavours]
+        first = rows[0][1]
+        print(f"{num} x {context} tokens: " + ", ".join(
+            f"{label} {us:.0f} us ({first / us:.2f}x)" for label, us in rows), flush=True)
+
+
+if __name__ == "__main__":
+    main()
