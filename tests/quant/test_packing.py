@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from pagoda.quant.group_weights import (
     GroupWeights,
+    WeightSlice,
     cat_rows,
     pack_int4,
     quantize_int4_groups,
@@ -63,3 +65,20 @@ def test_requantize_to_int8_adds_at_most_half_an_int8_step():
     q, scale = gw.to_int8_per_channel()
     exact = gw.dequantize()
     assert bool(((q.float() * scale[:, None] - exact).abs() <= scale[:, None] / 2 + 1e-7).all())
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_slice_of_rows_and_columns_is_exact(bits: int):
+    """What tensor parallelism cuts from a GGUF matrix: chosen rows (past the end: zero rows,
+    the LM head's padding) and a group-aligned column range, bit for bit."""
+    torch.manual_seed(0)
+    w = quantize_int4_groups(torch.randn(10, 128), 32)
+    if bits == 8:  # a symmetric 8-bit form (Q8_0-like)
+        w = GroupWeights(unpack_int4(w.qweight).to(torch.int8) - 8, w.scales, None, 32, 8)
+    part = WeightSlice(torch.tensor([7, 2, 3, 10, 11]), range(32, 96))
+    got = w.take(part).dequantize()
+    full = w.dequantize()
+    assert torch.equal(got[:3], full[[7, 2, 3], 32:96])
+    assert torch.equal(got[3:], torch.zeros(2, 64))
+    with pytest.raises(ValueError, match="quantization groups"):
+        w.take(WeightSlice(torch.tensor([0]), range(16, 64)))

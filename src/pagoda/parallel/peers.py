@@ -169,9 +169,6 @@ def start_peers(config: EngineConfig, loaded: LoadedModel) -> Peers:
     # refuse a model that cannot be split this way before starting anything
     shard = partition.plan(cfg, 0, tp) if tp > 1 else None
     stage = stage_layers(cfg, 0, pp) if pp > 1 else None
-    if tp > 1 and config.quantization == "gguf":
-        raise ValueError("--tensor-parallel-size with --quantization gguf: GGUF blocks are not "
-                         "sharded; use --quantization int8 or int4 (or fp32)")
     total_threads = config.num_threads or torch.get_num_threads()
     placed = None  # Ray's placement of ranks 1..N-1 (--distributed-executor ray)
     if config.distributed_executor == "ray":

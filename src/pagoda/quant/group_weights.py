@@ -44,6 +44,16 @@ def quantize_int8_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return q, scale
 
 
+@dataclass(frozen=True)
+class WeightSlice:
+    """The part of a full weight matrix that a linear holds (a tensor-parallel shard): rows by
+    index (an index past the last row is a row of zeros: the LM head's vocabulary padding) and
+    one contiguous range of columns."""
+
+    rows: torch.Tensor  # int64 indices into the full matrix's rows
+    cols: range
+
+
 @dataclass
 class GroupWeights:
     qweight: torch.Tensor  # (N, K/2) uint8 when bits == 4, else (N, K) int8
@@ -108,6 +118,26 @@ class GroupWeights:
             qs.append(q)
             scales.append(s)
         return torch.cat(qs), torch.cat(scales)
+
+    def take(self, part: WeightSlice) -> GroupWeights:
+        """The rows and columns of `part`, exactly (no value is re-rounded): rows are whole, and
+        the column range must start and end on group boundaries (ValueError if not)."""
+        n, k = self.shape
+        g = self.group_size
+        if part.cols.start % g or part.cols.stop % g or part.cols.stop > k:
+            raise ValueError(f"columns {part.cols.start}..{part.cols.stop} of a {n}x{k} matrix "
+                             f"do not fall on its {g}-column quantization groups")
+        per_byte = 2 if self.bits == 4 else 1
+
+        def rows_of(t: torch.Tensor) -> torch.Tensor:  # index n: the appended zero row
+            padded = torch.cat([t, t.new_zeros(1, t.shape[1])])
+            return padded[part.rows.clamp(max=n)]
+
+        groups = slice(part.cols.start // g, part.cols.stop // g)
+        q = rows_of(self.qweight)[:, part.cols.start // per_byte:part.cols.stop // per_byte]
+        offsets = None if self.offsets is None else rows_of(self.offsets)[:, groups]
+        return GroupWeights(q.contiguous(), rows_of(self.scales)[:, groups].contiguous(),
+                            None if offsets is None else offsets.contiguous(), g, self.bits)
 
     def permute_rows(self, order: torch.Tensor) -> GroupWeights:
         """Rows reordered; exact, since every group lies within one row."""

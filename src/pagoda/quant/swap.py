@@ -67,6 +67,9 @@ def _quantize_linear(name: str, linear: nn.Linear, config: QuantConfig,
         return HalfLinear.from_linear(linear, config.method, config.backend)
     assert source is not None
     weights, qtypes = source.weights_for(name, kind)
+    part = getattr(linear, "weight_slice", None)  # a tensor-parallel shard of the file's matrix
+    if part is not None:
+        weights = weights.take(part)
     expected = (linear.out_features, linear.in_features)
     if weights.shape != expected:
         raise ValueError(f"{name}: GGUF gives {weights.shape}, the model has {expected}")
