@@ -114,7 +114,8 @@ def build_directory(flavour: str) -> Path:
 
     where = hashlib.sha256(str(CSRC.resolve()).encode()).hexdigest()[:8]
     tag = f"py{sys.version_info.major}{sys.version_info.minor}-torch{torch.__version__}-{where}"
-    return Path(get_default_build_root()) / tag / f"pagoda_kernels_{flavour}"
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    return Path(root) / tag / f"pagoda_kernels_{flavour}"
 
 
 @contextlib.contextmanager
@@ -192,11 +193,10 @@ BUILD_TIMEOUT_S = 1200
 def build_all() -> int:
     """Build every flavour this CPU runs (`make` calls this); returns how many failed.
 
-    Each flavour compiles in its own process, all at once: a flavour's build is dominated by
-    one translation unit (the bindings, which parse all of torch's headers), so building them
-    side by side keeps both cores busy where one after another left one idle (2-core Zen 4,
-    all three flavours: 113 s one after another, 86 s side by side). Then each is loaded here,
-    from the cache, to report failures."""
+    Each flavour compiles in its own process, all at once, so both cores stay busy (2-core Zen
+    4, all three flavours when the bindings still parsed all of torch's C++ headers: 113 s one
+    after another, 86 s side by side). Then each is loaded here, from the cache, to report
+    failures."""
     import subprocess
     from concurrent.futures import ThreadPoolExecutor
 
