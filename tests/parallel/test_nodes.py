@@ -49,18 +49,25 @@ def free_port_pair() -> int:
             return port
 
 
-@pytest.mark.parametrize("layout", [{"tensor_parallel_size": 2, "num_threads": 1},
-                                    {"pipeline_parallel_size": 4, "num_threads": 2}])
+@pytest.mark.parametrize("layout", [
+    {"tensor_parallel_size": 2, "num_threads": 1},
+    {"tensor_parallel_size": 2, "pipeline_parallel_size": 2, "num_threads": 2}])
 def test_ranks_on_another_node_decode_transformers_tokens(layout, prompt_ids, reference):
-    """TP=2: rank 1 is all of node 1. PP=4 over 2 nodes: node 0 runs ranks 0-1 (one a local
-    child), node 1 ranks 2-3 under `pagoda worker`."""
+    """TP=2: rank 1 is all of node 1. TP=2 x PP=2 over 2 nodes: node 0 runs stage 0 (ranks 0-1,
+    one a local child), node 1 stage 1 (ranks 2-3 under `pagoda worker`); each stage's two ranks
+    split its heads, each hands its hidden states to the same rank of the next stage, and stage
+    0's ranks compute the LM head together."""
     port = free_port_pair()
     node = start_node(port)
     try:
         engine = tp_engine(nnodes=2, master_port=port, **layout)
         try:
             remote = [w.rank for w in engine.peers.workers if w.process is None]
-            assert remote == ([1] if "tensor_parallel_size" in layout else [2, 3])
+            assert list(engine.peers.shard.kv_heads) == [0, 1]
+            if "pipeline_parallel_size" in layout:
+                assert remote == [2, 3] and engine.peers.stage == range(0, 15)
+            else:
+                assert remote == [1]
             assert_reference_tokens(engine, prompt_ids[:4], reference, "across nodes")
         finally:
             engine.close()

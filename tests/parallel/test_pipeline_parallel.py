@@ -64,18 +64,6 @@ def test_three_stages_under_preemption_with_drafts(prompt_ids, reference):
         engine.close()
 
 
-def test_a_grid_of_two_stages_by_two_ranks(prompt_ids, reference):
-    """TP=2 x PP=2: each stage's two ranks split its heads; hidden states go from each rank to
-    the same rank of the next stage, and stage 0's ranks compute the LM head together."""
-    engine = tp_engine(tensor_parallel_size=2, pipeline_parallel_size=2, num_threads=2)
-    try:
-        assert engine.peers.stage == range(0, 15) and list(engine.peers.shard.kv_heads) == [0, 1]
-        assert len(engine.peers.workers) == 3
-        assert_reference_tokens(engine, prompt_ids[:4], reference, "on a 2 x 2 grid")
-    finally:
-        engine.close()
-
-
 def greedy_outputs(engine: LLMEngine, prompt_ids: list[list[int]], max_tokens: int = 24
                    ) -> dict[str, list[int]]:
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens)

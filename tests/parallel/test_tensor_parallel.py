@@ -88,14 +88,16 @@ def test_log_probs_within_1e4_of_one_process(tp2, make_engine, prompt_ids):
 
 def test_three_ranks_under_preemption(prompt_ids, reference):
     """One KV head per rank and a KV budget too small for the batch: requests are preempted and
-    recomputed, and still decode transformers' tokens."""
+    recomputed, and still decode transformers' tokens. Closing the engine stops its workers."""
     engine = tp_engine(tensor_parallel_size=3, kv_cache_memory=8 << 20,
                        enable_prefix_caching=False)
+    workers = [w.process for w in engine.peers.workers]
     try:
         assert_reference_tokens(engine, prompt_ids[:5], reference, "under preemption")
         assert engine.scheduler.num_preemptions > 0
     finally:
         engine.close()
+    assert [w.poll() for w in workers] == [0, 0]  # each exited, cleanly
 
 
 @pytest.mark.parametrize("quantization", ["int8", "gguf"])
@@ -139,13 +141,6 @@ def test_a_dead_rank_fails_the_step_instead_of_hanging(prompt_ids):
     engine = tp_engine(tensor_parallel_size=2)
     worker = psutil.Process(engine.peers.workers[0].process.pid)
     assert_a_dead_rank_fails_the_step(engine, worker, prompt_ids[0])
-
-
-def test_workers_exit_with_their_engine():
-    engine = tp_engine(tensor_parallel_size=2)
-    worker = engine.peers.workers[0].process
-    engine.close()
-    assert worker.poll() == 0
 
 
 @pytest.mark.parametrize("overrides,message", [
