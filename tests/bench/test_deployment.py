@@ -89,10 +89,9 @@ def test_cli_prints_the_plan_and_refuses_in_one_line(sweep, capsys):
     assert "no such result file" in capsys.readouterr().err
 
 
-
 def test_layouts_are_planned_apart_and_the_fewest_cores_win(tmp_path, capsys):
     """One process of 2 threads at 1.8 req/s against TP=2 of 4 threads at 3.0: for 10 req/s
-    7 x 2 = 14 cores beat 5 x 4 = 20; a layout wider than a machine is not planned."""
+    7 x 2 = 14 cores beat 5 x 4 = 20; a layout wider than a machine spans machines."""
     files = [result_file(tmp_path, "a1.json", 0.5, 200, 20, layout=(1, 1, 2)),
              result_file(tmp_path, "a4.json", 1.8, 400, 35, layout=(1, 1, 2)),
              result_file(tmp_path, "b4.json", 3.0, 400, 35, layout=(2, 1, 4)),
@@ -104,7 +103,9 @@ def test_layouts_are_planned_apart_and_the_fewest_cores_win(tmp_path, capsys):
     other = plans["TP=2 x PP=1, 4 threads"]
     assert (other.replicas, other.cores, other.machines) == (5, 20, 5)
     best, plans = plan_layouts(points, 10, {"ttft": 1000}, cores_per_machine=4)
-    assert "one replica per machine or less" in plans["TP=1 x PP=2, 8 threads"]
+    wide = plans["TP=1 x PP=2, 8 threads"]  # 8 threads on 4-core machines: two per replica
+    assert (wide.replicas, wide.machines_per_replica, wide.machines, wide.cores) == (2, 2, 4, 16)
+    assert best.at.layout == "TP=1 x PP=1, 2 threads"  # 14 cores still win
     best, plans = plan_layouts(points, 10, {"ttft": 1000}, cores_per_machine=8)
     assert plans["TP=1 x PP=2, 8 threads"].cores == 16  # 2 replicas x 8: still more than 14
     assert best.at.layout == "TP=1 x PP=1, 2 threads" and best.machines == 2
@@ -114,3 +115,5 @@ def test_layouts_are_planned_apart_and_the_fewest_cores_win(tmp_path, capsys):
     assert "TP=2 x PP=1, 4 threads: 3.00 req/s per replica -> 5 replica(s) on 5 machine(s), " \
         "20 cores" in out
     assert "-> 7 replica(s) of TP=1 x PP=1, 2 threads on 4 machine(s) (14 cores in all)" in out
+    assert "TP=1 x PP=2, 8 threads: 9.00 req/s per replica -> 2 replica(s) on 4 machine(s), " \
+        "16 cores; each replica over 2 machines (`--nnodes 2`" in out

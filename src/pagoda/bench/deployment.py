@@ -18,8 +18,9 @@ records the server's layout (`pagoda:engine_config_info`: TP, PP, threads); resu
 layouts are planned layout by layout, and the plan chosen is the one using the fewest cores in
 all (replicas x threads per replica), then the fewest machines. With `cores_per_machine`, a
 machine holds as many replicas as its cores allow; a replica needing more cores than a machine
-has would need its ranks on several machines (`--nnodes`), which this planner does not model,
-so that layout is not planned.
+has spans ceil(threads / cores_per_machine) machines, its ranks started with `--nnodes` (the
+measured point must then come from such a multi-machine run: ranks on one machine and ranks
+talking over a network are not the same speed, and this planner does not guess the difference).
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ class DeploymentPlan:
     replicas: int
     machines: int
     at: LoadPoint  # the measured point the capacity comes from
+    machines_per_replica: int = 1  # > 1: each replica's ranks span machines (--nnodes)
 
     @property
     def cores(self) -> int | None:
@@ -108,17 +110,15 @@ def plan_layouts(points: list[LoadPoint], target_rate: float, slos_ms: dict[str,
         layouts.setdefault(p.layout, []).append(p)
     plans: dict[str, DeploymentPlan | str] = {}
     for layout, group in layouts.items():
-        per_machine = replicas_per_machine
+        per_machine, span = replicas_per_machine, 1
         threads = group[0].threads
         if cores_per_machine is not None and threads is not None:
             per_machine = cores_per_machine // threads
-            if per_machine < 1:
-                plans[layout] = (f"a replica needs {threads} cores, a machine has "
-                                 f"{cores_per_machine} (not planned: one replica per machine "
-                                 "or less)")
-                continue
+            if per_machine < 1:  # the replica's ranks span machines
+                per_machine, span = 1, -(-threads // cores_per_machine)
         try:
-            plans[layout] = plan_deployment(group, target_rate, slos_ms, headroom, per_machine)
+            plans[layout] = plan_deployment(group, target_rate, slos_ms, headroom, per_machine,
+                                            span)
         except ValueError as exc:
             if len(layouts) == 1:
                 raise
@@ -133,9 +133,14 @@ def plan_layouts(points: list[LoadPoint], target_rate: float, slos_ms: dict[str,
 
 
 def plan_deployment(points: list[LoadPoint], target_rate: float, slos_ms: dict[str, float],
-                    headroom: float = 0.8, replicas_per_machine: int = 1) -> DeploymentPlan:
-    """The plan for replicas of one layout, measured at `points`."""
-    if target_rate <= 0 or not 0 < headroom <= 1 or replicas_per_machine < 1:
+                    headroom: float = 0.8, replicas_per_machine: int = 1,
+                    machines_per_replica: int = 1) -> DeploymentPlan:
+    """The plan for replicas of one layout, measured at `points`; a replica takes
+    `machines_per_replica` whole machines when its ranks span several (then one per machine)."""
+    if replicas_per_machine > 1 and machines_per_replica > 1:
+        raise ValueError("a replica spanning machines leaves no room for another beside it")
+    if (target_rate <= 0 or not 0 < headroom <= 1 or replicas_per_machine < 1
+            or machines_per_replica < 1):
         raise ValueError("target rate must be positive, headroom in (0, 1], replicas per "
                          "machine at least 1")
     if not slos_ms:
@@ -151,8 +156,9 @@ def plan_deployment(points: list[LoadPoint], target_rate: float, slos_ms: dict[s
                          "the SLOs, or make one replica faster")
     best = max(meeting, key=lambda p: p.request_rate)
     replicas = math.ceil(target_rate / (best.request_rate * headroom))
-    return DeploymentPlan(target_rate, best.request_rate, headroom, replicas,
-                          math.ceil(replicas / replicas_per_machine), best)
+    machines = math.ceil(replicas / replicas_per_machine) * machines_per_replica
+    return DeploymentPlan(target_rate, best.request_rate, headroom, replicas, machines, best,
+                          machines_per_replica)
 
 
 def format_plan(plan: DeploymentPlan, points: list[LoadPoint], slos_ms: dict[str, float],
@@ -172,7 +178,8 @@ def format_plan(plan: DeploymentPlan, points: list[LoadPoint], slos_ms: dict[str
             else:
                 cores = "" if other.cores is None else f", {other.cores} cores"
                 lines.append(f"    {layout}: {other.capacity:.2f} req/s per replica -> "
-                             f"{other.replicas} replica(s) on {other.machines} machine(s){cores}")
+                             f"{other.replicas} replica(s) on {other.machines} machine(s){cores}"
+                             f"{_span(other)}")
     cores = "" if plan.cores is None else f" ({plan.cores} cores in all)"
     lines += [
         f"  one replica sustains {plan.capacity:.2f} req/s within the SLOs "
@@ -180,6 +187,12 @@ def format_plan(plan: DeploymentPlan, points: list[LoadPoint], slos_ms: dict[str
         f"  planned at {plan.headroom:.0%} of that: {plan.capacity * plan.headroom:.2f} req/s "
         "per replica",
         f"  -> {plan.replicas} replica(s) of {plan.at.layout} on {plan.machines} "
-        f"machine(s){cores}",
+        f"machine(s){cores}{_span(plan)}",
     ]
     return "\n".join(lines)
+
+
+def _span(plan: DeploymentPlan) -> str:
+    n = plan.machines_per_replica
+    return "" if n == 1 else (f"; each replica over {n} machines (`--nnodes {n}`, "
+                              "capacity as measured for that layout)")
