@@ -48,12 +48,12 @@ def generate(loaded, prompt_ids, num_threads: int) -> dict[str, list[int]]:
     return out
 
 
-@pytest.mark.parametrize("model", ["loaded_model", "gguf_draft", "int4_draft"])
+@pytest.mark.parametrize("model", ["loaded_model", "gguf_draft"])
 def test_tokens_do_not_depend_on_the_thread_count(threads, request, model, prompt_ids):
     """fp32 (whose one-thread tokens equal transformers', tests/engine/test_hf_reference.py), and
-    the default model on its GGUF blocks and on int4 groups (the native kernels' paths) with the
-    batch-invariant attention quantized models get by default (inferred from the pre-quantized
-    weights: the engine's own `quantization` is "none" here)."""
+    the default model on its GGUF blocks (the native kernels' path; int4 groups run the same
+    qgemm and fused kernels) with the batch-invariant attention quantized models get by default
+    (inferred from the pre-quantized weights: the engine's own `quantization` is "none" here)."""
     loaded = request.getfixturevalue(model)
     one = generate(loaded, prompt_ids, num_threads=1)
     two = generate(loaded, prompt_ids, num_threads=2)
