@@ -35,7 +35,7 @@ PROMPTS = [
 LONG = [4, 5]  # indices of prompts longer than SMALL_WINDOW
 # prompts run with the shrunk window: one whose generation crosses it, and the long ones
 SLIDING = [2, *LONG]
-MAX_TOKENS = 24
+MAX_TOKENS = 16
 SMALL_WINDOW = 32
 GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
 # Two 262k-vocabulary models (ours and the reference) on a shared 2-core CPU: fixtures that run
