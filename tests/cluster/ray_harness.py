@@ -18,14 +18,15 @@ from tests.gateway.gateway_harness import free_port, wait_for
 
 @contextlib.contextmanager
 def ray_serve(*replica_args: str) -> Iterator[str]:
-    """`pagoda ray-serve` (2 Ray CPUs, one thread per replica) until its /health answers 200;
+    """`pagoda ray-serve` (2 Ray CPUs, one thread per replica, unless `replica_args` say
+    otherwise) until its /health answers 200;
     yields its URL, then SIGTERMs it (Serve drains the replicas) and expects exit 0."""
     port = free_port()
     pagoda = Path(sys.executable).with_name("pagoda")
     proc = subprocess.Popen(
-        [str(pagoda), "ray-serve", "--port", str(port), *replica_args,
+        [str(pagoda), "ray-serve", "--port", str(port),
          "--ray-num-cpus", "2", "--threads", "1", "--kv-cache-memory", str(64 << 20),
-         "--served-model-name", "m", "--log-level", "warning"],
+         "--served-model-name", "m", "--log-level", "warning", *replica_args],  # args override
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
 

@@ -1,6 +1,7 @@
 """`pagoda ray-serve` with two replicas on a local Ray instance, each a tensor-parallel engine of
-two ranks: the `openai` client (JSON and SSE) is answered by both with one process's greedy
-text, and the Pagoda gateway takes the Ray endpoint as an upstream.
+two ranks whose second rank Ray places (`--distributed-executor ray`: a task in the Serve
+cluster, not a child of the replica): the `openai` client (JSON and SSE) is answered by both
+with one process's greedy text, and the Pagoda gateway takes the Ray endpoint as an upstream.
 Autoscaling and a replica SIGKILLed under load: test_ray_serve_faults.py (`make soak`)."""
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
+import psutil
 import pytest
 
 from tests.cluster.ray_harness import ray_serve
@@ -18,8 +20,10 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def ray_app():
-    # scale-out of sharded engines: each replica's engine starts its second rank as its own child
-    with ray_serve("--num-replicas", "2", "--tensor-parallel-size", "2") as url:
+    # scale-out of sharded engines: each replica is rank 0 (half a CPU) and its second rank a
+    # Ray task in a placement group (a CPU): three of Ray's logical CPUs for the two replicas
+    with ray_serve("--num-replicas", "2", "--tensor-parallel-size", "2",
+                   "--distributed-executor", "ray", "--ray-num-cpus", "3") as url:
         yield url
 
 
@@ -69,3 +73,6 @@ def test_sharded_replicas_give_one_process_greedy_text(ray_app, make_engine, loa
         texts = list(pool.map(lambda _: client.completions.create(
             model="m", prompt=prompt, max_tokens=8, temperature=0).choices[0].text, range(4)))
     assert texts == [expected] * 4
+    ranks = [p for p in psutil.process_iter(["cmdline"])
+             if "ray::_run_rank" in " ".join(p.info["cmdline"] or [])]
+    assert len(ranks) == 2  # one Ray-placed rank per replica, in the Serve cluster

@@ -15,6 +15,7 @@ draining a replica before it stops. Pagoda supplies the replica:
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,8 +69,15 @@ class PagodaReplica:
     """One engine and its OpenAI routes (wrapped by `serve.ingress()` in `application`)."""
 
     async def __init__(self, config: ServerConfig) -> None:
+        import ray
+
         from pagoda.server.engine_client import EngineClient
 
+        # The engine runs in a child process of its own, not a Ray worker: the ranks Ray places
+        # for it (--distributed-executor ray) must join this replica's cluster rather than a
+        # new local Ray instance started inside the replica (which also outlived Serve's
+        # shutdown timeout).
+        os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
         self.config = config
         self.client = EngineClient(config)
         await self.client.load()  # raises on failure: Ray reports the replica as failed
@@ -82,6 +90,14 @@ class PagodaReplica:
         app = build_app(self.config, client=self.client)
         app.add_middleware(ReplicaHeader, replica=serve.get_replica_context().replica_id.unique_id)
         return app
+
+    def __del__(self) -> None:
+        """Serve calls this when it stops the replica (scale-down, shutdown): stop the engine
+        process and its ranks now. Without it the replica outlived Serve's 30 s shutdown
+        timeout (its engine child kept it alive until Ray killed it)."""
+        client = getattr(self, "client", None)
+        if client is not None:
+            client.shutdown()
 
     def check_health(self) -> None:
         status = self.client.check_engine()
@@ -115,6 +131,9 @@ def application(config: ServerConfig, ray_config: RayServeConfig) -> Any:
     from ray import serve
 
     cpus = float(config.engine.num_threads or 1)
+    if config.engine.distributed_executor == "ray":
+        # the replica is rank 0; its other ranks reserve their own CPUs in a placement group
+        cpus /= config.engine.num_ranks
     ingress = serve.ingress()(PagodaReplica)
     deployment = serve.deployment(ingress, **ray_config.deployment_options(cpus))
     return deployment.bind(config)
