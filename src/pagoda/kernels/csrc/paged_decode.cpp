@@ -269,9 +269,10 @@ void attend_plain(const float* __restrict q, const T* const* keys, const T* cons
     for (int64_t i = 0; i < hd; ++i) out[h * hd + i] *= inv[h];
 }
 
-// The query heads [h0, h1) of one KV group over its n context rows (K rows `keys`, V rows
-// `values`); s holds n scores per head. Heads go three (or two) at a time through the vector
-// path, so each K and V row is read once per three heads rather than once per head.
+// The `heads` query heads of one KV group (q and out start at its first head) over its n
+// context rows (K rows `keys`, V rows `values`); s holds n scores per head. Heads go three (or
+// two) at a time through the vector path, so each K and V row is read once per three heads
+// rather than once per head.
 template <typename T>
 void attend(const float* q, const T* const* keys, const T* const* values, int64_t n,
             int64_t hd, float scale, float* s, float* out, int64_t heads) {
