@@ -75,8 +75,7 @@ class PagodaReplica:
 
         # The engine runs in a child process of its own, not a Ray worker: the ranks Ray places
         # for it (--distributed-executor ray) must join this replica's cluster rather than a
-        # new local Ray instance started inside the replica (which also outlived Serve's
-        # shutdown timeout).
+        # new local Ray instance, which is what that process started without RAY_ADDRESS.
         os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
         self.config = config
         self.client = EngineClient(config)
@@ -92,9 +91,8 @@ class PagodaReplica:
         return app
 
     def __del__(self) -> None:
-        """Serve calls this when it stops the replica (scale-down, shutdown): stop the engine
-        process and its ranks now. Without it the replica outlived Serve's 30 s shutdown
-        timeout (its engine child kept it alive until Ray killed it)."""
+        """Serve calls this when it stops the replica (scale-down, shutdown): the engine process
+        and its ranks stop with the replica rather than whenever Ray ends the actor."""
         client = getattr(self, "client", None)
         if client is not None:
             client.shutdown()

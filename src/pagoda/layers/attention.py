@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from pagoda.kv_cache.kv_store import KVStore
 from pagoda.layers.attention_metadata import AttentionMetadata
-from pagoda.layers.decode_backend import reads_in_place
+from pagoda.layers.decode_backend import blocks_read_in_place
 
 
 def paged_attention(
@@ -31,9 +31,8 @@ def paged_attention(
     out = torch.empty_like(q)
     num_decode = meta.num_decode
     kernel = meta.decode_kernel if num_decode else None
-    if kernel is not None and reads_in_place(kernel, store) and q.dtype == torch.float32:
-        dense = store.cpu_blocks()
-        assert dense is not None
+    dense = blocks_read_in_place(kernel, store) if kernel is not None else None
+    if kernel is not None and dense is not None and q.dtype == torch.float32:
         assert meta.decode_block_tables is not None and meta.decode_context_lens is not None
         out[:num_decode] = kernel(
             q[:num_decode], dense[0], dense[1], meta.decode_block_tables,

@@ -22,16 +22,20 @@ DecodeKernel = Callable[..., torch.Tensor]
 BACKENDS = ("auto", "torch", "cpp", "numba")
 
 
-def reads_in_place(kernel: DecodeKernel, store: KVStore) -> bool:
-    """Whether `kernel` reads `store`'s cache where it lies (else: gather + SDPA)."""
+def blocks_read_in_place(kernel: DecodeKernel, store: KVStore
+                         ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """`store`'s K and V block views when `kernel` reads them where they lie, else None (the
+    gather + SDPA path)."""
     blocks = store.cpu_blocks()
     if blocks is None:
-        return False
+        return None
     from pagoda.layers import paged_decode_cpp
 
     if kernel is paged_decode_cpp.paged_decode_attention:
-        return blocks[0].dtype in (torch.float32, torch.float16, torch.bfloat16)
-    return blocks[0].dtype == torch.float32
+        readable: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
+    else:
+        readable = (torch.float32,)
+    return blocks if blocks[0].dtype in readable else None
 
 
 def select_decode_kernel(backend: str, device: torch.device | str) -> DecodeKernel | None:

@@ -31,14 +31,11 @@ def _part(full: torch.Tensor, rows: torch.Tensor, cols: range | None = None) -> 
     """An fp32 linear holding `rows` x `cols` of `full` (a row index past its end: zeros). It
     records which part it holds, so a quantizer reading the file's own blocks (gguf) cuts
     them the same way."""
-    cols = cols if cols is not None else range(full.shape[1])
-    n = full.shape[0]
-    if rows.numel() and int(rows.max()) >= n:
-        full = torch.cat([full, full.new_zeros(1, full.shape[1])])
-    weight = full[rows.clamp(max=n)][:, cols.start:cols.stop]
+    part = WeightSlice(rows, cols if cols is not None else range(full.shape[1]))
+    weight = part.take_rows(full)[:, part.cols.start:part.cols.stop]
     out = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
     out.weight = nn.Parameter(weight.contiguous(), requires_grad=False)
-    out.weight_slice = WeightSlice(rows, cols)
+    out.weight_slice = part
     return out
 
 

@@ -53,6 +53,13 @@ class WeightSlice:
     rows: torch.Tensor  # int64 indices into the full matrix's rows
     cols: range
 
+    def take_rows(self, t: torch.Tensor) -> torch.Tensor:
+        """`t`'s rows at `rows` (those past its end: zeros); every column."""
+        n = t.shape[0]
+        if self.rows.numel() and int(self.rows.max()) >= n:  # pad only when an index needs it
+            t = torch.cat([t, t.new_zeros(1, *t.shape[1:])])
+        return t[self.rows.clamp(max=n)]
+
 
 @dataclass
 class GroupWeights:
@@ -128,15 +135,10 @@ class GroupWeights:
             raise ValueError(f"columns {part.cols.start}..{part.cols.stop} of a {n}x{k} matrix "
                              f"do not fall on its {g}-column quantization groups")
         per_byte = 2 if self.bits == 4 else 1
-
-        def rows_of(t: torch.Tensor) -> torch.Tensor:  # index n: the appended zero row
-            padded = torch.cat([t, t.new_zeros(1, t.shape[1])])
-            return padded[part.rows.clamp(max=n)]
-
         groups = slice(part.cols.start // g, part.cols.stop // g)
-        q = rows_of(self.qweight)[:, part.cols.start // per_byte:part.cols.stop // per_byte]
-        offsets = None if self.offsets is None else rows_of(self.offsets)[:, groups]
-        return GroupWeights(q.contiguous(), rows_of(self.scales)[:, groups].contiguous(),
+        q = part.take_rows(self.qweight)[:, part.cols.start // per_byte:part.cols.stop // per_byte]
+        offsets = None if self.offsets is None else part.take_rows(self.offsets)[:, groups]
+        return GroupWeights(q.contiguous(), part.take_rows(self.scales)[:, groups].contiguous(),
                             None if offsets is None else offsets.contiguous(), g, self.bits)
 
     def permute_rows(self, order: torch.Tensor) -> GroupWeights:

@@ -20,7 +20,7 @@ from torch import nn
 from pagoda.engine.outputs import TokenLogprobs
 from pagoda.kv_cache.kv_store import KVStore
 from pagoda.layers.attention_metadata import AttentionMetadata, PrefillSpan
-from pagoda.layers.decode_backend import DecodeKernel, reads_in_place
+from pagoda.layers.decode_backend import DecodeKernel, blocks_read_in_place
 from pagoda.sampling.sampler import Sampler, token_logprobs
 from pagoda.scheduler.output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
 from pagoda.spec_decode.proposer import Draft, Proposer
@@ -88,7 +88,7 @@ class ModelRunner:
         # Every query (prefill rows too) through the decode kernel: only where that kernel reads
         # the cache in place; the gather fallback would copy each query's whole context.
         self.invariant_attention = (invariant_attention and decode_kernel is not None and all(
-            reads_in_place(decode_kernel, store) for store in kv_stores))
+            blocks_read_in_place(decode_kernel, store) is not None for store in kv_stores))
         self.layer_groups = layer_groups or [0] * len(kv_stores)  # KV group of each layer
         self.kv_stores = kv_stores
         self.block_size = block_size

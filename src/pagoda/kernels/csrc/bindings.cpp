@@ -11,11 +11,11 @@
 
 // paged_decode.cpp
 at::Tensor paged_decode(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache,
-                           at::Tensor block_tables, at::Tensor context_lens, double scale,
-                           int64_t window);
+                        at::Tensor block_tables, at::Tensor context_lens, double scale,
+                        int64_t window);
 // qgemm.cpp
 at::Tensor qgemm(at::Tensor x, at::Tensor q, at::Tensor scales, at::Tensor offsets,
-                    int64_t bits, int64_t group);
+                 int64_t bits, int64_t group);
 std::vector<at::Tensor> quantize_blocks(at::Tensor x);
 bool shape_supported(int64_t k, int64_t g, int64_t bits);
 std::string flavour();
