@@ -15,9 +15,10 @@ import pytest
 from tests.server.server_process import ServerProcess, serving
 
 # The backpressure test reads the queue while one request runs, which must not have ended by
-# then: deadlines of 8, 15 and 30 s were each once too short on a loaded 2-core CI box (that
-# request ended, a waiter started, the queue read 1). Nothing here waits for this deadline (the
-# test's requests end when their clients disconnect), so it is far longer than the test.
+# then: deadlines of 8, 15 and 30 s were each once too short on a loaded 2-core CI box. Nothing
+# here waits for this deadline (the test's requests end when their clients disconnect). NB: a
+# clean-clone run on 2026-12-04 still read the queue as 1 with this deadline, so the deadline is
+# not the whole story (open; see the session note).
 TIMEOUT_S = 300.0
 # The deadline test has a server of its own whose deadline is short: it waits the deadline out
 # twice (a stream, then a request queued behind it), which at TIMEOUT_S would take minutes.
