@@ -15,10 +15,8 @@ import pytest
 from tests.server.server_process import ServerProcess, serving
 
 # The backpressure test reads the queue while one request runs, which must not have ended by
-# then: deadlines of 8, 15 and 30 s were each once too short on a loaded 2-core CI box. Nothing
-# here waits for this deadline (the test's requests end when their clients disconnect). NB: a
-# clean-clone run on 2026-12-04 still read the queue as 1 with this deadline, so the deadline is
-# not the whole story (open; see the session note).
+# then. Nothing here waits for this deadline (the test's requests end when their clients
+# disconnect).
 TIMEOUT_S = 300.0
 # The deadline test has a server of its own whose deadline is short: it waits the deadline out
 # twice (a stream, then a request queued behind it), which at TIMEOUT_S would take minutes.
@@ -57,6 +55,13 @@ def wait_for(predicate, timeout: float = 10.0) -> None:
         time.sleep(0.05)
 
 
+def finished_counts(server: ServerProcess) -> list[str]:
+    """The server's finished-request counters (which requests ended, and why)."""
+    with server.client() as http:
+        return [line for line in http.get("/metrics").text.splitlines()
+                if line.startswith("pagoda:request_success_total")]
+
+
 def test_backpressure_503_with_retry_after(limited):
     """One request runs; four more arrive at once: two wait, two are refused with 503."""
     outcomes: list[httpx.Response] = []
@@ -79,18 +84,22 @@ def test_backpressure_503_with_retry_after(limited):
 
     with limited.client() as http, http.stream("POST", "/v1/completions", json=LONG) as running:
         assert running.status_code == 200
-        next(line for line in running.iter_lines() if line.startswith("data: {"))
+        # `lines` stays referenced until the end: dropping the last reference to a response's
+        # line iterator closes httpcore's stream, i.e. the connection, and the server aborts the
+        # running request (a waiter then starts: this test's old flake, num_pending 1)
+        lines = running.iter_lines()
+        next(line for line in lines if line.startswith("data: {"))
         threads = [threading.Thread(target=request, args=(i,), daemon=True) for i in range(4)]
         for t in threads:
             t.start()
         wait_for(lambda: len(outcomes) == 4, timeout=20)
-        pending = limited.kv()["num_pending"]
+        queue = limited.kv()
         release.set()
         for t in threads:
             t.join(30)
     codes = sorted(r.status_code for r in outcomes)
     assert codes == [200, 200, 503, 503], [(r.status_code, r.text) for r in outcomes]
-    assert pending == 2
+    assert queue["num_pending"] == 2, (queue, finished_counts(limited), limited.log_tail())
     for r in outcomes:
         if r.status_code == 503:
             assert int(r.headers["Retry-After"]) >= 1
