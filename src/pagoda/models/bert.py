@@ -123,7 +123,9 @@ class BertEncoder(nn.Module):
         if attention not in ATTENTION_MODES:
             raise ValueError(f"attention must be one of {ATTENTION_MODES}")
         self.config, self.attention = cfg, attention
-        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # uninitialised: the checkpoint overwrites it (a missing weight is refused at load)
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
+                                            _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
         self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
         self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
         self.embedding_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
