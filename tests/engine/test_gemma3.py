@@ -309,3 +309,19 @@ def test_pipeline_stages_keep_both_kv_groups(gemma_path, prompt_ids, reference):
             assert got[f"r{i}"] == reference[i], f"prompt {i} differs across two stages"
     finally:
         engine.close()
+
+
+def test_tensor_parallel_ranks_replicate_the_one_kv_head(gemma_path, prompt_ids, reference):
+    """Gemma 3 270M has one KV head for its four query heads: two ranks each cache that head
+    and compute two query heads (and half the MLP and of the vocabulary): transformers'
+    tokens, batched, in both KV groups."""
+    engine = make_engine(None, model=gemma_path, tensor_parallel_size=2)
+    try:
+        assert list(engine.peers.shard.q_heads) == [0, 1]
+        assert list(engine.peers.shard.kv_heads) == [0]
+        got = run_to_completion(engine, {f"r{i}": (prompt_ids[i], GREEDY) for i in range(4)})
+        for i in range(4):
+            assert got[f"r{i}"] == reference[i], f"prompt {i} differs across two ranks"
+        engine.check_integrity()
+    finally:
+        engine.close()

@@ -42,12 +42,33 @@ def test_uneven_vocabulary_is_padded_to_equal_slices():
     assert shards[1].vocab.stop == 49154
 
 
-def test_more_ranks_than_kv_heads_is_refused():
-    with pytest.raises(ValueError, match="exceeds smollm2's 3 KV heads"):
-        plan(SMOLLM2, 0, 4)
+GEMMA3 = dataclasses.replace(SMOLLM2, architecture="gemma3", name="gemma3-270m", num_heads=4,
+                             num_kv_heads=1, head_dim=256, hidden_size=640)
 
 
-def test_non_llama_is_refused():
-    gemma = dataclasses.replace(SMOLLM2, architecture="gemma3", name="gemma")
-    with pytest.raises(ValueError, match="Llama-architecture"):
-        plan(gemma, 0, 2)
+@pytest.mark.parametrize("cfg,world", [(SMOLLM2, 6), (SMOLLM2, 9), (GEMMA3, 2), (GEMMA3, 4)])
+def test_more_ranks_than_kv_heads_replicate_them_and_split_their_query_heads(cfg, world):
+    shards = [plan(cfg, r, world) for r in range(world)]
+    # every query head computed exactly once (the o_proj all-reduce sums each once) ...
+    assert [q for s in shards for q in s.q_heads] == list(range(cfg.num_heads))
+    group = cfg.num_heads // cfg.num_kv_heads
+    for s in shards:  # ... next to the one KV head of its group, which this rank caches
+        assert len(s.kv_heads) == 1 and s.q_heads
+        assert all(q // group == s.kv_heads[0] for q in s.q_heads)
+        assert local_config(cfg, s).num_kv_heads == 1
+    replicas = world // cfg.num_kv_heads
+    assert [s.kv_heads[0] for s in shards] == [r // replicas for r in range(world)]
+
+
+@pytest.mark.parametrize("cfg,world,limit", [(SMOLLM2, 4, "multiple of them"),
+                                              (SMOLLM2, 12, "at most 9"),
+                                              (GEMMA3, 5, "at most 4")])
+def test_what_replication_cannot_split_is_refused(cfg, world, limit):
+    with pytest.raises(ValueError, match=f"--tensor-parallel-size {world} does not fit .*{limit}"):
+        plan(cfg, 0, world)
+
+
+def test_other_architectures_are_refused():
+    bert = dataclasses.replace(SMOLLM2, architecture="bert", name="minilm")
+    with pytest.raises(ValueError, match="supports Llama and Gemma 3 models; minilm is bert"):
+        plan(bert, 0, 2)

@@ -92,7 +92,7 @@ def test_a_dead_stage_fails_the_step_instead_of_hanging(prompt_ids):
 
 @pytest.mark.parametrize("overrides,message", [
     ({"pipeline_parallel_size": 31}, "exceeds .* 30 layers"),
-    ({"pipeline_parallel_size": 2, "tensor_parallel_size": 4}, "exceeds .* 3 KV heads"),
+    ({"pipeline_parallel_size": 2, "tensor_parallel_size": 4}, "does not fit .* 3 KV heads"),
 ])
 def test_what_cannot_be_staged_is_refused(overrides, message):
     with pytest.raises(ValueError, match=message):

@@ -144,7 +144,7 @@ def test_a_dead_rank_fails_the_step_instead_of_hanging(prompt_ids):
 
 
 @pytest.mark.parametrize("overrides,message", [
-    ({"tensor_parallel_size": 4}, "exceeds .* 3 KV heads"),
+    ({"tensor_parallel_size": 4}, "does not fit .* 3 KV heads"),
 ])
 def test_what_cannot_be_split_is_refused(overrides, message):
     with pytest.raises(ValueError, match=message):

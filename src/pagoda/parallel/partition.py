@@ -4,8 +4,12 @@ Attention is split by KV-head group (a group's query heads stay with its KV head
 needs no communication; groups that do not divide evenly go to the lower ranks first (SmolLM2's
 3 groups over 2 ranks: 2 + 1), which keeps every rank's KV cache and the o_proj rows it reads
 consistent. The MLP's intermediate columns and the LM head's vocabulary rows split the same way.
-A rank without a KV group would need replicated KV heads (vLLM's answer when tp > kv heads);
-that is refused rather than half-supported.
+
+More ranks than KV heads (Gemma 3 270M has one): each KV head is then replicated on
+tp / kv_heads ranks, which split its group's query heads (vLLM's answer). Every rank holds one
+KV head and caches it; the o_proj all-reduce still sums each query head exactly once. tp must
+be a multiple of the KV heads, and a group needs a query head for every replica: anything else
+is refused with the reason.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ def split(total: int, world: int, rank: int) -> range:
 class Shard:
     rank: int
     world: int
-    kv_heads: range  # this rank's KV heads (and their query-head groups)
+    kv_heads: range  # this rank's KV heads (and their query-head groups, or a share of one)
     q_heads: range
     intermediate: range  # MLP columns
     vocab: range  # LM-head rows; padded_vocab / world each, the last rank's tail padding
@@ -38,18 +42,26 @@ def plan(cfg: ModelConfig, rank: int, world: int) -> Shard:
     ways."""
     if world < 1 or not 0 <= rank < world:
         raise ValueError(f"rank {rank} out of range for tensor parallel size {world}")
-    if cfg.architecture != "llama":
-        raise ValueError(f"tensor parallelism supports Llama-architecture models; "
+    if cfg.architecture not in ("llama", "gemma3"):
+        raise ValueError(f"tensor parallelism supports Llama and Gemma 3 models; "
                          f"{cfg.name} is {cfg.architecture}")
-    if world > cfg.num_kv_heads:
-        raise ValueError(f"--tensor-parallel-size {world} exceeds {cfg.name}'s "
-                         f"{cfg.num_kv_heads} KV heads (each rank needs a whole KV-head group; "
-                         f"replicating KV heads is not supported)")
     group = cfg.num_heads // cfg.num_kv_heads
-    kv = split(cfg.num_kv_heads, world, rank)
+    if world <= cfg.num_kv_heads:
+        kv = split(cfg.num_kv_heads, world, rank)
+        q = range(kv.start * group, kv.stop * group)
+    else:  # KV heads replicated, each group's query heads split among its replicas
+        replicas, rest = divmod(world, cfg.num_kv_heads)
+        if rest or replicas > group:
+            raise ValueError(
+                f"--tensor-parallel-size {world} does not fit {cfg.name}'s {cfg.num_kv_heads} KV "
+                f"heads x {group} query heads each: above the KV heads it must be a multiple of "
+                f"them, at most {cfg.num_heads} (one query head per rank)")
+        head = rank // replicas
+        kv = range(head, head + 1)
+        share = split(group, replicas, rank % replicas)
+        q = range(head * group + share.start, head * group + share.stop)
     per_rank = -(-cfg.vocab_size // world)
-    return Shard(rank, world, kv, range(kv.start * group, kv.stop * group),
-                 split(cfg.intermediate_size, world, rank),
+    return Shard(rank, world, kv, q, split(cfg.intermediate_size, world, rank),
                  range(rank * per_rank, (rank + 1) * per_rank), per_rank * world)
 
 
