@@ -34,6 +34,11 @@ def register(subparsers: Any) -> None:
                    help="autoscaling aims for this many requests in flight per replica")
     r.add_argument("--max-ongoing-requests", type=int, default=64,
                    help="per replica; Ray's proxy queues requests beyond it")
+    r.add_argument("--ray-router", choices=("pow2", "prefix"), default="pow2",
+                   help="pow2: Ray's proxy picks the replica with the shorter queue of two; "
+                   "prefix: an ingress deployment reads each prompt and keeps a prefix on one "
+                   "replica (its KV blocks cached there) unless that replica is busier by 8 "
+                   "requests; WebSocket /v1/ws needs pow2")
     r.add_argument("--ray-address", default=None,
                    help="join this Ray cluster ('auto', 'ray://host:10001'); default: start one "
                    "on this machine")
@@ -57,7 +62,7 @@ def ray_config_from_args(args: argparse.Namespace) -> Any:
                           target_ongoing_requests=args.target_ongoing_requests,
                           max_ongoing_requests=args.max_ongoing_requests,
                           graceful_shutdown_timeout_s=args.shutdown_grace,
-                          address=args.ray_address)
+                          address=args.ray_address, router=args.ray_router)
 
 
 def run(args: argparse.Namespace) -> int:

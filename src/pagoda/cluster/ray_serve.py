@@ -11,15 +11,24 @@ draining a replica before it stops. Pagoda supplies the replica:
 - `check_health` raises when the engine has died, so Ray replaces the replica;
 - each replica reserves `num_threads` CPUs, so Ray places no more replicas on a node than its
   cores can run without the replicas fighting over them.
+
+Two routers (`router`): "pow2" (default) makes the replicas the app's ingress and lets Ray's
+proxy pick by queue length; "prefix" puts a light ingress deployment in front that reads each
+body and relays it through a handle whose router keeps a prompt prefix on one replica, where
+its KV blocks are cached (relay.py, prefix_router.py; WebSocket is served by "pow2" only).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pagoda.server.config import ServerConfig
+
+if TYPE_CHECKING:
+    from pagoda.cluster.relay import RelayedRequest
 
 DEPLOYMENT = "pagoda"
 
@@ -35,6 +44,8 @@ class RayServeConfig:
     max_ongoing_requests: int = 64  # per replica; the proxy queues beyond it
     graceful_shutdown_timeout_s: float = 30.0  # drain on scale-down or shutdown
     address: str | None = None  # an existing cluster ("auto", "ray://..."); None: start one
+    router: str = "pow2"  # "pow2": Ray's proxy picks by queue length; "prefix": relay.py
+    prefix_chars: int = 256  # prefix router: how much of the prompt picks the replica
 
     def __post_init__(self) -> None:
         if self.num_replicas is not None and self.num_replicas < 1:
@@ -43,6 +54,10 @@ class RayServeConfig:
             raise ValueError("need 0 <= min_replicas <= max_replicas and max_replicas >= 1")
         if self.target_ongoing_requests <= 0 or self.max_ongoing_requests < 1:
             raise ValueError("target_ongoing_requests and max_ongoing_requests must be positive")
+        if self.router not in ("pow2", "prefix"):
+            raise ValueError(f"router must be 'pow2' or 'prefix', not {self.router!r}")
+        if self.prefix_chars < 1:
+            raise ValueError("prefix_chars must be at least 1")
 
     def deployment_options(self, cpus_per_replica: float) -> dict[str, Any]:
         options: dict[str, Any] = {
@@ -53,6 +68,13 @@ class RayServeConfig:
             "health_check_timeout_s": 30.0,
             "ray_actor_options": {"num_cpus": cpus_per_replica},
         }
+        if self.router == "prefix":
+            from ray.serve.config import RequestRouterConfig
+
+            from pagoda.cluster.prefix_router import PrefixAffinityRouter
+
+            options["request_router_config"] = RequestRouterConfig(
+                request_router_class=PrefixAffinityRouter)
         if self.num_replicas is not None:
             options["num_replicas"] = self.num_replicas
         else:
@@ -89,6 +111,15 @@ class PagodaReplica:
         app = build_app(self.config, client=self.client)
         app.add_middleware(ReplicaHeader, replica=serve.get_replica_context().replica_id.unique_id)
         return app
+
+    async def relay(self, request: RelayedRequest) -> AsyncIterator[dict[str, Any]]:
+        """The "prefix" router's path in: this replica's app run on a relayed request."""
+        from pagoda.cluster.relay import run_relayed
+
+        if getattr(self, "app", None) is None:
+            self.app = self.__serve_build_asgi_app__()
+        async for message in run_relayed(self.app, request):
+            yield message
 
     def __del__(self) -> None:
         """Serve calls this when it stops the replica (scale-down, shutdown): the engine process
@@ -132,6 +163,10 @@ def application(config: ServerConfig, ray_config: RayServeConfig) -> Any:
     if config.engine.distributed_executor == "ray":
         # the replica is rank 0; its other ranks reserve their own CPUs in a placement group
         cpus /= config.engine.num_ranks
-    ingress = serve.ingress()(PagodaReplica)
-    deployment = serve.deployment(ingress, **ray_config.deployment_options(cpus))
-    return deployment.bind(config)
+    options = ray_config.deployment_options(cpus)
+    if ray_config.router == "pow2":
+        return serve.deployment(serve.ingress()(PagodaReplica), **options).bind(config)
+    from pagoda.cluster.relay_ingress import ingress_deployment
+
+    engines = serve.deployment(PagodaReplica, **options).bind(config)
+    return ingress_deployment(ray_config).bind(engines, ray_config.prefix_chars)

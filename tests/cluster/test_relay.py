@@ -1,0 +1,105 @@
+"""The "prefix" router's parts without a Ray cluster: the affinity text the ingress computes,
+the in-process relay of a request through an ASGI app (JSON, streaming, a client that leaves),
+and rendezvous ranking (a replica that leaves moves only the prefixes it owned)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from pagoda.cluster.prefix_router import rendezvous_score
+from pagoda.cluster.relay import RelayedRequest, affinity_of, run_relayed
+
+JSON = [(b"content-type", b"application/json")]
+
+
+def body(payload: object) -> bytes:
+    return json.dumps(payload).encode()
+
+
+def test_affinity_is_the_cached_part_of_the_prompt():
+    chat = {"messages": [{"role": "system", "content": "Be brief."},
+                         {"role": "user", "content": "Hi"}]}
+    # the newest message differs per request: the prefix is what came before it
+    assert affinity_of("POST", JSON, body(chat), 256) == "system: Be brief.\n"
+    assert affinity_of("POST", JSON, body({"prompt": "x" * 500}), 256) == "x" * 256
+    assert affinity_of("POST", JSON, body({"prompt": [1, 2, 3]}), 256) is not None
+
+
+@pytest.mark.parametrize("method,headers,raw", [
+    ("GET", JSON, b""),  # /v1/models, /health
+    ("POST", JSON, b"{not json"),  # the replica answers it with its own 400
+    ("POST", [(b"content-type", b"text/plain")], body({"prompt": "hi"})),
+    ("POST", JSON, body(["a list"])),
+    ("POST", JSON, body({"model": "m"})),  # no prompt at all
+])
+def test_requests_without_a_prompt_have_no_affinity(method, headers, raw):
+    assert affinity_of(method, headers, raw, 256) is None
+
+
+def relayed(path: str, payload: bytes = b"") -> RelayedRequest:
+    return RelayedRequest("POST" if payload else "GET", path, path.encode(), b"a=1", JSON,
+                          payload, ("127.0.0.1", 5), None)
+
+
+@pytest.fixture()
+def app_and_log():
+    app = FastAPI()
+    log: list[str] = []
+
+    @app.post("/echo")
+    async def echo(payload: dict, a: int) -> JSONResponse:
+        return JSONResponse({"got": payload, "a": a}, status_code=201, headers={"x-one": "1"})
+
+    @app.get("/stream")
+    async def stream() -> StreamingResponse:
+        async def chunks():
+            try:
+                for i in range(1000):
+                    yield f"data: {i}\n\n"
+                    await asyncio.sleep(0.01)
+                log.append("finished")
+            except asyncio.CancelledError:
+                log.append("cancelled")  # what aborts an engine request in the real app
+                raise
+
+        return StreamingResponse(chunks(), media_type="text/event-stream")
+
+    return app, log
+
+
+async def test_a_json_request_comes_back_as_the_app_sent_it(app_and_log):
+    app, _ = app_and_log
+    messages = [m async for m in run_relayed(app, relayed("/echo", body({"k": "v"})))]
+    start, *rest = messages
+    assert start["type"] == "http.response.start" and start["status"] == 201
+    assert (b"x-one", b"1") in start["headers"]
+    assert json.loads(b"".join(m.get("body", b"") for m in rest)) == {"got": {"k": "v"}, "a": 1}
+
+
+async def test_a_client_that_leaves_mid_stream_cancels_the_app(app_and_log):
+    app, log = app_and_log
+    stream = run_relayed(app, relayed("/stream"))
+    start = await stream.__anext__()
+    assert start["status"] == 200
+    first = await stream.__anext__()
+    assert first["body"] == b"data: 0\n\n" and first["more_body"]
+    await stream.aclose()  # Ray closes the replica's generator when the client goes
+    assert log == ["cancelled"]
+
+
+def test_a_replica_that_leaves_moves_only_its_own_prefixes():
+    replicas = ["r1", "r2", "r3"]
+    texts = [f"system prompt {i}" for i in range(300)]
+
+    def owner(text: str, among: list[str]) -> str:
+        return max(among, key=lambda r: rendezvous_score(text, r))
+
+    before = {t: owner(t, replicas) for t in texts}
+    after = {t: owner(t, ["r1", "r3"]) for t in texts}
+    assert all(after[t] == before[t] for t in texts if before[t] != "r2")
+    assert {before[t] for t in texts} == set(replicas)  # every replica owns some prefixes
