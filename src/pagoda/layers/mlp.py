@@ -10,16 +10,14 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from torch.nn.utils import skip_init
 
 
 class GatedMLP(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int,
                  activation: Callable[[torch.Tensor], torch.Tensor]):
         super().__init__()
-        # uninitialised: a model's weights always come from its checkpoint
-        self.gate_up_proj = skip_init(nn.Linear, hidden_size, 2 * intermediate_size, bias=False)
-        self.down_proj = skip_init(nn.Linear, intermediate_size, hidden_size, bias=False)
+        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
         self.activation = activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

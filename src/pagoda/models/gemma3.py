@@ -22,7 +22,6 @@ from collections.abc import Iterable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils import skip_init
 
 from pagoda.kv_cache.kv_store import KVStore
 from pagoda.layers.attention import paged_attention
@@ -45,9 +44,8 @@ class Gemma3Attention(nn.Module):
         self.head_dim = cfg.head_dim
         self.q_size = cfg.num_heads * cfg.head_dim
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
-        self.qkv_proj = skip_init(nn.Linear, cfg.hidden_size, self.q_size + 2 * self.kv_size,
-                                  bias=False)
-        self.o_proj = skip_init(nn.Linear, self.q_size, cfg.hidden_size, bias=False)
+        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=False)
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
         self.q_norm = _norm(cfg.head_dim, cfg)
         self.k_norm = _norm(cfg.head_dim, cfg)
         scalar = cfg.query_pre_attn_scalar or cfg.head_dim
@@ -95,16 +93,20 @@ class Gemma3ForCausalLM(nn.Module):
         assert cfg.sliding_window is not None and len(cfg.layer_sliding) == cfg.num_layers, \
             "gemma3 needs a sliding window and a per-layer sliding/global pattern"
         self.config = cfg
-        # Uninitialised: the checkpoint overwrites every weight (a missing one is refused at
-        # load); a random init of the vocabulary's rows costs 0.15 s (SmolLM2) to 1.5 s (Gemma
-        # 3, with the LM head) of start-up. (`_weight`, not skip_init: normal_ on the meta
-        # device costs 0.8 s the first time.)
+        # An empty `_weight`, no random init: the checkpoint overwrites it (a missing weight is
+        # refused at load), and on the meta device, where the loaders build models, normal_
+        # runs a Python decomposition that costs ~0.8 s of every start-up.
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
                                          _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
         self.layers = nn.ModuleList(Gemma3DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = _norm(cfg.hidden_size, cfg)
-        self.lm_head = skip_init(nn.Linear, cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.post_load()
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        # built by post_load(), which every loader calls once the weights are real: computing
+        # the tables on the meta device would import torch._dynamo (~1 s of start-up)
+        self.rope_global: RotaryEmbedding | None = None
+        self.rope_local: RotaryEmbedding | None = None
 
     def post_load(self) -> None:
         """Re-tie embeddings and rebuild the RoPE tables (built on the meta device, then loaded)."""
@@ -133,6 +135,7 @@ class Gemma3ForCausalLM(nn.Module):
 
     def run_layers(self, x: torch.Tensor, positions: torch.Tensor, kv_stores: list[KVStore],
                    meta: AttentionMetadata | list[AttentionMetadata]) -> torch.Tensor:
+        assert self.rope_global is not None and self.rope_local is not None, "call post_load()"
         window = self._step_window(layer_meta(meta, 0))
         for i, (layer, store) in enumerate(zip(self.layers, kv_stores, strict=True)):
             m = layer_meta(meta, i)

@@ -13,7 +13,6 @@ from collections.abc import Iterable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils import skip_init
 
 from pagoda.kv_cache.kv_store import KVStore
 from pagoda.layers.attention import paged_attention
@@ -33,9 +32,8 @@ class LlamaAttention(nn.Module):
         self.head_dim = cfg.head_dim
         self.q_size = cfg.num_heads * cfg.head_dim
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
-        self.qkv_proj = skip_init(nn.Linear, cfg.hidden_size, self.q_size + 2 * self.kv_size,
-                                  bias=False)
-        self.o_proj = skip_init(nn.Linear, self.q_size, cfg.hidden_size, bias=False)
+        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=False)
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
         self.scale = cfg.head_dim ** -0.5
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding,
@@ -107,18 +105,19 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
-        # Uninitialised: the checkpoint overwrites every weight (a missing one is refused at
-        # load); a random init of the vocabulary's rows costs 0.15 s (SmolLM2) to 1.5 s (Gemma
-        # 3, with the LM head) of start-up. (`_weight`, not skip_init: normal_ on the meta
-        # device costs 0.8 s the first time.)
+        # An empty `_weight`, no random init: the checkpoint overwrites it (a missing weight is
+        # refused at load), and on the meta device, where the loaders build models, normal_
+        # runs a Python decomposition that costs ~0.8 s of every start-up.
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
                                          _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = skip_init(nn.Linear, cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_model_len, cfg.rope_theta)
+        # built by post_load(), which every loader calls once the weights are real: computing
+        # the tables on the meta device would import torch._dynamo (~1 s of start-up)
+        self.rope: RotaryEmbedding | None = None
         self.fused: FusedOps | None = None
 
     def use_fused_ops(self, ops: FusedOps | None) -> None:
@@ -147,6 +146,7 @@ class LlamaForCausalLM(nn.Module):
 
     def run_layers(self, x: torch.Tensor, positions: torch.Tensor, kv_stores: list[KVStore],
                    meta: AttentionMetadata | list[AttentionMetadata]) -> torch.Tensor:
+        assert self.rope is not None, "call post_load()"
         for i, (layer, store) in enumerate(zip(self.layers, kv_stores, strict=True)):
             x = layer(x, positions, self.rope, store, layer_meta(meta, i))
         return x
