@@ -10,6 +10,7 @@ passing ASGI messages on costs little next to a generation.
 # read as a query parameter).
 import asyncio
 import contextlib
+import logging
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request, WebSocket
@@ -17,11 +18,15 @@ from ray import serve
 from starlette.responses import Response
 
 from pagoda.cluster.relay import RelayedRequest, affinity_of
+from pagoda.server.errors import overloaded
 
 if TYPE_CHECKING:
     from pagoda.cluster.ray_serve import RayServeConfig
 
+log = logging.getLogger(__name__)
+
 INGRESS = "pagoda-ingress"
+RETRY_AFTER_S = 1
 POLICY_VIOLATION = 1008
 METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"]
 
@@ -68,7 +73,7 @@ class PagodaIngress:
         self.prefix_chars = prefix_chars
 
     @app.api_route("/{path:path}", methods=METHODS, include_in_schema=False)
-    async def http(self, request: Request) -> RelayedResponse:
+    async def http(self, request: Request) -> Response:
         body = await request.body()
         scope = request.scope
         headers = list(scope["headers"])
@@ -77,7 +82,13 @@ class PagodaIngress:
             scope.get("query_string", b""), headers, body, scope.get("client"),
             affinity_of(request.method, headers, body, self.prefix_chars))
         stream = self.engines.relay.remote(relayed)
-        start = await stream.__anext__()  # the replica's status line and headers
+        try:
+            start = await stream.__anext__()  # the replica's status line and headers
+        except Exception as exc:  # noqa: BLE001 - no replica answered: the route's error shape
+            stream.cancel()
+            log.warning("relay to an engine replica failed: %s", exc)
+            return overloaded(RETRY_AFTER_S, f"no engine replica answered: "
+                                             f"{type(exc).__name__}").response(scope["path"])
         return RelayedResponse(start, stream)
 
     @app.websocket("/{path:path}")

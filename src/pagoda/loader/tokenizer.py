@@ -16,10 +16,28 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from tokenizers import Tokenizer as RawTokenizer
 from tokenizers.decoders import DecodeStream
+
+
+@dataclass(frozen=True)
+class TokenizerFiles:
+    """Where a tokenizer is read from; calling it builds the transformers tokenizer. A plain
+    value, so a Tokenizer not yet built pickles (the engine process sends its own to the
+    server)."""
+
+    directory: str
+    gguf_file: str | None = None
+
+    def __call__(self) -> Any:
+        from transformers import AutoTokenizer
+
+        if self.gguf_file:
+            return _gguf_tokenizer(self.directory, self.gguf_file)
+        return AutoTokenizer.from_pretrained(self.directory)
 
 
 class Tokenizer:
@@ -54,14 +72,7 @@ class Tokenizer:
     @classmethod
     def from_pretrained(cls, directory: str, gguf_file: str | None = None,
                         eos_token_ids: tuple[int, ...] = ()) -> Tokenizer:
-        def load() -> Any:
-            from transformers import AutoTokenizer
-
-            if gguf_file:
-                return _gguf_tokenizer(directory, gguf_file)
-            return AutoTokenizer.from_pretrained(directory)
-
-        return cls(load, tuple(eos_token_ids))
+        return cls(TokenizerFiles(directory, gguf_file), tuple(eos_token_ids))
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         check_unicode(text)
