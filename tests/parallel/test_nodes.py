@@ -6,9 +6,11 @@ dies fails the step; a node with the wrong secret is never let in."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import threading
+import time
 from multiprocessing.connection import Client
 from pathlib import Path
 
@@ -17,7 +19,7 @@ import psutil
 import pytest
 
 from pagoda.cli.main import main
-from pagoda.parallel.nodes import accept_ranks
+from pagoda.parallel.nodes import accept_ranks, connect
 from pagoda.sampling.params import SamplingParams
 from tests.engine.helpers import run_to_completion
 from tests.gateway.gateway_harness import free_port
@@ -105,6 +107,26 @@ def test_a_wrong_secret_or_a_stranger_is_not_let_in():
     threading.Timer(0.5, knock).start()
     with pytest.raises(TimeoutError, match=r"ranks \[1\] did not join"):
         accept_ranks("127.0.0.1", port, {1}, 2, 2, timeout_s=5, key=KEY.encode())
+
+
+def test_a_silent_connection_does_not_hold_the_door():
+    """A peer that connects and never speaks (a port scanner, a load balancer's TCP check)
+    must not keep the real ranks out: each connection's handshake runs on its own clock."""
+    port = free_port_pair()
+    silent: list[socket.socket] = []
+
+    def arrive() -> None:
+        silent.append(socket.create_connection(("127.0.0.1", port)))  # and says nothing
+        connect(f"127.0.0.1:{port}", ("rank", 1), timeout_s=10, key=KEY.encode())
+
+    threading.Timer(0.5, arrive).start()
+    try:
+        start = time.monotonic()
+        ranks = accept_ranks("127.0.0.1", port, {1}, 2, 2, timeout_s=20, key=KEY.encode())
+        assert set(ranks) == {1} and time.monotonic() - start < 10
+    finally:
+        for s in silent:
+            s.close()
 
 
 def test_refusals(capsys, monkeypatch):

@@ -21,16 +21,23 @@ import logging
 import os
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
-from multiprocessing.connection import Client, Connection, Listener
+from multiprocessing.connection import (
+    Client,
+    Connection,
+    answer_challenge,
+    deliver_challenge,
+)
 
 log = logging.getLogger(__name__)
 
 KEY_ENV = "PAGODA_DIST_KEY"
 JOIN_TIMEOUT_S = 600.0  # how long a node or rank keeps knocking before rank 0 is up
+HANDSHAKE_TIMEOUT_S = 10.0  # a connection that has not authenticated and said hello by then
 
 
 def dist_key() -> bytes:
@@ -54,18 +61,41 @@ def accept_ranks(host: str, port: int, wanted: set[int], nnodes: int, world: int
     nodes_seen: set[int] = set()
     ranks: dict[int, Connection] = {}
     arrivals: queue.Queue[tuple[Connection, object] | Exception] = queue.Queue()
-    listener = Listener((host, port), authkey=key)
+    door = socket.create_server((host, port))
+    door.settimeout(0.2)  # the accept loop checks `closed` this often
     closed = threading.Event()
 
-    def accept_loop() -> None:  # Listener.accept has no timeout: a thread waits instead
+    def greet(peer: socket.socket) -> None:
+        """One connection's handshake (HMAC both ways, then its hello), on a clock of its own:
+        a peer that never speaks is cut off after HANDSHAKE_TIMEOUT_S instead of holding the
+        door (multiprocessing's Listener authenticates inside accept(), with no timeout)."""
+        conn = Connection(os.dup(peer.fileno()))
+        # shutdown() ends a read blocked on the duplicate too, without closing its fd under it
+        watchdog = threading.Timer(HANDSHAKE_TIMEOUT_S, peer.shutdown, (socket.SHUT_RDWR,))
+        watchdog.start()
+        try:
+            deliver_challenge(conn, key)
+            answer_challenge(conn, key)
+            arrivals.put((conn, conn.recv()))
+        except Exception as exc:  # noqa: BLE001 - a bad peer (wrong key, silence) must not
+            conn.close()  # stop the others
+            if not closed.is_set():
+                arrivals.put(exc)
+        finally:
+            watchdog.cancel()
+            peer.close()
+
+    def accept_loop() -> None:
         while not closed.is_set():
             try:
-                conn = listener.accept()
-                arrivals.put((conn, conn.recv()))
-            except Exception as exc:  # noqa: BLE001 - a bad peer (wrong key) must not stop
-                if closed.is_set():  # the others; closing the listener ends the loop
-                    return
-                arrivals.put(exc)
+                peer, _ = door.accept()
+            except TimeoutError:
+                continue
+            except OSError:  # the door was closed
+                return
+            peer.setblocking(True)
+            threading.Thread(target=greet, args=(peer,), daemon=True,
+                             name="pagoda-node-greeting").start()
 
     threading.Thread(target=accept_loop, daemon=True, name="pagoda-node-door").start()
     deadline = time.monotonic() + timeout_s
@@ -100,7 +130,7 @@ def accept_ranks(host: str, port: int, wanted: set[int], nnodes: int, world: int
         raise
     finally:
         closed.set()
-        listener.close()
+        door.close()
     return ranks
 
 
