@@ -1,6 +1,6 @@
 """The "prefix" router's parts without a Ray cluster: the affinity text the ingress computes,
 the in-process relay of a request through an ASGI app (JSON, streaming, a client that leaves),
-and rendezvous ranking (a replica that leaves moves only the prefixes it owned)."""
+rendezvous ranking (a replica that leaves moves only the prefixes it owned) and the load bound."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from pagoda.cluster.prefix_router import rendezvous_score
+from pagoda.cluster.prefix_router import bounded_choice, rendezvous_score
 from pagoda.cluster.relay import RelayedRequest, affinity_of, run_relayed
 
 JSON = [(b"content-type", b"application/json")]
@@ -103,3 +103,17 @@ def test_a_replica_that_leaves_moves_only_its_own_prefixes():
     after = {t: owner(t, ["r1", "r3"]) for t in texts}
     assert all(after[t] == before[t] for t in texts if before[t] != "r2")
     assert {before[t] for t in texts} == set(replicas)  # every replica owns some prefixes
+
+
+def test_load_is_bounded_to_its_share():
+    ranked = ["a", "b", "c"]  # this prefix's ranking
+    assert bounded_choice(ranked, {}, 1.25) == 0
+    assert bounded_choice(ranked, {"a": 1, "b": 1, "c": 1}, 1.25) == 0  # 4/3 x 1.25 -> cap 2
+    assert bounded_choice(ranked, {"a": 2, "b": 0, "c": 0}, 1.25) == 1  # a over its share
+    assert bounded_choice(ranked, {"a": 3, "b": 3, "c": 0}, 1.25) == 2  # 7/3 x 1.25 -> cap 3
+    assert bounded_choice(["a", "b"], {"a": 1, "b": 0}, 1.25) == 0  # two at a time stay put
+    # however the hash falls, no replica takes more than 1.25 x the mean plus one
+    loads = {"a": 0, "b": 0, "c": 0}
+    for _ in range(30):
+        loads[ranked[bounded_choice(ranked, loads, 1.25)]] += 1
+    assert max(loads.values()) <= 1.25 * 30 / 3 + 1

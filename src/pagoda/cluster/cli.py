@@ -37,8 +37,8 @@ def register(subparsers: Any) -> None:
     r.add_argument("--ray-router", choices=("pow2", "prefix"), default="pow2",
                    help="pow2: Ray's proxy picks the replica with the shorter queue of two; "
                    "prefix: an ingress deployment reads each prompt and keeps a prefix on one "
-                   "replica (its KV blocks cached there) unless that replica is busier by 8 "
-                   "requests; WebSocket /v1/ws needs pow2")
+                   "replica (its KV blocks cached there) while that replica has at most 1.25x "
+                   "its share of the requests in flight; WebSocket /v1/ws needs pow2")
     r.add_argument("--ray-address", default=None,
                    help="join this Ray cluster ('auto', 'ray://host:10001'); default: start one "
                    "on this machine")

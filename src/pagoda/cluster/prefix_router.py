@@ -5,10 +5,14 @@ request with that prefix elsewhere recomputes them. The router ranks the replica
 (highest-random-weight) hashing of the request's affinity text, as the gateway's prefix policy
 does: when a replica joins or leaves, only the prefixes it owned move.
 
-Load still wins over affinity: the first-ranked replica is offered alone only while it has fewer
-than `imbalance` more requests in flight (through this router) than the least busy candidate;
-otherwise the request goes to Ray's power-of-two choice. Ray then probes the offered replicas'
-queues and skips one that is full (`max_ongoing_requests`), trying the next rank.
+Load is bounded, as in consistent hashing with bounded loads (Mirrokni, Thorup and Zadimoghaddam,
+2018): a request goes to the first replica of its ranking whose requests in flight (through this
+router) are under `load_factor` times the mean, counting this one. With few prefixes and few
+replicas the hash alone can put most of the load on one replica (a measured 0.63x against Ray's
+power-of-two choice before this bound); the bound keeps each prefix on its replica until that
+replica is busier than its share, then spills to the next in the prefix's ranking (the same
+next one every time, so the spilled prefix is cached in at most a few places). Ray then probes
+the offered replica's queue and, if it is full (`max_ongoing_requests`), the rest in order.
 
 Requests without affinity text (GET /v1/models, /health, bodies that are not a prompt) take the
 power-of-two choice. No FIFO mixin: a routing attempt must serve the request it was made for,
@@ -18,6 +22,7 @@ or a request would land on another request's replica.
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 import threading
 from collections import Counter
@@ -25,7 +30,7 @@ from typing import Any
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
-DEFAULT_IMBALANCE = 8
+DEFAULT_LOAD_FACTOR = 1.25
 
 
 def rendezvous_score(text: str, replica: str) -> bytes:
@@ -33,9 +38,17 @@ def rendezvous_score(text: str, replica: str) -> bytes:
     return hashlib.blake2b(key, digest_size=8).digest()
 
 
+def bounded_choice(ranked: list[str], in_flight: dict[str, int], load_factor: float) -> int:
+    """Index in `ranked` (a prefix's replicas, best first) of the first replica whose load stays
+    within `load_factor` x the mean once this request is added."""
+    total = sum(in_flight.get(r, 0) for r in ranked) + 1
+    cap = max(1, math.ceil(load_factor * total / len(ranked)))
+    return next((i for i, r in enumerate(ranked) if in_flight.get(r, 0) < cap), 0)
+
+
 class PrefixAffinityRouter(RequestRouter):
-    def initialize_state(self, imbalance: int = DEFAULT_IMBALANCE, **_: Any) -> None:
-        self.imbalance = imbalance
+    def initialize_state(self, load_factor: float = DEFAULT_LOAD_FACTOR, **_: Any) -> None:
+        self.load_factor = load_factor
         self._lock = threading.Lock()  # completion callbacks may run on Ray's threads
         self.in_flight: Counter[ReplicaID] = Counter()
 
@@ -45,15 +58,15 @@ class PrefixAffinityRouter(RequestRouter):
         if not candidate_replicas:
             return []
         text = affinity(pending_request)
-        if text is not None and len(candidate_replicas) > 1:
-            ranked = sorted(candidate_replicas, reverse=True,
-                            key=lambda r: rendezvous_score(text, r.replica_id.unique_id))
-            with self._lock:
-                least = min(self.in_flight[r.replica_id] for r in ranked)
-                busy = self.in_flight[ranked[0].replica_id] - least >= self.imbalance
-            if not busy:
-                return [[ranked[0]], ranked[1:]]
-        return [random.sample(candidate_replicas, min(2, len(candidate_replicas)))]
+        if text is None or len(candidate_replicas) == 1:
+            return [random.sample(candidate_replicas, min(2, len(candidate_replicas)))]
+        ranked = sorted(candidate_replicas, reverse=True,
+                        key=lambda r: rendezvous_score(text, r.replica_id.unique_id))
+        with self._lock:
+            loads = {r.replica_id.unique_id: self.in_flight[r.replica_id] for r in ranked}
+        first = bounded_choice([r.replica_id.unique_id for r in ranked], loads,
+                               self.load_factor)
+        return [[ranked[first]], ranked[first + 1:] + ranked[:first]]
 
     # Ray calls these once per dispatched request (whether or not replicas may reject).
     def on_send_request(self, replica_id: ReplicaID) -> None:
