@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 KEY_ENV = "PAGODA_DIST_KEY"
 JOIN_TIMEOUT_S = 600.0  # how long a node or rank keeps knocking before rank 0 is up
-HANDSHAKE_TIMEOUT_S = 10.0  # a connection that has not authenticated and said hello by then
+HANDSHAKE_TIMEOUT_S = 10.0  # a connection not authenticated and greeted by then is cut off
 
 
 def dist_key() -> bytes:
