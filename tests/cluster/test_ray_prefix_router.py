@@ -41,6 +41,14 @@ def test_a_shared_prefix_stays_on_one_replica_and_hits_its_cache(prefix_app):
         usage = raw.parse().usage
         return i, raw.headers["x-pagoda-replica"], usage.prompt_tokens_details.cached_tokens
 
+    # The ingress's router learns of the replicas a little after the app reports ready; while it
+    # knows one, every request goes there. Requests without a prompt take the power-of-two
+    # choice among the replicas it knows: once both have answered one, it knows both.
+    answered: set[str] = set()
+    deadline = time.monotonic() + 60
+    while len(answered) < 2:
+        assert time.monotonic() < deadline, answered
+        answered.add(httpx.get(prefix_app + "/health", timeout=10).headers["x-pagoda-replica"])
     # 16 prefixes: that both replicas own some has probability 1 - 2**-15
     first = [chat((i, 0)) for i in range(16)]
     # then two at a time: the load bound (1.25 x the mean) lets a replica take both, so the
