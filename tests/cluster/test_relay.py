@@ -11,8 +11,9 @@ import pytest
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from pagoda.cluster.prefix_router import bounded_choice, rendezvous_score
+from pagoda.cluster.prefix_router import bounded_choice
 from pagoda.cluster.relay import RelayedRequest, affinity_of, run_relayed
+from pagoda.gateway.router import rendezvous_score
 
 JSON = [(b"content-type", b"application/json")]
 

@@ -21,7 +21,6 @@ or a request would land on another request's replica.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import random
 import threading
@@ -30,12 +29,9 @@ from typing import Any
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
+from pagoda.gateway.router import rendezvous_score
+
 DEFAULT_LOAD_FACTOR = 1.25
-
-
-def rendezvous_score(text: str, replica: str) -> bytes:
-    key = text.encode("utf-8", "surrogatepass") + b"\0" + replica.encode()
-    return hashlib.blake2b(key, digest_size=8).digest()
 
 
 def bounded_choice(ranked: list[str], in_flight: dict[str, int], load_factor: float) -> int:

@@ -19,6 +19,7 @@ from starlette.responses import Response
 
 from pagoda.cluster.relay import RelayedRequest, affinity_of
 from pagoda.server.errors import overloaded
+from pagoda.server.websocket import POLICY_VIOLATION
 
 if TYPE_CHECKING:
     from pagoda.cluster.ray_serve import RayServeConfig
@@ -27,7 +28,6 @@ log = logging.getLogger(__name__)
 
 INGRESS = "pagoda-ingress"
 RETRY_AFTER_S = 1
-POLICY_VIOLATION = 1008
 METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"]
 
 

@@ -58,6 +58,13 @@ def affinity_text(body: dict[str, Any]) -> str:
     return prompt_text(body)
 
 
+def rendezvous_score(text: str, member: str) -> bytes:
+    """`member`'s weight for `text` in rendezvous hashing (the highest wins); the gateway's
+    prefix policy and the Ray Serve prefix router both rank by it."""
+    key = text.encode("utf-8", "surrogatepass") + b"\0" + member.encode()  # lone surrogates too
+    return hashlib.blake2b(key, digest_size=8).digest()
+
+
 class Policy(ABC):
     @abstractmethod
     def choose(self, candidates: list[Upstream], text: str) -> Upstream: ...
@@ -93,12 +100,8 @@ class PrefixAffinity(Policy):
         self._fallback = LeastOutstanding()
 
     def ranking(self, candidates: list[Upstream], text: str) -> list[Upstream]:
-        prefix = text[: self.prefix_chars].encode("utf-8", "surrogatepass")  # lone surrogates too
-
-        def score(upstream: Upstream) -> bytes:
-            return hashlib.blake2b(prefix + b"\0" + upstream.name.encode(), digest_size=8).digest()
-
-        return sorted(candidates, key=score, reverse=True)
+        prefix = text[: self.prefix_chars]
+        return sorted(candidates, key=lambda u: rendezvous_score(prefix, u.name), reverse=True)
 
     def choose(self, candidates: list[Upstream], text: str) -> Upstream:
         for upstream in self.ranking(candidates, text):
