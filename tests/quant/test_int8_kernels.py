@@ -27,7 +27,7 @@ def _linear(n: int, k: int, seed: int = 0) -> nn.Linear:
     return lin
 
 
-def test_auto_takes_qgemm_and_onednn_needs_amx():
+def test_auto_takes_wgemm_and_onednn_needs_amx():
     from pagoda.kernels import build
 
     # ONEDNN_MAX_CPU_ISA below AMX (how an AVX2 CPU is imitated on an AMX one) rules it out too
@@ -35,7 +35,7 @@ def test_auto_takes_qgemm_and_onednn_needs_amx():
         and "AMX" not in os.environ["ONEDNN_MAX_CPU_ISA"].upper()
     assert onednn_int8_available() == (torch.cpu._is_amx_tile_supported() and not capped)
     m = Int8Linear.from_linear(_linear(64, 576))
-    assert m.prepare().label == f"qgemm-{build.best_flavour()}"
+    assert m.prepare().label == f"wgemm-{build.best_flavour()}"
     assert int8_kernel(CPU, "fbgemm") == "fbgemm"
     assert int8_kernel(CPU, "reference") == "reference"
     assert int8_kernel(torch.device("meta"), "auto") == "reference"
@@ -85,6 +85,10 @@ def test_kernel_form_follows_a_backend_switch():
     m(x)
     assert m._packed.kernel == "fbgemm"
     m.backend = "auto"
+    m.invalidate()
+    m(x)
+    assert m._wgemm_weight is not None and m.kernel_choice(CPU).kernel == "wgemm"
+    m.backend = "qgemm"
     m.invalidate()
     m(x)
     assert m._qgemm_weight is not None and m.kernel_choice(CPU).kernel == "qgemm"
@@ -168,7 +172,7 @@ def test_group_weights_are_read_in_place_by_qgemm(rows: int, kind: str):
         weights = _group_weights_8bit(192, k, group, seed=6)
         if kind.endswith("offsets"):  # as when rows of mixed block types are concatenated
             weights.offsets = (torch.rand_like(weights.scales.float()) * 0.01).half()
-    m = GroupLinear(weights, "gguf")
+    m = GroupLinear(weights, "gguf", backend="qgemm")
     x = torch.randn(rows, k)
     y = m(x)
     assert m.kernel_choice(CPU).kernel == "qgemm"
@@ -176,6 +180,28 @@ def test_group_weights_are_read_in_place_by_qgemm(rows: int, kind: str):
     assert rel_err(y, qgemm_torch(x, m._qgemm_weight)) < 1e-5
     # asymmetric groups: the rounding error of x multiplies scales * q, larger than w itself
     assert rel_err(y, x @ m.dequantize().T) < (0.03 if weights.offsets is not None else 0.015)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 33])
+@pytest.mark.parametrize("kind", ["int4g32", "int4g128", "int8g32", "int8g16", "int8g32-offsets"])
+def test_group_weights_run_on_wgemm_under_auto(rows: int, kind: str):
+    """GroupLinear under auto multiplies fp32 activations by its dequantized weights (wgemm):
+    no activation rounding, so it equals the fp32 product of the same weights."""
+    k, group = 512, int(kind.split("g")[1].split("-")[0])
+    if kind.startswith("int4"):
+        from pagoda.quant.group_weights import quantize_int4_groups
+
+        weights = quantize_int4_groups(_linear(192, k, seed=6).weight.detach(), group)
+    else:
+        weights = _group_weights_8bit(192, k, group, seed=6)
+        if kind.endswith("offsets"):
+            weights.offsets = (torch.rand_like(weights.scales.float()) * 0.01).half()
+    m = GroupLinear(weights, "gguf")
+    x = torch.randn(rows, k)
+    y = m(x)
+    assert m.kernel_choice(CPU).kernel == "wgemm"
+    exact = x.double() @ m.dequantize().double().T
+    assert rel_err(y.double(), exact) < 1e-6
 
 
 def test_qgemm_on_the_bundled_gguf_blocks(gguf_source):

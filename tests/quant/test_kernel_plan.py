@@ -19,27 +19,36 @@ FORMATS = {
 
 
 @pytest.mark.parametrize("name", list(FORMATS))
-def test_auto_takes_the_best_qgemm_flavour_for_every_supported_format(name: str):
+def test_auto_takes_the_best_wgemm_flavour_for_every_supported_format(name: str):
     choice = choose(FORMATS[name], CPU, "auto")
-    assert (choice.kernel, choice.flavour) == ("qgemm", build.best_flavour())
+    assert (choice.kernel, choice.flavour) == ("wgemm", build.best_flavour())
+    asked = choose(FORMATS[name], CPU, "qgemm")  # qgemm stays one flag away
+    assert (asked.kernel, asked.flavour) == ("qgemm", build.best_flavour())
 
 
-def test_unsupported_shapes_fall_back_and_forced_qgemm_refuses_them():
-    odd = WeightFormat("int8", 8, 100, 100)  # K not a multiple of 32
-    assert choose(odd, CPU, "auto").kernel in ("fbgemm", "reference")
+def test_shapes_qgemm_refuses_run_on_wgemm_and_odd_groups_fall_back():
+    odd = WeightFormat("int8", 8, 100, 100)  # K not a multiple of 32: wgemm takes any K
+    assert choose(odd, CPU, "auto").kernel == "wgemm"
     with pytest.raises(ValueError, match="K=100"):
         choose(odd, CPU, "qgemm")
-    assert choose(WeightFormat("int4", 4, 16, 512), CPU, "auto").kernel != "qgemm"
+    assert choose(WeightFormat("int4", 4, 16, 512), CPU, "auto").kernel == "wgemm"
+    # 4-bit groups of an odd size split a byte's two values between groups: neither kernel
+    odd_group = WeightFormat("int4", 4, 33, 99)
+    assert choose(odd_group, CPU, "auto").kernel in ("fbgemm", "reference")
+    with pytest.raises(ValueError, match="groups of 33"):
+        choose(odd_group, CPU, "wgemm")
 
 
+@pytest.mark.parametrize("kernel", ["qgemm", "wgemm"])
 @pytest.mark.parametrize("flavour", list(build.FLAVOURS))
-def test_forcing_a_flavour(flavour: str):
+def test_forcing_a_flavour(kernel: str, flavour: str):
     fmt = FORMATS["gguf Q4_1/Q4_K"]
     if build.can_run(flavour):
-        assert choose(fmt, CPU, f"qgemm-{flavour}").flavour == flavour
+        choice = choose(fmt, CPU, f"{kernel}-{flavour}")
+        assert (choice.kernel, choice.flavour) == (kernel, flavour)
     else:
         with pytest.raises(ValueError, match="lacks"):
-            choose(fmt, CPU, f"qgemm-{flavour}")
+            choose(fmt, CPU, f"{kernel}-{flavour}")
 
 
 def test_other_devices_and_reference_take_the_portable_path():
@@ -56,4 +65,4 @@ def test_the_plan_is_described_one_line_per_format():
     lines = describe(choices)
     assert len(lines) == len(FORMATS)
     assert any(line.strip().startswith("2 x int8 8-bit g576") for line in lines)
-    assert all(f"qgemm-{build.best_flavour()}" in line for line in lines)
+    assert all(f"wgemm-{build.best_flavour()}" in line for line in lines)

@@ -118,22 +118,29 @@ def test_int8_checkpoint_rebuilds_int8_modules(tmp_path):
     assert loaded.layers[0].self_attn.qkv_proj.qweight.device.type == "cpu"
 
 
-@pytest.mark.parametrize("backend", ["auto", "fbgemm"])
+@pytest.mark.parametrize("backend", ["auto", "qgemm", "fbgemm"])
 def test_dtype_cast_keeps_kernel_forms_and_device_move_drops_them(model: TinyModel,
                                                                    backend: str):
     quantize_model(model, QuantConfig(method="int8", backend=backend))
     head = model.lm_head
+
+    def form() -> object:
+        return {"fbgemm": head._packed, "qgemm": head._qgemm_weight,
+                "auto": head._wgemm_weight}[backend]
+
     head.prepare()
-    form = head._packed if backend == "fbgemm" else head._qgemm_weight
-    assert form is not None
+    built = form()
+    assert built is not None
     if backend == "fbgemm":
         assert head.packed_bytes() == head.in_features * head.out_features
-    else:  # qgemm reads the stored int8 weight and scales in place: no copy
-        assert head.packed_bytes() == 0 and form.q is head.qweight
+    elif backend == "qgemm":  # qgemm reads the stored int8 weight and scales in place: no copy
+        assert head.packed_bytes() == 0 and built.q is head.qweight
+    else:  # wgemm reads a transposed copy: one byte per weight, fp32 scales
+        assert head.packed_bytes() >= head.in_features * head.out_features
     model.to(torch.bfloat16)
-    assert (head._packed if backend == "fbgemm" else head._qgemm_weight) is form
+    assert form() is built
     model.to("meta")
-    assert head._packed is None and head._qgemm_weight is None and head.qweight.is_meta
+    assert form() is None and head._qgemm_weight is None and head.qweight.is_meta
 
 
 @pytest.mark.parametrize("method", ["fp16", "int8"])

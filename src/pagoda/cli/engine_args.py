@@ -32,8 +32,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quantization", default=d.quantization,
                    choices=["none", "int8", "int4", "gguf"])
     g.add_argument("--quant-kernel", default=d.quant_kernel, choices=list(QUANT_KERNELS),
-                   help="kernel of quantized linears: auto (qgemm, the best ISA flavour this CPU "
-                   "runs; batch-invariant), one qgemm flavour, the oneDNN (AMX) or fbgemm int8 "
+                   help="kernel of quantized linears: auto (wgemm, weights widened to fp32 in "
+                   "the best ISA flavour this CPU runs; batch-invariant), qgemm (int8 "
+                   "activations), one flavour of either, the oneDNN (AMX) or fbgemm int8 "
                    "libraries, or the portable dequantize + matmul")
     g.add_argument("--dense-kernel", default=d.dense_kernel, choices=["auto", "onednn", "torch"],
                    help="kernel of fp32 linears: oneDNN on reordered weights (auto on CPU) or "

@@ -1,5 +1,6 @@
 """pagoda's native CPU kernels: the lowest layer, importing nothing else of pagoda.
 
-`build` compiles every C++ source of `csrc/` into one module per ISA flavour; `qgemm` is the
-quantized product every quantized Linear runs on the CPU; `paged_decode` the decode attention.
+`build` compiles every C++ source of `csrc/` into one module per ISA flavour; `wgemm` (weights
+widened to fp32) and `qgemm` (int8 activations) are the quantized products the quantized Linears
+run on the CPU; `paged_decode` the decode attention.
 """

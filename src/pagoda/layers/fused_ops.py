@@ -75,17 +75,21 @@ class FusedOps:
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         return self.module.silu_mul(gate_up.contiguous())
 
-    def qgemm_operands(self, linear: Any) -> tuple[list[torch.Tensor], list[int]] | None:
-        """([q, scales, offsets], [bits, group]) of a linear whose products run on this module's
-        qgemm flavour, else None (another kernel or flavour: the layer then runs in Python,
-        where each module computes with its own)."""
-        operands = getattr(linear, "qgemm_operands", None)
+    def native_operands(self, linear: Any) -> tuple[list[torch.Tensor], list[int]] | None:
+        """([q, scales, offsets], form) of a linear whose products run on this module's flavour
+        of qgemm (form [bits, group]) or wgemm (packed operands, form [bits, group, N]), else
+        None (another kernel or flavour: the layer then runs in Python, where each module
+        computes with its own)."""
+        operands = getattr(linear, "native_operands", None)
         found = operands(torch.device("cpu")) if operands is not None else None
         if found is None:
             return None
-        weight, flavour = found
+        kernel, weight, flavour = found
         if flavour != self.flavour and not (flavour == "" and self._is_native):
             return None
+        if kernel == "wgemm":
+            return ([weight.q, weight.scales, weight.offsets],
+                    [weight.bits, weight.group, weight.out_features])
         offsets = weight.offsets if weight.offsets is not None else _NO_OFFSETS
         return [weight.q, weight.scales, offsets], [weight.bits, weight.group]
 

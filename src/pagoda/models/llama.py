@@ -83,9 +83,9 @@ class LlamaDecoderLayer(nn.Module):
                      rope: RotaryEmbedding, store: KVStore, meta: AttentionMetadata
                      ) -> torch.Tensor | None:
         """The layer as one C++ call (bit-identical to the fused Python path below it), or None
-        when a linear does not run on qgemm."""
+        when a linear runs on neither qgemm nor wgemm."""
         attn, mlp = self.self_attn, self.mlp
-        linears = [ops.qgemm_operands(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj,
+        linears = [ops.native_operands(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj,
                                                   mlp.down_proj)]
         if any(operands is None for operands in linears):
             return None

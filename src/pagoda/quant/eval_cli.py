@@ -110,6 +110,7 @@ def _measure(precision: str, args: argparse.Namespace, text_ids: list[int],
                 loaded.tokenizer.hf.save_pretrained(tmp)
                 loaded = load_quantized_model(tmp)
                 reload_s = loaded.load_seconds
+                loaded.tokenizer.hf  # noqa: B018 - built on first use: read it before tmp goes
         loaded.load_s = load_s  # remembered for the second pass over the fp32 model
     load_s = loaded.load_s
     memory = all_parameter_bytes(loaded.model) + weight_bytes(loaded.model)["quantized_packed"]

@@ -3,9 +3,10 @@
 Contract shared by all subclasses:
 - `forward(x)` takes (T, in_features) in any float dtype and returns (T, out_features) in x's dtype.
   The kernel is chosen once per module and device from the table in `kernel_plan.py`: on CPUs
-  Pagoda's qgemm (`kernels/qgemm.py`) reads the stored integers in place for every row count,
-  with activations rounded per 32-element block of each row (batch-invariant); elsewhere the
-  portable dequantize + `F.linear`.
+  Pagoda's wgemm (`kernels/wgemm.py`: the integers widened to fp32 in registers, fp32
+  activations) or qgemm (`kernels/qgemm.py`: activations rounded per 32-element block, integer
+  dot products), both batch-invariant for every row count; elsewhere the portable dequantize +
+  `F.linear`.
 - Forced "onednn" / "fbgemm" run those libraries' packed int8 GEMMs. Their activations are
   quantized per token (one scale per row), and input columns whose magnitude exceeds
   `outlier_ratio` times the median column go through an exact fp32 product with just those
@@ -28,6 +29,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from pagoda.kernels import wgemm as wgemm_kernel
 from pagoda.kernels.qgemm import QGemmWeight, qgemm
 from pagoda.quant import int8_ops
 from pagoda.quant.int8_ops import quantize_rows
@@ -68,6 +70,7 @@ class QuantLinear(nn.Module):
         self._outlier_rows: OrderedDict[int, torch.Tensor] = OrderedDict()
         self._choice: tuple[torch.device, KernelChoice] | None = None
         self._qgemm_weight: QGemmWeight | None = None
+        self._wgemm_weight: wgemm_kernel.WGemmWeight | None = None
 
     # --- what subclasses provide -------------------------------------------------------------
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -165,8 +168,16 @@ class QuantLinear(nn.Module):
             self._choice = (device, choice)
         return self._choice[1]
 
+    def wgemm_weight(self) -> wgemm_kernel.WGemmWeight:
+        """The stored integers transposed for wgemm (built once; qgemm's form is not kept)."""
+        if self._wgemm_weight is None:
+            self._wgemm_weight = wgemm_kernel.pack(self.make_qgemm_weight())
+        return self._wgemm_weight
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         choice = self.kernel_choice(x.device)
+        if choice.kernel == "wgemm":
+            return wgemm_kernel.wgemm(x, self.wgemm_weight(), choice.flavour).to(x.dtype)
         if choice.kernel == "qgemm":
             if self._qgemm_weight is None:
                 self._qgemm_weight = self.make_qgemm_weight()
@@ -177,15 +188,18 @@ class QuantLinear(nn.Module):
             self._packed, self._packed_for = self.pack(choice.kernel), choice.kernel
         return self.run_packed(x, self._packed)
 
-    def qgemm_operands(self, device: torch.device) -> tuple[QGemmWeight, str] | None:
-        """(weight, flavour) when this module's products run on qgemm on `device` ("" is the
-        best flavour this CPU runs), else None: what a fused layer needs to call qgemm itself."""
+    def native_operands(self, device: torch.device
+                        ) -> tuple[str, QGemmWeight | wgemm_kernel.WGemmWeight, str] | None:
+        """(kernel, weight, flavour) when this module's products run on Pagoda's own qgemm or
+        wgemm on `device`, else None: what a fused layer needs to call the kernel itself."""
         choice = self.kernel_choice(device)
+        if choice.kernel == "wgemm":
+            return "wgemm", self.wgemm_weight(), choice.flavour
         if choice.kernel != "qgemm":
             return None
         if self._qgemm_weight is None:
             self._qgemm_weight = self.make_qgemm_weight()
-        return self._qgemm_weight, choice.flavour
+        return "qgemm", self._qgemm_weight, choice.flavour
 
     def prepare(self) -> KernelChoice:
         """Resolve the kernel and build its weight form now rather than at the first forward
@@ -193,6 +207,8 @@ class QuantLinear(nn.Module):
         choice = self.kernel_choice(self.device)
         if choice.kernel == "qgemm" and self._qgemm_weight is None:
             self._qgemm_weight = self.make_qgemm_weight()
+        elif choice.kernel == "wgemm":
+            self.wgemm_weight()
         elif choice.kernel in ("onednn", "fbgemm") and self._packed is None:
             self._packed, self._packed_for = self.pack(choice.kernel), choice.kernel
             int8_ops.extension()
@@ -207,9 +223,13 @@ class QuantLinear(nn.Module):
 
     def packed_bytes(self) -> int:
         """Approximate size of the kernel's own weight copy (0 before it is built): a packed
-        library weight holds a byte per weight; qgemm only keeps fp32 copies of fp16 scales."""
+        library weight holds a byte per weight; wgemm a transposed copy of the integers and
+        fp32 scales; qgemm only keeps fp32 copies of fp16 scales."""
         if self._packed is not None:
             return self.in_features * self.out_features
+        if self._wgemm_weight is not None:
+            pw = self._wgemm_weight
+            return pw.q.nbytes + pw.scales.nbytes + pw.offsets.nbytes
         w = self._qgemm_weight
         if w is None:
             return 0
@@ -240,6 +260,7 @@ class QuantLinear(nn.Module):
         self._outlier_rows = OrderedDict()
         self._choice = None
         self._qgemm_weight = None
+        self._wgemm_weight = None
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
         self.invalidate()

@@ -1,8 +1,8 @@
 // A whole Llama decoder layer in one call, for steps whose every row attends through the paged
-// decode kernel (decodes, and prefill rows of batch-invariant engines) with 4/8-bit qgemm
-// linears and a CPU cache of fp32, fp16 or bf16. It composes the kernels the Python layer calls
-// one by one — rms_norm, qgemm, rope_write, paged_decode, add_rms_norm, silu_mul — in the same
-// order on the same tensors, so its output is bit-identical to that path (tested); what it
+// decode kernel (decodes, and prefill rows of batch-invariant engines) with 4/8-bit wgemm or
+// qgemm linears and a CPU cache of fp32, fp16 or bf16. It composes the kernels the Python layer
+// calls one by one — rms_norm, wgemm/qgemm, rope_write, paged_decode, add_rms_norm, silu_mul — in
+// the same order on the same tensors, so its output is bit-identical to that path (tested); what it
 // removes is the Python between them (module calls, views, wrappers): ~50 us per layer at batch 1.
 //
 //   h = norm1(x); qkv = h Wqkv^T; rope(q, k), k/v -> cache; a = attention(q)
@@ -27,14 +27,18 @@ void rope_write(at::Tensor qkv, at::Tensor positions, at::Tensor cos, at::Tensor
                 int64_t num_heads, int64_t num_kv_heads, at::Tensor k_cache, at::Tensor v_cache,
                 at::Tensor slots);
 at::Tensor silu_mul(at::Tensor gate_up);
+at::Tensor wgemm(at::Tensor x, at::Tensor pq, at::Tensor ps, at::Tensor po, int64_t n,
+                 int64_t bits, int64_t group);
 
 namespace {
 
-// One linear's qgemm operands: {q, scales, offsets (empty: none)} and {bits, group}.
+// One linear's operands: {q, scales, offsets (empty: none)} with {bits, group} for qgemm, or
+// the packed {q, scales, offsets} with {bits, group, out_features} for wgemm.
 at::Tensor linear(const at::Tensor& x, const std::vector<at::Tensor>& w,
                   const std::vector<int64_t>& form) {
-  TORCH_CHECK(w.size() == 3 && form.size() == 2, "decode_layer: a weight is {q, scales, "
-              "offsets} with {bits, group}");
+  TORCH_CHECK(w.size() == 3 && (form.size() == 2 || form.size() == 3), "decode_layer: a weight "
+              "is {q, scales, offsets} with {bits, group} (qgemm) or {bits, group, n} (wgemm)");
+  if (form.size() == 3) return wgemm(x, w[0], w[1], w[2], form[2], form[0], form[1]);
   return qgemm(x, w[0], w[1], w[2], form[0], form[1]);
 }
 

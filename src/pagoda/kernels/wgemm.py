@@ -1,0 +1,95 @@
+"""`wgemm`: fp32 activations times 4/8-bit group-quantized weights, computed in fp32.
+
+    w[n, k] = fma(q[n, k], scales[n, k // g], offsets[n, k // g])
+    y[r, n] = one chain of fused multiply-adds over k = 0 .. K-1
+
+The weights are widened in registers and the activations are never rounded (weight-only
+quantization): at one row the kernel streams the stored 4/8 bits per weight like `qgemm`, at many
+rows it runs an fp32 GEMM's inner loop (one broadcast fma per 8/16 products) on a panel widened
+once, where qgemm pays a conversion per 32-block of every (row, output). Each output is one chain
+over k whatever the batch, tile or ISA flavour (`csrc/wgemm.cpp`), so the result of a row does
+not depend on its batch, and every flavour returns the same bits.
+
+The kernel reads a transposed copy of the stored integers (`pack`): blocks of 16 outputs whose
+values at one k sit side by side.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pagoda.kernels import build
+from pagoda.kernels.qgemm import QGemmWeight
+
+OUT_BLOCK = 16  # outputs per packed block
+_NO_OFFSETS = torch.zeros(0)
+
+
+@dataclass(frozen=True)
+class WGemmWeight:
+    """A `QGemmWeight` transposed into blocks of 16 outputs (N padded with zero weights)."""
+
+    q: torch.Tensor  # (N/16, K/2 or K, 16) uint8 (4-bit: bytes of two k) or int8
+    scales: torch.Tensor  # (N/16, K/g, 16) fp32
+    offsets: torch.Tensor  # (N/16, K/g, 16) fp32, or empty: no offsets
+    out_features: int
+    bits: int
+    group: int
+
+
+def shape_supported(k: int, group: int, bits: int) -> bool:
+    """Any K with groups dividing it (even groups for 4 bits, whose bytes hold two k)."""
+    return k > 0 and group > 0 and k % group == 0 and (bits == 8 or group % 2 == 0)
+
+
+def _blocks(t: torch.Tensor, pad: int) -> torch.Tensor:
+    """(N, C) -> (N/16, C, 16) with `pad` zero rows added first."""
+    if pad:
+        t = torch.cat([t, t.new_zeros(pad, t.shape[1])])
+    return t.reshape(-1, OUT_BLOCK, t.shape[1]).transpose(1, 2).contiguous()
+
+
+def pack(w: QGemmWeight) -> WGemmWeight:
+    """The kernel's layout of `w` (a copy: the stored integers stay as they are)."""
+    n = w.q.shape[0]
+    pad = -n % OUT_BLOCK
+    return WGemmWeight(q=_blocks(w.q, pad), scales=_blocks(w.scales.float(), pad),
+                       offsets=(_NO_OFFSETS if w.offsets is None
+                                else _blocks(w.offsets.float(), pad)),
+                       out_features=n, bits=w.bits, group=w.group)
+
+
+def dequantize(w: WGemmWeight) -> torch.Tensor:
+    """The (N, K) fp32 weights the kernel multiplies with (fma rounding, like the kernel)."""
+    q = w.q.transpose(1, 2).reshape(-1, w.q.shape[1])[: w.out_features]
+    if w.bits == 4:
+        vals = torch.stack((q & 0x0F, q >> 4), dim=-1).reshape(q.shape[0], -1).float()
+    else:
+        vals = q.view(torch.int8).float()
+    def rows(t: torch.Tensor) -> torch.Tensor:
+        return t.transpose(1, 2).reshape(-1, t.shape[1])[: w.out_features]
+    scales = rows(w.scales).repeat_interleave(w.group, dim=1)
+    offsets = (rows(w.offsets).repeat_interleave(w.group, dim=1) if w.offsets.numel()
+               else torch.zeros_like(scales))
+    # one rounding of q * s + o, as the kernel's fma: exact in fp64, then rounded once
+    return (vals.double() * scales.double() + offsets.double()).float()
+
+
+def wgemm_torch(x: torch.Tensor, w: WGemmWeight) -> torch.Tensor:
+    """The kernel's product in torch ops (any device): equal up to fp32 summation order."""
+    return x.float() @ dequantize(w).to(x.device).T
+
+
+def wgemm(x: torch.Tensor, w: WGemmWeight, flavour: str | None = None) -> torch.Tensor:
+    """x (M, K) any float dtype -> (M, N) fp32. `flavour` picks a build (default: the best this
+    CPU runs); without a built kernel, or off the CPU, the torch reference runs."""
+    module = ((build.load(flavour) if flavour else build.native()) if x.device.type == "cpu"
+              else None)
+    if module is None:
+        if flavour:
+            raise RuntimeError(f"the {flavour} kernels are not available on this machine")
+        return wgemm_torch(x, w)
+    return module.wgemm(x.float().contiguous(), w.q, w.scales, w.offsets, w.out_features,
+                        w.bits, w.group)

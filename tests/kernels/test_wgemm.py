@@ -1,0 +1,92 @@
+"""wgemm, flavour by flavour: the exact product of the dequantized weights, one result per row
+whatever its batch (the direct path of a few rows and the panel path of many), and the same bits
+from every ISA flavour this CPU runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pagoda.kernels import build
+from pagoda.kernels.qgemm import QGemmWeight
+from pagoda.kernels.wgemm import dequantize, pack, wgemm, wgemm_torch
+
+
+def make_weight(kind: str, n: int, k: int, seed: int = 0) -> QGemmWeight:
+    """"q4g32" 4-bit groups with offsets (Q4_1), "q8g16" (Q6_K-like), "q8g32" (Q8_0), "int8"
+    per channel (one group of K), extreme codes included."""
+    g = torch.Generator().manual_seed(seed)
+    bits = 4 if kind.startswith("q4") else 8
+    group = k if kind == "int8" else int(kind.split("g")[1])
+    if bits == 4:
+        q = torch.randint(0, 256, (n, k // 2), generator=g, dtype=torch.uint8)
+        q[0, :8] = 0xFF  # 15 in both nibbles
+    else:
+        q = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+        q[0, :16] = -128
+    scales = torch.rand(n, k // group, generator=g) * 0.01 + 1e-4
+    offsets = -(torch.rand(n, k // group, generator=g) * 0.1) if bits == 4 else None
+    return QGemmWeight(q, scales, offsets, bits, group)
+
+
+# (kind, N, K): N not a multiple of 16 is padded; K = 100 is no multiple of 32 (qgemm refuses it)
+SHAPES = [("q4g32", 40, 256), ("q4g32", 64, 576), ("q8g16", 33, 128), ("q8g32", 96, 256),
+          ("int8", 50, 100), ("q4g64", 17, 192)]
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y.double() - ref).norm() / ref.norm())
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 13, 64])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}-{s[1]}x{s[2]}")
+def test_flavour_is_the_exact_product_of_the_dequantized_weights(flavour: str, shape, rows: int):
+    kind, n, k = shape
+    w = pack(make_weight(kind, n, k))
+    torch.manual_seed(rows)
+    x = torch.randn(rows, k) * torch.logspace(-2, 2, rows)[:, None]
+    x[0, 17] = 300.0  # an outlier changes nothing: activations are not rounded
+    y = wgemm(x, w, flavour)
+    assert y.shape == (rows, n) and y.dtype == torch.float32
+    exact = x.double() @ dequantize(w).double().T
+    assert rel_err(y, exact) < 1e-6
+    assert rel_err(wgemm_torch(x, w), exact) < 1e-6
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}-{s[1]}x{s[2]}")
+def test_a_row_gives_the_same_bits_in_every_batch(flavour: str, shape):
+    """Row counts 1-4 take the direct path (widening in registers), more take the panel path, in
+    tiles whose size depends on M: the row's bits must not change."""
+    kind, n, k = shape
+    w = pack(make_weight(kind, n, k, seed=3))
+    torch.manual_seed(0)
+    batch = torch.randn(70, k)
+    alone = wgemm(batch[5:6], w, flavour)
+    for m in (2, 3, 4, 5, 6, 11, 12, 13, 25, 70):
+        rows = batch[:m] if m > 5 else torch.cat([batch[5:6], batch[:m - 1]])
+        at = 5 if m > 5 else 0
+        assert torch.equal(wgemm(rows, w, flavour)[at], alone[0]), f"row changed at M={m}"
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}-{s[1]}x{s[2]}")
+def test_every_runnable_flavour_returns_the_same_bits(shape):
+    flavours = build.runnable_flavours()
+    if len(flavours) < 2:
+        pytest.skip(f"this CPU runs only the {flavours} flavour: nothing to compare")
+    kind, n, k = shape
+    w = pack(make_weight(kind, n, k, seed=5))
+    for m in (1, 3, 9, 40):
+        x = torch.randn(m, k)
+        ys = {f: wgemm(x, w, f) for f in flavours}
+        first = ys[flavours[0]]
+        for f, y in ys.items():
+            assert torch.equal(y, first), f"{f} differs from {flavours[0]} at M={m}"
+
+
+def test_bad_operands_are_refused(flavour: str):
+    w = pack(make_weight("q4g32", 32, 64))
+    with pytest.raises(RuntimeError, match="packed weights"):
+        wgemm(torch.randn(2, 96), w, flavour)  # K does not match
+    module = build.load(flavour)
+    with pytest.raises(RuntimeError, match="n exceeds"):
+        module.wgemm(torch.randn(1, 64), w.q, w.scales, w.offsets, 48, 4, 32)
