@@ -162,19 +162,21 @@ def reference(request, computed_once, prompt_ids):
 
 @pytest.fixture(scope="session")
 def gguf_draft(loaded_model):
-    """The default model again, on its GGUF blocks (qgemm): the practical CPU draft (for the
-    speculative decoding tests)."""
+    """The default model again, on its GGUF blocks through qgemm (int8 activations), for the
+    speculative decoding tests: an imperfect draft, so they see rejections. (Through wgemm, the
+    default kernel, the blocks give the fp32 target's own product and every draft is accepted.)"""
     from pagoda.loader.model_loader import load_model
     from pagoda.quant import apply_quantization
 
     draft = load_model(loaded_model.path, progress=False)
-    apply_quantization(draft, "gguf")
+    apply_quantization(draft, "gguf", backend="qgemm")
     return draft
 
 
 @pytest.fixture(scope="session")
 def int4_draft(loaded_model):
-    """A weaker draft (int4 groups of the fp32 weights): its guesses are rejected more often."""
+    """int4 groups of the fp32 weights through the default kernel (wgemm): a weaker draft than
+    the file's blocks, as its lm_head is rounded to 4 bits."""
     from pagoda.loader.model_loader import load_model
     from pagoda.quant import apply_quantization
 
