@@ -52,11 +52,12 @@ def gemma_path() -> str:
 
 @pytest.fixture(scope="module")
 def gemma_llm(gemma_path):
-    """The public API from the file path: its model is the one every test here runs (one
-    262k-vocabulary load for the module, not one per entry point)."""
+    """The public API from the file path, in fp32 (the transformers-identical reference these
+    tests compare with): its model is the one every test here runs (one 262k-vocabulary load
+    for the module, not one per entry point)."""
     from pagoda import LLM
 
-    return LLM(model=gemma_path, kv_cache_memory=64 << 20, progress=False)
+    return LLM(model=gemma_path, kv_cache_memory=64 << 20, progress=False, quantization="none")
 
 
 @pytest.fixture(scope="module")
@@ -295,6 +296,24 @@ def test_sliding_window_with_speculation(gemma_small_window, prompt_ids, small_w
     got = run_to_completion(engine, {f"r{i}": (prompt_ids[i], GREEDY) for i in LONG})
     assert all(got[f"r{i}"] == small_window_reference[i] for i in LONG)
     assert engine.stats().spec_num_draft_tokens > 0
+    engine.check_integrity()
+
+
+def test_default_weights_are_the_files_blocks_with_transformers_tokens(gemma_path, prompt_ids,
+                                                                      reference):
+    """By default a GGUF file is served on its own blocks (Q4_K, Q5_0, Q6_K, Q8_0 here), read
+    by wgemm: the product of the file's weights in fp32, so transformers' greedy tokens, batched.
+    (Q5_0 was once re-rounded to per-row int8, which changed the eleventh token of prompt 0.)"""
+    from pagoda.quant.quant_linear import QuantLinear
+
+    engine = make_engine(None, model=gemma_path)
+    assert engine.config.quantization == "gguf"
+    linears = [m for m in engine.loaded.model.modules() if isinstance(m, QuantLinear)]
+    assert linears and all(m.kernel_choice(torch.device("cpu")).kernel == "wgemm"
+                           for m in linears)
+    got = run_to_completion(engine, {f"r{i}": (ids, GREEDY) for i, ids in enumerate(prompt_ids)})
+    for i in range(len(prompt_ids)):
+        assert got[f"r{i}"] == reference[i], f"prompt {i} differs from transformers"
     engine.check_integrity()
 
 

@@ -12,6 +12,7 @@ from pagoda.quant.gguf_blocks import SUPPORTED, decode_blocks
 from pagoda.quant.gguf_source import GGUFWeightSource
 
 _BLOCK = {"Q8_0": (32, 34, [0]), "Q4_0": (32, 18, [0]), "Q4_1": (32, 20, [0, 2]),
+          "Q5_0": (32, 22, [0]), "Q5_1": (32, 24, [0, 2]),
           "Q4_K": (256, 144, [0, 2]), "Q6_K": (256, 210, [208])}
 
 

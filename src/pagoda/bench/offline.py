@@ -158,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
             decode["transformers"] = hf_rate
     print(f"\nworkload: {args.num_prompts} requests x {args.input_len} prompt tokens, output "
           f"{args.mixed_output or args.output_len} tokens (ignore_eos); dtype {config.dtype}, "
-          f"quantization {config.quantization}")
+          f"quantization {engine.config.quantization}")
     base = results[-1].output_tok_s
     for r in results:
         print(f"  {r.label:<22} {r.output_tokens:>6} tokens in {r.seconds:7.2f} s  "

@@ -30,7 +30,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default=d.device)
     g.add_argument("--dtype", default=d.dtype, choices=["fp32", "bf16", "fp16"])
     g.add_argument("--quantization", default=d.quantization,
-                   choices=["none", "int8", "int4", "gguf"])
+                   choices=["auto", "none", "int8", "int4", "gguf"],
+                   help="weights: auto (a GGUF file's own blocks on the CPU in fp32, else none), "
+                   "none (fp32: the transformers-identical reference), int8, int4, gguf")
     g.add_argument("--quant-kernel", default=d.quant_kernel, choices=list(QUANT_KERNELS),
                    help="kernel of quantized linears: auto (wgemm, weights widened to fp32 in "
                    "the best ISA flavour this CPU runs; batch-invariant), qgemm (int8 "

@@ -9,6 +9,7 @@ from pagoda.layers.decode_backend import BACKENDS as ATTENTION_BACKENDS
 from pagoda.layers.pooler import POOLING_MODES
 from pagoda.models.bert import ATTENTION_MODES
 from pagoda.quant.config import BACKENDS as QUANT_KERNELS
+from pagoda.quant.config import METHODS as QUANT_METHODS
 
 # Draft tokens per step when --num-speculative-tokens is unset, and how likely a drafted position
 # must be to be accepted for it to be drafted (benchmarks/spec_decode.py; spec_policy.py).
@@ -25,7 +26,11 @@ class EngineConfig:
     model: str | None = None  # None: the default model (SmolLM2-135M-Instruct GGUF)
     device: str = "cpu"
     dtype: str = "fp32"
-    quantization: str = "none"
+    # Weights: none (fp32, the transformers-identical reference) | int8 | int4 | gguf (a GGUF
+    # file's own blocks) | auto: gguf when the engine loads a GGUF file itself, for fp32 on the
+    # CPU (measured faster than fp32 at every batch size, with fp32's perplexity:
+    # docs/quantization.md), else none. A model handed in as `loaded=` is used as it is.
+    quantization: str = "auto"
     # kernel for quantized linears: auto | qgemm-<flavour> | onednn | fbgemm | reference
     # (quant/kernel_plan.py)
     quant_kernel: str = "auto"
@@ -96,6 +101,8 @@ class EngineConfig:
             raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}")
         if self.dense_kernel not in ("auto", "onednn", "torch"):
             raise ValueError("dense_kernel must be auto, onednn or torch")
+        if self.quantization not in ("auto", *QUANT_METHODS):
+            raise ValueError(f"quantization must be auto or one of {QUANT_METHODS}")
         if self.quant_kernel not in QUANT_KERNELS:
             raise ValueError(f"quant_kernel must be one of {QUANT_KERNELS}")
         if self.kv_cache_memory < 1:
@@ -137,6 +144,14 @@ class EngineConfig:
                              "too)")
         if self.speculative_max_batch is not None and self.speculative_max_batch < 1:
             raise ValueError("speculative_max_batch must be positive")
+
+    def quantization_for(self, model_path: str, preloaded: bool = False) -> str:
+        """`quantization` with auto settled for the model at `model_path` (see the field)."""
+        if self.quantization != "auto":
+            return self.quantization
+        gguf = (not preloaded and model_path.endswith(".gguf") and self.device == "cpu"
+                and self.dtype == "fp32")
+        return "gguf" if gguf else "none"
 
     @property
     def num_ranks(self) -> int:

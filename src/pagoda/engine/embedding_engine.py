@@ -50,18 +50,18 @@ class EmbeddingEngine:
             raise ValueError("tensor and pipeline parallelism are for generation; embedding "
                              "models run in one process (scale them out with replicas)")
         if is_encoder_dir(path):
-            if config.quantization != "none" or config.dtype != "fp32":
+            if config.quantization not in ("auto", "none") or config.dtype != "fp32":
                 raise ValueError("encoder models run in fp32 without quantization here")
             encoder = load_encoder(path, config.device, config.embed_attention)
             self.loaded, pooling = encoder.loaded, encoder.pooling
         else:  # a decoder embedding with its generation weights
             self.loaded = loaded or load_model(path, config.device, TORCH_DTYPES[config.dtype],
                                                config.progress)
-            if config.quantization != "none":
+            method = config.quantization_for(self.loaded.path, preloaded=loaded is not None)
+            if method != "none":
                 from pagoda.quant import apply_quantization
 
-                apply_quantization(self.loaded, config.quantization,
-                                   backend=config.quant_kernel)
+                apply_quantization(self.loaded, method, backend=config.quant_kernel)
             if config.dense_kernel != "torch" and config.device == "cpu":
                 pack_dense_linears(self.loaded.model)
             pooling = PoolingConfig("lasttoken", True)

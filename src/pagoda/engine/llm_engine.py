@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -66,7 +66,6 @@ class LLMEngine:
                  draft: LoadedModel | None = None):
         """`loaded` / `draft`: already loaded target / draft models to use instead of loading
         them (tests share weights this way); `draft` must be ready (quantized) to run."""
-        self.config = config
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         dtype = TORCH_DTYPES[config.dtype]
@@ -80,6 +79,9 @@ class LLMEngine:
             raise ValueError("tensor and pipeline parallelism cut the model to rank 0's share in "
                              "place: give the engine a model path, not a loaded (shared) model")
         self.loaded = loaded or load_model(config.model, config.device, dtype, config.progress)
+        # settled once, before any rank or module reads it
+        self.config = config = replace(config, quantization=config.quantization_for(
+            self.loaded.path, preloaded=loaded is not None))
         self.model_config = cfg = self.loaded.config
         # parallelism: this process is rank 0 and holds its share of the weights
         self.peers = start_peers(config, self.loaded) if parallel else None

@@ -14,9 +14,10 @@ METHODS: tuple[str, ...] = ("none", "int8", "int4", "gguf", "fp16", "bf16")
 
 # Kernels for the forward pass (`kernel_plan.py` holds the table). "auto": Pagoda's own wgemm in
 # the best ISA flavour this CPU runs (weights widened to fp32, batch-invariant, every row count);
-# "qgemm" its int8-activation sibling; "<kernel>-<flavour>" forces one flavour; "onednn" / "fbgemm" ask for those int8 libraries (falling back when the CPU lacks
-# them; faster prefill on some CPUs, but their rounding depends on the batch); "reference"
-# forces the portable dequantize + matmul path that every device runs.
+# "qgemm" its int8-activation sibling; "<kernel>-<flavour>" forces one flavour; "onednn" /
+# "fbgemm" ask for those int8 libraries (falling back when the CPU lacks them; their rounding
+# depends on the batch); "reference" forces the portable dequantize + matmul path that every
+# device runs.
 BACKENDS: tuple[str, ...] = ("auto", "qgemm", "qgemm-generic", "qgemm-avx2", "qgemm-avx512",
                              "wgemm", "wgemm-generic", "wgemm-avx2", "wgemm-avx512",
                              "onednn", "fbgemm", "reference")

@@ -9,6 +9,10 @@ that `GroupWeights.dequantize` repeats gguf's reference arithmetic operation for
 - Q4_0 (18 bytes / 32 weights): fp16 d, 16 bytes of nibbles.        w = d * (q - 8)
 - Q4_1 (20 bytes / 32 weights): fp16 d, fp16 m, 16 bytes nibbles.   w = d * q + m
   (in both 4-bit formats byte j holds element j in its low nibble and element j + 16 in its high)
+- Q5_0 (22 bytes / 32 weights): fp16 d, 4 bytes of fifth bits, 16 bytes nibbles.  w = d * (q - 16)
+- Q5_1 (24 bytes / 32 weights): fp16 d, fp16 m, 4 bytes fifth bits, nibbles.     w = d * q + m
+  (nibbles as Q4_x; bit j of the little-endian 32-bit word is element j's fifth bit; kept as
+  8-bit values, whose products with the fp16 scale are exact in fp32 like the 4-bit ones)
 - Q4_K (144 bytes / 256): fp16 d, fp16 dmin, 12 bytes of eight 6-bit (scale, min) pairs, then
   128 bytes where byte l of chunk c holds elements 64c + l (low) and 64c + 32 + l (high).
                                                                     w = (d*sc) * q - (dmin*m)
@@ -23,7 +27,8 @@ import torch
 
 from pagoda.quant.group_weights import GroupWeights, pack_int4
 
-_BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q4_K": 144, "Q6_K": 210}
+_BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24, "Q4_K": 144,
+                "Q6_K": 210}
 SUPPORTED = tuple(_BLOCK_BYTES)
 
 
@@ -67,6 +72,25 @@ def _q4_1(blocks: np.ndarray, n: int, k: int) -> GroupWeights:
     return GroupWeights(q, _f16(blocks[..., 0:2]), _f16(blocks[..., 2:4]), 32, bits=4)
 
 
+def _five_bits(blocks: np.ndarray, at: int) -> np.ndarray:
+    """(N, B, 32) values 0..31 of Q5_x blocks whose fifth bits start at byte `at` (nibbles follow
+    them)."""
+    qh = np.ascontiguousarray(blocks[..., at:at + 4]).view("<u4")  # (N, B, 1)
+    high = (qh >> np.arange(32, dtype=np.uint32)) & 1  # (N, B, 32)
+    return _split_nibbles(blocks[..., at + 4:at + 20]) | (high.astype(np.uint8) << 4)
+
+
+def _q5_0(blocks: np.ndarray, n: int, k: int) -> GroupWeights:
+    q = _five_bits(blocks, 2).astype(np.int8) - np.int8(16)  # d * (q - 16), as gguf computes
+    return GroupWeights(torch.from_numpy(q.reshape(n, k)), _f16(blocks[..., 0:2]), None, 32, 8)
+
+
+def _q5_1(blocks: np.ndarray, n: int, k: int) -> GroupWeights:
+    q = _five_bits(blocks, 4).astype(np.int8)
+    return GroupWeights(torch.from_numpy(q.reshape(n, k)), _f16(blocks[..., 0:2]),
+                        _f16(blocks[..., 2:4]), 32, bits=8)
+
+
 def _k_scales(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(N, B, 12) packed bytes -> two (N, B, 8) arrays of 6-bit scales and mins."""
     s = s.astype(np.uint8)
@@ -107,4 +131,5 @@ def _q6_k(blocks: np.ndarray, n: int, k: int) -> GroupWeights:
                         16, bits=8)
 
 
-_DECODERS = {"Q8_0": _q8_0, "Q4_0": _q4_0, "Q4_1": _q4_1, "Q4_K": _q4_k, "Q6_K": _q6_k}
+_DECODERS = {"Q8_0": _q8_0, "Q4_0": _q4_0, "Q4_1": _q4_1, "Q5_0": _q5_0, "Q5_1": _q5_1,
+             "Q4_K": _q4_k, "Q6_K": _q6_k}

@@ -28,7 +28,7 @@ import torch
 
 from pagoda.engine.async_llm import TIMEOUT_ERROR, AsyncLLM
 from pagoda.engine.outputs import CompletionOutput, RequestOutput, merge_delta
-from pagoda.loader.model_loader import DEFAULT_MODEL
+from pagoda.loader.model_loader import DEFAULT_MODEL, resolve_model_path
 from pagoda.sampling.params import SamplingParams
 from pagoda.server.config import ServerConfig
 from pagoda.server.errors import APIError, overloaded
@@ -36,6 +36,8 @@ from pagoda.server.metrics import ServerMetrics
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Tracer
+
+    from pagoda.engine.config import EngineConfig
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +82,7 @@ class EngineClient:
             "tensor_parallel_size": str(engine.tensor_parallel_size),
             "pipeline_parallel_size": str(engine.pipeline_parallel_size),
             "num_threads": str(engine.num_threads or torch.get_num_threads()),
-            "quantization": engine.quantization, "dtype": engine.dtype})
+            "quantization": _weights(engine), "dtype": engine.dtype})
         self.tracer: Tracer | None = None  # set when traces are exported (telemetry.py)
         self._fingerprint = "fp_pagoda"
 
@@ -271,3 +273,12 @@ def error_of(message: str) -> APIError:
     if message == TIMEOUT_ERROR:
         return APIError(504, "the request timed out", code="request_timeout")
     return APIError(500, f"the engine failed the request: {message}", code="engine_error")
+
+
+def _weights(engine: EngineConfig) -> str:
+    """The weight format the engine will load (`quantization` with auto settled), for the
+    engine_config_info metric; a path that does not resolve is reported by the load itself."""
+    try:
+        return engine.quantization_for(resolve_model_path(engine.model))
+    except (OSError, ValueError):
+        return engine.quantization

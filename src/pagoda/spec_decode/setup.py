@@ -57,6 +57,10 @@ def load_draft(config: EngineConfig, target: LoadedModel, dtype: torch.dtype) ->
     quant = config.draft_quantization
     if quant == "auto":
         quant = "gguf" if draft.path.endswith(".gguf") else "int4"
+    if name == "self" and quant == config.quantization:
+        log.warning("the self-draft has the target's own %s weights: each draft token costs "
+                    "what a target token costs, so speculation can only slow this engine down "
+                    "(use --speculative-method ngram, or a cheaper --draft-model)", quant)
     if quant != "none":
         from pagoda.quant import apply_quantization
 
