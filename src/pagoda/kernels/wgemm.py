@@ -1,14 +1,16 @@
 """`wgemm`: fp32 activations times 4/8-bit group-quantized weights, computed in fp32.
 
-    w[n, k] = fma(q[n, k], scales[n, k // g], offsets[n, k // g])
-    y[r, n] = one chain of fused multiply-adds over k = 0 .. K-1
+    w[n, k] = scales[n, t] * q[n, k] + offsets[n, t]                      (t = k // g)
+    y[r, n] = sum over groups t of  scales[n, t] * P[r, n, t] + offsets[n, t] * X[r, t]
+    P[r, n, t] = sum over k in group t of x[r, k] * q[n, k];  X[r, t] = sum of those x[r, k]
 
-The weights are widened in registers and the activations are never rounded (weight-only
+The integers are widened to fp32 in registers and the activations are never rounded (weight-only
 quantization): at one row the kernel streams the stored 4/8 bits per weight like `qgemm`, at many
 rows it runs an fp32 GEMM's inner loop (one broadcast fma per 8/16 products) on a panel widened
-once, where qgemm pays a conversion per 32-block of every (row, output). Each output is one chain
-over k whatever the batch, tile or ISA flavour (`csrc/wgemm.cpp`), so the result of a row does
-not depend on its batch, and every flavour returns the same bits.
+once, where qgemm pays a conversion per 32-block of every (row, output). Every output is computed
+by the same operations in the same order whatever the batch, path, tile or ISA flavour
+(`csrc/wgemm.cpp` states them), so the result of a row does not depend on its batch, and every
+flavour returns the same bits.
 
 The kernel reads a transposed copy of the stored integers (`pack`): blocks of 16 outputs whose
 values at one k sit side by side.
@@ -62,7 +64,7 @@ def pack(w: QGemmWeight) -> WGemmWeight:
 
 
 def dequantize(w: WGemmWeight) -> torch.Tensor:
-    """The (N, K) fp32 weights the kernel multiplies with (fma rounding, like the kernel)."""
+    """The (N, K) weights `scales * q + offsets`, rounded once to fp32."""
     q = w.q.transpose(1, 2).reshape(-1, w.q.shape[1])[: w.out_features]
     if w.bits == 4:
         vals = torch.stack((q & 0x0F, q >> 4), dim=-1).reshape(q.shape[0], -1).float()
@@ -73,12 +75,12 @@ def dequantize(w: WGemmWeight) -> torch.Tensor:
     scales = rows(w.scales).repeat_interleave(w.group, dim=1)
     offsets = (rows(w.offsets).repeat_interleave(w.group, dim=1) if w.offsets.numel()
                else torch.zeros_like(scales))
-    # one rounding of q * s + o, as the kernel's fma: exact in fp64, then rounded once
     return (vals.double() * scales.double() + offsets.double()).float()
 
 
 def wgemm_torch(x: torch.Tensor, w: WGemmWeight) -> torch.Tensor:
-    """The kernel's product in torch ops (any device): equal up to fp32 summation order."""
+    """The product with the dequantized weights in torch ops (any device): equal to the
+    kernel's up to fp32 rounding and summation order."""
     return x.float() @ dequantize(w).to(x.device).T
 
 

@@ -1,23 +1,28 @@
 // wgemm: y = x @ w.T for fp32 activations x (M, K) and group-quantized weights w (N, K) stored as
-// 4- or 8-bit integers, computed in fp32: the weights are widened in registers, the activations
+// 4- or 8-bit integers, computed in fp32: the integers are widened in registers, the activations
 // are never rounded (weight-only quantization, as GPU W4A16 kernels do it).
 //
-//     w[n, k] = fma(q[n, k], scales[n, k / g], offsets[n, k / g])     (offsets 0 when absent)
-//     y[r, n] = fma(x[r, K-1], w[n, K-1], ... fma(x[r, 1], w[n, 1], x[r, 0] * w[n, 0]))
+//     w[n, k] = scales[n, t] * q[n, k] + offsets[n, t]         (t = k / g; offsets may be absent)
+//     P[r, n, t] = fma chain over the k of group t, in increasing order, of x[r, k] * q[n, k]
+//     X[r, t]    = x[r, k] summed over the k of group t, in increasing order (offsets only)
+//     y[r, n]    = for t = 0 .. K/g-1:  acc = fma(scales[n, t], P, acc);
+//                                       acc = fma(offsets[n, t], X[r, t], acc)
 //
-//   INVARIANT (batch invariance, and one result for every flavour): each output is one chain of
-//   fused multiply-adds over k in increasing order, whatever M is, wherever row r sits, whichever
-//   tile shape or ISA flavour computes it. Only independence between outputs is exploited, never
-//   a reassociation within one: a token's output does not depend on its batch, and the generic,
-//   avx2 and avx512 flavours return the same bits.
+// The scale and offset are applied once per group, not once per weight: widening a weight is
+// then one conversion, and the inner loop one fma per product, at one row as at many.
+//
+//   INVARIANT (batch invariance, and one result for every flavour): every output is computed by
+//   exactly the operations above in exactly that order, whatever M is, wherever row r sits,
+//   whichever path (direct or panel), tile shape or ISA flavour computes it. Only independence
+//   between outputs is exploited, never a reassociation within one: a token's output does not
+//   depend on its batch, and the generic, avx2 and avx512 flavours return the same bits.
 //
 // Why this and not qgemm's int8 dot products: qgemm converts and scales every 32-element block
 // of every (row, output) pair (4-5 vector operations per 32 products), which loses to an fp32
 // GEMM once several rows share the weights (0.3-0.5x oneDNN's fp32 at 512 rows on an AVX2
 // core). Here the widening is paid once per weight and shared by every row, the inner loop is
 // the fp32 GEMM's (one broadcast fma per 8 or 16 products), and the bytes streamed are still 4
-// or 8 bits per weight: at one row (decode) memory-bound like qgemm, at many rows compute-bound
-// like fp32.
+// or 8 bits per weight: at one row memory-bound like qgemm, at many rows compute-bound like fp32.
 //
 // Layout (packed once at load, pagoda.kernels.wgemm.pack): outputs in blocks of 16, each block's
 // weights transposed so the 16 outputs of one k sit side by side.
@@ -50,157 +55,155 @@ struct Packed {
   const float* o;  // nullptr: no offsets
   int64_t blocks, k, g, bits, groups;
   int64_t block_bytes() const { return bits == 4 ? k / 2 * kOut : k * kOut; }
+  const float* scales(int64_t b, int64_t t) const { return s + (b * groups + t) * kOut; }
+  const float* offsets(int64_t b, int64_t t) const { return o + (b * groups + t) * kOut; }
 };
 
-// The 16 fp32 weights of block b at position k (the scalar definition every flavour matches).
-inline void weights_at(const Packed& w, int64_t b, int64_t k, float* out) {
-  const uint8_t* base = w.q + b * w.block_bytes();
-  const float* s = w.s + (b * w.groups + k / w.g) * kOut;
-  const float* o = w.o ? w.o + (b * w.groups + k / w.g) * kOut : nullptr;
-  for (int i = 0; i < kOut; ++i) {
-    float q;
-    if (w.bits == 4) {
-      const uint8_t byte = base[(k / 2) * kOut + i];
-      q = static_cast<float>((k % 2) ? (byte >> 4) : (byte & 0x0F));
-    } else {
-      q = static_cast<float>(static_cast<int8_t>(base[k * kOut + i]));
-    }
-    out[i] = std::fma(q, s[i], o ? o[i] : 0.f);
-  }
-}
+// The rows of one call: x (m, k) with row stride ldx; xs (m, groups): X of the header, when the
+// weights have offsets.
+struct Rows {
+  const float* x;
+  int64_t ldx;
+  const float* xs;
+  int64_t groups;
+};
 
-// Block b's weights for all K, as fp32 (K, 16): the panel every row tile then reads.
-void dequantize_block(const Packed& w, int64_t b, float* panel) {
-#if defined(__AVX512F__)
+// Block b's integers as fp32, (K, 16): the panel every row tile of the block then reads.
+void widen_block(const Packed& w, int64_t b, float* panel) {
   const uint8_t* base = w.q + b * w.block_bytes();
-  for (int64_t t = 0; t < w.groups; ++t) {
-    const __m512 s = _mm512_loadu_ps(w.s + (b * w.groups + t) * kOut);
-    const __m512 o = w.o ? _mm512_loadu_ps(w.o + (b * w.groups + t) * kOut) : _mm512_setzero_ps();
-    const int64_t k0 = t * w.g, k1 = k0 + w.g;
-    if (w.bits == 4) {
-      for (int64_t k = k0; k < k1; k += 2) {
-        const __m512i v = _mm512_cvtepu8_epi32(
-            _mm_loadu_si128(reinterpret_cast<const __m128i*>(base + (k / 2) * kOut)));
-        const __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(0x0F)));
-        const __m512 hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
-        _mm512_storeu_ps(panel + k * kOut, _mm512_fmadd_ps(lo, s, o));
-        _mm512_storeu_ps(panel + (k + 1) * kOut, _mm512_fmadd_ps(hi, s, o));
-      }
-    } else {
-      for (int64_t k = k0; k < k1; ++k) {
-        const __m512i v = _mm512_cvtepi8_epi32(
-            _mm_loadu_si128(reinterpret_cast<const __m128i*>(base + k * kOut)));
-        _mm512_storeu_ps(panel + k * kOut, _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), s, o));
-      }
+#if defined(__AVX512F__)
+  if (w.bits == 4) {
+    for (int64_t p = 0; p < w.k / 2; ++p) {
+      const __m512i v = _mm512_cvtepu8_epi32(
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(base + p * kOut)));
+      _mm512_storeu_ps(panel + 2 * p * kOut,
+                       _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(0x0F))));
+      _mm512_storeu_ps(panel + (2 * p + 1) * kOut, _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)));
     }
+  } else {
+    for (int64_t k = 0; k < w.k; ++k)
+      _mm512_storeu_ps(panel + k * kOut, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(base + k * kOut)))));
   }
 #elif defined(__AVX2__)
-  const uint8_t* base = w.q + b * w.block_bytes();
-  for (int64_t t = 0; t < w.groups; ++t) {
-    const float* sp = w.s + (b * w.groups + t) * kOut;
-    const float* op = w.o ? w.o + (b * w.groups + t) * kOut : nullptr;
-    const __m256 s0 = _mm256_loadu_ps(sp), s1 = _mm256_loadu_ps(sp + 8);
-    const __m256 o0 = op ? _mm256_loadu_ps(op) : _mm256_setzero_ps();
-    const __m256 o1 = op ? _mm256_loadu_ps(op + 8) : _mm256_setzero_ps();
-    const int64_t k0 = t * w.g, k1 = k0 + w.g;
+  const __m256i mask = _mm256_set1_epi32(0x0F);
+  for (int64_t p = 0; p < (w.bits == 4 ? w.k / 2 : w.k); ++p) {
+    const __m128i lo8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(base + p * kOut));
+    const __m128i hi8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(base + p * kOut + 8));
     if (w.bits == 4) {
-      const __m256i mask = _mm256_set1_epi32(0x0F);
-      for (int64_t k = k0; k < k1; k += 2) {
-        const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(base + (k / 2) * kOut));
-        const __m256i v0 = _mm256_cvtepu8_epi32(bytes);
-        const __m256i v1 = _mm256_cvtepu8_epi32(_mm_srli_si128(bytes, 8));
-        float* p = panel + k * kOut;
-        _mm256_storeu_ps(p, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v0, mask)), s0, o0));
-        _mm256_storeu_ps(p + 8, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v1, mask)), s1, o1));
-        _mm256_storeu_ps(p + 16, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v0, 4)), s0, o0));
-        _mm256_storeu_ps(p + 24, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v1, 4)), s1, o1));
-      }
+      const __m256i v0 = _mm256_cvtepu8_epi32(lo8), v1 = _mm256_cvtepu8_epi32(hi8);
+      float* out = panel + 2 * p * kOut;
+      _mm256_storeu_ps(out, _mm256_cvtepi32_ps(_mm256_and_si256(v0, mask)));
+      _mm256_storeu_ps(out + 8, _mm256_cvtepi32_ps(_mm256_and_si256(v1, mask)));
+      _mm256_storeu_ps(out + 16, _mm256_cvtepi32_ps(_mm256_srli_epi32(v0, 4)));
+      _mm256_storeu_ps(out + 24, _mm256_cvtepi32_ps(_mm256_srli_epi32(v1, 4)));
     } else {
-      for (int64_t k = k0; k < k1; ++k) {
-        const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(base + k * kOut));
-        float* p = panel + k * kOut;
-        _mm256_storeu_ps(p, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes)), s0, o0));
-        _mm256_storeu_ps(p + 8, _mm256_fmadd_ps(
-            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(bytes, 8))), s1, o1));
-      }
+      _mm256_storeu_ps(panel + p * kOut, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo8)));
+      _mm256_storeu_ps(panel + p * kOut + 8, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi8)));
     }
   }
 #else
-  for (int64_t k = 0; k < w.k; ++k) weights_at(w, b, k, panel + k * kOut);
+  for (int64_t k = 0; k < w.k; ++k)
+    for (int i = 0; i < kOut; ++i) {
+      const uint8_t byte = base[(w.bits == 4 ? k / 2 : k) * kOut + i];
+      panel[k * kOut + i] = static_cast<float>(
+          w.bits == 4 ? ((k % 2) ? (byte >> 4) : (byte & 0x0F)) : static_cast<int8_t>(byte));
+    }
 #endif
 }
 
-// R rows x (B blocks of 16 outputs) from B consecutive panels laid out (K, 16) each. The
-// accumulators are named variables, two per row (AVX2: the two halves of one block; AVX-512: one
-// per block), because GCC keeps an array of vectors indexed in loops on the stack and stores
-// every accumulator on every k (store-bound: 0.6x the fp32 GEMM's speed).
+// R rows x B blocks (b0, b0 + 1) over their panels. The group sums P are named variables, two
+// per row, because GCC keeps an array of vectors indexed in loops on the stack and stores every
+// accumulator on every k (0.6x the fp32 GEMM's speed); the running sums live in y itself (L1),
+// read and written once per group, which leaves the registers to P and doubles the tile.
 #define PAGODA_REPEAT12(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11)
 #if defined(__AVX512F__)
-template <int R, int B>
-void tile(const float* x, int64_t ldx, const float* panel, int64_t k, float* y, int64_t ldy) {
-  static_assert(R <= 12 && B <= 2);
-#define PAGODA_DECL(N) __m512 a##N##0 = _mm512_setzero_ps(), a##N##1 = _mm512_setzero_ps();
-  PAGODA_REPEAT12(PAGODA_DECL)
-#undef PAGODA_DECL
-  const float* w1p = panel + (B > 1 ? k * kOut : 0);
-  for (int64_t kk = 0; kk < k; ++kk) {
-    const __m512 w0 = _mm512_loadu_ps(panel + kk * kOut);
-    const __m512 w1 = B > 1 ? _mm512_loadu_ps(w1p + kk * kOut) : w0;
-#define PAGODA_FMA(N)                                               \
-    if constexpr (R > N) {                                          \
-      const __m512 xv = _mm512_set1_ps(x[N * ldx + kk]);            \
-      a##N##0 = _mm512_fmadd_ps(xv, w0, a##N##0);                   \
-      if constexpr (B > 1) a##N##1 = _mm512_fmadd_ps(xv, w1, a##N##1); \
-    }
-    PAGODA_REPEAT12(PAGODA_FMA)
-#undef PAGODA_FMA
-  }
-#define PAGODA_STORE(N)                                                     \
-  if constexpr (R > N) {                                                    \
-    _mm512_storeu_ps(y + N * ldy, a##N##0);                                 \
-    if constexpr (B > 1) _mm512_storeu_ps(y + N * ldy + kOut, a##N##1);     \
-  }
-  PAGODA_REPEAT12(PAGODA_STORE)
-#undef PAGODA_STORE
-}
-constexpr int kRows = 12, kBlocks = 2;  // 24 accumulators of 32 zmm
+using Vec = __m512;
+inline Vec vzero() { return _mm512_setzero_ps(); }
+inline Vec vload(const float* p) { return _mm512_loadu_ps(p); }
+inline Vec vbcast(const float* p) { return _mm512_set1_ps(*p); }
+inline Vec vfma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline void vstore(float* p, Vec v) { _mm512_storeu_ps(p, v); }
+constexpr int kLanes = 16, kRows = 12, kBlocks = 2;  // 24 of 32 zmm hold P
 #elif defined(__AVX2__)
+using Vec = __m256;
+inline Vec vzero() { return _mm256_setzero_ps(); }
+inline Vec vload(const float* p) { return _mm256_loadu_ps(p); }
+inline Vec vbcast(const float* p) { return _mm256_broadcast_ss(p); }
+inline Vec vfma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline void vstore(float* p, Vec v) { _mm256_storeu_ps(p, v); }
+constexpr int kLanes = 8, kRows = 6, kBlocks = 1;  // 12 of 16 ymm hold P
+#endif
+
+#if defined(__AVX2__)
+// Two vectors per row: AVX-512, one per block (B <= 2); AVX2, the two halves of one block.
 template <int R, int B>
-void tile(const float* x, int64_t ldx, const float* panel, int64_t k, float* y, int64_t ldy) {
-  static_assert(R <= 6 && B == 1);
-#define PAGODA_DECL(N) __m256 a##N##0 = _mm256_setzero_ps(), a##N##1 = _mm256_setzero_ps();
+void tile(const Packed& w, int64_t b0, const float* panel, const Rows& rows, float* y,
+          int64_t ldy) {
+  static_assert(R <= kRows && B * kOut <= 2 * kLanes);
+  constexpr bool two = B * kOut == 2 * kLanes;  // the second vector of each row is used
+  const int64_t k = w.k, g = w.g;
+  // where the second vector sits: in the panel (per k), in the scales, in y
+  const int64_t pan1 = kLanes == kOut ? k * kOut : kLanes;
+  const int64_t b1 = kLanes == kOut ? b0 + 1 : b0, lane1 = kLanes == kOut ? 0 : kLanes;
+  const int64_t y1 = kLanes == kOut ? kOut : kLanes;
+#define PAGODA_DECL(N) Vec p##N##0, p##N##1;
   PAGODA_REPEAT12(PAGODA_DECL)
 #undef PAGODA_DECL
-  for (int64_t kk = 0; kk < k; ++kk) {
-    const __m256 w0 = _mm256_loadu_ps(panel + kk * kOut);
-    const __m256 w1 = _mm256_loadu_ps(panel + kk * kOut + 8);
-#define PAGODA_FMA(N)                                               \
-    if constexpr (R > N) {                                          \
-      const __m256 xv = _mm256_broadcast_ss(x + N * ldx + kk);      \
-      a##N##0 = _mm256_fmadd_ps(xv, w0, a##N##0);                   \
-      a##N##1 = _mm256_fmadd_ps(xv, w1, a##N##1);                   \
-    }
-    PAGODA_REPEAT12(PAGODA_FMA)
+  for (int64_t t = 0; t < w.groups; ++t) {
+#define PAGODA_ZERO(N) p##N##0 = vzero(); p##N##1 = vzero();
+    PAGODA_REPEAT12(PAGODA_ZERO)
+#undef PAGODA_ZERO
+    for (int64_t kk = t * g; kk < (t + 1) * g; ++kk) {
+      const Vec w0 = vload(panel + kk * kOut);
+      const Vec w1 = two ? vload(panel + pan1 + kk * kOut) : w0;
+#define PAGODA_FMA(N)                                       \
+      if constexpr (R > N) {                                \
+        const Vec xv = vbcast(rows.x + N * rows.ldx + kk);  \
+        p##N##0 = vfma(xv, w0, p##N##0);                    \
+        if constexpr (two) p##N##1 = vfma(xv, w1, p##N##1); \
+      }
+      PAGODA_REPEAT12(PAGODA_FMA)
 #undef PAGODA_FMA
+    }
+    // acc = fma(s, P, acc) (acc = 0 before the first group), then fma(o, X, acc)
+    const Vec s0 = vload(w.scales(b0, t)), s1 = two ? vload(w.scales(b1, t) + lane1) : s0;
+    const bool off = w.o != nullptr;
+    const Vec o0 = off ? vload(w.offsets(b0, t)) : s0;
+    const Vec o1 = off && two ? vload(w.offsets(b1, t) + lane1) : o0;
+#define PAGODA_EPILOGUE(N)                                                       \
+    if constexpr (R > N) {                                                       \
+      float* yr = y + N * ldy;                                                   \
+      const Vec xs = off ? vbcast(rows.xs + N * rows.groups + t) : s0;           \
+      Vec a0 = vfma(s0, p##N##0, t ? vload(yr) : vzero());                       \
+      if (off) a0 = vfma(o0, xs, a0);                                            \
+      vstore(yr, a0);                                                            \
+      if constexpr (two) {                                                       \
+        Vec a1 = vfma(s1, p##N##1, t ? vload(yr + y1) : vzero());                \
+        if (off) a1 = vfma(o1, xs, a1);                                          \
+        vstore(yr + y1, a1);                                                     \
+      }                                                                          \
+    }
+    PAGODA_REPEAT12(PAGODA_EPILOGUE)
+#undef PAGODA_EPILOGUE
   }
-#define PAGODA_STORE(N)                                 \
-  if constexpr (R > N) {                                \
-    _mm256_storeu_ps(y + N * ldy, a##N##0);             \
-    _mm256_storeu_ps(y + N * ldy + 8, a##N##1);         \
-  }
-  PAGODA_REPEAT12(PAGODA_STORE)
-#undef PAGODA_STORE
 }
-constexpr int kRows = 6, kBlocks = 1;  // 12 accumulators of 16 ymm
 #else
 template <int R, int B>
-void tile(const float* x, int64_t ldx, const float* panel, int64_t k, float* y, int64_t ldy) {
+void tile(const Packed& w, int64_t b0, const float* panel, const Rows& rows, float* y,
+          int64_t ldy) {
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < B; ++j)
       for (int i = 0; i < kOut; ++i) {
         float acc = 0.f;
-        for (int64_t kk = 0; kk < k; ++kk)
-          acc = std::fma(x[r * ldx + kk], panel[(j * k + kk) * kOut + i], acc);
+        for (int64_t t = 0; t < w.groups; ++t) {
+          float p = 0.f;
+          for (int64_t kk = t * w.g; kk < (t + 1) * w.g; ++kk)
+            p = std::fma(rows.x[r * rows.ldx + kk], panel[(j * w.k + kk) * kOut + i], p);
+          acc = std::fma(w.scales(b0 + j, t)[i], p, acc);
+          if (w.o != nullptr)
+            acc = std::fma(w.offsets(b0 + j, t)[i], rows.xs[r * rows.groups + t], acc);
+        }
         y[r * ldy + j * kOut + i] = acc;
       }
 }
@@ -208,150 +211,123 @@ constexpr int kRows = 4, kBlocks = 1;
 #endif
 #undef PAGODA_REPEAT12
 
-// Few rows (decode): no panel. D consecutive blocks are widened in registers, pair of k by pair
-// of k, and used at once by R <= kDirectRows rows: D * R independent chains hide the fma latency
-// (one block at one row would wait on its own chain), and no weight is stored and reloaded.
-// The weights and chains are those of the panel path, so the results are the same bits.
-#if defined(__AVX512F__)
-constexpr int kDirectRows = 4, kDirectBlocks = 4;
-template <int BITS, int R>
-void direct(const Packed& w, int64_t b0, const float* x, int64_t ldx, float* y, int64_t ldy) {
-  constexpr int D = kDirectBlocks;
-  __m512 acc[R][D];  // indexed by constants only after unrolling (checked: no stack traffic)
-#pragma GCC unroll 4
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-    for (int j = 0; j < D; ++j) acc[r][j] = _mm512_setzero_ps();
-  const uint8_t* base = w.q + b0 * w.block_bytes();
-  constexpr int64_t step = BITS == 4 ? 2 : 1;  // k per stored byte
-  for (int64_t t = 0; t < w.groups; ++t) {
-    for (int64_t k = t * w.g; k < (t + 1) * w.g; k += step) {
-#pragma GCC unroll 4
-      for (int j = 0; j < D; ++j) {
-        const float* sp = w.s + ((b0 + j) * w.groups + t) * kOut;
-        const __m512 s = _mm512_loadu_ps(sp);
-        const __m512 o = w.o ? _mm512_loadu_ps(w.o + ((b0 + j) * w.groups + t) * kOut)
-                             : _mm512_setzero_ps();
-        const uint8_t* src = base + j * w.block_bytes() + (k / step) * kOut;
-        const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src));
-        if constexpr (BITS == 4) {
-          const __m512i v = _mm512_cvtepu8_epi32(bytes);
-          const __m512 lo = _mm512_fmadd_ps(
-              _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(0x0F))), s, o);
-          const __m512 hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), s, o);
-#pragma GCC unroll 4
-          for (int r = 0; r < R; ++r) {
-            acc[r][j] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * ldx + k]), lo, acc[r][j]);
-            acc[r][j] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * ldx + k + 1]), hi, acc[r][j]);
-          }
-        } else {
-          const __m512 wv = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes)), s, o);
-#pragma GCC unroll 4
-          for (int r = 0; r < R; ++r)
-            acc[r][j] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * ldx + k]), wv, acc[r][j]);
-        }
-      }
-    }
-  }
-#pragma GCC unroll 4
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-    for (int j = 0; j < D; ++j) _mm512_storeu_ps(y + r * ldy + j * kOut, acc[r][j]);
-}
-#elif defined(__AVX2__)
-constexpr int kDirectRows = 2, kDirectBlocks = 2;
-template <int BITS, int R>
-void direct(const Packed& w, int64_t b0, const float* x, int64_t ldx, float* y, int64_t ldy) {
-  constexpr int D = kDirectBlocks;
-  __m256 acc[R][2 * D];
-#pragma GCC unroll 4
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-    for (int j = 0; j < 2 * D; ++j) acc[r][j] = _mm256_setzero_ps();
-  const uint8_t* base = w.q + b0 * w.block_bytes();
-  constexpr int64_t step = BITS == 4 ? 2 : 1;  // k per stored byte
-  const __m256i mask = _mm256_set1_epi32(0x0F);
-  for (int64_t t = 0; t < w.groups; ++t) {
-    for (int64_t k = t * w.g; k < (t + 1) * w.g; k += step) {
-#pragma GCC unroll 4
-      for (int j = 0; j < D; ++j) {
-        const float* sp = w.s + ((b0 + j) * w.groups + t) * kOut;
-        const float* op = w.o ? w.o + ((b0 + j) * w.groups + t) * kOut : nullptr;
-        const __m256 s0 = _mm256_loadu_ps(sp), s1 = _mm256_loadu_ps(sp + 8);
-        const __m256 o0 = op ? _mm256_loadu_ps(op) : _mm256_setzero_ps();
-        const __m256 o1 = op ? _mm256_loadu_ps(op + 8) : _mm256_setzero_ps();
-        const uint8_t* src = base + j * w.block_bytes() + (k / step) * kOut;
-        // two 8-byte loads widened straight from memory (no shuffle for the upper half)
-        const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src));
-        const __m128i bytes_hi = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + 8));
-        if constexpr (BITS == 4) {
-          const __m256i v0 = _mm256_cvtepu8_epi32(bytes);
-          const __m256i v1 = _mm256_cvtepu8_epi32(bytes_hi);
-          const __m256 l0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v0, mask)), s0, o0);
-          const __m256 l1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v1, mask)), s1, o1);
-          const __m256 h0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v0, 4)), s0, o0);
-          const __m256 h1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v1, 4)), s1, o1);
-#pragma GCC unroll 4
-          for (int r = 0; r < R; ++r) {
-            const __m256 xa = _mm256_broadcast_ss(x + r * ldx + k);
-            const __m256 xb = _mm256_broadcast_ss(x + r * ldx + k + 1);
-            acc[r][2 * j] = _mm256_fmadd_ps(xb, h0, _mm256_fmadd_ps(xa, l0, acc[r][2 * j]));
-            acc[r][2 * j + 1] = _mm256_fmadd_ps(xb, h1, _mm256_fmadd_ps(xa, l1, acc[r][2 * j + 1]));
-          }
-        } else {
-          const __m256 w0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes)), s0, o0);
-          const __m256 w1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes_hi)), s1, o1);
-#pragma GCC unroll 4
-          for (int r = 0; r < R; ++r) {
-            const __m256 xa = _mm256_broadcast_ss(x + r * ldx + k);
-            acc[r][2 * j] = _mm256_fmadd_ps(xa, w0, acc[r][2 * j]);
-            acc[r][2 * j + 1] = _mm256_fmadd_ps(xa, w1, acc[r][2 * j + 1]);
-          }
-        }
-      }
-    }
-  }
-#pragma GCC unroll 4
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-    for (int j = 0; j < 2 * D; ++j) _mm256_storeu_ps(y + r * ldy + j * 8, acc[r][j]);
-}
-#else
-constexpr int kDirectRows = 0, kDirectBlocks = 1;
-template <int BITS, int R>
-void direct(const Packed&, int64_t, const float*, int64_t, float*, int64_t) {}
-#endif
-
-template <int BITS>
-void direct_rows(const Packed& w, int64_t m, int64_t b0, const float* x, int64_t ldx, float* y,
-                 int64_t ldy) {
-  switch (m) {
-    case 1: direct<BITS, 1>(w, b0, x, ldx, y, ldy); break;
-    case 2: direct<BITS, 2>(w, b0, x, ldx, y, ldy); break;
-    case 3: if constexpr (kDirectRows >= 3) direct<BITS, 3>(w, b0, x, ldx, y, ldy); break;
-    default: if constexpr (kDirectRows >= 4) direct<BITS, 4>(w, b0, x, ldx, y, ldy); break;
-  }
-}
-
 // Rows [0, m) of B blocks: full tiles of kRows, then the rest one tile of its own size.
 template <int B>
-void rows(const float* x, int64_t m, int64_t k, const float* panel, float* y, int64_t ldy) {
+void panel_rows(const Packed& w, int64_t b0, const float* panel, Rows rows, int64_t m, float* y,
+                int64_t ldy) {
   int64_t r = 0;
-  for (; r + kRows <= m; r += kRows) tile<kRows, B>(x + r * k, k, panel, k, y + r * ldy, ldy);
-  const int64_t rest = m - r;
-  if (rest == 0) return;
-  x += r * k;
+  for (; r + kRows <= m; r += kRows) {
+    tile<kRows, B>(w, b0, panel, rows, y + r * ldy, ldy);
+    rows.x += kRows * rows.ldx;
+    if (rows.xs) rows.xs += kRows * rows.groups;
+  }
   y += r * ldy;
-  // A switch over the remainders the widest tile can leave (at most 11).
-  switch (rest) {
-#define PAGODA_WGEMM_CASE(n) case n: if constexpr (n < kRows) tile<n, B>(x, k, panel, k, y, ldy); break;
-    PAGODA_WGEMM_CASE(1) PAGODA_WGEMM_CASE(2) PAGODA_WGEMM_CASE(3) PAGODA_WGEMM_CASE(4)
-    PAGODA_WGEMM_CASE(5) PAGODA_WGEMM_CASE(6) PAGODA_WGEMM_CASE(7) PAGODA_WGEMM_CASE(8)
-    PAGODA_WGEMM_CASE(9) PAGODA_WGEMM_CASE(10) PAGODA_WGEMM_CASE(11)
-#undef PAGODA_WGEMM_CASE
+  switch (m - r) {
+#define PAGODA_CASE(n) case n: if constexpr (n < kRows) tile<n, B>(w, b0, panel, rows, y, ldy); break;
+    PAGODA_CASE(1) PAGODA_CASE(2) PAGODA_CASE(3) PAGODA_CASE(4) PAGODA_CASE(5)
+    PAGODA_CASE(6) PAGODA_CASE(7) PAGODA_CASE(8) PAGODA_CASE(9) PAGODA_CASE(10) PAGODA_CASE(11)
+#undef PAGODA_CASE
     default: break;
   }
 }
+
+// Few rows (decode): no panel. D consecutive blocks are widened in registers and used at once
+// by the R <= kDirectRows rows: D * R independent chains hide the fma latency, and no weight is
+// stored and reloaded. The operations per output are the panel path's, so are the bits.
+#if defined(__AVX2__)
+#if defined(__AVX512F__)
+constexpr int kDirectRows = 2, kDirectBlocks = 4, kVecs = 1;  // vectors per block
+inline void widen_pair(const uint8_t* src, Vec* lo, Vec* hi) {  // k and k + 1 of 16 outputs
+  const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+  lo[0] = _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(0x0F)));
+  hi[0] = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
+}
+inline void widen_one(const uint8_t* src, Vec* out) {
+  out[0] = _mm512_cvtepi32_ps(
+      _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src))));
+}
+#else
+constexpr int kDirectRows = 1, kDirectBlocks = 2, kVecs = 2;
+inline void widen_pair(const uint8_t* src, Vec* lo, Vec* hi) {
+  const __m256i mask = _mm256_set1_epi32(0x0F);
+  const __m256i v0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src)));
+  const __m256i v1 =
+      _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + 8)));
+  lo[0] = _mm256_cvtepi32_ps(_mm256_and_si256(v0, mask));
+  lo[1] = _mm256_cvtepi32_ps(_mm256_and_si256(v1, mask));
+  hi[0] = _mm256_cvtepi32_ps(_mm256_srli_epi32(v0, 4));
+  hi[1] = _mm256_cvtepi32_ps(_mm256_srli_epi32(v1, 4));
+}
+inline void widen_one(const uint8_t* src, Vec* out) {
+  out[0] = _mm256_cvtepi32_ps(
+      _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src))));
+  out[1] = _mm256_cvtepi32_ps(
+      _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + 8))));
+}
+#endif
+
+template <int BITS, int R>
+void direct(const Packed& w, int64_t b0, const Rows& rows, float* y, int64_t ldy) {
+  constexpr int D = kDirectBlocks, V = kVecs;
+  constexpr int64_t step = BITS == 4 ? 2 : 1;  // k per stored byte
+  Vec acc[R][D * V], p[R][D * V];  // constant indices after unrolling: registers, not stack
+#pragma GCC unroll 8
+  for (int i = 0; i < R * D * V; ++i) acc[i / (D * V)][i % (D * V)] = vzero();
+  const uint8_t* base = w.q + b0 * w.block_bytes();
+  for (int64_t t = 0; t < w.groups; ++t) {
+#pragma GCC unroll 8
+    for (int i = 0; i < R * D * V; ++i) p[i / (D * V)][i % (D * V)] = vzero();
+    for (int64_t k = t * w.g; k < (t + 1) * w.g; k += step) {
+#pragma GCC unroll 4
+      for (int j = 0; j < D; ++j) {
+        const uint8_t* src = base + j * w.block_bytes() + (k / step) * kOut;
+        Vec lo[V], hi[V];
+        if constexpr (BITS == 4) widen_pair(src, lo, hi); else widen_one(src, lo);
+#pragma GCC unroll 2
+        for (int r = 0; r < R; ++r) {
+          const Vec xa = vbcast(rows.x + r * rows.ldx + k);
+#pragma GCC unroll 2
+          for (int v = 0; v < V; ++v) p[r][j * V + v] = vfma(xa, lo[v], p[r][j * V + v]);
+          if constexpr (BITS == 4) {
+            const Vec xb = vbcast(rows.x + r * rows.ldx + k + 1);
+#pragma GCC unroll 2
+            for (int v = 0; v < V; ++v) p[r][j * V + v] = vfma(xb, hi[v], p[r][j * V + v]);
+          }
+        }
+      }
+    }
+#pragma GCC unroll 4
+    for (int j = 0; j < D; ++j)
+#pragma GCC unroll 2
+      for (int v = 0; v < V; ++v) {
+        const Vec s = vload(w.scales(b0 + j, t) + v * kLanes);
+#pragma GCC unroll 2
+        for (int r = 0; r < R; ++r) acc[r][j * V + v] = vfma(s, p[r][j * V + v], acc[r][j * V + v]);
+        if (w.o != nullptr) {
+          const Vec o = vload(w.offsets(b0 + j, t) + v * kLanes);
+#pragma GCC unroll 2
+          for (int r = 0; r < R; ++r)
+            acc[r][j * V + v] = vfma(o, vbcast(rows.xs + r * rows.groups + t), acc[r][j * V + v]);
+        }
+      }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < R * D * V; ++i)
+    vstore(y + (i / (D * V)) * ldy + (i % (D * V)) * kLanes, acc[i / (D * V)][i % (D * V)]);
+}
+
+template <int BITS>
+void direct_rows(const Packed& w, int64_t m, int64_t b0, const Rows& rows, float* y,
+                 int64_t ldy) {
+  if (m == 1) direct<BITS, 1>(w, b0, rows, y, ldy);
+  if constexpr (kDirectRows >= 2)
+    if (m == 2) direct<BITS, 2>(w, b0, rows, y, ldy);
+}
+#else
+constexpr int kDirectRows = 0, kDirectBlocks = 1;
+template <int BITS>
+void direct_rows(const Packed&, int64_t, int64_t, const Rows&, float*, int64_t) {}
+#endif
 
 }  // namespace
 
@@ -378,21 +354,31 @@ at::Tensor wgemm(at::Tensor x, at::Tensor pq, at::Tensor ps, at::Tensor po, int6
   pq = pq.contiguous();
   ps = ps.contiguous();
   if (has_o) po = po.contiguous();
+  const int64_t groups = k / group;
   Packed w{reinterpret_cast<const uint8_t*>(pq.data_ptr()), ps.data_ptr<float>(),
-           has_o ? po.data_ptr<float>() : nullptr, blocks, k, group, bits, k / group};
+           has_o ? po.data_ptr<float>() : nullptr, blocks, k, group, bits, groups};
   const int64_t padded = blocks * kOut;
   auto y = at::empty({m, padded}, x.options());
   if (m == 0) return y.narrow(1, 0, n);
   const float* xp = x.data_ptr<float>();
+  // X[r, t] (offsets only): plain sequential adds, the same in every flavour
+  std::vector<float> xs(has_o ? static_cast<size_t>(m * groups) : 0);
+  for (int64_t r = 0; has_o && r < m; ++r)
+    for (int64_t t = 0; t < groups; ++t) {
+      float sum = 0.f;
+      for (int64_t kk = t * group; kk < (t + 1) * group; ++kk) sum += xp[r * k + kk];
+      xs[r * groups + t] = sum;
+    }
+  const Rows rows{xp, k, has_o ? xs.data() : nullptr, groups};
   float* yp = y.data_ptr<float>();
   if (m <= kDirectRows && blocks % kDirectBlocks == 0) {
     at::parallel_for(0, blocks / kDirectBlocks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t u = begin; u < end; ++u) {
         float* yu = yp + u * kDirectBlocks * kOut;
         if (bits == 4)
-          direct_rows<4>(w, m, u * kDirectBlocks, xp, k, yu, padded);
+          direct_rows<4>(w, m, u * kDirectBlocks, rows, yu, padded);
         else
-          direct_rows<8>(w, m, u * kDirectBlocks, xp, k, yu, padded);
+          direct_rows<8>(w, m, u * kDirectBlocks, rows, yu, padded);
       }
     });
     return n == padded ? y : y.narrow(1, 0, n).contiguous();
@@ -402,11 +388,11 @@ at::Tensor wgemm(at::Tensor x, at::Tensor pq, at::Tensor ps, at::Tensor po, int6
     std::vector<float> panel(static_cast<size_t>(kBlocks * k * kOut));
     for (int64_t u = begin; u < end; ++u) {
       const int64_t b0 = u * kBlocks, nb = std::min<int64_t>(kBlocks, blocks - b0);
-      for (int64_t j = 0; j < nb; ++j) dequantize_block(w, b0 + j, panel.data() + j * k * kOut);
+      for (int64_t j = 0; j < nb; ++j) widen_block(w, b0 + j, panel.data() + j * k * kOut);
       if (nb == kBlocks)
-        rows<kBlocks>(xp, m, k, panel.data(), yp + b0 * kOut, padded);
+        panel_rows<kBlocks>(w, b0, panel.data(), rows, m, yp + b0 * kOut, padded);
       else
-        rows<1>(xp, m, k, panel.data(), yp + b0 * kOut, padded);
+        panel_rows<1>(w, b0, panel.data(), rows, m, yp + b0 * kOut, padded);
     }
   });
   return n == padded ? y : y.narrow(1, 0, n).contiguous();
