@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import collections
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
@@ -51,10 +50,11 @@ def test_a_shared_prefix_stays_on_one_replica_and_hits_its_cache(prefix_app):
         answered.add(httpx.get(prefix_app + "/health", timeout=10).headers["x-pagoda-replica"])
     # 16 prefixes: that both replicas own some has probability 1 - 2**-15
     first = [chat((i, 0)) for i in range(16)]
-    # then two at a time: the load bound (1.25 x the mean) lets a replica take both, so the
-    # routing does not change (more at once may spill a prefix to its second replica)
-    with ThreadPoolExecutor(2) as pool:
-        again = list(pool.map(chat, [(i, q) for i in range(16) for q in (1, 2)]))
+    # then one at a time, so the load bound (1.25 x the mean in flight) never spills a prefix to
+    # its second replica: the router learns of a completion a little after the client does
+    # (Ray's callback), and with two clients a replica could look busy with a request already
+    # answered (seen once in ~20 runs). The bound itself is tested in test_relay.py.
+    again = [chat((i, q)) for i in range(16) for q in (1, 2)]
     replicas = collections.defaultdict(set)
     for i, replica, _ in first + again:
         replicas[i].add(replica)

@@ -6,6 +6,7 @@ dies fails the step; a node with the wrong secret is never let in."""
 
 from __future__ import annotations
 
+import random
 import socket
 import subprocess
 import sys
@@ -22,7 +23,6 @@ from pagoda.cli.main import main
 from pagoda.parallel.nodes import accept_ranks, connect
 from pagoda.sampling.params import SamplingParams
 from tests.engine.helpers import run_to_completion
-from tests.gateway.gateway_harness import free_port
 from tests.parallel.test_tensor_parallel import (
     assert_a_dead_rank_fails_the_step,
     assert_reference_tokens,
@@ -45,10 +45,18 @@ def start_node(port: int, node_rank: int = 1, *extra: str) -> subprocess.Popen[b
 
 
 def free_port_pair() -> int:
+    """A port p with p and p + 1 free, below Linux's ephemeral range (32768+): a port picked by
+    binding port 0 is ephemeral, and another test's outgoing connection could take it (or
+    p + 1) before the engine binds it ("Address already in use", seen once in ~20 runs)."""
     while True:
-        port = free_port()
-        if port < 65000:
-            return port
+        port = random.randrange(20_000, 32_000)
+        try:
+            for p in (port, port + 1):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", p))
+        except OSError:
+            continue
+        return port
 
 
 @pytest.mark.parametrize("layout", [

@@ -15,8 +15,8 @@ rows compute the same arithmetic on the same numbers, so a request's greedy toke
 on its batch (`kernels/csrc/wgemm.cpp`: one fma chain per output; the flavours even agree bit
 for bit). Why wgemm and not qgemm (`--quant-kernel qgemm`, activations rounded to int8 per
 32-block): measured on an AMX Xeon (docs/benchmarks.md), the GGUF model's 32-request throughput
-is 1.37x qgemm's with the avx512 flavours and 1.42x with the avx2 ones, batch-1 decode 0.98x and
-0.93x, and its activations are not rounded at all. Forcing "onednn" or "fbgemm" trades batch
+is 1.27x qgemm's with the avx512 flavours and 1.35x with the avx2 ones, batch-1 decode 1.06x and
+1.12x, and its activations are not rounded at all. Forcing "onednn" or "fbgemm" trades batch
 invariance for those libraries' int8 GEMMs: their per-row activation scales and outlier-column
 split depend on the rest of the batch. fp16/bf16 weights (`HalfLinear`) keep their own path.
 """
