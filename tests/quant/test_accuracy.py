@@ -63,7 +63,7 @@ def test_random_weights_within_tolerance(key: tuple[str, object]):
         pytest.skip("no AMX here: 'onednn' would fall back to fbgemm, tested as such")
     if str(key[1]) == "fbgemm" and not fbgemm_exact():
         pytest.skip("fbgemm's int8 GEMM saturates int16 pair sums on this CPU (no VNNI): "
-                    "opt-in only, auto takes qgemm")
+                    "opt-in only, auto takes wgemm")
     torch.manual_seed(0)
     lin = _linear(torch.randn(768, 576) * 0.02)
     x = torch.randn(64, 576)

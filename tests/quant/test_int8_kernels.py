@@ -47,7 +47,7 @@ def _skip_unavailable(backend: str) -> None:
                     "'onednn' falls back to fbgemm, tested as such")
     if backend == "fbgemm" and not fbgemm_exact():
         pytest.skip("fbgemm's int8 GEMM on this CPU sums u8 x s8 pairs into saturating int16 "
-                    "(vpmaddubsw, no AVX512-VNNI): it is opt-in only, and auto takes qgemm")
+                    "(vpmaddubsw, no AVX512-VNNI): it is opt-in only, and auto takes wgemm")
 
 
 @pytest.mark.parametrize("backend", ["auto", "onednn", "fbgemm"])
