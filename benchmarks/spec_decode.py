@@ -78,6 +78,8 @@ class Bench:
     def __init__(self, args: argparse.Namespace):
         self.args = args
         self.loaded = load_model(None)
+        if args.target_quantization != "none":  # the default engine's weights: --target-... gguf
+            apply_quantization(self.loaded, args.target_quantization)
         self.draft = load_model(self.loaded.path, progress=False)
         apply_quantization(self.draft, args.draft_quantization)
 
@@ -118,6 +120,9 @@ def main() -> None:
     p.add_argument("--sections", default="grounded,chat,depth,batch,w1")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--draft-quantization", default="gguf")
+    p.add_argument("--target-quantization", default="none",
+                   help="the target's weights: none (fp32, the issue's baseline) or gguf (what "
+                   "`pagoda serve` loads a GGUF file with by default)")
     args = p.parse_args()
     cpu = subprocess.run("lscpu | grep 'Model name'", shell=True, capture_output=True,
                          text=True).stdout.split(":")[-1].strip()
