@@ -8,8 +8,7 @@
 //     y[r, n]    = for t = 0 .. K/g-1:  acc = fma(scales[n, t], P, acc);
 //                                       acc = fma(offsets[n, t], X[r, t], acc)
 //
-// The scale and offset are applied once per group, not once per weight: widening a weight is
-// then one conversion, and the inner loop one fma per product, at one row as at many.
+// Scale and offset once per group, not per weight: widening is one conversion per weight.
 //
 //   INVARIANT (batch invariance, and one result for every flavour): every output is computed by
 //   exactly the operations above in exactly that order, whatever M is, wherever row r sits,
@@ -17,12 +16,8 @@
 //   between outputs is exploited, never a reassociation within one: a token's output does not
 //   depend on its batch, and the generic, avx2 and avx512 flavours return the same bits.
 //
-// Why this and not qgemm's int8 dot products: qgemm converts and scales every 32-element block
-// of every (row, output) pair (4-5 vector operations per 32 products), which loses to an fp32
-// GEMM once several rows share the weights (0.3-0.5x oneDNN's fp32 at 512 rows on an AVX2
-// core). Here the widening is paid once per weight and shared by every row, the inner loop is
-// the fp32 GEMM's (one broadcast fma per 8 or 16 products), and the bytes streamed are still 4
-// or 8 bits per weight: at one row memory-bound like qgemm, at many rows compute-bound like fp32.
+// Why not qgemm's int8 dot products (a conversion per 32-block of every row and output, 0.3-0.5x
+// oneDNN's fp32 at 512 rows on AVX2): docs/quantization.md.
 //
 // Layout (packed once at load, pagoda.kernels.wgemm.pack): outputs in blocks of 16, each block's
 // weights transposed so the 16 outputs of one k sit side by side.
@@ -325,8 +320,7 @@ void direct(const Packed& w, int64_t b0, const Rows& rows, float* y, int64_t ldy
     for (int i = 0; i < R * C; ++i) vstore(y + (i / C) * ldy + (i % C) * kLanes, acc[i / C][i % C]);
 }
 
-// Rows [0, m) of the blocks from b0 (a multiple of direct_blocks<m>()) on; false if m is more
-// than the direct path takes.
+// Rows [0, m) (m <= kDirectRows) of direct_blocks<m>() blocks from b0 on.
 template <int BITS, int R = 1>
 void direct_rows(const Packed& w, int64_t m, int64_t b0, const Rows& rows, float* y,
                  int64_t ldy) {
