@@ -19,6 +19,8 @@
 // Why not qgemm's int8 dot products (a conversion per 32-block of every row and output, 0.3-0.5x
 // oneDNN's fp32 at 512 rows on AVX2): docs/quantization.md.
 //
+// Few rows take the direct path (wgemm_direct.cpp), more the panel path here.
+//
 // Layout (packed once at load, pagoda.kernels.wgemm.pack): outputs in blocks of 16, each block's
 // weights transposed so the 16 outputs of one k sit side by side.
 //   4-bit: pq[b][p][i] = byte p of output row 16b + i (low nibble k = 2p, high nibble k = 2p + 1)
@@ -31,38 +33,15 @@
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 
-#if defined(__AVX2__)
-#include <immintrin.h>
-#endif
-
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <utility>
 #include <vector>
 
+#include "wgemm.h"
+
+namespace pagoda_wgemm {
 namespace {
-
-constexpr int64_t kOut = 16;  // outputs per packed block
-
-struct Packed {
-  const uint8_t* q;
-  const float* s;
-  const float* o;  // nullptr: no offsets
-  int64_t blocks, k, g, bits, groups;
-  int64_t block_bytes() const { return bits == 4 ? k / 2 * kOut : k * kOut; }
-  const float* scales(int64_t b, int64_t t) const { return s + (b * groups + t) * kOut; }
-  const float* offsets(int64_t b, int64_t t) const { return o + (b * groups + t) * kOut; }
-};
-
-// The rows of one call: x (m, k) with row stride ldx; xs (m, groups): X of the header, when the
-// weights have offsets.
-struct Rows {
-  const float* x;
-  int64_t ldx;
-  const float* xs;
-  int64_t groups;
-};
 
 // Block b's integers as fp32, (K, 16): the panel every row tile of the block then reads.
 void widen_block(const Packed& w, int64_t b, float* panel) {
@@ -114,21 +93,9 @@ void widen_block(const Packed& w, int64_t b, float* panel) {
 // read and written once per group, which leaves the registers to P and doubles the tile.
 #define PAGODA_REPEAT12(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11)
 #if defined(__AVX512F__)
-using Vec = __m512;
-inline Vec vzero() { return _mm512_setzero_ps(); }
-inline Vec vload(const float* p) { return _mm512_loadu_ps(p); }
-inline Vec vbcast(const float* p) { return _mm512_set1_ps(*p); }
-inline Vec vfma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
-inline void vstore(float* p, Vec v) { _mm512_storeu_ps(p, v); }
-constexpr int kLanes = 16, kRows = 12, kBlocks = 2;  // 24 of 32 zmm hold P
+constexpr int kRows = 12, kBlocks = 2;  // 24 of 32 zmm hold P
 #elif defined(__AVX2__)
-using Vec = __m256;
-inline Vec vzero() { return _mm256_setzero_ps(); }
-inline Vec vload(const float* p) { return _mm256_loadu_ps(p); }
-inline Vec vbcast(const float* p) { return _mm256_broadcast_ss(p); }
-inline Vec vfma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
-inline void vstore(float* p, Vec v) { _mm256_storeu_ps(p, v); }
-constexpr int kLanes = 8, kRows = 6, kBlocks = 1;  // 12 of 16 ymm hold P
+constexpr int kRows = 6, kBlocks = 1;  // 12 of 16 ymm hold P
 #endif
 
 #if defined(__AVX2__)
@@ -227,125 +194,10 @@ void panel_rows(const Packed& w, int64_t b0, const float* panel, Rows rows, int6
   }
 }
 
-// Few rows (decode, speculative verification, a few users): no panel. D consecutive blocks are
-// widened in registers and used at once by all R <= kDirectRows rows: R * D independent chains
-// hide the fma latency and no weight is stored and reloaded. As in the panel path, the group
-// sums P live in registers and the running sums in y; the operations per output are the same,
-// so are the bits.
-#if defined(__AVX2__)
-#if defined(__AVX512F__)
-constexpr int kDirectRows = 8, kVecs = 1;  // vectors per block
-template <int R>
-constexpr int direct_blocks() { return R <= 4 ? 4 : 2; }  // at most 16 zmm of P
-inline void widen_pair(const uint8_t* src, Vec* lo, Vec* hi) {  // k and k + 1 of 16 outputs
-  const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
-  lo[0] = _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(0x0F)));
-  hi[0] = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
-}
-inline void widen_one(const uint8_t* src, Vec* out) {
-  out[0] = _mm512_cvtepi32_ps(
-      _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src))));
-}
-#else
-constexpr int kDirectRows = 4, kVecs = 2;
-template <int R>
-constexpr int direct_blocks() { return R <= 2 ? 2 : 1; }  // at most 8 ymm of P
-inline void widen_pair(const uint8_t* src, Vec* lo, Vec* hi) {
-  const __m256i mask = _mm256_set1_epi32(0x0F);
-  const __m256i v0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src)));
-  const __m256i v1 =
-      _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + 8)));
-  lo[0] = _mm256_cvtepi32_ps(_mm256_and_si256(v0, mask));
-  lo[1] = _mm256_cvtepi32_ps(_mm256_and_si256(v1, mask));
-  hi[0] = _mm256_cvtepi32_ps(_mm256_srli_epi32(v0, 4));
-  hi[1] = _mm256_cvtepi32_ps(_mm256_srli_epi32(v1, 4));
-}
-inline void widen_one(const uint8_t* src, Vec* out) {
-  out[0] = _mm256_cvtepi32_ps(
-      _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src))));
-  out[1] = _mm256_cvtepi32_ps(
-      _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + 8))));
-}
-#endif
-
-template <int BITS, int R>
-void direct(const Packed& w, int64_t b0, const Rows& rows, float* y, int64_t ldy) {
-  constexpr int D = direct_blocks<R>(), V = kVecs, C = D * V;
-  constexpr int64_t step = BITS == 4 ? 2 : 1;  // k per stored byte
-  Vec p[R][C];  // constant indices after unrolling: registers, not stack
-  // the running sums: in registers while few (one row: 5-10% faster), else in y
-  constexpr bool in_regs = R * C <= 8;
-  Vec acc[in_regs ? R : 1][C];
-  const uint8_t* base = w.q + b0 * w.block_bytes();
-  for (int64_t t = 0; t < w.groups; ++t) {
-#pragma GCC unroll 16
-    for (int i = 0; i < R * C; ++i) p[i / C][i % C] = vzero();
-    for (int64_t k = t * w.g; k < (t + 1) * w.g; k += step) {
-#pragma GCC unroll 4
-      for (int j = 0; j < D; ++j) {
-        const uint8_t* src = base + j * w.block_bytes() + (k / step) * kOut;
-        Vec lo[V], hi[V];
-        if constexpr (BITS == 4) widen_pair(src, lo, hi); else widen_one(src, lo);
-#pragma GCC unroll 8
-        for (int r = 0; r < R; ++r) {
-          const Vec xa = vbcast(rows.x + r * rows.ldx + k);
-#pragma GCC unroll 2
-          for (int v = 0; v < V; ++v) p[r][j * V + v] = vfma(xa, lo[v], p[r][j * V + v]);
-          if constexpr (BITS == 4) {
-            const Vec xb = vbcast(rows.x + r * rows.ldx + k + 1);
-#pragma GCC unroll 2
-            for (int v = 0; v < V; ++v) p[r][j * V + v] = vfma(xb, hi[v], p[r][j * V + v]);
-          }
-        }
-      }
-    }
-    // acc = fma(s, P, acc) (acc = 0 before the first group), then fma(o, X, acc), in y
-#pragma GCC unroll 8
-    for (int c = 0; c < C; ++c) {
-      const int64_t b = b0 + c / V, lane = (c % V) * kLanes;
-      const Vec s = vload(w.scales(b, t) + lane);
-      const Vec o = w.o != nullptr ? vload(w.offsets(b, t) + lane) : s;
-#pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) {
-        float* yr = y + r * ldy + c * kLanes;
-        Vec a = t ? (in_regs ? acc[in_regs ? r : 0][c] : vload(yr)) : vzero();
-        a = vfma(s, p[r][c], a);
-        if (w.o != nullptr) a = vfma(o, vbcast(rows.xs + r * rows.groups + t), a);
-        if constexpr (in_regs) acc[r][c] = a; else vstore(yr, a);
-      }
-    }
-  }
-  if constexpr (in_regs)
-#pragma GCC unroll 8
-    for (int i = 0; i < R * C; ++i) vstore(y + (i / C) * ldy + (i % C) * kLanes, acc[i / C][i % C]);
-}
-
-// Rows [0, m) (m <= kDirectRows) of direct_blocks<m>() blocks from b0 on.
-template <int BITS, int R = 1>
-void direct_rows(const Packed& w, int64_t m, int64_t b0, const Rows& rows, float* y,
-                 int64_t ldy) {
-  if (m == R) {
-    direct<BITS, R>(w, b0, rows, y, ldy);
-  } else if constexpr (R < kDirectRows) {
-    direct_rows<BITS, R + 1>(w, m, b0, rows, y, ldy);
-  }
-}
-
-int64_t direct_blocks_for(int64_t m) {
-  int64_t d = 1;
-  [&]<int... R>(std::integer_sequence<int, R...>) {
-    ((m == R + 1 ? (d = direct_blocks<R + 1>(), 0) : 0), ...);
-  }(std::make_integer_sequence<int, kDirectRows>{});
-  return d;
-}
-#else
-constexpr int kDirectRows = 0;
-template <int BITS>
-void direct_rows(const Packed&, int64_t, int64_t, const Rows&, float*, int64_t) {}
-int64_t direct_blocks_for(int64_t) { return 1; }
-#endif
-
 }  // namespace
+}  // namespace pagoda_wgemm
+
+using namespace pagoda_wgemm;
 
 // x (M, K) fp32; pq/ps/po packed as above; n the true output count (<= 16 * blocks).
 at::Tensor wgemm(at::Tensor x, at::Tensor pq, at::Tensor ps, at::Tensor po, int64_t n,
@@ -387,18 +239,7 @@ at::Tensor wgemm(at::Tensor x, at::Tensor pq, at::Tensor ps, at::Tensor po, int6
     }
   const Rows rows{xp, k, has_o ? xs.data() : nullptr, groups};
   float* yp = y.data_ptr<float>();
-  const int64_t d = direct_blocks_for(m);
-  if (m <= kDirectRows && blocks % d == 0) {
-    at::parallel_for(0, blocks / d, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t u = begin; u < end; ++u) {
-        if (bits == 4)
-          direct_rows<4>(w, m, u * d, rows, yp + u * d * kOut, padded);
-        else
-          direct_rows<8>(w, m, u * d, rows, yp + u * d * kOut, padded);
-      }
-    });
-    return n == padded ? y : y.narrow(1, 0, n).contiguous();
-  }
+  if (run_direct(w, m, rows, yp, padded)) return n == padded ? y : y.narrow(1, 0, n).contiguous();
   const int64_t units = (blocks + kBlocks - 1) / kBlocks;
   at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> panel(static_cast<size_t>(kBlocks * k * kOut));

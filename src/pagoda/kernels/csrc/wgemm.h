@@ -1,0 +1,57 @@
+// Shared by wgemm.cpp (the entry point, the panel path) and wgemm_direct.cpp (the direct path
+// of a few rows): the packed operands, the rows of a call, and the flavour's vector type. Every
+// translation unit of a flavour is compiled with that flavour's flags (kernels/build.py).
+#pragma once
+
+#include <cstdint>
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+namespace pagoda_wgemm {
+
+constexpr int64_t kOut = 16;  // outputs per packed block
+
+struct Packed {
+  const uint8_t* q;
+  const float* s;
+  const float* o;  // nullptr: no offsets
+  int64_t blocks, k, g, bits, groups;
+  int64_t block_bytes() const { return bits == 4 ? k / 2 * kOut : k * kOut; }
+  const float* scales(int64_t b, int64_t t) const { return s + (b * groups + t) * kOut; }
+  const float* offsets(int64_t b, int64_t t) const { return o + (b * groups + t) * kOut; }
+};
+
+// The rows of one call: x (m, k) with row stride ldx; xs (m, groups): X of the header, when the
+// weights have offsets.
+struct Rows {
+  const float* x;
+  int64_t ldx;
+  const float* xs;
+  int64_t groups;
+};
+
+#if defined(__AVX512F__)
+using Vec = __m512;
+inline Vec vzero() { return _mm512_setzero_ps(); }
+inline Vec vload(const float* p) { return _mm512_loadu_ps(p); }
+inline Vec vbcast(const float* p) { return _mm512_set1_ps(*p); }
+inline Vec vfma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline void vstore(float* p, Vec v) { _mm512_storeu_ps(p, v); }
+constexpr int kLanes = 16;
+#elif defined(__AVX2__)
+using Vec = __m256;
+inline Vec vzero() { return _mm256_setzero_ps(); }
+inline Vec vload(const float* p) { return _mm256_loadu_ps(p); }
+inline Vec vbcast(const float* p) { return _mm256_broadcast_ss(p); }
+inline Vec vfma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline void vstore(float* p, Vec v) { _mm256_storeu_ps(p, v); }
+constexpr int kLanes = 8;
+#endif
+
+// Rows [0, m) of every block through the direct path when it takes m rows (and the block count
+// fits its grouping); false otherwise, and then nothing was written.
+bool run_direct(const Packed& w, int64_t m, const Rows& rows, float* y, int64_t ldy);
+
+}  // namespace pagoda_wgemm
