@@ -46,35 +46,20 @@ namespace {
 // Block b's integers as fp32, (K, 16): the panel every row tile of the block then reads.
 void widen_block(const Packed& w, int64_t b, float* panel) {
   const uint8_t* base = w.q + b * w.block_bytes();
-#if defined(__AVX512F__)
-  if (w.bits == 4) {
-    for (int64_t p = 0; p < w.k / 2; ++p) {
-      const __m512i v = _mm512_cvtepu8_epi32(
-          _mm_loadu_si128(reinterpret_cast<const __m128i*>(base + p * kOut)));
-      _mm512_storeu_ps(panel + 2 * p * kOut,
-                       _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(0x0F))));
-      _mm512_storeu_ps(panel + (2 * p + 1) * kOut, _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)));
-    }
-  } else {
-    for (int64_t k = 0; k < w.k; ++k)
-      _mm512_storeu_ps(panel + k * kOut, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
-          _mm_loadu_si128(reinterpret_cast<const __m128i*>(base + k * kOut)))));
-  }
-#elif defined(__AVX2__)
-  const __m256i mask = _mm256_set1_epi32(0x0F);
-  for (int64_t p = 0; p < (w.bits == 4 ? w.k / 2 : w.k); ++p) {
-    const __m128i lo8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(base + p * kOut));
-    const __m128i hi8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(base + p * kOut + 8));
+#if defined(__AVX2__)
+  // the direct path's widening (wgemm.h), stored: the same values either way
+  Vec lo[kVecs], hi[kVecs];
+  for (int64_t k = 0; k < w.k; k += w.bits == 4 ? 2 : 1) {
+    float* out = panel + k * kOut;
     if (w.bits == 4) {
-      const __m256i v0 = _mm256_cvtepu8_epi32(lo8), v1 = _mm256_cvtepu8_epi32(hi8);
-      float* out = panel + 2 * p * kOut;
-      _mm256_storeu_ps(out, _mm256_cvtepi32_ps(_mm256_and_si256(v0, mask)));
-      _mm256_storeu_ps(out + 8, _mm256_cvtepi32_ps(_mm256_and_si256(v1, mask)));
-      _mm256_storeu_ps(out + 16, _mm256_cvtepi32_ps(_mm256_srli_epi32(v0, 4)));
-      _mm256_storeu_ps(out + 24, _mm256_cvtepi32_ps(_mm256_srli_epi32(v1, 4)));
+      widen_pair(base + k / 2 * kOut, lo, hi);
+      for (int v = 0; v < kVecs; ++v) {
+        vstore(out + v * kLanes, lo[v]);
+        vstore(out + kOut + v * kLanes, hi[v]);
+      }
     } else {
-      _mm256_storeu_ps(panel + p * kOut, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo8)));
-      _mm256_storeu_ps(panel + p * kOut + 8, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi8)));
+      widen_one(base + k * kOut, lo);
+      for (int v = 0; v < kVecs; ++v) vstore(out + v * kLanes, lo[v]);
     }
   }
 #else
@@ -227,7 +212,9 @@ at::Tensor wgemm(at::Tensor x, at::Tensor pq, at::Tensor ps, at::Tensor po, int6
            has_o ? po.data_ptr<float>() : nullptr, blocks, k, group, bits, groups};
   const int64_t padded = blocks * kOut;
   auto y = at::empty({m, padded}, x.options());
-  if (m == 0) return y.narrow(1, 0, n);
+  // the padding outputs dropped (a copy only when N is not a multiple of 16)
+  const auto unpadded = [&] { return n == padded ? y : y.narrow(1, 0, n).contiguous(); };
+  if (m == 0) return unpadded();
   const float* xp = x.data_ptr<float>();
   // X[r, t] (offsets only): plain sequential adds, the same in every flavour
   std::vector<float> xs(has_o ? static_cast<size_t>(m * groups) : 0);
@@ -239,7 +226,7 @@ at::Tensor wgemm(at::Tensor x, at::Tensor pq, at::Tensor ps, at::Tensor po, int6
     }
   const Rows rows{xp, k, has_o ? xs.data() : nullptr, groups};
   float* yp = y.data_ptr<float>();
-  if (run_direct(w, m, rows, yp, padded)) return n == padded ? y : y.narrow(1, 0, n).contiguous();
+  if (run_direct(w, m, rows, yp, padded)) return unpadded();
   const int64_t units = (blocks + kBlocks - 1) / kBlocks;
   at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> panel(static_cast<size_t>(kBlocks * k * kOut));
@@ -252,5 +239,5 @@ at::Tensor wgemm(at::Tensor x, at::Tensor pq, at::Tensor ps, at::Tensor po, int6
         panel_rows<1>(w, b0, panel.data(), rows, m, yp + b0 * kOut, padded);
     }
   });
-  return n == padded ? y : y.narrow(1, 0, n).contiguous();
+  return unpadded();
 }

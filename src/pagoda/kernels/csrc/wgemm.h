@@ -1,6 +1,7 @@
 // Shared by wgemm.cpp (the entry point, the panel path) and wgemm_direct.cpp (the direct path
-// of a few rows): the packed operands, the rows of a call, and the flavour's vector type. Every
-// translation unit of a flavour is compiled with that flavour's flags (kernels/build.py).
+// of a few rows): the packed operands, the rows of a call, the flavour's vector type and its
+// widening of the stored integers. Every translation unit of a flavour is compiled with that
+// flavour's flags (kernels/build.py).
 #pragma once
 
 #include <cstdint>
@@ -39,7 +40,18 @@ inline Vec vload(const float* p) { return _mm512_loadu_ps(p); }
 inline Vec vbcast(const float* p) { return _mm512_set1_ps(*p); }
 inline Vec vfma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
 inline void vstore(float* p, Vec v) { _mm512_storeu_ps(p, v); }
-constexpr int kLanes = 16;
+constexpr int kLanes = 16, kVecs = 1;  // vectors per block of 16 outputs
+// The 16 outputs' integers at k and k + 1 (4-bit: one 16-byte row of a block) as fp32.
+inline void widen_pair(const uint8_t* src, Vec* lo, Vec* hi) {
+  const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+  lo[0] = _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(0x0F)));
+  hi[0] = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
+}
+// The 16 outputs' integers at one k (8-bit) as fp32.
+inline void widen_one(const uint8_t* src, Vec* out) {
+  out[0] = _mm512_cvtepi32_ps(
+      _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src))));
+}
 #elif defined(__AVX2__)
 using Vec = __m256;
 inline Vec vzero() { return _mm256_setzero_ps(); }
@@ -47,7 +59,23 @@ inline Vec vload(const float* p) { return _mm256_loadu_ps(p); }
 inline Vec vbcast(const float* p) { return _mm256_broadcast_ss(p); }
 inline Vec vfma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
 inline void vstore(float* p, Vec v) { _mm256_storeu_ps(p, v); }
-constexpr int kLanes = 8;
+constexpr int kLanes = 8, kVecs = 2;
+inline void widen_pair(const uint8_t* src, Vec* lo, Vec* hi) {
+  const __m256i mask = _mm256_set1_epi32(0x0F);
+  const __m256i v0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src)));
+  const __m256i v1 =
+      _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + 8)));
+  lo[0] = _mm256_cvtepi32_ps(_mm256_and_si256(v0, mask));
+  lo[1] = _mm256_cvtepi32_ps(_mm256_and_si256(v1, mask));
+  hi[0] = _mm256_cvtepi32_ps(_mm256_srli_epi32(v0, 4));
+  hi[1] = _mm256_cvtepi32_ps(_mm256_srli_epi32(v1, 4));
+}
+inline void widen_one(const uint8_t* src, Vec* out) {
+  out[0] = _mm256_cvtepi32_ps(
+      _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src))));
+  out[1] = _mm256_cvtepi32_ps(
+      _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + 8))));
+}
 #endif
 
 // Rows [0, m) of every block through the direct path when it takes m rows (and the block count

@@ -17,38 +17,13 @@ namespace {
 // so are the bits.
 #if defined(__AVX2__)
 #if defined(__AVX512F__)
-constexpr int kDirectRows = 8, kVecs = 1;  // vectors per block
+constexpr int kDirectRows = 8;
 template <int R>
 constexpr int direct_blocks() { return R <= 4 ? 4 : 2; }  // at most 16 zmm of P
-inline void widen_pair(const uint8_t* src, Vec* lo, Vec* hi) {  // k and k + 1 of 16 outputs
-  const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
-  lo[0] = _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(0x0F)));
-  hi[0] = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
-}
-inline void widen_one(const uint8_t* src, Vec* out) {
-  out[0] = _mm512_cvtepi32_ps(
-      _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src))));
-}
 #else
-constexpr int kDirectRows = 4, kVecs = 2;
+constexpr int kDirectRows = 4;
 template <int R>
 constexpr int direct_blocks() { return R <= 2 ? 2 : 1; }  // at most 8 ymm of P
-inline void widen_pair(const uint8_t* src, Vec* lo, Vec* hi) {
-  const __m256i mask = _mm256_set1_epi32(0x0F);
-  const __m256i v0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src)));
-  const __m256i v1 =
-      _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + 8)));
-  lo[0] = _mm256_cvtepi32_ps(_mm256_and_si256(v0, mask));
-  lo[1] = _mm256_cvtepi32_ps(_mm256_and_si256(v1, mask));
-  hi[0] = _mm256_cvtepi32_ps(_mm256_srli_epi32(v0, 4));
-  hi[1] = _mm256_cvtepi32_ps(_mm256_srli_epi32(v1, 4));
-}
-inline void widen_one(const uint8_t* src, Vec* out) {
-  out[0] = _mm256_cvtepi32_ps(
-      _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src))));
-  out[1] = _mm256_cvtepi32_ps(
-      _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + 8))));
-}
 #endif
 
 template <int BITS, int R>
