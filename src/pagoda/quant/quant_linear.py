@@ -168,6 +168,12 @@ class QuantLinear(nn.Module):
             self._choice = (device, choice)
         return self._choice[1]
 
+    def qgemm_weight(self) -> QGemmWeight:
+        """The stored integers as qgemm reads them (built once)."""
+        if self._qgemm_weight is None:
+            self._qgemm_weight = self.make_qgemm_weight()
+        return self._qgemm_weight
+
     def wgemm_weight(self) -> wgemm_kernel.WGemmWeight:
         """The stored integers transposed for wgemm (built once; qgemm's form is not kept)."""
         if self._wgemm_weight is None:
@@ -179,9 +185,7 @@ class QuantLinear(nn.Module):
         if choice.kernel == "wgemm":
             return wgemm_kernel.wgemm(x, self.wgemm_weight(), choice.flavour).to(x.dtype)
         if choice.kernel == "qgemm":
-            if self._qgemm_weight is None:
-                self._qgemm_weight = self.make_qgemm_weight()
-            return qgemm(x, self._qgemm_weight, choice.flavour).to(x.dtype)
+            return qgemm(x, self.qgemm_weight(), choice.flavour).to(x.dtype)
         if choice.kernel == "reference":
             return linear_reference(x, self.dequantize(x.dtype))
         if self._packed is None or self._packed_for != choice.kernel:
@@ -195,18 +199,16 @@ class QuantLinear(nn.Module):
         choice = self.kernel_choice(device)
         if choice.kernel == "wgemm":
             return "wgemm", self.wgemm_weight(), choice.flavour
-        if choice.kernel != "qgemm":
-            return None
-        if self._qgemm_weight is None:
-            self._qgemm_weight = self.make_qgemm_weight()
-        return "qgemm", self._qgemm_weight, choice.flavour
+        if choice.kernel == "qgemm":
+            return "qgemm", self.qgemm_weight(), choice.flavour
+        return None
 
     def prepare(self) -> KernelChoice:
         """Resolve the kernel and build its weight form now rather than at the first forward
         (which also compiles the C++ kernels at load, not in the first request)."""
         choice = self.kernel_choice(self.device)
-        if choice.kernel == "qgemm" and self._qgemm_weight is None:
-            self._qgemm_weight = self.make_qgemm_weight()
+        if choice.kernel == "qgemm":
+            self.qgemm_weight()
         elif choice.kernel == "wgemm":
             self.wgemm_weight()
         elif choice.kernel in ("onednn", "fbgemm") and self._packed is None:

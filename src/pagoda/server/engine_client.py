@@ -78,11 +78,12 @@ class EngineClient:
         self.num_pending = 0
         self.created = int(time.time())
         engine = config.engine
+        self.weights = _weights(engine)  # `quantization` with auto settled
         self.metrics = ServerMetrics(lambda: self.llm, lambda: self.model_name, {
             "tensor_parallel_size": str(engine.tensor_parallel_size),
             "pipeline_parallel_size": str(engine.pipeline_parallel_size),
             "num_threads": str(engine.num_threads or torch.get_num_threads()),
-            "quantization": _weights(engine), "dtype": engine.dtype})
+            "quantization": self.weights, "dtype": engine.dtype})
         self.tracer: Tracer | None = None  # set when traces are exported (telemetry.py)
         self._fingerprint = "fp_pagoda"
 
@@ -106,7 +107,7 @@ class EngineClient:
         llm.start(asyncio.get_running_loop())
         self.llm = llm
         cfg = self.config.engine
-        key = f"{llm.info.model_path}|{cfg.dtype}|{cfg.quantization}|{cfg.kv_cache_dtype}"
+        key = f"{llm.info.model_path}|{cfg.dtype}|{self.weights}|{cfg.kv_cache_dtype}"
         self._fingerprint = "fp_" + hashlib.sha256(key.encode()).hexdigest()[:10]
         self.status = "ok"
         log.info("model %s ready (max_model_len %d, engine in a %s)", self.model_name,
