@@ -7,30 +7,8 @@ import pytest
 import torch
 
 from pagoda.kernels import build
-from pagoda.kernels.qgemm import QGemmWeight, qgemm, qgemm_torch, quantize_blocks_torch
-
-
-def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((y - ref).norm() / ref.norm())
-
-
-def make_weight(kind: str, n: int, k: int, seed: int = 0) -> QGemmWeight:
-    """int8 per channel ("int8"), 4-bit groups with offsets ("q4g32"), 8-bit groups with or
-    without offsets ("q8g16", "q8g32", "q8g32-off"), extreme values included."""
-    g = torch.Generator().manual_seed(seed)
-    bits = 4 if kind.startswith("q4") else 8
-    group = k if kind == "int8" else int(kind.split("g")[1].split("-")[0])
-    if bits == 4:
-        q = torch.randint(0, 256, (n, k // 2), generator=g, dtype=torch.uint8)
-    else:
-        q = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
-        q[0, :64] = -128  # the most negative value takes the |w| path's 128
-    scales = torch.rand(n, k // group, generator=g) * 0.01 + 1e-4
-    offsets = None
-    if bits == 4 or kind.endswith("-off"):
-        offsets = -(torch.rand(n, k // group, generator=g) * 0.1)
-    return QGemmWeight(q, scales, offsets, bits, group)
-
+from pagoda.kernels.qgemm import qgemm, qgemm_torch, quantize_blocks_torch
+from tests.kernels.helpers import make_weight, rel_err
 
 KINDS = ["int8", "q4g32", "q4g64", "q8g16", "q8g32", "q8g32-off"]
 

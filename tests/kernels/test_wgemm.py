@@ -8,34 +8,12 @@ import pytest
 import torch
 
 from pagoda.kernels import build
-from pagoda.kernels.qgemm import QGemmWeight
 from pagoda.kernels.wgemm import dequantize, pack, wgemm, wgemm_torch
-
-
-def make_weight(kind: str, n: int, k: int, seed: int = 0) -> QGemmWeight:
-    """"q4g32" 4-bit groups with offsets (Q4_1), "q8g16" (Q6_K-like), "q8g32" (Q8_0), "int8"
-    per channel (one group of K), extreme codes included."""
-    g = torch.Generator().manual_seed(seed)
-    bits = 4 if kind.startswith("q4") else 8
-    group = k if kind == "int8" else int(kind.split("g")[1])
-    if bits == 4:
-        q = torch.randint(0, 256, (n, k // 2), generator=g, dtype=torch.uint8)
-        q[0, :8] = 0xFF  # 15 in both nibbles
-    else:
-        q = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
-        q[0, :16] = -128
-    scales = torch.rand(n, k // group, generator=g) * 0.01 + 1e-4
-    offsets = -(torch.rand(n, k // group, generator=g) * 0.1) if bits == 4 else None
-    return QGemmWeight(q, scales, offsets, bits, group)
-
+from tests.kernels.helpers import make_weight, rel_err
 
 # (kind, N, K): N not a multiple of 16 is padded; K = 100 is no multiple of 32 (qgemm refuses it)
 SHAPES = [("q4g32", 40, 256), ("q4g32", 64, 576), ("q8g16", 33, 128), ("q8g32", 96, 256),
           ("int8", 50, 100), ("q4g64", 17, 192)]
-
-
-def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((y.double() - ref).norm() / ref.norm())
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 13, 64])
