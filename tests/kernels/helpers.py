@@ -16,7 +16,7 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
 def make_weight(kind: str, n: int, k: int, seed: int = 0) -> QGemmWeight:
     """int8 per channel ("int8"), 4-bit groups with offsets ("q4g32", "q4g64": Q4_1-like), 8-bit
     groups with or without offsets ("q8g16": Q6_K-like, "q8g32": Q8_0, "q8g32-off"), extreme
-    values included."""
+    values included. A "-h" suffix rounds scales and offsets to fp16 values (GGUF's own)."""
     g = torch.Generator().manual_seed(seed)
     bits = 4 if kind.startswith("q4") else 8
     group = k if kind == "int8" else int(kind.split("g")[1].split("-")[0])
@@ -30,4 +30,7 @@ def make_weight(kind: str, n: int, k: int, seed: int = 0) -> QGemmWeight:
     offsets = None
     if bits == 4 or kind.endswith("-off"):
         offsets = -(torch.rand(n, k // group, generator=g) * 0.1)
+    if kind.endswith("-h"):
+        scales = scales.half().float()
+        offsets = None if offsets is None else offsets.half().float()
     return QGemmWeight(q, scales, offsets, bits, group)

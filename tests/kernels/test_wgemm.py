@@ -12,8 +12,9 @@ from pagoda.kernels.wgemm import dequantize, pack, wgemm, wgemm_torch
 from tests.kernels.helpers import make_weight, rel_err
 
 # (kind, N, K): N not a multiple of 16 is padded; K = 100 is no multiple of 32 (qgemm refuses it)
+# "-h": scales and offsets exact in fp16 (GGUF's), which pack() keeps in fp16
 SHAPES = [("q4g32", 40, 256), ("q4g32", 64, 576), ("q8g16", 33, 128), ("q8g32", 96, 256),
-          ("int8", 50, 100), ("q4g64", 17, 192)]
+          ("int8", 50, 100), ("q4g64", 17, 192), ("q4g32-h", 40, 576), ("q8g32-h", 33, 256)]
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 13, 64])
@@ -61,6 +62,29 @@ def test_every_runnable_flavour_returns_the_same_bits(shape):
             assert torch.equal(y, first), f"{f} differs from {flavours[0]} at M={m}"
 
 
+@pytest.mark.parametrize("kind", ["q4g32", "q8g32", "q4g32-h", "q8g32-h"])
+def test_scales_are_kept_in_fp16_only_when_every_one_is_exact(flavour: str, kind: str):
+    stored = make_weight(kind, 48, 128, seed=7)
+    w = pack(stored)
+    half = kind.endswith("-h")
+    assert w.scales.dtype == (torch.float16 if half else torch.float32)
+    assert w.offsets.dtype == w.scales.dtype
+    # the kernel's weights are the stored ones, in either form
+    exact = (stored.scales.double().repeat_interleave(stored.group, dim=1)
+             * dequantize_ints(stored).double())
+    if stored.offsets is not None:
+        exact += stored.offsets.double().repeat_interleave(stored.group, dim=1)
+    assert torch.equal(dequantize(w), exact.float())
+    x = torch.randn(3, 128)
+    assert rel_err(wgemm(x, w, flavour), x.double() @ exact.T) < 1e-6
+
+
+def dequantize_ints(w) -> torch.Tensor:
+    if w.bits == 4:
+        return torch.stack((w.q & 0x0F, w.q >> 4), dim=-1).reshape(w.q.shape[0], -1)
+    return w.q
+
+
 def test_bad_operands_are_refused(flavour: str):
     w = pack(make_weight("q4g32", 32, 64))
     with pytest.raises(RuntimeError, match="packed weights"):
@@ -68,3 +92,5 @@ def test_bad_operands_are_refused(flavour: str):
     module = build.load(flavour)
     with pytest.raises(RuntimeError, match="n exceeds"):
         module.wgemm(torch.randn(1, 64), w.q, w.scales, w.offsets, 48, 4, 32)
+    with pytest.raises(RuntimeError, match="typed like the scales"):
+        module.wgemm(torch.randn(1, 64), w.q, w.scales, w.offsets.half(), 32, 4, 32)

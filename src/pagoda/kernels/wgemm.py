@@ -34,8 +34,8 @@ class WGemmWeight:
     """A `QGemmWeight` transposed into blocks of 16 outputs (N padded with zero weights)."""
 
     q: torch.Tensor  # (N/16, K/2 or K, 16) uint8 (4-bit: bytes of two k) or int8
-    scales: torch.Tensor  # (N/16, K/g, 16) fp32
-    offsets: torch.Tensor  # (N/16, K/g, 16) fp32, or empty: no offsets
+    scales: torch.Tensor  # (N/16, K/g, 16) fp32, or fp16 (see `pack`)
+    offsets: torch.Tensor  # (N/16, K/g, 16) like the scales, or empty: no offsets
     out_features: int
     bits: int
     group: int
@@ -53,13 +53,21 @@ def _blocks(t: torch.Tensor, pad: int) -> torch.Tensor:
     return t.reshape(-1, OUT_BLOCK, t.shape[1]).transpose(1, 2).contiguous()
 
 
+def _exact_in_half(t: torch.Tensor | None) -> bool:
+    return t is None or bool(torch.equal(t.float().half().float(), t.float()))
+
+
 def pack(w: QGemmWeight) -> WGemmWeight:
-    """The kernel's layout of `w` (a copy: the stored integers stay as they are)."""
+    """The kernel's layout of `w` (a copy: the stored integers stay as they are). Scales and
+    offsets are kept in fp16 when every one of them is exactly an fp16 (GGUF blocks' own scales):
+    a quarter fewer bytes per 4-bit weight to stream, the same values once widened."""
     n = w.q.shape[0]
     pad = -n % OUT_BLOCK
-    return WGemmWeight(q=_blocks(w.q, pad), scales=_blocks(w.scales.float(), pad),
-                       offsets=(_NO_OFFSETS if w.offsets is None
-                                else _blocks(w.offsets.float(), pad)),
+    dtype = (torch.float16 if _exact_in_half(w.scales) and _exact_in_half(w.offsets)
+             else torch.float32)
+    return WGemmWeight(q=_blocks(w.q, pad), scales=_blocks(w.scales.to(dtype), pad),
+                       offsets=(_NO_OFFSETS.to(dtype) if w.offsets is None
+                                else _blocks(w.offsets.to(dtype), pad)),
                        out_features=n, bits=w.bits, group=w.group)
 
 
@@ -72,8 +80,8 @@ def dequantize(w: WGemmWeight) -> torch.Tensor:
         vals = q.view(torch.int8).float()
     def rows(t: torch.Tensor) -> torch.Tensor:
         return t.transpose(1, 2).reshape(-1, t.shape[1])[: w.out_features]
-    scales = rows(w.scales).repeat_interleave(w.group, dim=1)
-    offsets = (rows(w.offsets).repeat_interleave(w.group, dim=1) if w.offsets.numel()
+    scales = rows(w.scales.float()).repeat_interleave(w.group, dim=1)
+    offsets = (rows(w.offsets.float()).repeat_interleave(w.group, dim=1) if w.offsets.numel()
                else torch.zeros_like(scales))
     return (vals.double() * scales.double() + offsets.double()).float()
 

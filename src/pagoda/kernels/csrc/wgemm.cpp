@@ -25,7 +25,7 @@
 // weights transposed so the 16 outputs of one k sit side by side.
 //   4-bit: pq[b][p][i] = byte p of output row 16b + i (low nibble k = 2p, high nibble k = 2p + 1)
 //   8-bit: pq[b][k][i] = q[16b + i][k] (int8)
-//   ps[b][t][i] = scales[16b + i][t], po likewise (or empty)
+//   ps[b][t][i] = scales[16b + i][t], po likewise (or empty); fp16 when all are exact in fp16
 // N is padded to a multiple of 16 with zero weights by the packer.
 
 #include <ATen/core/Tensor.h>
@@ -115,10 +115,10 @@ void tile(const Packed& w, int64_t b0, const float* panel, const Rows& rows, flo
 #undef PAGODA_FMA
     }
     // acc = fma(s, P, acc) (acc = 0 before the first group), then fma(o, X, acc)
-    const Vec s0 = vload(w.scales(b0, t)), s1 = two ? vload(w.scales(b1, t) + lane1) : s0;
+    const Vec s0 = vscales(w, b0, t), s1 = two ? vscales(w, b1, t, lane1) : s0;
     const bool off = w.o != nullptr;
-    const Vec o0 = off ? vload(w.offsets(b0, t)) : s0;
-    const Vec o1 = off && two ? vload(w.offsets(b1, t) + lane1) : o0;
+    const Vec o0 = off ? voffsets(w, b0, t) : s0;
+    const Vec o1 = off && two ? voffsets(w, b1, t, lane1) : o0;
 #define PAGODA_EPILOGUE(N)                                                       \
     if constexpr (R > N) {                                                       \
       float* yr = y + N * ldy;                                                   \
@@ -148,9 +148,9 @@ void tile(const Packed& w, int64_t b0, const float* panel, const Rows& rows, flo
           float p = 0.f;
           for (int64_t kk = t * w.g; kk < (t + 1) * w.g; ++kk)
             p = std::fma(rows.x[r * rows.ldx + kk], panel[(j * w.k + kk) * kOut + i], p);
-          acc = std::fma(w.scales(b0 + j, t)[i], p, acc);
+          acc = std::fma(w.scale(b0 + j, t, i), p, acc);
           if (w.o != nullptr)
-            acc = std::fma(w.offsets(b0 + j, t)[i], rows.xs[r * rows.groups + t], acc);
+            acc = std::fma(w.offset(b0 + j, t, i), rows.xs[r * rows.groups + t], acc);
         }
         y[r * ldy + j * kOut + i] = acc;
       }
@@ -198,18 +198,20 @@ at::Tensor wgemm(at::Tensor x, at::Tensor pq, at::Tensor ps, at::Tensor po, int6
               "wgemm: packed weights must be (N/16, K/2 or K, 16) bytes");
   const int64_t blocks = pq.size(0);
   TORCH_CHECK(n > 0 && n <= blocks * kOut, "wgemm: n exceeds the packed blocks");
-  TORCH_CHECK(ps.scalar_type() == at::kFloat && ps.numel() == blocks * (k / group) * kOut,
-              "wgemm: packed scales must be (N/16, K/g, 16) fp32");
+  const bool half = ps.scalar_type() == at::kHalf;
+  TORCH_CHECK((half || ps.scalar_type() == at::kFloat) &&
+                  ps.numel() == blocks * (k / group) * kOut,
+              "wgemm: packed scales must be (N/16, K/g, 16) fp32 or fp16");
   const bool has_o = po.numel() > 0;
-  TORCH_CHECK(!has_o || (po.scalar_type() == at::kFloat && po.numel() == ps.numel()),
-              "wgemm: packed offsets must be shaped like the scales");
+  TORCH_CHECK(!has_o || (po.scalar_type() == ps.scalar_type() && po.numel() == ps.numel()),
+              "wgemm: packed offsets must be shaped and typed like the scales");
   x = x.contiguous();
   pq = pq.contiguous();
   ps = ps.contiguous();
   if (has_o) po = po.contiguous();
   const int64_t groups = k / group;
-  Packed w{reinterpret_cast<const uint8_t*>(pq.data_ptr()), ps.data_ptr<float>(),
-           has_o ? po.data_ptr<float>() : nullptr, blocks, k, group, bits, groups};
+  Packed w{reinterpret_cast<const uint8_t*>(pq.data_ptr()), ps.data_ptr(),
+           has_o ? po.data_ptr() : nullptr, half, blocks, k, group, bits, groups};
   const int64_t padded = blocks * kOut;
   auto y = at::empty({m, padded}, x.options());
   // the padding outputs dropped (a copy only when N is not a multiple of 16)

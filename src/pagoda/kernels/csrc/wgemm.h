@@ -4,6 +4,8 @@
 // flavour's flags (kernels/build.py).
 #pragma once
 
+#include <c10/util/Half.h>
+
 #include <cstdint>
 
 #if defined(__AVX2__)
@@ -14,14 +16,22 @@ namespace pagoda_wgemm {
 
 constexpr int64_t kOut = 16;  // outputs per packed block
 
+// Scales and offsets are fp32, or fp16 when every one of them is exactly an fp16 (GGUF's own
+// block scales): fewer bytes to stream, the same values once widened (exactly) to fp32.
 struct Packed {
   const uint8_t* q;
-  const float* s;
-  const float* o;  // nullptr: no offsets
+  const void* s;
+  const void* o;  // nullptr: no offsets
+  bool half;      // s and o hold fp16
   int64_t blocks, k, g, bits, groups;
   int64_t block_bytes() const { return bits == 4 ? k / 2 * kOut : k * kOut; }
-  const float* scales(int64_t b, int64_t t) const { return s + (b * groups + t) * kOut; }
-  const float* offsets(int64_t b, int64_t t) const { return o + (b * groups + t) * kOut; }
+  int64_t at(int64_t b, int64_t t) const { return (b * groups + t) * kOut; }
+  float value(const void* p, int64_t i) const {
+    return half ? c10::detail::fp16_ieee_to_fp32_value(static_cast<const uint16_t*>(p)[i])
+                : static_cast<const float*>(p)[i];
+  }
+  float scale(int64_t b, int64_t t, int64_t i) const { return value(s, at(b, t) + i); }
+  float offset(int64_t b, int64_t t, int64_t i) const { return value(o, at(b, t) + i); }
 };
 
 // The rows of one call: x (m, k) with row stride ldx; xs (m, groups): X of the header, when the
@@ -41,6 +51,13 @@ inline Vec vbcast(const float* p) { return _mm512_set1_ps(*p); }
 inline Vec vfma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
 inline void vstore(float* p, Vec v) { _mm512_storeu_ps(p, v); }
 constexpr int kLanes = 16, kVecs = 1;  // vectors per block of 16 outputs
+// kLanes scales or offsets from index i on, widened to fp32 when stored as fp16
+inline Vec vload_values(const void* p, bool half, int64_t i) {
+  if (half)
+    return _mm512_cvtph_ps(
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(p) + i)));
+  return _mm512_loadu_ps(static_cast<const float*>(p) + i);
+}
 // The 16 outputs' integers at k and k + 1 (4-bit: one 16-byte row of a block) as fp32.
 inline void widen_pair(const uint8_t* src, Vec* lo, Vec* hi) {
   const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
@@ -60,6 +77,12 @@ inline Vec vbcast(const float* p) { return _mm256_broadcast_ss(p); }
 inline Vec vfma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
 inline void vstore(float* p, Vec v) { _mm256_storeu_ps(p, v); }
 constexpr int kLanes = 8, kVecs = 2;
+inline Vec vload_values(const void* p, bool half, int64_t i) {
+  if (half)
+    return _mm256_cvtph_ps(
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i)));
+  return _mm256_loadu_ps(static_cast<const float*>(p) + i);
+}
 inline void widen_pair(const uint8_t* src, Vec* lo, Vec* hi) {
   const __m256i mask = _mm256_set1_epi32(0x0F);
   const __m256i v0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src)));
@@ -75,6 +98,16 @@ inline void widen_one(const uint8_t* src, Vec* out) {
       _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src))));
   out[1] = _mm256_cvtepi32_ps(
       _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + 8))));
+}
+#endif
+
+#if defined(__AVX2__)
+// The scales (offsets) of block b, group t, from output lane `lane` of the block on.
+inline Vec vscales(const Packed& w, int64_t b, int64_t t, int64_t lane = 0) {
+  return vload_values(w.s, w.half, w.at(b, t) + lane);
+}
+inline Vec voffsets(const Packed& w, int64_t b, int64_t t, int64_t lane = 0) {
+  return vload_values(w.o, w.half, w.at(b, t) + lane);
 }
 #endif
 

@@ -61,8 +61,8 @@ void direct(const Packed& w, int64_t b0, const Rows& rows, float* y, int64_t ldy
 #pragma GCC unroll 8
     for (int c = 0; c < C; ++c) {
       const int64_t b = b0 + c / V, lane = (c % V) * kLanes;
-      const Vec s = vload(w.scales(b, t) + lane);
-      const Vec o = w.o != nullptr ? vload(w.offsets(b, t) + lane) : s;
+      const Vec s = vscales(w, b, t, lane);
+      const Vec o = w.o != nullptr ? voffsets(w, b, t, lane) : s;
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) {
         float* yr = y + r * ldy + c * kLanes;
