@@ -119,6 +119,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sections", default="grounded,chat,depth,batch,w1")
     p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--depths", default="2,4,6,8",
+                   help="num_speculative_tokens values of the depth section")
     p.add_argument("--draft-quantization", default="gguf")
     p.add_argument("--target-quantization", default="none",
                    help="the target's weights: none (fp32, the issue's baseline) or gguf (what "
@@ -143,7 +145,7 @@ def main() -> None:
         prompts = b.grounded()[:3] + [chat_ids(b.loaded, c) for c in CHAT[:3]]
         configs = [("off", None, {})] + [
             (f"{m} k={k}", m, {"num_speculative_tokens": k})
-            for m in ("ngram", "draft") for k in (2, 4, 6, 8)]
+            for m in ("ngram", "draft") for k in map(int, args.depths.split(","))]
         b.compare("batch 1, num_speculative_tokens (3 grounded + 3 chat prompts, greedy)",
                   prompts, greedy, 1, configs)
     if "batch" in sections:

@@ -37,3 +37,31 @@ def test_refuses_an_int8_cache(flavour: str):
     with pytest.raises(RuntimeError, match="fp32, fp16 or bf16 cache"):
         paged_decode_attention(torch.zeros(1, 9, 64), k, k, torch.zeros(1, 1, dtype=torch.long),
                                torch.ones(1, dtype=torch.long), 0.125, None, flavour=flavour)
+
+
+@pytest.mark.parametrize("head_dim", [64, 36])
+def test_a_request_gives_the_same_bits_alone_and_in_a_batch(flavour: str, head_dim: int):
+    """A request's attention alone and in a batch, on 1, 2 and 4 threads (tasks are split over
+    threads differently): its bits must not change (batch invariance)."""
+    torch.manual_seed(1)
+    num_blocks, block_size, kvh, heads = 64, 16, 3, 9
+    lens = torch.tensor([100, 7, 160, 33])
+    k_blocks = torch.randn(num_blocks, block_size, kvh, head_dim)
+    v_blocks = torch.randn(num_blocks, block_size, kvh, head_dim)
+    tables = torch.stack([torch.randperm(num_blocks)[:11] for _ in lens])
+    q = torch.randn(len(lens), heads, head_dim)
+
+    def attend(rows: slice) -> torch.Tensor:
+        return paged_decode_attention(q[rows], k_blocks, v_blocks, tables[rows], lens[rows],
+                                      head_dim ** -0.5, None, flavour=flavour)
+
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 4):
+            torch.set_num_threads(n)
+            batch = attend(slice(0, 4))
+            for i in range(4):
+                alone = attend(slice(i, i + 1))[0]
+                assert torch.equal(alone, batch[i]), f"request {i}, {n} threads"
+    finally:
+        torch.set_num_threads(threads)

@@ -183,3 +183,10 @@ def test_small_draft_pool_evicts_idle_state(loaded_model, gguf_draft):
     proposer.kv.check_integrity()
     proposer.release(["a", "b"])
     assert proposer.kv.num_free_blocks == proposer.kv.pool.num_blocks
+
+
+def test_prompt_lookup_defaults_are_settled_by_the_targets_weights(loaded_model, gguf_draft):
+    fp32 = engine(loaded_model, "ngram").config
+    assert (fp32.num_speculative_tokens, fp32.prompt_lookup_min) == (8, 1)
+    quantized = engine(gguf_draft, "ngram").config  # a target with 4/8-bit linears
+    assert (quantized.num_speculative_tokens, quantized.prompt_lookup_min) == (4, 2)

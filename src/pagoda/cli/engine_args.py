@@ -68,7 +68,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    "by the model in one pass; the output distribution is unchanged")
     s.add_argument("--num-speculative-tokens", type=int, default=None,
                    help="drafts per step (default: the measured best of the method)")
-    s.add_argument("--prompt-lookup-min", type=int, default=d.prompt_lookup_min)
+    s.add_argument("--prompt-lookup-min", type=int, default=d.prompt_lookup_min,
+                   help="smallest n-gram looked up (default: 1 on fp32 weights, 2 on quantized)")
     s.add_argument("--prompt-lookup-max", type=int, default=d.prompt_lookup_max)
     s.add_argument("--draft-model", default=None,
                    help="'self' (default: a low-bit copy of the model) or a model path with "

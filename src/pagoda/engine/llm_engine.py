@@ -26,7 +26,13 @@ from pagoda.sampling.params import SamplingParams, SamplingParamsError
 from pagoda.scheduler.request import Request
 from pagoda.scheduler.scheduler import Scheduler, SchedulerConfig
 from pagoda.scheduler.spec_policy import SpecDecodeConfig, SpecPolicy
-from pagoda.spec_decode.setup import build_proposer, check_vocabulary, load_draft, split_budget
+from pagoda.spec_decode.setup import (
+    build_proposer,
+    check_vocabulary,
+    is_quantized,
+    load_draft,
+    split_budget,
+)
 from pagoda.structured_output.grammar_compiler import GrammarCompiler
 from pagoda.structured_output.manager import StructuredOutputManager
 from pagoda.worker.model_runner import ModelRunner
@@ -89,6 +95,7 @@ class LLMEngine:
                       or self.peers.whole_layers)
         if self.peers is not None:
             self.peers.attach(self.loaded.model)
+        self.config = config = config.settle_prompt_lookup(is_quantized(self.loaded))
         self.tokenizer = self.loaded.tokenizer
         self.max_model_len = min(config.max_model_len or cfg.max_model_len, cfg.max_model_len)
         kv_memory, draft_memory = config.kv_cache_memory, 0
