@@ -5,11 +5,13 @@ Sections (each prints a table of output tokens/s, the ratio to speculation off, 
             from a context), greedy: prompt lookup (ngram) and the low-bit self-draft
   chat      batch-1 chat-page prompts at the page's defaults (temperature 0.7)
   depth     tokens/s by num_speculative_tokens (the default's measurement)
+  lookup    prompt lookup's (depth, smallest n-gram) pairs on grounded and chat prompts (the
+            measurement behind its defaults, which differ for fp32 and quantized targets)
   batch     B concurrent grounded requests, speculation forced on vs off: where it stops paying
             (the measurement behind speculative_max_batch)
   w1        W1: 32 requests x (128 prompt, 128 output) tokens at 32 concurrent, adaptive policy
 
-    python benchmarks/spec_decode.py [--sections grounded,chat,depth,batch,w1] [--max-tokens 128]
+    python benchmarks/spec_decode.py [--sections grounded,chat,depth,lookup,batch,w1] [--max-tokens 128]
 """
 
 from __future__ import annotations
@@ -117,7 +119,7 @@ class Bench:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sections", default="grounded,chat,depth,batch,w1")
+    p.add_argument("--sections", default="grounded,chat,depth,lookup,batch,w1")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--depths", default="2,4,6,8",
                    help="num_speculative_tokens values of the depth section")
@@ -148,6 +150,15 @@ def main() -> None:
             for m in ("ngram", "draft") for k in map(int, args.depths.split(","))]
         b.compare("batch 1, num_speculative_tokens (3 grounded + 3 chat prompts, greedy)",
                   prompts, greedy, 1, configs)
+    if "lookup" in sections:
+        configs = [("off", None, {})] + [
+            (f"ngram k={k} min_n={n}", "ngram", {"num_speculative_tokens": k,
+                                                 "prompt_lookup_min": n})
+            for k, n in ((4, 2), (8, 1), (8, 2), (4, 1))]
+        b.compare("batch 1, grounded prompts, greedy, prompt lookup settings", b.grounded(),
+                  greedy, 1, configs)
+        b.compare("batch 1, chat prompts, greedy, prompt lookup settings",
+                  [chat_ids(b.loaded, c) for c in CHAT], greedy, 1, configs)
     if "batch" in sections:
         prompts = b.grounded() * 3
         for bs in (2, 4, 8, 16):
