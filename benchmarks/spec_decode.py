@@ -11,7 +11,8 @@ Sections (each prints a table of output tokens/s, the ratio to speculation off, 
             (the measurement behind speculative_max_batch)
   w1        W1: 32 requests x (128 prompt, 128 output) tokens at 32 concurrent, adaptive policy
 
-    python benchmarks/spec_decode.py [--sections grounded,chat,depth,lookup,batch,w1] [--max-tokens 128]
+    python benchmarks/spec_decode.py [--sections grounded,chat,depth,lookup,batch,w1]
+                                     [--max-tokens 128]
 """
 
 from __future__ import annotations

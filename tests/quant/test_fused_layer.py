@@ -1,6 +1,7 @@
-"""A quantized Llama layer as one C++ call (kernels/csrc/decode_layer.cpp) computes exactly what
-the per-op fused path computes — the same tokens and bit-identical log-probs, over a batch with
-prefill and decode rows and prefix-cache hits — and it is what quantized steps run by default."""
+"""A quantized Llama layer as one C++ call (kernels/csrc/decode_layer.cpp), and all the layers as
+one call per step (LlamaDecodeStack), compute exactly what the per-op fused path computes — the
+same tokens and bit-identical log-probs, over a batch with prefill and decode rows and
+prefix-cache hits — and they are what quantized steps run by default."""
 
 from __future__ import annotations
 
@@ -31,11 +32,16 @@ def test_one_call_layers_equal_the_per_op_path(request: pytest.FixtureRequest, w
     assert ops is not None and ops.whole_layers, "quantized models run the fused kernels"
     llm = LLM.from_engine(engine)
     params = SamplingParams(temperature=0.0, max_tokens=20, logprobs=3, ignore_eos=True)
-    whole = llm.generate(PROMPTS, params)
+    stacked = llm.generate(PROMPTS, params)
     assert ops.num_layer_calls > 0, "no layer ran as one call"
-    engine.loaded.model.use_fused_ops(FusedOps(ops.module, whole_layers=False))
-    per_op = llm.generate(PROMPTS, params)  # now with prefix-cache hits on SHARED
-    for a, b in zip(whole, per_op, strict=True):
-        assert a.outputs[0].token_ids == b.outputs[0].token_ids
-        assert a.outputs[0].logprobs == b.outputs[0].logprobs
+    assert engine.loaded.model._stack is not None, "the layers never ran as one stack"
+    runs = {"stacked": stacked}
+    for name, (layers, model) in {"per layer": (True, False), "per op": (False, False)}.items():
+        engine.loaded.model.use_fused_ops(FusedOps(ops.module, whole_layers=layers,
+                                                   whole_model=model))
+        runs[name] = llm.generate(PROMPTS, params)  # now with prefix-cache hits on SHARED
+    for name, outs in runs.items():
+        for a, b in zip(stacked, outs, strict=True):
+            assert a.outputs[0].token_ids == b.outputs[0].token_ids, name
+            assert a.outputs[0].logprobs == b.outputs[0].logprobs, name
     engine.check_integrity()

@@ -9,7 +9,8 @@ cache write, SiLU * up, the residual adds) as in the weight products. Here each 
   cache slots;
 - `silu_mul(gate_up)`;
 - `decode_layer(...)`: a whole Llama layer (the above and its four qgemm products and the paged
-  decode attention) in one call, when every row of the step attends through the decode kernel.
+  decode attention) in one call, when every row of the step attends through the decode kernel;
+  and then all of a model's layers in one call (`LlamaDecodeStack`, held by the model).
 
 Each output row depends on its own input row only (batch-invariant). RoPE and the residual add
 are bit-identical to the torch expressions; RMSNorm's sum and SiLU's exp differ in the last bits,
@@ -33,10 +34,12 @@ from pagoda.layers.rotary import RotaryEmbedding
 
 
 class FusedOps:
-    def __init__(self, module: Any, whole_layers: bool = True):
+    def __init__(self, module: Any, whole_layers: bool = True, whole_model: bool = True):
         self.module = module  # one ISA flavour's compiled kernels
         # decode_layer() allowed (off: one call per elementwise step, for tests)
         self.whole_layers = whole_layers
+        # a model may run all its layers in one call when each would be one (off: per layer)
+        self.whole_model = whole_model
         self.num_layer_calls = 0  # layers run as one call (counted by the model; for tests)
         self.flavour: str = module.flavour()
         self._is_native = module is build.native()

@@ -79,25 +79,35 @@ class LlamaDecoderLayer(nn.Module):
         return x + self.mlp.down_proj(ops.silu_mul(self.mlp.gate_up_proj(h)))
 
 
-    def _in_one_call(self, ops: FusedOps, x: torch.Tensor, positions: torch.Tensor,
-                     rope: RotaryEmbedding, store: KVStore, meta: AttentionMetadata
-                     ) -> torch.Tensor | None:
-        """The layer as one C++ call (bit-identical to the fused Python path below it), or None
-        when a linear runs on neither qgemm nor wgemm."""
+    def one_call_operands(self, ops: FusedOps, store: KVStore) -> tuple | None:
+        """(norm1, norm2, [4 linears' operands], [their forms], k_blocks, v_blocks) as
+        llama_decode_layer takes them, or None when a linear runs on neither qgemm nor wgemm."""
         attn, mlp = self.self_attn, self.mlp
         linears = [ops.native_operands(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj,
                                                   mlp.down_proj)]
         if any(operands is None for operands in linears):
             return None
-        k_blocks, v_blocks = store.cpu_blocks()  # type: ignore[misc]
-        (qkv_w, qkv_f), (o_w, o_f), (gu_w, gu_f), (d_w, d_f) = linears  # type: ignore[misc]
         norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
         assert norm1.eps == norm2.eps and not norm1.offset and not norm2.offset
+        k_blocks, v_blocks = store.cpu_blocks()  # type: ignore[misc]
+        return (norm1.weight, norm2.weight, [w for w, _ in linears],  # type: ignore[misc]
+                [f for _, f in linears], k_blocks, v_blocks)  # type: ignore[misc]
+
+    def _in_one_call(self, ops: FusedOps, x: torch.Tensor, positions: torch.Tensor,
+                     rope: RotaryEmbedding, store: KVStore, meta: AttentionMetadata
+                     ) -> torch.Tensor | None:
+        """The layer as one C++ call (bit-identical to the fused Python path below it), or None
+        when a linear runs on neither qgemm nor wgemm."""
+        operands = self.one_call_operands(ops, store)
+        if operands is None:
+            return None
+        norm1, norm2, (qkv_w, o_w, gu_w, d_w), (qkv_f, o_f, gu_f, d_f), k, v = operands
+        attn = self.self_attn
         ops.num_layer_calls += 1
         return ops.module.llama_decode_layer(
-            x.contiguous(), norm1.weight, norm2.weight, norm1.eps, qkv_w, qkv_f, o_w, o_f, gu_w,
-            gu_f, d_w, d_f, positions, rope.cos, rope.sin_signed, attn.num_heads,
-            attn.num_kv_heads, k_blocks, v_blocks, meta.slot_mapping, meta.decode_block_tables,
+            x.contiguous(), norm1, norm2, self.input_layernorm.eps, qkv_w, qkv_f, o_w, o_f,
+            gu_w, gu_f, d_w, d_f, positions, rope.cos, rope.sin_signed, attn.num_heads,
+            attn.num_kv_heads, k, v, meta.slot_mapping, meta.decode_block_tables,
             meta.decode_context_lens, attn.scale)
 
 
@@ -119,6 +129,9 @@ class LlamaForCausalLM(nn.Module):
         # the tables on the meta device would import torch._dynamo (~1 s of start-up)
         self.rope: RotaryEmbedding | None = None
         self.fused: FusedOps | None = None
+        # every layer as one C++ call (`_decode_stack`), for the ops and KV stores it was built on
+        self._stack: object | None = None
+        self._stack_for: tuple[FusedOps, list[KVStore]] | None = None
 
     def use_fused_ops(self, ops: FusedOps | None) -> None:
         """Run the elementwise steps through `ops` (None: torch's ops, the reference)."""
@@ -147,9 +160,51 @@ class LlamaForCausalLM(nn.Module):
     def run_layers(self, x: torch.Tensor, positions: torch.Tensor, kv_stores: list[KVStore],
                    meta: AttentionMetadata | list[AttentionMetadata]) -> torch.Tensor:
         assert self.rope is not None, "call post_load()"
+        # one KV group (every layer the same metadata, as a list or not): maybe one call
+        only = meta if isinstance(meta, AttentionMetadata) else meta[0] if all(
+            m is meta[0] for m in meta) else None
+        stack = self._decode_stack(x, kv_stores, only) if only is not None else None
+        if stack is not None:
+            assert self.fused is not None and only is not None
+            self.fused.num_layer_calls += len(self.layers)
+            return stack.run(x.contiguous(), positions,  # type: ignore[attr-defined]
+                             only.slot_mapping, only.decode_block_tables,
+                             only.decode_context_lens)
         for i, (layer, store) in enumerate(zip(self.layers, kv_stores, strict=True)):
             x = layer(x, positions, self.rope, store, layer_meta(meta, i))
         return x
+
+    def _decode_stack(self, x: torch.Tensor, kv_stores: list[KVStore],
+                      meta: AttentionMetadata) -> object | None:
+        """Every layer in one C++ call this step (kernels/csrc/decode_layer.h: the same
+        llama_decode_layer per layer, without returning to Python between layers), or None when
+        a layer would not run as one call. Built once per set of KV stores: the weights' operands
+        and the cache blocks do not change between steps."""
+        ops = self.fused
+        if (ops is None or not ops.whole_model or not kv_stores or not ops.applies(x)
+                or not ops.decode_layer(meta, kv_stores[0])):
+            return None
+        built = self._stack_for
+        if (built is None or built[0] is not ops or len(built[1]) != len(kv_stores)
+                or any(a is not b for a, b in zip(built[1], kv_stores, strict=True))):
+            self._stack, self._stack_for = self._build_stack(ops, kv_stores), (ops,
+                                                                               list(kv_stores))
+        return self._stack
+
+    def _build_stack(self, ops: FusedOps, kv_stores: list[KVStore]) -> object | None:
+        assert self.rope is not None
+        first = self.layers[0]
+        attn = first.self_attn
+        stack = ops.module.LlamaDecodeStack(first.input_layernorm.eps, attn.num_heads,
+                                            attn.num_kv_heads, attn.scale, self.rope.cos,
+                                            self.rope.sin_signed)
+        for layer, store in zip(self.layers, kv_stores, strict=True):
+            operands = (layer.one_call_operands(ops, store) if layer.fused is ops
+                        and store.cpu_blocks() is not None else None)
+            if operands is None or layer.input_layernorm.eps != first.input_layernorm.eps:
+                return None
+            stack.add_layer(*operands)
+        return stack
 
     def final_norm(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused is not None and self.fused.applies(x):

@@ -9,6 +9,8 @@
 #include <string>
 #include <vector>
 
+#include "decode_layer.h"
+
 // paged_decode.cpp
 at::Tensor paged_decode(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache,
                         at::Tensor block_tables, at::Tensor context_lens, double scale,
@@ -30,16 +32,7 @@ void rope_write(at::Tensor qkv, at::Tensor positions, at::Tensor cos, at::Tensor
                 int64_t num_heads, int64_t num_kv_heads, at::Tensor k_cache, at::Tensor v_cache,
                 at::Tensor slots);
 at::Tensor silu_mul(at::Tensor gate_up);
-// decode_layer.cpp
-at::Tensor llama_decode_layer(at::Tensor x, at::Tensor norm1, at::Tensor norm2, double eps,
-                              std::vector<at::Tensor> qkv_w, std::vector<int64_t> qkv_form,
-                              std::vector<at::Tensor> o_w, std::vector<int64_t> o_form,
-                              std::vector<at::Tensor> gate_up_w, std::vector<int64_t> gate_up_form,
-                              std::vector<at::Tensor> down_w, std::vector<int64_t> down_form,
-                              at::Tensor positions, at::Tensor cos, at::Tensor sin_signed,
-                              int64_t num_heads, int64_t num_kv_heads, at::Tensor k_blocks,
-                              at::Tensor v_blocks, at::Tensor slots, at::Tensor block_tables,
-                              at::Tensor context_lens, double scale);
+// decode_layer.cpp: decode_layer.h
 // quantize_rows.cpp
 std::vector<at::Tensor> quantize_rows(at::Tensor x, double outlier_ratio, bool to_int8);
 
@@ -56,6 +49,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused [gate | up]");
   m.def("llama_decode_layer", &llama_decode_layer,
         "a Llama decoder layer over qgemm weights, every row through the paged decode kernel");
+  // module_local: every flavour's module of one process registers its own type
+  pybind11::class_<LlamaDecodeStack>(m, "LlamaDecodeStack", pybind11::module_local(),
+                                     "a Llama model's layers, run by one call per step")
+      .def(pybind11::init<double, int64_t, int64_t, double, at::Tensor, at::Tensor>())
+      .def("add_layer", &LlamaDecodeStack::add_layer)
+      .def("run", &LlamaDecodeStack::run)
+      .def("num_layers", &LlamaDecodeStack::num_layers);
   m.def("quantize_rows", &quantize_rows,
         "per-row int8 quantization (or normalisation) with outlier columns split off");
 }

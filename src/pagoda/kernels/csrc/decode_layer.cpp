@@ -13,7 +13,10 @@
 #include <c10/util/Exception.h>
 
 #include <cstdint>
+#include <utility>
 #include <vector>
+
+#include "decode_layer.h"
 
 at::Tensor qgemm(at::Tensor x, at::Tensor q, at::Tensor scales, at::Tensor offsets,
                  int64_t bits, int64_t group);
@@ -72,4 +75,29 @@ at::Tensor llama_decode_layer(at::Tensor x, at::Tensor norm1, at::Tensor norm2, 
   float* o = out.data_ptr<float>();
   for (int64_t i = 0, n = out.numel(); i < n; ++i) o[i] = a[i] + b[i];
   return out;
+}
+
+LlamaDecodeStack::LlamaDecodeStack(double eps, int64_t num_heads, int64_t num_kv_heads,
+                                   double scale, at::Tensor cos, at::Tensor sin_signed)
+    : eps_(eps), scale_(scale), num_heads_(num_heads), num_kv_heads_(num_kv_heads),
+      cos_(std::move(cos)), sin_signed_(std::move(sin_signed)) {}
+
+void LlamaDecodeStack::add_layer(at::Tensor norm1, at::Tensor norm2,
+                                 std::vector<std::vector<at::Tensor>> weights,
+                                 std::vector<std::vector<int64_t>> forms, at::Tensor k_blocks,
+                                 at::Tensor v_blocks) {
+  TORCH_CHECK(weights.size() == 4 && forms.size() == 4,
+              "decode_stack: a layer has four linears (qkv, o, gate_up, down)");
+  layers_.push_back(Layer{std::move(norm1), std::move(norm2), std::move(weights),
+                          std::move(forms), std::move(k_blocks), std::move(v_blocks)});
+}
+
+at::Tensor LlamaDecodeStack::run(at::Tensor x, at::Tensor positions, at::Tensor slots,
+                                 at::Tensor block_tables, at::Tensor context_lens) const {
+  for (const Layer& l : layers_)
+    x = llama_decode_layer(x, l.norm1, l.norm2, eps_, l.weights[0], l.forms[0], l.weights[1],
+                           l.forms[1], l.weights[2], l.forms[2], l.weights[3], l.forms[3],
+                           positions, cos_, sin_signed_, num_heads_, num_kv_heads_, l.k_blocks,
+                           l.v_blocks, slots, block_tables, context_lens, scale_);
+  return x;
 }
