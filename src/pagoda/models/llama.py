@@ -136,6 +136,9 @@ class LlamaForCausalLM(nn.Module):
     def use_fused_ops(self, ops: FusedOps | None) -> None:
         """Run the elementwise steps through `ops` (None: torch's ops, the reference)."""
         self.fused = ops
+        # a new engine prepares the model here: drop the stack, which holds the cache blocks of
+        # the engine before, so they are freed before this engine allocates its own
+        self._stack, self._stack_for = None, None
         for layer in self.layers:
             layer.fused = ops
 
