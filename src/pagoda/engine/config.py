@@ -13,6 +13,8 @@ from pagoda.quant.config import METHODS as QUANT_METHODS
 
 # Draft tokens per step when --num-speculative-tokens is unset, and how likely a drafted position
 # must be to be accepted for it to be drafted (benchmarks/spec_decode.py; spec_policy.py).
+# (ngram's entry is its quantized-target default; the engine settles ngram for its target with
+# DEFAULT_NGRAM below before anything reads this)
 DEFAULT_SPECULATIVE_TOKENS = {"ngram": 4, "draft": 4}
 # Prompt lookup on a target with full-precision linears: a batch-1 step streams the weights, so
 # more verified rows cost next to nothing, and drafting deeper and from one-token matches pays

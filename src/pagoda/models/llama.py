@@ -129,16 +129,17 @@ class LlamaForCausalLM(nn.Module):
         # the tables on the meta device would import torch._dynamo (~1 s of start-up)
         self.rope: RotaryEmbedding | None = None
         self.fused: FusedOps | None = None
-        # every layer as one C++ call (`_decode_stack`), for the ops and KV stores it was built on
+        # every layer as one C++ call (`_decode_stack`) and the KV stores it was built on; both
+        # dropped when the ops change (`use_fused_ops`)
         self._stack: object | None = None
-        self._stack_for: tuple[FusedOps, list[KVStore]] | None = None
+        self._stack_stores: list[KVStore] | None = None
 
     def use_fused_ops(self, ops: FusedOps | None) -> None:
         """Run the elementwise steps through `ops` (None: torch's ops, the reference)."""
         self.fused = ops
         # a new engine prepares the model here: drop the stack, which holds the cache blocks of
         # the engine before, so they are freed before this engine allocates its own
-        self._stack, self._stack_for = None, None
+        self._stack, self._stack_stores = None, None
         for layer in self.layers:
             layer.fused = ops
 
@@ -164,7 +165,7 @@ class LlamaForCausalLM(nn.Module):
                    meta: AttentionMetadata | list[AttentionMetadata]) -> torch.Tensor:
         assert self.rope is not None, "call post_load()"
         # one KV group (every layer the same metadata, as a list or not): maybe one call
-        only = meta if isinstance(meta, AttentionMetadata) else meta[0] if all(
+        only = meta if isinstance(meta, AttentionMetadata) else meta[0] if meta and all(
             m is meta[0] for m in meta) else None
         stack = self._decode_stack(x, kv_stores, only) if only is not None else None
         if stack is not None:
@@ -187,11 +188,10 @@ class LlamaForCausalLM(nn.Module):
         if (ops is None or not ops.whole_model or not kv_stores or not ops.applies(x)
                 or not ops.decode_layer(meta, kv_stores[0])):
             return None
-        built = self._stack_for
-        if (built is None or built[0] is not ops or len(built[1]) != len(kv_stores)
-                or any(a is not b for a, b in zip(built[1], kv_stores, strict=True))):
-            self._stack, self._stack_for = self._build_stack(ops, kv_stores), (ops,
-                                                                               list(kv_stores))
+        built = self._stack_stores
+        if (built is None or len(built) != len(kv_stores)
+                or any(a is not b for a, b in zip(built, kv_stores, strict=True))):
+            self._stack, self._stack_stores = self._build_stack(ops, kv_stores), list(kv_stores)
         return self._stack
 
     def _build_stack(self, ops: FusedOps, kv_stores: list[KVStore]) -> object | None:
