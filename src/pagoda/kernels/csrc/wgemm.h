@@ -58,15 +58,15 @@ inline Vec vload_values(const void* p, bool half, int64_t i) {
         _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(p) + i)));
   return _mm512_loadu_ps(static_cast<const float*>(p) + i);
 }
-// The 16 outputs' integers at k and k + 1 (4-bit: one 16-byte row of a block) as fp32.
-inline void widen_pair(const uint8_t* src, Vec* lo, Vec* hi) {
+// One vector of outputs' integers from src on (kLanes bytes: the whole block of 16 here), as
+// fp32: 4-bit, at k (low nibbles) and k + 1 (high); 8-bit, at k.
+inline void widen_pair_vec(const uint8_t* src, Vec& lo, Vec& hi) {
   const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
-  lo[0] = _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(0x0F)));
-  hi[0] = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
+  lo = _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(0x0F)));
+  hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
 }
-// The 16 outputs' integers at one k (8-bit) as fp32.
-inline void widen_one(const uint8_t* src, Vec* out) {
-  out[0] = _mm512_cvtepi32_ps(
+inline void widen_one_vec(const uint8_t* src, Vec& out) {
+  out = _mm512_cvtepi32_ps(
       _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src))));
 }
 #elif defined(__AVX2__)
@@ -83,25 +83,28 @@ inline Vec vload_values(const void* p, bool half, int64_t i) {
         _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i)));
   return _mm256_loadu_ps(static_cast<const float*>(p) + i);
 }
-inline void widen_pair(const uint8_t* src, Vec* lo, Vec* hi) {
-  const __m256i mask = _mm256_set1_epi32(0x0F);
-  const __m256i v0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src)));
-  const __m256i v1 =
-      _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + 8)));
-  lo[0] = _mm256_cvtepi32_ps(_mm256_and_si256(v0, mask));
-  lo[1] = _mm256_cvtepi32_ps(_mm256_and_si256(v1, mask));
-  hi[0] = _mm256_cvtepi32_ps(_mm256_srli_epi32(v0, 4));
-  hi[1] = _mm256_cvtepi32_ps(_mm256_srli_epi32(v1, 4));
+// Half a block (8 bytes: 8 outputs).
+inline void widen_pair_vec(const uint8_t* src, Vec& lo, Vec& hi) {
+  const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src)));
+  lo = _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(0x0F)));
+  hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
 }
-inline void widen_one(const uint8_t* src, Vec* out) {
-  out[0] = _mm256_cvtepi32_ps(
+inline void widen_one_vec(const uint8_t* src, Vec& out) {
+  out = _mm256_cvtepi32_ps(
       _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src))));
-  out[1] = _mm256_cvtepi32_ps(
-      _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + 8))));
 }
 #endif
 
 #if defined(__AVX2__)
+// The 16 outputs of a block (kVecs vectors) at k and k + 1 (4-bit: one 16-byte row of a block),
+// or at k (8-bit).
+inline void widen_pair(const uint8_t* src, Vec* lo, Vec* hi) {
+  for (int v = 0; v < kVecs; ++v) widen_pair_vec(src + v * kLanes, lo[v], hi[v]);
+}
+inline void widen_one(const uint8_t* src, Vec* out) {
+  for (int v = 0; v < kVecs; ++v) widen_one_vec(src + v * kLanes, out[v]);
+}
+
 // The scales (offsets) of block b, group t, from output lane `lane` of the block on.
 inline Vec vscales(const Packed& w, int64_t b, int64_t t, int64_t lane = 0) {
   return vload_values(w.s, w.half, w.at(b, t) + lane);
@@ -111,8 +114,8 @@ inline Vec voffsets(const Packed& w, int64_t b, int64_t t, int64_t lane = 0) {
 }
 #endif
 
-// Rows [0, m) of every block through the direct path when it takes m rows (and the block count
-// fits its grouping); false otherwise, and then nothing was written.
+// Rows [0, m) of every block through the direct path when it takes m rows (m <= 8 with AVX2,
+// 12 with AVX-512); false otherwise, and then nothing was written.
 bool run_direct(const Packed& w, int64_t m, const Rows& rows, float* y, int64_t ldy);
 
 }  // namespace pagoda_wgemm

@@ -2,119 +2,161 @@
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <utility>
+#include <vector>
 
 #include "wgemm.h"
 
 namespace pagoda_wgemm {
 namespace {
 
-// Few rows (decode, speculative verification, a few users): no panel. D consecutive blocks are
-// widened in registers and used at once by all R <= kDirectRows rows: R * D independent chains
-// hide the fma latency and no weight is stored and reloaded. As in the panel path, the group
-// sums P live in registers and the running sums in y; the operations per output are the same,
-// so are the bits.
+// Few rows (decode, speculative verification, a few users): no panel. U consecutive vectors of
+// outputs (kLanes each: a whole block of 16 with AVX-512, half a block with AVX2) are widened in
+// registers and used at once by all R <= kDirectRows rows. Each output's group sum P is one fma
+// chain (the arithmetic fixes its order), so R * U chains are all the parallelism there is: the
+// fma latency (4 cycles) times the fma ports (2) asks for 8 or more, hence U = 8 for one row.
+// No weight is stored and reloaded. As in the panel path, the group sums P live in registers and
+// the running sums in registers or in y; the operations per output are the same, so are the bits.
 #if defined(__AVX2__)
 #if defined(__AVX512F__)
-constexpr int kDirectRows = 8;
+constexpr int kDirectRows = 12, kRegisters = 32;
 template <int R>
-constexpr int direct_blocks() { return R <= 4 ? 4 : 2; }  // at most 16 zmm of P
+constexpr int direct_vectors() { return R == 1 ? 8 : R <= 4 ? 4 : 2; }  // <= 24 zmm of P
 #else
-constexpr int kDirectRows = 4;
+constexpr int kDirectRows = 8, kRegisters = 16;
 template <int R>
-constexpr int direct_blocks() { return R <= 2 ? 2 : 1; }  // at most 8 ymm of P
+constexpr int direct_vectors() { return R <= 2 ? 8 / R : R <= 4 ? 2 : 1; }  // <= 8 ymm of P
 #endif
 
-template <int BITS, int R>
-void direct(const Packed& w, int64_t b0, const Rows& rows, float* y, int64_t ldy) {
-  constexpr int D = direct_blocks<R>(), V = kVecs, C = D * V;
+// Rows [0, R) of the U vectors from v0 on. xt holds the rows transposed, xt[k * R + r], so every
+// broadcast of the inner loop is at a constant offset from one pointer.
+template <int BITS, int R, int U>
+void direct(const Packed& w, int64_t v0, const float* xt, const Rows& rows, float* y,
+            int64_t ldy) {
   constexpr int64_t step = BITS == 4 ? 2 : 1;  // k per stored byte
-  Vec p[R][C];  // constant indices after unrolling: registers, not stack
-  // the running sums: in registers while few (one row: 5-10% faster), else in y
-  constexpr bool in_regs = R * C <= 8;
-  Vec acc[in_regs ? R : 1][C];
-  const uint8_t* base = w.q + b0 * w.block_bytes();
+  Vec p[R][U];  // constant indices after unrolling: registers, not stack
+  // Registers the inner loop needs: P, then either a broadcast pair per row, reused by every
+  // vector (vector by vector), or a widened pair per vector, reused by every row (widen first):
+  // the order that fits in the registers, so that P never spills (spilled P: 0.75x).
+  constexpr int by_vector = R * U + 2 * R + 3, widen_first = R * U + 2 * U + 3;
+  constexpr bool first = by_vector > kRegisters;
+  // the running sums: in registers when they fit beside the loop's, else in y
+  constexpr bool in_regs = (first ? widen_first : by_vector) + R * U <= kRegisters;
+  Vec acc[in_regs ? R : 1][U];
+  const uint8_t* src[U];  // vector u's bytes in the first stored row of its block
+  int64_t block[U], lane[U];
+  for (int u = 0; u < U; ++u) {
+    block[u] = (v0 + u) / kVecs;
+    lane[u] = (v0 + u) % kVecs * kLanes;
+    src[u] = w.q + block[u] * w.block_bytes() + lane[u];
+  }
+  const int64_t stored_rows = w.g / step;  // stored rows (of kOut bytes) per group
   for (int64_t t = 0; t < w.groups; ++t) {
-#pragma GCC unroll 16
-    for (int i = 0; i < R * C; ++i) p[i / C][i % C] = vzero();
-    for (int64_t k = t * w.g; k < (t + 1) * w.g; k += step) {
-#pragma GCC unroll 4
-      for (int j = 0; j < D; ++j) {
-        const uint8_t* src = base + j * w.block_bytes() + (k / step) * kOut;
-        Vec lo[V], hi[V];
-        if constexpr (BITS == 4) widen_pair(src, lo, hi); else widen_one(src, lo);
+#pragma GCC unroll 24
+    for (int i = 0; i < R * U; ++i) p[i / U][i % U] = vzero();
+    const float* xk = xt + t * w.g * R;
+    const int64_t i0 = t * stored_rows * kOut;
+    for (int64_t i = i0; i < i0 + stored_rows * kOut; i += kOut, xk += step * R) {
+      if constexpr (first) {
+        Vec lo[U], hi[U];
 #pragma GCC unroll 8
+        for (int u = 0; u < U; ++u) {
+          if constexpr (BITS == 4) widen_pair_vec(src[u] + i, lo[u], hi[u]);
+          else widen_one_vec(src[u] + i, lo[u]);
+        }
+#pragma GCC unroll 12
         for (int r = 0; r < R; ++r) {
-          const Vec xa = vbcast(rows.x + r * rows.ldx + k);
-#pragma GCC unroll 2
-          for (int v = 0; v < V; ++v) p[r][j * V + v] = vfma(xa, lo[v], p[r][j * V + v]);
+          const Vec xa = vbcast(xk + r);
+#pragma GCC unroll 8
+          for (int u = 0; u < U; ++u) p[r][u] = vfma(xa, lo[u], p[r][u]);
           if constexpr (BITS == 4) {
-            const Vec xb = vbcast(rows.x + r * rows.ldx + k + 1);
-#pragma GCC unroll 2
-            for (int v = 0; v < V; ++v) p[r][j * V + v] = vfma(xb, hi[v], p[r][j * V + v]);
+            const Vec xb = vbcast(xk + R + r);
+#pragma GCC unroll 8
+            for (int u = 0; u < U; ++u) p[r][u] = vfma(xb, hi[u], p[r][u]);
+          }
+        }
+      } else {
+#pragma GCC unroll 8
+        for (int u = 0; u < U; ++u) {
+          Vec lo, hi;
+          if constexpr (BITS == 4) widen_pair_vec(src[u] + i, lo, hi);
+          else widen_one_vec(src[u] + i, lo);
+#pragma GCC unroll 12
+          for (int r = 0; r < R; ++r) {
+            p[r][u] = vfma(vbcast(xk + r), lo, p[r][u]);
+            if constexpr (BITS == 4) p[r][u] = vfma(vbcast(xk + R + r), hi, p[r][u]);
           }
         }
       }
     }
-    // acc = fma(s, P, acc) (acc = 0 before the first group), then fma(o, X, acc), in y
+    // acc = fma(s, P, acc) (acc = 0 before the first group), then fma(o, X, acc)
 #pragma GCC unroll 8
-    for (int c = 0; c < C; ++c) {
-      const int64_t b = b0 + c / V, lane = (c % V) * kLanes;
-      const Vec s = vscales(w, b, t, lane);
-      const Vec o = w.o != nullptr ? voffsets(w, b, t, lane) : s;
-#pragma GCC unroll 8
+    for (int u = 0; u < U; ++u) {
+      const Vec s = vscales(w, block[u], t, lane[u]);
+      const Vec o = w.o != nullptr ? voffsets(w, block[u], t, lane[u]) : s;
+#pragma GCC unroll 12
       for (int r = 0; r < R; ++r) {
-        float* yr = y + r * ldy + c * kLanes;
-        Vec a = t ? (in_regs ? acc[in_regs ? r : 0][c] : vload(yr)) : vzero();
-        a = vfma(s, p[r][c], a);
+        float* yr = y + r * ldy + u * kLanes;
+        Vec a = t ? (in_regs ? acc[in_regs ? r : 0][u] : vload(yr)) : vzero();
+        a = vfma(s, p[r][u], a);
         if (w.o != nullptr) a = vfma(o, vbcast(rows.xs + r * rows.groups + t), a);
-        if constexpr (in_regs) acc[r][c] = a; else vstore(yr, a);
+        if constexpr (in_regs) acc[r][u] = a; else vstore(yr, a);
       }
     }
   }
   if constexpr (in_regs)
 #pragma GCC unroll 8
-    for (int i = 0; i < R * C; ++i) vstore(y + (i / C) * ldy + (i % C) * kLanes, acc[i / C][i % C]);
+    for (int i = 0; i < R * U; ++i) vstore(y + (i / U) * ldy + (i % U) * kLanes, acc[i / U][i % U]);
 }
 
-// Rows [0, m) (m <= kDirectRows) of direct_blocks<m>() blocks from b0 on.
+// Rows [0, m) (m <= kDirectRows) of vectors [begin, end): units of direct_vectors<m>(), then the
+// rest one vector at a time (the same operations per output: the same bits).
 template <int BITS, int R = 1>
-void direct_rows(const Packed& w, int64_t m, int64_t b0, const Rows& rows, float* y,
-                 int64_t ldy) {
+void direct_rows(const Packed& w, int64_t m, int64_t begin, int64_t end, const float* xt,
+                 const Rows& rows, float* y, int64_t ldy) {
   if (m == R) {
-    direct<BITS, R>(w, b0, rows, y, ldy);
+    constexpr int U = direct_vectors<R>();
+    int64_t v = begin;
+    for (; v + U <= end; v += U) direct<BITS, R, U>(w, v, xt, rows, y + v * kLanes, ldy);
+    for (; v < end; ++v) direct<BITS, R, 1>(w, v, xt, rows, y + v * kLanes, ldy);
   } else if constexpr (R < kDirectRows) {
-    direct_rows<BITS, R + 1>(w, m, b0, rows, y, ldy);
+    direct_rows<BITS, R + 1>(w, m, begin, end, xt, rows, y, ldy);
   }
 }
 
-int64_t direct_blocks_for(int64_t m) {
+int64_t direct_vectors_for(int64_t m) {
   int64_t d = 1;
   [&]<int... R>(std::integer_sequence<int, R...>) {
-    ((m == R + 1 ? (d = direct_blocks<R + 1>(), 0) : 0), ...);
+    ((m == R + 1 ? (d = direct_vectors<R + 1>(), 0) : 0), ...);
   }(std::make_integer_sequence<int, kDirectRows>{});
   return d;
 }
 #else
-constexpr int kDirectRows = 0;
+constexpr int kDirectRows = 0, kVecs = 1;
 template <int BITS>
-void direct_rows(const Packed&, int64_t, int64_t, const Rows&, float*, int64_t) {}
-int64_t direct_blocks_for(int64_t) { return 1; }
+void direct_rows(const Packed&, int64_t, int64_t, int64_t, const float*, const Rows&, float*,
+                 int64_t) {}
+int64_t direct_vectors_for(int64_t) { return 1; }
 #endif
 
 }  // namespace
 
 bool run_direct(const Packed& w, int64_t m, const Rows& rows, float* y, int64_t ldy) {
-  const int64_t d = direct_blocks_for(m);
-  if (m > kDirectRows || w.blocks % d != 0) return false;
-  at::parallel_for(0, w.blocks / d, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t u = begin; u < end; ++u) {
-      if (w.bits == 4)
-        direct_rows<4>(w, m, u * d, rows, y + u * d * kOut, ldy);
-      else
-        direct_rows<8>(w, m, u * d, rows, y + u * d * kOut, ldy);
-    }
+  if (m > kDirectRows) return false;
+  // the rows transposed (a copy of m * K floats, read by every vector)
+  std::vector<float> xt(static_cast<size_t>(w.k * m));
+  for (int64_t r = 0; r < m; ++r)
+    for (int64_t k = 0; k < w.k; ++k) xt[k * m + r] = rows.x[r * rows.ldx + k];
+  // whole units per task, so only the last task has a tail
+  const int64_t d = direct_vectors_for(m), vectors = w.blocks * kVecs;
+  at::parallel_for(0, (vectors + d - 1) / d, 1, [&](int64_t begin, int64_t end) {
+    const int64_t last = std::min(end * d, vectors);
+    if (w.bits == 4)
+      direct_rows<4>(w, m, begin * d, last, xt.data(), rows, y, ldy);
+    else
+      direct_rows<8>(w, m, begin * d, last, xt.data(), rows, y, ldy);
   });
   return true;
 }
