@@ -54,25 +54,25 @@ def kv_bytes_per_token(shape: ModelShape, kv_dtype: str, scale_bytes: int = 4) -
     return shape.num_layers * kv_bytes_per_token_per_layer(shape, kv_dtype, scale_bytes)
 
 
+def tensor_bytes(dims: tuple[int, ...], dtype: str, int4_group: int = INT4_GROUP) -> int:
+    """One tensor's bytes at `dtype` (1-D tensors stay fp32)."""
+    n = math.prod(dims)
+    if len(dims) < 2:
+        return 4 * n
+    rows, cols = math.prod(dims[:-1]), dims[-1]
+    if dtype == "fp32":
+        return 4 * n
+    if dtype == "bf16":
+        return 2 * n
+    if dtype == "int8":
+        return n + 4 * rows
+    if dtype == "int4":
+        return math.ceil(n / 2) + 4 * rows * math.ceil(cols / int4_group)
+    raise ValueError(f"unknown weight dtype {dtype!r}")
+
+
 def weight_bytes(shape: ModelShape, dtype: str, int4_group: int = INT4_GROUP) -> int:
-    total = 0
-    for dims in shape.weight_shapes:
-        n = math.prod(dims)
-        if len(dims) < 2:
-            total += 4 * n
-            continue
-        rows, cols = math.prod(dims[:-1]), dims[-1]
-        if dtype == "fp32":
-            total += 4 * n
-        elif dtype == "bf16":
-            total += 2 * n
-        elif dtype == "int8":
-            total += n + 4 * rows
-        elif dtype == "int4":
-            total += math.ceil(n / 2) + 4 * rows * math.ceil(cols / int4_group)
-        else:
-            raise ValueError(f"unknown weight dtype {dtype!r}")
-    return total
+    return sum(tensor_bytes(dims, dtype, int4_group) for dims in shape.weight_shapes)
 
 
 @dataclass(frozen=True)
@@ -161,11 +161,19 @@ def format_capacity(shape: ModelShape, args: argparse.Namespace, memory: int) ->
         f" weights, reserve {args.reserve}, blocks of {args.block_size} tokens:"
     )
     dtypes = [args.kv_cache_dtype] if args.kv_cache_dtype else list(KV_DTYPE_BYTES)
+    split = max(getattr(args, "tensor_parallel_size", 1),
+                getattr(args, "pipeline_parallel_size", 1)) > 1  # fmt: skip
     for dtype in dtypes:
-        plan = plan_capacity(
-            s, memory, args.context, dtype, args.weights_dtype, args.block_size,
-            args.kv_scale_bytes, parse_memory(args.reserve, allow_zero=True),
-        )  # fmt: skip
+        try:
+            plan = plan_capacity(
+                s, memory, args.context, dtype, args.weights_dtype, args.block_size,
+                args.kv_scale_bytes, parse_memory(args.reserve, allow_zero=True),
+            )  # fmt: skip
+        except ValueError as e:
+            if not split:  # one process: nothing else to plan
+                raise
+            lines.append(f"  kv {dtype:<5} {e} (one process; the split follows)")
+            continue
         line = (
             f"  kv {dtype:<5} KV memory {_mb(plan.kv_memory_bytes)}, {plan.num_blocks:,} blocks"
             f" ({plan.num_blocks * plan.block_size:,} tokens) -> max concurrent requests"
@@ -183,6 +191,14 @@ def run_capacity(args: argparse.Namespace) -> int:
         raise ValueError("--context and --block-size must be positive, --kv-scale-bytes >= 0")
     shape = read_model_shape(args.model)
     print(format_capacity(shape, args, memory))
+    if args.tensor_parallel_size > 1 or args.pipeline_parallel_size > 1:
+        from pagoda.bench.rank_memory import format_rank_memory
+
+        dtypes = [args.kv_cache_dtype] if args.kv_cache_dtype else list(KV_DTYPE_BYTES)
+        print(format_rank_memory(
+            shape, args.tensor_parallel_size, args.pipeline_parallel_size, args.weights_dtype,
+            dtypes, memory, args.context, args.block_size, args.kv_scale_bytes,
+            parse_memory(args.reserve, allow_zero=True)))  # fmt: skip
     if args.bench:
         print(deployment_report(args))
     elif args.target_rate is not None:
@@ -215,6 +231,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     p.add_argument("--kv-scale-bytes", type=int, default=4, help="bytes per int8 KV scale")
     p.add_argument("--reserve", default="0", help="memory held back for activations, e.g. 256MiB")
+    p.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="also plan each rank's share (weights, KV cache) of a TP x PP split, "
+                   "--memory then being each rank's")
+    p.add_argument("--pipeline-parallel-size", type=int, default=1)
     d = p.add_argument_group("deployment plan (from measured runs of one replica per layout)")
     d.add_argument("--bench", nargs="+", default=None, metavar="RESULT.json",
                    help="`pagoda bench serve`/`sweep` results of one replica at several loads "

@@ -35,6 +35,10 @@ class ModelShape:
     weight_shapes: tuple[tuple[int, ...], ...]  # (rows, cols) for matrices, (n,) for vectors
     sliding_window: int | None = None
     num_sliding_layers: int = 0  # layers that keep only the last `sliding_window` tokens
+    # what splitting the model over ranks needs (0: not read, and then it cannot be split)
+    intermediate_size: int = 0
+    vocab_size: int = 0
+    tied_embeddings: bool = True
 
     def __post_init__(self) -> None:
         assert self.num_layers > 0 and self.num_kv_heads > 0 and self.head_dim > 0
@@ -104,6 +108,8 @@ def read_gguf(path: Path) -> ModelShape:
         num_sliding = num_layers - num_layers // GEMMA3_SLIDING_PATTERN
     # GGUF lists dimensions fastest-first (ne0 = columns); reverse to (rows, cols).
     shapes = tuple(tuple(int(d) for d in reversed(list(t.shape))) for t in reader.tensors)
+    names = [t.name for t in reader.tensors]
+    by_name = dict(zip(names, shapes, strict=True))
     return ModelShape(
         name=str(get("general.name", path.stem)),
         source=str(path),
@@ -118,6 +124,9 @@ def read_gguf(path: Path) -> ModelShape:
         weight_shapes=shapes,
         sliding_window=int(window) if window is not None and num_sliding else None,  # type: ignore[arg-type]
         num_sliding_layers=num_sliding,
+        intermediate_size=arch_int("feed_forward_length", 0),
+        vocab_size=arch_int("vocab_size", 0) or by_name.get("token_embd.weight", (0,))[0],
+        tied_embeddings="output.weight" not in names,
     )
 
 
@@ -176,4 +185,7 @@ def read_hf_dir(directory: Path) -> ModelShape:
         weight_shapes=tuple(shapes),
         sliding_window=cfg.get("sliding_window") if num_sliding else None,
         num_sliding_layers=num_sliding,
+        intermediate_size=cfg.get("intermediate_size", 0),
+        vocab_size=cfg.get("vocab_size", 0),
+        tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
     )
