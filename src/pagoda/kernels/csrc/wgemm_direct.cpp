@@ -14,20 +14,21 @@ namespace {
 
 // Few rows (decode, speculative verification, a few users): no panel. U consecutive vectors of
 // outputs (kLanes each: a whole block of 16 with AVX-512, half a block with AVX2) are widened in
-// registers and used at once by all R <= kDirectRows rows. Each output's group sum P is one fma
-// chain (the arithmetic fixes its order), so R * U chains are all the parallelism there is: the
-// fma latency (4 cycles) times the fma ports (2) asks for 8 or more, hence U = 8 for one row.
-// No weight is stored and reloaded. As in the panel path, the group sums P live in registers and
-// the running sums in registers or in y; the operations per output are the same, so are the bits.
+// registers and used at once by all R <= kDirectRows rows: R * U independent fma chains (each
+// output's group sum P is one chain, in the order the arithmetic fixes). No weight is stored and
+// reloaded. As in the panel path, the group sums P live in registers and the running sums in
+// registers or in y; the operations per output are the same, so are the bits. (Measured on a
+// Zen 4, alternating builds: 8 vectors for one row instead of 4 was 0.9-1.0x; 5-8 rows with
+// AVX2 in half blocks instead of the panel, 1.2-1.3x; 9-12 rows with AVX-512, 1.2x.)
 #if defined(__AVX2__)
 #if defined(__AVX512F__)
 constexpr int kDirectRows = 12, kRegisters = 32;
 template <int R>
-constexpr int direct_vectors() { return R == 1 ? 8 : R <= 4 ? 4 : 2; }  // <= 24 zmm of P
+constexpr int direct_vectors() { return R <= 4 ? 4 : 2; }  // <= 24 zmm of P
 #else
 constexpr int kDirectRows = 8, kRegisters = 16;
 template <int R>
-constexpr int direct_vectors() { return R <= 2 ? 8 / R : R <= 4 ? 2 : 1; }  // <= 8 ymm of P
+constexpr int direct_vectors() { return R <= 2 ? 4 : R <= 4 ? 2 : 1; }  // <= 8 ymm of P
 #endif
 
 // Rows [0, R) of the U vectors from v0 on. xt holds the rows transposed, xt[k * R + r], so every
