@@ -45,6 +45,24 @@ def test_a_request_that_never_accepts_only_probes():
     assert sorted(set(depths)) == [0, 1] and depths.count(1) == 2
 
 
+def test_alone_prompt_lookup_drafts_deeper_and_never_only_probes():
+    """With one request running, the solo floor applies and a request that stopped accepting
+    keeps drafting by the acceptance model (its wrong drafts take rows from no one); with two
+    running, the shared floor and probing are back."""
+    p = SpecPolicy(SpecDecodeConfig(num_speculative_tokens=16, depth_floor=0.05,
+                                    solo_depth_floor=0.01))
+    r = request()
+    for _ in range(6):
+        p.record(r.req_id, 8, 1)  # a = 1/2 (slightly above, from the prior)
+    # 0.5^j >= 0.01 while j <= 6; >= 0.05 while j <= 4
+    assert p.num_spec_tokens(r, 1, 100) == 6 and p.num_spec_tokens(r, 2, 100) == 4
+    for _ in range(20):
+        p.record(r.req_id, 4, 0)  # far below min_acceptance
+    assert [p.num_spec_tokens(r, 1, 100) for _ in range(8)] == [1] * 8
+    assert sorted(set(p.num_spec_tokens(r, 2, 100) for _ in range(16))) == [0, 1]
+    assert SpecDecodeConfig().solo_depth_floor is None  # a draft model keeps its one floor
+
+
 def test_depth_respects_the_budget_max_tokens_opt_out_and_batch_size():
     p = policy()
     assert p.num_spec_tokens(request(), 1, 3) <= 3

@@ -23,6 +23,9 @@ DEFAULT_SPECULATIVE_TOKENS = {"ngram": 4, "draft": 4}
 # 1.07-1.28x). (num_speculative_tokens, prompt_lookup_min) by "the target is quantized".
 DEFAULT_NGRAM = {False: (8, 1), True: (4, 2)}
 SPECULATIVE_DEPTH_FLOOR = {"ngram": 0.05, "draft": 0.2}
+# ... and when one request runs alone (scheduler/spec_policy.py): a draft model's tokens still
+# cost forward passes, prompt lookup's only rows of a bandwidth-bound step.
+SPECULATIVE_SOLO_DEPTH_FLOOR = {"ngram": 0.01}
 # Speculate only while at most this many requests run: measured break-even batch sizes on a
 # 2-core EPYC (docs/spec_decode.md): prompt lookup still paid at 4 concurrent requests (1.5x) and
 # broke even at 8; a draft model paid at 2 (1.3x), barely at 4, and cost 36% at 8.

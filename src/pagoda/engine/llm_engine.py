@@ -13,7 +13,11 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from pagoda.engine.config import SPECULATIVE_DEPTH_FLOOR, EngineConfig
+from pagoda.engine.config import (
+    SPECULATIVE_DEPTH_FLOOR,
+    SPECULATIVE_SOLO_DEPTH_FLOOR,
+    EngineConfig,
+)  # fmt: skip
 from pagoda.engine.output_processor import OutputProcessor
 from pagoda.engine.outputs import RequestOutput
 from pagoda.engine.request_validator import RequestError as RequestError  # re-exported
@@ -132,7 +136,8 @@ class LLMEngine:
             enable_chunked_prefill=config.enable_chunked_prefill,
             batching=config.batching), self.kv_manager, SpecPolicy(SpecDecodeConfig(
                 config.resolved_num_speculative_tokens, config.resolved_speculative_max_batch,
-                depth_floor=SPECULATIVE_DEPTH_FLOOR.get(config.speculative_method, 1.0))))
+                depth_floor=SPECULATIVE_DEPTH_FLOOR.get(config.speculative_method, 1.0),
+                solo_depth_floor=SPECULATIVE_SOLO_DEPTH_FLOOR.get(config.speculative_method))))
         decode_kernel = select_decode_kernel(config.attention_backend, device)
         proposer = build_proposer(config, self.loaded, draft, draft_memory, device,
                                   decode_kernel)
