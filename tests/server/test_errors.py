@@ -45,7 +45,7 @@ def test_invalid_utf8(http):
     ({"prompt": 42}, "prompt"),
     ({"prompt": "x", "stop": 3}, "stop"),
     ({"prompt": "x", "logprobs": 99}, "logprobs"),
-    ({"prompt": "x", "seed": -1}, "seed"),
+    ({"prompt": "x", "seed": -2 ** 63 - 1}, "seed"),
     ({"prompt": "x", "seed": 2 ** 70}, "seed"),
     ({"prompt": "x", "stream": "yes please"}, "stream"),
     ({}, "prompt"),

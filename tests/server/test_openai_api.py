@@ -115,6 +115,10 @@ def test_seed_reproducible(oai, model):
     first = sample(1234)
     assert sample(1234) == first
     assert sample(4321) != first
+    # any int64 is a seed, as OpenAI's API and vLLM take it
+    negative = sample(-5)
+    assert sample(-5) == negative and negative != sample(5)
+    assert sample(-2 ** 63) == sample(-2 ** 63)
 
 
 def test_completion_logprobs(oai, model):

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from pagoda.sampling.params import MAX_LOGPROBS
 
-MAX_SEED = (1 << 63) - 1
+MAX_SEED = (1 << 63) - 1  # any int64, negative ones included (OpenAI's range, as vLLM's)
 MAX_STOP_CHARS = 1000  # per stop string: each is searched for in every new piece of text
 MAX_STOP_STRINGS = 16
 
@@ -100,7 +100,7 @@ class SamplingFields(RequestSchema):
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+    seed: int | None = Field(default=None, ge=-MAX_SEED - 1, le=MAX_SEED)
     stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = None
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
     ignore_eos: bool = False
