@@ -100,6 +100,8 @@ def test_errors_are_in_anthropics_shape(server, claude):
                    json={"model": MODEL, "max_tokens": 5, "messages": [
                        {"role": "user", "content": [{"type": "image", "source": {}}]}]})
     assert r.status_code == 400 and r.json()["type"] == "error"
+    # named, not reported as a failed union of string and blocks
+    assert "content parts of type 'image' are not supported" in r.json()["error"]["message"]
     ok = httpx.post(server.url + "/v1/messages", headers={"x-api-key": server.api_key},
                     json={"model": MODEL, "max_tokens": 2, "messages": ASK})
     assert ok.status_code == 200 and ok.json()["type"] == "message"

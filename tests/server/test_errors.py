@@ -110,6 +110,12 @@ def test_unsupported_features(http):
     assert_error(http.post(COMPLETIONS, json={"prompt": "x", "suffix": "y"}), 400, "suffix")
     assert_error(http.post(COMPLETIONS, json={"prompt": "x", "max_tokens": 0}), 400,
                  "max_tokens")  # 0 only with echo
+    # a text-only model names the content part it cannot read (not a failed union of types)
+    image = {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}
+    error = assert_error(http.post(CHAT, json={"messages": [
+        {"role": "user", "content": [{"type": "text", "text": "what is this?"}, image]}]}),
+        400, "messages.0.content")
+    assert error["message"].startswith("content parts of type 'image_url' are not supported")
 
 
 def test_oversized_bodies_are_413(http, server):

@@ -90,3 +90,12 @@ def test_refused_fields_are_400s_naming_them(server, fields, param):
     r = httpx.post(server.url + "/v1/responses", headers=server.headers,
                    json={"model": MODEL, "input": "hi", **fields})
     assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+def test_an_image_input_is_refused_by_name(server):
+    image = {"type": "input_image", "image_url": "https://example.com/cat.png"}
+    r = httpx.post(server.url + "/v1/responses", headers=server.headers, json={
+        "model": MODEL, "input": [{"role": "user", "content": [
+            {"type": "input_text", "text": "what is this?"}, image]}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "input.0.content", r.text
+    assert "content parts of type 'input_image' are not supported" in r.json()["error"]["message"]

@@ -88,16 +88,21 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     errors = exc.errors()
     if not errors:
         return "invalid request", None
-    first = errors[0]
+    # Our own validators' messages ("Value error, ...") say more than a union's failed branches
+    # (a list of content parts is first reported as "not a valid string").
+    first = next((e for e in errors if str(e.get("msg", "")).startswith("Value error, ")),
+                 errors[0])
     # Field names and list indices; pydantic's union-branch tags ("constrained-str",
-    # "list[int]") name no field, so they are left out.
+    # "list[int]", a model's class name) name no field, so they are left out.
     loc = [str(p) for p in first.get("loc", ())
-           if p != "body" and (isinstance(p, int) or str(p).isidentifier())]
+           if p != "body" and (isinstance(p, int)
+                               or (str(p).isidentifier() and not str(p)[:1].isupper()))]
     if first.get("type") == "json_invalid":
         return "the request body is not valid JSON", None
     param = ".".join(loc) or None
     where = f" at '{param}'" if param else ""
-    return f"{first.get('msg', 'invalid value')}{where}", param
+    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")  # our own
+    return f"{message}{where}", param
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, field_validator
 
-from pagoda.server.protocol import RequestSchema, Schema
+from pagoda.server.protocol import RequestSchema, Schema, text_parts_only
 
 
 class TextBlock(RequestSchema):
@@ -28,6 +28,11 @@ class ToolResultBlock(RequestSchema):
     content: str | list[TextBlock] = ""
     is_error: bool = False
 
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_only(cls, content: object) -> object:
+        return text_parts_only(content, ("text",))
+
     def text(self) -> str:
         body = self.content if isinstance(self.content, str) else \
             "".join(b.text for b in self.content)
@@ -42,6 +47,11 @@ class AnthropicMessage(RequestSchema):
 
     role: Literal["user", "assistant"]
     content: str | list[Block]
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_and_tools_only(cls, content: object) -> object:
+        return text_parts_only(content, ("text", "tool_use", "tool_result"))
 
 
 class AnthropicTool(RequestSchema):

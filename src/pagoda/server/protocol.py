@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 from pagoda.sampling.params import MAX_LOGPROBS
 
@@ -224,6 +224,18 @@ class DetokenizeResponse(Schema):
     prompt: str
 
 
+def text_parts_only(content: object, readable: tuple[str, ...]) -> object:
+    """A content list whose parts are all of the `readable` types, unchanged; else ValueError
+    naming the first other type (an image, audio, a file): a text-only model refuses it by name
+    rather than as a failed union of str and list."""
+    for part in content if isinstance(content, list) else ():
+        kind = part.get("type", readable[0]) if isinstance(part, dict) else readable[0]
+        if kind not in readable:
+            raise ValueError(f"content parts of type {kind!r} are not supported: this model "
+                             f"reads text only (parts of type {', '.join(map(repr, readable))})")
+    return content
+
+
 class ContentPart(RequestSchema):
     type: Literal["text"] = "text"
     text: str
@@ -249,6 +261,11 @@ class ChatMessage(RequestSchema):
     tool_calls: list[ToolCall] | None = None  # assistant turns that called tools
     tool_call_id: str | None = None  # tool turns: the call this result answers
     refusal: str | None = None  # echoed back by clients from earlier assistant turns
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, content: object) -> object:
+        return text_parts_only(content, ("text",))
 
     def text(self) -> str:
         if self.content is None:

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, field_validator
 
-from pagoda.server.protocol import RequestSchema
+from pagoda.server.protocol import RequestSchema, text_parts_only
 
 
 class InputText(RequestSchema):
@@ -26,6 +26,11 @@ class MessageItem(RequestSchema):
     content: str | list[InputText]
     id: str | None = None
     status: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_only(cls, content: object) -> object:
+        return text_parts_only(content, ("input_text", "output_text", "text"))
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else \
