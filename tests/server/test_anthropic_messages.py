@@ -35,6 +35,18 @@ def test_create_equals_the_chat_route_greedy(claude, offline):
     assert msg.id.startswith("msg_")
 
 
+def test_a_final_assistant_turn_is_continued(claude, offline):
+    """Anthropic's prefill: a last assistant message is continued, not answered anew."""
+    prefill = ASK + [{"role": "assistant", "content": "The capital of France is"}]
+    msg = claude.messages.create(model=MODEL, max_tokens=8, extra_body=GREEDY, messages=prefill)
+    text = offline.tokenizer.apply_chat_template(prefill, add_generation_prompt=False,
+                                                 continue_final_message=True)
+    ids = offline.tokenizer.encode(text, add_special_tokens=False)
+    assert msg.content[0].text == offline(ids, SamplingParams(max_tokens=8, temperature=0))[0]
+    assert msg.usage.input_tokens == len(ids)
+    assert claude.messages.count_tokens(model=MODEL, messages=prefill).input_tokens == len(ids)
+
+
 def test_stream_equals_create(claude):
     kw = dict(model=MODEL, max_tokens=16, extra_body=GREEDY, messages=ASK)
     whole = claude.messages.create(**kw)

@@ -53,6 +53,29 @@ def test_chat_greedy_matches_offline(oai, model, offline):
     assert got.usage.prompt_tokens == len(ids)
 
 
+def test_continue_final_message_continues_the_assistant_turn(oai, model, offline):
+    """vLLM's continue_final_message: the last (assistant) message is left open and the
+    output continues it, exactly as the template's open rendering completed offline."""
+    prefill = CHAT + [{"role": "assistant", "content": "Sure. The answer is"}]
+    got = oai.chat.completions.create(model=model, messages=prefill, max_completion_tokens=12,
+                                      temperature=0, extra_body={"continue_final_message": True,
+                                                                 "add_generation_prompt": False})
+    text = offline.tokenizer.apply_chat_template(prefill, add_generation_prompt=False,
+                                                 continue_final_message=True)
+    assert text.endswith("The answer is")  # open: no end-of-turn after it
+    ids = offline.tokenizer.encode(text, add_special_tokens=False)
+    assert got.choices[0].message.content == offline(
+        ids, SamplingParams(max_tokens=12, temperature=0))[0]
+    assert got.usage.prompt_tokens == len(ids)
+    for extra, why in (({"continue_final_message": True}, "add_generation_prompt false"),
+                       ({"continue_final_message": True, "add_generation_prompt": False},
+                        "the assistant's")):
+        with pytest.raises(openai.BadRequestError, match=why):
+            oai.chat.completions.create(model=model, max_tokens=2, extra_body=extra,
+                                        messages=prefill if "add_generation_prompt" not in extra
+                                        else CHAT)
+
+
 def test_streaming_chat_equals_non_streaming(oai, model):
     full = oai.chat.completions.create(model=model, messages=CHAT, max_tokens=16, temperature=0)
     stream = oai.chat.completions.create(model=model, messages=CHAT, max_tokens=16,

@@ -38,14 +38,25 @@ from pagoda.server.tool_prompt import ToolUse, template_messages, tool_use
 
 
 def render_chat(llm: AsyncLLM, messages: list[ChatMessage], add_generation_prompt: bool = True,
-                tools: ToolUse | None = None, template_kwargs: dict[str, Any] | None = None
-                ) -> list[int]:
-    """Chat messages (and tools) -> prompt token ids through the model's chat template."""
+                tools: ToolUse | None = None, template_kwargs: dict[str, Any] | None = None,
+                continue_final: bool = False) -> list[int]:
+    """Chat messages (and tools) -> prompt token ids through the model's chat template.
+    `continue_final` (vLLM's continue_final_message) leaves the last message, the assistant's,
+    open: the output continues it rather than starting a new turn."""
+    if continue_final:
+        if add_generation_prompt:
+            raise APIError(400, "continue_final_message continues the last message; it needs "
+                                "add_generation_prompt false", "continue_final_message")
+        if not messages or messages[-1].role != "assistant":
+            raise APIError(400, "continue_final_message needs the last message to be the "
+                                "assistant's", "continue_final_message")
     tools = tools or ToolUse("none", ())
     tokenizer = llm.tokenizer
     knows_tools = "tools" in (getattr(tokenizer.hf, "chat_template", None) or "")
     rendered, extra = template_messages(chat_messages(messages), tools, knows_tools)
     kwargs = {**(template_kwargs or {}), **extra}
+    if continue_final:
+        kwargs["continue_final_message"] = True
     try:
         text = tokenizer.apply_chat_template(rendered, add_generation_prompt, **kwargs)
     except APIError:
@@ -75,7 +86,7 @@ async def prepare_chat(client: EngineClient, request: ChatCompletionRequest,
     params = chat_params(request, tools)
     prompt_ids = await client.prepare(
         render_chat(llm, request.messages, request.add_generation_prompt, tools,
-                    request.chat_template_kwargs), params)
+                    request.chat_template_kwargs, request.continue_final_message), params)
     return PreparedChat(tools, params, prompt_ids)
 
 

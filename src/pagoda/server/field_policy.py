@@ -53,7 +53,6 @@ REFUSED: dict[str, tuple[Callable[[Any], bool], str]] = {
     "truncate_prompt_tokens": (_unset, "prompt truncation is not supported"),
     "spaces_between_special_tokens": (_one_of(True), "is not supported"),
     "bad_words": (_unset, "is not supported; use logit_bias"),
-    "continue_final_message": (_unset, "is not supported"),
     "add_special_tokens": (_unset, "is not supported on chat completions"),
     "documents": (_unset, "is not supported"),
     "chat_template": (_unset, "a per-request chat template is not supported"),

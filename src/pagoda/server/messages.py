@@ -76,6 +76,10 @@ def to_chat(request: CountTokensRequest) -> ChatCompletionRequest:
         fields["tool_choice"] = named_choice(choice.name or "") \
             if choice.type == "tool" else CHOICES[choice.type]
         fields["parallel_tool_calls"] = not choice.disable_parallel_tool_use
+    last = messages[-1] if messages else {}
+    if last.get("role") == "assistant" and last.get("content") and not last.get("tool_calls"):
+        # Anthropic's prefill: a final assistant turn is continued, not closed and answered
+        fields.update(add_generation_prompt=False, continue_final_message=True)
     if isinstance(request, MessagesRequest):
         fields.update(max_tokens=request.max_tokens, temperature=request.temperature,
                       stop=request.stop_sequences, top_p=request.top_p or 1.0,
@@ -91,7 +95,9 @@ async def count_tokens(client: EngineClient, request: CountTokensRequest) -> Tok
     llm = client.require_generator()
     client.check_model(request.model)
     chat = to_chat(request)
-    return TokenCount(input_tokens=len(render_chat(llm, chat.messages, True, tool_use(chat))))
+    return TokenCount(input_tokens=len(render_chat(
+        llm, chat.messages, chat.add_generation_prompt, tool_use(chat),
+        continue_final=chat.continue_final_message)))
 
 
 async def create_message(client: EngineClient, request: MessagesRequest, raw: Request

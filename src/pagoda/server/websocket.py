@@ -141,7 +141,8 @@ class Connection:
             tools = tool_use(chat)
             params = chat_params(chat, tools)
             prompt: str | list[int] = render_chat(llm, chat.messages, chat.add_generation_prompt,
-                                                  tools, chat.chat_template_kwargs)
+                                                  tools, chat.chat_template_kwargs,
+                                                  chat.continue_final_message)
             num_top = (chat.top_logprobs or 0) if chat.logprobs else None
         else:
             completion = CompletionRequest.model_validate(payload)
