@@ -160,17 +160,14 @@ def format_capacity(shape: ModelShape, args: argparse.Namespace, memory: int) ->
         f"capacity at context {args.context} in {_mb(memory)} ({args.memory}), {args.weights_dtype}"
         f" weights, reserve {args.reserve}, blocks of {args.block_size} tokens:"
     )
-    dtypes = [args.kv_cache_dtype] if args.kv_cache_dtype else list(KV_DTYPE_BYTES)
-    split = max(getattr(args, "tensor_parallel_size", 1),
-                getattr(args, "pipeline_parallel_size", 1)) > 1  # fmt: skip
-    for dtype in dtypes:
+    for dtype in kv_dtypes(args):
         try:
             plan = plan_capacity(
                 s, memory, args.context, dtype, args.weights_dtype, args.block_size,
                 args.kv_scale_bytes, parse_memory(args.reserve, allow_zero=True),
             )  # fmt: skip
         except ValueError as e:
-            if not split:  # one process: nothing else to plan
+            if not is_split(args):  # one process: nothing else to plan
                 raise
             lines.append(f"  kv {dtype:<5} {e} (one process; the split follows)")
             continue
@@ -185,19 +182,28 @@ def format_capacity(shape: ModelShape, args: argparse.Namespace, memory: int) ->
     return "\n".join(lines)
 
 
+def kv_dtypes(args: argparse.Namespace) -> list[str]:
+    """The KV dtypes to plan: the one asked for, else every one."""
+    return [args.kv_cache_dtype] if args.kv_cache_dtype else list(KV_DTYPE_BYTES)
+
+
+def is_split(args: argparse.Namespace) -> bool:
+    """A TP x PP split was asked for: --memory is then each rank's."""
+    return args.tensor_parallel_size > 1 or args.pipeline_parallel_size > 1
+
+
 def run_capacity(args: argparse.Namespace) -> int:
     memory = parse_memory(args.memory)
     if args.context < 1 or args.block_size < 1 or args.kv_scale_bytes < 0:
         raise ValueError("--context and --block-size must be positive, --kv-scale-bytes >= 0")
     shape = read_model_shape(args.model)
     print(format_capacity(shape, args, memory))
-    if args.tensor_parallel_size > 1 or args.pipeline_parallel_size > 1:
+    if is_split(args):
         from pagoda.bench.rank_memory import format_rank_memory
 
-        dtypes = [args.kv_cache_dtype] if args.kv_cache_dtype else list(KV_DTYPE_BYTES)
         print(format_rank_memory(
             shape, args.tensor_parallel_size, args.pipeline_parallel_size, args.weights_dtype,
-            dtypes, memory, args.context, args.block_size, args.kv_scale_bytes,
+            kv_dtypes(args), memory, args.context, args.block_size, args.kv_scale_bytes,
             parse_memory(args.reserve, allow_zero=True)))  # fmt: skip
     if args.bench:
         print(deployment_report(args))

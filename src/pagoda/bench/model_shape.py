@@ -108,8 +108,7 @@ def read_gguf(path: Path) -> ModelShape:
         num_sliding = num_layers - num_layers // GEMMA3_SLIDING_PATTERN
     # GGUF lists dimensions fastest-first (ne0 = columns); reverse to (rows, cols).
     shapes = tuple(tuple(int(d) for d in reversed(list(t.shape))) for t in reader.tensors)
-    names = [t.name for t in reader.tensors]
-    by_name = dict(zip(names, shapes, strict=True))
+    by_name = {t.name: shape for t, shape in zip(reader.tensors, shapes, strict=True)}
     return ModelShape(
         name=str(get("general.name", path.stem)),
         source=str(path),
@@ -126,7 +125,7 @@ def read_gguf(path: Path) -> ModelShape:
         num_sliding_layers=num_sliding,
         intermediate_size=arch_int("feed_forward_length", 0),
         vocab_size=arch_int("vocab_size", 0) or by_name.get("token_embd.weight", (0,))[0],
-        tied_embeddings="output.weight" not in names,
+        tied_embeddings="output.weight" not in by_name,
     )
 
 

@@ -51,10 +51,12 @@ def model_config(shape: ModelShape) -> ModelConfig:
     if not shape.intermediate_size or not shape.vocab_size:
         raise ValueError(f"{shape.source} does not record its MLP width and vocabulary size: "
                          f"its split over ranks cannot be planned")
-    arch = shape.architecture.lower()
-    arch = "gemma3" if "gemma3" in arch else "llama" if "llama" in arch else shape.architecture
+    from pagoda.loader.hf_loader import HF_ARCHITECTURES
+
+    # a GGUF names the engine's architecture itself; a config.json, its class (as the loader maps)
     return ModelConfig(
-        architecture=arch, name=shape.name, vocab_size=shape.vocab_size,
+        architecture=HF_ARCHITECTURES.get(shape.architecture, shape.architecture),
+        name=shape.name, vocab_size=shape.vocab_size,
         hidden_size=shape.hidden_size, intermediate_size=shape.intermediate_size,
         num_layers=shape.num_layers, num_heads=shape.num_heads, num_kv_heads=shape.num_kv_heads,
         head_dim=shape.head_dim, max_model_len=shape.context_length,

@@ -12,7 +12,8 @@ from tqdm import tqdm
 
 from pagoda.models.config import ModelConfig
 
-_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Gemma3ForCausalLM": "gemma3"}
+# config.json "architectures" -> the engine's architecture names
+HF_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Gemma3ForCausalLM": "gemma3"}
 
 
 class HFCheckpoint:
@@ -29,10 +30,10 @@ class HFCheckpoint:
     def _read_config(self) -> ModelConfig:
         raw = self.raw
         archs = raw.get("architectures") or []
-        arch = next((_ARCHITECTURES[a] for a in archs if a in _ARCHITECTURES), None)
+        arch = next((HF_ARCHITECTURES[a] for a in archs if a in HF_ARCHITECTURES), None)
         if arch is None:
             raise ValueError(f"unsupported architecture {archs} "
-                             f"(supported: {list(_ARCHITECTURES)})")
+                             f"(supported: {list(HF_ARCHITECTURES)})")
         text = raw.get("text_config", raw)
         num_heads = text["num_attention_heads"]
         eos = text.get("eos_token_id", raw.get("eos_token_id"))
