@@ -35,7 +35,7 @@ def test_flavour_is_the_exact_product_of_the_dequantized_weights(flavour: str, s
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}-{s[1]}x{s[2]}")
 def test_a_row_gives_the_same_bits_in_every_batch(flavour: str, shape):
     """A few rows (up to 8 with AVX2, 12 with AVX-512) take the direct path (widening in registers,
-    so many vectors at once as the row count leaves registers for), more take the panel path, in
+    as many vectors at once as the row count leaves registers for), more take the panel path, in
     tiles whose size depends on M: the row's bits must not change."""
     kind, n, k = shape
     w = pack(make_weight(kind, n, k, seed=3))
