@@ -44,7 +44,7 @@ def engine_rank_params(path: str, tp: int, pp: int, rank: int) -> tuple[int, int
 @pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (3, 1), (1, 2), (3, 2), (1, 7)])
 def test_each_ranks_weights_are_what_the_engine_keeps(model, tp, pp):
     path = resolve_model_path(None) if model == "smollm2" else gemma_path()
-    shape = read_model_shape(path)  # Gemma 3 270M's one KV head: replicated, its 4 query heads split
+    shape = read_model_shape(path)  # Gemma 3: one KV head, replicated; its 4 query heads split
     ranks = rank_memory(shape, tp, pp, "fp32", "fp32")
     assert [r.rank for r in ranks] == list(range(tp * pp))
     for r in ranks:
