@@ -3,10 +3,16 @@ set of row counts reaching oneDNN, whose per-shape primitive cache otherwise fil
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
 
+from pagoda.kernels import build
 from pagoda.layers.dense_linear import EXACT_ROWS, PackedLinear, onednn_available, onednn_rows
 
 if not onednn_available():
@@ -30,3 +36,38 @@ def test_padded_products_match_torch(num_rows):
         got, want = packed(x), linear(x)
     assert got.shape == want.shape == (2, num_rows, 160)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+# Run in a fresh interpreter, since the ISA caps must be set before torch loads: for SmolLM2's
+# qkv and down projections (the down projection's K = 1536 is where oneDNN's AVX-512 single-row
+# kernel rounded differently), the row counts whose first row differs from the same row
+# computed among four.
+ROW_CHECK = """
+import json, torch
+from pagoda.kernels import build
+from pagoda.layers.dense_linear import PackedLinear
+torch.manual_seed(0)
+differ = []
+for k, n in ((576, 960), (1536, 576)):
+    packed = PackedLinear.from_linear(torch.nn.Linear(k, n, bias=False))
+    x = torch.randn(200, k)
+    with torch.inference_mode():
+        ref = packed(x[:4])[0]
+        differ += [(k, m) for m in [*range(1, 17), 100, 129, 200]
+                   if not torch.equal(packed(x[:m])[0], ref)]
+print(json.dumps(differ))
+"""
+CAPS = {"native": {}, "avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}}
+
+
+@pytest.mark.parametrize("isa", sorted(CAPS))
+def test_a_row_has_the_same_bits_at_every_row_count(isa):
+    """A request's logits must not depend on how many rows its batch has: fp32 linears give a
+    row the same bits at every row count, with oneDNN's native kernels and capped at AVX2."""
+    if isa == "avx2" and not {"avx2", "fma"} <= build.cpu_flags():
+        pytest.skip("this CPU has no AVX2 + FMA: oneDNN's AVX2 kernels cannot run")
+    env = {**os.environ, "OMP_NUM_THREADS": "2", **CAPS[isa]}
+    out = subprocess.run([sys.executable, "-c", ROW_CHECK], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.splitlines()[-1]) == []
