@@ -112,6 +112,16 @@ def test_backpressure_503_with_retry_after(limited):
             .status_code == 200
 
 
+def test_a_batch_larger_than_the_queue_is_taken_whole_when_nothing_waits(limited):
+    """Five prompts against --max-waiting 2: one ticket at a time they could never all get in,
+    and a 503 would repeat for ever on retry; with nothing waiting the batch enters whole."""
+    with limited.client() as http:
+        got = http.post("/v1/completions", json={"prompt": ["hi"] * 5, "max_tokens": 2})
+    assert got.status_code == 200, got.text
+    assert sorted(c["index"] for c in got.json()["choices"]) == [0, 1, 2, 3, 4]
+    assert limited.kv()["num_pending"] == 0
+
+
 def test_timeout_streaming_and_non_streaming(short_deadline):
     """A streaming request times out with an error chunk; a non-streaming one queued behind it
     times out with a 504 (the deadline counts from arrival, queueing included)."""

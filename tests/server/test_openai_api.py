@@ -144,6 +144,31 @@ def test_seed_reproducible(oai, model):
     assert sample(-2 ** 63) == sample(-2 ** 63)
 
 
+def test_null_fields_mean_their_defaults(server, model):
+    """OpenAI's nullable fields and vLLM's Optional ones: `"temperature": null` (as LangChain or
+    LiteLLM send for "unset") is the default, not a 400; a null max_tokens still means no cap,
+    and a null required field is still refused."""
+    nulls = {"temperature": None, "top_p": None, "n": None, "presence_penalty": None,
+             "frequency_penalty": None, "stream": None}
+
+    def post(route: str, body: dict) -> httpx.Response:
+        return httpx.post(server.url + route, headers=server.headers, timeout=60,
+                          json={"model": model, **body})
+
+    chat = {"messages": CHAT, "max_tokens": 8, "seed": 7}
+    got = post("/v1/chat/completions", {**chat, **nulls, "logprobs": None})
+    assert got.status_code == 200, got.text
+    assert got.json()["choices"][0]["message"]["content"] == post(
+        "/v1/chat/completions", chat).json()["choices"][0]["message"]["content"]
+    assert len(got.json()["choices"]) == 1 and got.json()["choices"][0]["logprobs"] is None
+    done = post("/v1/completions", {"prompt": PROMPT, "max_tokens": 4, "echo": None, **nulls})
+    assert done.status_code == 200 and not done.json()["choices"][0]["text"].startswith(PROMPT)
+    assert post("/v1/responses", {"input": "Hi", "max_output_tokens": 4,
+                                  "temperature": None}).status_code == 200
+    missing = post("/v1/completions", {"prompt": None})
+    assert missing.status_code == 400 and missing.json()["error"]["param"] == "prompt"
+
+
 def test_completion_logprobs(oai, model):
     got = oai.completions.create(model=model, prompt=PROMPT, max_tokens=6, temperature=0,
                                  logprobs=3)

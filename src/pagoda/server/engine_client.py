@@ -182,10 +182,12 @@ class EngineClient:
             _, ids = llm.prepare(prompt, params)
         return ids
 
-    def admit(self) -> Ticket:
+    def admit(self, over_limit: bool = False) -> Ticket:
+        """A ticket for one request to wait in the queue, or a 503; `over_limit` takes one past
+        --max-waiting (prompt_batch.admit_all: a batch larger than the limit)."""
         if self.status == "draining":
             raise overloaded(self.config.retry_after, "the server is shutting down")
-        if self.num_pending >= self.config.max_waiting:
+        if not over_limit and self.num_pending >= self.config.max_waiting:
             raise overloaded(self.config.retry_after,
                              f"too many requests waiting ({self.num_pending}); retry later")
         self.num_pending += 1

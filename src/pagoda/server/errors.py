@@ -84,6 +84,11 @@ def overloaded(retry_after: int, message: str) -> APIError:
                     headers={"Retry-After": str(retry_after)})
 
 
+# pydantic's tags for the plain-type branches of a union ("prompt.str"): no request field is
+# named so
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "dict", "list", "bytes", "none"})
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     errors = exc.errors()
     if not errors:
@@ -96,7 +101,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     # "list[int]", a model's class name) name no field, so they are left out.
     loc = [str(p) for p in first.get("loc", ())
            if p != "body" and (isinstance(p, int)
-                               or (str(p).isidentifier() and not str(p)[:1].isupper()))]
+                               or (str(p).isidentifier() and not str(p)[:1].isupper()
+                                   and str(p) not in _TYPE_TAGS))]
     if first.get("type") == "json_invalid":
         return "the request body is not valid JSON", None
     param = ".".join(loc) or None

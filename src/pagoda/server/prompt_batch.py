@@ -28,10 +28,14 @@ class TicketGroup:
 
 
 def admit_all(client: EngineClient, num_prompts: int) -> TicketGroup:
+    """A ticket per prompt, or a 503 for the whole request. A batch larger than --max-waiting
+    could never get in ticket by ticket (a retry would fail the same way for ever): with nothing
+    waiting it is taken whole, as one request; else 503 until the queue is empty."""
+    whole = num_prompts > client.config.max_waiting and client.num_pending == 0
     tickets: list[Ticket] = []
     try:
         for _ in range(num_prompts):
-            tickets.append(client.admit())
+            tickets.append(client.admit(over_limit=whole))
     except BaseException:
         TicketGroup(tickets).release()  # a 503 for the batch gives back what it took
         raise

@@ -8,9 +8,17 @@ not implement (400 naming the field) and log the truly unknown ones: nothing is 
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 
 from pagoda.sampling.params import MAX_LOGPROBS
 
@@ -28,6 +36,31 @@ class RequestSchema(Schema):
     true` is a 400 rather than a guess (pydantic's lax mode would read them as true and 1)."""
 
     model_config = ConfigDict(strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_the_default(cls, data: Any) -> Any:
+        """An explicit null for a field that has a default means that default, as in OpenAI's
+        API (nullable fields) and vLLM (`Optional[...] = None`): clients such as LangChain and
+        LiteLLM send `"temperature": null` for "unset". A required field stays required."""
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        nulls = [k for k, v in data.items()
+                 if v is None and k in fields and not fields[k].is_required()
+                 and not _accepts_none(fields[k].annotation)]  # where null means something
+        return {k: v for k, v in data.items() if k not in nulls} if nulls else data
+
+
+def _accepts_none(annotation: Any) -> bool:
+    """Whether a field's type takes None itself (`max_tokens: int | None`: null is "no limit")."""
+    if annotation is None or annotation is type(None) or annotation is Any:
+        return True
+    if get_origin(annotation) is Annotated:
+        return _accepts_none(get_args(annotation)[0])
+    if get_origin(annotation) in (Union, UnionType):
+        return any(_accepts_none(a) for a in get_args(annotation))
+    return False
 
 
 StopString = Annotated[str, StringConstraints(max_length=MAX_STOP_CHARS)]
