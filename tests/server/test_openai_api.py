@@ -169,6 +169,18 @@ def test_null_fields_mean_their_defaults(server, model):
     assert missing.status_code == 400 and missing.json()["error"]["param"] == "prompt"
 
 
+def test_text_parts_are_joined_one_per_line(oai, model):
+    """Several text parts of one message reach the model one per line (as vLLM joins them), not
+    glued into one word."""
+    def ask(content) -> tuple[str, int]:
+        got = oai.chat.completions.create(model=model, max_tokens=8, temperature=0,
+                                          messages=[{"role": "user", "content": content}])
+        return got.choices[0].message.content, got.usage.prompt_tokens
+
+    parts = [{"type": "text", "text": "Name a colour."}, {"type": "text", "text": "One word."}]
+    assert ask(parts) == ask("Name a colour.\nOne word.")
+
+
 def test_completion_logprobs(oai, model):
     got = oai.completions.create(model=model, prompt=PROMPT, max_tokens=6, temperature=0,
                                  logprobs=3)

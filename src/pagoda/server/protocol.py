@@ -305,7 +305,8 @@ class ChatMessage(RequestSchema):
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.text for part in self.content)
+        # one part per line, as vLLM joins them: "part1part2" would glue two words together
+        return "\n".join(part.text for part in self.content)
 
 
 class HealthResponse(Schema):

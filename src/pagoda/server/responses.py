@@ -90,7 +90,7 @@ def to_chat(request: ResponsesRequest) -> ChatCompletionRequest:
                              "content": result.output})
         else:
             content = item["content"]
-            text = content if isinstance(content, str) else "".join(p["text"] for p in content)
+            text = content if isinstance(content, str) else "\n".join(p["text"] for p in content)
             messages.append({"role": item["role"], "content": text})
     fields: dict[str, Any] = {"messages": messages, "temperature": request.temperature,
                               "top_p": request.top_p, "stream": request.stream,

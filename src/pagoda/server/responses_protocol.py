@@ -34,7 +34,7 @@ class MessageItem(RequestSchema):
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else \
-            "".join(part.text for part in self.content)
+            "\n".join(part.text for part in self.content)  # as chat's parts (protocol.py)
 
 
 class FunctionCallItem(RequestSchema):
