@@ -67,6 +67,27 @@ async def test_concurrent_requests_and_cancel(server):
         assert after[-1]["usage"]["completion_tokens"] == 3
 
 
+async def test_a_request_cancelled_at_once_still_gets_its_done(server):
+    """A cancel right behind its request often arrives before the request's task has run at
+    all: the client is still owed exactly one `done` (cancelled) for it, never silence."""
+    async with connect(ws_url(server), additional_headers=server.headers) as ws:
+        ids = [f"quick-{i}" for i in range(8)]
+        for req_id in ids:
+            await ws.send(json.dumps({"id": req_id, "messages": CHAT, "max_tokens": 300,
+                                      "ignore_eos": True}))
+            await ws.send(json.dumps({"type": "cancel", "id": req_id}))
+        ended: dict[str, dict] = {}
+        async with asyncio.timeout(120):
+            while len(ended) < len(ids):
+                message = json.loads(await ws.recv())
+                if message["type"] in ("done", "error"):
+                    assert message["id"] not in ended, message  # one ending per request
+                    ended[message["id"]] = message
+        assert all(ended[i]["type"] == "done" and ended[i]["cancelled"] is True for i in ids)
+    kv = server.wait_all_blocks_free(timeout=10)
+    assert kv["num_free_blocks"] == kv["num_total_blocks"]
+
+
 async def test_bad_messages_get_errors(server):
     async with connect(ws_url(server), additional_headers=server.headers) as ws:
         cases = [

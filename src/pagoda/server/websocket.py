@@ -49,6 +49,7 @@ class Connection:
         self.ws = ws
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.cancelled: set[str] = set()
+        self.replies: set[asyncio.Future[None]] = set()  # sends in flight from _ended
         self._send_lock = asyncio.Lock()
 
     async def send(self, message: dict[str, Any]) -> None:
@@ -109,7 +110,18 @@ class Connection:
             return
         task = asyncio.create_task(self.serve_request(kind, req_id, payload))
         self.tasks[str(req_id)] = task
-        task.add_done_callback(lambda _: self.tasks.pop(str(req_id), None))
+        task.add_done_callback(lambda done: self._ended(req_id, done))
+
+    def _ended(self, req_id: Any, task: asyncio.Task[None]) -> None:
+        self.tasks.pop(str(req_id), None)
+        # Cancelled before its first step: serve_request never ran to say so, yet the client
+        # is owed its one `done` or `error` per request.
+        if task.cancelled() and str(req_id) in self.cancelled:
+            self.cancelled.discard(str(req_id))
+            reply = asyncio.ensure_future(self.send({"type": "done", "id": req_id,
+                                                     "cancelled": True}))
+            self.replies.add(reply)
+            reply.add_done_callback(self.replies.discard)
 
     async def serve_request(self, kind: str, req_id: Any, payload: dict[str, Any]) -> None:
         try:
