@@ -35,6 +35,7 @@ from pagoda.server.errors import APIError
 from pagoda.server.responses_protocol import (
     FunctionCallItem,
     FunctionCallOutputItem,
+    MessageItem,
     ResponsesRequest,
 )
 from pagoda.server.streaming import EngineStreamingResponse, cancel_on_disconnect
@@ -89,9 +90,8 @@ def to_chat(request: ResponsesRequest) -> ChatCompletionRequest:
             messages.append({"role": "tool", "tool_call_id": result.call_id,
                              "content": result.output})
         else:
-            content = item["content"]
-            text = content if isinstance(content, str) else "\n".join(p["text"] for p in content)
-            messages.append({"role": item["role"], "content": text})
+            messages.append({"role": item["role"],
+                             "content": MessageItem.model_validate(item).text()})
     fields: dict[str, Any] = {"messages": messages, "temperature": request.temperature,
                               "top_p": request.top_p, "stream": request.stream,
                               "max_completion_tokens": request.max_output_tokens}

@@ -114,8 +114,9 @@ class Connection:
 
     def _ended(self, req_id: Any, task: asyncio.Task[None]) -> None:
         self.tasks.pop(str(req_id), None)
-        # Cancelled before its first step: serve_request never ran to say so, yet the client
-        # is owed its one `done` or `error` per request.
+        # A cancel message (not a closed connection) gets its `done` here, once the task has
+        # ended: also when it was cancelled before serve_request ever ran, which then could
+        # not say so itself, and the client is owed one `done` or `error` per request.
         if task.cancelled() and str(req_id) in self.cancelled:
             self.cancelled.discard(str(req_id))
             reply = asyncio.ensure_future(self.send({"type": "done", "id": req_id,
@@ -135,11 +136,6 @@ class Connection:
             await self.send_error(req_id, APIError(400, f"{first.get('msg')} at '{param}'", param))
         except (SamplingParamsError, ValueError) as exc:
             await self.send_error(req_id, APIError.bad_request(exc))
-        except asyncio.CancelledError:
-            if str(req_id) in self.cancelled:  # a cancel message, not a closed connection
-                self.cancelled.discard(str(req_id))
-                await self.send({"type": "done", "id": req_id, "cancelled": True})
-            raise
         except Exception:
             log.exception("websocket request %r failed", req_id)
             await self.send_error(req_id, APIError(500, "internal error"))
