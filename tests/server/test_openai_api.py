@@ -144,7 +144,7 @@ def test_seed_reproducible(oai, model):
     assert sample(-2 ** 63) == sample(-2 ** 63)
 
 
-def test_null_fields_mean_their_defaults(server, model):
+def test_null_fields_mean_their_defaults(server, oai, model):
     """OpenAI's nullable fields and vLLM's Optional ones: `"temperature": null` (as LangChain or
     LiteLLM send for "unset") is the default, not a 400; a null max_tokens still means no cap,
     and a null required field is still refused."""
@@ -165,6 +165,11 @@ def test_null_fields_mean_their_defaults(server, model):
     assert done.status_code == 200 and not done.json()["choices"][0]["text"].startswith(PROMPT)
     assert post("/v1/responses", {"input": "Hi", "max_output_tokens": 4,
                                   "temperature": None}).status_code == 200
+    # the official client sends an explicit None as null
+    sdk = oai.chat.completions.create(model=model, messages=CHAT, max_tokens=8, seed=7,
+                                      temperature=None, top_p=None, n=None, stream=None,
+                                      presence_penalty=None, frequency_penalty=None)
+    assert sdk.choices[0].message.content == got.json()["choices"][0]["message"]["content"]
     missing = post("/v1/completions", {"prompt": None})
     assert missing.status_code == 400 and missing.json()["error"]["param"] == "prompt"
 
