@@ -229,6 +229,46 @@ def test_tokenize_detokenize(server, offline):
             offline.tokenizer.decode(tok["tokens"])
         chat = http.post("/tokenize", json={"messages": CHAT}).json()
         assert chat["tokens"] == chat_ids(offline.tokenizer, CHAT)
+        strs = http.post("/tokenize", json={"prompt": PROMPT, "return_token_strs": True}).json()
+        assert strs["token_strs"] == [offline.tokenizer.token_str(t) for t in tok["tokens"]]
+
+
+def test_tokenize_counts_what_the_chat_route_feeds_the_model(server, oai, model):
+    """A chat-shaped /tokenize renders tools and an open final message as the chat route does:
+    its count is the chat request's usage.prompt_tokens."""
+    tools = [{"type": "function", "function": {
+        "name": "get_weather", "description": "Weather of a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+    prefill = CHAT + [{"role": "assistant", "content": "The answer is"}]
+    cases = [({"messages": CHAT, "tools": tools}, {"tools": tools}),
+             ({"messages": prefill, "add_generation_prompt": False,
+               "continue_final_message": True},
+              {"extra_body": {"add_generation_prompt": False, "continue_final_message": True}})]
+    with server.client() as http:
+        plain = http.post("/tokenize", json={"messages": CHAT}).json()["count"]
+        for body, chat_args in cases:
+            counted = http.post("/tokenize", json=body).json()["count"]
+            used = oai.chat.completions.create(
+                model=model, messages=body["messages"], max_tokens=1,
+                **chat_args).usage.prompt_tokens
+            assert counted == used and counted != plain
+
+
+@pytest.mark.parametrize("route, body, param", [
+    ("/tokenize", {"prompt": "hi", "chat_template": "{{ x }}"}, "chat_template"),
+    ("/tokenize", {"prompt": "hi", "foo": 1}, "foo"),
+    ("/tokenize", {"prompt": "hi", "tools": [{"type": "function", "function": {"name": "f"}}]},
+     "tools"),
+    ("/tokenize", {"prompt": "hi", "continue_final_message": True}, "continue_final_message"),
+    ("/tokenize", {"messages": CHAT, "add_special_tokens": True}, "add_special_tokens"),
+    ("/detokenize", {"tokens": [1, 2], "skip_special_tokens": False}, "skip_special_tokens"),
+])
+def test_tokenize_refuses_what_it_would_not_apply(server, route, body, param):
+    """Never a silently dropped field: unknown ones and chat-only ones sent with a prompt are a
+    400 naming them."""
+    with server.client() as http:
+        r = http.post(route, json=body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
 
 
 def test_api_key(server):

@@ -21,14 +21,14 @@ from fastapi.staticfiles import StaticFiles
 import pagoda
 from pagoda.server.auth import APIKeyMiddleware
 from pagoda.server.body_limit import BodyLimitMiddleware
-from pagoda.server.chat import create_chat_completion, render_chat
+from pagoda.server.chat import create_chat_completion
 from pagoda.server.chat_protocol import ChatCompletionRequest, ChatCompletionResponse
 from pagoda.server.completions import create_completion
 from pagoda.server.config import ServerConfig
 from pagoda.server.embeddings import create_embedding
 from pagoda.server.embeddings_protocol import EmbeddingRequest, EmbeddingResponse
 from pagoda.server.engine_client import EngineClient
-from pagoda.server.errors import APIError, install_error_handlers, openapi_without_422
+from pagoda.server.errors import install_error_handlers, openapi_without_422
 from pagoda.server.last_resort import LastResortMiddleware
 from pagoda.server.messages import count_tokens, create_message
 from pagoda.server.messages_protocol import (
@@ -40,18 +40,22 @@ from pagoda.server.messages_protocol import (
 from pagoda.server.protocol import (
     CompletionRequest,
     CompletionResponse,
-    DetokenizeRequest,
-    DetokenizeResponse,
     ErrorResponse,
     HealthResponse,
     KVCacheInfo,
     ModelCard,
     ModelList,
-    TokenizeRequest,
-    TokenizeResponse,
 )
 from pagoda.server.responses import create_response
 from pagoda.server.responses_protocol import ResponsesRequest
+from pagoda.server.tokenize import (
+    DetokenizeRequest,
+    DetokenizeResponse,
+    TokenizeRequest,
+    TokenizeResponse,
+    detokenize,
+    tokenize,
+)
 from pagoda.server.websocket import serve_websocket
 
 log = logging.getLogger(__name__)
@@ -165,29 +169,12 @@ def _add_openai_routes(app: FastAPI, client: EngineClient) -> None:
         return await create_chat_completion(client, body, raw)
 
     @app.post("/tokenize", response_model=TokenizeResponse, responses=ERRORS)
-    async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
-        llm = client.require_llm()
-        client.check_model(body.model)
-        if (body.prompt is None) == (body.messages is None):
-            raise APIError(400, "give exactly one of 'prompt' and 'messages'", "prompt")
-        if body.messages is not None:
-            ids = render_chat(llm, body.messages, body.add_generation_prompt)
-        else:
-            try:
-                ids = llm.tokenizer.encode(body.prompt or "",
-                                           add_special_tokens=body.add_special_tokens)
-            except ValueError as exc:  # a lone surrogate
-                raise APIError(400, str(exc), "prompt") from None
-        return TokenizeResponse(tokens=ids, count=len(ids), max_model_len=client.max_model_len)
+    async def tokenize_route(body: TokenizeRequest) -> TokenizeResponse:
+        return tokenize(client, body)
 
     @app.post("/detokenize", response_model=DetokenizeResponse, responses=ERRORS)
-    async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
-        llm = client.require_llm()
-        client.check_model(body.model)
-        vocab = llm.model_config.vocab_size
-        if any(t < 0 or t >= vocab for t in body.tokens):
-            raise APIError(400, f"token ids must be in [0, {vocab})", "tokens")
-        return DetokenizeResponse(prompt=llm.tokenizer.decode(body.tokens))
+    async def detokenize_route(body: DetokenizeRequest) -> DetokenizeResponse:
+        return detokenize(client, body)
 
     @app.websocket("/v1/ws")
     async def websocket(ws: WebSocket) -> None:

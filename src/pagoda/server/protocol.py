@@ -232,31 +232,6 @@ class ModelList(Schema):
     data: list[ModelCard]
 
 
-class TokenizeRequest(RequestSchema):
-    """Either `prompt` (text) or `messages` (rendered with the chat template)."""
-
-    model: str | None = None
-    prompt: str | None = None
-    messages: list[ChatMessage] | None = None
-    add_special_tokens: bool = True
-    add_generation_prompt: bool = True
-
-
-class TokenizeResponse(Schema):
-    tokens: list[int]
-    count: int
-    max_model_len: int
-
-
-class DetokenizeRequest(RequestSchema):
-    model: str | None = None
-    tokens: list[int]
-
-
-class DetokenizeResponse(Schema):
-    prompt: str
-
-
 def text_parts_only(content: object, readable: tuple[str, ...]) -> object:
     """A content list whose parts are all of the `readable` types, unchanged; else ValueError
     naming the first other type (an image, audio, a file): a text-only model refuses it by name
@@ -323,5 +298,3 @@ class KVCacheInfo(Schema):
     num_waiting: int
     num_pending: int  # admitted by the server, no output yet (what --max-waiting bounds)
 
-
-TokenizeRequest.model_rebuild()

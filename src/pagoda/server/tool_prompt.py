@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pagoda.sampling.constraint import StructuredOutputs
-from pagoda.server.chat_protocol import ChatCompletionRequest, Tool
+from pagoda.server.chat_protocol import ChatCompletionRequest, NamedToolChoice, Tool
 from pagoda.server.errors import APIError
 
 TOOL_PROMPT = (
@@ -59,13 +59,19 @@ class ToolUse:
 
 
 def tool_use(request: ChatCompletionRequest) -> ToolUse:
-    tools = tuple(request.tools or ())
+    return choose_tools(request.tools, request.tool_choice, request.parallel_tool_calls)
+
+
+def choose_tools(offered: list[Tool] | None, choice: str | NamedToolChoice | None,
+                 parallel: bool | None) -> ToolUse:
+    """The tools and `tool_choice` of a request, checked (unique names, valid schemas, a named
+    choice among the tools); no choice means "auto" with tools and "none" without."""
+    tools = tuple(offered or ())
     names = [t.function.name for t in tools]
     if len(set(names)) != len(names):
         raise APIError(400, "tools: function names must be unique", "tools")
     for i, tool in enumerate(tools):  # whether or not a constraint will compile it
         _check_parameters(i, tool)
-    choice = request.tool_choice
     if choice is None:
         mode = "auto" if tools else "none"
     elif isinstance(choice, str):
@@ -80,7 +86,7 @@ def tool_use(request: ChatCompletionRequest) -> ToolUse:
         if named not in names:
             raise APIError(400, f"tool_choice names {named!r}, which is not in tools",
                            "tool_choice")
-    return ToolUse(mode, tools, named, request.parallel_tool_calls is not False)
+    return ToolUse(mode, tools, named, parallel is not False)
 
 
 def _check_parameters(index: int, tool: Tool) -> None:
