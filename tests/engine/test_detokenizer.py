@@ -31,6 +31,18 @@ def test_multibyte_characters_split_across_tokens(loaded_model):
     assert all("\ufffd" not in p for p in pieces)
 
 
+def test_token_bytes_rebuild_the_text(loaded_model):
+    """Byte-level BPE: a token's own bytes (OpenAI's logprob `bytes`) join into the text's
+    UTF-8 even where a token's decoded text is U+FFFD; an added token is its text."""
+    tok = loaded_model.tokenizer
+    text = "Grüße aus 東京 🎉 und naïve café\n\ttabs  and spaces"
+    ids = tok.encode(text, add_special_tokens=False)
+    assert any("\ufffd" in tok.token_str(t) for t in ids)
+    assert b"".join(tok.token_bytes(t) for t in ids) == text.encode()
+    im_end = tok.hf.convert_tokens_to_ids("<|im_end|>")
+    assert tok.token_bytes(im_end) == b"<|im_end|>"
+
+
 def test_stop_string_spanning_tokens(loaded_model):
     tok = loaded_model.tokenizer
     ids = tok.encode("Hello world, this is the END of it all")

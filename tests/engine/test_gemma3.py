@@ -174,6 +174,16 @@ def test_tokenizer_matches_transformers(gemma, hf_tok, prompt_ids):
     assert all(len(prompt_ids[i]) > SMALL_WINDOW for i in LONG)
 
 
+def test_token_bytes_rebuild_the_text(gemma):
+    """SentencePiece with byte fallback: `<0xNN>` pieces are bytes, `▁` a space; the tokens'
+    bytes join into the text's UTF-8 (OpenAI's logprob `bytes`)."""
+    tok = gemma.tokenizer
+    text = "Grüße aus 東京 🎉 und naïve café\n\ttabs  and rare glyphs: 𓂀 ꙮ 𪚥"
+    ids = tok.encode(text, add_special_tokens=False)
+    assert any(tok.hf.convert_ids_to_tokens(t).startswith("<0x") for t in ids)
+    assert b"".join(tok.token_bytes(t) for t in ids) == text.encode()
+
+
 def test_greedy_each_prompt_alone(gemma, prompt_ids, reference):
     engine = make_engine(gemma)
     for i, ids in enumerate(prompt_ids):

@@ -114,6 +114,12 @@ def test_errors_are_in_anthropics_shape(server, claude):
     assert r.status_code == 400 and r.json()["type"] == "error"
     # named, not reported as a failed union of string and blocks
     assert "content parts of type 'image' are not supported" in r.json()["error"]["message"]
+    # the body limit answers before any route runs, in the route's shape too
+    with pytest.raises(anthropic.APIStatusError) as err:
+        claude.messages.create(model=MODEL, max_tokens=5, messages=[
+            {"role": "user", "content": "x" * (5 << 20)}])
+    assert err.value.status_code == 413
+    assert err.value.body["error"]["type"] == "request_too_large"
     ok = httpx.post(server.url + "/v1/messages", headers={"x-api-key": server.api_key},
                     json={"model": MODEL, "max_tokens": 2, "messages": ASK})
     assert ok.status_code == 200 and ok.json()["type"] == "message"

@@ -93,6 +93,39 @@ def test_streaming_chat_equals_non_streaming(oai, model):
     assert len({c.id for c in chunks}) == 1
 
 
+@pytest.mark.parametrize("route", ["chat", "completions"])
+def test_continuous_usage_stats_count_every_chunk(oai, model, route):
+    """vLLM's stream_options.continuous_usage_stats: each chunk carries the usage so far, ending
+    at the final usage chunk's figures; the text is the same as without it."""
+    args = dict(model=model, max_tokens=10, temperature=0, stream=True, extra_body={
+        "ignore_eos": True})
+    create = (lambda **kw: oai.chat.completions.create(messages=CHAT, **kw)) if route == "chat" \
+        else (lambda **kw: oai.completions.create(prompt=PROMPT, **kw))
+
+    def text(chunks):
+        return "".join((c.choices[0].delta.content or "") if route == "chat" else c.choices[0].text
+                       for c in chunks if c.choices)
+
+    chunks = list(create(**args, stream_options={"include_usage": True,
+                                                 "continuous_usage_stats": True}))
+    counts = [c.usage.completion_tokens for c in chunks]
+    assert all(c.usage.prompt_tokens == chunks[-1].usage.prompt_tokens for c in chunks)
+    assert counts == sorted(counts) and counts[-1] == 10 and counts[-2] == 10
+    assert chunks[-1].choices == []
+    assert text(chunks) == text(list(create(**args)))
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"stream_options": {"include_usage": True}}, "stream_options"),  # without stream
+    ({"stream": True, "stream_options": {"include_usage": True, "usage_every": 2}},
+     "stream_options.usage_every"),
+])
+def test_stream_options_that_would_change_nothing_are_refused(server, body, param):
+    with server.client() as http:
+        r = http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2, **body})
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
 async def test_async_streaming_completion(server, offline):
     client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=server.api_key)
     stream = await client.completions.create(model="SmolLM2-135M-Instruct", prompt=PROMPT,
@@ -211,6 +244,24 @@ def test_chat_logprobs_streaming(oai, model):
         assert bytes(e.bytes).decode() == e.token
 
 
+def test_chat_logprob_bytes_join_into_the_reply(oai, model):
+    """A token holding part of a character reads as U+FFFD, but its `bytes` are its own: the
+    reply's tokens' bytes, joined, are the reply's UTF-8 (streamed and not). The old bytes (of
+    the decoded text) would join into U+FFFDs."""
+    ask = [{"role": "user", "content": "Translate to Japanese: good morning, my friend."}]
+    args = dict(model=model, messages=ask, max_tokens=24, temperature=0, logprobs=True,
+                top_logprobs=1)
+    whole = oai.chat.completions.create(**args).choices[0]
+    entries = whole.logprobs.content
+    assert any("\ufffd" in e.token for e in entries)  # the prompt draws split characters
+    joined, content = b"".join(bytes(e.bytes) for e in entries), whole.message.content.encode()
+    # max_tokens may cut the last character: its first bytes are in the tokens, not the text
+    assert joined.startswith(content) and len(joined) - len(content) < 4
+    chunks = [c for c in oai.chat.completions.create(**args, stream=True) if c.choices]
+    streamed = [e for c in chunks if c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [e.bytes for e in streamed] == [e.bytes for e in entries]
+
+
 def test_max_tokens_and_min_tokens(oai, model):
     got = oai.chat.completions.create(model=model, messages=CHAT, max_completion_tokens=7,
                                       temperature=0, extra_body={"ignore_eos": True})
@@ -280,6 +331,9 @@ def test_api_key(server):
         assert r.status_code == 401
         assert r.json()["error"]["code"] == "invalid_api_key"
     assert httpx.get(server.url + "/health").status_code == 200
+    for probe in ("/health", "/health/live", "/health/ready"):  # load balancers send HEAD
+        head = httpx.head(server.url + probe)
+        assert head.status_code == 200 and head.content == b""
     assert httpx.get(server.url + "/metrics").status_code == 200
 
 

@@ -100,6 +100,9 @@ async def test_bad_messages_get_errors(server):
             (json.dumps({"id": "d", "messages": CHAT, "max_tokens": 10 ** 6}), "d"),
             (json.dumps({"id": "e", "messages": CHAT, "model": "nope"}), "e"),
             (json.dumps({"id": "f", "messages": "hi"}), "f"),
+            # the done message carries the usage; per-message usage is not offered
+            (json.dumps({"id": "g", "messages": CHAT,
+                         "stream_options": {"continuous_usage_stats": True}}), "g"),
         ]
         for text, req_id in cases:
             await ws.send(text)
@@ -110,7 +113,9 @@ async def test_bad_messages_get_errors(server):
         reply = json.loads(await asyncio.wait_for(ws.recv(), 60))
         assert reply["type"] == "error"
         await ws.send(json.dumps({"type": "cancel", "id": "never-started"}))  # ignored
-        await ws.send(json.dumps({"id": "ok", "messages": CHAT, "max_tokens": 2}))
+        # replies always stream: stream_options is accepted without `stream`
+        await ws.send(json.dumps({"id": "ok", "messages": CHAT, "max_tokens": 2,
+                                  "stream_options": {"include_usage": True}}))
         done = await receive_until(ws, lambda m: m["type"] in ("done", "error"))
         assert done[-1]["type"] == "done" and done[-1]["id"] == "ok"
 

@@ -41,6 +41,16 @@ AUTO_CASES = [
 ]
 
 
+def test_arguments_keep_the_characters_the_model_wrote():
+    """OpenAI's arguments are the model's JSON text: "Zürich", not "Z\\u00fcrich"."""
+    text = '<tool_call>{"name": "get_weather", "arguments": {"city": "Zürich 東京"}}</tool_call>'
+    for use in (use_of(), use_of("required")):
+        reply = text if use.mode == "auto" else \
+            '[{"name": "get_weather", "arguments": {"city": "Zürich 東京"}}]'
+        _, calls = parse_tool_calls(reply, use)
+        assert calls[0].function.arguments == '{"city": "Zürich 東京"}'
+
+
 @pytest.mark.parametrize("text, content, calls", AUTO_CASES)
 def test_auto_parse_and_every_stream_cut_agree(text, content, calls):
     use = use_of()

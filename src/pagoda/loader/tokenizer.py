@@ -22,6 +22,8 @@ from typing import Any
 from tokenizers import Tokenizer as RawTokenizer
 from tokenizers.decoders import DecodeStream
 
+from pagoda.loader.token_bytes import TokenBytes
+
 
 @dataclass(frozen=True)
 class TokenizerFiles:
@@ -90,6 +92,12 @@ class Tokenizer:
 
     def token_str(self, token_id: int) -> str:
         return self.hf.decode([token_id], skip_special_tokens=False)
+
+    @functools.cached_property
+    def token_bytes(self) -> TokenBytes:
+        """`token_bytes(id)`: the token's own bytes, also when it holds part of a UTF-8
+        character (its `token_str` is then U+FFFD)."""
+        return TokenBytes(self.raw, self.token_str)
 
     @property
     def has_chat_template(self) -> bool:

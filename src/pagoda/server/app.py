@@ -15,6 +15,7 @@ from importlib import resources
 from typing import Any
 
 from fastapi import FastAPI, Request, WebSocket
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
@@ -109,6 +110,13 @@ def build_app(config: ServerConfig, on_fatal: Callable[[], None] | None = None,
     if config.api_key is not None:
         app.add_middleware(APIKeyMiddleware, api_key=config.api_key)
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)
+    if config.allowed_origins:
+        # added last, so outermost: it answers preflights before the API key is asked for
+        # (a browser sends none with them) and marks every answer, errors included
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.allowed_origins),
+                           allow_methods=list(config.allowed_methods),
+                           allow_headers=list(config.allowed_headers),
+                           allow_credentials=config.allow_credentials)
     _add_openai_routes(app, client)
     _add_operational_routes(app, client)
     return app
@@ -182,16 +190,18 @@ def _add_openai_routes(app: FastAPI, client: EngineClient) -> None:
 
 
 def _add_operational_routes(app: FastAPI, client: EngineClient) -> None:
-    @app.get("/health", response_model=HealthResponse,
-             responses={503: {"model": HealthResponse}})
+    # The probes answer HEAD too (load balancers and uptime checkers that send HEAD got 405);
+    # Starlette sends a HEAD answer's status and headers without the body.
+    @app.api_route("/health", methods=["GET", "HEAD"], response_model=HealthResponse,
+                   responses={503: {"model": HealthResponse}})
     async def health() -> JSONResponse:
         status = client.check_engine()  # a dead engine thread or process turns ok into failed
         body = HealthResponse(status=status, detail=client.detail)  # type: ignore[arg-type]
         code = 200 if status == "ok" else 503
         return JSONResponse(body.model_dump(), status_code=code)
 
-    @app.get("/health/live", response_model=HealthResponse,
-             responses={503: {"model": HealthResponse}})
+    @app.api_route("/health/live", methods=["GET", "HEAD"], response_model=HealthResponse,
+                   responses={503: {"model": HealthResponse}})
     async def live() -> JSONResponse:
         """Kubernetes liveness: the process serves (loading and draining included); 503 only
         once the model failed to load or the engine died, when a restart is the cure."""
@@ -199,8 +209,8 @@ def _add_operational_routes(app: FastAPI, client: EngineClient) -> None:
         body = HealthResponse(status=status, detail=client.detail)  # type: ignore[arg-type]
         return JSONResponse(body.model_dump(), status_code=503 if status == "failed" else 200)
 
-    @app.get("/health/ready", response_model=HealthResponse,
-             responses={503: {"model": HealthResponse}})
+    @app.api_route("/health/ready", methods=["GET", "HEAD"], response_model=HealthResponse,
+                   responses={503: {"model": HealthResponse}})
     async def ready() -> JSONResponse:
         """Kubernetes readiness: send traffic only when a request would be served."""
         return await health()

@@ -1,4 +1,4 @@
-"""Request-body size limit, enforced before any parsing (413 in OpenAI's error shape).
+"""Request-body size limit, enforced before any parsing (413 in the route's error shape).
 
 The body is read here — refusing as soon as it passes the limit, whether or not a Content-Length
 was sent — and replayed to the app, so no handler ever sees an oversized body.
@@ -54,6 +54,6 @@ class BodyLimitMiddleware:
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
         error = APIError(413, f"request body exceeds {self.max_bytes} bytes",
                          code="request_too_large")
-        response = error.response()
+        response = error.response(scope.get("path"))  # Anthropic's shape on its routes
         response.headers["Connection"] = "close"
         await response(scope, receive, send)

@@ -32,7 +32,12 @@ from pagoda.server.errors import APIError
 from pagoda.server.logprobs import chat_logprobs, vllm_prompt_logprobs
 from pagoda.server.protocol import ChatMessage, UsageInfo
 from pagoda.server.request_params import chat_messages, chat_params
-from pagoda.server.streaming import EngineStreamingResponse, cancel_on_disconnect, sse_body
+from pagoda.server.streaming import (
+    EngineStreamingResponse,
+    StreamUsage,
+    cancel_on_disconnect,
+    sse_body,
+)
 from pagoda.server.tool_parser import ToolCallStream, parse_tool_calls
 from pagoda.server.tool_prompt import ToolUse, template_messages, tool_use
 
@@ -113,7 +118,7 @@ async def create_chat_completion(client: EngineClient, request: ChatCompletionRe
         logprobs = None
         if request.logprobs and sample.logprobs is not None:
             logprobs = chat_logprobs(sample.token_ids, sample.logprobs, num_top,
-                                     llm.tokenizer.token_str)
+                                     llm.tokenizer.token_str, llm.tokenizer.token_bytes)
         content, calls = parse_tool_calls(sample.text, tools)
         finish = sample.finish_reason
         if calls and finish == "stop":
@@ -135,14 +140,15 @@ async def create_chat_completion(client: EngineClient, request: ChatCompletionRe
 def _stream(client: EngineClient, request: ChatCompletionRequest, tools: ToolUse,
             chunk: ChatCompletionChunk, n: int, num_prompt_tokens: int,
             outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[str]:
-    token_str = client.require_llm().tokenizer.token_str
+    tokenizer = client.require_llm().tokenizer
     num_top = request.top_logprobs or 0
     streams = [ToolCallStream(tools) for _ in range(n)]  # one per choice
 
     def choice_of(delta: CompletionOutput) -> ChatStreamChoice | None:
         logprobs = None
         if request.logprobs and delta.logprobs:
-            logprobs = chat_logprobs(delta.token_ids, delta.logprobs, num_top, token_str)
+            logprobs = chat_logprobs(delta.token_ids, delta.logprobs, num_top,
+                                     tokenizer.token_str, tokenizer.token_bytes)
         stream = streams[delta.index]
         text, calls = stream.feed(delta.text)
         finish = delta.finish_reason
@@ -161,6 +167,6 @@ def _stream(client: EngineClient, request: ChatCompletionRequest, tools: ToolUse
     opening = None if tools.mode in ("required", "named") else ""
     roles = [ChatStreamChoice(index=i, delta=ChatDelta(role="assistant", content=opening))
              for i in range(n)]
-    include_usage = bool(request.stream_options and request.stream_options.include_usage)
-    return sse_body(outputs, chunk, choice_of, num_prompt_tokens, include_usage,
+    return sse_body(outputs, chunk, choice_of, num_prompt_tokens,
+                    StreamUsage.of(request.stream_options),
                     opening=chunk.model_copy(update={"choices": roles}))

@@ -52,7 +52,33 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--otlp-traces-endpoint", default=None, metavar="URL",
                    help="export OpenTelemetry traces over OTLP/HTTP to this collector URL "
                    "(e.g. http://127.0.0.1:4318/v1/traces); docs/server.md")
+    cors = p.add_argument_group("CORS (vLLM's flags; each list as values or a JSON list)")
+    cors.add_argument("--allowed-origins", nargs="*", type=str, default=["*"], metavar="ORIGIN",
+                      help="origins whose web pages may call the API ('*': any; none: CORS off)")
+    cors.add_argument("--allowed-methods", nargs="+", type=str, default=["*"], metavar="METHOD")
+    cors.add_argument("--allowed-headers", nargs="+", type=str, default=["*"], metavar="HEADER")
+    cors.add_argument("--allow-credentials", action="store_true",
+                      help="let browsers send cookies and HTTP auth cross-origin")
     add_engine_args(p)
+
+
+def string_list(values: list[str], flag: str) -> tuple[str, ...]:
+    """`a b`, `a,b` or vLLM's JSON `["a", "b"]` -> ("a", "b"); anything else is a usage error."""
+    import json
+
+    out: list[str] = []
+    for value in values:
+        if value.lstrip().startswith("["):
+            try:
+                items = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{flag}: not a JSON list of strings: {value!r}") from exc
+            if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+                raise ValueError(f"{flag}: not a JSON list of strings: {value!r}")
+            out.extend(items)
+        else:
+            out.extend(v.strip() for v in value.split(",") if v.strip())
+    return tuple(out)
 
 
 def config_from_args(args: argparse.Namespace) -> Any:
@@ -65,7 +91,11 @@ def config_from_args(args: argparse.Namespace) -> Any:
         served_model_name=args.served_model_name, max_waiting=args.max_waiting,
         request_timeout=args.request_timeout, shutdown_grace=args.shutdown_grace,
         max_body_bytes=args.max_body_bytes, engine_process=args.engine_process,
-        otlp_traces_endpoint=args.otlp_traces_endpoint)
+        otlp_traces_endpoint=args.otlp_traces_endpoint,
+        allowed_origins=string_list(args.allowed_origins, "--allowed-origins"),
+        allowed_methods=string_list(args.allowed_methods, "--allowed-methods"),
+        allowed_headers=string_list(args.allowed_headers, "--allowed-headers"),
+        allow_credentials=args.allow_credentials)
 
 
 def run(args: argparse.Namespace) -> int:

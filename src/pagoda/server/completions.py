@@ -30,7 +30,12 @@ from pagoda.server.protocol import (
     UsageInfo,
 )
 from pagoda.server.request_params import completion_params, completion_prompts
-from pagoda.server.streaming import EngineStreamingResponse, cancel_on_disconnect, sse_body
+from pagoda.server.streaming import (
+    EngineStreamingResponse,
+    StreamUsage,
+    cancel_on_disconnect,
+    sse_body,
+)
 
 
 @dataclasses.dataclass
@@ -119,10 +124,9 @@ def _stream(client: EngineClient, request: CompletionRequest, header: Completion
                     prompts[o.index] = out.prompt_logprobs
             yield out
 
-    include_usage = bool(request.stream_options and request.stream_options.include_usage)
     return sse_body(choice_outputs(), header,
                     lambda delta: _choice(request, delta, token_str, offsets, prompts, echoes),
-                    num_prompt_tokens, include_usage)
+                    num_prompt_tokens, StreamUsage.of(request.stream_options))
 
 
 def _choice(request: CompletionRequest, delta: CompletionOutput, token_str,

@@ -25,6 +25,13 @@ class ServerConfig:
     engine_process: bool = False
     # OTLP/HTTP collector URL for traces (e.g. http://127.0.0.1:4318/v1/traces); None: no tracing
     otlp_traces_endpoint: str | None = None
+    # CORS, as vLLM's and llama-server's defaults: any web page may call the API (with the API
+    # key, if one is set: a bearer header, not a cookie). No origins: no CORS headers at all,
+    # so browsers refuse pages of other origins.
+    allowed_origins: tuple[str, ...] = ("*",)
+    allowed_methods: tuple[str, ...] = ("*",)
+    allowed_headers: tuple[str, ...] = ("*",)
+    allow_credentials: bool = False
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:

@@ -3,8 +3,8 @@
 Starlette's `ServerErrorMiddleware` answers an unhandled exception with the app's 500 handler and
 then re-raises it; uvicorn logs it and drops the keep-alive connection, so a client's *next*
 request on that connection fails with "connection reset". This middleware sits inside it: it
-logs the exception once, sends OpenAI's 500 shape if the response has not started (if it has,
-the stream is already committed and only ends), and returns normally.
+logs the exception once, sends a 500 in the route's shape if the response has not started (if
+it has, the stream is already committed and only ends), and returns normally.
 """
 
 from __future__ import annotations
@@ -38,5 +38,6 @@ class LastResortMiddleware:
         except Exception as exc:  # noqa: BLE001 - the point of this middleware
             log.exception("unhandled error on %s", scope.get("path"))
             if not started:
-                response = APIError(500, f"internal error: {type(exc).__name__}").response()
+                response = APIError(500, f"internal error: {type(exc).__name__}").response(
+                    scope.get("path"))
                 await response(scope, receive, send)

@@ -13,6 +13,7 @@ from pagoda.server.chat_protocol import ChatLogprobs, TokenLogprob, TopLogprob
 from pagoda.server.protocol import CompletionLogprobs, PromptLogprob
 
 TokenStr = Callable[[int], str]
+TokenBytes = Callable[[int], bytes]
 FLOOR = -9999.0  # stands in for -inf, which JSON cannot carry
 
 
@@ -53,12 +54,14 @@ def vllm_prompt_logprobs(entries: list[TokenLogprobs | None], token_str: TokenSt
 
 
 def chat_logprobs(token_ids: list[int], entries: list[TokenLogprobs], num_top: int,
-                  token_str: TokenStr) -> ChatLogprobs:
+                  token_str: TokenStr, token_bytes: TokenBytes) -> ChatLogprobs:
+    """OpenAI's chat shape. `bytes` is each token's own bytes (`token_bytes`), not its text's:
+    a token holding part of a UTF-8 character reads as U+FFFD, and the bytes of a reply's
+    tokens, joined, must be the reply's UTF-8."""
     content = []
     for token_id, entry in zip(token_ids, entries, strict=False):
-        text = token_str(token_id)
-        top = [TopLogprob(token=token_str(t), logprob=lp, bytes=list(token_str(t).encode()))
+        top = [TopLogprob(token=token_str(t), logprob=lp, bytes=list(token_bytes(t)))
                for t, lp in _top(entry, num_top)]
-        content.append(TokenLogprob(token=text, logprob=entry.get(token_id, FLOOR),
-                                    bytes=list(text.encode()), top_logprobs=top))
+        content.append(TokenLogprob(token=token_str(token_id), logprob=entry.get(token_id, FLOOR),
+                                    bytes=list(token_bytes(token_id)), top_logprobs=top))
     return ChatLogprobs(content=content)

@@ -16,6 +16,7 @@ from pydantic import (
     ConfigDict,
     Field,
     StringConstraints,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -78,7 +79,10 @@ class ErrorResponse(Schema):
 
 
 class StreamOptions(RequestSchema):
-    include_usage: bool = False
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool = False  # a last chunk with the whole request's usage
+    continuous_usage_stats: bool = False  # vLLM: every chunk carries the usage so far
 
 
 class JsonSchemaFormat(RequestSchema):
@@ -154,6 +158,16 @@ class SamplingFields(RequestSchema):
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
     guided_decoding_backend: str | None = None  # "xgrammar" (or "auto"); others are refused
+
+    @field_validator("stream_options")
+    @classmethod
+    def _only_when_streaming(cls, options: StreamOptions | None,
+                             info: ValidationInfo) -> StreamOptions | None:
+        """As OpenAI and vLLM: options of a stream on a request that does not stream would
+        change nothing, so they are refused rather than ignored."""
+        if options is not None and not info.data.get("stream", False):
+            raise ValueError("stream_options is only allowed when stream is true")
+        return options
 
 
 class CompletionRequest(SamplingFields):

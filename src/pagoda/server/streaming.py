@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from fastapi import Request
@@ -21,7 +22,7 @@ from starlette.types import Receive, Scope, Send
 from pagoda.engine.outputs import CompletionOutput, RequestOutput
 from pagoda.server.engine_client import Ticket, error_of
 from pagoda.server.errors import APIError
-from pagoda.server.protocol import UsageInfo
+from pagoda.server.protocol import StreamOptions, UsageInfo
 
 T = TypeVar("T")
 
@@ -35,22 +36,43 @@ def sse_event(payload: BaseModel | dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
 
 
+@dataclass(frozen=True)
+class StreamUsage:
+    """What a stream reports of its usage (`stream_options`)."""
+
+    final: bool = False  # include_usage: a last chunk with the request's usage
+    continuous: bool = False  # continuous_usage_stats (vLLM): the usage so far on every chunk
+
+    @classmethod
+    def of(cls, options: StreamOptions | None) -> StreamUsage:
+        if options is None:
+            return cls()
+        return cls(options.include_usage, options.continuous_usage_stats)
+
+
 async def sse_body(outputs: AsyncIterator[RequestOutput], template: BaseModel,
                    choice_of: Callable[[CompletionOutput], BaseModel | None],
-                   num_prompt_tokens: int, include_usage: bool,
+                   num_prompt_tokens: int, usage: StreamUsage,
                    opening: BaseModel | None = None) -> AsyncIterator[str]:
     """The SSE body of `/v1/completions` and `/v1/chat/completions`.
 
     `opening` (chat's role chunk) first; then, per engine output, one copy of `template` holding
     each sample's choice (`choice_of` returns None for a delta with nothing to show yet, e.g. half
-    of a UTF-8 character); an error event and [DONE] if the engine fails; the usage chunk when
-    the client asked for it; [DONE]. Closing this iterator closes `outputs`, which aborts the
+    of a UTF-8 character), with the usage so far when the client asked for it on every chunk;
+    an error event and [DONE] if the engine fails; the usage chunk when the client asked for
+    it; [DONE]. Closing this iterator closes `outputs`, which aborts the
     request in the engine."""
     generated: dict[int, int] = {}  # sample index -> tokens generated so far
     cached = 0
+
+    def so_far() -> dict[str, UsageInfo]:
+        if not usage.continuous:
+            return {}
+        return {"usage": UsageInfo.of(num_prompt_tokens, sum(generated.values()), cached)}
+
     async with contextlib.aclosing(outputs):
         if opening is not None:
-            yield sse_event(opening)
+            yield sse_event(opening.model_copy(update=so_far()))
         async for out in outputs:
             if out.error:
                 yield sse_event(error_of(out.error).body())
@@ -62,13 +84,13 @@ async def sse_body(outputs: AsyncIterator[RequestOutput], template: BaseModel,
                 choice = choice_of(delta)
                 if choice is not None:
                     choices.append(choice)
-            if choices:
-                yield sse_event(template.model_copy(update={"choices": choices}))
             if out.metrics is not None:
                 cached = out.metrics.num_cached_tokens
-    if include_usage:
-        usage = UsageInfo.of(num_prompt_tokens, sum(generated.values()), cached)
-        yield sse_event(template.model_copy(update={"usage": usage}))
+            if choices:
+                yield sse_event(template.model_copy(update={"choices": choices, **so_far()}))
+    if usage.final:
+        total = UsageInfo.of(num_prompt_tokens, sum(generated.values()), cached)
+        yield sse_event(template.model_copy(update={"usage": total}))
     yield SSE_DONE
 
 

@@ -28,7 +28,8 @@ BLOCK = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.S)
 
 
 def new_call(name: str, arguments: Any) -> ToolCall:
-    text = arguments if isinstance(arguments, str) else json.dumps(arguments)
+    # as written: "Zürich", not "Z\u00fcrich" (json.dumps escapes non-ASCII unless told)
+    text = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
     return ToolCall(id=f"call_{uuid.uuid4().hex[:24]}",
                     function=FunctionCall(name=name, arguments=text))
 

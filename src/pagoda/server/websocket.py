@@ -143,6 +143,11 @@ class Connection:
     async def _generate(self, kind: str, req_id: Any, payload: dict[str, Any]) -> None:
         client = self.client
         llm = client.require_generator()
+        payload = {**payload, "stream": True}  # replies always stream (a `stream` is ignored)
+        options = payload.get("stream_options")
+        if isinstance(options, dict) and options.get("continuous_usage_stats"):
+            raise APIError(400, "continuous_usage_stats is not offered here: the done message "
+                                "carries the usage", "stream_options.continuous_usage_stats")
         if kind == "chat":
             chat = ChatCompletionRequest.model_validate(payload)
             client.check_model(chat.model)
@@ -188,7 +193,8 @@ class Connection:
                         if num_top is not None and d.logprobs:
                             message["logprobs"] = chat_logprobs(
                                 d.token_ids, d.logprobs, num_top,
-                                llm.tokenizer.token_str).model_dump()["content"]
+                                llm.tokenizer.token_str,
+                                llm.tokenizer.token_bytes).model_dump()["content"]
                         await self.send(message)
                     final = out
         finally:
