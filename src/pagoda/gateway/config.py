@@ -190,6 +190,10 @@ class GatewayConfig:
     host: str = "127.0.0.1"
     port: int = 8080
     max_body_bytes: int = 16 << 20  # larger request bodies get 413 without being read
+    # CORS: origins whose web pages may call the gateway ("*": any, as `pagoda serve`'s
+    # default; empty: no CORS headers, so browsers refuse other origins). Keys are bearer
+    # headers, never cookies, so no credentials mode.
+    allowed_origins: tuple[str, ...] = ("*",)
 
     def __post_init__(self) -> None:
         pools = {p.name for p in self.models}
@@ -199,6 +203,9 @@ class GatewayConfig:
             raise ConfigError("keys: at least one API key is required")
         if self.max_body_bytes < 1:
             raise ConfigError("max_body_bytes must be positive")
+        if not all(isinstance(o, str) and o for o in self.allowed_origins):
+            raise ConfigError("allowed_origins: expected a list of origins such as "
+                              "https://app.example.com, or '*'")
         if len({k.name for k in self.keys}) != len(self.keys):
             raise ConfigError("keys: names must be unique")
         for vm in self.virtual_models:
@@ -278,6 +285,11 @@ def parse_config(data: Any) -> GatewayConfig:
             raw = {**raw, "rules": rules}
         virtual.append(_build(VirtualModelConfig, raw, f"virtual_models[{i}]"))
     top = {k: v for k, v in data.items() if k not in ("models", "keys", "virtual_models")}
+    if "allowed_origins" in top:
+        origins = top["allowed_origins"]
+        if not isinstance(origins, list):
+            raise ConfigError("allowed_origins: expected a list")
+        top["allowed_origins"] = tuple(origins)
     sections = (("health", HealthConfig), ("retry", RetryConfig), ("cache", CacheConfig),
                 ("embedding_cache", EmbeddingCacheConfig))
     for section, cls in sections:
