@@ -124,6 +124,8 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--depths", default="2,4,6,8",
                    help="num_speculative_tokens values of the depth section")
+    p.add_argument("--lookup-pairs", default="4:2,8:1,8:2,4:1",
+                   help="the lookup section's num_speculative_tokens:prompt_lookup_min pairs")
     p.add_argument("--draft-quantization", default="gguf")
     p.add_argument("--target-quantization", default="none",
                    help="the target's weights: none (fp32, the issue's baseline) or gguf (what "
@@ -155,7 +157,7 @@ def main() -> None:
         configs = [("off", None, {})] + [
             (f"ngram k={k} min_n={n}", "ngram", {"num_speculative_tokens": k,
                                                  "prompt_lookup_min": n})
-            for k, n in ((4, 2), (8, 1), (8, 2), (4, 1))]
+            for k, n in (map(int, pair.split(":")) for pair in args.lookup_pairs.split(","))]
         b.compare("batch 1, grounded prompts, greedy, prompt lookup settings", b.grounded(),
                   greedy, 1, configs)
         b.compare("batch 1, chat prompts, greedy, prompt lookup settings",
