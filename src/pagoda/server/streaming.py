@@ -65,10 +65,11 @@ async def sse_body(outputs: AsyncIterator[RequestOutput], template: BaseModel,
     generated: dict[int, int] = {}  # sample index -> tokens generated so far
     cached = 0
 
+    def usage_now() -> UsageInfo:
+        return UsageInfo.of(num_prompt_tokens, sum(generated.values()), cached)
+
     def so_far() -> dict[str, UsageInfo]:
-        if not usage.continuous:
-            return {}
-        return {"usage": UsageInfo.of(num_prompt_tokens, sum(generated.values()), cached)}
+        return {"usage": usage_now()} if usage.continuous else {}
 
     async with contextlib.aclosing(outputs):
         if opening is not None:
@@ -89,8 +90,7 @@ async def sse_body(outputs: AsyncIterator[RequestOutput], template: BaseModel,
             if choices:
                 yield sse_event(template.model_copy(update={"choices": choices, **so_far()}))
     if usage.final:
-        total = UsageInfo.of(num_prompt_tokens, sum(generated.values()), cached)
-        yield sse_event(template.model_copy(update={"usage": total}))
+        yield sse_event(template.model_copy(update={"usage": usage_now()}))
     yield SSE_DONE
 
 

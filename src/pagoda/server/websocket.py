@@ -144,27 +144,25 @@ class Connection:
         client = self.client
         llm = client.require_generator()
         payload = {**payload, "stream": True}  # replies always stream (a `stream` is ignored)
-        options = payload.get("stream_options")
-        if isinstance(options, dict) and options.get("continuous_usage_stats"):
+        request = (ChatCompletionRequest if kind == "chat" else CompletionRequest
+                   ).model_validate(payload)
+        if request.stream_options is not None and request.stream_options.continuous_usage_stats:
             raise APIError(400, "continuous_usage_stats is not offered here: the done message "
                                 "carries the usage", "stream_options.continuous_usage_stats")
-        if kind == "chat":
-            chat = ChatCompletionRequest.model_validate(payload)
-            client.check_model(chat.model)
-            tools = tool_use(chat)
-            params = chat_params(chat, tools)
-            prompt: str | list[int] = render_chat(llm, chat.messages, chat.add_generation_prompt,
-                                                  tools, chat.chat_template_kwargs,
-                                                  chat.continue_final_message)
-            num_top = (chat.top_logprobs or 0) if chat.logprobs else None
+        client.check_model(request.model)
+        if isinstance(request, ChatCompletionRequest):
+            tools = tool_use(request)
+            params = chat_params(request, tools)
+            prompt: str | list[int] = render_chat(
+                llm, request.messages, request.add_generation_prompt, tools,
+                request.chat_template_kwargs, request.continue_final_message)
+            num_top = (request.top_logprobs or 0) if request.logprobs else None
         else:
-            completion = CompletionRequest.model_validate(payload)
-            client.check_model(completion.model)
-            params = completion_params(completion)
-            prompts = completion_prompts(completion)
-            if len(prompts) > 1 or completion.echo:
+            params = completion_params(request)
+            prompts = completion_prompts(request)
+            if len(prompts) > 1 or request.echo:
                 raise APIError(400, "one prompt per WebSocket message, without echo",
-                               "echo" if completion.echo else "prompt")
+                               "echo" if request.echo else "prompt")
             prompt = prompts[0]
             num_top = None
             tools = ToolUse("none", ())
