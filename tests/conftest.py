@@ -88,6 +88,19 @@ def loaded_model():
 
 
 @pytest.fixture(scope="session")
+def default_model(loaded_model):
+    """The default model as `pagoda serve` and `LLM()` run it: the GGUF file's own blocks through
+    the default kernel plan (igemm for the 4-bit blocks: activations rounded to int8 per block).
+    `loaded_model` is the same weights in fp32, the transformers-identical reference."""
+    from pagoda.loader.model_loader import load_model
+    from pagoda.quant import apply_quantization
+
+    model = load_model(loaded_model.path, progress=False)
+    apply_quantization(model, "gguf")
+    return model
+
+
+@pytest.fixture(scope="session")
 def make_engine(loaded_model):
     """Build an engine around the shared weights with the given config overrides."""
     from pagoda.engine.config import EngineConfig
@@ -163,8 +176,8 @@ def reference(request, computed_once, prompt_ids):
 @pytest.fixture(scope="session")
 def gguf_draft(loaded_model):
     """The default model again, on its GGUF blocks through qgemm (int8 activations), for the
-    speculative decoding tests: an imperfect draft, so they see rejections. (Through wgemm, the
-    default kernel, the blocks give the fp32 target's own product and every draft is accepted.)"""
+    speculative decoding tests: an imperfect draft, so they see rejections. (Through wgemm the
+    blocks give the fp32 target's own product and every draft is accepted.)"""
     from pagoda.loader.model_loader import load_model
     from pagoda.quant import apply_quantization
 
@@ -175,7 +188,7 @@ def gguf_draft(loaded_model):
 
 @pytest.fixture(scope="session")
 def int4_draft(loaded_model):
-    """int4 groups of the fp32 weights through the default kernel (wgemm): a weaker draft than
+    """int4 groups of the fp32 weights through the default kernel (igemm): a weaker draft than
     the file's blocks, as its lm_head is rounded to 4 bits."""
     from pagoda.loader.model_loader import load_model
     from pagoda.quant import apply_quantization

@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+from pagoda.engine.config import EngineConfig
+from pagoda.engine.llm_engine import LLMEngine
 from pagoda.entrypoints.llm import LLM
 from pagoda.sampling.params import SamplingParams
 
@@ -18,9 +20,11 @@ def run(args: list[str], stdin: str | None = None) -> subprocess.CompletedProces
                           timeout=600)
 
 
-def test_generate_streams_the_greedy_completion(make_engine):
+def test_generate_streams_the_greedy_completion(default_model):
+    """`pagoda generate` runs the default model (its GGUF blocks, the default kernels)."""
     prompt = "The capital of France is"
-    expected = LLM.from_engine(make_engine()).generate(
+    engine = LLMEngine(EngineConfig(kv_cache_memory=32 << 20, progress=False), loaded=default_model)
+    expected = LLM.from_engine(engine).generate(
         prompt, SamplingParams(temperature=0, max_tokens=10))[0].outputs[0].text
     res = run(["generate", prompt, "--temperature", "0", "--max-tokens", "10",
                "--kv-cache-memory", "32MiB"])

@@ -34,7 +34,10 @@ def ray_app():
     # Ray task in a placement group (a CPU): three of Ray's logical CPUs for the two replicas
     with ray_serve("--num-replicas", "2", "--tensor-parallel-size", "2",
                    "--distributed-executor", "ray", "--ray-num-cpus", "3",
-                   "--ray-router", "prefix") as url:
+                   "--ray-router", "prefix",
+                   # the file's blocks as the fp32 product, which one fp32 process's greedy text
+                   # is compared with (tests/parallel/test_tensor_parallel.py's tp_engine: why)
+                   "--quant-kernel", "wgemm") as url:
         yield url
 
 

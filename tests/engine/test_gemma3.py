@@ -311,16 +311,22 @@ def test_sliding_window_with_speculation(gemma_small_window, prompt_ids, small_w
 
 def test_default_weights_are_the_files_blocks_with_transformers_tokens(gemma_path, prompt_ids,
                                                                       reference):
-    """By default a GGUF file is served on its own blocks (Q4_K, Q5_0, Q6_K, Q8_0 here), read
-    by wgemm: the product of the file's weights in fp32, so transformers' greedy tokens, batched.
-    (Q5_0 was once re-rounded to per-row int8, which changed the eleventh token of prompt 0.)"""
+    """By default a GGUF file is served on its own blocks (Q4_K, Q5_0, Q6_K, Q8_0 here): the
+    4-bit ones through igemm (int8 activations), the 8-bit ones through wgemm. Through wgemm
+    alone (`--quant-kernel wgemm`) they compute the product of the file's weights in fp32, so
+    transformers' greedy tokens, batched. (Q5_0 was once re-rounded to per-row int8, which
+    changed the eleventh token of prompt 0.)"""
+    from pagoda.quant.kernel_plan import choose
     from pagoda.quant.quant_linear import QuantLinear
 
-    engine = make_engine(None, model=gemma_path)
+    engine = make_engine(None, model=gemma_path, quant_kernel="wgemm")
     assert engine.config.quantization == "gguf"
     linears = [m for m in engine.loaded.model.modules() if isinstance(m, QuantLinear)]
-    assert linears and all(m.kernel_choice(torch.device("cpu")).kernel == "wgemm"
-                           for m in linears)
+    cpu = torch.device("cpu")
+    assert linears and all(m.kernel_choice(cpu).kernel == "wgemm" for m in linears)
+    defaults = {m.weight_format().bits: choose(m.weight_format(), cpu, "auto").kernel
+                for m in linears}
+    assert defaults == {4: "igemm", 8: "wgemm"}
     got = run_to_completion(engine, {f"r{i}": (ids, GREEDY) for i, ids in enumerate(prompt_ids)})
     for i in range(len(prompt_ids)):
         assert got[f"r{i}"] == reference[i], f"prompt {i} differs from transformers"
@@ -330,7 +336,7 @@ def test_default_weights_are_the_files_blocks_with_transformers_tokens(gemma_pat
 def test_pipeline_stages_keep_both_kv_groups(gemma_path, prompt_ids, reference):
     """Gemma 3's sliding and global layers are two KV groups; each of two pipeline stages (two
     processes) builds the stores of its own layers in both: transformers' tokens, batched."""
-    engine = make_engine(None, model=gemma_path, pipeline_parallel_size=2)
+    engine = make_engine(None, model=gemma_path, pipeline_parallel_size=2, quant_kernel="wgemm")
     try:
         assert engine.peers.stage == range(0, 9)
         got = run_to_completion(engine, {f"r{i}": (prompt_ids[i], GREEDY) for i in range(4)})
@@ -344,7 +350,7 @@ def test_tensor_parallel_ranks_replicate_the_one_kv_head(gemma_path, prompt_ids,
     """Gemma 3 270M has one KV head for its four query heads: two ranks each cache that head
     and compute two query heads (and half the MLP and of the vocabulary): transformers'
     tokens, batched, in both KV groups."""
-    engine = make_engine(None, model=gemma_path, tensor_parallel_size=2)
+    engine = make_engine(None, model=gemma_path, tensor_parallel_size=2, quant_kernel="wgemm")
     try:
         assert list(engine.peers.shard.q_heads) == [0, 1]
         assert list(engine.peers.shard.kv_heads) == [0]

@@ -76,7 +76,8 @@ def test_quantized_stages_decode_what_one_process_decodes(quantization, prompt_i
     """GGUF blocks are found by layer number, so each stage quantizes before it is cut."""
     outputs = {}
     for pp in (1, 2):
-        engine = tp_engine(pipeline_parallel_size=pp, quantization=quantization)
+        engine = tp_engine(pipeline_parallel_size=pp, quantization=quantization,
+                           quant_kernel="auto")
         try:
             outputs[pp] = greedy_outputs(engine, prompt_ids[2:6])
         finally:

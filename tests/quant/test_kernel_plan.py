@@ -18,12 +18,18 @@ FORMATS = {
 }
 
 
+# what auto picks: the integer GEMM for 4-bit groups of 32k, fp32-widened weights for the rest
+AUTO = {"int8 per channel": "wgemm", "gguf Q4_1/Q4_K": "igemm", "gguf Q8_0": "wgemm",
+        "gguf Q6_K": "wgemm", "int4 g64": "igemm"}
+
+
 @pytest.mark.parametrize("name", list(FORMATS))
-def test_auto_takes_the_best_wgemm_flavour_for_every_supported_format(name: str):
+def test_auto_takes_the_best_flavour_of_its_kernel_for_every_supported_format(name: str):
     choice = choose(FORMATS[name], CPU, "auto")
-    assert (choice.kernel, choice.flavour) == ("wgemm", build.best_flavour())
-    asked = choose(FORMATS[name], CPU, "qgemm")  # qgemm stays one flag away
-    assert (asked.kernel, asked.flavour) == ("qgemm", build.best_flavour())
+    assert (choice.kernel, choice.flavour) == (AUTO[name], build.best_flavour())
+    for other in ("qgemm", "wgemm"):  # each stays one flag away
+        asked = choose(FORMATS[name], CPU, other)
+        assert (asked.kernel, asked.flavour) == (other, build.best_flavour())
 
 
 def test_shapes_qgemm_refuses_run_on_wgemm_and_odd_groups_fall_back():
@@ -32,6 +38,10 @@ def test_shapes_qgemm_refuses_run_on_wgemm_and_odd_groups_fall_back():
     with pytest.raises(ValueError, match="K=100"):
         choose(odd, CPU, "qgemm")
     assert choose(WeightFormat("int4", 4, 16, 512), CPU, "auto").kernel == "wgemm"
+    with pytest.raises(ValueError, match="groups of 16"):  # igemm: 4-bit groups of 32k only
+        choose(WeightFormat("int4", 4, 16, 512), CPU, "igemm")
+    with pytest.raises(ValueError, match="8-bit"):
+        choose(FORMATS["gguf Q8_0"], CPU, "igemm")
     # 4-bit groups of an odd size split a byte's two values between groups: neither kernel
     odd_group = WeightFormat("int4", 4, 33, 99)
     assert choose(odd_group, CPU, "auto").kernel in ("fbgemm", "reference")
@@ -39,7 +49,7 @@ def test_shapes_qgemm_refuses_run_on_wgemm_and_odd_groups_fall_back():
         choose(odd_group, CPU, "wgemm")
 
 
-@pytest.mark.parametrize("kernel", ["qgemm", "wgemm"])
+@pytest.mark.parametrize("kernel", ["qgemm", "wgemm", "igemm"])
 @pytest.mark.parametrize("flavour", list(build.FLAVOURS))
 def test_forcing_a_flavour(kernel: str, flavour: str):
     fmt = FORMATS["gguf Q4_1/Q4_K"]
@@ -65,4 +75,7 @@ def test_the_plan_is_described_one_line_per_format():
     lines = describe(choices)
     assert len(lines) == len(FORMATS)
     assert any(line.strip().startswith("2 x int8 8-bit g576") for line in lines)
-    assert all(f"wgemm-{build.best_flavour()}" in line for line in lines)
+    for name, fmt in FORMATS.items():
+        what = f"{fmt.method} {fmt.bits}-bit g{fmt.group} K={fmt.in_features}"
+        line = next(line for line in lines if what in line)
+        assert f"{AUTO[name]}-{build.best_flavour()}" in line

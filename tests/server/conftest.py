@@ -1,5 +1,6 @@
 """Server test fixtures: the `openai` client on `server` (the session's shared `pagoda serve`,
-tests/conftest.py), and an offline engine on the same weights for reference outputs.
+tests/conftest.py), and an offline engine on the same weights and kernels (the default: the
+GGUF's blocks through igemm) for reference outputs.
 
 `test_engine_process.py` overrides `server` with an `--engine-process` server and re-runs some
 tests, comparing against `thread_server`."""
@@ -27,12 +28,16 @@ def model(oai):
 
 
 @pytest.fixture(scope="session")
-def offline(make_engine):
+def offline(default_model):
     """`offline(prompts, params) -> texts`: the engine run directly, no server.
 
     `prompts` is one prompt (text or ids; returns its n sample texts) or a list of text prompts
     run as one batch (returns the first sample text of each)."""
-    engine = make_engine(kv_cache_memory=KV_CACHE_MEMORY)
+    from pagoda.engine.config import EngineConfig
+    from pagoda.engine.llm_engine import LLMEngine
+
+    engine = LLMEngine(EngineConfig(kv_cache_memory=KV_CACHE_MEMORY, progress=False),
+                       loaded=default_model)
     counter = iter(range(1_000_000))
     # Stepped in a worker thread, as the server does: on a loaded 2-core box torch's intra-op
     # pool is many times slower when driven from the main thread.

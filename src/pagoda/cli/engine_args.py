@@ -34,10 +34,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="weights: auto (a GGUF file's own blocks on the CPU in fp32, else none), "
                    "none (fp32: the transformers-identical reference), int8, int4, gguf")
     g.add_argument("--quant-kernel", default=d.quant_kernel, choices=list(QUANT_KERNELS),
-                   help="kernel of quantized linears: auto (wgemm, weights widened to fp32 in "
-                   "the best ISA flavour this CPU runs; batch-invariant), qgemm (int8 "
-                   "activations), one flavour of either, the oneDNN (AMX) or fbgemm int8 "
-                   "libraries, or the portable dequantize + matmul")
+                   help="kernel of quantized linears: auto (igemm for 4-bit weights: int8 "
+                   "activations per 32-block, an integer GEMM; wgemm for the others: weights "
+                   "widened to fp32; the best ISA flavour this CPU runs; batch-invariant), "
+                   "qgemm (int8-activation GEMV), one flavour of these, the oneDNN (AMX) or "
+                   "fbgemm int8 libraries, or the portable dequantize + matmul")
     g.add_argument("--dense-kernel", default=d.dense_kernel, choices=["auto", "onednn", "torch"],
                    help="kernel of fp32 linears: oneDNN on reordered weights (auto on CPU) or "
                    "torch's default (MKL)")

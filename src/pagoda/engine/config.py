@@ -42,8 +42,8 @@ class EngineConfig:
     # CPU (measured faster than fp32 at every batch size, with fp32's perplexity:
     # docs/quantization.md), else none. A model handed in as `loaded=` is used as it is.
     quantization: str = "auto"
-    # kernel for quantized linears: auto (wgemm) | qgemm | <kernel>-<flavour> | onednn | fbgemm |
-    # reference
+    # kernel for quantized linears: auto (igemm for 4-bit, else wgemm) | igemm | wgemm | qgemm |
+    # <kernel>-<flavour> | onednn | fbgemm | reference
     # (quant/kernel_plan.py)
     quant_kernel: str = "auto"
     # kernel of fp32 linears: auto (onednn on CPUs where it is available) | onednn | torch
@@ -63,8 +63,8 @@ class EngineConfig:
     # Prefill queries attend through the decode kernel, one query row at a time, so a token's
     # attention output is the same whether it is computed in a prefill chunk, after a prefix-cache
     # hit or as a decode. None (auto): on when the loaded model has quantized linears (from
-    # `quantization` or passed in pre-quantized as `loaded=`), whose wgemm/qgemm linears are
-    # already batch-invariant (with qgemm's int8 activations a last-ulp difference can flip a
+    # `quantization` or passed in pre-quantized as `loaded=`), whose igemm/wgemm/qgemm linears
+    # are already batch-invariant (with int8 activations a last-ulp difference can flip a
     # rounding and then a greedy token); fp32 linears (oneDNN/MKL) are not, so fp32 keeps SDPA's
     # faster blocked prefill.
     invariant_attention: bool | None = None

@@ -46,14 +46,14 @@ def shape_supported(k: int, group: int, bits: int) -> bool:
     return k > 0 and group > 0 and k % group == 0 and (bits == 8 or group % 2 == 0)
 
 
-def _blocks(t: torch.Tensor, pad: int) -> torch.Tensor:
+def blocks_of(t: torch.Tensor, pad: int) -> torch.Tensor:
     """(N, C) -> (N/16, C, 16) with `pad` zero rows added first."""
     if pad:
         t = torch.cat([t, t.new_zeros(pad, t.shape[1])])
     return t.reshape(-1, OUT_BLOCK, t.shape[1]).transpose(1, 2).contiguous()
 
 
-def _exact_in_half(t: torch.Tensor | None) -> bool:
+def exact_in_half(t: torch.Tensor | None) -> bool:
     return t is None or bool(torch.equal(t.float().half().float(), t.float()))
 
 
@@ -63,11 +63,11 @@ def pack(w: QGemmWeight) -> WGemmWeight:
     a quarter fewer bytes per 4-bit weight to stream, the same values once widened."""
     n = w.q.shape[0]
     pad = -n % OUT_BLOCK
-    dtype = (torch.float16 if _exact_in_half(w.scales) and _exact_in_half(w.offsets)
+    dtype = (torch.float16 if exact_in_half(w.scales) and exact_in_half(w.offsets)
              else torch.float32)
-    return WGemmWeight(q=_blocks(w.q, pad), scales=_blocks(w.scales.to(dtype), pad),
+    return WGemmWeight(q=blocks_of(w.q, pad), scales=blocks_of(w.scales.to(dtype), pad),
                        offsets=(_NO_OFFSETS.to(dtype) if w.offsets is None
-                                else _blocks(w.offsets.to(dtype), pad)),
+                                else blocks_of(w.offsets.to(dtype), pad)),
                        out_features=n, bits=w.bits, group=w.group)
 
 

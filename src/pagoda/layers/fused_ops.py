@@ -80,7 +80,8 @@ class FusedOps:
 
     def native_operands(self, linear: Any) -> tuple[list[torch.Tensor], list[int]] | None:
         """([q, scales, offsets], form) of a linear whose products run on this module's flavour
-        of qgemm (form [bits, group]) or wgemm (packed operands, form [bits, group, N]), else
+        of qgemm (form [bits, group]), wgemm (packed operands, form [bits, group, N]) or igemm
+        (packed operands, form [bits, group, N, 1]), else
         None (another kernel or flavour: the layer then runs in Python, where each module
         computes with its own)."""
         operands = getattr(linear, "native_operands", None)
@@ -93,6 +94,9 @@ class FusedOps:
         if kernel == "wgemm":
             return ([weight.q, weight.scales, weight.offsets],
                     [weight.bits, weight.group, weight.out_features])
+        if kernel == "igemm":
+            return ([weight.q, weight.scales, weight.offsets],
+                    [4, weight.group, weight.out_features, 1])
         offsets = weight.offsets if weight.offsets is not None else _NO_OFFSETS
         return [weight.q, weight.scales, offsets], [weight.bits, weight.group]
 

@@ -12,14 +12,16 @@ LINEAR_KINDS: tuple[str, ...] = ("qkv_proj", "o_proj", "gate_up_proj", "down_pro
 # fp16 / bf16: half-precision weights, any activation dtype.
 METHODS: tuple[str, ...] = ("none", "int8", "int4", "gguf", "fp16", "bf16")
 
-# Kernels for the forward pass (`kernel_plan.py` holds the table). "auto": Pagoda's own wgemm in
-# the best ISA flavour this CPU runs (weights widened to fp32, batch-invariant, every row count);
-# "qgemm" its int8-activation sibling; "<kernel>-<flavour>" forces one flavour; "onednn" /
+# Kernels for the forward pass (`kernel_plan.py` holds the table). "auto": Pagoda's own igemm
+# (4-bit weights, int8 activations per 32-block) or wgemm (weights widened to fp32) in the best
+# ISA flavour this CPU runs, batch-invariant at every row count; "qgemm" the int8-activation GEMV;
+# "<kernel>-<flavour>" forces one flavour; "onednn" /
 # "fbgemm" ask for those int8 libraries (falling back when the CPU lacks them; their rounding
 # depends on the batch); "reference" forces the portable dequantize + matmul path that every
 # device runs.
 BACKENDS: tuple[str, ...] = ("auto", "qgemm", "qgemm-generic", "qgemm-avx2", "qgemm-avx512",
                              "wgemm", "wgemm-generic", "wgemm-avx2", "wgemm-avx512",
+                             "igemm", "igemm-generic", "igemm-avx2", "igemm-avx512",
                              "onednn", "fbgemm", "reference")
 
 

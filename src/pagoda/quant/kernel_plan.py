@@ -4,21 +4,27 @@
 
 | format (bits, group)               | rows | CPU                         | auto picks             |
 |------------------------------------|------|-----------------------------|------------------------|
-| int8 per channel, int4, GGUF       | any  | x86 with AVX512-F/BW/VL/DQ  | wgemm, avx512 flavour  |
-| (4-bit: even groups dividing K;    | any  | x86 with AVX2 + FMA         | wgemm, avx2 flavour    |
-|  8-bit: groups dividing K)         | any  | any other CPU               | wgemm, generic flavour |
+| 4-bit, groups multiples of 32      | any  | x86 with AVX512-F/BW/VL/DQ  | igemm, avx512 flavour  |
+| (GGUF Q4_0/Q4_1/Q4_K, int4)        |      |   and AVX512-VNNI           |                        |
+|                                    | any  | x86 with AVX2 + FMA         | igemm, avx2 flavour    |
+|                                    | any  | any other CPU               | igemm, generic flavour |
+| other 4-bit (even groups dividing  | any  | as above                    | wgemm, same flavours   |
+|  K), 8-bit (int8, Q8_0, Q6_K, ...) |      |                             |                        |
 | 4-bit groups of odd size           | any  | x86 with fbgemm             | fbgemm (re-rounded)    |
 | any                                | any  | no kernel built, or not CPU | reference              |
 
 Every row bucket of a format takes the same kernel under "auto": decode rows (1-4) and prefill
 rows compute the same arithmetic on the same numbers, so a request's greedy tokens do not depend
-on its batch (`kernels/csrc/wgemm.cpp`: one fma chain per output; the flavours even agree bit
-for bit). Why wgemm and not qgemm (`--quant-kernel qgemm`, activations rounded to int8 per
-32-block): measured on an AMX Xeon (docs/benchmarks.md), the GGUF model's 32-request throughput
-is 1.27x qgemm's with the avx512 flavours and 1.35x with the avx2 ones, batch-1 decode 1.06x and
-1.12x, and its activations are not rounded at all. Forcing "onednn" or "fbgemm" trades batch
-invariance for those libraries' int8 GEMMs: their per-row activation scales and outlier-column
-split depend on the rest of the batch. fp16/bf16 weights (`HalfLinear`) keep their own path.
+on its batch (`kernels/csrc/igemm.cpp`, `wgemm.cpp`: one fixed fp32 chain per output; the
+flavours even agree bit for bit). igemm rounds each row's activations to int8 per 32-block, as
+llama.cpp does for these formats, and multiplies integers: measured 1.6-2.2x wgemm's speed with
+the avx2 flavours and 2.0-3.0x with the avx512 ones (docs/benchmarks.md), at a perplexity
+within 0.5% of wgemm's (docs/quantization.md). wgemm (`--quant-kernel wgemm`) widens the weights
+to fp32 and never rounds the activations; it takes the 8-bit formats, where an integer product
+without VNNI gains nothing. qgemm is the int8-activation GEMV igemm replaced (kept as a
+reference). Forcing "onednn" or "fbgemm" trades batch invariance for those libraries' int8
+GEMMs: their per-row activation scales and outlier-column split depend on the rest of the batch.
+fp16/bf16 weights (`HalfLinear`) keep their own path.
 """
 
 from __future__ import annotations
@@ -29,12 +35,14 @@ from dataclasses import dataclass
 import torch
 
 from pagoda.kernels import build
+from pagoda.kernels.igemm import shape_supported as igemm_shape_supported
 from pagoda.kernels.qgemm import shape_supported as qgemm_shape_supported
 from pagoda.kernels.wgemm import shape_supported as wgemm_shape_supported
 from pagoda.quant.kernels import int8_kernel
 
-NATIVE_KERNELS = ("qgemm", "wgemm")  # Pagoda's own, each in every ISA flavour (kernels/build.py)
-AUTO_KERNEL = "wgemm"  # what "auto" picks when the shape fits (module docstring: why)
+# Pagoda's own, each in every ISA flavour (kernels/build.py)
+NATIVE_KERNELS = ("qgemm", "wgemm", "igemm")
+AUTO_KERNELS = ("igemm", "wgemm")  # what "auto" tries, in order (module docstring: why)
 
 
 @dataclass(frozen=True)
@@ -49,8 +57,8 @@ class WeightFormat:
 
 @dataclass(frozen=True)
 class KernelChoice:
-    kernel: str  # "qgemm" | "wgemm" | "onednn" | "fbgemm" | "reference"
-    flavour: str = ""  # the ISA flavour of qgemm / wgemm
+    kernel: str  # "igemm" | "wgemm" | "qgemm" | "onednn" | "fbgemm" | "reference"
+    flavour: str = ""  # the ISA flavour of igemm / wgemm / qgemm
     reason: str = ""
 
     @property
@@ -58,17 +66,26 @@ class KernelChoice:
         return f"{self.kernel}-{self.flavour}" if self.flavour else self.kernel
 
 
+_AUTO_HINT = " (auto picks igemm for 4-bit groups of 32k and wgemm for the rest)"
+
+
 def fits(kernel: str, fmt: WeightFormat) -> bool:
-    """Whether Pagoda's own `kernel` ("qgemm" | "wgemm") takes this format's shape."""
-    check = qgemm_shape_supported if kernel == "qgemm" else wgemm_shape_supported
+    """Whether Pagoda's own `kernel` ("igemm" | "wgemm" | "qgemm") takes this format's shape."""
+    check = {"igemm": igemm_shape_supported, "wgemm": wgemm_shape_supported,
+             "qgemm": qgemm_shape_supported}[kernel]
     return check(fmt.in_features, fmt.group, fmt.bits)
+
+
+def auto_kernel(fmt: WeightFormat) -> str:
+    """The first of AUTO_KERNELS that takes `fmt` (the last one when none does)."""
+    return next((k for k in AUTO_KERNELS if fits(k, fmt)), AUTO_KERNELS[-1])
 
 
 def choose(fmt: WeightFormat, device: torch.device, requested: str) -> KernelChoice:
     """The kernel for `fmt` on `device` under `--quant-kernel requested`."""
     if device.type != "cpu" or requested == "reference":
         return KernelChoice("reference", reason="not a CPU" if device.type != "cpu" else "asked")
-    kernel, _, flavour = (AUTO_KERNEL if requested == "auto" else requested).partition("-")
+    kernel, _, flavour = (auto_kernel(fmt) if requested == "auto" else requested).partition("-")
     if kernel in NATIVE_KERNELS:
         shape_ok = fits(kernel, fmt)
         if flavour:
@@ -77,7 +94,8 @@ def choose(fmt: WeightFormat, device: torch.device, requested: str) -> KernelCho
                                  f"{', '.join(build.missing_flags(flavour))}")
             if not shape_ok:
                 raise ValueError(f"--quant-kernel {requested}: {kernel} does not take K="
-                                 f"{fmt.in_features} with {fmt.bits}-bit groups of {fmt.group}")
+                                 f"{fmt.in_features} with {fmt.bits}-bit groups of {fmt.group}"
+                                 f"{_AUTO_HINT}")
             if build.load(flavour) is None:
                 raise RuntimeError(f"the {flavour} C++ kernels could not be built here")
             return KernelChoice(kernel, flavour, "asked")
@@ -87,9 +105,9 @@ def choose(fmt: WeightFormat, device: torch.device, requested: str) -> KernelCho
         if requested != "auto":
             raise ValueError(f"--quant-kernel {requested}: no {kernel} for K={fmt.in_features} "
                              f"with {fmt.bits}-bit groups of {fmt.group}, or no C++ compiler "
-                             "here")
+                             f"here{_AUTO_HINT}")
     choice = int8_kernel(device, "fbgemm" if requested == "auto" else requested)
-    why = "asked" if requested != "auto" else f"{AUTO_KERNEL} does not take this shape"
+    why = "asked" if requested != "auto" else f"{kernel} does not take this shape"
     return KernelChoice(choice, reason=why)
 
 

@@ -3,9 +3,10 @@
 Contract shared by all subclasses:
 - `forward(x)` takes (T, in_features) in any float dtype and returns (T, out_features) in x's dtype.
   The kernel is chosen once per module and device from the table in `kernel_plan.py`: on CPUs
-  Pagoda's wgemm (`kernels/wgemm.py`: the integers widened to fp32 in registers, fp32
-  activations) or qgemm (`kernels/qgemm.py`: activations rounded per 32-element block, integer
-  dot products), both batch-invariant for every row count; elsewhere the portable dequantize +
+  Pagoda's igemm (`kernels/igemm.py`: 4-bit weights, activations rounded per 32-element block,
+  a tiled integer GEMM), wgemm (`kernels/wgemm.py`: the integers widened to fp32 in registers,
+  fp32 activations) or qgemm (`kernels/qgemm.py`: igemm's rounding as a GEMV over the stored
+  blocks), all batch-invariant for every row count; elsewhere the portable dequantize +
   `F.linear`.
 - Forced "onednn" / "fbgemm" run those libraries' packed int8 GEMMs. Their activations are
   quantized per token (one scale per row), and input columns whose magnitude exceeds
@@ -29,6 +30,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from pagoda.kernels import igemm as igemm_kernel
 from pagoda.kernels import wgemm as wgemm_kernel
 from pagoda.kernels.qgemm import QGemmWeight, qgemm
 from pagoda.quant import int8_ops
@@ -71,6 +73,7 @@ class QuantLinear(nn.Module):
         self._choice: tuple[torch.device, KernelChoice] | None = None
         self._qgemm_weight: QGemmWeight | None = None
         self._wgemm_weight: wgemm_kernel.WGemmWeight | None = None
+        self._igemm_weight: igemm_kernel.IGemmWeight | None = None
 
     # --- what subclasses provide -------------------------------------------------------------
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -180,8 +183,16 @@ class QuantLinear(nn.Module):
             self._wgemm_weight = wgemm_kernel.pack(self.make_qgemm_weight())
         return self._wgemm_weight
 
+    def igemm_weight(self) -> igemm_kernel.IGemmWeight:
+        """The 4-bit integers repacked for igemm (built once; qgemm's form is not kept)."""
+        if self._igemm_weight is None:
+            self._igemm_weight = igemm_kernel.pack(self.make_qgemm_weight())
+        return self._igemm_weight
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         choice = self.kernel_choice(x.device)
+        if choice.kernel == "igemm":
+            return igemm_kernel.igemm(x, self.igemm_weight(), choice.flavour).to(x.dtype)
         if choice.kernel == "wgemm":
             return wgemm_kernel.wgemm(x, self.wgemm_weight(), choice.flavour).to(x.dtype)
         if choice.kernel == "qgemm":
@@ -192,11 +203,12 @@ class QuantLinear(nn.Module):
             self._packed, self._packed_for = self.pack(choice.kernel), choice.kernel
         return self.run_packed(x, self._packed)
 
-    def native_operands(self, device: torch.device
-                        ) -> tuple[str, QGemmWeight | wgemm_kernel.WGemmWeight, str] | None:
-        """(kernel, weight, flavour) when this module's products run on Pagoda's own qgemm or
-        wgemm on `device`, else None: what a fused layer needs to call the kernel itself."""
+    def native_operands(self, device: torch.device) -> tuple[str, object, str] | None:
+        """(kernel, weight, flavour) when this module's products run on Pagoda's own igemm,
+        wgemm or qgemm on `device`, else None: what a fused layer needs to call the kernel."""
         choice = self.kernel_choice(device)
+        if choice.kernel == "igemm":
+            return "igemm", self.igemm_weight(), choice.flavour
         if choice.kernel == "wgemm":
             return "wgemm", self.wgemm_weight(), choice.flavour
         if choice.kernel == "qgemm":
@@ -211,6 +223,8 @@ class QuantLinear(nn.Module):
             self.qgemm_weight()
         elif choice.kernel == "wgemm":
             self.wgemm_weight()
+        elif choice.kernel == "igemm":
+            self.igemm_weight()
         elif choice.kernel in ("onednn", "fbgemm") and self._packed is None:
             self._packed, self._packed_for = self.pack(choice.kernel), choice.kernel
             int8_ops.extension()
@@ -225,13 +239,13 @@ class QuantLinear(nn.Module):
 
     def packed_bytes(self) -> int:
         """Approximate size of the kernel's own weight copy (0 before it is built): a packed
-        library weight holds a byte per weight; wgemm a transposed copy of the integers and
-        fp32 scales; qgemm only keeps fp32 copies of fp16 scales."""
+        library weight holds a byte per weight; wgemm and igemm a repacked copy of the integers
+        and their scales; qgemm only keeps fp32 copies of fp16 scales."""
         if self._packed is not None:
             return self.in_features * self.out_features
-        if self._wgemm_weight is not None:
-            pw = self._wgemm_weight
-            return pw.q.nbytes + pw.scales.nbytes + pw.offsets.nbytes
+        for pw in (self._wgemm_weight, self._igemm_weight):
+            if pw is not None:
+                return pw.q.nbytes + pw.scales.nbytes + pw.offsets.nbytes
         w = self._qgemm_weight
         if w is None:
             return 0
@@ -263,6 +277,7 @@ class QuantLinear(nn.Module):
         self._choice = None
         self._qgemm_weight = None
         self._wgemm_weight = None
+        self._igemm_weight = None
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
         self.invalidate()

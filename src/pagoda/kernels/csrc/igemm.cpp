@@ -1,0 +1,359 @@
+// igemm: y = x @ w.T for fp32 activations x (M, K) and 4-bit group-quantized weights w (N, K) as
+// an integer GEMM: each row of x is rounded to int8 per 32-element block (llama.cpp's Q8_0
+// rounding: d = max|x| / 127, q = round(x / d)), and every (row, output, block) dot product of
+// those int8s with the 4-bit integers is exact. Per output:
+//
+//     w[n, k]    = scales[n, t] * q[n, k] + offsets[n, t]          (t = k / g; offsets optional)
+//     I[r, n, b] = sum over the 32 k of block b of xq[r, k] * q[n, k]          (exact, int32)
+//     X[r, t]    = x[r, k] summed over the k of group t, in increasing order    (offsets only)
+//     y[r, n]    = for b = 0 .. K/32-1:  acc = fma(scales[n, t(b)] * d[r, b], I, acc)
+//                  and after the last block of each group t:  acc = fma(offsets[n, t], X, acc)
+//
+//   INVARIANT (batch invariance, one result for every flavour): every output is computed by
+//   exactly these operations in this order, whatever M is, wherever row r sits, whichever tile
+//   or ISA flavour computes it. Integer sums are exact in any order; the fp32 chain is fixed.
+//
+// Why an integer GEMM: wgemm (csrc/wgemm.cpp) widens every weight to fp32 and runs one fma per
+// product; here one vpdpbusd (AVX512-VNNI) does 64 products and, on AVX2, one vpmaddubsw does 32
+// (then a 16-bit add), and only each (row, output, 32-block) pays a conversion and an fma.
+//
+// Exactness without saturation: weights are unsigned 0..15 and activations -127..127, so a pair
+// sum of vpmaddubsw is at most 2 * 15 * 127 = 3810 and the 8 pairs of one block that share an
+// int16 lane sum to at most 30480 < 32767.
+//
+// Layout (pagoda.kernels.igemm.pack, once at load): outputs in blocks of 16; per block, per octet
+// c of k (k = 8c .. 8c + 7), 64 bytes: output i's 4 bytes j = 0..3 hold q[16b + i][8c + j] in the
+// low nibble and q[16b + i][8c + 4 + j] in the high one. A 32-bit lane is then one output's four
+// consecutive k (low nibbles) or the next four (high), as vpdpbusd and vpmaddubsw + vpmaddwd read
+// them against four consecutive activation bytes broadcast to every lane. Scales and offsets are
+// wgemm's: (N/16, K/g, 16), fp16 when all are exact in fp16.
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int64_t kOut = 16, kBlock = 32, kOctetBytes = 64;
+
+struct Weights {
+  const uint8_t* q;
+  const void* s;
+  const void* o;  // nullptr: no offsets
+  bool half;
+  int64_t blocks, k, g, groups;
+  const uint8_t* octet(int64_t b, int64_t c) const {
+    return q + (b * (k / 8) + c) * kOctetBytes;
+  }
+  int64_t at(int64_t b, int64_t t) const { return (b * groups + t) * kOut; }
+  float value(const void* p, int64_t i) const {
+    return half ? c10::detail::fp16_ieee_to_fp32_value(static_cast<const uint16_t*>(p)[i])
+                : static_cast<const float*>(p)[i];
+  }
+};
+
+// The rounded rows: xq (M, K) int8, d (M, K/32), xs (M, K/g) (offsets only).
+struct Acts {
+  std::vector<int8_t> q;
+  std::vector<float> d;
+  std::vector<float> xs;
+  int64_t k, nb, groups;
+  const int8_t* row(int64_t r) const { return q.data() + r * k; }
+};
+
+void round_rows(const float* x, int64_t m, const Weights& w, Acts& a) {
+  a.k = w.k;
+  a.nb = w.k / kBlock;
+  a.groups = w.groups;
+  a.q.resize(m * w.k);
+  a.d.resize(m * a.nb);
+  if (w.o != nullptr) a.xs.resize(m * w.groups);
+  at::parallel_for(0, m, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* xr = x + r * w.k;
+      for (int64_t b = 0; b < a.nb; ++b) {
+        const float* xb = xr + b * kBlock;
+        float mx = 0.f;
+        for (int j = 0; j < kBlock; ++j) mx = std::max(mx, std::fabs(xb[j]));
+        a.d[r * a.nb + b] = mx / 127.f;
+        // (1 / max) * 127 as qgemm and its torch twin compute it; nearbyint: round half even
+        const float inv = mx > 0.f ? (1.f / mx) * 127.f : 0.f;
+        int8_t* out = a.q.data() + r * w.k + b * kBlock;
+        for (int j = 0; j < kBlock; ++j) out[j] = static_cast<int8_t>(std::nearbyint(xb[j] * inv));
+      }
+      for (int64_t t = 0; w.o != nullptr && t < w.groups; ++t) {
+        float sum = 0.f;
+        for (int64_t j = t * w.g; j < (t + 1) * w.g; ++j) sum += xr[j];
+        a.xs[r * w.groups + t] = sum;
+      }
+    }
+  });
+}
+
+#define PAGODA_REPEAT12(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11)
+
+#if defined(__AVX512F__) && defined(__AVX512VNNI__)
+constexpr int kRows = 12, kBlocks = 2;  // 24 of 32 zmm accumulate
+
+inline __m512 values16(const Weights& w, const void* p, int64_t i) {
+  if (w.half)
+    return _mm512_cvtph_ps(
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(p) + i)));
+  return _mm512_loadu_ps(static_cast<const float*>(p) + i);
+}
+
+inline __m512i bcast4(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm512_set1_epi32(v);
+}
+
+// R rows x B blocks of 16 outputs (b0, b0 + 1): one zmm of int32 per (row, block), reset per
+// 32-block; the fp32 chain runs in y itself (L1), read and written once per block.
+template <int R, int B>
+void tile(const Weights& w, int64_t b0, const Acts& a, int64_t r0, float* y, int64_t ldy) {
+  static_assert(R <= kRows && B <= kBlocks);
+  const __m512i mask = _mm512_set1_epi8(0x0F);
+#define PAGODA_DECL(N) __m512i a##N##0, a##N##1;
+  PAGODA_REPEAT12(PAGODA_DECL)
+#undef PAGODA_DECL
+  for (int64_t blk = 0; blk < a.nb; ++blk) {
+#define PAGODA_ZERO(N) a##N##0 = _mm512_setzero_si512(); a##N##1 = a##N##0;
+    PAGODA_REPEAT12(PAGODA_ZERO)
+#undef PAGODA_ZERO
+    for (int64_t c = blk * 4; c < blk * 4 + 4; ++c) {
+      const __m512i v0 = _mm512_loadu_si512(w.octet(b0, c));
+      const __m512i lo0 = _mm512_and_si512(v0, mask);
+      const __m512i hi0 = _mm512_and_si512(_mm512_srli_epi16(v0, 4), mask);
+      __m512i lo1 = lo0, hi1 = hi0;
+      if constexpr (B == 2) {
+        const __m512i v1 = _mm512_loadu_si512(w.octet(b0 + 1, c));
+        lo1 = _mm512_and_si512(v1, mask);
+        hi1 = _mm512_and_si512(_mm512_srli_epi16(v1, 4), mask);
+      }
+#define PAGODA_DOT(N)                                                  \
+      if constexpr (R > N) {                                           \
+        const int8_t* xr = a.row(r0 + N) + c * 8;                      \
+        const __m512i xl = bcast4(xr), xh = bcast4(xr + 4);            \
+        a##N##0 = _mm512_dpbusd_epi32(a##N##0, lo0, xl);               \
+        a##N##0 = _mm512_dpbusd_epi32(a##N##0, hi0, xh);               \
+        if constexpr (B == 2) {                                        \
+          a##N##1 = _mm512_dpbusd_epi32(a##N##1, lo1, xl);             \
+          a##N##1 = _mm512_dpbusd_epi32(a##N##1, hi1, xh);             \
+        }                                                              \
+      }
+      PAGODA_REPEAT12(PAGODA_DOT)
+#undef PAGODA_DOT
+    }
+    const int64_t t = blk * kBlock / w.g;
+    const bool group_end = ((blk + 1) * kBlock) % w.g == 0 && w.o != nullptr;
+    const __m512 s0 = values16(w, w.s, w.at(b0, t));
+    const __m512 s1 = B == 2 ? values16(w, w.s, w.at(b0 + 1, t)) : s0;
+    const __m512 o0 = group_end ? values16(w, w.o, w.at(b0, t)) : s0;
+    const __m512 o1 = group_end && B == 2 ? values16(w, w.o, w.at(b0 + 1, t)) : o0;
+#define PAGODA_EPILOGUE(N)                                                              \
+    if constexpr (R > N) {                                                              \
+      float* yr = y + N * ldy;                                                          \
+      const __m512 d = _mm512_set1_ps(a.d[(r0 + N) * a.nb + blk]);                      \
+      __m512 y0 = _mm512_fmadd_ps(_mm512_mul_ps(s0, d), _mm512_cvtepi32_ps(a##N##0),    \
+                                  blk ? _mm512_loadu_ps(yr) : _mm512_setzero_ps());     \
+      if (group_end)                                                                    \
+        y0 = _mm512_fmadd_ps(o0, _mm512_set1_ps(a.xs[(r0 + N) * a.groups + t]), y0);    \
+      _mm512_storeu_ps(yr, y0);                                                         \
+      if constexpr (B == 2) {                                                           \
+        __m512 y1 = _mm512_fmadd_ps(_mm512_mul_ps(s1, d), _mm512_cvtepi32_ps(a##N##1),  \
+                                    blk ? _mm512_loadu_ps(yr + kOut) : _mm512_setzero_ps()); \
+        if (group_end)                                                                  \
+          y1 = _mm512_fmadd_ps(o1, _mm512_set1_ps(a.xs[(r0 + N) * a.groups + t]), y1);  \
+        _mm512_storeu_ps(yr + kOut, y1);                                                \
+      }                                                                                 \
+    }
+    PAGODA_REPEAT12(PAGODA_EPILOGUE)
+#undef PAGODA_EPILOGUE
+  }
+}
+#elif defined(__AVX2__)
+constexpr int kRows = 4, kBlocks = 1;  // 8 ymm of int16 accumulate (two per row)
+
+inline __m256 values8(const Weights& w, const void* p, int64_t i) {
+  if (w.half)
+    return _mm256_cvtph_ps(
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i)));
+  return _mm256_loadu_ps(static_cast<const float*>(p) + i);
+}
+
+inline __m256i bcast4(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm256_set1_epi32(v);
+}
+
+// R rows x one block of 16 outputs as two halves of 8 (the octet's bytes 0-31 and 32-63): int16
+// accumulators (a block's 8 pair sums per lane cannot saturate, see the top), widened to int32
+// by vpmaddwd once per block.
+template <int R, int B>
+void tile(const Weights& w, int64_t b0, const Acts& a, int64_t r0, float* y, int64_t ldy) {
+  static_assert(R <= kRows && B == 1);
+  const __m256i mask = _mm256_set1_epi8(0x0F);
+  const __m256i ones = _mm256_set1_epi16(1);
+#define PAGODA_DECL(N) __m256i a##N##0, a##N##1;
+  PAGODA_REPEAT12(PAGODA_DECL)
+#undef PAGODA_DECL
+  for (int64_t blk = 0; blk < a.nb; ++blk) {
+#define PAGODA_ZERO(N) a##N##0 = _mm256_setzero_si256(); a##N##1 = a##N##0;
+    PAGODA_REPEAT12(PAGODA_ZERO)
+#undef PAGODA_ZERO
+    for (int64_t c = blk * 4; c < blk * 4 + 4; ++c) {
+      const uint8_t* wo = w.octet(b0, c);
+#define PAGODA_HALF(H)                                                                        \
+      {                                                                                       \
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wo + 32 * H)); \
+        const __m256i lo = _mm256_and_si256(v, mask);                                         \
+        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);                   \
+        PAGODA_REPEAT12(PAGODA_DOT##H)                                                        \
+      }
+#define PAGODA_DOT_ROW(N, H)                                                               \
+      if constexpr (R > N) {                                                               \
+        const int8_t* xr = a.row(r0 + N) + c * 8;                                          \
+        a##N##H = _mm256_add_epi16(a##N##H, _mm256_maddubs_epi16(lo, bcast4(xr)));         \
+        a##N##H = _mm256_add_epi16(a##N##H, _mm256_maddubs_epi16(hi, bcast4(xr + 4)));     \
+      }
+#define PAGODA_DOT0(N) PAGODA_DOT_ROW(N, 0)
+#define PAGODA_DOT1(N) PAGODA_DOT_ROW(N, 1)
+      PAGODA_HALF(0)
+      PAGODA_HALF(1)
+#undef PAGODA_DOT0
+#undef PAGODA_DOT1
+#undef PAGODA_DOT_ROW
+#undef PAGODA_HALF
+    }
+    const int64_t t = blk * kBlock / w.g;
+    const bool group_end = ((blk + 1) * kBlock) % w.g == 0 && w.o != nullptr;
+    const __m256 s0 = values8(w, w.s, w.at(b0, t)), s1 = values8(w, w.s, w.at(b0, t) + 8);
+    const __m256 o0 = group_end ? values8(w, w.o, w.at(b0, t)) : s0;
+    const __m256 o1 = group_end ? values8(w, w.o, w.at(b0, t) + 8) : s1;
+#define PAGODA_EPILOGUE_HALF(N, H)                                                         \
+      {                                                                                    \
+        const __m256 i = _mm256_cvtepi32_ps(_mm256_madd_epi16(a##N##H, ones));             \
+        __m256 acc = _mm256_fmadd_ps(_mm256_mul_ps(s##H, d), i,                            \
+                                     blk ? _mm256_loadu_ps(yr + 8 * H) : _mm256_setzero_ps()); \
+        if (group_end) acc = _mm256_fmadd_ps(o##H, xs, acc);                               \
+        _mm256_storeu_ps(yr + 8 * H, acc);                                                 \
+      }
+#define PAGODA_EPILOGUE(N)                                                               \
+    if constexpr (R > N) {                                                               \
+      float* yr = y + N * ldy;                                                           \
+      const __m256 d = _mm256_set1_ps(a.d[(r0 + N) * a.nb + blk]);                      \
+      const __m256 xs = group_end ? _mm256_set1_ps(a.xs[(r0 + N) * a.groups + t]) : d;   \
+      PAGODA_EPILOGUE_HALF(N, 0)                                                         \
+      PAGODA_EPILOGUE_HALF(N, 1)                                                         \
+    }
+    PAGODA_REPEAT12(PAGODA_EPILOGUE)
+#undef PAGODA_EPILOGUE
+#undef PAGODA_EPILOGUE_HALF
+  }
+}
+#else
+constexpr int kRows = 4, kBlocks = 1;
+
+// The portable flavour: the same integers and the same fp32 chain, one output at a time.
+template <int R, int B>
+void tile(const Weights& w, int64_t b0, const Acts& a, int64_t r0, float* y, int64_t ldy) {
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < kOut; ++i) {
+      const int8_t* xr = a.row(r0 + r);
+      float acc = 0.f;
+      for (int64_t blk = 0; blk < a.nb; ++blk) {
+        int32_t sum = 0;
+        for (int64_t c = blk * 4; c < blk * 4 + 4; ++c)
+          for (int j = 0; j < 4; ++j) {
+            const uint8_t byte = w.octet(b0, c)[i * 4 + j];
+            sum += (byte & 0x0F) * xr[c * 8 + j] + (byte >> 4) * xr[c * 8 + 4 + j];
+          }
+        const int64_t t = blk * kBlock / w.g;
+        acc = std::fma(w.value(w.s, w.at(b0, t) + i) * a.d[(r0 + r) * a.nb + blk],
+                       static_cast<float>(sum), acc);
+        if (w.o != nullptr && ((blk + 1) * kBlock) % w.g == 0)
+          acc = std::fma(w.value(w.o, w.at(b0, t) + i), a.xs[(r0 + r) * a.groups + t], acc);
+      }
+      y[r * ldy + i] = acc;
+    }
+}
+#endif
+#undef PAGODA_REPEAT12
+
+// Rows [0, m) of B blocks: full tiles of kRows, then the rest as one tile of its own size.
+template <int B>
+void block_rows(const Weights& w, int64_t b0, const Acts& a, int64_t m, float* y, int64_t ldy) {
+  int64_t r = 0;
+  for (; r + kRows <= m; r += kRows) tile<kRows, B>(w, b0, a, r, y + r * ldy, ldy);
+  switch (m - r) {
+#define PAGODA_CASE(n) \
+    case n: if constexpr (n < kRows) tile<n, B>(w, b0, a, r, y + r * ldy, ldy); break;
+    PAGODA_CASE(1) PAGODA_CASE(2) PAGODA_CASE(3) PAGODA_CASE(4) PAGODA_CASE(5)
+    PAGODA_CASE(6) PAGODA_CASE(7) PAGODA_CASE(8) PAGODA_CASE(9) PAGODA_CASE(10) PAGODA_CASE(11)
+#undef PAGODA_CASE
+    default: break;
+  }
+}
+
+}  // namespace
+
+// x (M, K) fp32; pq (N/16, K/8, 64) uint8, ps/po (N/16, K/g, 16) as above; n the true output
+// count (<= 16 * blocks).
+at::Tensor igemm(at::Tensor x, at::Tensor pq, at::Tensor ps, at::Tensor po, int64_t n,
+                 int64_t group) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu(),
+              "igemm: x must be a 2-D fp32 CPU tensor");
+  const int64_t m = x.size(0), k = x.size(1);
+  TORCH_CHECK(group > 0 && group % kBlock == 0 && k % group == 0,
+              "igemm: the group must be a multiple of 32 dividing K");
+  TORCH_CHECK(pq.dim() == 3 && pq.size(1) == k / 8 && pq.size(2) == kOctetBytes &&
+                  pq.element_size() == 1,
+              "igemm: packed weights must be (N/16, K/8, 64) bytes");
+  const int64_t blocks = pq.size(0);
+  TORCH_CHECK(n > 0 && n <= blocks * kOut, "igemm: n exceeds the packed blocks");
+  const bool half = ps.scalar_type() == at::kHalf;
+  TORCH_CHECK((half || ps.scalar_type() == at::kFloat) &&
+                  ps.numel() == blocks * (k / group) * kOut,
+              "igemm: packed scales must be (N/16, K/g, 16) fp32 or fp16");
+  const bool has_o = po.numel() > 0;
+  TORCH_CHECK(!has_o || (po.scalar_type() == ps.scalar_type() && po.numel() == ps.numel()),
+              "igemm: packed offsets must be shaped and typed like the scales");
+  x = x.contiguous();
+  pq = pq.contiguous();
+  ps = ps.contiguous();
+  if (has_o) po = po.contiguous();
+  const Weights w{reinterpret_cast<const uint8_t*>(pq.data_ptr()), ps.data_ptr(),
+                  has_o ? po.data_ptr() : nullptr, half, blocks, k, group, k / group};
+  const int64_t padded = blocks * kOut;
+  auto y = at::empty({m, padded}, x.options());
+  const auto unpadded = [&] { return n == padded ? y : y.narrow(1, 0, n).contiguous(); };
+  if (m == 0) return unpadded();
+  Acts a;
+  round_rows(x.data_ptr<float>(), m, w, a);
+  float* yp = y.data_ptr<float>();
+  const int64_t units = (blocks + kBlocks - 1) / kBlocks;
+  at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t b0 = u * kBlocks;
+      if (blocks - b0 >= kBlocks)
+        block_rows<kBlocks>(w, b0, a, m, yp + b0 * kOut, padded);
+      else
+        block_rows<1>(w, b0, a, m, yp + b0 * kOut, padded);
+    }
+  });
+  return unpadded();
+}

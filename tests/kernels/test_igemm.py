@@ -1,0 +1,102 @@
+"""igemm, flavour by flavour: its torch twin's arithmetic (activations rounded per 32-block, exact
+integer products), one result per row whatever its batch and tile, the same bits from every ISA
+flavour this CPU runs, and no saturation at the integers' extremes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pagoda.kernels import build
+from pagoda.kernels.igemm import igemm, igemm_torch, pack, shape_supported, values
+from pagoda.kernels.qgemm import QGemmWeight
+from tests.kernels.helpers import make_weight, rel_err
+
+# (kind, N, K): N not a multiple of 16 is padded; "-h": fp16-exact scales (kept in fp16)
+SHAPES = [("q4g32", 40, 256), ("q4g32-h", 64, 576), ("q4g64", 17, 192), ("q4g32-h", 33, 1536)]
+ROWS = [1, 2, 3, 4, 5, 7, 8, 12, 13, 25, 64]
+
+
+def _no_offsets(w: QGemmWeight) -> QGemmWeight:
+    return QGemmWeight(w.q, w.scales, None, w.bits, w.group)
+
+
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}-{s[1]}x{s[2]}")
+def test_flavour_computes_its_torch_twins_arithmetic(flavour: str, shape, rows: int):
+    kind, n, k = shape
+    stored = make_weight(kind, n, k)
+    for weight in (stored, _no_offsets(stored)):
+        w = pack(weight)
+        torch.manual_seed(rows)
+        x = torch.randn(rows, k) * torch.logspace(-2, 2, rows)[:, None]
+        y = igemm(x, w, flavour)
+        assert y.shape == (rows, n) and y.dtype == torch.float32
+        assert rel_err(y, igemm_torch(x, w)) < 1e-6
+        # against the unrounded product: only the activations' 8-bit rounding is lost
+        scales = weight.scales.repeat_interleave(weight.group, dim=1)
+        exact = values(w).double() * scales.double()
+        if weight.offsets is not None:
+            exact += weight.offsets.double().repeat_interleave(weight.group, dim=1)
+        assert rel_err(y, x.double() @ exact.T) < 0.03
+
+
+def test_packing_keeps_every_integer_and_refuses_what_it_cannot_take():
+    w = make_weight("q4g32", 35, 256, seed=2)
+    unpacked = torch.stack((w.q & 0x0F, w.q >> 4), dim=-1).reshape(35, 256)
+    assert torch.equal(values(pack(w)), unpacked)
+    assert not shape_supported(256, 16, 4) and not shape_supported(256, 32, 8)
+    with pytest.raises(ValueError, match="8-bit"):
+        pack(make_weight("q8g32", 16, 256))
+
+
+def test_extreme_integers_do_not_saturate(flavour: str):
+    """Every weight 15 and every activation rounded to +-127: a block's int16 lanes reach their
+    largest sums (8 pairs of 2 * 15 * 127 = 30480), and the result is still exact."""
+    n, k = 32, 256
+    q = torch.full((n, k // 2), 0xFF, dtype=torch.uint8)
+    w = pack(QGemmWeight(q, torch.ones(n, k // 32), None, 4, 32))
+    for sign in (1.0, -1.0):
+        x = torch.full((3, k), sign * 0.5)
+        y = igemm(x, w, flavour)
+        # each block: d = 0.5 / 127, q = 127: d * 32 * 15 * 127 = 240 per block, 8 blocks
+        assert torch.allclose(y, torch.full((3, n), sign * 1920.0), rtol=1e-6)
+
+
+def test_zero_rows_give_the_offsets_part_alone(flavour: str):
+    w = pack(make_weight("q4g32", 20, 128, seed=4))
+    x = torch.zeros(2, 128)
+    x[1, :32] = 1.0  # a row whose other blocks are zero (d = 0 there)
+    y = igemm(x, w, flavour)
+    assert torch.equal(y[0], torch.zeros(20))
+    assert rel_err(y[1:], igemm_torch(x[1:], w)) < 1e-6
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}-{s[1]}x{s[2]}")
+def test_a_row_gives_the_same_bits_in_every_batch(flavour: str, shape):
+    """Rows are computed in tiles of 4 (avx2, generic) or 12 (avx512) whose size depends on M:
+    a row's bits must not change with its batch or its place in it."""
+    kind, n, k = shape
+    w = pack(make_weight(kind, n, k, seed=3))
+    torch.manual_seed(0)
+    batch = torch.randn(70, k)
+    alone = igemm(batch[5:6], w, flavour)
+    for m in (2, 3, 4, 5, 6, 7, 8, 9, 11, 12, 13, 25, 70):
+        rows = batch[:m] if m > 5 else torch.cat([batch[5:6], batch[:m - 1]])
+        at = 5 if m > 5 else 0
+        assert torch.equal(igemm(rows, w, flavour)[at], alone[0]), f"row changed at M={m}"
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}-{s[1]}x{s[2]}")
+def test_every_runnable_flavour_returns_the_same_bits(shape):
+    flavours = build.runnable_flavours()
+    if len(flavours) < 2:
+        pytest.skip(f"this CPU runs only the {flavours} flavour: nothing to compare")
+    kind, n, k = shape
+    w = pack(make_weight(kind, n, k, seed=5))
+    for m in (1, 3, 6, 8, 9, 12, 40):
+        x = torch.randn(m, k)
+        ys = {f: igemm(x, w, f) for f in flavours}
+        first = ys[flavours[0]]
+        for f, y in ys.items():
+            assert torch.equal(y, first), f"{f} differs from {flavours[0]} at M={m}"
