@@ -18,13 +18,14 @@ rows compute the same arithmetic on the same numbers, so a request's greedy toke
 on its batch (`kernels/csrc/igemm.cpp`, `wgemm.cpp`: one fixed fp32 chain per output; the
 flavours even agree bit for bit). igemm rounds each row's activations to int8 per 32-block, as
 llama.cpp does for these formats, and multiplies integers: measured 1.6-2.2x wgemm's speed with
-the avx2 flavours and 2.0-3.0x with the avx512 ones (docs/benchmarks.md), at a perplexity
-within 0.5% of wgemm's (docs/quantization.md). wgemm (`--quant-kernel wgemm`) widens the weights
-to fp32 and never rounds the activations; it takes the 8-bit formats, where an integer product
-without VNNI gains nothing. qgemm is the int8-activation GEMV igemm replaced (kept as a
-reference). Forcing "onednn" or "fbgemm" trades batch invariance for those libraries' int8
-GEMMs: their per-row activation scales and outlier-column split depend on the rest of the batch.
-fp16/bf16 weights (`HalfLinear`) keep their own path.
+the avx2 flavours and 2.0-3.0x with the avx512 ones, at a perplexity 1.5% above the fp32
+product's (docs/quantization.md). wgemm (`--quant-kernel wgemm`) widens the weights to fp32 and
+never rounds the activations (the GGUF's fp32 model's product, transformers' tokens); it takes the
+8-bit formats, where an integer product without VNNI gains nothing. qgemm is the
+int8-activation GEMV igemm replaced (kept as a reference). Forcing "onednn" or "fbgemm" trades
+batch invariance for those libraries' int8 GEMMs: their per-row activation scales and
+outlier-column split depend on the rest of the batch. fp16/bf16 weights (`HalfLinear`) keep
+their own path.
 """
 
 from __future__ import annotations
