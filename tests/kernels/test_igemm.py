@@ -74,7 +74,7 @@ def test_zero_rows_give_the_offsets_part_alone(flavour: str):
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}-{s[1]}x{s[2]}")
 def test_a_row_gives_the_same_bits_in_every_batch(flavour: str, shape):
-    """Rows are computed in tiles of 4 (avx2, generic) or 12 (avx512) whose size depends on M:
+    """Rows are computed in tiles of 4 (avx2, generic) or 8 (avx512) whose size depends on M:
     a row's bits must not change with its batch or its place in it."""
     kind, n, k = shape
     w = pack(make_weight(kind, n, k, seed=3))
