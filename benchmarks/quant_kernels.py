@@ -45,8 +45,10 @@ def build(method: str, w: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor
         m = Int8Linear.from_linear(linear, backend=method.partition("-")[2] or "auto")
     elif method == "int4-ref":  # the portable dequantize + matmul path (what CUDA runs)
         m = GroupLinear.from_linear(linear, 64, backend="reference")
-    elif method.startswith("int4"):
-        m = GroupLinear.from_linear(linear, group_size=int(method.split("g")[1]))
+    elif method.startswith("int4"):  # int4g<G>: auto; int4g<G>-<kernel> forces one, e.g.
+        # int4g32-wgemm-avx2, int4g32-igemm-avx512
+        group, _, kernel = method[len("int4g"):].partition("-")
+        m = GroupLinear.from_linear(linear, group_size=int(group), backend=kernel or "auto")
     elif method == "fp16":
         m = HalfLinear.from_linear(linear, "fp16")
     elif method == "int8pack_mm":  # torch's weight-only int8 op, for comparison
@@ -84,8 +86,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--seconds", type=float, default=0.4, help="target seconds per figure")
     ap.add_argument("--methods", default="fp32,int8,int4g64,fp16,int4-ref,int8pack_mm",
-                    help="also: int8-onednn, int8-fbgemm, int8-qgemm-avx2, bf16-gemm, int4g32 "
-                    "(compiled 4-bit kernel, rows <= 8)")
+                    help="also: int8-onednn, int8-fbgemm, int8-qgemm-avx2, bf16-gemm, int4g32, "
+                    "int4g32-igemm-avx2, int4g32-wgemm-avx512 (a group size and a kernel)")
     ap.add_argument("--rows", default=",".join(map(str, ROWS)))
     ap.add_argument("--shapes", default=",".join(s[0] for s in SHAPES))
     args = ap.parse_args()
