@@ -72,6 +72,18 @@ def test_zero_rows_give_the_offsets_part_alone(flavour: str):
     assert rel_err(y[1:], igemm_torch(x[1:], w)) < 1e-6
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_a_non_finite_activation_makes_its_row_nan_and_spares_the_others(flavour: str, bad):
+    """As the fp32 product would: no NaN is rounded to an integer, no other row is touched."""
+    w = pack(_no_offsets(make_weight("q4g32", 24, 128, seed=6)))
+    x = torch.randn(3, 128)
+    clean = igemm(x, w, flavour)
+    x[1, 70] = bad
+    y = igemm(x, w, flavour)
+    assert torch.isnan(y[1]).all()
+    assert torch.equal(y[0], clean[0]) and torch.equal(y[2], clean[2])
+
+
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}-{s[1]}x{s[2]}")
 def test_a_row_gives_the_same_bits_in_every_batch(flavour: str, shape):
     """Rows are computed in tiles of 4 (avx2, generic) or 8 (avx512) whose size depends on M:

@@ -38,6 +38,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #if defined(__AVX2__)
@@ -86,10 +87,16 @@ void round_rows(const float* x, int64_t m, const Weights& w, Acts& a) {
       for (int64_t b = 0; b < a.nb; ++b) {
         const float* xb = xr + b * kBlock;
         float mx = 0.f;
-        for (int j = 0; j < kBlock; ++j) mx = std::max(mx, std::fabs(xb[j]));
-        a.d[r * a.nb + b] = mx / 127.f;
+        for (int j = 0; j < kBlock; ++j) {
+          const float v = std::fabs(xb[j]);
+          mx = (v > mx || v != v) ? v : mx;  // a NaN sticks (std::max would skip it)
+        }
+        // A NaN or infinity in the block: its scale becomes NaN and its integers 0, so the
+        // block's products are NaN (as fp32's would be) and no NaN is cast to an integer (UB).
+        const bool finite = std::isfinite(mx);
+        a.d[r * a.nb + b] = finite ? mx / 127.f : std::numeric_limits<float>::quiet_NaN();
         // (1 / max) * 127 as qgemm and its torch twin compute it; nearbyint: round half even
-        const float inv = mx > 0.f ? (1.f / mx) * 127.f : 0.f;
+        const float inv = finite && mx > 0.f ? (1.f / mx) * 127.f : 0.f;
         int8_t* out = a.q.data() + r * w.k + b * kBlock;
         for (int j = 0; j < kBlock; ++j) out[j] = static_cast<int8_t>(std::nearbyint(xb[j] * inv));
       }
