@@ -89,3 +89,14 @@ def test_bad_shapes_are_refused(flavour: str):
 def test_zero_rows_give_an_empty_result(flavour: str):
     w = make_weight("int8", 8, 64)
     assert qgemm(torch.zeros(0, 64), w, flavour).shape == (0, 8)
+
+
+@pytest.mark.parametrize("kind", ["q4g32", "q8g32"])
+def test_a_non_finite_activation_makes_its_row_nan_and_spares_the_others(flavour: str, kind: str):
+    w = make_weight(kind, 24, 128, seed=6)
+    x = torch.randn(3, 128)
+    clean = qgemm(x, w, flavour)
+    x[1, 70] = float("nan")
+    y = qgemm(x, w, flavour)
+    assert torch.isnan(y[1]).all()
+    assert torch.equal(y[0], clean[0]) and torch.equal(y[2], clean[2])

@@ -51,6 +51,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -84,10 +85,15 @@ void quantize_acts(const float* x, int64_t m, int64_t k, const Weights& w, Acts&
       for (int64_t b = 0; b < nb; ++b) {
         const float* xb = xr + b * kBlock;
         float mx = 0.f;
-        for (int j = 0; j < kBlock; ++j) mx = std::max(mx, std::fabs(xb[j]));
-        a.d[r * nb + b] = mx / 127.f;
+        for (int j = 0; j < kBlock; ++j) {
+          const float v = std::fabs(xb[j]);
+          mx = (v > mx || v != v) ? v : mx;  // a NaN sticks (std::max would skip it)
+        }
+        // non-finite: a NaN scale and zero integers (no NaN cast to int8), as igemm
+        const bool finite = std::isfinite(mx);
+        a.d[r * nb + b] = finite ? mx / 127.f : std::numeric_limits<float>::quiet_NaN();
         // (1 / max) * 127 rather than 127 / max: the torch twin computes it this way.
-        const float inv = mx > 0.f ? (1.f / mx) * 127.f : 0.f;
+        const float inv = finite && mx > 0.f ? (1.f / mx) * 127.f : 0.f;
         int8_t* out = a.q.data() + r * k + b * kBlock;
         for (int j = 0; j < kBlock; ++j) {
           const int8_t v = static_cast<int8_t>(std::nearbyint(xb[j] * inv));
