@@ -34,3 +34,24 @@ def make_weight(kind: str, n: int, k: int, seed: int = 0) -> QGemmWeight:
         scales = scales.half().float()
         offsets = None if offsets is None else offsets.half().float()
     return QGemmWeight(q, scales, offsets, bits, group)
+
+
+def assert_rows_batch_invariant(run, k: int) -> None:
+    """`run(x)` gives row 5 of a batch the same bits alone, first among a few rows, and at its
+    place among 6 to 70 rows (every tile size and path a kernel picks by M)."""
+    torch.manual_seed(0)
+    batch = torch.randn(70, k)
+    alone = run(batch[5:6])
+    for m in (2, 3, 4, 5, 6, 7, 8, 9, 11, 12, 13, 25, 70):
+        rows = batch[:m] if m > 5 else torch.cat([batch[5:6], batch[:m - 1]])
+        at = 5 if m > 5 else 0
+        assert torch.equal(run(rows)[at], alone[0]), f"row changed at M={m}"
+
+
+def assert_flavours_agree(run, flavours: list[str], k: int) -> None:
+    """`run(x, flavour)` returns the same bits from every flavour, at several row counts."""
+    for m in (1, 3, 6, 8, 9, 12, 40):
+        x = torch.randn(m, k)
+        ys = {f: run(x, f) for f in flavours}
+        for f, y in ys.items():
+            assert torch.equal(y, ys[flavours[0]]), f"{f} differs from {flavours[0]} at M={m}"

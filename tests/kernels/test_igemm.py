@@ -10,7 +10,12 @@ import torch
 from pagoda.kernels import build
 from pagoda.kernels.igemm import igemm, igemm_torch, pack, shape_supported, values
 from pagoda.kernels.qgemm import QGemmWeight
-from tests.kernels.helpers import make_weight, rel_err
+from tests.kernels.helpers import (
+    assert_flavours_agree,
+    assert_rows_batch_invariant,
+    make_weight,
+    rel_err,
+)
 
 # (kind, N, K): N not a multiple of 16 is padded; "-h": fp16-exact scales (kept in fp16)
 SHAPES = [("q4g32", 40, 256), ("q4g32-h", 64, 576), ("q4g64", 17, 192), ("q4g32-h", 33, 1536)]
@@ -90,13 +95,7 @@ def test_a_row_gives_the_same_bits_in_every_batch(flavour: str, shape):
     a row's bits must not change with its batch or its place in it."""
     kind, n, k = shape
     w = pack(make_weight(kind, n, k, seed=3))
-    torch.manual_seed(0)
-    batch = torch.randn(70, k)
-    alone = igemm(batch[5:6], w, flavour)
-    for m in (2, 3, 4, 5, 6, 7, 8, 9, 11, 12, 13, 25, 70):
-        rows = batch[:m] if m > 5 else torch.cat([batch[5:6], batch[:m - 1]])
-        at = 5 if m > 5 else 0
-        assert torch.equal(igemm(rows, w, flavour)[at], alone[0]), f"row changed at M={m}"
+    assert_rows_batch_invariant(lambda x: igemm(x, w, flavour), k)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}-{s[1]}x{s[2]}")
@@ -106,9 +105,4 @@ def test_every_runnable_flavour_returns_the_same_bits(shape):
         pytest.skip(f"this CPU runs only the {flavours} flavour: nothing to compare")
     kind, n, k = shape
     w = pack(make_weight(kind, n, k, seed=5))
-    for m in (1, 3, 6, 8, 9, 12, 40):
-        x = torch.randn(m, k)
-        ys = {f: igemm(x, w, f) for f in flavours}
-        first = ys[flavours[0]]
-        for f, y in ys.items():
-            assert torch.equal(y, first), f"{f} differs from {flavours[0]} at M={m}"
+    assert_flavours_agree(lambda x, f: igemm(x, w, f), flavours, k)

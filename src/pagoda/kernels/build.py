@@ -185,6 +185,19 @@ def native() -> ModuleType | None:
     return None
 
 
+def module_for(device_type: str, flavour: str | None) -> ModuleType | None:
+    """The module a product on `device_type` calls: `flavour`'s build, or the best this CPU
+    runs; None off the CPU or without a built kernel (the caller's torch reference then runs).
+    A flavour asked for by name that is not available is an error, never a silent fallback."""
+    if device_type != "cpu":
+        module = None
+    else:
+        module = load(flavour) if flavour else native()
+    if module is None and flavour:
+        raise RuntimeError(f"the {flavour} kernels are not available on this machine")
+    return module
+
+
 # One flavour compiles in 1-2 minutes on 2 cores; ten times that means something is stuck, and
 # `make` must fail over to the torch path rather than wait for ever.
 BUILD_TIMEOUT_S = 1200

@@ -82,11 +82,8 @@ def qgemm_torch(x: torch.Tensor, w: QGemmWeight) -> torch.Tensor:
 def qgemm(x: torch.Tensor, w: QGemmWeight, flavour: str | None = None) -> torch.Tensor:
     """x (M, K) any float dtype -> (M, N) fp32. `flavour` picks a build (default: the best this
     CPU runs); without a built kernel, or off the CPU, the torch reference runs."""
-    module = (build.load(flavour) if flavour else build.native()) if x.device.type == "cpu" \
-        else None
+    module = build.module_for(x.device.type, flavour)
     if module is None:
-        if flavour:
-            raise RuntimeError(f"the {flavour} kernels are not available on this machine")
         return qgemm_torch(x, w)
     return module.qgemm(x.float().contiguous(), w.q, w.scales,
                         _NO_OFFSETS if w.offsets is None else w.offsets, w.bits, w.group)

@@ -95,11 +95,8 @@ def wgemm_torch(x: torch.Tensor, w: WGemmWeight) -> torch.Tensor:
 def wgemm(x: torch.Tensor, w: WGemmWeight, flavour: str | None = None) -> torch.Tensor:
     """x (M, K) any float dtype -> (M, N) fp32. `flavour` picks a build (default: the best this
     CPU runs); without a built kernel, or off the CPU, the torch reference runs."""
-    module = ((build.load(flavour) if flavour else build.native()) if x.device.type == "cpu"
-              else None)
+    module = build.module_for(x.device.type, flavour)
     if module is None:
-        if flavour:
-            raise RuntimeError(f"the {flavour} kernels are not available on this machine")
         return wgemm_torch(x, w)
     return module.wgemm(x.float().contiguous(), w.q, w.scales, w.offsets, w.out_features,
                         w.bits, w.group)

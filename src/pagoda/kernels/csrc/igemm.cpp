@@ -1,6 +1,6 @@
 // igemm: y = x @ w.T for fp32 activations x (M, K) and 4-bit group-quantized weights w (N, K) as
 // an integer GEMM: each row of x is rounded to int8 per 32-element block (llama.cpp's Q8_0
-// rounding: d = max|x| / 127, q = round(x / d)), and every (row, output, block) dot product of
+// rounding: d = max|x| / 127, q = round(x / d); q8_block.h), and every (row, output, block) dot product of
 // those int8s with the 4-bit integers is exact. Per output:
 //
 //     w[n, k]    = scales[n, t] * q[n, k] + offsets[n, t]          (t = k / g; offsets optional)
@@ -38,12 +38,13 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <limits>
 #include <vector>
 
 #if defined(__AVX2__)
 #include <immintrin.h>
 #endif
+
+#include "q8_block.h"
 
 namespace {
 
@@ -85,20 +86,9 @@ void round_rows(const float* x, int64_t m, const Weights& w, Acts& a) {
     for (int64_t r = begin; r < end; ++r) {
       const float* xr = x + r * w.k;
       for (int64_t b = 0; b < a.nb; ++b) {
-        const float* xb = xr + b * kBlock;
-        float mx = 0.f;
-        for (int j = 0; j < kBlock; ++j) {
-          const float v = std::fabs(xb[j]);
-          mx = (v > mx || v != v) ? v : mx;  // a NaN sticks (std::max would skip it)
-        }
-        // A NaN or infinity in the block: its scale becomes NaN and its integers 0, so the
-        // block's products are NaN (as fp32's would be) and no NaN is cast to an integer (UB).
-        const bool finite = std::isfinite(mx);
-        a.d[r * a.nb + b] = finite ? mx / 127.f : std::numeric_limits<float>::quiet_NaN();
-        // (1 / max) * 127 as qgemm and its torch twin compute it; nearbyint: round half even
-        const float inv = finite && mx > 0.f ? (1.f / mx) * 127.f : 0.f;
-        int8_t* out = a.q.data() + r * w.k + b * kBlock;
-        for (int j = 0; j < kBlock; ++j) out[j] = static_cast<int8_t>(std::nearbyint(xb[j] * inv));
+        a.d[r * a.nb + b] = pagoda_q8::round_block(xr + b * kBlock,
+                                                   a.q.data() + r * w.k + b * kBlock,
+                                                   [](int j) { return j; });
       }
       for (int64_t t = 0; w.o != nullptr && t < w.groups; ++t) {
         float sum = 0.f;

@@ -51,9 +51,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <limits>
 #include <string>
 #include <vector>
+
+#include "q8_block.h"
 
 namespace {
 
@@ -83,22 +84,10 @@ void quantize_acts(const float* x, int64_t m, int64_t k, const Weights& w, Acts&
     for (int64_t r = begin; r < end; ++r) {
       const float* xr = x + r * k;
       for (int64_t b = 0; b < nb; ++b) {
-        const float* xb = xr + b * kBlock;
-        float mx = 0.f;
-        for (int j = 0; j < kBlock; ++j) {
-          const float v = std::fabs(xb[j]);
-          mx = (v > mx || v != v) ? v : mx;  // a NaN sticks (std::max would skip it)
-        }
-        // non-finite: a NaN scale and zero integers (no NaN cast to int8), as igemm
-        const bool finite = std::isfinite(mx);
-        a.d[r * nb + b] = finite ? mx / 127.f : std::numeric_limits<float>::quiet_NaN();
-        // (1 / max) * 127 rather than 127 / max: the torch twin computes it this way.
-        const float inv = finite && mx > 0.f ? (1.f / mx) * 127.f : 0.f;
-        int8_t* out = a.q.data() + r * k + b * kBlock;
-        for (int j = 0; j < kBlock; ++j) {
-          const int8_t v = static_cast<int8_t>(std::nearbyint(xb[j] * inv));
-          out[w.bits == 4 ? (j % 2) * 16 + j / 2 : j] = v;
-        }
+        // 4-bit: the block laid out as [evens | odds] (see the top)
+        a.d[r * nb + b] = pagoda_q8::round_block(
+            xr + b * kBlock, a.q.data() + r * k + b * kBlock,
+            [&](int j) { return w.bits == 4 ? (j % 2) * 16 + j / 2 : j; });
       }
       if (w.offsets != nullptr)
         for (int64_t t = 0; t < w.groups; ++t) {
