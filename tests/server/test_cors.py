@@ -87,6 +87,9 @@ def test_origins_not_listed_are_refused():
                            headers={"Origin": "http://other.example", **preflight})
     assert granted.status_code == 200
     assert granted.headers["access-control-allow-origin"] == "http://other.example"
+    # an answer (here /health while no model is loaded) lets the page read Retry-After
+    answer = http.get("/health", headers={"Origin": "http://other.example"})
+    assert answer.headers["access-control-expose-headers"] == "retry-after"
     off = TestClient(build_app(ServerConfig(allowed_origins=())))
     assert "access-control-allow-origin" not in off.options(
         "/v1/models", headers={"Origin": ORIGIN, **preflight}).headers

@@ -331,7 +331,7 @@ def test_api_key(server):
         assert r.status_code == 401
         assert r.json()["error"]["code"] == "invalid_api_key"
     assert httpx.get(server.url + "/health").status_code == 200
-    for probe in ("/health", "/health/live", "/health/ready"):  # load balancers send HEAD
+    for probe in ("/health", "/health/live", "/health/ready", "/metrics"):  # probes send HEAD
         head = httpx.head(server.url + probe)
         assert head.status_code == 200 and head.content == b""
     assert httpx.get(server.url + "/metrics").status_code == 200

@@ -116,7 +116,9 @@ def build_app(config: ServerConfig, on_fatal: Callable[[], None] | None = None,
         app.add_middleware(CORSMiddleware, allow_origins=list(config.allowed_origins),
                            allow_methods=list(config.allowed_methods),
                            allow_headers=list(config.allowed_headers),
-                           allow_credentials=config.allow_credentials)
+                           allow_credentials=config.allow_credentials,
+                           # a page may read when to retry an overloaded server's 429/503
+                           expose_headers=["retry-after"])
     _add_openai_routes(app, client)
     _add_operational_routes(app, client)
     return app
@@ -215,7 +217,7 @@ def _add_operational_routes(app: FastAPI, client: EngineClient) -> None:
         """Kubernetes readiness: send traffic only when a request would be served."""
         return await health()
 
-    @app.get("/metrics", response_class=Response)
+    @app.api_route("/metrics", methods=["GET", "HEAD"], response_class=Response)
     async def metrics() -> Response:
         return Response(client.metrics.render(),
                         media_type="text/plain; version=0.0.4; charset=utf-8")
