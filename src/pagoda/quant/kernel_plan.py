@@ -17,8 +17,8 @@ Every row bucket of a format takes the same kernel under "auto": decode rows (1-
 rows compute the same arithmetic on the same numbers, so a request's greedy tokens do not depend
 on its batch (`kernels/csrc/igemm.cpp`, `wgemm.cpp`: one fixed fp32 chain per output; the
 flavours even agree bit for bit). igemm rounds each row's activations to int8 per 32-block, as
-llama.cpp does for these formats, and multiplies integers: measured 1.6-2.2x wgemm's speed with
-the avx2 flavours and 2.0-3.0x with the avx512 ones, at a perplexity 1.5% above the fp32
+llama.cpp does for these formats, and multiplies integers: measured 1.1-2.1x wgemm's speed with
+the avx2 flavours and 1.4-2.9x with the avx512 ones, at a perplexity 1.5% above the fp32
 product's (docs/quantization.md). wgemm (`--quant-kernel wgemm`) widens the weights to fp32 and
 never rounds the activations (the GGUF's fp32 model's product, transformers' tokens); it takes the
 8-bit formats, where an integer product without VNNI gains nothing. qgemm is the
