@@ -88,11 +88,11 @@ def test_kernel_form_follows_a_backend_switch():
     m.backend = "auto"
     m.invalidate()
     m(x)
-    assert m._wgemm_weight is not None and m.kernel_choice(CPU).kernel == "wgemm"
+    assert m.built_form("wgemm") is not None and m.kernel_choice(CPU).kernel == "wgemm"
     m.backend = "qgemm"
     m.invalidate()
     m(x)
-    assert m._qgemm_weight is not None and m.kernel_choice(CPU).kernel == "qgemm"
+    assert m.built_form("qgemm") is not None and m.kernel_choice(CPU).kernel == "qgemm"
 
 
 @pytest.mark.parametrize("shape", [(1, 576), (64, 1536), (300, 40), (3, 7), (2048, 1024)])
@@ -177,8 +177,8 @@ def test_group_weights_are_read_in_place_by_qgemm(rows: int, kind: str):
     x = torch.randn(rows, k)
     y = m(x)
     assert m.kernel_choice(CPU).kernel == "qgemm"
-    assert m._qgemm_weight.q is m.qweight, "the weights must be read in place, not copied"
-    assert rel_err(y, qgemm_torch(x, m._qgemm_weight)) < 1e-5
+    assert m.built_form("qgemm").q is m.qweight, "the weights must be read in place, not copied"
+    assert rel_err(y, qgemm_torch(x, m.built_form("qgemm"))) < 1e-5
     # asymmetric groups: the rounding error of x multiplies scales * q, larger than w itself
     assert rel_err(y, x @ m.dequantize().T) < (0.03 if weights.offsets is not None else 0.015)
 
@@ -204,7 +204,7 @@ def test_group_weights_run_on_their_auto_kernel(rows: int, kind: str):
     exact = x.double() @ m.dequantize().double().T
     if kind.startswith("int4"):
         assert m.kernel_choice(CPU).kernel == "igemm"
-        assert rel_err(y, igemm_torch(x, m._igemm_weight)) < 1e-5
+        assert rel_err(y, igemm_torch(x, m.built_form("igemm"))) < 1e-5
         assert rel_err(y.double(), exact) < 0.03  # the activations' rounding (offset part exact)
     else:
         assert m.kernel_choice(CPU).kernel == "wgemm"

@@ -125,8 +125,8 @@ def test_dtype_cast_keeps_kernel_forms_and_device_move_drops_them(model: TinyMod
     head = model.lm_head
 
     def form() -> object:
-        return {"fbgemm": head._packed, "qgemm": head._qgemm_weight,
-                "auto": head._wgemm_weight}[backend]
+        return {"fbgemm": head._packed, "qgemm": head.built_form("qgemm"),
+                "auto": head.built_form("wgemm")}[backend]
 
     head.prepare()
     built = form()
@@ -140,7 +140,7 @@ def test_dtype_cast_keeps_kernel_forms_and_device_move_drops_them(model: TinyMod
     model.to(torch.bfloat16)
     assert form() is built
     model.to("meta")
-    assert form() is None and head._qgemm_weight is None and head.qweight.is_meta
+    assert form() is None and head.built_form("qgemm") is None and head.qweight.is_meta
 
 
 @pytest.mark.parametrize("method", ["fp16", "int8"])

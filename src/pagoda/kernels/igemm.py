@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import torch
 
 from pagoda.kernels import build
-from pagoda.kernels.qgemm import BLOCK, QGemmWeight, quantize_blocks_torch
-from pagoda.kernels.wgemm import OUT_BLOCK, blocks_of, exact_in_half
+from pagoda.kernels.qgemm import BLOCK, QGemmWeight, int4_values, quantize_blocks_torch
+from pagoda.kernels.wgemm import OUT_BLOCK, blocks_of, exact_in_half, rows_of
 
 _NO_OFFSETS = torch.zeros(0)
 
@@ -46,11 +46,6 @@ def shape_supported(k: int, group: int, bits: int) -> bool:
     return bits == 4 and k > 0 and group > 0 and group % BLOCK == 0 and k % group == 0
 
 
-def _values(w: QGemmWeight) -> torch.Tensor:
-    """(N, K) uint8 integers 0..15 of a 4-bit weight (element 2i: low nibble of byte i)."""
-    return torch.stack((w.q & 0x0F, w.q >> 4), dim=-1).reshape(w.q.shape[0], -1)
-
-
 def pack(w: QGemmWeight) -> IGemmWeight:
     """The kernel's layout of the 4-bit weight `w` (a copy)."""
     if not shape_supported(w.in_features, w.group, w.bits):
@@ -58,7 +53,7 @@ def pack(w: QGemmWeight) -> IGemmWeight:
                          f"groups of {w.group} with K={w.in_features}")
     n, k = w.q.shape[0], w.in_features
     pad = -n % OUT_BLOCK
-    vals = _values(w)
+    vals = int4_values(w.q)
     if pad:
         vals = torch.cat([vals, vals.new_zeros(pad, k)])
     # (N/16, 16, K/8, [low 4 | high 4]) -> bytes low | high << 4 -> (N/16, K/8, 16 x 4)
@@ -81,21 +76,17 @@ def values(w: IGemmWeight) -> torch.Tensor:
     return vals.reshape(b * OUT_BLOCK, octets * 8)[: w.out_features]
 
 
-def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
-    """(N/16, C, 16) -> (N, C) fp32."""
-    return t.float().transpose(1, 2).reshape(-1, t.shape[1])[:n]
-
-
 def igemm_torch(x: torch.Tensor, w: IGemmWeight) -> torch.Tensor:
     """The kernel's arithmetic in torch ops (any device): block-rounded x times the scale part,
     exact x times the offset part; equal to the kernel's up to fp32 rounding and order."""
     q, d = quantize_blocks_torch(x)
     xr = (q.float().reshape(q.shape[0], -1, BLOCK) * d[..., None]).reshape(x.shape)
     vals = values(w).to(x.device).float()
-    scales = _rows(w.scales, w.out_features).to(x.device).repeat_interleave(w.group, dim=1)
+    scales = rows_of(w.scales.float(), w.out_features).to(x.device)
+    scales = scales.repeat_interleave(w.group, dim=1)
     y = xr @ (vals * scales).T
     if w.offsets.numel():
-        offsets = _rows(w.offsets, w.out_features).to(x.device)
+        offsets = rows_of(w.offsets.float(), w.out_features).to(x.device)
         y = y + x.float().reshape(x.shape[0], -1, w.group).sum(-1) @ offsets.T
     return y
 

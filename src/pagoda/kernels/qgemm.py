@@ -55,13 +55,14 @@ def quantize_blocks_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, (mx / 127.0).reshape(m, k // BLOCK)
 
 
+def int4_values(q: torch.Tensor) -> torch.Tensor:
+    """(N, B) bytes of 4-bit pairs -> (N, 2B) integers 0..15 (element 2i: low nibble of byte i)."""
+    return torch.stack((q & 0x0F, q >> 4), dim=-1).reshape(q.shape[0], -1)
+
+
 def dequantize(w: QGemmWeight) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(scale part, offset part) of the weight in fp32, each (N, K)."""
-    if w.bits == 4:
-        low, high = w.q & 0x0F, w.q >> 4
-        vals = torch.stack((low, high), dim=-1).reshape(w.q.shape[0], -1)
-    else:
-        vals = w.q
+    vals = int4_values(w.q) if w.bits == 4 else w.q
     scale = w.scales.repeat_interleave(w.group, dim=1)
     offset = None if w.offsets is None else w.offsets.repeat_interleave(w.group, dim=1)
     return vals.float() * scale, offset

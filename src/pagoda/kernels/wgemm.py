@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from pagoda.kernels import build
-from pagoda.kernels.qgemm import QGemmWeight
+from pagoda.kernels.qgemm import QGemmWeight, int4_values
 
 OUT_BLOCK = 16  # outputs per packed block
 _NO_OFFSETS = torch.zeros(0)
@@ -53,6 +53,11 @@ def blocks_of(t: torch.Tensor, pad: int) -> torch.Tensor:
     return t.reshape(-1, OUT_BLOCK, t.shape[1]).transpose(1, 2).contiguous()
 
 
+def rows_of(t: torch.Tensor, n: int) -> torch.Tensor:
+    """(N/16, C, 16) -> the first n rows of (N, C): `blocks_of` undone."""
+    return t.transpose(1, 2).reshape(-1, t.shape[1])[:n]
+
+
 def exact_in_half(t: torch.Tensor | None) -> bool:
     return t is None or bool(torch.equal(t.float().half().float(), t.float()))
 
@@ -73,16 +78,11 @@ def pack(w: QGemmWeight) -> WGemmWeight:
 
 def dequantize(w: WGemmWeight) -> torch.Tensor:
     """The (N, K) weights `scales * q + offsets`, rounded once to fp32."""
-    q = w.q.transpose(1, 2).reshape(-1, w.q.shape[1])[: w.out_features]
-    if w.bits == 4:
-        vals = torch.stack((q & 0x0F, q >> 4), dim=-1).reshape(q.shape[0], -1).float()
-    else:
-        vals = q.view(torch.int8).float()
-    def rows(t: torch.Tensor) -> torch.Tensor:
-        return t.transpose(1, 2).reshape(-1, t.shape[1])[: w.out_features]
-    scales = rows(w.scales.float()).repeat_interleave(w.group, dim=1)
-    offsets = (rows(w.offsets.float()).repeat_interleave(w.group, dim=1) if w.offsets.numel()
-               else torch.zeros_like(scales))
+    q = rows_of(w.q, w.out_features)
+    vals = (int4_values(q) if w.bits == 4 else q.view(torch.int8)).float()
+    scales = rows_of(w.scales.float(), w.out_features).repeat_interleave(w.group, dim=1)
+    offsets = (rows_of(w.offsets.float(), w.out_features).repeat_interleave(w.group, dim=1)
+               if w.offsets.numel() else torch.zeros_like(scales))
     return (vals.double() * scales.double() + offsets.double()).float()
 
 

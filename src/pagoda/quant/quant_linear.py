@@ -24,6 +24,7 @@ Contract shared by all subclasses:
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -46,6 +47,14 @@ from pagoda.quant.kernels import (
 )
 
 OUTLIER_ROWS = 64  # cached fp32 weight rows of outlier input columns, per module
+
+# Pagoda's own kernels: how each turns the stored integers (qgemm's form) into the form it reads,
+# and its product. qgemm reads the stored integers in place.
+NATIVE: dict[str, tuple[Callable[[QGemmWeight], Any], Callable[..., torch.Tensor]]] = {
+    "igemm": (igemm_kernel.pack, igemm_kernel.igemm),
+    "wgemm": (wgemm_kernel.pack, wgemm_kernel.wgemm),
+    "qgemm": (lambda w: w, qgemm),
+}
 
 
 @dataclass(frozen=True)
@@ -71,9 +80,7 @@ class QuantLinear(nn.Module):
         self._outlier_cache: tuple[torch.Tensor, torch.Tensor] | None = None
         self._outlier_rows: OrderedDict[int, torch.Tensor] = OrderedDict()
         self._choice: tuple[torch.device, KernelChoice] | None = None
-        self._qgemm_weight: QGemmWeight | None = None
-        self._wgemm_weight: wgemm_kernel.WGemmWeight | None = None
-        self._igemm_weight: igemm_kernel.IGemmWeight | None = None
+        self._native: tuple[str, Any] | None = None  # (kernel, its weight form): one at a time
 
     # --- what subclasses provide -------------------------------------------------------------
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -171,32 +178,22 @@ class QuantLinear(nn.Module):
             self._choice = (device, choice)
         return self._choice[1]
 
-    def qgemm_weight(self) -> QGemmWeight:
-        """The stored integers as qgemm reads them (built once)."""
-        if self._qgemm_weight is None:
-            self._qgemm_weight = self.make_qgemm_weight()
-        return self._qgemm_weight
+    def native_weight(self, kernel: str) -> Any:
+        """The stored integers in the form Pagoda's `kernel` reads (built once; the form of
+        another kernel is not kept)."""
+        if self._native is None or self._native[0] != kernel:
+            self._native = (kernel, NATIVE[kernel][0](self.make_qgemm_weight()))
+        return self._native[1]
 
-    def wgemm_weight(self) -> wgemm_kernel.WGemmWeight:
-        """The stored integers transposed for wgemm (built once; qgemm's form is not kept)."""
-        if self._wgemm_weight is None:
-            self._wgemm_weight = wgemm_kernel.pack(self.make_qgemm_weight())
-        return self._wgemm_weight
-
-    def igemm_weight(self) -> igemm_kernel.IGemmWeight:
-        """The 4-bit integers repacked for igemm (built once; qgemm's form is not kept)."""
-        if self._igemm_weight is None:
-            self._igemm_weight = igemm_kernel.pack(self.make_qgemm_weight())
-        return self._igemm_weight
+    def built_form(self, kernel: str) -> Any:
+        """`kernel`'s weight form if it is built, else None."""
+        return self._native[1] if self._native and self._native[0] == kernel else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         choice = self.kernel_choice(x.device)
-        if choice.kernel == "igemm":
-            return igemm_kernel.igemm(x, self.igemm_weight(), choice.flavour).to(x.dtype)
-        if choice.kernel == "wgemm":
-            return wgemm_kernel.wgemm(x, self.wgemm_weight(), choice.flavour).to(x.dtype)
-        if choice.kernel == "qgemm":
-            return qgemm(x, self.qgemm_weight(), choice.flavour).to(x.dtype)
+        if choice.kernel in NATIVE:
+            run = NATIVE[choice.kernel][1]
+            return run(x, self.native_weight(choice.kernel), choice.flavour).to(x.dtype)
         if choice.kernel == "reference":
             return linear_reference(x, self.dequantize(x.dtype))
         if self._packed is None or self._packed_for != choice.kernel:
@@ -207,24 +204,16 @@ class QuantLinear(nn.Module):
         """(kernel, weight, flavour) when this module's products run on Pagoda's own igemm,
         wgemm or qgemm on `device`, else None: what a fused layer needs to call the kernel."""
         choice = self.kernel_choice(device)
-        if choice.kernel == "igemm":
-            return "igemm", self.igemm_weight(), choice.flavour
-        if choice.kernel == "wgemm":
-            return "wgemm", self.wgemm_weight(), choice.flavour
-        if choice.kernel == "qgemm":
-            return "qgemm", self.qgemm_weight(), choice.flavour
+        if choice.kernel in NATIVE:
+            return choice.kernel, self.native_weight(choice.kernel), choice.flavour
         return None
 
     def prepare(self) -> KernelChoice:
         """Resolve the kernel and build its weight form now rather than at the first forward
         (which also compiles the C++ kernels at load, not in the first request)."""
         choice = self.kernel_choice(self.device)
-        if choice.kernel == "qgemm":
-            self.qgemm_weight()
-        elif choice.kernel == "wgemm":
-            self.wgemm_weight()
-        elif choice.kernel == "igemm":
-            self.igemm_weight()
+        if choice.kernel in NATIVE:
+            self.native_weight(choice.kernel)
         elif choice.kernel in ("onednn", "fbgemm") and self._packed is None:
             self._packed, self._packed_for = self.pack(choice.kernel), choice.kernel
             int8_ops.extension()
@@ -243,12 +232,11 @@ class QuantLinear(nn.Module):
         and their scales; qgemm only keeps fp32 copies of fp16 scales."""
         if self._packed is not None:
             return self.in_features * self.out_features
-        for pw in (self._wgemm_weight, self._igemm_weight):
-            if pw is not None:
-                return pw.q.nbytes + pw.scales.nbytes + pw.offsets.nbytes
-        w = self._qgemm_weight
-        if w is None:
+        if self._native is None:
             return 0
+        kernel, w = self._native
+        if kernel != "qgemm":
+            return w.q.nbytes + w.scales.nbytes + w.offsets.nbytes
         extra = [t for t in (w.scales, w.offsets) if t is not None]
         return sum(t.nbytes for t in extra if all(t.data_ptr() != b.data_ptr()
                                                   for b in self._buffers.values()
@@ -275,9 +263,7 @@ class QuantLinear(nn.Module):
         self._outlier_cache = None
         self._outlier_rows = OrderedDict()
         self._choice = None
-        self._qgemm_weight = None
-        self._wgemm_weight = None
-        self._igemm_weight = None
+        self._native = None
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
         self.invalidate()
