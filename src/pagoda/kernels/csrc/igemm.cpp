@@ -32,7 +32,6 @@
 #include <ATen/ops/empty.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
-#include <c10/util/Half.h>
 
 #include <algorithm>
 #include <cmath>
@@ -45,26 +44,27 @@
 #endif
 
 #include "q8_block.h"
+#include "wgemm.h"  // the packed scales and offsets are wgemm's: its Packed and their loads
+
+#if defined(__AVX512F__) && !defined(__AVX512VNNI__)
+#error "igemm: an AVX-512 flavour must have VNNI (pagoda.kernels.build.FLAVOURS)"
+#endif
 
 namespace {
 
 constexpr int64_t kOut = 16, kBlock = 32, kOctetBytes = 64;
 
-struct Weights {
-  const uint8_t* q;
-  const void* s;
-  const void* o;  // nullptr: no offsets
-  bool half;
-  int64_t blocks, k, g, groups;
-  const uint8_t* octet(int64_t b, int64_t c) const {
-    return q + (b * (k / 8) + c) * kOctetBytes;
-  }
-  int64_t at(int64_t b, int64_t t) const { return (b * groups + t) * kOut; }
-  float value(const void* p, int64_t i) const {
-    return half ? c10::detail::fp16_ieee_to_fp32_value(static_cast<const uint16_t*>(p)[i])
-                : static_cast<const float*>(p)[i];
-  }
-};
+// wgemm's operands (bits 4); only the integers' layout is igemm's own.
+using Weights = pagoda_wgemm::Packed;
+#if defined(__AVX2__)
+using pagoda_wgemm::vload_values;  // a vector of scales or offsets, widened to fp32
+#endif
+static_assert(pagoda_wgemm::kOut == kOut);
+
+// Block b's 64 bytes of octet c (k = 8c .. 8c + 7).
+inline const uint8_t* octet(const Weights& w, int64_t b, int64_t c) {
+  return w.q + (b * (w.k / 8) + c) * kOctetBytes;
+}
 
 // The rounded rows: xq (M, K) int8, d (M, K/32), xs (M, K/g) (offsets only).
 struct Acts {
@@ -105,13 +105,6 @@ void round_rows(const float* x, int64_t m, const Weights& w, Acts& a) {
 // 16 of 32 zmm accumulate: 12 rows (24) measured 0.75x as fast (spills), 6 and 10 no better
 constexpr int kRows = 8, kBlocks = 2;
 
-inline __m512 values16(const Weights& w, const void* p, int64_t i) {
-  if (w.half)
-    return _mm512_cvtph_ps(
-        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(p) + i)));
-  return _mm512_loadu_ps(static_cast<const float*>(p) + i);
-}
-
 inline __m512i bcast4(const int8_t* p) {
   int32_t v;
   std::memcpy(&v, p, 4);
@@ -132,12 +125,12 @@ void tile(const Weights& w, int64_t b0, const Acts& a, int64_t r0, float* y, int
     PAGODA_REPEAT12(PAGODA_ZERO)
 #undef PAGODA_ZERO
     for (int64_t c = blk * 4; c < blk * 4 + 4; ++c) {
-      const __m512i v0 = _mm512_loadu_si512(w.octet(b0, c));
+      const __m512i v0 = _mm512_loadu_si512(octet(w, b0, c));
       const __m512i lo0 = _mm512_and_si512(v0, mask);
       const __m512i hi0 = _mm512_and_si512(_mm512_srli_epi16(v0, 4), mask);
       __m512i lo1 = lo0, hi1 = hi0;
       if constexpr (B == 2) {
-        const __m512i v1 = _mm512_loadu_si512(w.octet(b0 + 1, c));
+        const __m512i v1 = _mm512_loadu_si512(octet(w, b0 + 1, c));
         lo1 = _mm512_and_si512(v1, mask);
         hi1 = _mm512_and_si512(_mm512_srli_epi16(v1, 4), mask);
       }
@@ -157,10 +150,10 @@ void tile(const Weights& w, int64_t b0, const Acts& a, int64_t r0, float* y, int
     }
     const int64_t t = blk * kBlock / w.g;
     const bool group_end = ((blk + 1) * kBlock) % w.g == 0 && w.o != nullptr;
-    const __m512 s0 = values16(w, w.s, w.at(b0, t));
-    const __m512 s1 = B == 2 ? values16(w, w.s, w.at(b0 + 1, t)) : s0;
-    const __m512 o0 = group_end ? values16(w, w.o, w.at(b0, t)) : s0;
-    const __m512 o1 = group_end && B == 2 ? values16(w, w.o, w.at(b0 + 1, t)) : o0;
+    const __m512 s0 = vload_values(w.s, w.half, w.at(b0, t));
+    const __m512 s1 = B == 2 ? vload_values(w.s, w.half, w.at(b0 + 1, t)) : s0;
+    const __m512 o0 = group_end ? vload_values(w.o, w.half, w.at(b0, t)) : s0;
+    const __m512 o1 = group_end && B == 2 ? vload_values(w.o, w.half, w.at(b0 + 1, t)) : o0;
 #define PAGODA_EPILOGUE(N)                                                              \
     if constexpr (R > N) {                                                              \
       float* yr = y + N * ldy;                                                          \
@@ -186,13 +179,6 @@ void tile(const Weights& w, int64_t b0, const Acts& a, int64_t r0, float* y, int
 // 8 ymm of int16 accumulate (two per row); 3, 5 and 6 rows measured no faster
 constexpr int kRows = 4, kBlocks = 1;
 
-inline __m256 values8(const Weights& w, const void* p, int64_t i) {
-  if (w.half)
-    return _mm256_cvtph_ps(
-        _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i)));
-  return _mm256_loadu_ps(static_cast<const float*>(p) + i);
-}
-
 inline __m256i bcast4(const int8_t* p) {
   int32_t v;
   std::memcpy(&v, p, 4);
@@ -216,7 +202,7 @@ void tile(const Weights& w, int64_t b0, const Acts& a, int64_t r0, float* y, int
 #undef PAGODA_ZERO
     for (int64_t c = blk * 4; c < blk * 4 + 4; ++c) {
       // both halves' weights unpacked once; each row's two broadcasts serve both halves
-      const uint8_t* wo = w.octet(b0, c);
+      const uint8_t* wo = octet(w, b0, c);
       const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wo));
       const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wo + 32));
       const __m256i lo0 = _mm256_and_si256(v0, mask);
@@ -237,9 +223,10 @@ void tile(const Weights& w, int64_t b0, const Acts& a, int64_t r0, float* y, int
     }
     const int64_t t = blk * kBlock / w.g;
     const bool group_end = ((blk + 1) * kBlock) % w.g == 0 && w.o != nullptr;
-    const __m256 s0 = values8(w, w.s, w.at(b0, t)), s1 = values8(w, w.s, w.at(b0, t) + 8);
-    const __m256 o0 = group_end ? values8(w, w.o, w.at(b0, t)) : s0;
-    const __m256 o1 = group_end ? values8(w, w.o, w.at(b0, t) + 8) : s1;
+    const __m256 s0 = vload_values(w.s, w.half, w.at(b0, t));
+    const __m256 s1 = vload_values(w.s, w.half, w.at(b0, t) + 8);
+    const __m256 o0 = group_end ? vload_values(w.o, w.half, w.at(b0, t)) : s0;
+    const __m256 o1 = group_end ? vload_values(w.o, w.half, w.at(b0, t) + 8) : s1;
 #define PAGODA_EPILOGUE_HALF(N, H)                                                         \
       {                                                                                    \
         const __m256 i = _mm256_cvtepi32_ps(_mm256_madd_epi16(a##N##H, ones));             \
@@ -275,7 +262,7 @@ void tile(const Weights& w, int64_t b0, const Acts& a, int64_t r0, float* y, int
         int32_t sum = 0;
         for (int64_t c = blk * 4; c < blk * 4 + 4; ++c)
           for (int j = 0; j < 4; ++j) {
-            const uint8_t byte = w.octet(b0, c)[i * 4 + j];
+            const uint8_t byte = octet(w, b0, c)[i * 4 + j];
             sum += (byte & 0x0F) * xr[c * 8 + j] + (byte >> 4) * xr[c * 8 + 4 + j];
           }
         const int64_t t = blk * kBlock / w.g;
@@ -333,7 +320,7 @@ at::Tensor igemm(at::Tensor x, at::Tensor pq, at::Tensor ps, at::Tensor po, int6
   ps = ps.contiguous();
   if (has_o) po = po.contiguous();
   const Weights w{reinterpret_cast<const uint8_t*>(pq.data_ptr()), ps.data_ptr(),
-                  has_o ? po.data_ptr() : nullptr, half, blocks, k, group, k / group};
+                  has_o ? po.data_ptr() : nullptr, half, blocks, k, group, 4, k / group};
   const int64_t padded = blocks * kOut;
   auto y = at::empty({m, padded}, x.options());
   const auto unpadded = [&] { return n == padded ? y : y.narrow(1, 0, n).contiguous(); };
