@@ -306,22 +306,9 @@ at::Tensor igemm(at::Tensor x, at::Tensor pq, at::Tensor ps, at::Tensor po, int6
   TORCH_CHECK(pq.dim() == 3 && pq.size(1) == k / 8 && pq.size(2) == kOctetBytes &&
                   pq.element_size() == 1,
               "igemm: packed weights must be (N/16, K/8, 64) bytes");
-  const int64_t blocks = pq.size(0);
-  TORCH_CHECK(n > 0 && n <= blocks * kOut, "igemm: n exceeds the packed blocks");
-  const bool half = ps.scalar_type() == at::kHalf;
-  TORCH_CHECK((half || ps.scalar_type() == at::kFloat) &&
-                  ps.numel() == blocks * (k / group) * kOut,
-              "igemm: packed scales must be (N/16, K/g, 16) fp32 or fp16");
-  const bool has_o = po.numel() > 0;
-  TORCH_CHECK(!has_o || (po.scalar_type() == ps.scalar_type() && po.numel() == ps.numel()),
-              "igemm: packed offsets must be shaped and typed like the scales");
+  const Weights w = pagoda_wgemm::packed_operands("igemm", pq, ps, po, n, k, group, 4);
   x = x.contiguous();
-  pq = pq.contiguous();
-  ps = ps.contiguous();
-  if (has_o) po = po.contiguous();
-  const Weights w{reinterpret_cast<const uint8_t*>(pq.data_ptr()), ps.data_ptr(),
-                  has_o ? po.data_ptr() : nullptr, half, blocks, k, group, 4, k / group};
-  const int64_t padded = blocks * kOut;
+  const int64_t blocks = w.blocks, padded = blocks * kOut;
   auto y = at::empty({m, padded}, x.options());
   const auto unpadded = [&] { return n == padded ? y : y.narrow(1, 0, n).contiguous(); };
   if (m == 0) return unpadded();

@@ -180,6 +180,25 @@ void panel_rows(const Packed& w, int64_t b0, const float* panel, Rows rows, int6
 }
 
 }  // namespace
+
+Packed packed_operands(const char* name, at::Tensor& pq, at::Tensor& ps, at::Tensor& po,
+                       int64_t n, int64_t k, int64_t group, int64_t bits) {
+  const int64_t blocks = pq.size(0);
+  TORCH_CHECK(n > 0 && n <= blocks * kOut, name, ": n exceeds the packed blocks");
+  const bool half = ps.scalar_type() == at::kHalf;
+  TORCH_CHECK((half || ps.scalar_type() == at::kFloat) &&
+                  ps.numel() == blocks * (k / group) * kOut,
+              name, ": packed scales must be (N/16, K/g, 16) fp32 or fp16");
+  const bool has_o = po.numel() > 0;
+  TORCH_CHECK(!has_o || (po.scalar_type() == ps.scalar_type() && po.numel() == ps.numel()),
+              name, ": packed offsets must be shaped and typed like the scales");
+  pq = pq.contiguous();
+  ps = ps.contiguous();
+  if (has_o) po = po.contiguous();
+  return Packed{reinterpret_cast<const uint8_t*>(pq.data_ptr()), ps.data_ptr(),
+                has_o ? po.data_ptr() : nullptr, half, blocks, k, group, bits, k / group};
+}
+
 }  // namespace pagoda_wgemm
 
 using namespace pagoda_wgemm;
@@ -196,22 +215,10 @@ at::Tensor wgemm(at::Tensor x, at::Tensor pq, at::Tensor ps, at::Tensor po, int6
   TORCH_CHECK(pq.dim() == 3 && pq.size(2) == kOut &&
                   pq.size(1) == (bits == 4 ? k / 2 : k) && pq.element_size() == 1,
               "wgemm: packed weights must be (N/16, K/2 or K, 16) bytes");
-  const int64_t blocks = pq.size(0);
-  TORCH_CHECK(n > 0 && n <= blocks * kOut, "wgemm: n exceeds the packed blocks");
-  const bool half = ps.scalar_type() == at::kHalf;
-  TORCH_CHECK((half || ps.scalar_type() == at::kFloat) &&
-                  ps.numel() == blocks * (k / group) * kOut,
-              "wgemm: packed scales must be (N/16, K/g, 16) fp32 or fp16");
-  const bool has_o = po.numel() > 0;
-  TORCH_CHECK(!has_o || (po.scalar_type() == ps.scalar_type() && po.numel() == ps.numel()),
-              "wgemm: packed offsets must be shaped and typed like the scales");
+  const Packed w = packed_operands("wgemm", pq, ps, po, n, k, group, bits);
   x = x.contiguous();
-  pq = pq.contiguous();
-  ps = ps.contiguous();
-  if (has_o) po = po.contiguous();
-  const int64_t groups = k / group;
-  Packed w{reinterpret_cast<const uint8_t*>(pq.data_ptr()), ps.data_ptr(),
-           has_o ? po.data_ptr() : nullptr, half, blocks, k, group, bits, groups};
+  const int64_t blocks = w.blocks, groups = w.groups;
+  const bool has_o = w.o != nullptr;
   const int64_t padded = blocks * kOut;
   auto y = at::empty({m, padded}, x.options());
   // the padding outputs dropped (a copy only when N is not a multiple of 16)

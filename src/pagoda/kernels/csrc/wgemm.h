@@ -4,6 +4,7 @@
 // flavour's flags (kernels/build.py).
 #pragma once
 
+#include <ATen/core/Tensor.h>
 #include <c10/util/Half.h>
 
 #include <cstdint>
@@ -113,6 +114,13 @@ inline Vec voffsets(const Packed& w, int64_t b, int64_t t, int64_t lane = 0) {
   return vload_values(w.o, w.half, w.at(b, t) + lane);
 }
 #endif
+
+// The packed weights of a call (wgemm's and igemm's entry points, after each checked its own
+// integers pq: N/16 blocks): checks n and the scales and offsets (N/16, K/g, 16), fp32 or fp16,
+// makes the tensors contiguous in place (the caller keeps them alive) and returns their view.
+// `name` starts every error message.
+Packed packed_operands(const char* name, at::Tensor& pq, at::Tensor& ps, at::Tensor& po,
+                       int64_t n, int64_t k, int64_t group, int64_t bits);
 
 // Rows [0, m) of every block through the direct path when it takes m rows (m <= 8 with AVX2,
 // 12 with AVX-512); false otherwise, and then nothing was written.
