@@ -27,6 +27,10 @@
 #include <cstring>
 #include <vector>
 
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
 // no-trapping-math: lets the compiler turn exp's clamp into vector min/max (no FP traps are
 // enabled in this process, so nothing observable changes)
 #pragma GCC optimize("fp-contract=off", "no-trapping-math")
@@ -71,6 +75,40 @@ inline float fast_exp(float x) {
   bits += static_cast<int32_t>(n) << 23;  // p * 2^n: n is within the exponent's range here
   std::memcpy(&p, &bits, sizeof(bits));
   return p;
+}
+
+// silu(g) * u for n values: g / (1 + fast_exp(-g)) * u. With AVX2, eight lanes run fast_exp's
+// operations one for one (the same roundings: the flavours agree bit for bit), the clamp as
+// max/min with the argument second, so a NaN passes through as the conditional lets it. Not left
+// to the vectoriser: GCC specialised the whole expression per clamp value and computed
+// g / (1 + e^88.7) for every lane, a subnormal quotient whose assists made the loop 3.4x slower.
+void silu_row(const float* g, const float* u, float* o, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX2__)
+  const auto c = [](float v) { return _mm256_set1_ps(v); };
+  for (; i + 8 <= n; i += 8) {
+    const __m256 gv = _mm256_loadu_ps(g + i);
+    __m256 x = _mm256_xor_ps(gv, c(-0.f));  // -g, as the scalar negation (signed zeros too)
+    x = _mm256_min_ps(c(88.7f), _mm256_max_ps(c(-87.3f), x));
+    const __m256 n_ = _mm256_sub_ps(
+        _mm256_add_ps(_mm256_mul_ps(x, c(1.44269504088896341f)), c(12582912.0f)), c(12582912.0f));
+    __m256 r = _mm256_sub_ps(x, _mm256_mul_ps(n_, c(0.693359375f)));
+    r = _mm256_sub_ps(r, _mm256_mul_ps(n_, c(-2.12194440e-4f)));
+    __m256 p = c(1.9875691500e-4f);
+    p = _mm256_add_ps(_mm256_mul_ps(p, r), c(1.3981999507e-3f));
+    p = _mm256_add_ps(_mm256_mul_ps(p, r), c(8.3334519073e-3f));
+    p = _mm256_add_ps(_mm256_mul_ps(p, r), c(4.1665795894e-2f));
+    p = _mm256_add_ps(_mm256_mul_ps(p, r), c(1.6666665459e-1f));
+    p = _mm256_add_ps(_mm256_mul_ps(p, r), c(5.0000001201e-1f));
+    p = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(_mm256_mul_ps(p, r), r), r), c(1.0f));
+    const __m256i bits = _mm256_add_epi32(_mm256_castps_si256(p),
+                                          _mm256_slli_epi32(_mm256_cvttps_epi32(n_), 23));
+    const __m256 e = _mm256_castsi256_ps(bits);
+    const __m256 s = _mm256_div_ps(gv, _mm256_add_ps(c(1.0f), e));
+    _mm256_storeu_ps(o + i, _mm256_mul_ps(s, _mm256_loadu_ps(u + i)));
+  }
+#endif
+  for (; i < n; ++i) o[i] = g[i] / (1.0f + fast_exp(-g[i])) * u[i];
 }
 
 void check_rows(const at::Tensor& x, const at::Tensor& weight, const char* name) {
@@ -204,8 +242,7 @@ at::Tensor silu_mul(at::Tensor gate_up) {
       const float* g = gp + t * 2 * inner;
       const float* u = g + inner;
       float* o = op + t * inner;
-#pragma omp simd
-      for (int64_t i = 0; i < inner; ++i) o[i] = g[i] / (1.0f + fast_exp(-g[i])) * u[i];
+      silu_row(g, u, o, inner);
     }
   });
   return out;

@@ -5,7 +5,7 @@
 //
 //     w[n, k]    = scales[n, t] * q[n, k] + offsets[n, t]          (t = k / g; offsets optional)
 //     I[r, n, b] = sum over the 32 k of block b of xq[r, k] * q[n, k]          (exact, int32)
-//     X[r, t]    = x[r, k] summed over the k of group t, in increasing order    (offsets only)
+//     X[r, t]    = x[r, k] summed over the k of group t (pagoda_q8::group_sum's order)
 //     y[r, n]    = for b = 0 .. K/32-1:  acc = fma(scales[n, t(b)] * d[r, b], I, acc)
 //                  and after the last block of each group t:  acc = fma(offsets[n, t], X, acc)
 //
@@ -85,16 +85,9 @@ void round_rows(const float* x, int64_t m, const Weights& w, Acts& a) {
   at::parallel_for(0, m, 8, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const float* xr = x + r * w.k;
-      for (int64_t b = 0; b < a.nb; ++b) {
-        a.d[r * a.nb + b] = pagoda_q8::round_block(xr + b * kBlock,
-                                                   a.q.data() + r * w.k + b * kBlock,
-                                                   [](int j) { return j; });
-      }
-      for (int64_t t = 0; w.o != nullptr && t < w.groups; ++t) {
-        float sum = 0.f;
-        for (int64_t j = t * w.g; j < (t + 1) * w.g; ++j) sum += xr[j];
-        a.xs[r * w.groups + t] = sum;
-      }
+      pagoda_q8::round_row(xr, w.k, a.q.data() + r * w.k, a.d.data() + r * a.nb);
+      for (int64_t t = 0; w.o != nullptr && t < w.groups; ++t)
+        a.xs[r * w.groups + t] = pagoda_q8::group_sum(xr + t * w.g, w.g);
     }
   });
 }
