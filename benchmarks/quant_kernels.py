@@ -40,8 +40,8 @@ def build(method: str, w: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor
     if method == "bf16-gemm":  # bf16 weights AND activations (--dtype bf16); AMX runs it natively
         wb = w.bfloat16()
         return lambda x: F.linear(x.bfloat16(), wb)
-    if method.startswith("int8"):  # int8 = auto (qgemm); int8-<kernel> forces one, e.g.
-        # int8-onednn, int8-fbgemm, int8-qgemm-avx2
+    if method.startswith("int8"):  # int8 = auto (igemm); int8-<kernel> forces one, e.g.
+        # int8-onednn, int8-fbgemm, int8-igemm-avx2, int8-wgemm-avx512
         m = Int8Linear.from_linear(linear, backend=method.partition("-")[2] or "auto")
     elif method == "int4-ref":  # the portable dequantize + matmul path (what CUDA runs)
         m = GroupLinear.from_linear(linear, 64, backend="reference")

@@ -312,10 +312,10 @@ def test_sliding_window_with_speculation(gemma_small_window, prompt_ids, small_w
 def test_default_weights_are_the_files_blocks_with_transformers_tokens(gemma_path, prompt_ids,
                                                                       reference):
     """By default a GGUF file is served on its own blocks (Q4_K, Q5_0, Q6_K, Q8_0 here): the
-    4-bit ones through igemm (int8 activations), the 8-bit ones through wgemm. Through wgemm
-    alone (`--quant-kernel wgemm`) they compute the product of the file's weights in fp32, so
-    transformers' greedy tokens, batched. (Q5_0 was once re-rounded to per-row int8, which
-    changed the eleventh token of prompt 0.)"""
+    4-bit ones and Q8_0 through igemm (int8 activations), Q6_K (groups of 16) through wgemm.
+    Through wgemm alone (`--quant-kernel wgemm`) they compute the product of the file's weights
+    in fp32, so transformers' greedy tokens, batched. (Q5_0 was once re-rounded to per-row int8,
+    which changed the eleventh token of prompt 0.)"""
     from pagoda.quant.kernel_plan import choose
     from pagoda.quant.quant_linear import QuantLinear
 
@@ -324,9 +324,9 @@ def test_default_weights_are_the_files_blocks_with_transformers_tokens(gemma_pat
     linears = [m for m in engine.loaded.model.modules() if isinstance(m, QuantLinear)]
     cpu = torch.device("cpu")
     assert linears and all(m.kernel_choice(cpu).kernel == "wgemm" for m in linears)
-    defaults = {m.weight_format().bits: choose(m.weight_format(), cpu, "auto").kernel
-                for m in linears}
-    assert defaults == {4: "igemm", 8: "wgemm"}
+    defaults = {(m.weight_format().bits, m.weight_format().group % 32 == 0):
+                choose(m.weight_format(), cpu, "auto").kernel for m in linears}
+    assert defaults == {(4, True): "igemm", (8, True): "igemm", (8, False): "wgemm"}
     got = run_to_completion(engine, {f"r{i}": (ids, GREEDY) for i, ids in enumerate(prompt_ids)})
     for i in range(len(prompt_ids)):
         assert got[f"r{i}"] == reference[i], f"prompt {i} differs from transformers"

@@ -17,8 +17,10 @@ from tests.kernels.helpers import (
     rel_err,
 )
 
-# (kind, N, K): N not a multiple of 16 is padded; "-h": fp16-exact scales (kept in fp16)
-SHAPES = [("q4g32", 40, 256), ("q4g32-h", 64, 576), ("q4g64", 17, 192), ("q4g32-h", 33, 1536)]
+# (kind, N, K): N not a multiple of 16 is padded; "-h": fp16-exact scales (kept in fp16); q8:
+# signed 8-bit (Q8_0, with offsets, int8 per channel)
+SHAPES = [("q4g32", 40, 256), ("q4g32-h", 64, 576), ("q4g64", 17, 192), ("q4g32-h", 33, 1536),
+          ("q8g32-h", 40, 576), ("q8g32-off", 17, 256), ("int8", 33, 192)]
 ROWS = [1, 2, 3, 4, 5, 7, 8, 12, 13, 25, 64]
 
 
@@ -46,13 +48,16 @@ def test_flavour_computes_its_torch_twins_arithmetic(flavour: str, shape, rows: 
         assert rel_err(y, x.double() @ exact.T) < 0.03
 
 
-def test_packing_keeps_every_integer_and_refuses_what_it_cannot_take():
-    w = make_weight("q4g32", 35, 256, seed=2)
-    unpacked = torch.stack((w.q & 0x0F, w.q >> 4), dim=-1).reshape(35, 256)
+@pytest.mark.parametrize("kind", ["q4g32", "q8g32"])
+def test_packing_keeps_every_integer_and_refuses_what_it_cannot_take(kind: str):
+    w = make_weight(kind, 35, 256, seed=2)
+    unpacked = (torch.stack((w.q & 0x0F, w.q >> 4), dim=-1).reshape(35, 256)
+                if w.bits == 4 else w.q)
     assert torch.equal(values(pack(w)), unpacked)
-    assert not shape_supported(256, 16, 4) and not shape_supported(256, 32, 8)
-    with pytest.raises(ValueError, match="8-bit"):
-        pack(make_weight("q8g32", 16, 256))
+    assert shape_supported(256, 32, 8) and shape_supported(256, 256, 8)
+    assert not shape_supported(256, 16, 4) and not shape_supported(256, 16, 8)
+    with pytest.raises(ValueError, match="8-bit groups of 16"):
+        pack(make_weight("q8g16", 16, 256))
 
 
 def test_extreme_integers_do_not_saturate(flavour: str):
@@ -66,6 +71,20 @@ def test_extreme_integers_do_not_saturate(flavour: str):
         y = igemm(x, w, flavour)
         # each block: d = 0.5 / 127, q = 127: d * 32 * 15 * 127 = 240 per block, 8 blocks
         assert torch.allclose(y, torch.full((3, n), sign * 1920.0), rtol=1e-6)
+
+
+@pytest.mark.parametrize("weight", [-128, 127])
+def test_extreme_8bit_integers_stay_exact(flavour: str, weight: int):
+    """Every weight -128 or 127 against activations rounded to +-127: int16 pair sums of
+    2 * 128 * 127 and block sums of 32 of them, exact in int32."""
+    n, k = 32, 256
+    q = torch.full((n, k), weight, dtype=torch.int8)
+    w = pack(QGemmWeight(q, torch.ones(n, k // 32), None, 8, 32))
+    for sign in (1.0, -1.0):
+        x = torch.full((3, k), sign * 0.5)
+        y = igemm(x, w, flavour)
+        # each block: d = 0.5 / 127, q = 127: d * 32 * weight * 127 = 16 * weight, 8 blocks
+        assert torch.equal(y, torch.full((3, n), sign * 128.0 * weight))
 
 
 def test_zero_rows_give_the_offsets_part_alone(flavour: str):

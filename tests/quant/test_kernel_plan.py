@@ -18,8 +18,8 @@ FORMATS = {
 }
 
 
-# what auto picks: the integer GEMM for 4-bit groups of 32k, fp32-widened weights for the rest
-AUTO = {"int8 per channel": "wgemm", "gguf Q4_1/Q4_K": "igemm", "gguf Q8_0": "wgemm",
+# what auto picks: the integer GEMM for 4/8-bit groups of 32k, fp32-widened weights for the rest
+AUTO = {"int8 per channel": "igemm", "gguf Q4_1/Q4_K": "igemm", "gguf Q8_0": "igemm",
         "gguf Q6_K": "wgemm", "int4 g64": "igemm"}
 
 
@@ -38,10 +38,10 @@ def test_shapes_qgemm_refuses_run_on_wgemm_and_odd_groups_fall_back():
     with pytest.raises(ValueError, match="K=100"):
         choose(odd, CPU, "qgemm")
     assert choose(WeightFormat("int4", 4, 16, 512), CPU, "auto").kernel == "wgemm"
-    with pytest.raises(ValueError, match="groups of 16"):  # igemm: 4-bit groups of 32k only
+    with pytest.raises(ValueError, match="groups of 16"):  # igemm: groups of 32k only
         choose(WeightFormat("int4", 4, 16, 512), CPU, "igemm")
-    with pytest.raises(ValueError, match="8-bit"):
-        choose(FORMATS["gguf Q8_0"], CPU, "igemm")
+    with pytest.raises(ValueError, match="groups of 16"):
+        choose(FORMATS["gguf Q6_K"], CPU, "igemm")
     # 4-bit groups of an odd size split a byte's two values between groups: neither kernel
     odd_group = WeightFormat("int4", 4, 33, 99)
     assert choose(odd_group, CPU, "auto").kernel in ("fbgemm", "reference")

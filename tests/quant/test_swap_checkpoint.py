@@ -126,7 +126,7 @@ def test_dtype_cast_keeps_kernel_forms_and_device_move_drops_them(model: TinyMod
 
     def form() -> object:
         return {"fbgemm": head._packed, "qgemm": head.built_form("qgemm"),
-                "auto": head.built_form("wgemm")}[backend]
+                "auto": head.built_form("igemm")}[backend]
 
     head.prepare()
     built = form()
@@ -135,7 +135,7 @@ def test_dtype_cast_keeps_kernel_forms_and_device_move_drops_them(model: TinyMod
         assert head.packed_bytes() == head.in_features * head.out_features
     elif backend == "qgemm":  # qgemm reads the stored int8 weight and scales in place: no copy
         assert head.packed_bytes() == 0 and built.q is head.qweight
-    else:  # wgemm reads a transposed copy: one byte per weight, fp32 scales
+    else:  # igemm reads a repacked copy: one byte per weight, fp32 scales
         assert head.packed_bytes() >= head.in_features * head.out_features
     model.to(torch.bfloat16)
     assert form() is built

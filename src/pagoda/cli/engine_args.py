@@ -34,7 +34,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="weights: auto (a GGUF file's own blocks on the CPU in fp32, else none), "
                    "none (fp32: the transformers-identical reference), int8, int4, gguf")
     g.add_argument("--quant-kernel", default=d.quant_kernel, choices=list(QUANT_KERNELS),
-                   help="kernel of quantized linears: auto (igemm for 4-bit weights: int8 "
+                   help="kernel of quantized linears: auto (igemm for 4/8-bit groups of 32k: int8 "
                    "activations per 32-block, an integer GEMM; wgemm for the others: weights "
                    "widened to fp32; the best ISA flavour this CPU runs; batch-invariant), "
                    "qgemm (int8-activation GEMV), one flavour of these, the oneDNN (AMX) or "

@@ -42,8 +42,8 @@ class EngineConfig:
     # CPU (measured faster than fp32 at every batch size, with fp32's perplexity:
     # docs/quantization.md), else none. A model handed in as `loaded=` is used as it is.
     quantization: str = "auto"
-    # kernel for quantized linears: auto (igemm for 4-bit, else wgemm) | igemm | wgemm | qgemm |
-    # <kernel>-<flavour> | onednn | fbgemm | reference
+    # kernel for quantized linears: auto (igemm for 4/8-bit groups of 32k, else wgemm) | igemm |
+    # wgemm | qgemm | <kernel>-<flavour> | onednn | fbgemm | reference
     # (quant/kernel_plan.py)
     quant_kernel: str = "auto"
     # kernel of fp32 linears: auto (onednn on CPUs where it is available) | onednn | torch

@@ -96,7 +96,7 @@ class FusedOps:
                     [weight.bits, weight.group, weight.out_features])
         if kernel == "igemm":
             return ([weight.q, weight.scales, weight.offsets],
-                    [4, weight.group, weight.out_features, 1])
+                    [weight.bits, weight.group, weight.out_features, 1])
         offsets = weight.offsets if weight.offsets is not None else _NO_OFFSETS
         return [weight.q, weight.scales, offsets], [weight.bits, weight.group]
 

@@ -4,12 +4,12 @@
 
 | format (bits, group)               | rows | CPU                         | auto picks             |
 |------------------------------------|------|-----------------------------|------------------------|
-| 4-bit, groups multiples of 32      | any  | x86 with AVX512-F/BW/VL/DQ  | igemm, avx512 flavour  |
-| (GGUF Q4_0/Q4_1/Q4_K, int4)        |      |   and AVX512-VNNI           |                        |
-|                                    | any  | x86 with AVX2 + FMA         | igemm, avx2 flavour    |
+| 4- or 8-bit, groups multiples of   | any  | x86 with AVX512-F/BW/VL/DQ  | igemm, avx512 flavour  |
+| 32 (GGUF Q4_0/Q4_1/Q4_K/Q8_0,      |      |   and AVX512-VNNI           |                        |
+| int4, int8 per channel)            | any  | x86 with AVX2 + FMA         | igemm, avx2 flavour    |
 |                                    | any  | any other CPU               | igemm, generic flavour |
-| other 4-bit (even groups dividing  | any  | as above                    | wgemm, same flavours   |
-|  K), 8-bit (int8, Q8_0, Q6_K, ...) |      |                             |                        |
+| other groups: even ones dividing K | any  | as above                    | wgemm, same flavours   |
+| (4-bit), Q6_K's 16 (8-bit)         |      |                             |                        |
 | 4-bit groups of odd size           | any  | x86 with fbgemm             | fbgemm (re-rounded)    |
 | any                                | any  | no kernel built, or not CPU | reference              |
 
@@ -17,11 +17,12 @@ Every row bucket of a format takes the same kernel under "auto": decode rows (1-
 rows compute the same arithmetic on the same numbers, so a request's greedy tokens do not depend
 on its batch (`kernels/csrc/igemm.cpp`, `wgemm.cpp`: one fixed fp32 chain per output; the
 flavours even agree bit for bit). igemm rounds each row's activations to int8 per 32-block, as
-llama.cpp does for these formats, and multiplies integers: measured 1.1-2.1x wgemm's speed with
-the avx2 flavours and 1.4-2.9x with the avx512 ones, at a perplexity 1.5% above the fp32
-product's (docs/quantization.md). wgemm (`--quant-kernel wgemm`) widens the weights to fp32 and
-never rounds the activations (the GGUF's fp32 model's product, transformers' tokens); it takes the
-8-bit formats, where an integer product without VNNI gains nothing. qgemm is the
+llama.cpp does for these formats, and multiplies integers: 4-bit measured 1.1-2.1x wgemm's speed
+with the avx2 flavours and 1.4-2.9x with the avx512 ones; 8-bit (int16 pairs: `vpmaddwd`,
+`vpdpwssd`) 1.05-3.0x and 1.1-1.6x at decode rows, 0.84-1.25x at 256. Perplexity: 1.1% above
+the fp32 product's for the GGUF's blocks, 0.4% for int8 (docs/quantization.md). wgemm
+(`--quant-kernel wgemm`) widens the weights to fp32 and never rounds the activations (the GGUF's
+fp32 model's product, transformers' tokens); it takes the groups igemm cannot. qgemm is the
 int8-activation GEMV igemm replaced (kept as a reference). Forcing "onednn" or "fbgemm" trades
 batch invariance for those libraries' int8 GEMMs: their per-row activation scales and
 outlier-column split depend on the rest of the batch. fp16/bf16 weights (`HalfLinear`) keep
@@ -67,7 +68,7 @@ class KernelChoice:
         return f"{self.kernel}-{self.flavour}" if self.flavour else self.kernel
 
 
-_AUTO_HINT = " (auto picks igemm for 4-bit groups of 32k and wgemm for the rest)"
+_AUTO_HINT = " (auto picks igemm for 4/8-bit groups of 32k and wgemm for the rest)"
 
 
 def fits(kernel: str, fmt: WeightFormat) -> bool:

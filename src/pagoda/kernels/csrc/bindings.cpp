@@ -27,6 +27,9 @@ at::Tensor wgemm(at::Tensor x, at::Tensor pq, at::Tensor ps, at::Tensor po, int6
 // igemm.cpp
 at::Tensor igemm(at::Tensor x, at::Tensor pq, at::Tensor ps, at::Tensor po, int64_t n,
                  int64_t group);
+// igemm8.cpp
+at::Tensor igemm8(at::Tensor x, at::Tensor pq, at::Tensor ps, at::Tensor po, int64_t n,
+                  int64_t group);
 // fused_ops.cpp
 at::Tensor rms_norm(at::Tensor x, at::Tensor weight, double eps, double offset);
 std::vector<at::Tensor> add_rms_norm(at::Tensor x, at::Tensor delta, at::Tensor weight,
@@ -45,6 +48,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quantize_blocks", &quantize_blocks, "per-32-block int8 activation rounding");
   m.def("wgemm", &wgemm, "fp32 rows times 4/8-bit weights widened to fp32 (weight-only)");
   m.def("igemm", &igemm, "fp32 rows (int8 per 32-block) times 4-bit weights, an integer GEMM");
+  m.def("igemm8", &igemm8, "fp32 rows (int8 per 32-block) times 8-bit weights, an integer GEMM");
   m.def("shape_supported", &shape_supported, "whether qgemm takes this (K, group, bits)");
   m.def("flavour", &flavour, "the ISA this module was compiled for");
   m.def("rms_norm", &rms_norm, "RMSNorm of each row, (offset + weight) scaled");

@@ -34,18 +34,22 @@ at::Tensor wgemm(at::Tensor x, at::Tensor pq, at::Tensor ps, at::Tensor po, int6
                  int64_t bits, int64_t group);
 at::Tensor igemm(at::Tensor x, at::Tensor pq, at::Tensor ps, at::Tensor po, int64_t n,
                  int64_t group);
+at::Tensor igemm8(at::Tensor x, at::Tensor pq, at::Tensor ps, at::Tensor po, int64_t n,
+                  int64_t group);
 
 namespace {
 
 // One linear's operands: {q, scales, offsets (empty: none)} with {bits, group} for qgemm, or
 // the packed {q, scales, offsets} with {bits, group, out_features} for wgemm and
-// {4, group, out_features, 1} for igemm.
+// {bits, group, out_features, 1} for igemm (4 bits) and igemm8 (8).
 at::Tensor linear(const at::Tensor& x, const std::vector<at::Tensor>& w,
                   const std::vector<int64_t>& form) {
   TORCH_CHECK(w.size() == 3 && form.size() >= 2 && form.size() <= 4, "decode_layer: a weight "
               "is {q, scales, offsets} with {bits, group} (qgemm), {bits, group, n} (wgemm) "
-              "or {4, group, n, 1} (igemm)");
-  if (form.size() == 4) return igemm(x, w[0], w[1], w[2], form[2], form[1]);
+              "or {bits, group, n, 1} (igemm, igemm8)");
+  if (form.size() == 4)
+    return form[0] == 8 ? igemm8(x, w[0], w[1], w[2], form[2], form[1])
+                        : igemm(x, w[0], w[1], w[2], form[2], form[1]);
   if (form.size() == 3) return wgemm(x, w[0], w[1], w[2], form[2], form[0], form[1]);
   return qgemm(x, w[0], w[1], w[2], form[0], form[1]);
 }

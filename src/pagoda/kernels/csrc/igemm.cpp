@@ -66,31 +66,7 @@ inline const uint8_t* octet(const Weights& w, int64_t b, int64_t c) {
   return w.q + (b * (w.k / 8) + c) * kOctetBytes;
 }
 
-// The rounded rows: xq (M, K) int8, d (M, K/32), xs (M, K/g) (offsets only).
-struct Acts {
-  std::vector<int8_t> q;
-  std::vector<float> d;
-  std::vector<float> xs;
-  int64_t k, nb, groups;
-  const int8_t* row(int64_t r) const { return q.data() + r * k; }
-};
-
-void round_rows(const float* x, int64_t m, const Weights& w, Acts& a) {
-  a.k = w.k;
-  a.nb = w.k / kBlock;
-  a.groups = w.groups;
-  a.q.resize(m * w.k);
-  a.d.resize(m * a.nb);
-  if (w.o != nullptr) a.xs.resize(m * w.groups);
-  at::parallel_for(0, m, 8, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const float* xr = x + r * w.k;
-      pagoda_q8::round_row(xr, w.k, a.q.data() + r * w.k, a.d.data() + r * a.nb);
-      for (int64_t t = 0; w.o != nullptr && t < w.groups; ++t)
-        a.xs[r * w.groups + t] = pagoda_q8::group_sum(xr + t * w.g, w.g);
-    }
-  });
-}
+using Acts = pagoda_q8::RoundedRows;  // the rounded rows of a call
 
 #define PAGODA_REPEAT12(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11)
 
@@ -306,7 +282,7 @@ at::Tensor igemm(at::Tensor x, at::Tensor pq, at::Tensor ps, at::Tensor po, int6
   const auto unpadded = [&] { return n == padded ? y : y.narrow(1, 0, n).contiguous(); };
   if (m == 0) return unpadded();
   Acts a;
-  round_rows(x.data_ptr<float>(), m, w, a);
+  pagoda_q8::round_rows(x.data_ptr<float>(), m, k, group, w.o != nullptr, false, a);
   float* yp = y.data_ptr<float>();
   const int64_t units = (blocks + kBlocks - 1) / kBlocks;
   at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {

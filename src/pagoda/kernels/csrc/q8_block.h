@@ -14,9 +14,12 @@
 // order that both the vector and the portable code run, so every flavour's sums agree.
 #pragma once
 
+#include <ATen/Parallel.h>
+
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <vector>
 
 #if defined(__AVX2__)
 #include <immintrin.h>
@@ -107,6 +110,37 @@ inline void round_row(const float* x, int64_t k, int8_t* q, float* d) {
     d[b] = round_block(xb, qb, [](int j) { return j; });
 #endif
   }
+}
+
+// The rounded rows of one igemm call: q (M, K) int8 (and, for 8-bit weights, the same integers
+// widened to int16: AVX2 multiplies signed pairs only as int16), d (M, K/32), xs (M, K/g) the
+// group sums when the weights have offsets.
+struct RoundedRows {
+  std::vector<int8_t> q;
+  std::vector<int16_t> q16;
+  std::vector<float> d, xs;
+  int64_t k = 0, nb = 0, groups = 0;
+  const int8_t* row(int64_t r) const { return q.data() + r * k; }
+  const int16_t* row16(int64_t r) const { return q16.data() + r * k; }
+};
+
+inline void round_rows(const float* x, int64_t m, int64_t k, int64_t g, bool sums, bool wide,
+                       RoundedRows& a) {
+  a.k = k;
+  a.nb = k / kBlock;
+  a.groups = k / g;
+  a.q.resize(m * k);
+  a.d.resize(m * a.nb);
+  if (wide) a.q16.resize(m * k);
+  if (sums) a.xs.resize(m * a.groups);
+  at::parallel_for(0, m, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* xr = x + r * k;
+      round_row(xr, k, a.q.data() + r * k, a.d.data() + r * a.nb);
+      for (int64_t j = 0; wide && j < k; ++j) a.q16[r * k + j] = a.q[r * k + j];
+      for (int64_t t = 0; sums && t < a.groups; ++t) a.xs[r * a.groups + t] = group_sum(xr + t * g, g);
+    }
+  });
 }
 
 }  // namespace pagoda_q8
