@@ -73,6 +73,18 @@ def test_count_tokens(claude, offline):
     assert count.input_tokens == len(chat_ids(offline.tokenizer, messages))
 
 
+def test_text_blocks_are_joined_one_per_line(claude, offline):
+    """Several text blocks of a turn (or of the system prompt) reach the model one per line, as
+    the chat route joins text parts, not glued into one word."""
+    blocks = [{"type": "text", "text": "Name a colour."}, {"type": "text", "text": "One word."}]
+    system = [{"type": "text", "text": "Be"}, {"type": "text", "text": "brief."}]
+    count = claude.messages.count_tokens(
+        model=MODEL, messages=[{"role": "user", "content": blocks}], system=system)
+    messages = [{"role": "system", "content": "Be\nbrief."},
+                {"role": "user", "content": "Name a colour.\nOne word."}]
+    assert count.input_tokens == len(chat_ids(offline.tokenizer, messages))
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_tool_use_round_trip(claude, stream):
     kw = dict(model=MODEL, max_tokens=80, extra_body=GREEDY, tools=[WEATHER],

@@ -47,12 +47,13 @@ def to_chat(request: CountTokensRequest) -> ChatCompletionRequest:
     messages: list[dict[str, Any]] = []
     if request.system:
         system = request.system if isinstance(request.system, str) else \
-            "".join(b.text for b in request.system)
+            "\n".join(b.text for b in request.system)
         messages.append({"role": "system", "content": system})
     for i, m in enumerate(request.messages):
         blocks = [TextBlock(type="text", text=m.content)] if isinstance(m.content, str) \
             else m.content
-        text = "".join(b.text for b in blocks if isinstance(b, TextBlock))
+        # several text blocks reach the model one per line, as the chat route's text parts do
+        text = "\n".join(b.text for b in blocks if isinstance(b, TextBlock))
         calls = [b for b in blocks if isinstance(b, ToolUseBlock)]
         results = [b for b in blocks if isinstance(b, ToolResultBlock)]
         if (m.role == "user" and calls) or (m.role == "assistant" and results):

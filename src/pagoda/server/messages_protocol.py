@@ -35,7 +35,7 @@ class ToolResultBlock(RequestSchema):
 
     def text(self) -> str:
         body = self.content if isinstance(self.content, str) else \
-            "".join(b.text for b in self.content)
+            "\n".join(b.text for b in self.content)
         return f"Error: {body}" if self.is_error else body
 
 
