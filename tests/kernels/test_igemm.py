@@ -125,3 +125,20 @@ def test_every_runnable_flavour_returns_the_same_bits(shape):
     kind, n, k = shape
     w = pack(make_weight(kind, n, k, seed=5))
     assert_flavours_agree(lambda x, f: igemm(x, w, f), flavours, k)
+
+
+@pytest.mark.parametrize("kind", ["q4g32", "q8g32"])
+def test_bad_operands_are_refused_by_name(flavour: str, kind: str):
+    """Both entry points check their operands alike (igemm_call.h) and name themselves."""
+    w = pack(make_weight(kind, 32, 256))
+    product = build.load(flavour).igemm if w.bits == 4 else build.load(flavour).igemm8
+    name = "igemm" if w.bits == 4 else "igemm8"
+    x = torch.randn(2, 256)
+    with pytest.raises(RuntimeError, match=f"{name}: packed weights must be"):
+        product(x, w.q[:, :-1], w.scales, w.offsets, 32, 32)
+    with pytest.raises(RuntimeError, match=f"{name}: x must be a 2-D fp32"):
+        product(x.double(), w.q, w.scales, w.offsets, 32, 32)
+    with pytest.raises(RuntimeError, match=f"{name}: the group must be a multiple of 32"):
+        product(x, w.q, w.scales, w.offsets, 32, 48)
+    empty = product(x[:0], w.q, w.scales, w.offsets, 30, 32)
+    assert empty.shape == (0, 30)

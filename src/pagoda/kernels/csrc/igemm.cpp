@@ -43,6 +43,7 @@
 #include <immintrin.h>
 #endif
 
+#include "igemm_call.h"  // the checks, output and rounded rows of a call
 #include "q8_block.h"
 #include "wgemm.h"  // the packed scales and offsets are wgemm's: its Packed and their loads
 
@@ -267,32 +268,18 @@ void block_rows(const Weights& w, int64_t b0, const Acts& a, int64_t m, float* y
 // count (<= 16 * blocks).
 at::Tensor igemm(at::Tensor x, at::Tensor pq, at::Tensor ps, at::Tensor po, int64_t n,
                  int64_t group) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu(),
-              "igemm: x must be a 2-D fp32 CPU tensor");
-  const int64_t m = x.size(0), k = x.size(1);
-  TORCH_CHECK(group > 0 && group % kBlock == 0 && k % group == 0,
-              "igemm: the group must be a multiple of 32 dividing K");
-  TORCH_CHECK(pq.dim() == 3 && pq.size(1) == k / 8 && pq.size(2) == kOctetBytes &&
-                  pq.element_size() == 1,
-              "igemm: packed weights must be (N/16, K/8, 64) bytes");
-  const Weights w = pagoda_wgemm::packed_operands("igemm", pq, ps, po, n, k, group, 4);
-  x = x.contiguous();
-  const int64_t blocks = w.blocks, padded = blocks * kOut;
-  auto y = at::empty({m, padded}, x.options());
-  const auto unpadded = [&] { return n == padded ? y : y.narrow(1, 0, n).contiguous(); };
-  if (m == 0) return unpadded();
-  Acts a;
-  pagoda_q8::round_rows(x.data_ptr<float>(), m, k, group, w.o != nullptr, false, a);
-  float* yp = y.data_ptr<float>();
-  const int64_t units = (blocks + kBlocks - 1) / kBlocks;
+  auto c = pagoda_igemm::prepare("igemm", x, pq, ps, po, n, group, 4, 8, kOctetBytes, false);
+  if (c.m == 0) return c.unpadded();
+  const int64_t blocks = c.w.blocks, units = (blocks + kBlocks - 1) / kBlocks;
+  float* yp = c.y.data_ptr<float>();
   at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
     for (int64_t u = begin; u < end; ++u) {
       const int64_t b0 = u * kBlocks;
       if (blocks - b0 >= kBlocks)
-        block_rows<kBlocks>(w, b0, a, m, yp + b0 * kOut, padded);
+        block_rows<kBlocks>(c.w, b0, c.a, c.m, yp + b0 * kOut, c.padded);
       else
-        block_rows<1>(w, b0, a, m, yp + b0 * kOut, padded);
+        block_rows<1>(c.w, b0, c.a, c.m, yp + b0 * kOut, c.padded);
     }
   });
-  return unpadded();
+  return c.unpadded();
 }
