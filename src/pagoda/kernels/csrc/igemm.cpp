@@ -53,14 +53,14 @@
 
 namespace {
 
-constexpr int64_t kOut = 16, kBlock = 32, kOctetBytes = 64;
+// outputs per packed block (wgemm's), activations per rounded block (pagoda_q8's)
+constexpr int64_t kOut = pagoda_wgemm::kOut, kBlock = pagoda_q8::kBlock, kOctetBytes = 64;
 
 // wgemm's operands (bits 4); only the integers' layout is igemm's own.
 using Weights = pagoda_wgemm::Packed;
 #if defined(__AVX2__)
 using pagoda_wgemm::vload_values;  // a vector of scales or offsets, widened to fp32
 #endif
-static_assert(pagoda_wgemm::kOut == kOut);
 
 // Block b's 64 bytes of octet c (k = 8c .. 8c + 7).
 inline const uint8_t* octet(const Weights& w, int64_t b, int64_t c) {

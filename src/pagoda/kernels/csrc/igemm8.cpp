@@ -45,7 +45,7 @@
 
 namespace {
 
-constexpr int64_t kOut = 16, kBlock = 32, kPairBytes = 32;
+constexpr int64_t kOut = pagoda_wgemm::kOut, kBlock = pagoda_q8::kBlock, kPairBytes = 32;
 using Weights = pagoda_wgemm::Packed;
 using Acts = pagoda_q8::RoundedRows;
 #if defined(__AVX2__)

@@ -16,6 +16,7 @@
 namespace pagoda_igemm {
 
 struct Call {
+  at::Tensor pq, ps, po;  // the packed operands, contiguous: w points into them
   pagoda_wgemm::Packed w;
   at::Tensor x, y;  // x (M, K) contiguous fp32; y (M, 16 * blocks)
   int64_t m, n, padded;
@@ -38,8 +39,9 @@ inline Call prepare(const char* name, at::Tensor x, at::Tensor pq, at::Tensor ps
   TORCH_CHECK(pq.dim() == 3 && pq.size(1) == k / k_per_unit && pq.size(2) == unit_bytes &&
                   pq.element_size() == 1,
               who, ": packed weights must be (N/16, K/", k_per_unit, ", ", unit_bytes, ") bytes");
-  Call c{pagoda_wgemm::packed_operands(name, pq, ps, po, n, k, group, bits), x.contiguous(),
-         at::Tensor(), m, n, 0, {}};
+  // the Call owns the (possibly copied) contiguous operands, so w never outlives them
+  Call c{pq, ps, po, {}, x.contiguous(), at::Tensor(), m, n, 0, {}};
+  c.w = pagoda_wgemm::packed_operands(name, c.pq, c.ps, c.po, n, k, group, bits);
   c.padded = c.w.blocks * pagoda_wgemm::kOut;
   c.y = at::empty({m, c.padded}, c.x.options());
   if (m > 0)
