@@ -32,8 +32,9 @@ def test_openai_client_and_a_killed_rank(flag, make_engine, loaded_model):
     expected_ids = run_to_completion(make_engine(), {"r": (
         loaded_model.tokenizer.encode(PROMPT), SamplingParams(temperature=0, max_tokens=16))})
     expected = loaded_model.tokenizer.decode(expected_ids["r"])
-    # the file's blocks as the fp32 product (tp_engine says why)
-    srv = ServerProcess(flag, "2", "--served-model-name", "m", "--quant-kernel", "wgemm")
+    # the file's blocks as the fp32 product, with an fp32 cache (tp_engine says why)
+    srv = ServerProcess(flag, "2", "--served-model-name", "m", "--quant-kernel", "wgemm",
+                        "--kv-cache-dtype", "fp32")
     try:
         srv.wait_ready()
         (worker,) = parallel_workers(srv)

@@ -77,7 +77,7 @@ def test_quantized_stages_decode_what_one_process_decodes(quantization, prompt_i
     outputs = {}
     for pp in (1, 2):
         engine = tp_engine(pipeline_parallel_size=pp, quantization=quantization,
-                           quant_kernel="auto")
+                           quant_kernel="auto", kv_cache_dtype="auto")
         try:
             outputs[pp] = greedy_outputs(engine, prompt_ids[2:6])
         finally:

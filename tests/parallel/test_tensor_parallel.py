@@ -36,6 +36,8 @@ def tp_engine(**overrides) -> LLMEngine:
     # kernel (igemm) rounds activations to int8, where an ulp of reduction order can flip a
     # rounding: its shards are held to one process's perplexity instead (the quantized tests).
     overrides.setdefault("quant_kernel", "wgemm")
+    # and an fp32 cache, as the fp32 process keeps (quantized linears default to bf16)
+    overrides.setdefault("kv_cache_dtype", "fp32")
     # its own weights: tensor parallelism cuts the loaded model to rank 0's share in place
     return LLMEngine(EngineConfig(progress=False, **overrides))
 
@@ -118,7 +120,7 @@ def test_quantized_shards_keep_the_perplexity(loaded_model, quantization):
     perplexity = {}
     for tp in (1, 2):
         engine = tp_engine(tensor_parallel_size=tp, quantization=quantization,
-                           quant_kernel="auto")
+                           quant_kernel="auto", kv_cache_dtype="auto")
         try:
             lps = prompt_logprobs(engine, ids)
         finally:

@@ -41,7 +41,8 @@ def _engine(loaded, **overrides) -> LLMEngine:
     return LLMEngine(config, loaded=loaded)  # the weights are already quantized
 
 
-@pytest.mark.parametrize("kv_cache_dtype", ["fp32", "fp16"])  # both read in place by the kernel
+# each read in place by the kernel; auto is bf16 for these quantized weights
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp32", "fp16"])
 def test_alone_chunked_cached_and_batched_give_the_same_tokens(quantized, kv_cache_dtype):
     mode, loaded = quantized
     alone = [run_engine(_engine(loaded, enable_prefix_caching=False,
@@ -59,3 +60,19 @@ def test_alone_chunked_cached_and_batched_give_the_same_tokens(quantized, kv_cac
     again = run_engine(engine, [*OTHERS[:3], *PROMPTS, *OTHERS[3:]], 12).token_ids[3:6]
     assert engine.kv_manager.num_hit_tokens > hits, "the repeat should hit the prefix cache"
     assert first == alone and again == alone, mode
+
+
+def test_an_auto_cache_is_bf16_under_quantized_linears_and_fp32_under_fp32_ones(quantized,
+                                                                              loaded_model):
+    """EngineConfig.settle_for_weights: the cache of a model with quantized linears is bf16
+    (half the bytes a decode step reads; fp32's exponent range), an fp32 model's stays fp32
+    (transformers' tokens), and an explicit choice is kept."""
+    _, loaded = quantized
+    assert _engine(loaded).kv_groups[0].kv_dtype == "bf16"
+    assert _engine(loaded, kv_cache_dtype="fp32").kv_groups[0].kv_dtype == "fp32"
+    fp32 = LLMEngine(EngineConfig(quantization="none", kv_cache_memory=64 << 20, progress=False),
+                     loaded=loaded_model)
+    assert fp32.kv_groups[0].kv_dtype == "fp32"
+    half = _engine(loaded)
+    assert half.kv_groups[0].num_blocks == 2 * _engine(
+        loaded, kv_cache_dtype="fp32").kv_groups[0].num_blocks

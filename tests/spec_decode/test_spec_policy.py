@@ -75,15 +75,15 @@ def test_depth_respects_the_budget_max_tokens_opt_out_and_batch_size():
 
 def test_prompt_lookup_defaults_follow_what_a_verified_row_costs():
     ngram = EngineConfig(speculative_method="ngram")
-    fp32, quantized = ngram.settle_prompt_lookup(False), ngram.settle_prompt_lookup(True)
+    fp32, quantized = ngram.settle_for_weights(False), ngram.settle_for_weights(True)
     assert (fp32.num_speculative_tokens, fp32.prompt_lookup_min) == DEFAULT_NGRAM[False] == (8, 1)
     assert (quantized.num_speculative_tokens, quantized.prompt_lookup_min) == (4, 2)
     chosen = EngineConfig(speculative_method="ngram", num_speculative_tokens=3,
-                          prompt_lookup_min=3).settle_prompt_lookup(False)
+                          prompt_lookup_min=3).settle_for_weights(False)
     assert (chosen.num_speculative_tokens, chosen.prompt_lookup_min) == (3, 3)
-    assert EngineConfig(speculative_method="ngram", prompt_lookup_max=1).settle_prompt_lookup(
+    assert EngineConfig(speculative_method="ngram", prompt_lookup_max=1).settle_for_weights(
         True).prompt_lookup_min == 1
-    draft = EngineConfig(speculative_method="draft").settle_prompt_lookup(False)
+    draft = EngineConfig(speculative_method="draft").settle_for_weights(False)
     assert draft.num_speculative_tokens is None and draft.resolved_num_speculative_tokens == 4
     with pytest.raises(ValueError, match="prompt_lookup_min"):
         EngineConfig(speculative_method="ngram", prompt_lookup_min=6)

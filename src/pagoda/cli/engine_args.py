@@ -45,7 +45,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-cache-memory", type=parse_bytes, default=d.kv_cache_memory,
                    help="bytes for the KV block pool (e.g. 512MiB, 1GiB)")
     g.add_argument("--kv-cache-dtype", default=d.kv_cache_dtype,
-                   choices=["auto", "fp32", "fp16", "bf16", "int8"])
+                   choices=["auto", "fp32", "fp16", "bf16", "int8"],
+                   help="auto: bf16 for quantized linears (the GGUF default), else the compute "
+                   "dtype")
     g.add_argument("--block-size", type=int, default=d.block_size)
     g.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens)
     g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)

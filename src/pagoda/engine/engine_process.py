@@ -172,9 +172,10 @@ def run_engine_process(config: EngineConfig, conn: Connection, log_level: int) -
         conn.send(EngineFailed(f"{type(exc).__name__}: {exc}"))
         sys.exit(1)
     info = EngineInfo.of(engine)
-    log.info("loaded %s in %.1f s: max_model_len %d, %d KV blocks of %d tokens", info.model_path,
-             time.perf_counter() - start, info.max_model_len, info.validator.num_blocks,
-             info.validator.block_size)
+    log.info("loaded %s in %.1f s: max_model_len %d, %d KV blocks of %d tokens (%s)",
+             info.model_path, time.perf_counter() - start, info.max_model_len,
+             info.validator.num_blocks, info.validator.block_size,
+             engine.config.resolved_kv_dtype)
     conn.send(EngineReady(info, engine.stats(), time.perf_counter() - start))
 
     commands: queue.Queue[EngineCommand] = queue.Queue()

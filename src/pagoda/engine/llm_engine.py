@@ -99,7 +99,7 @@ class LLMEngine:
                       or self.peers.whole_layers)
         if self.peers is not None:
             self.peers.attach(self.loaded.model)
-        self.config = config = config.settle_prompt_lookup(is_quantized(self.loaded))
+        self.config = config = config.settle_for_weights(is_quantized(self.loaded))
         self.tokenizer = self.loaded.tokenizer
         self.max_model_len = min(config.max_model_len or cfg.max_model_len, cfg.max_model_len)
         kv_memory, draft_memory = config.kv_cache_memory, 0
