@@ -66,18 +66,22 @@ def test_one_rank_is_the_whole_model_in_every_precision():
 
 def test_smollm2_by_hand():
     """TP 3: one KV head (3 query heads), 512 MLP columns and 16,384 vocabulary rows per rank;
-    PP 2: layers 0-14 and 15-29, the embedding (and the ranks' LM-head slices) on stage 0."""
+    PP 2: layers 0-10 and 11-29 (stage 0 counts the LM head as 8 layers), the embedding (and the
+    ranks' LM-head slices) on stage 0."""
     shape = read_model_shape(None)
     ranks = rank_memory(shape, 3, 2, "fp32", "fp16")
     layer = 576 * (192 + 64 + 64) + 576 * 192 + 3 * 576 * 512 + 2 * 576  # qkv, o, MLP, norms
-    first = 15 * layer + 49_152 * 576 + 16_384 * 576 + 576
-    assert [r.weight_bytes for r in ranks] == [4 * first] * 3 + [4 * (15 * layer + 576)] * 3
+    first = 11 * layer + 49_152 * 576 + 16_384 * 576 + 576
+    second = 19 * layer + 576
+    assert [r.weight_bytes for r in ranks] == [4 * first] * 3 + [4 * second] * 3
     assert {(r.q_heads, r.kv_heads, r.intermediate) for r in ranks} == {(3, 1, 512)}
-    assert [r.kv_bytes_per_token for r in ranks] == [15 * 1 * 128 * 2] * 6
-    # every rank with 512 MiB: stage 0's ranks hold the fewest blocks, and every rank gets that many
+    assert [r.kv_bytes_per_token for r in ranks] == [11 * 128 * 2] * 3 + [19 * 128 * 2] * 3
+    # every rank with 512 MiB: stage 1's ranks (more layers' KV per block) hold the fewest
+    # blocks, and every rank gets that many
     plan_ = plan_deployment_memory(ranks, 512 * 2**20, context=1024, block_size=16)
-    blocks = (512 * 2**20 - 4 * first) // (16 * 3_840)
-    assert (plan_.num_blocks, plan_.limiting_rank, plan_.max_requests) == (blocks, 0, blocks // 64)
+    blocks = (512 * 2**20 - 4 * second) // (16 * 19 * 128 * 2)
+    assert blocks < (512 * 2**20 - 4 * first) // (16 * 11 * 128 * 2)
+    assert (plan_.num_blocks, plan_.limiting_rank, plan_.max_requests) == (blocks, 3, blocks // 64)
 
 
 def test_capacity_cli_prints_each_rank(capsys):
@@ -86,7 +90,7 @@ def test_capacity_cli_prints_each_rank(capsys):
     out = capsys.readouterr().out
     assert "TP 3 x PP 2 (6 ranks" in out
     assert out.count(" 3/1 ") == 6
-    assert "blocks on every rank (rank 0 holds the fewest)" in out
+    assert "blocks on every rank (rank 3 holds the fewest)" in out
     # the whole model does not fit one 256 MiB process in fp32, but its halves' ranks report it
     assert main(["capacity", "--memory", "256MiB", "--tensor-parallel-size", "2",
                  "--kv-cache-dtype", "fp16"]) == 0

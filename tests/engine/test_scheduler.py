@@ -200,3 +200,31 @@ def test_deferral_ends_when_the_computing_request_is_aborted():
     b = next(r for r in out.scheduled if r.req_id == "b")
     assert (b.num_computed_tokens, len(b.token_ids)) == (12, 4)  # a's committed blocks are hits
     s.check_integrity()
+
+
+def test_a_pipeline_splits_the_running_requests_and_skips_those_in_flight():
+    s = make()
+    for rid in "abcd":
+        s.add_request(req(rid, 2))
+    first = s.schedule(max_requests=2)  # batch one of two: half the requests
+    assert [r.req_id for r in first.scheduled] == ["a", "b"]
+    second = s.schedule(busy={"a", "b"}, max_requests=2)
+    assert [r.req_id for r in second.scheduled] == ["c", "d"]
+    assert s.schedule(busy={"a", "b", "c", "d"}, max_requests=2).is_empty
+    s.update_from_output(first, ModelRunnerOutput({"a": [7], "b": [7]}, {}))
+    third = s.schedule(busy={"c", "d"}, max_requests=2)  # a and b again, each one token on
+    assert [(r.req_id, r.num_computed_tokens, r.token_ids) for r in third.scheduled] == [
+        ("a", 2, [7]), ("b", 2, [7])]
+
+
+def test_requests_in_flight_are_never_preempted():
+    s = make(num_blocks=4, block_size=2)
+    for rid in "ab":
+        s.add_request(req(rid, 4))  # 2 blocks each: the pool is full
+    step(s)
+    # b (the newest) is in flight: a's growth may not take its blocks, so a waits instead
+    out = s.schedule(busy={"b"})
+    assert out.preempted_req_ids == ["a"] and out.is_empty
+    assert [r.req_id for r in s.running] == ["b"]
+    assert s.requests["b"].num_computed_tokens == 4 and len(s.kv.block_ids("b")[0]) == 2
+    s.check_integrity()

@@ -15,6 +15,7 @@ from pagoda.engine.config import EngineConfig
 from pagoda.engine.llm_engine import LLMEngine
 from pagoda.sampling.params import SamplingParams
 from tests.engine.helpers import run_to_completion
+from tests.engine.test_hf_reference import GREEDY
 from tests.parallel.test_tensor_parallel import (
     assert_a_dead_rank_fails_the_step,
     assert_reference_tokens,
@@ -31,9 +32,11 @@ def pp2():
     engine.close()
 
 
-def test_two_stages_hold_half_the_layers_each(pp2):
-    assert pp2.peers.stage == range(0, 15)
-    assert len(pp2.loaded.model.layers) == 15 and len(pp2.runner.kv_stores) == 15
+def test_stage_0_counts_the_lm_head_as_layers(pp2):
+    """SmolLM2's LM head is 8 layers' worth of weights: (30 + 8) / 2 - 8 = 11 layers on stage
+    0, beside the head; 19 on stage 1."""
+    assert pp2.peers.stage == range(0, 11)
+    assert len(pp2.loaded.model.layers) == 11 and len(pp2.runner.kv_stores) == 11
     assert len(pp2.peers.workers) == 1 and pp2.peers.workers[0].process.poll() is None
 
 
@@ -41,6 +44,51 @@ def test_greedy_equals_transformers_in_a_staggered_batch(pp2, prompt_ids, refere
     """Chunked prefill (64-token budget) beside decodes, split into micro-batches, then from
     the prefix cache."""
     assert_staggered_then_cached(pp2, prompt_ids, reference)
+
+
+def test_two_batches_are_in_flight_at_once_and_their_tokens_are_transformers(pp2, prompt_ids,
+                                                                            reference):
+    """With 4 requests the engine keeps two disjoint batches of 2 in the ring; the tokens stay
+    transformers' (the same computation as one batch after another)."""
+    assert pp2.runner.depth == 2 and pp2.peers.pipeline.parts == 1
+    seen = []
+    submit = pp2.runner.submit
+
+    def watch(sched):
+        seen.append([[r.req_id for r in s.scheduled] for s, _ in pp2.in_flight]
+                    + [[r.req_id for r in sched.scheduled]])
+        return submit(sched)
+
+    pp2.runner.submit = watch
+    try:
+        assert_reference_tokens(pp2, prompt_ids[:4], reference, "two batches in flight")
+    finally:
+        del pp2.runner.submit
+    pairs = [batches for batches in seen if len(batches) == 2]
+    assert len(pairs) > len(seen) // 2, seen
+    for a, b in pairs:
+        assert len(a) == len(b) == 2 and not set(a) & set(b)
+
+
+def test_a_request_aborted_while_in_flight_ends_and_the_others_are_unchanged(
+        pp2, prompt_ids, reference):
+    for i, ids in enumerate(prompt_ids[:4]):
+        pp2.add_request(f"r{i}", ids, GREEDY)
+    tokens: dict[str, list[int]] = {f"r{i}": [] for i in range(4)}
+    for _ in range(6):
+        for out in pp2.step():
+            tokens[out.req_id] += out.outputs[0].token_ids
+    victim = next(r.req_id for r in pp2.in_flight[0][0].scheduled)
+    pp2.abort_request(victim)
+    while pp2.has_unfinished_requests():
+        for out in pp2.step():
+            tokens[out.req_id] += out.outputs[0].token_ids
+    pp2.check_integrity()
+    assert pp2.kv_manager.usage == 0 and not pp2.in_flight
+    for i in range(4):
+        if f"r{i}" != victim:
+            assert tokens[f"r{i}"] == reference[i]
+    assert tokens[victim] == reference[int(victim[1:])][:len(tokens[victim])]
 
 
 def test_log_probs_match_one_process(pp2, make_engine, prompt_ids):

@@ -85,13 +85,18 @@ def engine_decode_rate(engine, prompt: list[int], num_tokens: int) -> float:
 
     engine.add_request("decode", prompt, SamplingParams(temperature=0, max_tokens=num_tokens,
                                                         ignore_eos=True))
-    engine.step()  # prefill + first token
+    def tokens(outputs) -> int:
+        return sum(len(c.token_ids) for out in outputs for c in out.outputs)
+
+    # prefill + first token (a pipeline's first step only starts the batch); then count tokens,
+    # not steps: a step may emit several (speculation) or none (a pipeline's submit)
+    while engine.has_unfinished_requests() and not tokens(engine.step()):
+        pass
     start = time.perf_counter()
-    steps = 0
+    produced = 0
     while engine.has_unfinished_requests():
-        engine.step()
-        steps += 1
-    return steps / (time.perf_counter() - start)
+        produced += tokens(engine.step())
+    return produced / (time.perf_counter() - start)
 
 
 def run_hf(loaded, workload, batch_size: int, decode_tokens: int) -> tuple[OfflineResult, float]:

@@ -1,5 +1,9 @@
 """The engine: scheduler + model runner + output processor behind one `step()`.
 
+A step submits a scheduled batch to the runner and collects a batch's tokens. One process (and
+tensor parallelism) collects what it submitted; M pipeline stages keep M batches of different
+requests in flight (docs/parallel.md, "Batches in flight").
+
 Not thread-safe; `EngineCore` drives it from a single thread (in the server process or in an
 engine process, see `async_llm.py`).
 """
@@ -9,6 +13,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, replace
 
 import torch
@@ -27,6 +32,7 @@ from pagoda.layers.decode_backend import select_decode_kernel
 from pagoda.loader.model_loader import LoadedModel, load_model
 from pagoda.parallel.peers import start_peers
 from pagoda.sampling.params import SamplingParams, SamplingParamsError
+from pagoda.scheduler.output import SchedulerOutput
 from pagoda.scheduler.request import Request
 from pagoda.scheduler.scheduler import Scheduler, SchedulerConfig
 from pagoda.scheduler.spec_policy import SpecDecodeConfig, SpecPolicy
@@ -39,7 +45,7 @@ from pagoda.spec_decode.setup import (
 )
 from pagoda.structured_output.grammar_compiler import GrammarCompiler
 from pagoda.structured_output.manager import StructuredOutputManager
-from pagoda.worker.model_runner import ModelRunner
+from pagoda.worker.model_runner import ModelRunner, Submitted
 from pagoda.worker.model_setup import TORCH_DTYPES as TORCH_DTYPES  # re-exported
 from pagoda.worker.model_setup import fused_ops as fused_ops  # re-exported
 from pagoda.worker.model_setup import invariant_attention, prepare_model
@@ -152,6 +158,9 @@ class LLMEngine:
                                   peers=self.peers,
                                   pipeline=self.peers.pipeline if self.peers else None)
         self.output_processor = OutputProcessor(self.tokenizer)
+        # steps submitted and not yet collected, oldest first: at most runner.depth (pipeline
+        # stages), and no request in two of them
+        self.in_flight: deque[tuple[SchedulerOutput, Submitted]] = deque()
         self._ids = itertools.count()
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
@@ -198,27 +207,48 @@ class LLMEngine:
         for child in children:
             self.scheduler.finish_request(child, reason)
         self.compiling = [(p, r) for p, r in self.compiling if p != req_id]
-        self.runner.release(self.scheduler.take_finished() + children)
+        busy = self._busy()  # released when their step is collected
+        self.runner.release([r for r in self.scheduler.take_finished() + children
+                             if r not in busy])
         return self.output_processor.abort(req_id, reason, error)
 
     # -- the loop ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Schedule and submit a batch; collect the oldest once `runner.depth` are in flight
+        (or nothing more can start). Depth 1: each step runs its batch to the end."""
         refused = self._admit_compiled()
-        sched = self.scheduler.schedule()
-        if sched.is_empty:
-            if self.compiling:
+        sched = self.scheduler.schedule(self._busy(), self._batch_room())
+        if not sched.is_empty:
+            self.in_flight.append((sched, self.runner.submit(sched)))
+        if not self.in_flight or (not sched.is_empty and len(self.in_flight) < self.runner.depth):
+            if sched.is_empty and self.compiling:
                 self.structured.wait(COMPILE_WAIT_S)
             return refused
-        result = self.runner.execute(sched)
+        return refused + self._collect(*self.in_flight.popleft())
+
+    def _busy(self) -> set[str]:
+        return {r.req_id for sched, _ in self.in_flight for r in sched.scheduled}
+
+    def _batch_room(self) -> int | None:
+        """Requests per batch when several are in flight: an equal share of the running ones."""
+        depth = self.runner.depth
+        if depth == 1:
+            return None
+        wanted = min(self.scheduler.num_unfinished, self.config.max_num_seqs)
+        return max(1, -(-wanted // depth))
+
+    def _collect(self, sched: SchedulerOutput, submitted: Submitted) -> list[RequestOutput]:
+        result = self.runner.collect(submitted)
         core_outputs = self.scheduler.update_from_output(sched, result)
         self.num_generation_tokens += sum(len(o.new_token_ids) for o in core_outputs)
         outputs, stopped = self.output_processor.process(core_outputs)
         for child in stopped:
             self.scheduler.finish_request(child, "stop")
-        # ended requests, and any the step still computed after an abort had released them
-        self.runner.release(self.scheduler.take_finished() + [
+        # ended requests, and any the step still computed after an abort had ended them
+        busy = self._busy()
+        self.runner.release([r for r in self.scheduler.take_finished() if r not in busy] + [
             r.req_id for r in sched.scheduled if r.req_id not in self.scheduler.requests])
-        return refused + outputs
+        return outputs
 
     def _admit_compiled(self) -> list[RequestOutput]:
         """Move requests whose grammar compiled into the scheduler; fail those whose grammar
@@ -239,7 +269,7 @@ class LLMEngine:
                 if (out := self.abort_request(parent, "abort", error)) is not None]
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.num_unfinished > 0 or bool(self.compiling)
+        return self.scheduler.num_unfinished > 0 or bool(self.compiling or self.in_flight)
 
     def stats(self) -> EngineStats:
         spec = self.scheduler.spec.stats

@@ -9,6 +9,14 @@ on, so while stage 1 runs micro-batch 0, stage 0 already runs micro-batch 1. The
 sends its output back to rank 0, which normalizes and samples. Sends are asynchronous; every
 receive waits at most the group's timeout, and a peer that died fails the step with an error.
 
+Without tensor parallelism the engine also keeps `depth` (= stages) scheduler batches in flight,
+each one micro-batch of other requests: rank 0 `start`s batch k + 1 through its stage while the
+later stages still run batch k, and `finish`es batch k (receives, samples) afterwards, so no stage
+waits for a step to end. Every stage runs the batches in the order rank 0 started them, which is
+what makes this the same computation as one batch after another. Each batch has its own message
+tags (a counter every rank advances per batch), and rank 0 posts its receives when it starts a
+batch, so the last stage's sends never wait for rank 0's next step.
+
 Each micro-batch holds whole requests, so a request's rows are computed exactly as in one
 process (the batch-invariance the engine already keeps: tests compare token for token).
 """
@@ -16,6 +24,7 @@ process (the batch-invariance the engine already keeps: tests compare token for 
 from __future__ import annotations
 
 import datetime
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -28,16 +37,47 @@ from pagoda.parallel.partition import split
 
 Prepared = tuple[torch.Tensor, torch.Tensor, list[AttentionMetadata]]  # ids, positions, metas
 
+TAG_CYCLE = 1 << 16  # batches whose tags are distinct (far more than can be in flight)
+
+
+@dataclass
+class InFlight:
+    """Rank 0's handle on a batch it pushed into the ring: each (tensor, work) pair keeps the
+    tensor alive until its send or receive completes."""
+
+    sends: list[tuple[torch.Tensor, object]]
+    receives: list[tuple[torch.Tensor, object]]
+
+
+def lm_head_layers(cfg: ModelConfig) -> float:
+    """The LM head's weights in decoder layers' worth: work stage 0 does besides its layers for
+    every row that samples (in decode, every row)."""
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    layer = cfg.hidden_size * (2 * q + 2 * kv + 3 * cfg.intermediate_size)
+    return cfg.vocab_size * cfg.hidden_size / layer
+
 
 def stage_layers(cfg: ModelConfig, rank: int, world: int) -> range:
-    """The decoder layers of stage `rank` of `world`; lower stages take the remainder."""
+    """The decoder layers of stage `rank` of `world`. With batches in flight the busiest stage
+    sets the pace, so stage 0 takes the LM head's worth of layers fewer than an equal share
+    (at least one; for a large model's head a layer or so, for SmolLM2's 49k-row head eight:
+    11 of 30 layers at 2 stages); the later stages split the rest, lower ones taking the
+    remainder."""
     if cfg.architecture not in ("llama", "gemma3"):
         raise ValueError(f"pipeline parallelism supports Llama and Gemma 3 models; {cfg.name} "
                          f"is {cfg.architecture}")
     if world > cfg.num_layers:
         raise ValueError(f"--pipeline-parallel-size {world} exceeds {cfg.name}'s "
                          f"{cfg.num_layers} layers (each stage needs at least one)")
-    return split(cfg.num_layers, world, rank)
+    if world == 1:
+        return range(cfg.num_layers)
+    head = lm_head_layers(cfg)
+    first = min(max(1, round((cfg.num_layers + head) / world - head)),
+                cfg.num_layers - (world - 1))
+    if rank == 0:
+        return range(first)
+    rest = split(cfg.num_layers - first, world - 1, rank - 1)
+    return range(first + rest.start, first + rest.stop)
 
 
 def keep_stage(model: nn.Module, layers: range, first: bool) -> None:
@@ -62,7 +102,12 @@ class PipelineStages:
         self.tp = tp
         self.stage, self.tp_rank = divmod(group.rank, tp)
         self.num_stages = group.world // tp
-        self.parts = self.num_stages  # micro-batches per step: one per stage keeps all busy
+        # Batches in flight: one per stage keeps all busy. Under tensor parallelism stage 0's
+        # other ranks run each batch to its end (their LM head is a collective with rank 0), so
+        # one batch at a time, cut into a micro-batch per stage instead.
+        self.depth = self.num_stages if tp == 1 else 1
+        self.parts = 1 if self.depth > 1 else self.num_stages  # micro-batches per batch
+        self._batches = 0  # batches this rank has run: the same count on every rank
 
     @property
     def first(self) -> bool:
@@ -71,31 +116,48 @@ class PipelineStages:
     def run(self, model: nn.Module, prepared: list[Prepared], kv_stores: list[KVStore]
             ) -> torch.Tensor | None:
         if self.first:
-            return self._first(model, prepared, kv_stores)
+            return self.finish(model, self.start(model, prepared, kv_stores))
         self._later(model, prepared, kv_stores)
         return None
 
-    def _first(self, model: nn.Module, prepared: list[Prepared], kv_stores: list[KVStore]
-               ) -> torch.Tensor:
-        pending = []  # (tensor, work): a send's tensor must live until the send completes
-        for tag, (ids, positions, meta) in enumerate(prepared):
-            x = model.run_layers(model.embed(ids), positions, kv_stores, meta).contiguous()
-            pending.append((x, self.group.group.send([x], self.group.rank + self.tp, tag)))
+    def start(self, model: nn.Module, prepared: list[Prepared], kv_stores: list[KVStore]
+              ) -> InFlight:
+        """Stage 0: post the receives of the batch's output, run the stage, send it on."""
+        tags = self._tags(len(prepared))
         last = (self.num_stages - 1) * self.tp + self.tp_rank
-        outputs = [self._receive(len(ids), last, tag) for tag, (ids, _, _) in enumerate(prepared)]
-        self._finish(pending)
-        return model.final_norm(torch.cat(outputs))
+        receives = []
+        for tag, (ids, _, _) in zip(tags, prepared, strict=True):
+            x = torch.empty(len(ids), self.hidden_size, dtype=self.dtype, device=self.device)
+            receives.append((x, self.group.group.recv([x], last, tag)))
+        sends = []
+        for tag, (ids, positions, meta) in zip(tags, prepared, strict=True):
+            x = model.run_layers(model.embed(ids), positions, kv_stores, meta).contiguous()
+            sends.append((x, self.group.group.send([x], self.group.rank + self.tp, tag)))
+        return InFlight(sends, receives)
+
+    def finish(self, model: nn.Module, flight: InFlight) -> torch.Tensor:
+        """Stage 0: the batch's final hidden states, once the last stage has sent them back."""
+        last = (self.num_stages - 1) * self.tp + self.tp_rank
+        for _, work in flight.receives:
+            self._wait(work, f"hidden states from rank {last}")
+        self._finish(flight.sends)
+        return model.final_norm(torch.cat([x for x, _ in flight.receives]))
 
     def _later(self, model: nn.Module, prepared: list[Prepared], kv_stores: list[KVStore]
                ) -> None:
         rank = self.group.rank
         after = rank + self.tp if self.stage < self.num_stages - 1 else self.tp_rank
         pending = []
-        for tag, (ids, positions, meta) in enumerate(prepared):
+        for tag, (ids, positions, meta) in zip(self._tags(len(prepared)), prepared, strict=True):
             x = self._receive(len(ids), rank - self.tp, tag)
             y = model.run_layers(x, positions, kv_stores, meta).contiguous()
             pending.append((y, self.group.group.send([y], after, tag)))
         self._finish(pending)
+
+    def _tags(self, parts: int) -> range:
+        first = (self._batches % TAG_CYCLE) * self.num_stages
+        self._batches += 1
+        return range(first, first + parts)
 
     def _receive(self, rows: int, src: int, tag: int) -> torch.Tensor:
         x = torch.empty(rows, self.hidden_size, dtype=self.dtype, device=self.device)

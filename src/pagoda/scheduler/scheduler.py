@@ -14,12 +14,18 @@ hold nothing computed are freed at once, and no prefix-cache hash covers them.
 Order: running requests first (FCFS), then waiting ones. When KV blocks run out, the newest running
 request is preempted by recompute: its blocks are freed (cached blocks stay findable) and it goes
 back to the front of the waiting queue.
+
+A pipeline keeps several batches in flight (engine/llm_engine.py): `schedule(busy, max_requests)`
+leaves out the `busy` requests, whose tokens the pipeline has not returned yet (they are neither
+scheduled nor preempted), and takes at most `max_requests`, so the running requests split into
+one batch per stage.
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from pagoda.kv_cache.kv_cache_manager import KVCacheManager
@@ -91,27 +97,31 @@ class Scheduler:
         return len(self.waiting) + len(self.running)
 
     # -- one step ----------------------------------------------------------------------------
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, busy: Collection[str] = (), max_requests: int | None = None
+                 ) -> SchedulerOutput:
         budget = self.config.max_num_batched_tokens
+        room = self.config.max_num_seqs if max_requests is None else max_requests
         chunks: dict[str, int] = {}
         spec: dict[str, int] = {}
         preempted: list[str] = []
 
         i = 0
-        while i < len(self.running) and budget > 0:
+        while i < len(self.running) and budget > 0 and len(chunks) < room:
             request = self.running[i]
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            if num_new <= 0:
+            if num_new <= 0 or request.req_id in busy:
                 i += 1
                 continue
             if num_new == 1 and request.num_tokens > request.num_prompt_tokens:
-                k = self.spec.num_spec_tokens(request, len(self.running), budget - 1)
+                # the batch's size decides (a pipeline's batches share the running requests)
+                k = self.spec.num_spec_tokens(request, min(len(self.running), room), budget - 1)
                 # Drafts only get blocks that are free now: they never preempt anyone.
                 if k and self.kv.allocate(request.req_id, request.num_computed_tokens + 1 + k):
                     spec[request.req_id] = k
                     budget -= k
             while not self.kv.allocate(request.req_id, request.num_computed_tokens + num_new):
-                victim = self.running[-1]
+                # the newest not yet scheduled and not in flight: `request` at the latest
+                victim = next(r for r in reversed(self.running[i:]) if r.req_id not in busy)
                 self._preempt(victim)
                 preempted.append(victim.req_id)
                 if victim is request:
@@ -122,7 +132,7 @@ class Scheduler:
                 i += 1
 
         if not preempted and self._may_admit():
-            budget = self._admit_waiting(budget, chunks)
+            budget = self._admit_waiting(budget, chunks, room)
 
         scheduled = [self._scheduled(self.requests[rid], n, spec.get(rid, 0))
                      for rid, n in chunks.items()]
@@ -131,10 +141,11 @@ class Scheduler:
     def _may_admit(self) -> bool:
         return self.config.batching == "continuous" or not self.running
 
-    def _admit_waiting(self, budget: int, chunks: dict[str, int]) -> int:
+    def _admit_waiting(self, budget: int, chunks: dict[str, int], room: int) -> int:
         now = time.monotonic()
         deferred: list[Request] = []
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while (self.waiting and budget > 0 and len(chunks) < room
+               and len(self.running) < self.config.max_num_seqs):
             request = self.waiting.popleft()
             cached = [] if request.sampling_params.prompt_logprobs is not None else \
                 self.kv.find_cached_prefix(request.req_id, request.all_token_ids)

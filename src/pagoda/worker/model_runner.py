@@ -7,6 +7,9 @@ queries attend one row at a time through the decode kernel, so each verified pos
 exactly the attention it would see as a plain decode. Constrained requests' rows are masked by
 their grammar (drafts included) before sampling, and their grammar state advances on the tokens
 the step accepted.
+
+`execute` is `collect(submit(sched))`: `submit` proposes and starts the forward, `collect`
+finishes it and samples. Between the two, rank 0 of a pipeline starts other batches.
 """
 
 from __future__ import annotations
@@ -34,15 +37,43 @@ class StepPeers(Protocol):
     def send(self, scheduled: list[ScheduledRequest], num_rows: dict[str, int]) -> None: ...
 
 
+Prepared = tuple[torch.Tensor, torch.Tensor, list[AttentionMetadata]]  # ids, positions, metas
+
+
 class PipelineStages(Protocol):
     """This rank's stage of pipeline parallelism (parallel/pipeline.py): runs the micro-batches
-    through the ring; rank 0 gets the final hidden states back, other ranks None."""
+    through the ring. Rank 0 `start`s a batch and later `finish`es it (the final hidden states);
+    other ranks `run` theirs whole."""
 
-    parts: int  # micro-batches a step is cut into
+    parts: int  # micro-batches a batch is cut into
+    depth: int  # batches rank 0 may have started and not finished
 
-    def run(self, model: nn.Module,
-            prepared: list[tuple[torch.Tensor, torch.Tensor, list[AttentionMetadata]]],
-            kv_stores: list[KVStore]) -> torch.Tensor | None: ...
+    def run(self, model: nn.Module, prepared: list[Prepared], kv_stores: list[KVStore]
+            ) -> torch.Tensor | None: ...
+
+    def start(self, model: nn.Module, prepared: list[Prepared], kv_stores: list[KVStore]
+              ) -> object: ...
+
+    def finish(self, model: nn.Module, flight: object) -> torch.Tensor: ...
+
+
+@dataclasses.dataclass
+class Forward:
+    """A batch whose forward has started: `hidden` is known, or `flight` is a pipeline's handle
+    on it. `sample_rows` are (index in `ordered`, rows of the hidden states)."""
+
+    ordered: list[ScheduledRequest]
+    sample_rows: list[tuple[int, range]]
+    hidden: torch.Tensor | None = None
+    flight: object = None
+
+
+@dataclasses.dataclass
+class Submitted:
+    """A step between `submit` and `collect`: its forward and the drafts it verifies."""
+
+    forward: Forward
+    drafts: dict[str, Draft]
 
 
 def batch_order(scheduled: list[ScheduledRequest], num_rows: dict[str, int]
@@ -103,13 +134,30 @@ class ModelRunner:
         self.score_prompts = score_prompts
         self._prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]] = {}
 
-    @torch.inference_mode()
+    @property
+    def depth(self) -> int:
+        """Steps that may be submitted and not yet collected (pipeline stages in flight)."""
+        return self.pipeline.depth if self.pipeline is not None else 1
+
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        return self.collect(self.submit(sched))
+
+    @torch.inference_mode()
+    def submit(self, sched: SchedulerOutput) -> Submitted:
+        """Propose drafts and start the forward (all of it, unless a pipeline's later stages
+        are still to run it)."""
         drafts = self._propose(sched)
         batch = [dataclasses.replace(r, token_ids=r.token_ids + drafts[r.req_id].token_ids)
                  if r.req_id in drafts else r for r in sched.scheduled]
         num_rows = {rid: len(d.token_ids) + 1 for rid, d in drafts.items()}
-        sampling, logits = self.forward(batch, num_rows)
+        return Submitted(self._start(batch, num_rows), drafts)
+
+    @torch.inference_mode()
+    def collect(self, submitted: Submitted) -> ModelRunnerOutput:
+        """Finish the forward, then mask, sample and verify."""
+        drafts = submitted.drafts
+        num_rows = {rid: len(d.token_ids) + 1 for rid, d in drafts.items()}
+        sampling, logits = self._finish(submitted.forward)
         prompt_logprobs, self._prompt_logprobs = self._prompt_logprobs, {}
         if not sampling:
             return ModelRunnerOutput({}, {}, prompt_logprobs=prompt_logprobs)
@@ -174,34 +222,45 @@ class ModelRunner:
                 ) -> tuple[list[ScheduledRequest], torch.Tensor]:
         """Run a batch; returns the requests that sample, in row order, and their logits
         (rows, V): the last num_rows.get(req_id, 1) positions of each, consecutive."""
-        num_rows = num_rows or {}
+        return self._finish(self._start(scheduled, num_rows or {}))
+
+    def _start(self, scheduled: list[ScheduledRequest], num_rows: dict[str, int]) -> Forward:
         if self.peers is not None:
             self.peers.send(scheduled, num_rows)
         ordered = batch_order(scheduled, num_rows)
         if self.pipeline is None:
             input_ids, positions, meta, sample_rows = self._prepare(ordered, num_rows)
-            hidden = self.model(input_ids, positions, self.kv_stores, meta)
-        else:
-            pipelined, sample_rows = self._pipelined(ordered, num_rows)
-            assert pipelined is not None, "only rank 0 samples"
-            hidden = pipelined
+            return Forward(ordered, sample_rows,
+                           hidden=self.model(input_ids, positions, self.kv_stores, meta))
+        assert self.pipeline.first, "only rank 0 samples"
+        prepared, sample_rows = self._pipelined(ordered, num_rows)
+        return Forward(ordered, sample_rows,
+                       flight=self.pipeline.start(self.model, prepared, self.kv_stores))
+
+    def _finish(self, fwd: Forward) -> tuple[list[ScheduledRequest], torch.Tensor]:
+        hidden = fwd.hidden
+        if hidden is None:
+            assert self.pipeline is not None
+            hidden = self.pipeline.finish(self.model, fwd.flight)
         if self.score_prompts:
-            self._prompt_logprobs = self._score_prompts(ordered, hidden)
-        sampling = [ordered[i] for i, _ in sample_rows]
+            self._prompt_logprobs = self._score_prompts(fwd.ordered, hidden)
+        sampling = [fwd.ordered[i] for i, _ in fwd.sample_rows]
         if not sampling:
             return [], hidden.new_empty((0, 0))
-        rows = torch.tensor([row for _, first in sample_rows for row in first], device=self.device)
+        rows = torch.tensor([row for _, r in fwd.sample_rows for row in r], device=self.device)
         return sampling, self.model.compute_logits(hidden.index_select(0, rows))
 
     def forward_stage(self, scheduled: list[ScheduledRequest], num_rows: dict[str, int]
                       ) -> None:
         """A later pipeline stage's part of the forward rank 0 runs (parallel/worker.py)."""
-        self._pipelined(batch_order(scheduled, num_rows), num_rows)
+        assert self.pipeline is not None
+        prepared, _ = self._pipelined(batch_order(scheduled, num_rows), num_rows)
+        self.pipeline.run(self.model, prepared, self.kv_stores)
 
     def _pipelined(self, ordered: list[ScheduledRequest], num_rows: dict[str, int]
-                   ) -> tuple[torch.Tensor | None, list[tuple[int, range]]]:
-        """The batch as micro-batches through the pipeline; the hidden states come back (on
-        rank 0) in `ordered`'s order, so the sample rows are offset per micro-batch."""
+                   ) -> tuple[list[Prepared], list[tuple[int, range]]]:
+        """The batch as micro-batches for the pipeline; the hidden states come back (on rank
+        0) in `ordered`'s order, so the sample rows are offset per micro-batch."""
         assert self.pipeline is not None
         prepared = []
         sample_rows: list[tuple[int, range]] = []
@@ -213,7 +272,7 @@ class ModelRunner:
                             for i, r in rows]
             first_request += len(run)
             first_row += len(input_ids)
-        return self.pipeline.run(self.model, prepared, self.kv_stores), sample_rows
+        return prepared, sample_rows
 
     def _score_prompts(self, ordered: list[ScheduledRequest], hidden: torch.Tensor
                        ) -> dict[str, tuple[int, list[TokenLogprobs]]]:
