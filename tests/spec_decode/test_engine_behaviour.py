@@ -90,7 +90,7 @@ def test_abort_mid_verification_frees_everything(loaded_model, gguf_draft):
         eng.add_request(rid, ids, params)
     for _ in range(4):
         eng.step()
-    real_execute = eng.runner.execute
+    real_submit = eng.runner.submit
     aborted = []
 
     def abort_during_verification(sched):
@@ -98,9 +98,9 @@ def test_abort_mid_verification_frees_everything(loaded_model, gguf_draft):
         if not aborted and any(r.req_id == "b" and r.num_spec_tokens for r in sched.scheduled):
             eng.abort_request("b")
             aborted.append("b")
-        return real_execute(sched)
+        return real_submit(sched)
 
-    eng.runner.execute = abort_during_verification
+    eng.runner.submit = abort_during_verification
     while eng.has_unfinished_requests():
         eng.step()
         if aborted and "a" in eng.scheduler.requests:
