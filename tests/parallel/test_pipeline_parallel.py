@@ -1,7 +1,7 @@
 """Pipeline parallelism through the real engine: stage processes, hidden states over gloo,
-micro-batches, each stage's own KV cache.
+one scheduler batch in flight per stage, each stage's own KV cache.
 
-Every micro-batch holds whole requests and each stage runs the same kernels one process would,
+Every batch holds whole requests and each stage runs the same kernels one process would,
 so the contract is the single-process one, token for token: transformers' greedy tokens in fp32
 (with chunked prefill, prefix-cache hits, preemption and drafts), and quantized output
 identical to one process. Gemma 3's stages: tests/engine/test_gemma3.py."""
@@ -41,33 +41,49 @@ def test_stage_0_counts_the_lm_head_as_layers(pp2):
 
 
 def test_greedy_equals_transformers_in_a_staggered_batch(pp2, prompt_ids, reference):
-    """Chunked prefill (64-token budget) beside decodes, split into micro-batches, then from
+    """Chunked prefill (64-token budget) beside decodes, batches in flight, then from
     the prefix cache."""
     assert_staggered_then_cached(pp2, prompt_ids, reference)
 
 
-def test_two_batches_are_in_flight_at_once_and_their_tokens_are_transformers(pp2, prompt_ids,
-                                                                            reference):
-    """With 4 requests the engine keeps two disjoint batches of 2 in the ring; the tokens stay
-    transformers' (the same computation as one batch after another)."""
-    assert pp2.runner.depth == 2 and pp2.peers.pipeline.parts == 1
+def assert_two_batches_in_flight(engine: LLMEngine, prompt_ids, reference) -> None:
+    """With 4 requests the engine keeps two disjoint batches of 2 in the ring (watched at each
+    submit); the tokens stay transformers' (the same computation as one batch after another)."""
+    assert engine.runner.depth == 2
     seen = []
-    submit = pp2.runner.submit
+    submit = engine.runner.submit
 
     def watch(sched):
-        seen.append([[r.req_id for r in s.scheduled] for s, _ in pp2.in_flight]
+        seen.append([[r.req_id for r in s.scheduled] for s, _ in engine.in_flight]
                     + [[r.req_id for r in sched.scheduled]])
         return submit(sched)
 
-    pp2.runner.submit = watch
+    engine.runner.submit = watch
     try:
-        assert_reference_tokens(pp2, prompt_ids[:4], reference, "two batches in flight")
+        assert_reference_tokens(engine, prompt_ids[:4], reference, "two batches in flight")
     finally:
-        del pp2.runner.submit
+        del engine.runner.submit
     pairs = [batches for batches in seen if len(batches) == 2]
     assert len(pairs) > len(seen) // 2, seen
     for a, b in pairs:
         assert len(a) == len(b) == 2 and not set(a) & set(b)
+
+
+def test_two_batches_are_in_flight_at_once_and_their_tokens_are_transformers(pp2, prompt_ids,
+                                                                            reference):
+    assert_two_batches_in_flight(pp2, prompt_ids, reference)
+
+
+def test_tensor_parallel_stages_keep_batches_in_flight_too(prompt_ids, reference):
+    """TP=2 x PP=2 on one machine: stage 0's second rank starts each batch with rank 0 and
+    finishes it on rank 0's `collect` (the vocabulary-parallel LM head's collective)."""
+    engine = tp_engine(tensor_parallel_size=2, pipeline_parallel_size=2, num_threads=2,
+                       max_num_batched_tokens=64)
+    try:
+        assert_two_batches_in_flight(engine, prompt_ids, reference)
+        engine.check_integrity()
+    finally:
+        engine.close()
 
 
 def test_a_request_aborted_while_in_flight_ends_and_the_others_are_unchanged(

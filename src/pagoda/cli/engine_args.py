@@ -89,8 +89,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    "CPU); --threads is divided between them")
     t.add_argument("--pipeline-parallel-size", "-pp", type=int,
                    default=d.pipeline_parallel_size,
-                   help="cut the layers into this many stages, one process each (micro-batches "
-                   "keep them busy); --threads is divided between them")
+                   help="cut the layers into this many stages, one process each (a batch in "
+                   "flight per stage keeps them busy); --threads is divided between them")
     t.add_argument("--nnodes", type=int, default=d.nnodes,
                    help="machines the ranks run on; the others run `pagoda worker` "
                    "(docs/parallel.md; needs PAGODA_DIST_KEY on every node)")

@@ -8,7 +8,9 @@ phases so the workers load their weights while rank 0 loads its own: `start_peer
 right after rank 0's load, `start_runners` hands them the KV plan once rank 0 has made it.
 Every step, `send` gives each worker the batch rank 0's runner is about to run; each worker runs
 the same forward on its share (tensor parallelism: its heads and columns of every layer, the
-collectives meeting inside it; pipeline parallelism: its stage's layers, pipeline.py).
+collectives meeting inside it; pipeline parallelism: its stage's layers, pipeline.py). Under
+both, stage 0's other ranks start each batch on `send` and finish their oldest on `collect`,
+when rank 0 does, so their collectives come in rank 0's order.
 """
 
 from __future__ import annotations
@@ -110,6 +112,13 @@ class Peers:
         rows = [to_wire(r) for r in scheduled]
         for w in self.workers:
             self._send(w, ("step", rows, num_rows))
+
+    def collect(self) -> None:
+        """Rank 0 is about to finish its oldest batch in flight: stage 0's other ranks finish
+        theirs too (the vocabulary-parallel LM head is a collective of stage 0's ranks)."""
+        for w in self.workers:
+            if w.rank < self.config.tensor_parallel_size:
+                self._send(w, ("collect", None, None))
 
     def close(self) -> None:
         for w in self.workers:

@@ -3,22 +3,18 @@ hidden states passed around a ring.
 
 Rank 0 (the engine's process) holds the embedding, the first stage, the final norm and the LM
 head; ranks 1..M-1 hold only their layers (and their layers' KV cache: the same block ids on
-every stage, so the one scheduler's block tables serve them all). A step's batch is cut into
-micro-batches (model_runner.micro_batches); rank 0 pushes each through its stage and sends it
-on, so while stage 1 runs micro-batch 0, stage 0 already runs micro-batch 1. The last stage
-sends its output back to rank 0, which normalizes and samples. Sends are asynchronous; every
-receive waits at most the group's timeout, and a peer that died fails the step with an error.
+every stage, so the one scheduler's block tables serve them all). The engine keeps `depth` (=
+stages) scheduler batches of different requests in flight: rank 0 `start`s batch k + 1 through
+its stage while the later stages still run batch k, and `finish`es batch k (receives it back
+from the last stage; the runner then normalizes and samples) afterwards, so no stage waits for
+a step to end. Every stage runs the batches in the order rank 0 started them, which makes this
+the same computation as one batch after another: a request's rows are computed exactly as in
+one process (the batch-invariance the engine keeps; tests compare token for token).
 
-Without tensor parallelism the engine also keeps `depth` (= stages) scheduler batches in flight,
-each one micro-batch of other requests: rank 0 `start`s batch k + 1 through its stage while the
-later stages still run batch k, and `finish`es batch k (receives, samples) afterwards, so no stage
-waits for a step to end. Every stage runs the batches in the order rank 0 started them, which is
-what makes this the same computation as one batch after another. Each batch has its own message
-tags (a counter every rank advances per batch), and rank 0 posts its receives when it starts a
-batch, so the last stage's sends never wait for rank 0's next step.
-
-Each micro-batch holds whole requests, so a request's rows are computed exactly as in one
-process (the batch-invariance the engine already keeps: tests compare token for token).
+Each batch has its own message tag (a counter every rank advances per batch), and rank 0 posts
+the receive of a batch's output when it starts it, so the last stage's send never waits for
+rank 0's next step. Sends are asynchronous; every wait is bounded by the group's timeout, and a
+peer that died fails the step with an error.
 """
 
 from __future__ import annotations
@@ -42,11 +38,13 @@ TAG_CYCLE = 1 << 16  # batches whose tags are distinct (far more than can be in 
 
 @dataclass
 class InFlight:
-    """Rank 0's handle on a batch it pushed into the ring: each (tensor, work) pair keeps the
-    tensor alive until its send or receive completes."""
+    """Rank 0's handle on a batch it pushed into the ring; it keeps the sent and the receiving
+    tensors alive until their transfers complete."""
 
-    sends: list[tuple[torch.Tensor, object]]
-    receives: list[tuple[torch.Tensor, object]]
+    sent: torch.Tensor
+    send: object  # the send's work
+    output: torch.Tensor  # where the last stage's hidden states land
+    receive: object
 
 
 def lm_head_layers(cfg: ModelConfig) -> float:
@@ -102,71 +100,56 @@ class PipelineStages:
         self.tp = tp
         self.stage, self.tp_rank = divmod(group.rank, tp)
         self.num_stages = group.world // tp
-        # Batches in flight: one per stage keeps all busy. Under tensor parallelism stage 0's
-        # other ranks run each batch to its end (their LM head is a collective with rank 0), so
-        # one batch at a time, cut into a micro-batch per stage instead.
-        self.depth = self.num_stages if tp == 1 else 1
-        self.parts = 1 if self.depth > 1 else self.num_stages  # micro-batches per batch
+        self.depth = self.num_stages  # batches in flight: one per stage keeps all busy
         self._batches = 0  # batches this rank has run: the same count on every rank
 
     @property
     def first(self) -> bool:
         return self.stage == 0
 
-    def run(self, model: nn.Module, prepared: list[Prepared], kv_stores: list[KVStore]
+    def run(self, model: nn.Module, prepared: Prepared, kv_stores: list[KVStore]
             ) -> torch.Tensor | None:
         if self.first:
             return self.finish(model, self.start(model, prepared, kv_stores))
         self._later(model, prepared, kv_stores)
         return None
 
-    def start(self, model: nn.Module, prepared: list[Prepared], kv_stores: list[KVStore]
+    def start(self, model: nn.Module, prepared: Prepared, kv_stores: list[KVStore]
               ) -> InFlight:
-        """Stage 0: post the receives of the batch's output, run the stage, send it on."""
-        tags = self._tags(len(prepared))
+        """Stage 0: post the receive of the batch's output, run the stage, send it on."""
+        ids, positions, meta = prepared
+        tag = self._tag()
         last = (self.num_stages - 1) * self.tp + self.tp_rank
-        receives = []
-        for tag, (ids, _, _) in zip(tags, prepared, strict=True):
-            x = torch.empty(len(ids), self.hidden_size, dtype=self.dtype, device=self.device)
-            receives.append((x, self.group.group.recv([x], last, tag)))
-        sends = []
-        for tag, (ids, positions, meta) in zip(tags, prepared, strict=True):
-            x = model.run_layers(model.embed(ids), positions, kv_stores, meta).contiguous()
-            sends.append((x, self.group.group.send([x], self.group.rank + self.tp, tag)))
-        return InFlight(sends, receives)
+        out = torch.empty(len(ids), self.hidden_size, dtype=self.dtype, device=self.device)
+        receive = self.group.group.recv([out], last, tag)
+        x = model.run_layers(model.embed(ids), positions, kv_stores, meta).contiguous()
+        return InFlight(x, self.group.group.send([x], self.group.rank + self.tp, tag), out,
+                        receive)
 
     def finish(self, model: nn.Module, flight: InFlight) -> torch.Tensor:
         """Stage 0: the batch's final hidden states, once the last stage has sent them back."""
         last = (self.num_stages - 1) * self.tp + self.tp_rank
-        for _, work in flight.receives:
-            self._wait(work, f"hidden states from rank {last}")
-        self._finish(flight.sends)
-        return model.final_norm(torch.cat([x for x, _ in flight.receives]))
+        self._wait(flight.receive, f"hidden states from rank {last}")
+        self._wait(flight.send, "a send to the next stage")
+        return model.final_norm(flight.output)
 
-    def _later(self, model: nn.Module, prepared: list[Prepared], kv_stores: list[KVStore]
-               ) -> None:
-        rank = self.group.rank
+    def _later(self, model: nn.Module, prepared: Prepared, kv_stores: list[KVStore]) -> None:
+        ids, positions, meta = prepared
+        rank, tag = self.group.rank, self._tag()
         after = rank + self.tp if self.stage < self.num_stages - 1 else self.tp_rank
-        pending = []
-        for tag, (ids, positions, meta) in zip(self._tags(len(prepared)), prepared, strict=True):
-            x = self._receive(len(ids), rank - self.tp, tag)
-            y = model.run_layers(x, positions, kv_stores, meta).contiguous()
-            pending.append((y, self.group.group.send([y], after, tag)))
-        self._finish(pending)
+        x = self._receive(len(ids), rank - self.tp, tag)
+        y = model.run_layers(x, positions, kv_stores, meta).contiguous()
+        self._wait(self.group.group.send([y], after, tag), "a send to the next stage")
 
-    def _tags(self, parts: int) -> range:
-        first = (self._batches % TAG_CYCLE) * self.num_stages
+    def _tag(self) -> int:
+        tag = self._batches % TAG_CYCLE
         self._batches += 1
-        return range(first, first + parts)
+        return tag
 
     def _receive(self, rows: int, src: int, tag: int) -> torch.Tensor:
         x = torch.empty(rows, self.hidden_size, dtype=self.dtype, device=self.device)
         self._wait(self.group.group.recv([x], src, tag), f"hidden states from rank {src}")
         return x
-
-    def _finish(self, pending: list) -> None:
-        for _, work in pending:
-            self._wait(work, "a send to the next stage")
 
     def _wait(self, work: object, what: str) -> None:
         try:

@@ -16,6 +16,7 @@ import logging
 import os
 import sys
 import traceback
+from collections import deque
 from multiprocessing.connection import Connection
 
 import torch
@@ -95,14 +96,20 @@ def run(conn_in: Connection, conn_out: Connection) -> None:
     conn_out.send(("ready", None))
     logging.getLogger(__name__).info("rank %d of %d ready (%s)", rank, orders.world,
                                      ", ".join(role))
+    in_flight: deque = deque()  # stage 0 under tensor parallelism: batches started, unfinished
     with torch.inference_mode():
         while (message := conn_in.recv()) is not None:
-            _, rows, num_rows = message
+            kind, rows, num_rows = message
+            if kind == "collect":  # rank 0 finishes its oldest batch: the LM head's collective
+                runner.finish_forward(in_flight.popleft())
+                continue
             batch = [from_wire(r) for r in rows]
-            if stages is not None and not stages.first:
-                runner.forward_stage(batch, num_rows)
-            else:  # stage 0 under tensor parallelism: its LM head is a collective too
+            if stages is None:  # tensor parallelism alone: each batch to its end
                 runner.forward(batch, num_rows)
+            elif stages.first:
+                in_flight.append(runner.start_forward(batch, num_rows))
+            else:
+                runner.forward_stage(batch, num_rows)
 
 
 if __name__ == "__main__":

@@ -36,22 +36,24 @@ class StepPeers(Protocol):
 
     def send(self, scheduled: list[ScheduledRequest], num_rows: dict[str, int]) -> None: ...
 
+    def collect(self) -> None: ...
+
 
 Prepared = tuple[torch.Tensor, torch.Tensor, list[AttentionMetadata]]  # ids, positions, metas
 
 
 class PipelineStages(Protocol):
-    """This rank's stage of pipeline parallelism (parallel/pipeline.py): runs the micro-batches
-    through the ring. Rank 0 `start`s a batch and later `finish`es it (the final hidden states);
-    other ranks `run` theirs whole."""
+    """This rank's stage of pipeline parallelism (parallel/pipeline.py): runs batches through
+    the ring. Rank 0 `start`s a batch and later `finish`es it (the final hidden states); other
+    ranks `run` theirs whole."""
 
-    parts: int  # micro-batches a batch is cut into
+    first: bool  # stage 0 (rank 0 and, under tensor parallelism, its stage's other ranks)
     depth: int  # batches rank 0 may have started and not finished
 
-    def run(self, model: nn.Module, prepared: list[Prepared], kv_stores: list[KVStore]
+    def run(self, model: nn.Module, prepared: Prepared, kv_stores: list[KVStore]
             ) -> torch.Tensor | None: ...
 
-    def start(self, model: nn.Module, prepared: list[Prepared], kv_stores: list[KVStore]
+    def start(self, model: nn.Module, prepared: Prepared, kv_stores: list[KVStore]
               ) -> object: ...
 
     def finish(self, model: nn.Module, flight: object) -> torch.Tensor: ...
@@ -81,24 +83,6 @@ def batch_order(scheduled: list[ScheduledRequest], num_rows: dict[str, int]
     """Rows attending one query at a time (decodes, verified drafts) first, then prefill
     chunks: the layout AttentionMetadata expects (every rank orders a step the same way)."""
     return sorted(scheduled, key=lambda r: len(r.token_ids) > 1 and r.req_id not in num_rows)
-
-
-def micro_batches(ordered: list[ScheduledRequest], parts: int) -> list[list[ScheduledRequest]]:
-    """`ordered` cut into at most `parts` contiguous runs of whole requests with about equal
-    token counts (each run keeps the decode-first layout; none is empty)."""
-    parts = min(parts, len(ordered))
-    total = sum(len(r.token_ids) for r in ordered)
-    runs: list[list[ScheduledRequest]] = [[]]
-    done = 0
-    for i, r in enumerate(ordered):
-        runs[-1].append(r)
-        done += len(r.token_ids)
-        cuts_left = parts - len(runs)
-        # invariant: requests left >= cuts left, so no run ends empty
-        if cuts_left > 0 and (done * parts >= total * len(runs)
-                              or len(ordered) - i - 1 == cuts_left):
-            runs.append([])
-    return runs
 
 
 PROMPT_LOGPROBS_ROWS = 256  # prompt positions scored per LM-head call: (256, V) fp32 logits
@@ -150,14 +134,14 @@ class ModelRunner:
         batch = [dataclasses.replace(r, token_ids=r.token_ids + drafts[r.req_id].token_ids)
                  if r.req_id in drafts else r for r in sched.scheduled]
         num_rows = {rid: len(d.token_ids) + 1 for rid, d in drafts.items()}
-        return Submitted(self._start(batch, num_rows), drafts)
+        return Submitted(self.start_forward(batch, num_rows), drafts)
 
     @torch.inference_mode()
     def collect(self, submitted: Submitted) -> ModelRunnerOutput:
         """Finish the forward, then mask, sample and verify."""
         drafts = submitted.drafts
         num_rows = {rid: len(d.token_ids) + 1 for rid, d in drafts.items()}
-        sampling, logits = self._finish(submitted.forward)
+        sampling, logits = self.finish_forward(submitted.forward)
         prompt_logprobs, self._prompt_logprobs = self._prompt_logprobs, {}
         if not sampling:
             return ModelRunnerOutput({}, {}, prompt_logprobs=prompt_logprobs)
@@ -222,9 +206,9 @@ class ModelRunner:
                 ) -> tuple[list[ScheduledRequest], torch.Tensor]:
         """Run a batch; returns the requests that sample, in row order, and their logits
         (rows, V): the last num_rows.get(req_id, 1) positions of each, consecutive."""
-        return self._finish(self._start(scheduled, num_rows or {}))
+        return self.finish_forward(self.start_forward(scheduled, num_rows or {}))
 
-    def _start(self, scheduled: list[ScheduledRequest], num_rows: dict[str, int]) -> Forward:
+    def start_forward(self, scheduled: list[ScheduledRequest], num_rows: dict[str, int]) -> Forward:
         if self.peers is not None:
             self.peers.send(scheduled, num_rows)
         ordered = batch_order(scheduled, num_rows)
@@ -233,14 +217,16 @@ class ModelRunner:
             return Forward(ordered, sample_rows,
                            hidden=self.model(input_ids, positions, self.kv_stores, meta))
         assert self.pipeline.first, "only rank 0 samples"
-        prepared, sample_rows = self._pipelined(ordered, num_rows)
-        return Forward(ordered, sample_rows,
-                       flight=self.pipeline.start(self.model, prepared, self.kv_stores))
+        input_ids, positions, meta, sample_rows = self._prepare(ordered, num_rows)
+        return Forward(ordered, sample_rows, flight=self.pipeline.start(
+            self.model, (input_ids, positions, meta), self.kv_stores))
 
-    def _finish(self, fwd: Forward) -> tuple[list[ScheduledRequest], torch.Tensor]:
+    def finish_forward(self, fwd: Forward) -> tuple[list[ScheduledRequest], torch.Tensor]:
         hidden = fwd.hidden
         if hidden is None:
             assert self.pipeline is not None
+            if self.peers is not None:
+                self.peers.collect()
             hidden = self.pipeline.finish(self.model, fwd.flight)
         if self.score_prompts:
             self._prompt_logprobs = self._score_prompts(fwd.ordered, hidden)
@@ -254,25 +240,8 @@ class ModelRunner:
                       ) -> None:
         """A later pipeline stage's part of the forward rank 0 runs (parallel/worker.py)."""
         assert self.pipeline is not None
-        prepared, _ = self._pipelined(batch_order(scheduled, num_rows), num_rows)
-        self.pipeline.run(self.model, prepared, self.kv_stores)
-
-    def _pipelined(self, ordered: list[ScheduledRequest], num_rows: dict[str, int]
-                   ) -> tuple[list[Prepared], list[tuple[int, range]]]:
-        """The batch as micro-batches for the pipeline; the hidden states come back (on rank
-        0) in `ordered`'s order, so the sample rows are offset per micro-batch."""
-        assert self.pipeline is not None
-        prepared = []
-        sample_rows: list[tuple[int, range]] = []
-        first_request = first_row = 0
-        for run in micro_batches(ordered, self.pipeline.parts):
-            input_ids, positions, meta, rows = self._prepare(run, num_rows)
-            prepared.append((input_ids, positions, meta))
-            sample_rows += [(first_request + i, range(first_row + r.start, first_row + r.stop))
-                            for i, r in rows]
-            first_request += len(run)
-            first_row += len(input_ids)
-        return prepared, sample_rows
+        input_ids, positions, meta, _ = self._prepare(batch_order(scheduled, num_rows), num_rows)
+        self.pipeline.run(self.model, (input_ids, positions, meta), self.kv_stores)
 
     def _score_prompts(self, ordered: list[ScheduledRequest], hidden: torch.Tensor
                        ) -> dict[str, tuple[int, list[TokenLogprobs]]]:
