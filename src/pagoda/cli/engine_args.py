@@ -39,9 +39,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    "widened to fp32; the best ISA flavour this CPU runs; batch-invariant), "
                    "qgemm (int8-activation GEMV), one flavour of these, the oneDNN (AMX) or "
                    "fbgemm int8 libraries, or the portable dequantize + matmul")
-    g.add_argument("--dense-kernel", default=d.dense_kernel, choices=["auto", "onednn", "torch"],
-                   help="kernel of fp32 linears: oneDNN on reordered weights (auto on CPU) or "
-                   "torch's default (MKL)")
+    g.add_argument("--dense-kernel", default=d.dense_kernel,
+                   choices=["auto", "fgemm", "onednn", "torch"],
+                   help="kernel of fp32 linears: fgemm (pagoda's batch-invariant kernel; auto "
+                   "where the C++ kernels build), oneDNN on reordered weights, or torch's (MKL)")
     g.add_argument("--kv-cache-memory", type=parse_bytes, default=d.kv_cache_memory,
                    help="bytes for the KV block pool (e.g. 512MiB, 1GiB)")
     g.add_argument("--kv-cache-dtype", default=d.kv_cache_dtype,

@@ -46,8 +46,8 @@ class EngineConfig:
     # wgemm | qgemm | <kernel>-<flavour> | onednn | fbgemm | reference
     # (quant/kernel_plan.py)
     quant_kernel: str = "auto"
-    # kernel of fp32 linears: auto (onednn on CPUs where it is available) | onednn | torch
-    # (layers/dense_linear.py: MKL's sgemm is 1.4-2.5x slower on AMD CPUs)
+    # kernel of fp32 linears: auto (fgemm where the C++ kernels are built, else onednn) | fgemm
+    # | onednn | torch (layers/dense_linear.py: measured against oneDNN and MKL's sgemm)
     dense_kernel: str = "auto"
     kv_cache_memory: int = 1 << 30  # bytes for the KV block pool
     # auto: bf16 when the linears are quantized and compute in fp32, else the compute dtype
@@ -114,8 +114,8 @@ class EngineConfig:
             raise ValueError("block_size must be a power of two")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}")
-        if self.dense_kernel not in ("auto", "onednn", "torch"):
-            raise ValueError("dense_kernel must be auto, onednn or torch")
+        if self.dense_kernel not in ("auto", "fgemm", "onednn", "torch"):
+            raise ValueError("dense_kernel must be auto, fgemm, onednn or torch")
         if self.quantization not in ("auto", *QUANT_METHODS):
             raise ValueError(f"quantization must be auto or one of {QUANT_METHODS}")
         if self.quant_kernel not in QUANT_KERNELS:

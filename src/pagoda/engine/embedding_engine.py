@@ -63,7 +63,7 @@ class EmbeddingEngine:
 
                 apply_quantization(self.loaded, method, backend=config.quant_kernel)
             if config.dense_kernel != "torch" and config.device == "cpu":
-                pack_dense_linears(self.loaded.model)
+                pack_dense_linears(self.loaded.model, config.dense_kernel)
             pooling = PoolingConfig("lasttoken", True)
         if config.pooling is not None:
             pooling = PoolingConfig(config.pooling, pooling.normalize)

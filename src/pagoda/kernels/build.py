@@ -36,8 +36,8 @@ from types import ModuleType
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = ("bindings.cpp", "qgemm.cpp", "wgemm.cpp", "wgemm_direct.cpp", "igemm.cpp",
-           "igemm8.cpp", "paged_decode.cpp", "quantize_rows.cpp", "fused_ops.cpp",
+SOURCES = ("bindings.cpp", "qgemm.cpp", "wgemm.cpp", "wgemm_direct.cpp", "fgemm.cpp",
+           "igemm.cpp", "igemm8.cpp", "paged_decode.cpp", "quantize_rows.cpp", "fused_ops.cpp",
            "decode_layer.cpp")
 
 FLAVOURS: dict[str, tuple[str, ...]] = {

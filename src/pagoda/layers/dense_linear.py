@@ -1,13 +1,23 @@
-"""fp32 linears through oneDNN with weights reordered once, instead of MKL's sgemm.
+"""fp32 linears on CPUs: pagoda's `fgemm` kernel, or oneDNN with weights reordered once, instead
+of MKL's sgemm.
 
-Measured on AMD EPYC (docs/benchmarks.md): torch's default fp32 product (MKL) takes a slow path on
-AMD CPUs at small row counts (4-12 GFLOP/s for 1-5 rows against a 49152 x 576 LM head), while
-oneDNN's JIT kernels on a weight reordered into their blocked layout stream the same weights
-1.4-2.5x faster across 1-256 rows, on AVX-512 and on AVX2. Decode (1 row per request) and
-speculative verification (a few rows) are exactly where MKL is weakest.
+`fgemm` (kernels/fgemm.py; what `auto` runs where its avx2/avx512 build runs): every output is
+one fixed chain of fmas whatever the row count, so a row's bits never depend on its batch and
+every ISA flavour gives the same ones; up to a dozen rows share each weight load. The 121
+linears of SmolLM2 on a 2-core Xeon (AVX-512; docs/benchmarks.md), fgemm / oneDNN / MKL: 1 row
+18.6 / 31.5 / 20.4 ms, 9 rows (a verification) 22.6 / 36.0 / 49.7, 256 rows 225 / 221 / 247;
+with fgemm's avx2 build against oneDNN capped at AVX2: 1 row 19.5 / 32.2, 9 rows 33.6 / 48.2,
+256 rows 374 / 330 (prefill-sized products are where oneDNN's blocking still wins on AVX2).
+
+oneDNN (`--dense-kernel onednn`), measured on AMD EPYC (docs/benchmarks.md): torch's default
+fp32 product (MKL) takes a slow path on AMD CPUs at small row counts (4-12 GFLOP/s for 1-5 rows
+against a 49152 x 576 LM head), while oneDNN's JIT kernels on a weight reordered into their
+blocked layout stream the same weights 1.4-2.5x faster across 1-256 rows, on AVX-512 and on
+AVX2.
 
 `PackedLinear` stays an `nn.Linear` (its `weight` parameter is kept, so quantization, checkpoints
-and weight tying see an ordinary Linear); the reordered copy costs the weights' size once more.
+and weight tying see an ordinary Linear); the kernel's copy (fgemm's blocks or oneDNN's
+reordered weights) costs the weights' size once more.
 The copy is rebuilt if the weight tensor is replaced or changes dtype or device.
 """
 
@@ -18,6 +28,9 @@ import os
 
 import torch
 from torch import nn
+
+from pagoda.kernels import build
+from pagoda.kernels.fgemm import FGemmWeight, pack
 
 log = logging.getLogger(__name__)
 
@@ -65,17 +78,41 @@ def onednn_available() -> bool:
                                                             "_linear_pointwise")
 
 
+KERNELS = ("fgemm", "onednn")
+
+
+def resolve_kernel(choice: str) -> str | None:
+    """The kernel `--dense-kernel choice` runs fp32 CPU linears on, or None (torch's own):
+    auto takes fgemm where its vector (avx2 / avx512) build runs, else oneDNN where torch has it
+    (fgemm's portable build is plain scalar C++). A kernel asked for by name and not available
+    is an error."""
+    if choice == "torch":
+        return None
+    native = build.native()
+    if native is not None and (choice == "fgemm" or
+                               (choice == "auto" and native.flavour() != "generic")):
+        return "fgemm"
+    if choice in ("auto", "onednn") and onednn_available():
+        return "onednn"
+    if choice == "auto":
+        return None
+    raise RuntimeError(f"--dense-kernel {choice}: not available on this machine")
+
+
 class PackedLinear(nn.Linear):
-    def __init__(self, in_features: int, out_features: int):
+    def __init__(self, in_features: int, out_features: int, kernel: str = "onednn"):
         super().__init__(in_features, out_features, bias=False, device="meta")
-        self._packed: torch.Tensor | None = None
+        if kernel not in KERNELS:
+            raise ValueError(f"dense kernel must be one of {KERNELS}")
+        self.kernel = kernel
+        self._packed: torch.Tensor | FGemmWeight | None = None
         self._packed_of: tuple[int, torch.dtype, torch.device, int] | None = None
         self.min_rows = MIN_ROWS_AVX512 if onednn_isa_is_avx512() else 1
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> PackedLinear:
+    def from_linear(cls, linear: nn.Linear, kernel: str = "onednn") -> PackedLinear:
         assert linear.bias is None, "the model contract has bias-free linears"
-        packed = cls(linear.in_features, linear.out_features)
+        packed = cls(linear.in_features, linear.out_features, kernel)
         packed.weight = linear.weight  # shared, so a tied embedding stays tied
         return packed
 
@@ -96,10 +133,15 @@ class PackedLinear(nn.Linear):
         if not self._usable(x):
             return nn.functional.linear(x, self.weight)
         if self._packed is None or self._packed_of != self._key():
-            self._packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(),
-                                                                   PACK_ROWS)
+            self._packed = (pack(self.weight) if self.kernel == "fgemm" else
+                            torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(),
+                                                                    PACK_ROWS))
             self._packed_of = self._key()
         flat = x.reshape(-1, self.in_features).contiguous()  # (T, in)
+        if isinstance(self._packed, FGemmWeight):
+            module = build.native()
+            out = module.fgemm(flat, self._packed.w, self.out_features)
+            return out.view(*x.shape[:-1], self.out_features)
         num_rows = flat.shape[0]
         padded = onednn_rows(num_rows, self.min_rows)
         if padded != num_rows:
@@ -108,16 +150,19 @@ class PackedLinear(nn.Linear):
         return out[:num_rows].view(*x.shape[:-1], self.out_features)
 
 
-def pack_dense_linears(model: nn.Module) -> int:
-    """Swap every plain fp32 CPU `nn.Linear` of `model` for a `PackedLinear` (in place);
-    returns how many. Quantized modules are not `nn.Linear` and are left alone."""
-    if not onednn_available():
+def pack_dense_linears(model: nn.Module, choice: str = "auto") -> int:
+    """Swap every plain fp32 CPU `nn.Linear` of `model` for a `PackedLinear` on the kernel
+    `choice` resolves to (in place); returns how many. Quantized modules are not `nn.Linear` and
+    are left alone."""
+    kernel = resolve_kernel(choice)
+    if kernel is None:
         return 0
     targets = [(name, m) for name, m in model.named_modules()
                if type(m) is nn.Linear and m.bias is None and m.weight.dtype == torch.float32
                and m.weight.device.type == "cpu"]
     for name, linear in targets:
-        model.set_submodule(name, PackedLinear.from_linear(linear))
+        model.set_submodule(name, PackedLinear.from_linear(linear, kernel))
     if targets:
-        log.info("dense kernel: oneDNN (reordered weights) for %d fp32 linears", len(targets))
+        log.info("dense kernel: %s for %d fp32 linears", kernel if kernel == "onednn" else
+                 f"fgemm ({build.native().flavour()})", len(targets))
     return len(targets)

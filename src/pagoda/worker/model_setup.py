@@ -60,8 +60,7 @@ def prepare_model(config: EngineConfig, loaded: LoadedModel, whole_layers: bool 
 
         apply_quantization(loaded, config.quantization, backend=config.quant_kernel)
     if config.dense_kernel != "torch" and config.device == "cpu":
-        if not pack_dense_linears(loaded.model) and config.dense_kernel == "onednn":
-            log.warning("dense kernel onednn: no fp32 linear to pack or no oneDNN here")
+        pack_dense_linears(loaded.model, config.dense_kernel)
     if hasattr(loaded.model, "use_fused_ops"):  # a shared model follows this engine
         loaded.model.use_fused_ops(fused_ops(config.fused_ops, loaded, config.device,
                                              whole_layers))

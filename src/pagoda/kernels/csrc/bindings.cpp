@@ -24,6 +24,8 @@ std::string flavour();
 // wgemm.cpp
 at::Tensor wgemm(at::Tensor x, at::Tensor pq, at::Tensor ps, at::Tensor po, int64_t n,
                  int64_t bits, int64_t group);
+// fgemm.cpp
+at::Tensor fgemm(at::Tensor x, at::Tensor pw, int64_t n);
 // igemm.cpp
 at::Tensor igemm(at::Tensor x, at::Tensor pq, at::Tensor ps, at::Tensor po, int64_t n,
                  int64_t group);
@@ -47,6 +49,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("qgemm", &qgemm, "fp32 rows times 4/8-bit group-quantized weights (Q8 block activations)");
   m.def("quantize_blocks", &quantize_blocks, "per-32-block int8 activation rounding");
   m.def("wgemm", &wgemm, "fp32 rows times 4/8-bit weights widened to fp32 (weight-only)");
+  m.def("fgemm", &fgemm, "fp32 rows times fp32 weights in blocks of 16 outputs (batch-invariant)");
   m.def("igemm", &igemm, "fp32 rows (int8 per 32-block) times 4-bit weights, an integer GEMM");
   m.def("igemm8", &igemm8, "fp32 rows (int8 per 32-block) times 8-bit weights, an integer GEMM");
   m.def("shape_supported", &shape_supported, "whether qgemm takes this (K, group, bits)");

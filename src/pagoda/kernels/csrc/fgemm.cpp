@@ -1,0 +1,191 @@
+// fgemm: y = x @ w.T for fp32 activations x (M, K) and fp32 weights w (N, K), on the layout of
+// wgemm (outputs in blocks of 16, each block transposed so the 16 outputs of one k sit side by
+// side; N padded to a multiple of 16 with zero weights by the packer):
+//
+//     y[r, n] = fma chain over k = 0 .. K-1, in increasing order, of x[r, k] * w[n, k], from 0
+//
+//   INVARIANT (batch invariance, and one result for every flavour): every output is exactly that
+//   chain, whatever M is, wherever row r sits, whichever tile or ISA flavour computes it. Only
+//   independence between outputs is exploited (rows times vectors of outputs), never a
+//   reassociation within one: a token's logits do not depend on its batch, and the generic, avx2
+//   and avx512 flavours return the same bits.
+//
+// Why: a decode step (one row per request) and a speculative verification (a few rows) stream
+// every weight once and do little arithmetic per byte. oneDNN's and MKL's fp32 products take
+// more time per row the more rows they get well before the arithmetic is the limit (the 121
+// linears of SmolLM2 on a 2-core Xeon: 1 row 15-26 ms, 9 rows 29-35 ms), and oneDNN blocks one
+// row differently from many (dense_linear.py). Here R <= kTileRows rows share every weight load,
+// so up to a dozen rows cost about what one does. Many rows (prefill) run the same tile over row
+// tiles while the tile's weights stay in cache: an fp32 GEMM inner loop, one broadcast fma per
+// R * U products.
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#include "wgemm.h"
+
+namespace {
+
+using pagoda_wgemm::kOut;
+
+#if defined(__AVX2__)
+using pagoda_wgemm::kLanes;
+using pagoda_wgemm::kVecs;
+using pagoda_wgemm::Vec;
+using pagoda_wgemm::vbcast;
+using pagoda_wgemm::vfma;
+using pagoda_wgemm::vload;
+using pagoda_wgemm::vstore;
+using pagoda_wgemm::vzero;
+#if defined(__AVX512F__)
+constexpr int kTileRows = 12;  // <= 24 of 32 zmm accumulate
+template <int R>
+constexpr int tile_vectors() { return R <= 4 ? 4 : 2; }
+#else
+constexpr int kTileRows = 6;  // <= 12 of 16 ymm accumulate
+template <int R>
+constexpr int tile_vectors() { return R <= 2 ? 4 : R <= 4 ? 3 : 2; }
+#endif
+
+#ifndef PAGODA_FGEMM_PF
+#define PAGODA_FGEMM_PF 16
+#endif
+constexpr int64_t kPrefetchK = PAGODA_FGEMM_PF;
+
+// Rows [0, R) times U consecutive vectors of outputs (kLanes each) from vector v0 on. xt holds
+// the R rows transposed, xt[k * R + r], so every broadcast of the inner loop sits at a constant
+// offset from one pointer. Each accumulator is one output's chain.
+template <int R, int U>
+void tile(const float* w, int64_t k, int64_t v0, const float* xt, float* y, int64_t ldy) {
+  Vec acc[R][U];  // constant indices after unrolling: registers, not stack
+  const float* src[U];
+#pragma GCC unroll 8
+  for (int u = 0; u < U; ++u)
+    src[u] = w + (v0 + u) / kVecs * k * kOut + (v0 + u) % kVecs * kLanes;
+#pragma GCC unroll 48
+  for (int i = 0; i < R * U; ++i) acc[i / U][i % U] = vzero();
+  for (int64_t kk = 0; kk < k; ++kk, xt += R) {
+    Vec wv[U];
+#pragma GCC unroll 8
+    for (int u = 0; u < U; ++u) {
+      _mm_prefetch(reinterpret_cast<const char*>(src[u] + (kk + kPrefetchK) * kOut), _MM_HINT_T0);
+      wv[u] = vload(src[u] + kk * kOut);
+    }
+#pragma GCC unroll 12
+    for (int r = 0; r < R; ++r) {
+      const Vec xa = vbcast(xt + r);
+#pragma GCC unroll 8
+      for (int u = 0; u < U; ++u) acc[r][u] = vfma(xa, wv[u], acc[r][u]);
+    }
+  }
+#pragma GCC unroll 48
+  for (int i = 0; i < R * U; ++i)
+    vstore(y + (i / U) * ldy + (v0 + i % U) * kLanes, acc[i / U][i % U]);
+}
+
+// Calls f(std::integral_constant<int, R>) for R == m (1 <= m <= kTileRows).
+template <int R = 1, typename F>
+void with_rows(int64_t m, F&& f) {
+  if (m == R) {
+    f(std::integral_constant<int, R>{});
+  } else if constexpr (R < kTileRows) {
+    with_rows<R + 1>(m, f);
+  }
+}
+
+// Rows of one tile (R rows at xt, their outputs at y) times vectors [begin, end), in units of U
+// vectors, the rest one vector at a time (the same chain per output: the same bits).
+template <int R, int U>
+void tile_span(const float* w, int64_t k, int64_t begin, int64_t end, const float* xt, float* y,
+               int64_t ldy) {
+  int64_t v = begin;
+  for (; v + U <= end; v += U) tile<R, U>(w, k, v, xt, y, ldy);
+  for (; v < end; ++v) tile<R, 1>(w, k, v, xt, y, ldy);
+}
+#endif
+
+}  // namespace
+
+// x (M, K) fp32; pw (N/16, K, 16) fp32, packed as above; n the true output count.
+at::Tensor fgemm(at::Tensor x, at::Tensor pw, int64_t n) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu(),
+              "fgemm: x must be a 2-D fp32 CPU tensor");
+  const int64_t m = x.size(0), k = x.size(1);
+  TORCH_CHECK(pw.dim() == 3 && pw.size(1) == k && pw.size(2) == kOut &&
+                  pw.scalar_type() == at::kFloat,
+              "fgemm: packed weights must be (N/16, K, 16) fp32");
+  const int64_t blocks = pw.size(0), padded = blocks * kOut;
+  TORCH_CHECK(n > 0 && n <= padded, "fgemm: n exceeds the packed blocks");
+  x = x.contiguous();
+  pw = pw.contiguous();
+  auto y = at::empty({m, padded}, x.options());
+  const auto unpadded = [&] { return n == padded ? y : y.narrow(1, 0, n).contiguous(); };
+  if (m == 0 || k == 0) return k == 0 ? unpadded().zero_() : unpadded();
+  const float* xp = x.data_ptr<float>();
+  const float* wp = pw.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+#if defined(__AVX2__)
+  // Row tiles of kTileRows (the last may be shorter), each transposed: tile i's rows at
+  // xt + i * kTileRows * k, as xt[kk * R + r].
+  const int64_t tiles = (m + kTileRows - 1) / kTileRows;
+  std::vector<float> xt(static_cast<size_t>(m * k));
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t r0 = i * kTileRows, rows = std::min<int64_t>(kTileRows, m - r0);
+      float* dst = xt.data() + r0 * k;
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t kk = 0; kk < k; ++kk) dst[kk * rows + r] = xp[(r0 + r) * k + kk];
+    }
+  });
+  // Every tile uses the unit width of a full tile when there are several (so a unit's weights,
+  // K * U * kLanes floats, stay in cache across the tiles); one tile uses its own best width.
+  const int64_t unit = tiles > 1 ? tile_vectors<kTileRows>() : 0;
+  const int64_t vectors = blocks * kVecs;
+  int64_t width = unit;
+  if (!width) with_rows(m, [&](auto R) { width = tile_vectors<decltype(R)::value>(); });
+  // Row tiles in chunks whose transposed rows stay in cache while a unit's weights sweep them.
+  const int64_t chunk = std::max<int64_t>(1, (256 << 10) / (kTileRows * k * 4));
+  at::parallel_for(0, (vectors + width - 1) / width, 1, [&](int64_t begin, int64_t end) {
+    const int64_t v_end = std::min(end * width, vectors);
+    for (int64_t c0 = 0; c0 < tiles; c0 += chunk) {
+      const int64_t c1 = std::min(tiles, c0 + chunk);
+      for (int64_t v = begin * width; v < v_end; v += width) {
+        const int64_t v1 = std::min(v + width, v_end);
+        for (int64_t i = c0; i < c1; ++i) {
+          const int64_t r0 = i * kTileRows, rows = std::min<int64_t>(kTileRows, m - r0);
+          const float* xti = xt.data() + r0 * k;
+          float* yi = yp + r0 * padded;
+          with_rows(rows, [&](auto R) {
+            constexpr int kR = decltype(R)::value;
+            if (tiles > 1)
+              tile_span<kR, tile_vectors<kTileRows>()>(wp, k, v, v1, xti, yi, padded);
+            else
+              tile_span<kR, tile_vectors<kR>()>(wp, k, v, v1, xti, yi, padded);
+          });
+        }
+      }
+    }
+  });
+#else
+  // Portable: the same chain per output with std::fma (the same bits as the vector flavours).
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b)
+      for (int64_t r = 0; r < m; ++r)
+        for (int i = 0; i < kOut; ++i) {
+          float acc = 0.f;
+          for (int64_t kk = 0; kk < k; ++kk)
+            acc = std::fma(xp[r * k + kk], wp[(b * k + kk) * kOut + i], acc);
+          yp[r * padded + b * kOut + i] = acc;
+        }
+  });
+#endif
+  return unpadded();
+}
