@@ -13,7 +13,8 @@ from pagoda.engine.config import EngineConfig
 from pagoda.engine.llm_engine import LLMEngine
 from pagoda.entrypoints.llm import LLM
 from pagoda.sampling.params import SamplingParams
-from pagoda.spec_decode.ngram import lookup
+from pagoda.scheduler.output import ScheduledRequest
+from pagoda.spec_decode.ngram import SINGLE_TOKEN_MATCH_DEPTH, NgramProposer, lookup
 from pagoda.spec_decode.setup import check_vocabulary
 from tests.engine.helpers import run_to_completion
 
@@ -33,10 +34,26 @@ def outputs(eng, prompt, params):
 
 def test_ngram_lookup_takes_the_latest_longest_match():
     ctx = np.array([5, 1, 2, 3, 9, 1, 2, 3, 7, 8, 4, 1, 2, 3])
-    assert lookup(ctx, 2, 3, 2) == [7, 8]  # "1 2 3" last seen before 7 8
-    assert lookup(ctx, 2, 3, 9) == [7, 8, 4, 1, 2, 3]
-    assert lookup(np.array([1, 2, 3, 4]), 1, 3, 4) == []
-    assert lookup(np.array([4, 4, 4]), 1, 2, 3) == [4]
+    assert lookup(ctx, 2, 3, 2) == ([7, 8], 3)  # "1 2 3" last seen before 7 8
+    assert lookup(ctx, 2, 3, 9) == ([7, 8, 4, 1, 2, 3], 3)
+    assert lookup(np.array([1, 2, 3, 4]), 1, 3, 4) == ([], 0)
+    assert lookup(np.array([4, 4, 4]), 1, 2, 3) == ([4], 2)
+    assert lookup(np.array([6, 5, 7, 8, 9, 5]), 1, 3, 4) == ([7, 8, 9, 5], 1)
+
+
+def test_a_single_token_match_drafts_only_a_few_tokens():
+    ctx = [6, 5, 7, 8, 9, 1, 2, 3, 4, 5]  # "5" matches one token: 7 8 9 1 ... follow it
+    assert NgramProposer(1, 3).propose([scheduled(ctx)])["r"].token_ids == [
+        7, 8, 9, 1, 2, 3, 4, 5][:SINGLE_TOKEN_MATCH_DEPTH]
+    longer = ctx + [7]  # "5 7" matches two tokens: the draft takes all 8
+    assert NgramProposer(1, 3).propose([scheduled(longer)])["r"].token_ids == [
+        8, 9, 1, 2, 3, 4, 5, 7]
+
+
+def scheduled(context: list[int]) -> ScheduledRequest:
+    return ScheduledRequest("r", context[-1:], len(context) - 1, [[0]], True,
+                            SamplingParams(temperature=0), 0, context[:2], context[2:],
+                            num_spec_tokens=8)
 
 
 @pytest.mark.parametrize("method", ["ngram", "draft"])

@@ -12,6 +12,13 @@ import numpy as np
 from pagoda.scheduler.output import ScheduledRequest
 from pagoda.spec_decode.proposer import Draft
 
+# A match of a single token predicts its continuation poorly: in a replay of the greedy outputs
+# of the grounded prompts of benchmarks/spec_decode.py, the first drafted token was right after
+# 25% of 1-token matches, 41% of 2-token ones and every 4- and 5-token one; 1-token matches
+# accepted 0.72 tokens on average when drafting 8. Their drafts are cut to this many tokens
+# (the rows a rejected draft costs are then few; docs/spec_decode.md has the measurement).
+SINGLE_TOKEN_MATCH_DEPTH = 2
+
 
 class NgramProposer:
     def __init__(self, min_n: int = 2, max_n: int = 4):
@@ -22,8 +29,10 @@ class NgramProposer:
     def propose(self, requests: list[ScheduledRequest]) -> dict[str, Draft]:
         drafts = {}
         for r in requests:
-            tokens = lookup(np.asarray(r.context_token_ids, dtype=np.int64), self.min_n,
-                            self.max_n, r.num_spec_tokens)
+            tokens, n = lookup(np.asarray(r.context_token_ids, dtype=np.int64), self.min_n,
+                               self.max_n, r.num_spec_tokens)
+            if n == 1:
+                tokens = tokens[:SINGLE_TOKEN_MATCH_DEPTH]
             if tokens:
                 drafts[r.req_id] = Draft(tokens)
         return drafts
@@ -32,8 +41,9 @@ class NgramProposer:
         pass
 
 
-def lookup(context: np.ndarray, min_n: int, max_n: int, k: int) -> list[int]:
-    """Up to k tokens that followed the latest earlier match of the longest suffix n-gram."""
+def lookup(context: np.ndarray, min_n: int, max_n: int, k: int) -> tuple[list[int], int]:
+    """Up to k tokens that followed the latest earlier match of the longest suffix n-gram, and
+    that n (0: no match)."""
     length = len(context)
     for n in range(min(max_n, length - 1), min_n - 1, -1):
         suffix = context[length - n:]
@@ -42,5 +52,5 @@ def lookup(context: np.ndarray, min_n: int, max_n: int, k: int) -> list[int]:
         hits = np.flatnonzero((windows == suffix).all(axis=1))
         if len(hits):
             start = int(hits[-1]) + n  # the latest match: most often the most relevant one
-            return context[start:start + k].tolist()
-    return []
+            return context[start:start + k].tolist(), n
+    return [], 0
