@@ -59,24 +59,35 @@ constexpr int tile_vectors() { return R <= 2 ? 4 : R <= 4 ? 3 : 2; }
 #define PAGODA_FGEMM_PF 16
 #endif
 constexpr int64_t kPrefetchK = PAGODA_FGEMM_PF;
+#ifndef PAGODA_FGEMM_SLICE
+#define PAGODA_FGEMM_SLICE 256
+#endif
+constexpr int64_t kSliceK = PAGODA_FGEMM_SLICE;
 
-// Rows [0, R) times U consecutive vectors of outputs (kLanes each) from vector v0 on. xt holds
-// the R rows transposed, xt[k * R + r], so every broadcast of the inner loop sits at a constant
-// offset from one pointer. Each accumulator is one output's chain.
-template <int R, int U>
-void tile(const float* w, int64_t k, int64_t v0, const float* xt, float* y, int64_t ldy) {
+// Rows [0, R) times U consecutive vectors of outputs (kLanes each) from vector v0 on, over
+// k in [k0, k1). xt holds the R rows transposed, xt[k * R + r], so every broadcast of the inner
+// loop sits at a constant offset from one pointer. Each accumulator is one output's chain: it
+// starts at 0 (k0 == 0) or at the running sum stored in y (a later slice of K; fp32 stores and
+// loads are exact, so slicing K changes no bit).
+template <int R, int U, bool kPrefetch = true>
+void tile(const float* w, int64_t k, int64_t v0, const float* xt, float* y, int64_t ldy,
+          int64_t k0, int64_t k1) {
   Vec acc[R][U];  // constant indices after unrolling: registers, not stack
   const float* src[U];
 #pragma GCC unroll 8
   for (int u = 0; u < U; ++u)
     src[u] = w + (v0 + u) / kVecs * k * kOut + (v0 + u) % kVecs * kLanes;
 #pragma GCC unroll 48
-  for (int i = 0; i < R * U; ++i) acc[i / U][i % U] = vzero();
-  for (int64_t kk = 0; kk < k; ++kk, xt += R) {
+  for (int i = 0; i < R * U; ++i)
+    acc[i / U][i % U] = k0 ? vload(y + (i / U) * ldy + (v0 + i % U) * kLanes) : vzero();
+  xt += k0 * R;
+  for (int64_t kk = k0; kk < k1; ++kk, xt += R) {
     Vec wv[U];
 #pragma GCC unroll 8
     for (int u = 0; u < U; ++u) {
-      _mm_prefetch(reinterpret_cast<const char*>(src[u] + (kk + kPrefetchK) * kOut), _MM_HINT_T0);
+      if constexpr (kPrefetch)
+        _mm_prefetch(reinterpret_cast<const char*>(src[u] + (kk + kPrefetchK) * kOut),
+                     _MM_HINT_T0);
       wv[u] = vload(src[u] + kk * kOut);
     }
 #pragma GCC unroll 12
@@ -103,12 +114,12 @@ void with_rows(int64_t m, F&& f) {
 
 // Rows of one tile (R rows at xt, their outputs at y) times vectors [begin, end), in units of U
 // vectors, the rest one vector at a time (the same chain per output: the same bits).
-template <int R, int U>
+template <int R, int U, bool kPrefetch>
 void tile_span(const float* w, int64_t k, int64_t begin, int64_t end, const float* xt, float* y,
-               int64_t ldy) {
+               int64_t ldy, int64_t k0, int64_t k1) {
   int64_t v = begin;
-  for (; v + U <= end; v += U) tile<R, U>(w, k, v, xt, y, ldy);
-  for (; v < end; ++v) tile<R, 1>(w, k, v, xt, y, ldy);
+  for (; v + U <= end; v += U) tile<R, U, kPrefetch>(w, k, v, xt, y, ldy, k0, k1);
+  for (; v < end; ++v) tile<R, 1, kPrefetch>(w, k, v, xt, y, ldy, k0, k1);
 }
 #endif
 
@@ -151,25 +162,36 @@ at::Tensor fgemm(at::Tensor x, at::Tensor pw, int64_t n) {
   const int64_t vectors = blocks * kVecs;
   int64_t width = unit;
   if (!width) with_rows(m, [&](auto R) { width = tile_vectors<decltype(R)::value>(); });
-  // Row tiles in chunks whose transposed rows stay in cache while a unit's weights sweep them.
+  // Row tiles in chunks whose transposed rows stay in cache while a unit's weights sweep them,
+  // and K in slices whose unit weights (kSliceK * width * kLanes floats) stay in L1 across the
+  // chunk's tiles. One tile (decode, verification) takes all of K at once.
   const int64_t chunk = std::max<int64_t>(1, (256 << 10) / (kTileRows * k * 4));
+  const int64_t slice = tiles > 1 ? kSliceK : k;
   at::parallel_for(0, (vectors + width - 1) / width, 1, [&](int64_t begin, int64_t end) {
     const int64_t v_end = std::min(end * width, vectors);
     for (int64_t c0 = 0; c0 < tiles; c0 += chunk) {
       const int64_t c1 = std::min(tiles, c0 + chunk);
       for (int64_t v = begin * width; v < v_end; v += width) {
         const int64_t v1 = std::min(v + width, v_end);
-        for (int64_t i = c0; i < c1; ++i) {
-          const int64_t r0 = i * kTileRows, rows = std::min<int64_t>(kTileRows, m - r0);
-          const float* xti = xt.data() + r0 * k;
-          float* yi = yp + r0 * padded;
-          with_rows(rows, [&](auto R) {
-            constexpr int kR = decltype(R)::value;
-            if (tiles > 1)
-              tile_span<kR, tile_vectors<kTileRows>()>(wp, k, v, v1, xti, yi, padded);
-            else
-              tile_span<kR, tile_vectors<kR>()>(wp, k, v, v1, xti, yi, padded);
-          });
+        for (int64_t k0 = 0; k0 < k; k0 += slice) {
+          const int64_t k1 = std::min(k, k0 + slice);
+          for (int64_t i = c0; i < c1; ++i) {
+            const int64_t r0 = i * kTileRows, rows = std::min<int64_t>(kTileRows, m - r0);
+            const float* xti = xt.data() + r0 * k;
+            float* yi = yp + r0 * padded;
+            constexpr int kU = tile_vectors<kTileRows>();
+            with_rows(rows, [&](auto R) {
+              constexpr int kR = decltype(R)::value;
+              // the first tile of a chunk streams the unit's weights from memory; the others
+              // find them in cache (prefetching there only takes load slots)
+              if (tiles == 1)
+                tile_span<kR, tile_vectors<kR>(), true>(wp, k, v, v1, xti, yi, padded, k0, k1);
+              else if (i == c0)
+                tile_span<kR, kU, true>(wp, k, v, v1, xti, yi, padded, k0, k1);
+              else
+                tile_span<kR, kU, false>(wp, k, v, v1, xti, yi, padded, k0, k1);
+            });
+          }
         }
       }
     }
