@@ -4,10 +4,11 @@ of MKL's sgemm.
 `fgemm` (kernels/fgemm.py; what `auto` runs where its avx2/avx512 build runs): every output is
 one fixed chain of fmas whatever the row count, so a row's bits never depend on its batch and
 every ISA flavour gives the same ones; up to a dozen rows share each weight load. The 121
-linears of SmolLM2 on a 2-core Xeon (AVX-512; docs/benchmarks.md), fgemm / oneDNN / MKL: 1 row
-18.6 / 31.5 / 20.4 ms, 9 rows (a verification) 22.6 / 36.0 / 49.7, 256 rows 225 / 221 / 247;
-with fgemm's avx2 build against oneDNN capped at AVX2: 1 row 19.5 / 32.2, 9 rows 33.6 / 48.2,
-256 rows 374 / 330 (prefill-sized products are where oneDNN's blocking still wins on AVX2).
+linears of SmolLM2 on a 2-core Xeon (docs/benchmarks.md, "fgemm"), fgemm / oneDNN / MKL: 1 row
+19.0 / 34.6 / 21.1 ms, 9 rows (a verification) 24.1 / 39.2 / 52.0, 256 rows 225 / 213 / 224;
+fgemm's avx2 build against oneDNN capped at AVX2: 1 row 21.0 / 35.1, 9 rows 34.0 / 51.4, 256
+rows 357 / 329. Prefill-sized products run at ~90% of oneDNN's speed; fgemm takes them too, so
+that a decode row batched with a prefill gets the bits it gets alone.
 
 oneDNN (`--dense-kernel onednn`), measured on AMD EPYC (docs/benchmarks.md): torch's default
 fp32 product (MKL) takes a slow path on AMD CPUs at small row counts (4-12 GFLOP/s for 1-5 rows
