@@ -56,8 +56,8 @@ def test_staggered_arrivals(make_engine, prompt_ids, reference):
 
 
 def test_fused_ops_keep_the_reference_tokens(make_engine, prompt_ids, reference):
-    """The C++ elementwise kernels (on by default only for quantized models) forced on over the
-    fp32 weights: the same tokens as transformers, alone and batched with staggered arrivals —
+    """The C++ elementwise kernels (on by default, fp32 models too) asked for over the fp32
+    weights: the same tokens as transformers, alone and batched with staggered arrivals —
     the check that the fused layer computes what the torch layer does. (Over quantized weights
     a last-bit change of an activation can flip its int8 rounding, so there the tokens are not
     comparable; tests/kernels/test_fused_ops.py checks the kernels themselves.)"""
@@ -69,4 +69,5 @@ def test_fused_ops_keep_the_reference_tokens(make_engine, prompt_ids, reference)
     for i in range(len(prompt_ids)):
         assert got[f"r{i}"] == reference[i], f"prompt {i} differs with fused ops"
     engine.check_integrity()
-    assert make_engine().loaded.model.fused is None  # fp32's default: torch's ops
+    assert make_engine().loaded.model.fused is not None  # fp32's default too
+    assert make_engine(fused_ops=False).loaded.model.fused is None

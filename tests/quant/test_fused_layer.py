@@ -10,6 +10,7 @@ import pytest
 from pagoda.engine.config import EngineConfig
 from pagoda.engine.llm_engine import LLMEngine
 from pagoda.entrypoints.llm import LLM
+from pagoda.layers.dense_linear import resolve_kernel
 from pagoda.layers.fused_ops import FusedOps
 from pagoda.sampling.params import SamplingParams
 
@@ -23,13 +24,30 @@ PROMPTS = [SHARED + p for p in (
 )]
 
 
-@pytest.mark.parametrize("weights", ["gguf_draft", "int4_draft"])
+@pytest.mark.parametrize("weights", ["gguf_draft", "int4_draft", "loaded_model"])
 def test_one_call_layers_equal_the_per_op_path(request: pytest.FixtureRequest, weights: str):
-    loaded = request.getfixturevalue(weights)  # quantized copies of the default model
+    """Quantized copies of the default model by default; the fp32 model (fgemm linears) when
+    asked for with `fused_ops="on"`."""
+    loaded = request.getfixturevalue(weights)
+    fp32 = weights == "loaded_model"
+    if fp32 and resolve_kernel("auto") != "fgemm":
+        pytest.skip("fgemm's vector builds do not run here: fp32 linears are not one-call")
     engine = LLMEngine(EngineConfig(kv_cache_memory=64 << 20, progress=False,
-                                    max_num_batched_tokens=48), loaded=loaded)
+                                    max_num_batched_tokens=48,
+                                    fused_ops=True if fp32 else None,
+                                    # prefill rows through the decode kernel too, as quantized
+                                    # engines do by default: then prefix-cache hits change no bit
+                                    invariant_attention=True), loaded=loaded)
     ops = engine.loaded.model.fused
-    assert ops is not None and ops.whole_layers, "quantized models run the fused kernels"
+    assert ops is not None and ops.whole_layers, "the engine runs the fused kernels"
+    try:
+        check_one_call_layers(engine, ops)
+    finally:  # the shared fp32 model goes back to the default (no fused kernels)
+        if fp32:
+            engine.loaded.model.use_fused_ops(None)
+
+
+def check_one_call_layers(engine: LLMEngine, ops: FusedOps) -> None:
     llm = LLM.from_engine(engine)
     params = SamplingParams(temperature=0.0, max_tokens=20, logprobs=3, ignore_eos=True)
     stacked = llm.generate(PROMPTS, params)

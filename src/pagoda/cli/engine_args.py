@@ -64,8 +64,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="prefill queries through the decode kernel so a token's attention does "
                    "not depend on its batch or on prefix-cache hits (auto: on when quantized)")
     g.add_argument("--fused-ops", default="auto", choices=["auto", "on", "off"],
-                   help="RMSNorm, RoPE + KV write and SiLU * up as single C++ calls (CPU; "
-                   "auto: on when quantized, off for fp32, which matches transformers exactly)")
+                   help="RMSNorm, RoPE + KV write and SiLU * up as single C++ calls, a decode "
+                   "step's layers as one call (CPU; auto: on)")
     s = p.add_argument_group("speculative decoding (docs/spec_decode.md)")
     s.add_argument("--speculative-method", default=None, choices=["ngram", "draft"],
                    help="draft tokens by prompt lookup (ngram) or from a draft model, verified "

@@ -67,12 +67,14 @@ class EngineConfig:
     # hit or as a decode. None (auto): on when the loaded model has quantized linears (from
     # `quantization` or passed in pre-quantized as `loaded=`), whose igemm/wgemm/qgemm linears
     # are already batch-invariant (with int8 activations a last-ulp difference can flip a
-    # rounding and then a greedy token); fp32 linears (oneDNN/MKL) are not, so fp32 keeps SDPA's
-    # faster blocked prefill.
+    # rounding and then a greedy token); fp32 keeps SDPA's faster blocked prefill (its linears on
+    # fgemm are batch-invariant as well: `True` makes an fp32 engine invariant end to end).
     invariant_attention: bool | None = None
     # The elementwise steps of each layer (RMSNorm, RoPE + cache write, SiLU * up) as single C++
-    # calls (layers/fused_ops.py). None (auto): on for CPU models with quantized linears; fp32
-    # models keep torch's ops, which match transformers bit for bit.
+    # calls, and a decode step's layers as one call (layers/fused_ops.py). None (auto): on for CPU
+    # models. fp32 models too since their linears run on fgemm (not transformers' bits either):
+    # their greedy tokens are still transformers' (tests/engine/test_hf_reference.py), and a
+    # batch-1 step takes ~20 ms instead of ~30 (docs/benchmarks.md).
     fused_ops: bool | None = None
     # Speculative decoding (docs/spec_decode.md): None (off) | "ngram" (prompt lookup) | "draft"
     speculative_method: str | None = None

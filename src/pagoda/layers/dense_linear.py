@@ -130,19 +130,34 @@ class PackedLinear(nn.Linear):
         return (x.dtype == torch.float32 and w.dtype == torch.float32 and x.device.type == "cpu"
                 and w.device.type == "cpu" and not torch.is_grad_enabled())
 
+    def native_operands(self, device: torch.device) -> tuple[str, FGemmWeight, str] | None:
+        """("fgemm", its packed weight, the flavour it runs on) when this linear's products run
+        on fgemm on `device`, else None: what a fused layer needs to call the kernel itself."""
+        w = self.weight
+        if (self.kernel != "fgemm" or device.type != "cpu" or w.device.type != "cpu"
+                or w.dtype != torch.float32):
+            return None
+        module = build.native()
+        if module is None:
+            return None
+        return "fgemm", self._fgemm_weight(), module.flavour()
+
+    def _fgemm_weight(self) -> FGemmWeight:
+        if not isinstance(self._packed, FGemmWeight) or self._packed_of != self._key():
+            self._packed, self._packed_of = pack(self.weight), self._key()
+        return self._packed
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._usable(x):
             return nn.functional.linear(x, self.weight)
-        if self._packed is None or self._packed_of != self._key():
-            self._packed = (pack(self.weight) if self.kernel == "fgemm" else
-                            torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(),
-                                                                    PACK_ROWS))
-            self._packed_of = self._key()
         flat = x.reshape(-1, self.in_features).contiguous()  # (T, in)
-        if isinstance(self._packed, FGemmWeight):
-            module = build.native()
-            out = module.fgemm(flat, self._packed.w, self.out_features)
+        if self.kernel == "fgemm":
+            out = build.native().fgemm(flat, self._fgemm_weight().w, self.out_features)
             return out.view(*x.shape[:-1], self.out_features)
+        if self._packed is None or self._packed_of != self._key():
+            self._packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(),
+                                                                   PACK_ROWS)
+            self._packed_of = self._key()
         num_rows = flat.shape[0]
         padded = onednn_rows(num_rows, self.min_rows)
         if padded != num_rows:

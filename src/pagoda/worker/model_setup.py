@@ -36,10 +36,10 @@ def invariant_attention(config: EngineConfig, loaded: LoadedModel) -> bool:
 
 def fused_ops(choice: bool | None, loaded: LoadedModel, device: str, whole_layers: bool = True
               ) -> FusedOps | None:
-    """The C++ elementwise kernels for `loaded` (EngineConfig.fused_ops): `choice`, else on
-    exactly when its linears are quantized; only on the CPU, for models that take them.
-    `whole_layers=False` keeps each linear a module call (tensor parallelism hooks them)."""
-    wanted = is_quantized(loaded) if choice is None else choice
+    """The C++ elementwise kernels for `loaded` (EngineConfig.fused_ops): `choice`, else on;
+    only on the CPU, for models that take them. `whole_layers=False` keeps each linear a module
+    call (tensor parallelism hooks them)."""
+    wanted = True if choice is None else choice
     if not wanted or device != "cpu" or not hasattr(loaded.model, "use_fused_ops"):
         return None
     ops = FusedOps.load()

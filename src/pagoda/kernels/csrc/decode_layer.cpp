@@ -1,6 +1,6 @@
 // A whole Llama decoder layer in one call, for steps whose every row attends through the paged
-// decode kernel (decodes, and prefill rows of batch-invariant engines) with 4/8-bit wgemm or
-// qgemm linears and a CPU cache of fp32, fp16 or bf16. It composes the kernels the Python layer
+// decode kernel (decodes, and prefill rows of batch-invariant engines) with 4/8-bit wgemm,
+// igemm or qgemm linears or fp32 fgemm ones and a CPU cache of fp32, fp16 or bf16. It composes the kernels the Python layer
 // calls one by one — rms_norm, wgemm/qgemm, rope_write, paged_decode, add_rms_norm, silu_mul — in
 // the same order on the same tensors, so its output is bit-identical to that path (tested); what it
 // removes is the Python between them (module calls, views, wrappers): ~50 us per layer at batch 1.
@@ -36,17 +36,20 @@ at::Tensor igemm(at::Tensor x, at::Tensor pq, at::Tensor ps, at::Tensor po, int6
                  int64_t group);
 at::Tensor igemm8(at::Tensor x, at::Tensor pq, at::Tensor ps, at::Tensor po, int64_t n,
                   int64_t group);
+at::Tensor fgemm(at::Tensor x, at::Tensor pw, int64_t n);
 
 namespace {
 
 // One linear's operands: {q, scales, offsets (empty: none)} with {bits, group} for qgemm, or
 // the packed {q, scales, offsets} with {bits, group, out_features} for wgemm and
-// {bits, group, out_features, 1} for igemm (4 bits) and igemm8 (8).
+// {bits, group, out_features, 1} for igemm (4 bits) and igemm8 (8); fp32 weights in fgemm's
+// blocks as {w, empty, empty} with {out_features}.
 at::Tensor linear(const at::Tensor& x, const std::vector<at::Tensor>& w,
                   const std::vector<int64_t>& form) {
-  TORCH_CHECK(w.size() == 3 && form.size() >= 2 && form.size() <= 4, "decode_layer: a weight "
-              "is {q, scales, offsets} with {bits, group} (qgemm), {bits, group, n} (wgemm) "
-              "or {bits, group, n, 1} (igemm, igemm8)");
+  TORCH_CHECK(w.size() == 3 && form.size() >= 1 && form.size() <= 4, "decode_layer: a weight "
+              "is {q, scales, offsets} with {bits, group} (qgemm), {bits, group, n} (wgemm), "
+              "{bits, group, n, 1} (igemm, igemm8) or {w, -, -} with {n} (fgemm)");
+  if (form.size() == 1) return fgemm(x, w[0], form[0]);
   if (form.size() == 4)
     return form[0] == 8 ? igemm8(x, w[0], w[1], w[2], form[2], form[1])
                         : igemm(x, w[0], w[1], w[2], form[2], form[1]);
