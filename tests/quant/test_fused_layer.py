@@ -42,7 +42,7 @@ def test_one_call_layers_equal_the_per_op_path(request: pytest.FixtureRequest, w
     assert ops is not None and ops.whole_layers, "the engine runs the fused kernels"
     try:
         check_one_call_layers(engine, ops)
-    finally:  # the shared fp32 model goes back to the default (no fused kernels)
+    finally:  # the shared fp32 model leaves with no fused kernels (the next engine sets its own)
         if fp32:
             engine.loaded.model.use_fused_ops(None)
 

@@ -72,9 +72,9 @@ class EngineConfig:
     invariant_attention: bool | None = None
     # The elementwise steps of each layer (RMSNorm, RoPE + cache write, SiLU * up) as single C++
     # calls, and a decode step's layers as one call (layers/fused_ops.py). None (auto): on for CPU
-    # models. fp32 models too since their linears run on fgemm (not transformers' bits either):
-    # their greedy tokens are still transformers' (tests/engine/test_hf_reference.py), and a
-    # batch-1 step takes ~20 ms instead of ~30 (docs/benchmarks.md).
+    # models with quantized or fgemm linears (fgemm's bits are not transformers' either; the
+    # greedy tokens still are, tests/engine/test_hf_reference.py; a batch-1 fp32 step ~20 ms
+    # instead of ~30, docs/benchmarks.md); fp32 on torch's or oneDNN's products keeps torch's ops.
     fused_ops: bool | None = None
     # Speculative decoding (docs/spec_decode.md): None (off) | "ngram" (prompt lookup) | "draft"
     speculative_method: str | None = None

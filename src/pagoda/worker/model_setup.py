@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from pagoda.layers.dense_linear import pack_dense_linears
+from pagoda.layers.dense_linear import PackedLinear, pack_dense_linears
 from pagoda.layers.fused_ops import FusedOps
 from pagoda.loader.model_loader import LoadedModel
 from pagoda.spec_decode.setup import is_quantized
@@ -36,10 +36,14 @@ def invariant_attention(config: EngineConfig, loaded: LoadedModel) -> bool:
 
 def fused_ops(choice: bool | None, loaded: LoadedModel, device: str, whole_layers: bool = True
               ) -> FusedOps | None:
-    """The C++ elementwise kernels for `loaded` (EngineConfig.fused_ops): `choice`, else on;
-    only on the CPU, for models that take them. `whole_layers=False` keeps each linear a module
-    call (tensor parallelism hooks them)."""
-    wanted = True if choice is None else choice
+    """The C++ elementwise kernels for `loaded` (EngineConfig.fused_ops): `choice`, else on
+    when its linears are quantized or fp32 on fgemm (whose bits are not transformers' anyway);
+    fp32 linears on torch's or oneDNN's products keep torch's elementwise ops too. Only on the
+    CPU, for models that take them. `whole_layers=False` keeps each linear a module call
+    (tensor parallelism hooks them)."""
+    wanted = (is_quantized(loaded) or any(
+        isinstance(m, PackedLinear) and m.kernel == "fgemm" for m in loaded.model.modules())
+    ) if choice is None else choice
     if not wanted or device != "cpu" or not hasattr(loaded.model, "use_fused_ops"):
         return None
     ops = FusedOps.load()
