@@ -14,8 +14,9 @@ cache write, SiLU * up, the residual adds) as in the weight products. Here each 
 
 Each output row depends on its own input row only (batch-invariant). RoPE and the residual add
 are bit-identical to the torch expressions; RMSNorm's sum and SiLU's exp differ in the last bits.
-The engine uses them on every CPU model (`EngineConfig.fused_ops`): fp32 models' linears run on
-fgemm, whose bits are not transformers' either, and what is tested against transformers is the
+The engine uses them on CPU models whose linears are quantized or fp32 on fgemm
+(`EngineConfig.fused_ops`): fgemm's bits are not transformers' either, and what is tested
+against transformers is the
 greedy tokens (tests/engine/test_hf_reference.py; a teacher-forced check over 2,314 positions,
 HF margins down to 8e-5, found no top-1 that differs, fused or not). Every method takes CPU fp32
 tensors; callers keep their torch path for anything else.

@@ -1,6 +1,7 @@
 // A whole Llama decoder layer in one call, for steps whose every row attends through the paged
 // decode kernel (decodes, and prefill rows of batch-invariant engines) with 4/8-bit wgemm,
-// igemm or qgemm linears or fp32 fgemm ones and a CPU cache of fp32, fp16 or bf16. It composes the kernels the Python layer
+// igemm or qgemm linears or fp32 fgemm ones and a CPU cache of fp32, fp16 or bf16. It composes
+// the kernels the Python layer
 // calls one by one — rms_norm, wgemm/qgemm, rope_write, paged_decode, add_rms_norm, silu_mul — in
 // the same order on the same tensors, so its output is bit-identical to that path (tested); what it
 // removes is the Python between them (module calls, views, wrappers): ~50 us per layer at batch 1.

@@ -13,7 +13,8 @@
 // Why: a decode step (one row per request) and a speculative verification (a few rows) stream
 // every weight once and do little arithmetic per byte. oneDNN's and MKL's fp32 products take
 // more time per row the more rows they get well before the arithmetic is the limit (the 121
-// linears of SmolLM2 on a 2-core Xeon: 1 row 15-26 ms, 9 rows 29-35 ms), and oneDNN blocks one
+// linears of SmolLM2 on a 2-core Xeon, benchmarks/dense_kernels.py: oneDNN 34.6 ms at 1 row and
+// 39.2 at 9, MKL 21.1 and 52.0; fgemm 19.0 and 24.1), and oneDNN blocks one
 // row differently from many (dense_linear.py). Here R <= kTileRows rows share every weight load,
 // so up to a dozen rows cost about what one does. Many rows (prefill) run the same tile over row
 // tiles while the tile's weights stay in cache: an fp32 GEMM inner loop, one broadcast fma per
@@ -55,14 +56,9 @@ template <int R>
 constexpr int tile_vectors() { return R <= 2 ? 4 : R <= 4 ? 3 : 2; }
 #endif
 
-#ifndef PAGODA_FGEMM_PF
-#define PAGODA_FGEMM_PF 16
-#endif
-constexpr int64_t kPrefetchK = PAGODA_FGEMM_PF;
-#ifndef PAGODA_FGEMM_SLICE
-#define PAGODA_FGEMM_SLICE 256
-#endif
-constexpr int64_t kSliceK = PAGODA_FGEMM_SLICE;
+// Weights prefetched this many k ahead (1 KiB; 32 and 64 measured the same), and K sliced by
+// kSliceK when several row tiles reuse a unit's weights.
+constexpr int64_t kPrefetchK = 16, kSliceK = 256;
 
 // Rows [0, R) times U consecutive vectors of outputs (kLanes each) from vector v0 on, over
 // k in [k0, k1). xt holds the R rows transposed, xt[k * R + r], so every broadcast of the inner
@@ -85,8 +81,11 @@ void tile(const float* w, int64_t k, int64_t v0, const float* xt, float* y, int6
     Vec wv[U];
 #pragma GCC unroll 8
     for (int u = 0; u < U; ++u) {
+      // the address is formed in integers: near the end of the weights it points past them,
+      // which a prefetch (a hint that never faults) may do but C++ pointer arithmetic may not
       if constexpr (kPrefetch)
-        _mm_prefetch(reinterpret_cast<const char*>(src[u] + (kk + kPrefetchK) * kOut),
+        _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(src[u]) +
+                                                   (kk + kPrefetchK) * kOut * sizeof(float)),
                      _MM_HINT_T0);
       wv[u] = vload(src[u] + kk * kOut);
     }
@@ -158,10 +157,9 @@ at::Tensor fgemm(at::Tensor x, at::Tensor pw, int64_t n) {
   });
   // Every tile uses the unit width of a full tile when there are several (so a unit's weights,
   // K * U * kLanes floats, stay in cache across the tiles); one tile uses its own best width.
-  const int64_t unit = tiles > 1 ? tile_vectors<kTileRows>() : 0;
   const int64_t vectors = blocks * kVecs;
-  int64_t width = unit;
-  if (!width) with_rows(m, [&](auto R) { width = tile_vectors<decltype(R)::value>(); });
+  int64_t width = tile_vectors<kTileRows>();
+  if (tiles == 1) with_rows(m, [&](auto R) { width = tile_vectors<decltype(R)::value>(); });
   // Row tiles in chunks whose transposed rows stay in cache while a unit's weights sweep them,
   // and K in slices whose unit weights (kSliceK * width * kLanes floats) stay in L1 across the
   // chunk's tiles. One tile (decode, verification) takes all of K at once.
