@@ -46,14 +46,18 @@ using pagoda_wgemm::vfma;
 using pagoda_wgemm::vload;
 using pagoda_wgemm::vstore;
 using pagoda_wgemm::vzero;
+// tile_vectors<R>: output vectors per tile, as many as the registers hold beside R rows'
+// accumulators (the weights are fma memory operands; one register takes the broadcast). More
+// vectors are more weight streams in flight: with 2 instead of 4 at 5 rows the 121 linears of
+// SmolLM2 took 22.5 instead of 20.4 ms on the Xeon (docs/benchmarks.md, "fgemm tiles").
 #if defined(__AVX512F__)
-constexpr int kTileRows = 12;  // <= 24 of 32 zmm accumulate
+constexpr int kTileRows = 12;  // <= 30 of 32 zmm accumulate
 template <int R>
-constexpr int tile_vectors() { return R <= 4 ? 4 : 2; }
+constexpr int tile_vectors() { return R <= 7 ? 4 : R <= 10 ? 3 : 2; }
 #else
-constexpr int kTileRows = 6;  // <= 12 of 16 ymm accumulate
+constexpr int kTileRows = 6;  // <= 15 of 16 ymm accumulate
 template <int R>
-constexpr int tile_vectors() { return R <= 2 ? 4 : R <= 4 ? 3 : 2; }
+constexpr int tile_vectors() { return R <= 3 ? 4 : R <= 5 ? 3 : 2; }
 #endif
 
 // Weights prefetched this many k ahead (1 KiB; 32 and 64 measured the same), and K sliced by
