@@ -6,6 +6,7 @@ prefix-cache hits — and they are what quantized steps run by default."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from pagoda.engine.config import EngineConfig
 from pagoda.engine.llm_engine import LLMEngine
@@ -63,3 +64,41 @@ def check_one_call_layers(engine: LLMEngine, ops: FusedOps) -> None:
             assert a.outputs[0].token_ids == b.outputs[0].token_ids, name
             assert a.outputs[0].logprobs == b.outputs[0].logprobs, name
     engine.check_integrity()
+
+
+@pytest.mark.parametrize("change", ["in place", "replaced"])
+def test_the_stack_follows_weights_changed_after_it_was_built(loaded_model, change: str):
+    """New weights loaded into a served fp32 model (in place, or a new Parameter) reach decode
+    steps too: the one-call stack holds fgemm's packed copies, made once, and is rebuilt when
+    a weight it was made from changes. Decoded tokens then equal the per-layer path's."""
+    if resolve_kernel("auto") != "fgemm":
+        pytest.skip("fgemm's vector builds do not run here: fp32 linears are not one-call")
+    engine = LLMEngine(EngineConfig(kv_cache_memory=64 << 20, progress=False, fused_ops=True),
+                       loaded=loaded_model)
+    model = engine.loaded.model
+    llm = LLM.from_engine(engine)
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    linear = model.layers[2].mlp.down_proj
+    original = linear.weight
+    saved = original.detach().clone()
+    try:
+        before = llm.generate(PROMPTS[:2], params)
+        assert model._stack is not None, "decode ran as one stack"
+        changed = original.detach() * 0.25
+        if change == "in place":
+            with torch.no_grad():
+                original.copy_(changed)
+        else:
+            linear.weight = torch.nn.Parameter(changed, requires_grad=False)
+        stacked = llm.generate(PROMPTS[:2], params)
+        model.use_fused_ops(FusedOps(model.fused.module, whole_model=False))
+        per_layer = llm.generate(PROMPTS[:2], params)
+    finally:
+        if change == "in place":
+            with torch.no_grad():
+                original.copy_(saved)
+        linear.weight = original
+        model.use_fused_ops(None)
+    ids = [[o.outputs[0].token_ids for o in run] for run in (before, stacked, per_layer)]
+    assert ids[0] != ids[1], "the changed weight changed nothing: the test proves nothing"
+    assert ids[1] == ids[2]

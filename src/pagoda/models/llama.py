@@ -8,6 +8,7 @@ run as single C++ calls (layers/fused_ops.py); the torch expressions stay the re
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable
 
 import torch
@@ -79,6 +80,23 @@ class LlamaDecoderLayer(nn.Module):
         return x + self.mlp.down_proj(ops.silu_mul(self.mlp.gate_up_proj(h)))
 
 
+    def operand_sources(self) -> list[tuple[dict, str, object]]:
+        """What one_call_operands() is made from, as (dict, key, object) with dict[key] the
+        object now: the four linears and two norms (in their parents' module dicts) and each
+        one's weight parameter (a packed copy, e.g. fgemm's, is made from it once). Plain dict
+        entries, so checking them every step costs microseconds, not nn.Module lookups."""
+        attn, mlp = self.self_attn, self.mlp
+        owners = [(attn, "qkv_proj"), (attn, "o_proj"), (mlp, "gate_up_proj"),
+                  (mlp, "down_proj"), (self, "input_layernorm"),
+                  (self, "post_attention_layernorm")]
+        sources: list[tuple[dict, str, object]] = []
+        for parent, name in owners:
+            module = parent._modules[name]
+            sources.append((parent._modules, name, module))
+            if module is not None and isinstance(module._parameters.get("weight"), torch.Tensor):
+                sources.append((module._parameters, "weight", module._parameters["weight"]))
+        return sources
+
     def one_call_operands(self, ops: FusedOps, store: KVStore) -> tuple | None:
         """(norm1, norm2, [4 linears' operands], [their forms], k_blocks, v_blocks) as
         llama_decode_layer takes them, or None when a linear runs on neither qgemm nor wgemm."""
@@ -133,6 +151,11 @@ class LlamaForCausalLM(nn.Module):
         # dropped when the ops change (`use_fused_ops`)
         self._stack: object | None = None
         self._stack_stores: list[KVStore] | None = None
+        # what the stack's operands were made from (LlamaDecoderLayer.operand_sources: dicts,
+        # keys and the objects they held, kept alive so no id is reused) and the weights'
+        # in-place versions: a change to any rebuilds the stack
+        self._stack_sources: tuple[list[dict], list[str], list[object]] = ([], [], [])
+        self._stack_versions: tuple[list[torch.Tensor], list[int]] = ([], [])
 
     def use_fused_ops(self, ops: FusedOps | None) -> None:
         """Run the elementwise steps through `ops` (None: torch's ops, the reference)."""
@@ -182,17 +205,35 @@ class LlamaForCausalLM(nn.Module):
                       meta: AttentionMetadata) -> object | None:
         """Every layer in one C++ call this step (kernels/csrc/decode_layer.h: the same
         llama_decode_layer per layer, without returning to Python between layers), or None when
-        a layer would not run as one call. Built once per set of KV stores: the weights' operands
-        and the cache blocks do not change between steps."""
+        a layer would not run as one call. Built once per set of KV stores and of the operands'
+        sources (the modules and weights, checked every step: they do not change while serving,
+        but a caller may load new weights into a served model)."""
         ops = self.fused
         if (ops is None or not ops.whole_model or not kv_stores or not ops.applies(x)
                 or not ops.decode_layer(meta, kv_stores[0])):
             return None
         built = self._stack_stores
         if (built is None or len(built) != len(kv_stores)
-                or any(a is not b for a, b in zip(built, kv_stores, strict=True))):
+                or any(a is not b for a, b in zip(built, kv_stores, strict=True))
+                or not self._stack_current()):
             self._stack, self._stack_stores = self._build_stack(ops, kv_stores), list(kv_stores)
+            sources = [x for layer in self.layers for x in layer.operand_sources()]
+            dicts, keys, objs = (list(column) for column in zip(*sources, strict=True))
+            # inference tensors cannot change in place (and have no version counter)
+            tensors = [t for t in objs if isinstance(t, torch.Tensor) and not t.is_inference()]
+            self._stack_sources = (dicts, keys, objs)
+            self._stack_versions = (tensors, [t._version for t in tensors])
         return self._stack
+
+    def _stack_current(self) -> bool:
+        """Whether the stack's operands still come from the model's modules and weights as
+        they are: a weight replaced or changed in place since the build (new weights loaded into
+        a served model) would otherwise go unseen by decode steps, which only run the stack.
+        Plain dict lookups and version counters: ~20 us a step for 30 layers."""
+        dicts, keys, objs = self._stack_sources
+        tensors, versions = self._stack_versions
+        return (all(map(operator.is_, map(dict.get, dicts, keys), objs))
+                and [t._version for t in tensors] == versions)
 
     def _build_stack(self, ops: FusedOps, kv_stores: list[KVStore]) -> object | None:
         assert self.rope is not None
