@@ -10,7 +10,12 @@ from torch import nn
 
 from pagoda.kernels import build
 from pagoda.kernels.fgemm import fgemm, pack, unpack
-from pagoda.layers.dense_linear import PackedLinear, resolve_kernel
+from pagoda.layers.dense_linear import (
+    PackedLinear,
+    onednn_available,
+    pack_dense_linears,
+    resolve_kernel,
+)
 from tests.kernels.helpers import assert_flavours_agree, assert_rows_batch_invariant, rel_err
 
 # N not a multiple of 16 is padded; odd K; SmolLM2's shapes (K = 576 and the down proj's 1536)
@@ -115,3 +120,25 @@ def test_dense_kernel_choices_resolve(monkeypatch):
     monkeypatch.setattr(build, "native", lambda: None)
     with pytest.raises(RuntimeError, match="--dense-kernel fgemm"):
         resolve_kernel("fgemm")
+
+
+def test_packing_again_follows_the_latest_choice():
+    """A model shared by engines (an `LLM` built on a `LoadedModel` another engine prepared) runs
+    its fp32 linears on the kernel the latest engine asked for, weights shared throughout."""
+    if resolve_kernel("auto") != "fgemm":
+        pytest.skip("fgemm's vector builds do not run here")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 48, bias=False), nn.Linear(48, 32, bias=False))
+    weights = [m.weight for m in model]
+    x = torch.randn(3, 32)
+    with torch.inference_mode():
+        want = model(x)
+    kinds = {"fgemm": "fgemm", "torch": None}
+    if onednn_available():
+        kinds["onednn"] = "onednn"
+    for choice, kernel in [*kinds.items(), ("fgemm", "fgemm")]:
+        assert pack_dense_linears(model, choice) == (2 if kernel else 0)
+        assert [getattr(m, "kernel", None) for m in model] == [kernel, kernel], choice
+        assert all(m.weight is w for m, w in zip(model, weights, strict=True)), choice
+        with torch.inference_mode():
+            torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-5)

@@ -8,6 +8,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+import torch
 
 from pagoda.engine.config import EngineConfig
 from pagoda.engine.llm_engine import LLMEngine
@@ -207,3 +208,20 @@ def test_prompt_lookup_defaults_are_settled_by_the_targets_weights(loaded_model,
     assert (fp32.num_speculative_tokens, fp32.prompt_lookup_min) == (8, 1)
     quantized = engine(gguf_draft, "ngram").config  # a target with 4/8-bit linears
     assert (quantized.num_speculative_tokens, quantized.prompt_lookup_min) == (4, 2)
+
+
+def test_the_draft_follows_the_engines_kernel_options(loaded_model, gguf_draft):
+    """`--fused-ops off` reaches the draft model too, and an fp32 draft's linears take the
+    engine's `--dense-kernel` (its own product, not torch's default, where fgemm runs)."""
+    from pagoda.layers.dense_linear import resolve_kernel
+
+    engine(loaded_model, "draft", gguf_draft, fused_ops=False)
+    assert gguf_draft.model.fused is None
+    engine(loaded_model, "draft", gguf_draft)  # auto: quantized, so fused
+    assert gguf_draft.model.fused is not None
+    if resolve_kernel("auto") is None:
+        pytest.skip("neither fgemm's vector build nor oneDNN runs here: fp32 stays on torch")
+    fp32 = engine(loaded_model, "draft", draft_quantization="none").draft
+    kernels = {getattr(m, "kernel", None) for m in fp32.model.modules()
+               if isinstance(m, torch.nn.Linear)}
+    assert kernels == {resolve_kernel("auto")}

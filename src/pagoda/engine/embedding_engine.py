@@ -62,7 +62,7 @@ class EmbeddingEngine:
                 from pagoda.quant import apply_quantization
 
                 apply_quantization(self.loaded, method, backend=config.quant_kernel)
-            if config.dense_kernel != "torch" and config.device == "cpu":
+            if config.device == "cpu":  # "torch" unpacks what an engine before packed
                 pack_dense_linears(self.loaded.model, config.dense_kernel)
             pooling = PoolingConfig("lasttoken", True)
         if config.pooling is not None:

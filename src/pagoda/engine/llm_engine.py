@@ -48,7 +48,7 @@ from pagoda.structured_output.manager import StructuredOutputManager
 from pagoda.worker.model_runner import ModelRunner, Submitted
 from pagoda.worker.model_setup import TORCH_DTYPES as TORCH_DTYPES  # re-exported
 from pagoda.worker.model_setup import fused_ops as fused_ops  # re-exported
-from pagoda.worker.model_setup import invariant_attention, prepare_model
+from pagoda.worker.model_setup import invariant_attention, prepare_draft, prepare_model
 
 log = logging.getLogger(__name__)
 
@@ -117,8 +117,8 @@ class LLMEngine:
             kv_memory, draft_memory = split_budget(kv_memory, cfg, draft.config,
                                                    config.resolved_speculative_max_batch,
                                                    config.max_num_seqs)
-        if draft is not None and hasattr(draft.model, "use_fused_ops"):
-            draft.model.use_fused_ops(fused_ops(None, draft, config.device))
+        if draft is not None:
+            prepare_draft(config, draft)
         self.draft = draft
         self.kv_groups = plan_kv_groups(cfg, kv_memory, config.block_size,
                                         config.resolved_kv_dtype, config.max_num_seqs,

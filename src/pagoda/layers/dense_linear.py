@@ -167,18 +167,28 @@ class PackedLinear(nn.Linear):
 
 
 def pack_dense_linears(model: nn.Module, choice: str = "auto") -> int:
-    """Swap every plain fp32 CPU `nn.Linear` of `model` for a `PackedLinear` on the kernel
-    `choice` resolves to (in place); returns how many. Quantized modules are not `nn.Linear` and
+    """Put every fp32 CPU linear of `model` on the kernel `choice` resolves to, in place, and
+    return how many are packed: a plain `nn.Linear` becomes a `PackedLinear`, one an earlier
+    engine packed for another kernel is packed again, and with torch's own product (`torch`, or
+    `auto` where neither kernel runs) it is a plain `nn.Linear` again; the weight tensors are
+    shared throughout (a tied embedding stays tied). Quantized modules are not `nn.Linear` and
     are left alone."""
     kernel = resolve_kernel(choice)
-    if kernel is None:
-        return 0
     targets = [(name, m) for name, m in model.named_modules()
-               if type(m) is nn.Linear and m.bias is None and m.weight.dtype == torch.float32
-               and m.weight.device.type == "cpu"]
+               if type(m) in (nn.Linear, PackedLinear) and m.bias is None
+               and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu"]
     for name, linear in targets:
-        model.set_submodule(name, PackedLinear.from_linear(linear, kernel))
-    if targets:
+        if getattr(linear, "kernel", None) == kernel:
+            continue
+        model.set_submodule(name, _plain_linear(linear) if kernel is None
+                            else PackedLinear.from_linear(linear, kernel))
+    if targets and kernel is not None:
         log.info("dense kernel: %s for %d fp32 linears", kernel if kernel == "onednn" else
                  f"fgemm ({build.native().flavour()})", len(targets))
-    return len(targets)
+    return len(targets) if kernel is not None else 0
+
+
+def _plain_linear(linear: nn.Linear) -> nn.Linear:
+    plain = nn.Linear(linear.in_features, linear.out_features, bias=False, device="meta")
+    plain.weight = linear.weight
+    return plain

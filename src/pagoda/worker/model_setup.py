@@ -63,8 +63,18 @@ def prepare_model(config: EngineConfig, loaded: LoadedModel, whole_layers: bool 
         from pagoda.quant import apply_quantization
 
         apply_quantization(loaded, config.quantization, backend=config.quant_kernel)
-    if config.dense_kernel != "torch" and config.device == "cpu":
+    if config.device == "cpu":  # "torch" unpacks what an engine before packed
         pack_dense_linears(loaded.model, config.dense_kernel)
     if hasattr(loaded.model, "use_fused_ops"):  # a shared model follows this engine
         loaded.model.use_fused_ops(fused_ops(config.fused_ops, loaded, config.device,
                                              whole_layers))
+
+
+def prepare_draft(config: EngineConfig, draft: LoadedModel) -> None:
+    """A draft model (quantized as load_draft made it) takes the target's `--dense-kernel` for
+    its fp32 linears and `--fused-ops` for its elementwise steps (auto: as for the target, by
+    its own weights)."""
+    if config.device == "cpu":
+        pack_dense_linears(draft.model, config.dense_kernel)
+    if hasattr(draft.model, "use_fused_ops"):
+        draft.model.use_fused_ops(fused_ops(config.fused_ops, draft, config.device))
