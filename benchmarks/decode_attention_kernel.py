@@ -3,7 +3,11 @@ it: one call per layer over 30 layers' own caches in turn (so the context is not
 core's cache), blocks scattered over the pool. `--baseline REV` also builds the kernel's source
 at git revision REV (avx2 flags) and reports every figure as a ratio to it, in the same run.
 
-    python benchmarks/decode_attention_kernel.py [--baseline REV] [--shapes 1x256,32x256]
+A shape `pN` is one request's prefill of N tokens as the engine runs it with invariant attention
+(quantized models' default): N rows of one request, context lengths 1 .. N.
+
+    python benchmarks/decode_attention_kernel.py [--baseline REV] [--shapes 1x256,32x256,p2048]
+                                                 [--kv-dtypes fp32,fp16,bf16]
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ def baseline_kernel(rev: str):
     return module.paged_decode
 
 
-def per_layer_us(fn, layers, q, tables, lens, repeats: int = 10) -> float:
+def per_layer_us(fn, layers, q, tables, lens, repeats: int = 3) -> float:
     for k, v in layers:  # warm-up
         fn(q, k, v, tables, lens, 0.125, 0)
     start = time.perf_counter()
@@ -55,7 +59,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--baseline", help="git revision whose kernel is the baseline")
     p.add_argument("--shapes", default="1x256,1x2048,32x256,64x576",
-                   help="requests x context length, comma-separated")
+                   help="requests x context length (or pN: a prefill of N), comma-separated")
     p.add_argument("--kv-dtypes", default="fp32,fp16")
     p.add_argument("--layers", type=int, default=30)
     args = p.parse_args()
@@ -66,22 +70,30 @@ def main() -> None:
     block_size, kv_heads, head_dim, heads = 16, 3, 64, 9  # SmolLM2-135M's attention
     torch.manual_seed(0)
     for shape in args.shapes.split(","):
-        num, context = (int(x) for x in shape.split("x"))
+        prefill = shape.startswith("p")
+        num, context = (int(shape[1:]), int(shape[1:])) if prefill else (
+            int(x) for x in shape.split("x"))
         per = -(-context // block_size)
-        pool = per * num + 8
-        tables = torch.randperm(pool)[: per * num].view(num, per)
-        lens = torch.full((num,), context)
+        pool = per * (1 if prefill else num) + 8
+        if prefill:  # every row the same request's blocks, one more token each
+            tables = torch.randperm(pool)[:per].repeat(num, 1)
+            lens = torch.arange(1, num + 1)
+        else:
+            tables = torch.randperm(pool)[: per * num].view(num, per)
+            lens = torch.full((num,), context)
         q = torch.randn(num, heads, head_dim)
         rows = []
         for name in args.kv_dtypes.split(","):
             layers = [tuple(torch.randn(pool, block_size, kv_heads, head_dim).to(dtypes[name])
                             for _ in range(2)) for _ in range(args.layers)]
-            if base is not None and name == "fp32":
-                rows.append((f"{args.baseline}/fp32", per_layer_us(base, layers, q, tables, lens)))
+            if base is not None:
+                rows.append((f"{args.baseline}/{name}", per_layer_us(base, layers, q, tables,
+                                                                      lens)))
             rows += [(f"{f}/{name}", per_layer_us(kernels[f], layers, q, tables, lens))
                      for f in flavours]
         first = rows[0][1]
-        print(f"{num} x {context} tokens: " + ", ".join(
+        title = f"prefill of {num}" if prefill else f"{num} x {context} tokens"
+        print(f"{title}: " + ", ".join(
             f"{label} {us:.0f} us ({first / us:.2f}x)" for label, us in rows), flush=True)
 
 

@@ -35,6 +35,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -54,6 +55,21 @@ inline __m256 load8(const c10::Half* p) {
 inline __m256 load8(const c10::BFloat16* p) {  // bf16 is the top half of an fp32
   const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+
+// 32 bf16 values widened to fp32 with one shuffle per eight (a bf16 is the top half of an fp32:
+// interleaved below zeros), in the order the unpacks give: a0 = 0-3 and 8-11, a1 = 4-7 and
+// 12-15, a2 = 16-19 and 24-27, a3 = 20-23 and 28-31. For sums over rows of V, whose every column
+// is its own chain, the order of the columns changes no bit; weighted_sum puts them back.
+inline void load32_interleaved(const c10::BFloat16* p, __m256& a0, __m256& a1, __m256& a2,
+                               __m256& a3) {
+  const __m256i zero = _mm256_setzero_si256();
+  const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  const __m256i y = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16));
+  a0 = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, x));
+  a1 = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, x));
+  a2 = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, y));
+  a3 = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, y));
 }
 
 // Rows are scattered over the cache's blocks, and a task reads only its KV head's part of each:
@@ -153,10 +169,21 @@ void scores_of(const float* const* q, const T* const* rows, int64_t n, int64_t h
     for (int h = 0; h < G; ++h) s[h][t] = dot1(q[h], rows[t], hd) * scale;
 }
 
+// The largest of s[0, n) (a maximum is exact, so any order gives the same value).
+inline float max_of(const float* s, int64_t n) {
+  __m256 mv = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  int64_t t = 0;
+  for (; t + 8 <= n; t += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(s + t));
+  __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mv), _mm256_extractf128_ps(mv, 1));
+  m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+  float m = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+  for (; t < n; ++t) m = std::max(m, s[t]);
+  return m;
+}
+
 // s <- e^(s - max); returns the sum.
 float exp_shifted(float* s, int64_t n) {
-  float m = -std::numeric_limits<float>::infinity();
-  for (int64_t t = 0; t < n; ++t) m = std::max(m, s[t]);
+  const float m = max_of(s, n);
   const __m256 mv = _mm256_set1_ps(m);
   __m256 total = _mm256_setzero_ps();
   int64_t t = 0;
@@ -189,7 +216,12 @@ void weighted_sum(const float* const* p, const T* const* rows, int64_t n, int64_
       for (int64_t t = 0; t < n; ++t) {
         if (c == 0 && t + kAhead < n) prefetch_row(rows[t + kAhead], hd);
         const T* v = rows[t] + c;
-        const __m256 v0 = load8(v), v1 = load8(v + 8), v2 = load8(v + 16), v3 = load8(v + 24);
+        __m256 v0, v1, v2, v3;
+        if constexpr (std::is_same_v<T, c10::BFloat16>) {
+          load32_interleaved(v, v0, v1, v2, v3);
+        } else {
+          v0 = load8(v), v1 = load8(v + 8), v2 = load8(v + 16), v3 = load8(v + 24);
+        }
 #pragma GCC unroll 4
         for (int h = 0; h < G; ++h) {
           const __m256 pt = _mm256_set1_ps(p[h][t]);
@@ -211,6 +243,16 @@ void weighted_sum(const float* const* p, const T* const* rows, int64_t n, int64_
     }
     for (int h = 0; h < G; ++h) {
       const __m256 iv = _mm256_set1_ps(inv[h]);
+      if (std::is_same_v<T, c10::BFloat16> && width == 4) {
+        // columns back in order: acc[h][0] holds 0-3 and 8-11, acc[h][1] 4-7 and 12-15, ...
+        for (int j = 0; j < 4; j += 2) {
+          const __m256 lo = _mm256_permute2f128_ps(acc[h][j], acc[h][j + 1], 0x20);
+          const __m256 hi = _mm256_permute2f128_ps(acc[h][j], acc[h][j + 1], 0x31);
+          _mm256_storeu_ps(out[h] + c + 8 * j, _mm256_mul_ps(lo, iv));
+          _mm256_storeu_ps(out[h] + c + 8 * j + 8, _mm256_mul_ps(hi, iv));
+        }
+        continue;
+      }
       for (int j = 0; j < width; ++j)
         _mm256_storeu_ps(out[h] + c + 8 * j, _mm256_mul_ps(acc[h][j], iv));
     }
