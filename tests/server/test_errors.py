@@ -106,6 +106,19 @@ def test_unknown_model_is_404(http):
     assert_error(http.post(CHAT, json={"messages": MESSAGES, "model": "gpt-9"}), 404)
 
 
+def test_errors_repeating_a_lone_surrogate_stay_4xx(http):
+    """JSON may escape a lone surrogate, which UTF-8 cannot carry: an error message that quotes
+    it is still the route's error (escaped again), not a 500 from encoding the body."""
+    headers = {"Content-Type": "application/json"}
+    error = assert_error(http.post(COMPLETIONS, content=b'{"prompt": "hi", "model": "\\ud800"}',
+                                   headers=headers), 404, "model")
+    assert "\ud800" in error["message"]
+    r = http.post("/v1/messages", headers=headers, content=(
+        b'{"model": "\\ud800x", "max_tokens": 4, "messages": [{"role": "user", '
+        b'"content": "hi"}]}'))
+    assert r.status_code == 404 and r.json()["type"] == "error", r.text
+
+
 def test_unsupported_features(http):
     assert_error(http.post(COMPLETIONS, json={"prompt": "x", "suffix": "y"}), 400, "suffix")
     assert_error(http.post(COMPLETIONS, json={"prompt": "x", "max_tokens": 0}), 400,

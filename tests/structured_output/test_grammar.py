@@ -22,6 +22,14 @@ def test_every_test_schema_compiles(schema):
     ({"type": "object", "properties": {"a": {"if": {"type": "string"}}}},
      "'if' at #/properties/a"),
     ({"$ref": "#/$defs/missing"}, "invalid json constraint"),
+    # not a schema at all (guided_json "5" / "null"), or an unhashable $schema: a 400, not a 500
+    (5, "expected an object or a boolean"),
+    (None, "expected an object or a boolean"),
+    ({"$schema": []}, "'\\$schema' must be a string"),
+    # a reference that would be fetched is never enforced: refused, wherever it sits
+    ({"$ref": "http://example.com/s.json"}, "only references within the schema"),
+    ({"type": "object", "properties": {"a": {"$ref": "other.json#/a"}}},
+     "'other.json#/a' at #/properties/a"),
 ])
 def test_bad_or_unenforceable_schemas_are_refused_with_the_reason(schema, reason):
     with pytest.raises(ConstraintError, match=reason):
@@ -34,6 +42,7 @@ def test_bad_or_unenforceable_schemas_are_refused_with_the_reason(schema, reason
     (StructuredOutputs("grammar", 'start: "a" | undefined_rule'), "invalid Lark grammar"),
     (StructuredOutputs("grammar", 'start: ( "a"'), "invalid Lark grammar"),
     (StructuredOutputs.choice([]), "non-empty list"),
+    (StructuredOutputs.choice(["ok", "\ud800"]), "valid Unicode"),
 ])
 def test_bad_regex_grammar_choice_are_refused(constraint, reason):
     with pytest.raises(ConstraintError, match=reason):
@@ -71,3 +80,13 @@ def test_lark_grammars_go_to_llguidance_and_ebnf_to_xgrammar():
                       LarkGrammar)
     assert not isinstance(build_grammar(StructuredOutputs("grammar", 'root ::= "a"')),
                           LarkGrammar)
+
+
+def test_choice_outside_the_basic_plane_is_its_own_characters():
+    """An emoji is one character of the grammar (its UTF-8 bytes), not two escaped surrogates."""
+    from xgrammar.testing import _is_grammar_accept_string
+
+    grammar = build_grammar(StructuredOutputs.choice(["\U0001f600", 'say "hi"\n', "café"]))
+    for option in ("\U0001f600", 'say "hi"\n', "café"):
+        assert _is_grammar_accept_string(grammar, option), option
+    assert not _is_grammar_accept_string(grammar, "\\ud83d\\ude00")

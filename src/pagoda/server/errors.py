@@ -7,6 +7,7 @@ never see FastAPI's default `{"detail": ...}` bodies or a 422.
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -39,6 +40,16 @@ ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error",
                    504: "api_error"}
 
 
+class ErrorResponse(JSONResponse):
+    """JSON with every non-ASCII character escaped: an error message may repeat what the
+    client sent, and a lone surrogate (valid in JSON's escapes, not in UTF-8) must not turn a
+    400 into a 500 when the body is encoded."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False,
+                          separators=(",", ":")).encode("ascii")
+
+
 class APIError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None,
                  code: str | None = None, headers: dict[str, str] | None = None):
@@ -66,7 +77,7 @@ class APIError(Exception):
         """The error in the shape of the route at `path` (OpenAI's unless it is Anthropic's)."""
         body = self.anthropic_body() if path and path.startswith(ANTHROPIC_PREFIX) \
             else self.body()
-        return JSONResponse(body, status_code=self.status, headers=self.headers)
+        return ErrorResponse(body, status_code=self.status, headers=self.headers)
 
     @classmethod
     def bad_request(cls, exc: ValueError) -> APIError:

@@ -130,6 +130,7 @@ async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-    if task.cancelled():
+    # a cancelled gather() is not cancelled() itself: it holds a CancelledError as its exception
+    if task.cancelled() or isinstance(task.exception(), asyncio.CancelledError):
         raise APIError(499, "the client closed the connection")
     return task.result()

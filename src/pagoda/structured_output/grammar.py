@@ -32,17 +32,25 @@ SUBSCHEMAS = ("items", "additionalProperties", "propertyNames", "additionalItems
 
 def check_schema(schema: Any, path: str = "#") -> None:
     """Raise ConstraintError for an invalid JSON Schema or one xgrammar would not enforce."""
+    if isinstance(schema, bool):
+        return
+    if not isinstance(schema, dict):
+        raise ConstraintError(f"invalid JSON schema at {path}: expected an object or a boolean")
     if path == "#":
         import jsonschema
 
+        if not isinstance(schema.get("$schema", ""), str):
+            raise ConstraintError("invalid JSON schema: '$schema' must be a string")
         try:
             jsonschema.validators.validator_for(schema).check_schema(schema)
         except jsonschema.SchemaError as exc:
             raise ConstraintError(f"invalid JSON schema: {exc.message}") from None
-    if isinstance(schema, bool):
-        return
-    if not isinstance(schema, dict):
-        raise ConstraintError(f"invalid JSON schema at {path}: expected an object")
+    ref = schema.get("$ref")
+    if ref is not None and not (isinstance(ref, str) and ref.startswith("#")):
+        # a remote or relative reference is never fetched: its part of the schema would go
+        # unenforced
+        raise ConstraintError(f"JSON schema '$ref' {ref!r} at {path} is not supported: only "
+                              "references within the schema ('#/...') are")
     for key in UNENFORCED_KEYWORDS.intersection(schema):
         if key == "uniqueItems" and not schema[key]:
             continue
@@ -107,7 +115,14 @@ def build_grammar(constraint: StructuredOutputs) -> Any:
             options = constraint.options
             if not options or not all(isinstance(o, str) and o for o in options):
                 raise ConstraintError("choice must be a non-empty list of non-empty strings")
-            return xgr.Grammar.from_ebnf("root ::= " + " | ".join(json.dumps(o) for o in options))
+            if not all(_is_unicode(o) for o in options):
+                raise ConstraintError("choice strings must be valid Unicode (a lone surrogate "
+                                      "is not)")
+            # the characters themselves: json.dumps's default \uXXXX escapes would spell a
+            # character outside the BMP as two surrogates, which xgrammar reads as two
+            # (invalid) characters
+            return xgr.Grammar.from_ebnf("root ::= " + " | ".join(
+                json.dumps(o, ensure_ascii=False) for o in options))
         return xgr.Grammar.from_ebnf(value)
     except ConstraintError:
         raise
@@ -127,3 +142,11 @@ def _json_grammar(xgr: Any, schema: str) -> Any:
         return xgr.Grammar.from_json_schema(schema, any_whitespace=False, strict_mode=True)
     except RuntimeError:
         return xgr.Grammar.from_json_schema(schema, any_whitespace=False, strict_mode=False)
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
