@@ -119,6 +119,21 @@ def test_errors_repeating_a_lone_surrogate_stay_4xx(http):
     assert r.status_code == 404 and r.json()["type"] == "error", r.text
 
 
+@pytest.mark.parametrize("name", ["chat_template", "tokenize", "add_generation_prompt", "tools"])
+def test_template_kwargs_cannot_set_the_renderings_own_arguments(http, name):
+    """chat_template_kwargs carry template variables: a client's own template (Jinja run on the
+    server) or the rendering's arguments are refused, on every route that renders a chat."""
+    kwargs = {name: "PWNED {{ messages[0].content }}"}
+    for path in (CHAT, "/tokenize"):
+        error = assert_error(http.post(path, json={"messages": MESSAGES,
+                                                   "chat_template_kwargs": kwargs}),
+                             400, "chat_template_kwargs")
+        assert repr(name) in error["message"]
+    ok = http.post("/tokenize", json={"messages": MESSAGES, "chat_template_kwargs": {
+        "custom_variable": True}})
+    assert ok.status_code == 200, ok.text
+
+
 def test_unsupported_features(http):
     assert_error(http.post(COMPLETIONS, json={"prompt": "x", "suffix": "y"}), 400, "suffix")
     assert_error(http.post(COMPLETIONS, json={"prompt": "x", "max_tokens": 0}), 400,

@@ -180,7 +180,7 @@ def _add_openai_routes(app: FastAPI, client: EngineClient) -> None:
 
     @app.post("/tokenize", response_model=TokenizeResponse, responses=ERRORS)
     async def tokenize_route(body: TokenizeRequest) -> TokenizeResponse:
-        return tokenize(client, body)
+        return await tokenize(client, body)
 
     @app.post("/detokenize", response_model=DetokenizeResponse, responses=ERRORS)
     async def detokenize_route(body: DetokenizeRequest) -> DetokenizeResponse:

@@ -6,6 +6,9 @@ The template's text already holds the special tokens, so it is encoded with
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import inspect
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -27,7 +30,7 @@ from pagoda.server.chat_protocol import (
     ChatResponseMessage,
     ChatStreamChoice,
 )
-from pagoda.server.engine_client import EngineClient
+from pagoda.server.engine_client import INLINE_TOKENIZE_CHARS, EngineClient
 from pagoda.server.errors import APIError
 from pagoda.server.logprobs import chat_logprobs, vllm_prompt_logprobs
 from pagoda.server.protocol import ChatMessage, UsageInfo
@@ -57,6 +60,7 @@ def render_chat(llm: AsyncLLM, messages: list[ChatMessage], add_generation_promp
                                 "assistant's", "continue_final_message")
     tools = tools or ToolUse("none", ())
     tokenizer = llm.tokenizer
+    check_template_kwargs(tokenizer.hf, template_kwargs)
     knows_tools = "tools" in (getattr(tokenizer.hf, "chat_template", None) or "")
     rendered, extra = template_messages(chat_messages(messages), tools, knows_tools)
     kwargs = {**(template_kwargs or {}), **extra}
@@ -74,6 +78,38 @@ def render_chat(llm: AsyncLLM, messages: list[ChatMessage], add_generation_promp
         raise APIError(400, str(exc), "messages") from None
 
 
+def check_template_kwargs(hf_tokenizer: Any, template_kwargs: dict[str, Any] | None) -> None:
+    """chat_template_kwargs are variables of the model's template (vLLM's field); the names
+    apply_chat_template takes as its own arguments (chat_template, tokenize, tools,
+    add_generation_prompt...) would change how the request is rendered, bypassing the fields
+    that say so (and chat_template would run a client's Jinja on the server): refused."""
+    reserved = sorted(set(template_kwargs or ()) & _rendering_arguments(type(hf_tokenizer)))
+    if reserved:
+        raise APIError(400, f"chat_template_kwargs may not set {reserved[0]!r}: it is an "
+                       "argument of the rendering, not a variable of the template (use the "
+                       "request's own fields)", "chat_template_kwargs")
+
+
+@functools.cache
+def _rendering_arguments(tokenizer_class: type) -> frozenset[str]:
+    signature = inspect.signature(tokenizer_class.apply_chat_template)
+    return frozenset({"conversation", "messages", "chat_template", "tools", "documents"} | {
+        name for name, p in signature.parameters.items() if p.kind not in (
+            inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)} - {"self"})
+
+
+async def render_chat_off_loop(llm: AsyncLLM, messages: list[ChatMessage],
+                               add_generation_prompt: bool = True, tools: ToolUse | None = None,
+                               template_kwargs: dict[str, Any] | None = None,
+                               continue_final: bool = False) -> list[int]:
+    """render_chat, in a worker thread when the messages are long: rendering and tokenizing
+    megabytes of text takes seconds, which on the event loop would stall every client."""
+    args = (llm, messages, add_generation_prompt, tools, template_kwargs, continue_final)
+    if sum(len(str(m.content or "")) for m in messages) > INLINE_TOKENIZE_CHARS:
+        return await asyncio.to_thread(render_chat, *args)
+    return render_chat(*args)
+
+
 @dataclass(frozen=True)
 class PreparedChat:
     tools: ToolUse
@@ -89,9 +125,9 @@ async def prepare_chat(client: EngineClient, request: ChatCompletionRequest,
     client.check_model(model)
     tools = tool_use(request)
     params = chat_params(request, tools)
-    prompt_ids = await client.prepare(
-        render_chat(llm, request.messages, request.add_generation_prompt, tools,
-                    request.chat_template_kwargs, request.continue_final_message), params)
+    prompt_ids = await client.prepare(await render_chat_off_loop(
+        llm, request.messages, request.add_generation_prompt, tools,
+        request.chat_template_kwargs, request.continue_final_message), params)
     return PreparedChat(tools, params, prompt_ids)
 
 

@@ -21,7 +21,7 @@ from fastapi.responses import Response
 from pydantic import ValidationError
 
 from pagoda.engine.outputs import CompletionOutput, RequestOutput
-from pagoda.server.chat import prepare_chat, render_chat
+from pagoda.server.chat import prepare_chat, render_chat_off_loop
 from pagoda.server.chat_protocol import ChatCompletionRequest, DeltaToolCall
 from pagoda.server.engine_client import EngineClient, error_of
 from pagoda.server.errors import APIError
@@ -96,7 +96,7 @@ async def count_tokens(client: EngineClient, request: CountTokensRequest) -> Tok
     llm = client.require_generator()
     client.check_model(request.model)
     chat = to_chat(request)
-    return TokenCount(input_tokens=len(render_chat(
+    return TokenCount(input_tokens=len(await render_chat_off_loop(
         llm, chat.messages, chat.add_generation_prompt, tool_use(chat),
         continue_final=chat.continue_final_message)))
 

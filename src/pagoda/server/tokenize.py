@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import ConfigDict
 
-from pagoda.server.chat import render_chat
+from pagoda.server.chat import render_chat_off_loop
 from pagoda.server.chat_protocol import Tool
 from pagoda.server.engine_client import EngineClient
 from pagoda.server.errors import APIError
@@ -60,7 +60,7 @@ class DetokenizeResponse(Schema):
 _CHAT_ONLY = ("add_generation_prompt", "continue_final_message", "tools", "chat_template_kwargs")
 
 
-def tokenize(client: EngineClient, body: TokenizeRequest) -> TokenizeResponse:
+async def tokenize(client: EngineClient, body: TokenizeRequest) -> TokenizeResponse:
     llm = client.require_llm()
     client.check_model(body.model)
     if (body.prompt is None) == (body.messages is None):
@@ -69,7 +69,7 @@ def tokenize(client: EngineClient, body: TokenizeRequest) -> TokenizeResponse:
         if body.add_special_tokens:
             raise APIError(400, "add_special_tokens must be false with messages: the chat "
                                 "template writes the special tokens", "add_special_tokens")
-        ids = render_chat(llm, body.messages, body.add_generation_prompt,
+        ids = await render_chat_off_loop(llm, body.messages, body.add_generation_prompt,
                           choose_tools(body.tools, None, None), body.chat_template_kwargs,
                           body.continue_final_message)
     else:

@@ -23,7 +23,7 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from pagoda.sampling.params import SamplingParamsError
 from pagoda.server.auth import token_matches
-from pagoda.server.chat import render_chat
+from pagoda.server.chat import render_chat_off_loop
 from pagoda.server.chat_protocol import ChatCompletionRequest
 from pagoda.server.engine_client import EngineClient, error_of
 from pagoda.server.errors import APIError
@@ -153,7 +153,7 @@ class Connection:
         if isinstance(request, ChatCompletionRequest):
             tools = tool_use(request)
             params = chat_params(request, tools)
-            prompt: str | list[int] = render_chat(
+            prompt: str | list[int] = await render_chat_off_loop(
                 llm, request.messages, request.add_generation_prompt, tools,
                 request.chat_template_kwargs, request.continue_final_message)
             num_top = (request.top_logprobs or 0) if request.logprobs else None
