@@ -135,6 +135,9 @@ def test_template_kwargs_cannot_set_the_renderings_own_arguments(http, name):
 
 
 def test_unsupported_features(http):
+    # a chat stream has no place for prompt log-probs (as vLLM): refused, not dropped
+    assert_error(http.post(CHAT, json={"messages": MESSAGES, "stream": True,
+                                       "prompt_logprobs": 1}), 400, "prompt_logprobs")
     assert_error(http.post(COMPLETIONS, json={"prompt": "x", "suffix": "y"}), 400, "suffix")
     assert_error(http.post(COMPLETIONS, json={"prompt": "x", "max_tokens": 0}), 400,
                  "max_tokens")  # 0 only with echo

@@ -103,6 +103,10 @@ async def test_bad_messages_get_errors(server):
             # the done message carries the usage; per-message usage is not offered
             (json.dumps({"id": "g", "messages": CHAT,
                          "stream_options": {"continuous_usage_stats": True}}), "g"),
+            # prompt log-probs have no message here: refused, not dropped
+            (json.dumps({"id": "h", "messages": CHAT, "prompt_logprobs": 1}), "h"),
+            (json.dumps({"type": "completion", "id": "i", "prompt": "x",
+                         "prompt_logprobs": 0}), "i"),
         ]
         for text, req_id in cases:
             await ws.send(text)
@@ -142,3 +146,21 @@ async def test_closing_the_socket_aborts_requests(server):
         assert server.kv()["num_free_blocks"] < server.kv()["num_total_blocks"]
     kv = await asyncio.to_thread(server.wait_all_blocks_free, 5)
     assert kv["num_free_blocks"] == kv["num_total_blocks"] and kv["num_running"] == 0
+
+
+async def test_completion_deltas_carry_the_logprobs_asked_for(server):
+    """`logprobs: n` on a completion message: each delta's tokens with their log-probs and n
+    alternatives, the same values the HTTP route returns."""
+    with server.client() as http:
+        want = http.post("/v1/completions", json={
+            "prompt": "The capital of France is", "max_tokens": 4, "temperature": 0,
+            "logprobs": 2}).json()["choices"][0]["logprobs"]
+    async with connect(ws_url(server), additional_headers=server.headers) as ws:
+        await ws.send(json.dumps({"type": "completion", "id": "lp", "max_tokens": 4,
+                                  "prompt": "The capital of France is", "temperature": 0,
+                                  "logprobs": 2}))
+        messages = await receive_until(ws, lambda m: m["type"] in ("done", "error"))
+    entries = [e for m in messages if m["type"] == "delta" for e in m["logprobs"]]
+    assert [e["token"] for e in entries] == want["tokens"]
+    assert [e["logprob"] for e in entries] == pytest.approx(want["token_logprobs"], abs=1e-5)
+    assert all(len(e["top_logprobs"]) == 2 for e in entries)

@@ -51,9 +51,12 @@ def test_arguments_keep_the_characters_the_model_wrote():
         assert calls[0].function.arguments == '{"city": "Zürich 東京"}'
 
 
+@pytest.mark.parametrize("parallel", [True, False], ids=["parallel", "one-call"])
 @pytest.mark.parametrize("text, content, calls", AUTO_CASES)
-def test_auto_parse_and_every_stream_cut_agree(text, content, calls):
-    use = use_of()
+def test_auto_parse_and_every_stream_cut_agree(text, content, calls, parallel):
+    """With parallel_tool_calls false a reply's first call is its only one."""
+    use = use_of(parallel_tool_calls=parallel)
+    calls = calls if parallel else calls[:1]
     got_content, got_calls = parse_tool_calls(text, use)
     assert got_content == content
     assert [(c.function.name, json.loads(c.function.arguments)) for c in got_calls] == calls

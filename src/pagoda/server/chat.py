@@ -133,6 +133,10 @@ async def prepare_chat(client: EngineClient, request: ChatCompletionRequest,
 
 async def create_chat_completion(client: EngineClient, request: ChatCompletionRequest,
                                  raw: Request) -> ChatCompletionResponse | Response:
+    if request.stream and request.prompt_logprobs is not None:
+        # as vLLM: the chunks have no place for them (completions streams carry them first)
+        raise APIError(400, "prompt_logprobs is not available with stream=true on chat "
+                            "completions", "prompt_logprobs")
     llm = client.require_generator()
     prepared = await prepare_chat(client, request, request.model)
     tools, params, prompt_ids = prepared.tools, prepared.params, prepared.prompt_ids

@@ -79,7 +79,7 @@ def parse_tool_calls(text: str, use: ToolUse) -> tuple[str | None, list[ToolCall
         if calls:
             content = []
     joined = "".join(content).strip()
-    return (joined or None, calls)
+    return (joined or None, calls if use.parallel else calls[:1])
 
 
 class ToolCallStream:
@@ -179,6 +179,8 @@ class ToolCallStream:
                               function=DeltaFunctionCall(name=call.function.name, arguments=""))]
 
     def _send(self, call: ToolCall) -> list[DeltaToolCall]:
+        if self.num_calls and not self.use.parallel:  # parallel_tool_calls false: the first only
+            return []
         opened = self._open(call)
         return opened + [DeltaToolCall(index=opened[0].index, function=DeltaFunctionCall(
             arguments=call.function.arguments))]

@@ -11,7 +11,8 @@ that only know user/assistant/system still accept the history).
 `tool_choice` "required" constrains the reply to a JSON array of calls (at least one; exactly
 one when `parallel_tool_calls` is false) whose arguments follow each function's schema; a named
 function constrains it to that function's arguments object. "auto" leaves the model free and
-the parser (`tool_parser.py`) finds the calls; "none" renders no tools.
+the parser (`tool_parser.py`) finds the calls (only the first when `parallel_tool_calls` is
+false, which the generic prompt also asks for); "none" renders no tools.
 """
 
 from __future__ import annotations
@@ -147,6 +148,8 @@ def template_messages(messages: list[dict[str, Any]], use: ToolUse,
         lines = "\n".join(json.dumps(t.function.model_dump(exclude_none=True))
                           for t in use.tools)
         prompt = TOOL_PROMPT.format(tools=lines)
+        if not use.parallel:
+            prompt += "\nCall at most one function in a reply."
         if out and out[0]["role"] == "system":
             out[0] = {"role": "system", "content": f"{out[0]['content']}\n\n{prompt}"}
         else:

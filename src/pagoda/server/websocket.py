@@ -149,6 +149,9 @@ class Connection:
         if request.stream_options is not None and request.stream_options.continuous_usage_stats:
             raise APIError(400, "continuous_usage_stats is not offered here: the done message "
                                 "carries the usage", "stream_options.continuous_usage_stats")
+        if request.prompt_logprobs is not None:
+            raise APIError(400, "prompt_logprobs is not offered on the WebSocket (use the HTTP "
+                                "routes)", "prompt_logprobs")
         client.check_model(request.model)
         if isinstance(request, ChatCompletionRequest):
             tools = tool_use(request)
@@ -164,7 +167,7 @@ class Connection:
                 raise APIError(400, "one prompt per WebSocket message, without echo",
                                "echo" if request.echo else "prompt")
             prompt = prompts[0]
-            num_top = None
+            num_top = request.logprobs  # the deltas carry them as chat messages' do
             tools = ToolUse("none", ())
         prompt_ids = await client.prepare(prompt, params)
         engine_id = f"ws-{uuid.uuid4().hex}"
