@@ -134,6 +134,36 @@ def test_template_kwargs_cannot_set_the_renderings_own_arguments(http, name):
     assert ok.status_code == 200, ok.text
 
 
+def test_tool_results_must_answer_a_call_of_the_conversation(http):
+    call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    history = [{"role": "user", "content": "hi"},
+               {"role": "assistant", "content": None, "tool_calls": [call]}]
+    for result, reason in [({"role": "tool", "content": "42"}, "needs the tool_call_id"),
+                           ({"role": "tool", "content": "42", "tool_call_id": "zzz"},
+                            "'zzz' names no tool call")]:
+        error = assert_error(http.post("/tokenize", json={"messages": [*history, result]}),
+                             400, "messages[2].tool_call_id")
+        assert reason in error["message"]
+    ok = http.post("/tokenize", json={"messages": [
+        *history, {"role": "tool", "content": "42", "tool_call_id": "call_1"}]})
+    assert ok.status_code == 200, ok.text
+
+
+def test_a_participants_name_reaches_the_prompt(http):
+    """`name` (multi-agent clients set it): rendered as a prefix where the template has no
+    place for it, so it is never dropped."""
+    def tokens(message: dict) -> list[int]:
+        r = http.post("/tokenize", json={"messages": [message]})
+        assert r.status_code == 200, r.text
+        return r.json()["tokens"]
+
+    plain = tokens({"role": "user", "content": "hi"})
+    bob, ann = tokens({"role": "user", "content": "hi", "name": "Bob"}), tokens(
+        {"role": "user", "content": "hi", "name": "Ann"})
+    assert len({tuple(plain), tuple(bob), tuple(ann)}) == 3
+    assert bob == tokens({"role": "user", "content": "Bob: hi"})
+
+
 def test_unsupported_features(http):
     # a chat stream has no place for prompt log-probs (as vLLM): refused, not dropped
     assert_error(http.post(CHAT, json={"messages": MESSAGES, "stream": True,

@@ -45,8 +45,17 @@ def chat_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     if not messages:
         raise APIError(400, "messages must not be empty", "messages")
     out = []
-    for msg in messages:
+    call_ids: set[str] = set()  # the tool calls of the assistant turns so far
+    for i, msg in enumerate(messages):
         role = "system" if msg.role == "developer" else msg.role
+        if role == "tool" and msg.tool_call_id not in call_ids:
+            # as OpenAI: a result answers a call the conversation made (its id links them)
+            reason = ("a tool message needs the tool_call_id of the call it answers"
+                      if msg.tool_call_id is None else
+                      f"tool_call_id {msg.tool_call_id!r} names no tool call of an earlier "
+                      "assistant message")
+            raise APIError(400, reason, f"messages[{i}].tool_call_id")
+        call_ids.update(c.id for c in msg.tool_calls or ())
         entry: dict[str, Any] = {"role": role, "content": msg.text()}
         if msg.tool_calls:
             entry["tool_calls"] = [c.model_dump() for c in msg.tool_calls]

@@ -6,7 +6,8 @@ conversation's `tool_calls` and `tool` turns as OpenAI-shaped dicts. A template 
 lines inside <tools></tools> in the system turn, calls written as
 `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`; earlier calls are rendered that way
 in assistant turns and tool results as <tool_response> blocks in a user turn (so templates
-that only know user/assistant/system still accept the history).
+that only know user/assistant/system still accept the history); a message's `name` (a
+participant's, as multi-agent clients send) prefixes its content as "name: ".
 
 `tool_choice` "required" constrains the reply to a JSON array of calls (at least one; exactly
 one when `parallel_tool_calls` is false) whose arguments follow each function's schema; a named
@@ -141,6 +142,8 @@ def template_messages(messages: list[dict[str, Any]], use: ToolUse,
                 out[-1]["content"] += "\n" + block
             else:
                 out.append({"role": "user", "content": block, "tool_results": True})
+        elif m.get("name"):  # a participant's name, which these templates have no place for
+            out.append({"role": m["role"], "content": f"{m['name']}: {m['content'] or ''}"})
         else:
             out.append({"role": m["role"], "content": m["content"]})
     out = [{"role": m["role"], "content": m["content"]} for m in out]
