@@ -164,6 +164,44 @@ def test_a_participants_name_reaches_the_prompt(http):
     assert bob == tokens({"role": "user", "content": "Bob: hi"})
 
 
+def test_unknown_keys_inside_a_request_are_refused_not_dropped(http):
+    part = {"type": "text", "text": "hi"}
+    cases = [
+        (CHAT, {"messages": [{"role": "user", "content": [{**part, "foo": 1}]}]}, "foo"),
+        ("/v1/responses", {"input": [{"type": "message", "role": "user", "content": [
+            {"type": "input_text", "text": "hi", "foo": 1}]}]}, "foo"),
+        ("/v1/responses", {"input": "hi", "text": {"format": {"type": "text", "foo": 1}}},
+         "foo"),
+        ("/v1/messages", {"model": "m", "max_tokens": 4, "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "hi", "citations": []}]}]}, "citations"),
+        ("/v1/messages", {"model": "m", "max_tokens": 4, "messages": [
+            {"role": "user", "content": "hi"}], "tool_choice": {"type": "auto", "name": "g"}},
+         "tool_choice"),
+    ]
+    for path, body, word in cases:
+        r = http.post(path, json=body)
+        assert r.status_code == 400 and word in r.text, (path, r.text)
+    # a caching hint is known (prefix caching is automatic): accepted
+    ok = http.post("/tokenize", json={"messages": [{"role": "user", "content": [
+        {**part, "cache_control": {"type": "ephemeral"}}]}]})
+    assert ok.status_code == 200, ok.text
+
+
+def test_loosely_typed_values_are_refused(http):
+    # true is not 1 (Python's bool is an int): a refused field's neutral value is its own type
+    assert_error(http.post(COMPLETIONS, json={"prompt": "x", "best_of": True}), 400, "best_of")
+    # token ids as digits only: " 5", "1_0", "05" are not ids (and "5" / "05" would collide)
+    for key in (" 5", "1_0", "05", "-1", "５"):
+        assert_error(http.post(COMPLETIONS, json={"prompt": "x", "max_tokens": 1,
+                                                  "logit_bias": {key: 1}}), 400, "logit_bias")
+    # min_tokens beyond the context is refused even with max_tokens unset
+    assert_error(http.post(COMPLETIONS, json={"prompt": "x", "min_tokens": 10 ** 12}), 400,
+                 "min_tokens")
+    # the deepest failure names the problem: a too-long stop list, not "not a string"
+    error = assert_error(http.post(COMPLETIONS, json={"prompt": "x", "stop": ["s"] * 17}), 400)
+    assert "at most 16" in error["message"]
+
+
 def test_unsupported_features(http):
     # a chat stream has no place for prompt log-probs (as vLLM): refused, not dropped
     assert_error(http.post(CHAT, json={"messages": MESSAGES, "stream": True,

@@ -85,7 +85,11 @@ def test_function_calls_and_their_outputs(oai, stream):
     ({"reasoning": {"effort": "high"}}, "reasoning"), ({"truncation": "auto"}, "truncation"),
     ({"made_up": 1}, "made_up"), ({"max_output_tokens": 0}, "max_output_tokens"),
     ({"stream_options": {"include_obfuscation": True}}, "stream_options"),
-    ({"text": {"verbosity": "low"}}, "text.verbosity")])
+    ({"text": {"verbosity": "low"}}, "text.verbosity"),
+    # errors found once the request is a chat name the Responses fields the client wrote
+    ({"max_output_tokens": 10 ** 6}, "max_output_tokens"),
+    ({"input": [{"type": "function_call_output", "call_id": "nope", "output": "x"}]},
+     "input[0].tool_call_id")])
 def test_refused_fields_are_400s_naming_them(server, fields, param):
     r = httpx.post(server.url + "/v1/responses", headers=server.headers,
                    json={"model": MODEL, "input": "hi", **fields})

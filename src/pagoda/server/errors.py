@@ -106,8 +106,12 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
         return "invalid request", None
     # Our own validators' messages ("Value error, ...") say more than a union's failed branches
     # (a list of content parts is first reported as "not a valid string").
+    # Otherwise the deepest error, and of equally deep ones not a mere type mismatch: of a
+    # union's failed branches, the one that got furthest names the actual problem (a part's
+    # unknown key, a list that is too long; not "content is not a string").
     first = next((e for e in errors if str(e.get("msg", "")).startswith("Value error, ")),
-                 errors[0])
+                 max(errors, key=lambda e: (len(e.get("loc", ())),
+                                            not str(e.get("type", "")).endswith("_type"))))
     # Field names and list indices; pydantic's union-branch tags ("constrained-str",
     # "list[int]", a model's class name) name no field, so they are left out.
     loc = [str(p) for p in first.get("loc", ())

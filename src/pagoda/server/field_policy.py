@@ -28,7 +28,9 @@ def _unset(value: Any) -> bool:
 
 
 def _one_of(*neutral: Any) -> Callable[[Any], bool]:
-    return lambda value: value is None or value in neutral
+    # the same type too: true == 1 in Python, but `"best_of": true` is not `"best_of": 1`
+    return lambda value: value is None or any(
+        type(value) is type(n) and value == n for n in neutral)
 
 
 # field -> (is the value neutral?, why a non-neutral value is refused)

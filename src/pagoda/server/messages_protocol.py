@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from pagoda.server.protocol import RequestSchema, Schema, text_parts_only
 
@@ -20,6 +20,7 @@ class ToolUseBlock(RequestSchema):
     id: str
     name: str
     input: dict[str, Any]
+    cache_control: dict[str, Any] | None = None
 
 
 class ToolResultBlock(RequestSchema):
@@ -27,6 +28,7 @@ class ToolResultBlock(RequestSchema):
     tool_use_id: str
     content: str | list[TextBlock] = ""
     is_error: bool = False
+    cache_control: dict[str, Any] | None = None
 
     @field_validator("content", mode="before")
     @classmethod
@@ -67,6 +69,12 @@ class AnthropicToolChoice(RequestSchema):
     type: Literal["auto", "any", "tool", "none"]
     name: str | None = None
     disable_parallel_tool_use: bool = False
+
+    @model_validator(mode="after")
+    def _name_with_tool_only(self) -> AnthropicToolChoice:
+        if (self.type == "tool") != (self.name is not None):
+            raise ValueError("tool_choice names a tool exactly when its type is 'tool'")
+        return self
 
 
 class CountTokensRequest(RequestSchema):

@@ -34,9 +34,11 @@ class Schema(BaseModel):
 
 class RequestSchema(Schema):
     """A request body (or part of one): strict types, so `"stream": "yes"` or `"max_tokens":
-    true` is a 400 rather than a guess (pydantic's lax mode would read them as true and 1)."""
+    true` is a 400 rather than a guess (pydantic's lax mode would read them as true and 1), and
+    a key no model declares is a 400 naming it, never dropped (the top-level bodies and chat
+    messages allow extra keys for field_policy.py, which refuses or names them)."""
 
-    model_config = ConfigDict(strict=True)
+    model_config = ConfigDict(strict=True, extra="forbid")
 
     @model_validator(mode="before")
     @classmethod
@@ -261,6 +263,7 @@ def text_parts_only(content: object, readable: tuple[str, ...]) -> object:
 class ContentPart(RequestSchema):
     type: Literal["text"] = "text"
     text: str
+    cache_control: dict[str, Any] | None = None  # a caching hint; prefix caching is automatic
 
 
 class FunctionCall(RequestSchema):
@@ -272,6 +275,7 @@ class ToolCall(RequestSchema):
     id: str
     type: Literal["function"] = "function"
     function: FunctionCall
+    index: int | None = None  # a streamed delta's position, echoed back: no meaning here
 
 
 class ChatMessage(RequestSchema):

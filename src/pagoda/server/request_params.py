@@ -72,10 +72,14 @@ def chat_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
 def _logit_bias(request: SamplingFields) -> dict[int, float] | None:
     if not request.logit_bias:
         return None
-    try:
-        return {int(token): bias for token, bias in request.logit_bias.items()}
-    except ValueError:
-        raise APIError(400, "logit_bias keys must be token ids", "logit_bias") from None
+    out: dict[int, float] = {}
+    for token, bias in request.logit_bias.items():
+        # token ids as OpenAI writes them: decimal digits, no sign, spaces, "_" or leading 0
+        if not (token.isascii() and token.isdigit() and (token == "0" or token[0] != "0")):
+            raise APIError(400, f"logit_bias keys must be token ids, not {token!r}",
+                           "logit_bias")
+        out[int(token)] = bias
+    return out
 
 
 def _common(request: SamplingFields, constraint: StructuredOutputs | None = None

@@ -28,6 +28,8 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
 from pagoda.engine.outputs import CompletionOutput, RequestOutput
+from pagoda.engine.request_validator import RequestError
+from pagoda.sampling.params import SamplingParamsError
 from pagoda.server.chat import prepare_chat
 from pagoda.server.chat_protocol import ChatCompletionRequest
 from pagoda.server.engine_client import EngineClient, error_of
@@ -115,9 +117,24 @@ def to_chat(request: ResponsesRequest) -> ChatCompletionRequest:
         raise APIError(400, str(exc.errors()[0].get("msg")), "input") from None
 
 
+# The chat fields a Responses request is translated into, by the fields the client wrote
+CHAT_TO_RESPONSES = {"messages": "input", "max_tokens": "max_output_tokens",
+                     "max_completion_tokens": "max_output_tokens", "response_format": "text.format",
+                     "tool_choice": "tool_choice", "tools": "tools"}
+
+
 async def create_response(client: EngineClient, request: ResponsesRequest, raw: Request
                           ) -> Response:
-    prepared = await prepare_chat(client, to_chat(request), request.model)
+    try:
+        prepared = await prepare_chat(client, to_chat(request), request.model)
+    except (APIError, RequestError, SamplingParamsError) as exc:
+        # name the client's own field, not the chat one it became
+        error = exc if isinstance(exc, APIError) else APIError.bad_request(exc)
+        head = (error.param or "").split(".")[0].split("[")[0]
+        if head in CHAT_TO_RESPONSES:
+            error.param = CHAT_TO_RESPONSES[head] + (error.param or "")[len(head):]
+            error.message = error.message.replace(head, CHAT_TO_RESPONSES[head])
+        raise error from None
     tools, params, prompt_ids = prepared.tools, prepared.params, prepared.prompt_ids
     resp_id = f"resp_{uuid.uuid4().hex[:24]}"
     shell = _shell(client, request, resp_id)
