@@ -181,6 +181,9 @@ def test_unknown_keys_inside_a_request_are_refused_not_dropped(http):
     for path, body, word in cases:
         r = http.post(path, json=body)
         assert r.status_code == 400 and word in r.text, (path, r.text)
+    # /tokenize refuses the message fields chat refuses (its count must be chat's)
+    assert_error(http.post("/tokenize", json={"messages": [
+        {"role": "user", "content": "hi", "audio": {"id": "a"}}]}), 400, "messages[0].audio")
     # a caching hint is known (prefix caching is automatic): accepted
     ok = http.post("/tokenize", json={"messages": [{"role": "user", "content": [
         {**part, "cache_control": {"type": "ephemeral"}}]}]})

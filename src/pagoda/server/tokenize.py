@@ -17,6 +17,7 @@ from pagoda.server.chat import render_chat_off_loop
 from pagoda.server.chat_protocol import Tool
 from pagoda.server.engine_client import EngineClient
 from pagoda.server.errors import APIError
+from pagoda.server.field_policy import check_fields
 from pagoda.server.protocol import ChatMessage, RequestSchema, Schema
 from pagoda.server.tool_prompt import choose_tools
 
@@ -69,6 +70,7 @@ async def tokenize(client: EngineClient, body: TokenizeRequest) -> TokenizeRespo
         if body.add_special_tokens:
             raise APIError(400, "add_special_tokens must be false with messages: the chat "
                                 "template writes the special tokens", "add_special_tokens")
+        check_fields(body)  # the message fields chat refuses (audio...), as chat does
         ids = await render_chat_off_loop(llm, body.messages, body.add_generation_prompt,
                           choose_tools(body.tools, None, None), body.chat_template_kwargs,
                           body.continue_final_message)
