@@ -66,7 +66,7 @@ def check_one_call_layers(engine: LLMEngine, ops: FusedOps) -> None:
     engine.check_integrity()
 
 
-@pytest.mark.parametrize("change", ["in place", "replaced"])
+@pytest.mark.parametrize("change", ["in place", "replaced", "loader"])
 def test_the_stack_follows_weights_changed_after_it_was_built(loaded_model, change: str):
     """New weights loaded into a served fp32 model (in place, or a new Parameter) reach decode
     steps too: the one-call stack holds fgemm's packed copies, made once, and is rebuilt when
@@ -88,13 +88,19 @@ def test_the_stack_follows_weights_changed_after_it_was_built(loaded_model, chan
         if change == "in place":
             with torch.no_grad():
                 original.copy_(changed)
+        elif change == "loader":  # the model's own weight loader, as a reload would run it
+            from pagoda.models.weight_loading import _copy_weights
+
+            with torch.no_grad():
+                _copy_weights(dict(model.named_parameters()), model.config,
+                              [("model.layers.2.mlp.down_proj.weight", changed)], set())
         else:
             linear.weight = torch.nn.Parameter(changed, requires_grad=False)
         stacked = llm.generate(PROMPTS[:2], params)
         model.use_fused_ops(FusedOps(model.fused.module, whole_model=False))
         per_layer = llm.generate(PROMPTS[:2], params)
     finally:
-        if change == "in place":
+        if change in ("in place", "loader"):
             with torch.no_grad():
                 original.copy_(saved)
         linear.weight = original

@@ -164,30 +164,42 @@ def test_a_participants_name_reaches_the_prompt(http):
     assert bob == tokens({"role": "user", "content": "Bob: hi"})
 
 
-def test_unknown_keys_inside_a_request_are_refused_not_dropped(http):
+def test_unknown_keys_inside_a_request(http):
+    """A request's own settings refuse keys they do not know; pieces of the conversation's
+    history (content parts, earlier items and blocks), which clients echo back with keys of
+    their own, accept them (logged once by name) rather than fail the conversation."""
     part = {"type": "text", "text": "hi"}
-    cases = [
-        (CHAT, {"messages": [{"role": "user", "content": [{**part, "foo": 1}]}]}, "foo"),
-        ("/v1/responses", {"input": [{"type": "message", "role": "user", "content": [
-            {"type": "input_text", "text": "hi", "foo": 1}]}]}, "foo"),
+    refused = [
         ("/v1/responses", {"input": "hi", "text": {"format": {"type": "text", "foo": 1}}},
          "foo"),
-        ("/v1/messages", {"model": "m", "max_tokens": 4, "messages": [{"role": "user", "content": [
-            {"type": "text", "text": "hi", "citations": []}]}]}, "citations"),
+        (CHAT, {"messages": MESSAGES, "response_format": {"type": "text", "foo": 1}}, "foo"),
         ("/v1/messages", {"model": "m", "max_tokens": 4, "messages": [
             {"role": "user", "content": "hi"}], "tool_choice": {"type": "auto", "name": "g"}},
          "tool_choice"),
+        # a block's type picks its model: the error names that block's field
+        ("/v1/messages", {"model": "m", "max_tokens": 4, "messages": [{"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": 7}]}]}, "tool_use_id"),
     ]
-    for path, body, word in cases:
+    for path, body, word in refused:
         r = http.post(path, json=body)
         assert r.status_code == 400 and word in r.text, (path, r.text)
+    model = http.get("/v1/models").json()["data"][0]["id"]
+    echoed = [
+        (CHAT, {"messages": [{"role": "user", "content": [{**part, "id": "lc_1"}]}],
+                "max_tokens": 1}),
+        ("/v1/responses", {"input": [{"type": "message", "role": "user", "content": [
+            {"type": "input_text", "text": "hi", "logprobs": [], "foo": 1}]}],
+            "max_output_tokens": 1}),
+        ("/v1/messages", {"model": model, "max_tokens": 1, "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "hi", "citations": None,
+             "cache_control": {"type": "ephemeral"}}]}]}),
+    ]
+    for path, body in echoed:
+        r = http.post(path, json=body)
+        assert r.status_code == 200, (path, r.text)
     # /tokenize refuses the message fields chat refuses (its count must be chat's)
     assert_error(http.post("/tokenize", json={"messages": [
         {"role": "user", "content": "hi", "audio": {"id": "a"}}]}), 400, "messages[0].audio")
-    # a caching hint is known (prefix caching is automatic): accepted
-    ok = http.post("/tokenize", json={"messages": [{"role": "user", "content": [
-        {**part, "cache_control": {"type": "ephemeral"}}]}]})
-    assert ok.status_code == 200, ok.text
 
 
 def test_loosely_typed_values_are_refused(http):

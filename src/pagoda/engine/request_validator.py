@@ -68,7 +68,7 @@ class RequestValidator:
         n = len(prompt_token_ids)
         if n == 0:
             raise RequestError("prompt must not be empty", "prompt")
-        if n + params.min_tokens > self.max_model_len:
+        if params.min_tokens and n + params.min_tokens > self.max_model_len:
             # with max_tokens unset the context is the only bound, and min_tokens must fit it
             raise RequestError(
                 f"this model's maximum context length is {self.max_model_len} tokens; the request "

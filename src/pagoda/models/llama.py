@@ -55,6 +55,12 @@ class LlamaAttention(nn.Module):
         return self.o_proj(o.view(num_tokens, self.q_size))
 
 
+def _versions(tensors: list[torch.Tensor]) -> tuple[list[int], list[int]]:
+    """The tensors' storages and in-place versions: a write through a tensor bumps its
+    version, `param.data = other` moves its storage."""
+    return list(map(torch.Tensor.data_ptr, tensors)), [t._version for t in tensors]
+
+
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -155,7 +161,8 @@ class LlamaForCausalLM(nn.Module):
         # keys and the objects they held, kept alive so no id is reused) and the weights'
         # in-place versions: a change to any rebuilds the stack
         self._stack_sources: tuple[list[dict], list[str], list[object]] = ([], [], [])
-        self._stack_versions: tuple[list[torch.Tensor], list[int]] = ([], [])
+        self._stack_versions: tuple[list[torch.Tensor], tuple[list[int], list[int]]] = (
+            [], ([], []))
 
     def use_fused_ops(self, ops: FusedOps | None) -> None:
         """Run the elementwise steps through `ops` (None: torch's ops, the reference)."""
@@ -163,6 +170,7 @@ class LlamaForCausalLM(nn.Module):
         # a new engine prepares the model here: drop the stack, which holds the cache blocks of
         # the engine before, so they are freed before this engine allocates its own
         self._stack, self._stack_stores = None, None
+        self._stack_sources, self._stack_versions = ([], [], []), ([], ([], []))
         for layer in self.layers:
             layer.fused = ops
 
@@ -219,10 +227,11 @@ class LlamaForCausalLM(nn.Module):
             self._stack, self._stack_stores = self._build_stack(ops, kv_stores), list(kv_stores)
             sources = [x for layer in self.layers for x in layer.operand_sources()]
             dicts, keys, objs = (list(column) for column in zip(*sources, strict=True))
-            # inference tensors cannot change in place (and have no version counter)
+            # inference tensors have no version counter (model weights are made outside
+            # inference mode): their storage is checked, as for every tensor
             tensors = [t for t in objs if isinstance(t, torch.Tensor) and not t.is_inference()]
             self._stack_sources = (dicts, keys, objs)
-            self._stack_versions = (tensors, [t._version for t in tensors])
+            self._stack_versions = (tensors, _versions(tensors))
         return self._stack
 
     def _stack_current(self) -> bool:
@@ -233,7 +242,7 @@ class LlamaForCausalLM(nn.Module):
         dicts, keys, objs = self._stack_sources
         tensors, versions = self._stack_versions
         return (all(map(operator.is_, map(dict.get, dicts, keys), objs))
-                and [t._version for t in tensors] == versions)
+                and _versions(tensors) == versions)
 
     def _build_stack(self, ops: FusedOps, kv_stores: list[KVStore]) -> object | None:
         assert self.rope is not None

@@ -32,6 +32,20 @@ def load_fused_weights(model: nn.Module, cfg: ModelConfig,
     """Copy every (hf_name, tensor) into `model`; raises on unexpected or missing weights."""
     params = dict(model.named_parameters(remove_duplicate=False))
     loaded: set[str] = set()
+    # Writes go through the parameters themselves (not `.data`), so each bumps its version
+    # counter: what packed copies of a weight (PackedLinear, the one-call decode stack) check
+    # to notice new weights loaded into a served model.
+    with torch.no_grad():
+        _copy_weights(params, cfg, weights, loaded)
+    missing = {n for n in params if n not in loaded}
+    if cfg.tie_word_embeddings:
+        missing.discard("lm_head.weight")
+    if missing:
+        raise ValueError(f"checkpoint lacks weights: {sorted(missing)[:5]}")
+
+
+def _copy_weights(params: dict[str, nn.Parameter], cfg: ModelConfig,
+                  weights: Iterable[tuple[str, torch.Tensor]], loaded: set[str]) -> None:
     for hf_name, tensor in weights:
         name = hf_name.removeprefix("model.")
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
@@ -41,15 +55,10 @@ def load_fused_weights(model: nn.Module, cfg: ModelConfig,
                 name = name.replace(part, fused)
                 sizes = shard_sizes(cfg, fused)
                 offset = sum(sizes[:shard])
-                params[name].data[offset:offset + sizes[shard]].copy_(tensor)
+                params[name][offset:offset + sizes[shard]].copy_(tensor)
                 break
         else:
             if name not in params:
                 raise ValueError(f"unexpected weight {hf_name} in checkpoint")
-            params[name].data.copy_(tensor)
+            params[name].copy_(tensor)
         loaded.add(name)
-    missing = {n for n in params if n not in loaded}
-    if cfg.tie_word_embeddings:
-        missing.discard("lm_head.weight")
-    if missing:
-        raise ValueError(f"checkpoint lacks weights: {sorted(missing)[:5]}")

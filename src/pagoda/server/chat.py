@@ -102,10 +102,14 @@ async def render_chat_off_loop(llm: AsyncLLM, messages: list[ChatMessage],
                                add_generation_prompt: bool = True, tools: ToolUse | None = None,
                                template_kwargs: dict[str, Any] | None = None,
                                continue_final: bool = False) -> list[int]:
-    """render_chat, in a worker thread when the messages are long: rendering and tokenizing
-    megabytes of text takes seconds, which on the event loop would stall every client."""
+    """render_chat, in a worker thread when the messages (and tools) are long: rendering and
+    tokenizing megabytes of text takes seconds, which on the event loop would stall every
+    client."""
     args = (llm, messages, add_generation_prompt, tools, template_kwargs, continue_final)
-    if sum(len(str(m.content or "")) for m in messages) > INLINE_TOKENIZE_CHARS:
+    size = sum(len(str(m.content or "")) + sum(len(c.function.arguments)
+                                               for c in m.tool_calls or ()) for m in messages)
+    size += sum(len(str(t.function.parameters or "")) for t in (tools.tools if tools else ()))
+    if size > INLINE_TOKENIZE_CHARS:
         return await asyncio.to_thread(render_chat, *args)
     return render_chat(*args)
 

@@ -90,7 +90,7 @@ def check_fields(request: BaseModel) -> None:
                 raise APIError(400, f"messages[{i}].{name}: {MESSAGE_REFUSED[name]}",
                                f"messages[{i}].{name}")
             if name not in MESSAGE_REFUSED:
-                _log_unknown(f"messages[].{name}")
+                log_unknown(f"messages[].{name}")
 
 
 def _check(name: str, value: Any, refused: dict, param: str) -> None:
@@ -102,7 +102,8 @@ def _check(name: str, value: Any, refused: dict, param: str) -> None:
         raise APIError(400, f"unknown field '{name}': this server does not read it", param)
 
 
-def _log_unknown(name: str) -> None:
+def log_unknown(name: str) -> None:
+    """Log an unknown field accepted without effect, once per name."""
     if name not in _logged:
         _logged.add(name)
         log.warning("ignoring the unknown request field %r (logged once)", name)

@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
-from pagoda.server.protocol import RequestSchema, Schema, text_parts_only
+from pagoda.server.protocol import HistorySchema, RequestSchema, Schema, text_parts_only
 
 
-class TextBlock(RequestSchema):
+class TextBlock(HistorySchema):
     type: Literal["text"]
     text: str
     cache_control: dict[str, Any] | None = None  # a caching hint; prefix caching is automatic
+    citations: list[Any] | None = None  # an earlier answer's sources, echoed back
 
 
-class ToolUseBlock(RequestSchema):
+class ToolUseBlock(HistorySchema):
     type: Literal["tool_use"]
     id: str
     name: str
@@ -23,7 +24,7 @@ class ToolUseBlock(RequestSchema):
     cache_control: dict[str, Any] | None = None
 
 
-class ToolResultBlock(RequestSchema):
+class ToolResultBlock(HistorySchema):
     type: Literal["tool_result"]
     tool_use_id: str
     content: str | list[TextBlock] = ""
@@ -41,7 +42,18 @@ class ToolResultBlock(RequestSchema):
         return f"Error: {body}" if self.is_error else body
 
 
-Block = TextBlock | ToolUseBlock | ToolResultBlock
+def _block_tag(block: Any) -> str | None:
+    """The union tag of a content block by its `type` (not an identifier, so error locations
+    leave it out)."""
+    kind = block.get("type") if isinstance(block, dict) else getattr(block, "type", None)
+    return f"{kind}-block"
+
+
+# the block's `type` picks its model (an error then names the field of that block)
+Block = Annotated[Annotated[TextBlock, Tag("text-block")]
+                  | Annotated[ToolUseBlock, Tag("tool_use-block")]
+                  | Annotated[ToolResultBlock, Tag("tool_result-block")],
+                  Discriminator(_block_tag)]
 
 
 class AnthropicMessage(RequestSchema):

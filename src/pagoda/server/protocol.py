@@ -22,6 +22,7 @@ from pydantic import (
 )
 
 from pagoda.sampling.params import MAX_LOGPROBS
+from pagoda.server.field_policy import log_unknown
 
 MAX_SEED = (1 << 63) - 1  # any int64, negative ones included (OpenAI's range, as vLLM's)
 MAX_STOP_CHARS = 1000  # per stop string: each is searched for in every new piece of text
@@ -260,18 +261,35 @@ def text_parts_only(content: object, readable: tuple[str, ...]) -> object:
     return content
 
 
-class ContentPart(RequestSchema):
+class HistorySchema(RequestSchema):
+    """A piece of a conversation's history (a content part, a tool call, an earlier turn's
+    block or item), which clients build from earlier responses and send back with keys of their
+    own: LangChain's block ids, OpenAI's logprobs on output text, providers' extra keys on tool
+    calls. Unknown keys are accepted and logged once by name, as on chat messages
+    (field_policy.py), rather than failing a conversation; a request's own settings (tools,
+    formats, tool_choice, options) refuse unknown keys."""
+
+    model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="after")
+    def _log_unknown_keys(self) -> HistorySchema:
+        for name in self.model_extra or ():
+            log_unknown(f"{type(self).__name__}.{name}")
+        return self
+
+
+class ContentPart(HistorySchema):
     type: Literal["text"] = "text"
     text: str
     cache_control: dict[str, Any] | None = None  # a caching hint; prefix caching is automatic
 
 
-class FunctionCall(RequestSchema):
+class FunctionCall(HistorySchema):
     name: str
     arguments: str  # JSON text, as OpenAI sends it
 
 
-class ToolCall(RequestSchema):
+class ToolCall(HistorySchema):
     id: str
     type: Literal["function"] = "function"
     function: FunctionCall

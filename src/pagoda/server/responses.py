@@ -132,7 +132,9 @@ async def create_response(client: EngineClient, request: ResponsesRequest, raw: 
         error = exc if isinstance(exc, APIError) else APIError.bad_request(exc)
         head = (error.param or "").split(".")[0].split("[")[0]
         if head in CHAT_TO_RESPONSES:
-            error.param = CHAT_TO_RESPONSES[head] + (error.param or "")[len(head):]
+            # a chat message's index is not its input item's (instructions, merged calls):
+            # only the field itself is named
+            error.param = CHAT_TO_RESPONSES[head]
             error.message = error.message.replace(head, CHAT_TO_RESPONSES[head])
         raise error from None
     tools, params, prompt_ids = prepared.tools, prepared.params, prepared.prompt_ids

@@ -7,20 +7,21 @@ pydantic (`extra="forbid"`), never dropped.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Discriminator, Field, Tag, field_validator
 
-from pagoda.server.protocol import RequestSchema, text_parts_only
+from pagoda.server.protocol import HistorySchema, RequestSchema, text_parts_only
 
 
-class InputText(RequestSchema):
+class InputText(HistorySchema):
     type: Literal["input_text", "output_text", "text"]
     text: str
     annotations: list[Any] | None = None  # echoed back from earlier outputs
+    logprobs: list[Any] | None = None  # likewise
 
 
-class MessageItem(RequestSchema):
+class MessageItem(HistorySchema):
     type: Literal["message"] = "message"
     role: Literal["user", "system", "developer", "assistant"]
     content: str | list[InputText]
@@ -37,7 +38,7 @@ class MessageItem(RequestSchema):
             "\n".join(part.text for part in self.content)  # as chat's parts (protocol.py)
 
 
-class FunctionCallItem(RequestSchema):
+class FunctionCallItem(HistorySchema):
     type: Literal["function_call"]
     call_id: str
     name: str
@@ -46,7 +47,7 @@ class FunctionCallItem(RequestSchema):
     status: str | None = None
 
 
-class FunctionCallOutputItem(RequestSchema):
+class FunctionCallOutputItem(HistorySchema):
     type: Literal["function_call_output"]
     call_id: str
     output: str
@@ -54,7 +55,18 @@ class FunctionCallOutputItem(RequestSchema):
     status: str | None = None
 
 
-InputItem = MessageItem | FunctionCallItem | FunctionCallOutputItem
+def _item_tag(item: Any) -> str | None:
+    """The union tag of an input item by its `type` (an item without one is a message, as
+    OpenAI reads it). Tags are not identifiers, so error locations leave them out."""
+    kind = item.get("type", "message") if isinstance(item, dict) else getattr(item, "type", None)
+    return f"{kind}-item"
+
+
+# the item's `type` picks its model, so an error names the field of that item
+InputItem = Annotated[Annotated[MessageItem, Tag("message-item")]
+                      | Annotated[FunctionCallItem, Tag("function_call-item")]
+                      | Annotated[FunctionCallOutputItem, Tag("function_call_output-item")],
+                      Discriminator(_item_tag)]
 
 
 class FunctionTool(RequestSchema):

@@ -7,7 +7,7 @@ lines inside <tools></tools> in the system turn, calls written as
 `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`; earlier calls are rendered that way
 in assistant turns and tool results as <tool_response> blocks in a user turn (so templates
 that only know user/assistant/system still accept the history); a message's `name` (a
-participant's, as multi-agent clients send) prefixes its content as "name: ".
+participant's, as multi-agent clients send) prefixes a user turn's content as "name: ".
 
 `tool_choice` "required" constrains the reply to a JSON array of calls (at least one; exactly
 one when `parallel_tool_calls` is false) whose arguments follow each function's schema; a named
@@ -142,7 +142,9 @@ def template_messages(messages: list[dict[str, Any]], use: ToolUse,
                 out[-1]["content"] += "\n" + block
             else:
                 out.append({"role": "user", "content": block, "tool_results": True})
-        elif m.get("name"):  # a participant's name, which these templates have no place for
+        elif m.get("name") and m["role"] == "user":
+            # a participant's name, which these templates have no place for (not on assistant
+            # turns: a small model would learn to open its own replies with a name)
             out.append({"role": m["role"], "content": f"{m['name']}: {m['content'] or ''}"})
         else:
             out.append({"role": m["role"], "content": m["content"]})

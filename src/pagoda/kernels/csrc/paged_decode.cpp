@@ -370,9 +370,18 @@ void run(const float* qp, const T* kp, const T* vp, const int64_t* tables, const
   for (int64_t task = 0; task < tasks; ++task) cost[task + 1] = cost[task] + span(task / num_kv);
   const int64_t parts = std::min<int64_t>(tasks, at::get_num_threads());
   at::parallel_for(0, parts, 1, [&](int64_t part_begin, int64_t part_end) {
-    const auto first_task = [&](int64_t part) {  // the first task whose cost starts past the part
-      return std::lower_bound(cost.begin(), cost.end() - 1, cost[tasks] * part / parts) -
-             cost.begin();
+    // A task goes to the part its middle falls in (by its start, a long task just before a
+    // boundary would land whole on the earlier part): the first task of `part` is the first
+    // whose middle, (cost[i] + cost[i + 1]) / 2, is at or past the part's share.
+    const auto first_task = [&](int64_t part) {
+      const int64_t target = 2 * (cost[tasks] * part / parts);
+      int64_t lo = 0, hi = tasks;  // the middles increase with i: binary search
+      while (lo < hi) {
+        const int64_t mid = (lo + hi) / 2;
+        if (cost[mid] + cost[mid + 1] < target) lo = mid + 1;
+        else hi = mid;
+      }
+      return lo;
     };
     const int64_t begin = first_task(part_begin), end = first_task(part_end);
     std::vector<float> scores;
