@@ -104,6 +104,8 @@ def test_unknown_model_is_404(http):
                          "model")
     assert error["code"] == "model_not_found"
     assert_error(http.post(CHAT, json={"messages": MESSAGES, "model": "gpt-9"}), 404)
+    # `/v1/models/` names no model (it answered the served one)
+    assert_error(http.get("/v1/models/"), 404, "model")
 
 
 def test_errors_repeating_a_lone_surrogate_stay_4xx(http):

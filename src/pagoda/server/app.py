@@ -29,7 +29,7 @@ from pagoda.server.config import ServerConfig
 from pagoda.server.embeddings import create_embedding
 from pagoda.server.embeddings_protocol import EmbeddingRequest, EmbeddingResponse
 from pagoda.server.engine_client import EngineClient
-from pagoda.server.errors import install_error_handlers, openapi_without_422
+from pagoda.server.errors import APIError, install_error_handlers, openapi_without_422
 from pagoda.server.last_resort import LastResortMiddleware
 from pagoda.server.messages import count_tokens, create_message
 from pagoda.server.messages_protocol import (
@@ -133,6 +133,8 @@ def _add_openai_routes(app: FastAPI, client: EngineClient) -> None:
 
     @app.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=ERRORS)
     async def get_model(model_id: str) -> ModelCard:
+        if not model_id:  # `/v1/models/`: no model is named so
+            raise APIError(404, "the model '' does not exist", "model", "model_not_found")
         client.check_model(model_id)  # 404 in OpenAI's shape for any other name
         return ModelCard(id=client.model_name, created=client.created,
                          max_model_len=client.max_model_len)
