@@ -115,6 +115,14 @@ void with_rows(int64_t m, F&& f) {
   }
 }
 
+// Calls f(std::integral_constant<int, U>) for U == width (2 <= width <= 4).
+template <typename F>
+void with_width(int64_t width, F&& f) {
+  if (width == 4) f(std::integral_constant<int, 4>{});
+  else if (width == 3) f(std::integral_constant<int, 3>{});
+  else f(std::integral_constant<int, 2>{});
+}
+
 // Rows of one tile (R rows at xt, their outputs at y) times vectors [begin, end), in units of U
 // vectors, the rest one vector at a time (the same chain per output: the same bits).
 template <int R, int U, bool kPrefetch>
@@ -147,56 +155,65 @@ at::Tensor fgemm(at::Tensor x, at::Tensor pw, int64_t n) {
   const float* wp = pw.data_ptr<float>();
   float* yp = y.data_ptr<float>();
 #if defined(__AVX2__)
-  // Row tiles of kTileRows (the last may be shorter), each transposed: tile i's rows at
-  // xt + i * kTileRows * k, as xt[kk * R + r].
+  // Row tiles of `tile_rows` (the last may be shorter), each transposed: tile i's rows at
+  // xt + i * tile_rows * k, as xt[kk * R + r]. As many tiles as kTileRows-row tiles would need,
+  // their rows balanced: 13 rows on AVX-512 are 7 + 6 (4 output vectors per tile) rather than
+  // 12 + 1 (2 vectors, the widest a 12-row tile's accumulators leave room for).
   const int64_t tiles = (m + kTileRows - 1) / kTileRows;
+  const int64_t tile_rows = (m + tiles - 1) / tiles;
   std::vector<float> xt(static_cast<size_t>(m * k));
   at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t r0 = i * kTileRows, rows = std::min<int64_t>(kTileRows, m - r0);
+      const int64_t r0 = i * tile_rows, rows = std::min<int64_t>(tile_rows, m - r0);
       float* dst = xt.data() + r0 * k;
       for (int64_t r = 0; r < rows; ++r)
         for (int64_t kk = 0; kk < k; ++kk) dst[kk * rows + r] = xp[(r0 + r) * k + kk];
     }
   });
-  // Every tile uses the unit width of a full tile when there are several (so a unit's weights,
-  // K * U * kLanes floats, stay in cache across the tiles); one tile uses its own best width.
+  // Every tile uses the unit width of a full tile (so a unit's weights, K * U * kLanes floats,
+  // stay in cache across the tiles; a shorter last tile has room for it); one tile uses its own.
   const int64_t vectors = blocks * kVecs;
-  int64_t width = tile_vectors<kTileRows>();
-  if (tiles == 1) with_rows(m, [&](auto R) { width = tile_vectors<decltype(R)::value>(); });
+  int64_t width = 2;
+  with_rows(tile_rows, [&](auto R) { width = tile_vectors<decltype(R)::value>(); });
   // Row tiles in chunks whose transposed rows stay in cache while a unit's weights sweep them,
-  // and K in slices whose unit weights (kSliceK * width * kLanes floats) stay in L1 across the
-  // chunk's tiles. One tile (decode, verification) takes all of K at once.
-  const int64_t chunk = std::max<int64_t>(1, (256 << 10) / (kTileRows * k * 4));
-  const int64_t slice = tiles > 1 ? kSliceK : k;
-  at::parallel_for(0, (vectors + width - 1) / width, 1, [&](int64_t begin, int64_t end) {
-    const int64_t v_end = std::min(end * width, vectors);
-    for (int64_t c0 = 0; c0 < tiles; c0 += chunk) {
-      const int64_t c1 = std::min(tiles, c0 + chunk);
-      for (int64_t v = begin * width; v < v_end; v += width) {
-        const int64_t v1 = std::min(v + width, v_end);
-        for (int64_t k0 = 0; k0 < k; k0 += slice) {
-          const int64_t k1 = std::min(k, k0 + slice);
-          for (int64_t i = c0; i < c1; ++i) {
-            const int64_t r0 = i * kTileRows, rows = std::min<int64_t>(kTileRows, m - r0);
-            const float* xti = xt.data() + r0 * k;
-            float* yi = yp + r0 * padded;
-            constexpr int kU = tile_vectors<kTileRows>();
-            with_rows(rows, [&](auto R) {
-              constexpr int kR = decltype(R)::value;
-              // the first tile of a chunk streams the unit's weights from memory; the others
-              // find them in cache (prefetching there only takes load slots)
-              if (tiles == 1)
-                tile_span<kR, tile_vectors<kR>(), true>(wp, k, v, v1, xti, yi, padded, k0, k1);
-              else if (i == c0)
-                tile_span<kR, kU, true>(wp, k, v, v1, xti, yi, padded, k0, k1);
-              else
-                tile_span<kR, kU, false>(wp, k, v, v1, xti, yi, padded, k0, k1);
-            });
+  // and K in slices whose unit weights (slice * width * kLanes floats, 32 KiB) stay in L1 across
+  // the chunk's tiles. One tile (decode, verification) takes all of K at once.
+  const int64_t chunk = std::max<int64_t>(1, (256 << 10) / (tile_rows * k * 4));
+  const int64_t slice = tiles > 1 ? kSliceK * 2 / width : k;
+  with_width(width, [&](auto U) {
+    constexpr int kU = decltype(U)::value;
+    at::parallel_for(0, (vectors + kU - 1) / kU, 1, [&](int64_t begin, int64_t end) {
+      const int64_t v_end = std::min(end * kU, vectors);
+      for (int64_t c0 = 0; c0 < tiles; c0 += chunk) {
+        const int64_t c1 = std::min(tiles, c0 + chunk);
+        for (int64_t v = begin * kU; v < v_end; v += kU) {
+          const int64_t v1 = std::min<int64_t>(v + kU, v_end);
+          for (int64_t k0 = 0; k0 < k; k0 += slice) {
+            const int64_t k1 = std::min(k, k0 + slice);
+            for (int64_t i = c0; i < c1; ++i) {
+              const int64_t r0 = i * tile_rows, rows = std::min<int64_t>(tile_rows, m - r0);
+              const float* xti = xt.data() + r0 * k;
+              float* yi = yp + r0 * padded;
+              with_rows(rows, [&](auto R) {
+                constexpr int kR = decltype(R)::value;
+                // kU is the width of a tile of tile_rows >= kR rows, never wider than kR's own
+                // (instantiating the rest would compile spilling code no call reaches)
+                if constexpr (kU <= tile_vectors<kR>()) {
+                  // the first tile of a chunk streams the unit's weights from memory; the
+                  // others find them in cache (prefetching there only takes load slots)
+                  if (i == c0)
+                    tile_span<kR, kU, true>(wp, k, v, v1, xti, yi, padded, k0, k1);
+                  else
+                    tile_span<kR, kU, false>(wp, k, v, v1, xti, yi, padded, k0, k1);
+                } else {
+                  TORCH_CHECK(false, "fgemm: a tile wider than its rows allow");
+                }
+              });
+            }
           }
         }
       }
-    }
+    });
   });
 #else
   // Portable: the same chain per output with std::fma (the same bits as the vector flavours).
