@@ -6,7 +6,6 @@ The template's text already holds the special tokens, so it is encoded with
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import inspect
 import time
@@ -30,7 +29,7 @@ from pagoda.server.chat_protocol import (
     ChatResponseMessage,
     ChatStreamChoice,
 )
-from pagoda.server.engine_client import INLINE_TOKENIZE_CHARS, EngineClient
+from pagoda.server.engine_client import EngineClient, off_loop_if_long
 from pagoda.server.errors import APIError
 from pagoda.server.logprobs import chat_logprobs, vllm_prompt_logprobs
 from pagoda.server.protocol import ChatMessage, UsageInfo
@@ -105,13 +104,11 @@ async def render_chat_off_loop(llm: AsyncLLM, messages: list[ChatMessage],
     """render_chat, in a worker thread when the messages (and tools) are long: rendering and
     tokenizing megabytes of text takes seconds, which on the event loop would stall every
     client."""
-    args = (llm, messages, add_generation_prompt, tools, template_kwargs, continue_final)
     size = sum(len(str(m.content or "")) + sum(len(c.function.arguments)
                                                for c in m.tool_calls or ()) for m in messages)
     size += sum(len(str(t.function.parameters or "")) for t in (tools.tools if tools else ()))
-    if size > INLINE_TOKENIZE_CHARS:
-        return await asyncio.to_thread(render_chat, *args)
-    return render_chat(*args)
+    return await off_loop_if_long(size, render_chat, llm, messages, add_generation_prompt, tools,
+                                  template_kwargs, continue_final)
 
 
 @dataclass(frozen=True)

@@ -18,10 +18,8 @@ from fastapi.responses import Response
 
 from pagoda.loader.tokenizer import TextError, check_unicode
 from pagoda.server.embeddings_protocol import MAX_INPUTS, EmbeddingRequest
-from pagoda.server.engine_client import EngineClient, error_of
+from pagoda.server.engine_client import EngineClient, error_of, off_loop_if_long
 from pagoda.server.errors import APIError
-
-INLINE_TOKENIZE_CHARS = 16_384  # more text than this is tokenized off the event loop
 
 
 async def create_embedding(client: EngineClient, request: EmbeddingRequest) -> Response:
@@ -47,10 +45,7 @@ async def create_embedding(client: EngineClient, request: EmbeddingRequest) -> R
         tokenize = llm.tokenizer.hf
         strings = [t for _, t in texts]
         kwargs = {"truncation": True, "max_length": truncate} if truncate else {}
-        if sum(map(len, strings)) > INLINE_TOKENIZE_CHARS:
-            encoded = await asyncio.to_thread(tokenize, strings, **kwargs)
-        else:
-            encoded = tokenize(strings, **kwargs)
+        encoded = await off_loop_if_long(sum(map(len, strings)), tokenize, strings, **kwargs)
         for (i, _), ids in zip(texts, encoded["input_ids"], strict=True):
             sequences[i] = ids
     vocab = llm.model_config.vocab_size

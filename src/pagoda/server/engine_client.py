@@ -20,9 +20,9 @@ import importlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
@@ -39,9 +39,19 @@ if TYPE_CHECKING:
 
     from pagoda.engine.config import EngineConfig
 
+T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 INLINE_TOKENIZE_CHARS = 16_384  # longer prompts are tokenized off the event loop
+
+
+async def off_loop_if_long(size: int, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """fn(*args, **kwargs) for a request's text of `size` characters: in a worker thread past
+    INLINE_TOKENIZE_CHARS (tokenizing or rendering megabytes takes seconds, which on the event
+    loop would stall every client), inline below it (cheaper than a thread hop)."""
+    if size > INLINE_TOKENIZE_CHARS:
+        return await asyncio.to_thread(fn, *args, **kwargs)
+    return fn(*args, **kwargs)
 
 
 class Ticket:
@@ -176,10 +186,8 @@ class EngineClient:
     async def prepare(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
         """Tokenize and validate (RequestError -> 400 via the error handlers)."""
         llm = self.require_generator()
-        if isinstance(prompt, str) and len(prompt) > INLINE_TOKENIZE_CHARS:
-            _, ids = await asyncio.to_thread(llm.prepare, prompt, params)
-        else:
-            _, ids = llm.prepare(prompt, params)
+        size = len(prompt) if isinstance(prompt, str) else 0  # token ids need no tokenizer
+        _, ids = await off_loop_if_long(size, llm.prepare, prompt, params)
         return ids
 
     def admit(self, over_limit: bool = False) -> Ticket:

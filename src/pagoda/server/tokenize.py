@@ -9,15 +9,13 @@ declared: anything else (vLLM's `chat_template`, `mm_processor_kwargs`, ...) is 
 
 from __future__ import annotations
 
-import asyncio
-import functools
 from typing import Any
 
 from pydantic import ConfigDict
 
 from pagoda.server.chat import render_chat_off_loop
 from pagoda.server.chat_protocol import Tool
-from pagoda.server.engine_client import INLINE_TOKENIZE_CHARS, EngineClient
+from pagoda.server.engine_client import EngineClient, off_loop_if_long
 from pagoda.server.errors import APIError
 from pagoda.server.field_policy import check_fields
 from pagoda.server.protocol import ChatMessage, RequestSchema, Schema
@@ -82,11 +80,10 @@ async def tokenize(client: EngineClient, body: TokenizeRequest) -> TokenizeRespo
             value = getattr(body, name)
             if value not in (TokenizeRequest.model_fields[name].default, None, [], {}):
                 raise APIError(400, f"{name} applies to messages, not to a prompt", name)
-        encode = functools.partial(llm.tokenizer.encode, body.prompt or "",
-                                   add_special_tokens=body.add_special_tokens is not False)
-        try:  # a long text off the event loop, as every route tokenizes it
-            ids = await asyncio.to_thread(encode) if len(body.prompt or "") > \
-                INLINE_TOKENIZE_CHARS else encode()
+        prompt = body.prompt or ""
+        try:
+            ids = await off_loop_if_long(len(prompt), llm.tokenizer.encode, prompt,
+                                         add_special_tokens=body.add_special_tokens is not False)
         except ValueError as exc:  # a lone surrogate
             raise APIError(400, str(exc), "prompt") from None
     strs = [llm.tokenizer.token_str(t) for t in ids] if body.return_token_strs else None
