@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
-from pagoda.server.protocol import HistorySchema, RequestSchema, Schema, text_parts_only
+from pagoda.server.protocol import (
+    HistorySchema,
+    RequestSchema,
+    Schema,
+    text_parts_only,
+    type_tagged,
+)
 
 
 class TextBlock(HistorySchema):
@@ -42,18 +48,8 @@ class ToolResultBlock(HistorySchema):
         return f"Error: {body}" if self.is_error else body
 
 
-def _block_tag(block: Any) -> str | None:
-    """The union tag of a content block by its `type` (not an identifier, so error locations
-    leave it out)."""
-    kind = block.get("type") if isinstance(block, dict) else getattr(block, "type", None)
-    return f"{kind}-block"
-
-
-# the block's `type` picks its model (an error then names the field of that block)
-Block = Annotated[Annotated[TextBlock, Tag("text-block")]
-                  | Annotated[ToolUseBlock, Tag("tool_use-block")]
-                  | Annotated[ToolResultBlock, Tag("tool_result-block")],
-                  Discriminator(_block_tag)]
+Block = type_tagged({"text": TextBlock, "tool_use": ToolUseBlock, "tool_result": ToolResultBlock},
+                    "block")
 
 
 class AnthropicMessage(RequestSchema):

@@ -14,8 +14,10 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
     StringConstraints,
+    Tag,
     ValidationInfo,
     field_validator,
     model_validator,
@@ -247,6 +249,20 @@ class ModelCard(Schema):
 class ModelList(Schema):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+def type_tagged(members: dict[str, type], suffix: str, default: str | None = None) -> Any:
+    """A union of `members` (`type` value -> model) that picks each value's model by its `type`
+    (`default` when it has none), so a validation error names a field of that model rather than
+    every member's failure. Tags end in `-suffix`: not identifiers, so error locations
+    (errors.py) leave them out."""
+    def tag(value: Any) -> str:
+        kind = value.get("type", default) if isinstance(value, dict) else getattr(
+            value, "type", default)
+        return f"{kind}-{suffix}"
+
+    tagged = tuple(Annotated[model, Tag(f"{kind}-{suffix}")] for kind, model in members.items())
+    return Annotated[Union[tagged], Discriminator(tag)]  # noqa: UP007 (a union of a tuple)
 
 
 def text_parts_only(content: object, readable: tuple[str, ...]) -> object:

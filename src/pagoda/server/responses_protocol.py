@@ -7,11 +7,11 @@ pydantic (`extra="forbid"`), never dropped.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import ConfigDict, Discriminator, Field, Tag, field_validator
+from pydantic import ConfigDict, Field, field_validator
 
-from pagoda.server.protocol import HistorySchema, RequestSchema, text_parts_only
+from pagoda.server.protocol import HistorySchema, RequestSchema, text_parts_only, type_tagged
 
 
 class InputText(HistorySchema):
@@ -55,18 +55,9 @@ class FunctionCallOutputItem(HistorySchema):
     status: str | None = None
 
 
-def _item_tag(item: Any) -> str | None:
-    """The union tag of an input item by its `type` (an item without one is a message, as
-    OpenAI reads it). Tags are not identifiers, so error locations leave them out."""
-    kind = item.get("type", "message") if isinstance(item, dict) else getattr(item, "type", None)
-    return f"{kind}-item"
-
-
-# the item's `type` picks its model, so an error names the field of that item
-InputItem = Annotated[Annotated[MessageItem, Tag("message-item")]
-                      | Annotated[FunctionCallItem, Tag("function_call-item")]
-                      | Annotated[FunctionCallOutputItem, Tag("function_call_output-item")],
-                      Discriminator(_item_tag)]
+# an item without a `type` is a message, as OpenAI reads it
+InputItem = type_tagged({"message": MessageItem, "function_call": FunctionCallItem,
+                         "function_call_output": FunctionCallOutputItem}, "item", "message")
 
 
 class FunctionTool(RequestSchema):
