@@ -2,7 +2,8 @@
 
 Sections (each prints a table of output tokens/s, the ratio to speculation off, acceptance):
   grounded  batch-1 decode of prompts whose answers quote their input (summarize, edit, answer
-            from a context), greedy: prompt lookup (ngram) and the low-bit self-draft
+            from a context), greedy: prompt lookup (ngram), the low-bit self-draft, and both
+            (hybrid: lookup where a 3-token run repeats, the self-draft elsewhere)
   chat      batch-1 chat-page prompts at the page's defaults (temperature 0.7)
   depth     tokens/s by num_speculative_tokens (the default's measurement)
   lookup    prompt lookup's (depth, smallest n-gram) pairs on grounded and chat prompts (the
@@ -90,7 +91,8 @@ class Bench:
         kw.setdefault("max_num_seqs", 32)
         cfg = EngineConfig(progress=False, kv_cache_memory=512 << 20,
                            speculative_method=method, **kw)
-        return LLMEngine(cfg, loaded=self.loaded, draft=self.draft if method == "draft" else None)
+        return LLMEngine(cfg, loaded=self.loaded,
+                         draft=self.draft if method in ("draft", "hybrid") else None)
 
     def compare(self, title: str, prompts: list[list[int]], params: SamplingParams,
                 concurrency: int, configs: list[tuple[str, str | None, dict]]) -> None:
@@ -136,16 +138,17 @@ def main() -> None:
     print(f"# spec_decode benchmark, {time.strftime('%Y-%m-%d')}, CPU: {cpu}")
     b = Bench(args)
     greedy = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
-    three = [("off", None, {}), ("ngram", "ngram", {}),
-             (f"draft self-{args.draft_quantization}", "draft", {})]
+    methods = [("off", None, {}), ("ngram", "ngram", {}),
+             (f"draft self-{args.draft_quantization}", "draft", {}),
+             (f"hybrid (ngram + self-{args.draft_quantization})", "hybrid", {})]
     sections = args.sections.split(",")
     if "grounded" in sections:
-        b.compare("batch 1, input-grounded prompts, greedy", b.grounded(), greedy, 1, three)
+        b.compare("batch 1, input-grounded prompts, greedy", b.grounded(), greedy, 1, methods)
     if "chat" in sections:
         chat = [chat_ids(b.loaded, c) for c in CHAT]
         sampled = SamplingParams(temperature=0.7, max_tokens=args.max_tokens, seed=0)
-        b.compare("batch 1, chat prompts, temperature 0.7", chat, sampled, 1, three)
-        b.compare("batch 1, chat prompts, greedy", chat, greedy, 1, three)
+        b.compare("batch 1, chat prompts, temperature 0.7", chat, sampled, 1, methods)
+        b.compare("batch 1, chat prompts, greedy", chat, greedy, 1, methods)
     if "depth" in sections:
         prompts = b.grounded()[:3] + [chat_ids(b.loaded, c) for c in CHAT[:3]]
         configs = [("off", None, {})] + [
@@ -169,13 +172,15 @@ def main() -> None:
                       prompts[:max(bs, 6)], greedy, bs,
                       [("off", None, {}),
                        ("ngram", "ngram", {"speculative_max_batch": 64}),
-                       ("draft", "draft", {"speculative_max_batch": 64})])
+                       ("draft", "draft", {"speculative_max_batch": 64}),
+                       ("hybrid", "hybrid", {"speculative_max_batch": 64})])
     if "w1" in sections:
         rng = random.Random(0)
         prompts = [[rng.randrange(1000, 30000) for _ in range(128)] for _ in range(32)]
         w1 = SamplingParams(temperature=0, max_tokens=128, ignore_eos=True)
         b.compare("W1: 32 x (128 in, 128 out) at 32 concurrent, adaptive", prompts, w1, 32,
-                  [("off", None, {}), ("ngram", "ngram", {}), ("draft", "draft", {})])
+                  [("off", None, {}), ("ngram", "ngram", {}), ("draft", "draft", {}),
+                   ("hybrid", "hybrid", {})])
 
 
 if __name__ == "__main__":

@@ -57,12 +57,12 @@ def scheduled(context: list[int]) -> ScheduledRequest:
                             num_spec_tokens=8)
 
 
-@pytest.mark.parametrize("method", ["ngram", "draft"])
+@pytest.mark.parametrize("method", ["ngram", "draft", "hybrid"])
 def test_stop_string_inside_accepted_drafts(loaded_model, gguf_draft, method):
     ids = loaded_model.tokenizer.encode(QUOTE)
     params = SamplingParams(temperature=0, max_tokens=48, stop=["old mill"])
     want = outputs(engine(loaded_model, None), ids, params)
-    eng = engine(loaded_model, method, gguf_draft if method == "draft" else None)
+    eng = engine(loaded_model, method, None if method == "ngram" else gguf_draft)
     got = outputs(eng, ids, params)
     assert (got.text, got.token_ids, got.finish_reason, got.stop_reason) == (
         want.text, want.token_ids, want.finish_reason, want.stop_reason)
@@ -84,14 +84,15 @@ def test_max_tokens_and_logprobs_unchanged(loaded_model):
             assert all(abs(a[t] - b[t]) < 1e-3 for t in a)
 
 
-def test_seeded_sampling_is_reproducible_and_batch_independent(loaded_model, gguf_draft):
+@pytest.mark.parametrize("method", ["draft", "hybrid"])
+def test_seeded_sampling_is_reproducible_and_batch_independent(loaded_model, gguf_draft, method):
     ids = loaded_model.tokenizer.encode(QUOTE)
     params = SamplingParams(temperature=0.8, top_p=0.95, max_tokens=32, seed=1234,
                             ignore_eos=True)
-    alone = outputs(engine(loaded_model, "draft", gguf_draft), ids, params).token_ids
-    again = outputs(engine(loaded_model, "draft", gguf_draft), ids, params).token_ids
+    alone = outputs(engine(loaded_model, method, gguf_draft), ids, params).token_ids
+    again = outputs(engine(loaded_model, method, gguf_draft), ids, params).token_ids
     assert alone == again
-    eng = engine(loaded_model, "draft", gguf_draft, speculative_max_batch=8)
+    eng = engine(loaded_model, method, gguf_draft, speculative_max_batch=8)
     others = {f"o{i}": (loaded_model.tokenizer.encode(f"Story number {i}:"),
                         SamplingParams(temperature=1.0, max_tokens=20)) for i in range(4)}
     got = run_to_completion(eng, {"seeded": (ids, params), **others},
@@ -208,6 +209,36 @@ def test_prompt_lookup_defaults_are_settled_by_the_targets_weights(loaded_model,
     assert (fp32.num_speculative_tokens, fp32.prompt_lookup_min) == (8, 1)
     quantized = engine(gguf_draft, "ngram").config  # a target with 4/8-bit linears
     assert (quantized.num_speculative_tokens, quantized.prompt_lookup_min) == (4, 2)
+
+
+def test_hybrid_drafts_by_lookup_where_the_context_repeats(loaded_model, gguf_draft):
+    """A context whose last 3 tokens occurred before drafts their continuation by lookup (the
+    draft model does not run for it); any other context asks the draft model, for at most
+    DRAFT_DEPTH tokens. Its defaults: lookup from 3-token matches, as deep as ngram's."""
+    from pagoda.spec_decode.hybrid import DRAFT_DEPTH, HybridProposer
+
+    eng = engine(loaded_model, "hybrid", gguf_draft)
+    assert (eng.config.num_speculative_tokens, eng.config.prompt_lookup_min) == (8, 3)
+    proposer = eng.runner.proposer
+    assert isinstance(proposer, HybridProposer) and proposer.draft_depth == DRAFT_DEPTH == 4
+    repeats = [9, 1, 2, 3, 7, 8, 4, 5, 6, 0, 1, 2, 3]  # "1 2 3" seen before 7 8 4 ...
+    assert proposer.propose([scheduled(repeats)])["r"].token_ids == [7, 8, 4, 5, 6, 0, 1, 2]
+    assert "r" not in proposer.model.held  # the model never saw it
+    two = [9, 1, 2, 7, 8, 4, 5, 6, 0, 1, 2]  # only "1 2" repeats: the model's turn
+    got = proposer.propose([scheduled(two)])["r"]
+    assert 0 < len(got.token_ids) <= DRAFT_DEPTH and proposer.model.held["r"]
+    assert got.token_ids == eng.runner.proposer.model.propose(
+        [dataclasses.replace(scheduled(two), num_spec_tokens=DRAFT_DEPTH)])["r"].token_ids
+    proposer.release(["r"])
+    assert engine(loaded_model, "hybrid", gguf_draft,
+                  num_speculative_tokens=2).runner.proposer.draft_depth == 2
+    # through the engine: both kinds of draft happen and are accepted on a quoting prompt
+    ids = loaded_model.tokenizer.encode("Tell me a story. " + QUOTE)
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    assert (outputs(eng, ids, params).token_ids
+            == outputs(engine(loaded_model, None), ids, params).token_ids)
+    assert proposer.num_lookup_drafts > 0 and proposer.num_model_drafts > 0
+    assert eng.stats().spec_num_accepted_tokens > 0
 
 
 def test_the_draft_follows_the_engines_kernel_options(loaded_model, gguf_draft):

@@ -1,6 +1,7 @@
-"""Greedy decoding with speculation on is token-identical to speculation off, for prompt lookup
-and for a draft model: alone, in a busy batch, with prefix caching, chunked prefill and forced
-preemption. Every run ends with all KV blocks free and the cache consistent."""
+"""Greedy decoding with speculation on is token-identical to speculation off, for prompt lookup,
+a draft model and the two together (hybrid): alone, in a busy batch, with prefix caching,
+chunked prefill and forced preemption. Every run ends with all KV blocks free and the cache
+consistent."""
 
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ def baseline(make_engine, prompts):
     return run_to_completion(engine, {f"r{i}": (p, GREEDY) for i, p in enumerate(prompts)})
 
 
-@pytest.fixture(scope="module", params=["ngram", "draft"])
+@pytest.fixture(scope="module", params=["ngram", "draft", "hybrid"])
 def spec_engine(request, loaded_model, gguf_draft):
     """make(**overrides): an engine with the method under test."""
     method = request.param
@@ -46,7 +47,7 @@ def spec_engine(request, loaded_model, gguf_draft):
         cfg = EngineConfig(progress=False, speculative_method=method,
                            speculative_max_batch=64, **overrides)
         return LLMEngine(cfg, loaded=loaded_model,
-                         draft=gguf_draft if method == "draft" else None)
+                         draft=None if method == "ngram" else gguf_draft)
 
     make.method = method
     return make
@@ -91,7 +92,7 @@ def test_chunked_prefill(spec_engine, prompts, baseline):
 
 def test_forced_preemption(spec_engine, prompts, baseline):
     # ~10 target blocks of 16 tokens (a draft's share comes on top): far less than 7 requests need
-    blocks = 10 * (2 if spec_engine.method == "draft" else 1)
+    blocks = 10 * (1 if spec_engine.method == "ngram" else 2)
     engine = spec_engine(kv_cache_memory=blocks * 16 * 46080, enable_prefix_caching=True)
     check(engine, prompts, baseline)
     assert engine.scheduler.num_preemptions > 0

@@ -1,4 +1,4 @@
-"""`pagoda serve --speculative-method draft` end to end with the official openai client: the
+"""`pagoda serve --speculative-method draft|hybrid` end to end with the official openai client: the
 greedy reply equals the server's reply with speculation opted out (a vLLM-style extra field),
 streaming and not, concurrent requests included, and /metrics counts drafts and acceptances under
 vLLM's names; `pagoda bench serve` reports them."""
@@ -19,9 +19,9 @@ QUOTE = ("Repeat this sentence twice: the lantern by the harbour burns all night
          "fishing boats.")
 
 
-@pytest.fixture(scope="module")
-def spec_server():
-    with serving("--speculative-method", "draft", "--num-speculative-tokens", "3") as proc:
+@pytest.fixture(scope="module", params=["draft", "hybrid"])
+def spec_server(request):
+    with serving("--speculative-method", request.param, "--num-speculative-tokens", "3") as proc:
         yield proc
 
 

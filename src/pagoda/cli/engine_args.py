@@ -67,13 +67,17 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="RMSNorm, RoPE + KV write and SiLU * up as single C++ calls, a decode "
                    "step's layers as one call (CPU; auto: on)")
     s = p.add_argument_group("speculative decoding (docs/spec_decode.md)")
-    s.add_argument("--speculative-method", default=None, choices=["ngram", "draft"],
-                   help="draft tokens by prompt lookup (ngram) or from a draft model, verified "
-                   "by the model in one pass; the output distribution is unchanged")
+    s.add_argument("--speculative-method", default=None, choices=["ngram", "draft", "hybrid"],
+                   help="draft tokens by prompt lookup (ngram), from a draft model, or by "
+                   "lookup where the context repeats a 3-token run and the draft model "
+                   "elsewhere (hybrid: the fastest measured for one user), verified by the "
+                   "model in one pass; the output distribution is unchanged")
     s.add_argument("--num-speculative-tokens", type=int, default=None,
-                   help="drafts per step (default: the measured best of the method)")
+                   help="drafts per step (default: the measured best of the method; hybrid's "
+                   "draft model drafts at most 4 of them)")
     s.add_argument("--prompt-lookup-min", type=int, default=d.prompt_lookup_min,
-                   help="smallest n-gram looked up (default: 1 on fp32 weights, 2 on quantized)")
+                   help="smallest n-gram looked up (default: 1 on fp32 weights, 2 on quantized, 3 "
+                   "for hybrid)")
     s.add_argument("--prompt-lookup-max", type=int, default=d.prompt_lookup_max)
     s.add_argument("--draft-model", default=None,
                    help="'self' (default: a low-bit copy of the model) or a model path with "
@@ -83,7 +87,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="weights of the draft (auto: the GGUF file's own blocks, else int4)")
     s.add_argument("--speculative-max-batch", type=int, default=d.speculative_max_batch,
                    help="speculate only while at most this many requests run (default: "
-                   "measured per method, ngram 8, draft 4)")
+                   "measured per method, ngram 8, draft and hybrid 4)")
     t = p.add_argument_group("parallelism (docs/parallel.md)")
     t.add_argument("--tensor-parallel-size", "-tp", type=int, default=d.tensor_parallel_size,
                    help="split each layer's heads and MLP over this many processes (gloo on "
@@ -134,7 +138,7 @@ def engine_config_from_args(args: argparse.Namespace, **overrides: object) -> En
         speculative_method=args.speculative_method,
         num_speculative_tokens=args.num_speculative_tokens,
         prompt_lookup_min=args.prompt_lookup_min, prompt_lookup_max=args.prompt_lookup_max,
-        draft_model=(args.draft_model or "self") if args.speculative_method == "draft"
+        draft_model=(args.draft_model or "self") if args.speculative_method in ("draft", "hybrid")
         else args.draft_model,
         draft_quantization=args.draft_quantization,
         speculative_max_batch=args.speculative_max_batch,

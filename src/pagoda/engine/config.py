@@ -10,26 +10,31 @@ from pagoda.layers.pooler import POOLING_MODES
 from pagoda.models.bert import ATTENTION_MODES
 from pagoda.quant.config import BACKENDS as QUANT_KERNELS
 from pagoda.quant.config import METHODS as QUANT_METHODS
+from pagoda.spec_decode.hybrid import LOOKUP_MIN_N as HYBRID_LOOKUP_MIN_N
 
 # Draft tokens per step when --num-speculative-tokens is unset, and how likely a drafted position
 # must be to be accepted for it to be drafted (benchmarks/spec_decode.py; spec_policy.py).
 # (ngram's entry is its quantized-target default; the engine settles ngram for its target with
 # DEFAULT_NGRAM below before anything reads this)
-DEFAULT_SPECULATIVE_TOKENS = {"ngram": 4, "draft": 4}
+DEFAULT_SPECULATIVE_TOKENS = {"ngram": 4, "draft": 4, "hybrid": 4}
+SPECULATIVE_METHODS = ("ngram", "draft", "hybrid")
 # Prompt lookup on a target with full-precision linears: a batch-1 step streams the weights, so
 # more verified rows cost next to nothing, and drafting deeper and from one-token matches pays
 # (grounded prompts 1.83-2.01x vs 1.74-1.86x, chat 1.31x vs 1.18x on the 2-core Zen 4 EPYC). With
 # 4/8-bit linears each row is real work and the shorter, surer drafts win (1.17-1.31x vs
 # 1.07-1.28x). (num_speculative_tokens, prompt_lookup_min) by "the target is quantized".
 DEFAULT_NGRAM = {False: (8, 1), True: (4, 2)}
-SPECULATIVE_DEPTH_FLOOR = {"ngram": 0.05, "draft": 0.2}
+# hybrid: lookup drafts take the policy's depth as ngram's do; the draft model's are held to
+# spec_decode/hybrid.py's DRAFT_DEPTH.
+SPECULATIVE_DEPTH_FLOOR = {"ngram": 0.05, "draft": 0.2, "hybrid": 0.05}
 # ... and when one request runs alone (scheduler/spec_policy.py): a draft model's tokens still
 # cost forward passes, prompt lookup's only rows of a bandwidth-bound step.
-SPECULATIVE_SOLO_DEPTH_FLOOR = {"ngram": 0.01}
+SPECULATIVE_SOLO_DEPTH_FLOOR = {"ngram": 0.01, "hybrid": 0.01}
 # Speculate only while at most this many requests run: measured break-even batch sizes on a
 # 2-core EPYC (docs/spec_decode.md): prompt lookup still paid at 4 concurrent requests (1.5x) and
-# broke even at 8; a draft model paid at 2 (1.3x), barely at 4, and cost 36% at 8.
-DEFAULT_SPECULATIVE_MAX_BATCH = {"ngram": 8, "draft": 4}
+# broke even at 8; a draft model paid at 2 (1.3x), barely at 4, and cost 36% at 8. hybrid runs
+# the draft model, so it stops where the draft does.
+DEFAULT_SPECULATIVE_MAX_BATCH = {"ngram": 8, "draft": 4, "hybrid": 4}
 
 
 @dataclass(frozen=True)
@@ -77,11 +82,12 @@ class EngineConfig:
     # instead of ~30, docs/benchmarks.md); fp32 on torch's or oneDNN's products keeps torch's ops.
     fused_ops: bool | None = None
     # Speculative decoding (docs/spec_decode.md): None (off) | "ngram" (prompt lookup) | "draft"
+    # (a draft model) | "hybrid" (prompt lookup where a 3-token match exists, else the draft)
     speculative_method: str | None = None
     num_speculative_tokens: int | None = None  # None: the measured default of the method
     prompt_lookup_min: int | None = None  # ngram sizes tried, longest first (None: measured)
     prompt_lookup_max: int = 5
-    draft_model: str | None = None  # "self" (default for "draft") or a model path
+    draft_model: str | None = None  # "self" (default for "draft", "hybrid") or a model path
     draft_quantization: str = "auto"  # self-draft weights: auto (gguf for a GGUF file) | int4 | ...
     speculative_max_batch: int | None = None  # speculate only while at most this many run
     # auto: embed for encoder models (BERT), generate otherwise; embed on a decoder pools its
@@ -124,10 +130,10 @@ class EngineConfig:
             raise ValueError(f"quant_kernel must be one of {QUANT_KERNELS}")
         if self.kv_cache_memory < 1:
             raise ValueError("kv_cache_memory must be positive")
-        if self.speculative_method not in (None, "ngram", "draft"):
-            raise ValueError("speculative_method must be ngram or draft")
-        if self.speculative_method != "draft" and self.draft_model is not None:
-            raise ValueError("draft_model needs speculative_method draft")
+        if self.speculative_method not in (None, *SPECULATIVE_METHODS):
+            raise ValueError("speculative_method must be ngram, draft or hybrid")
+        if not self.uses_draft_model and self.draft_model is not None:
+            raise ValueError("draft_model needs speculative_method draft or hybrid")
         if self.draft_quantization not in ("auto", "none", "int8", "int4", "gguf"):
             raise ValueError("draft_quantization must be auto, none, int8, int4 or gguf")
         if self.num_speculative_tokens is not None and not 1 <= self.num_speculative_tokens <= 16:
@@ -176,6 +182,10 @@ class EngineConfig:
         return self.tensor_parallel_size * self.pipeline_parallel_size
 
     @property
+    def uses_draft_model(self) -> bool:
+        return self.speculative_method in ("draft", "hybrid")
+
+    @property
     def resolved_num_speculative_tokens(self) -> int:
         """Drafts per step; 0 when speculation is off (defaults measured: docs/spec_decode.md)."""
         if self.speculative_method is None:
@@ -197,7 +207,10 @@ class EngineConfig:
         docs/quantization.md). An fp32 model keeps an fp32 cache: its greedy tokens are
         transformers' own."""
         depth, min_n = DEFAULT_NGRAM[quantized_target]
-        ngram = self.speculative_method == "ngram"
+        # hybrid's lookup drafts as deep as ngram's; its shorter matches go to the draft model
+        ngram = self.speculative_method in ("ngram", "hybrid")
+        if self.speculative_method == "hybrid":
+            min_n = HYBRID_LOOKUP_MIN_N
         kv_dtype = self.kv_cache_dtype
         if kv_dtype == "auto":
             kv_dtype = "bf16" if quantized_target and self.dtype == "fp32" else self.dtype

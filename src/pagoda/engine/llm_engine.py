@@ -109,7 +109,7 @@ class LLMEngine:
         self.tokenizer = self.loaded.tokenizer
         self.max_model_len = min(config.max_model_len or cfg.max_model_len, cfg.max_model_len)
         kv_memory, draft_memory = config.kv_cache_memory, 0
-        if config.speculative_method == "draft":
+        if config.uses_draft_model:
             if draft is None:
                 draft = load_draft(config, self.loaded, dtype)
             else:

@@ -17,6 +17,7 @@ from pagoda.layers.decode_backend import DecodeKernel
 from pagoda.loader.model_loader import LoadedModel, load_model
 from pagoda.models.config import ModelConfig
 from pagoda.spec_decode.draft_model import DraftModelProposer
+from pagoda.spec_decode.hybrid import DRAFT_DEPTH, HybridProposer
 from pagoda.spec_decode.ngram import NgramProposer
 from pagoda.spec_decode.proposer import Proposer
 from pagoda.worker.model_runner import ModelRunner
@@ -50,7 +51,8 @@ def split_budget(memory: int, target: ModelConfig, draft: ModelConfig, max_batch
 
 
 def load_draft(config: EngineConfig, target: LoadedModel, dtype: torch.dtype) -> LoadedModel:
-    """The draft model of `config` (speculative_method "draft"), loaded and quantized."""
+    """The draft model of `config` (speculative_method "draft" or "hybrid"), loaded and
+    quantized."""
     name = config.draft_model or "self"
     path = target.path if name == "self" else name
     draft = load_model(path, config.device, dtype, progress=False)
@@ -89,8 +91,9 @@ def build_proposer(config: EngineConfig, target: LoadedModel, draft: LoadedModel
                    ) -> Proposer | None:
     if config.speculative_method is None:
         return None
+    lookup = NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)
     if config.speculative_method == "ngram":
-        return NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)
+        return lookup
     assert draft is not None
     cfg = draft.config
     dtype = next(p for p in draft.model.parameters() if p.is_floating_point()).dtype
@@ -100,7 +103,11 @@ def build_proposer(config: EngineConfig, target: LoadedModel, draft: LoadedModel
     runner = ModelRunner(draft.model, stores, config.block_size, device,
                          draft.tokenizer.eos_token_ids, config.seed, layer_groups, decode_kernel,
                          invariant_attention=is_quantized(draft), score_prompts=False)
-    return DraftModelProposer(runner, kv)
+    model = DraftModelProposer(runner, kv)
+    if config.speculative_method == "hybrid":
+        depth = min(DRAFT_DEPTH, config.resolved_num_speculative_tokens)
+        return HybridProposer(lookup, model, depth)
+    return model
 
 
 def is_quantized(loaded: LoadedModel) -> bool:
