@@ -214,7 +214,8 @@ def test_prompt_lookup_defaults_are_settled_by_the_targets_weights(loaded_model,
 def test_hybrid_drafts_by_lookup_where_the_context_repeats(loaded_model, gguf_draft):
     """A context whose last 3 tokens occurred before drafts their continuation by lookup (the
     draft model does not run for it); any other context asks the draft model, for at most
-    DRAFT_DEPTH tokens. Its defaults: lookup from 3-token matches, as deep as ngram's."""
+    DRAFT_DEPTH tokens, while at most 2 requests draft. Its defaults: lookup from 3-token
+    matches, as deep as ngram's."""
     from pagoda.spec_decode.hybrid import DRAFT_DEPTH, HybridProposer
 
     eng = engine(loaded_model, "hybrid", gguf_draft)
@@ -230,6 +231,10 @@ def test_hybrid_drafts_by_lookup_where_the_context_repeats(loaded_model, gguf_dr
     assert got.token_ids == eng.runner.proposer.model.propose(
         [dataclasses.replace(scheduled(two), num_spec_tokens=DRAFT_DEPTH)])["r"].token_ids
     proposer.release(["r"])
+    # more than MODEL_MAX_BATCH requests drafting: lookup only, the model stays idle
+    crowd = [dataclasses.replace(scheduled(two), req_id=f"c{i}") for i in range(3)]
+    assert proposer.model_max_batch == 2 and proposer.propose(crowd) == {}
+    assert not proposer.model.held
     assert engine(loaded_model, "hybrid", gguf_draft,
                   num_speculative_tokens=2).runner.proposer.draft_depth == 2
     # through the engine: both kinds of draft happen and are accepted on a quoting prompt

@@ -87,7 +87,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="weights of the draft (auto: the GGUF file's own blocks, else int4)")
     s.add_argument("--speculative-max-batch", type=int, default=d.speculative_max_batch,
                    help="speculate only while at most this many requests run (default: "
-                   "measured per method, ngram 8, draft and hybrid 4)")
+                   "measured per method, ngram and hybrid 8, draft 4)")
     t = p.add_argument_group("parallelism (docs/parallel.md)")
     t.add_argument("--tensor-parallel-size", "-tp", type=int, default=d.tensor_parallel_size,
                    help="split each layer's heads and MLP over this many processes (gloo on "

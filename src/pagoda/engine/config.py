@@ -11,6 +11,7 @@ from pagoda.models.bert import ATTENTION_MODES
 from pagoda.quant.config import BACKENDS as QUANT_KERNELS
 from pagoda.quant.config import METHODS as QUANT_METHODS
 from pagoda.spec_decode.hybrid import LOOKUP_MIN_N as HYBRID_LOOKUP_MIN_N
+from pagoda.spec_decode.hybrid import MODEL_MAX_BATCH as HYBRID_MODEL_MAX_BATCH
 
 # Draft tokens per step when --num-speculative-tokens is unset, and how likely a drafted position
 # must be to be accepted for it to be drafted (benchmarks/spec_decode.py; spec_policy.py).
@@ -32,9 +33,9 @@ SPECULATIVE_DEPTH_FLOOR = {"ngram": 0.05, "draft": 0.2, "hybrid": 0.05}
 SPECULATIVE_SOLO_DEPTH_FLOOR = {"ngram": 0.01, "hybrid": 0.01}
 # Speculate only while at most this many requests run: measured break-even batch sizes on a
 # 2-core EPYC (docs/spec_decode.md): prompt lookup still paid at 4 concurrent requests (1.5x) and
-# broke even at 8; a draft model paid at 2 (1.3x), barely at 4, and cost 36% at 8. hybrid runs
-# the draft model, so it stops where the draft does.
-DEFAULT_SPECULATIVE_MAX_BATCH = {"ngram": 8, "draft": 4, "hybrid": 4}
+# broke even at 8; a draft model paid at 2 (1.3x), barely at 4, and cost 36% at 8. hybrid
+# runs its draft model only while at most 2 requests draft (spec_decode/hybrid.py), lookup beyond.
+DEFAULT_SPECULATIVE_MAX_BATCH = {"ngram": 8, "draft": 4, "hybrid": 8}
 
 
 @dataclass(frozen=True)
@@ -227,6 +228,13 @@ class EngineConfig:
         if self.speculative_method is None:
             return 1  # unused: no request gets drafts
         return DEFAULT_SPECULATIVE_MAX_BATCH[self.speculative_method]
+
+    @property
+    def resolved_draft_max_batch(self) -> int:
+        """Most requests the draft model drafts for in a step (its share of the KV budget)."""
+        if self.speculative_method == "hybrid":
+            return min(self.resolved_speculative_max_batch, HYBRID_MODEL_MAX_BATCH)
+        return self.resolved_speculative_max_batch
 
     @property
     def resolved_kv_dtype(self) -> str:

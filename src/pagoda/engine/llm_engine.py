@@ -115,7 +115,7 @@ class LLMEngine:
             else:
                 check_vocabulary(self.loaded, draft)
             kv_memory, draft_memory = split_budget(kv_memory, cfg, draft.config,
-                                                   config.resolved_speculative_max_batch,
+                                                   config.resolved_draft_max_batch,
                                                    config.max_num_seqs)
         if draft is not None:
             prepare_draft(config, draft)
