@@ -103,3 +103,37 @@ def test_an_image_input_is_refused_by_name(server):
             {"type": "input_text", "text": "what is this?"}, image]}]})
     assert r.status_code == 400 and r.json()["error"]["param"] == "input.0.content", r.text
     assert "content parts of type 'input_image' are not supported" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_cut_reply_marks_its_item_incomplete(oai, stream):
+    kw = dict(model=MODEL, input="Tell me a long story about a lighthouse.", temperature=0,
+              max_output_tokens=5)
+    if stream:
+        with oai.responses.stream(**kw) as s:
+            done = [ev.item for ev in s if ev.type == "response.output_item.done"]
+            r = s.get_final_response()
+        assert [item.status for item in done] == ["incomplete"]
+    else:
+        r = oai.responses.create(**kw)
+    assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
+    assert [item.status for item in r.output] == ["incomplete"]
+    assert r.usage.output_tokens == 5
+
+
+def test_ignore_eos_and_a_forced_call_with_a_text_format(oai):
+    """Fields real clients send: guidellm's `ignore_eos` (vLLM's extra, as on chat), and
+    instructor's RESPONSES_TOOLS mode's named tool_choice together with text.format (the format
+    governs text, which a forced call leaves none of: the call's grammar rules, as on OpenAI)."""
+    r = oai.responses.create(model=MODEL, input="Say hi.", max_output_tokens=24, temperature=0,
+                             extra_body={"ignore_eos": True})
+    assert r.usage.output_tokens == 24
+    schema = WEATHER["parameters"]
+    r = oai.responses.create(
+        model=MODEL, input="Weather in Paris?", tools=[WEATHER], temperature=0,
+        tool_choice={"type": "function", "name": "get_weather"}, max_output_tokens=60,
+        text={"format": {"type": "json_schema", "name": "get_weather", "schema": schema,
+                         "strict": True}})
+    [call] = r.output
+    assert call.type == "function_call" and call.name == "get_weather"
+    jsonschema.validate(json.loads(call.arguments), schema)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import jsonschema
+import openai
 import pytest
 
 WEATHER = {"type": "function", "function": {
@@ -60,19 +61,74 @@ def test_parallel_tool_calls_false_allows_one_call(oai, model):
     assert len(calls_of(r.choices[0].message)) == 1
 
 
+@pytest.mark.parametrize("strict", [False, True], ids=["loose", "strict"])
 @pytest.mark.parametrize("tool_choice", ["required", NAMED], ids=["required", "named"])
-def test_streamed_calls_equal_non_streamed(oai, model, tool_choice):
-    kw = dict(model=model, messages=ASK, tools=TOOLS, tool_choice=tool_choice, temperature=0,
+def test_streamed_calls_equal_non_streamed(oai, model, tool_choice, strict):
+    # strict tools: the client's helper parses each call's arguments as they accumulate, so a
+    # chunk with two entries of one index (a header with "" arguments, then the arguments)
+    # made it parse "" and fail
+    tools = [{**t, "function": {**t["function"], "strict": strict}} for t in TOOLS]
+    kw = dict(model=model, messages=ASK, tools=tools, tool_choice=tool_choice, temperature=0,
               parallel_tool_calls=False, max_tokens=120)
     whole = oai.chat.completions.create(**kw).choices[0]
     with oai.chat.completions.stream(**kw) as stream:  # the client's own reassembly
-        for _ in stream:
-            pass
+        for event in stream:
+            if event.type == "chunk":
+                for c in event.chunk.choices:
+                    indices = [d.index for d in c.delta.tool_calls or []]
+                    assert len(indices) == len(set(indices)), "one entry per call a chunk"
         streamed = stream.get_final_completion().choices[0]
     assert streamed.finish_reason == whole.finish_reason == "tool_calls"
     assert streamed.message.content is None and whole.message.content is None
     got = [(c.function.name, c.function.arguments) for c in streamed.message.tool_calls]
     assert got == [(c.function.name, c.function.arguments) for c in whole.message.tool_calls]
+    if strict:
+        assert [c.function.parsed_arguments for c in streamed.message.tool_calls] == [
+            json.loads(c.function.arguments) for c in whole.message.tool_calls]
+
+
+def test_a_forced_call_with_a_response_format(oai, model):
+    """response_format shapes text, which a forced call leaves none of: accepted (as OpenAI
+    does; instructor sends both), the call's grammar rules. vLLM's guided_* fields constrain
+    the whole output and stay a 400 naming the field."""
+    fmt = {"type": "json_schema", "json_schema": {"name": "add", "schema": SCHEMAS["add"]}}
+    r = oai.chat.completions.create(model=model, messages=ASK, tools=TOOLS, temperature=0,
+                                    tool_choice="required", parallel_tool_calls=False,
+                                    response_format=fmt, max_tokens=120)
+    assert calls_of(r.choices[0].message) and r.choices[0].finish_reason == "tool_calls"
+    with pytest.raises(openai.BadRequestError) as err:
+        oai.chat.completions.create(model=model, messages=ASK, tools=TOOLS,
+                                    tool_choice="required", max_tokens=20,
+                                    extra_body={"guided_json": SCHEMAS["add"]})
+    assert err.value.body["param"] == "guided_json"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_required_call_cut_by_max_tokens_is_a_partial_call(oai, model, stream):
+    """As OpenAI returns a call cut by length (and as the named path does): the call with the
+    arguments written so far, never the grammar's JSON array as text."""
+    kw = dict(model=model, messages=ASK, tools=TOOLS, tool_choice="required", temperature=0,
+              parallel_tool_calls=False, max_tokens=12)
+    if stream:  # (the client's .stream() helper refuses any reply cut by length)
+        content, finish, calls = "", None, {}
+        for chunk in oai.chat.completions.create(stream=True, **kw):
+            for c in chunk.choices:
+                content += c.delta.content or ""
+                finish = c.finish_reason or finish
+                for d in c.delta.tool_calls or []:
+                    name, args = calls.get(d.index, ("", ""))
+                    calls[d.index] = (name + (d.function.name or ""),
+                                      args + (d.function.arguments or ""))
+        got = (content or None, finish, list(calls.values()))
+    else:
+        choice = oai.chat.completions.create(**kw).choices[0]
+        got = (choice.message.content, choice.finish_reason,
+               [(c.function.name, c.function.arguments) for c in choice.message.tool_calls])
+        assert choice.message.tool_calls[0].id.startswith("call_")
+    content, finish, [(name, arguments)] = got
+    assert content is None and finish == "length" and name in SCHEMAS
+    whole = oai.chat.completions.create(**{**kw, "max_tokens": 150}).choices[0]
+    assert whole.message.tool_calls[0].function.arguments.startswith(arguments)
 
 
 @pytest.mark.parametrize("tool_choice", ["auto", "none"])
@@ -87,7 +143,7 @@ def test_auto_and_none_stream_the_same_reply(oai, model, tool_choice):
             deltas += len(c.delta.tool_calls or [])
             finish = c.finish_reason or finish
     assert (content or None) == whole.message.content and finish == whole.finish_reason
-    assert deltas == 2 * len(whole.message.tool_calls or [])
+    assert deltas == len(whole.message.tool_calls or [])  # one entry per call
     if tool_choice == "none":
         assert whole.message.tool_calls is None and whole.message.content
 

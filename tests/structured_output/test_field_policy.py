@@ -86,7 +86,9 @@ def test_logit_bias_and_allowed_token_ids_reach_the_sampler():
     ({"guided_json": "{not json"}, "guided_json"),
     ({"guided_grammar": "start: x"}, "guided_grammar"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required",
-      "response_format": {"type": "json_object"}}, "response_format"),
+      "guided_json": {"type": "object"}}, "guided_json"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required",
+      "response_format": {"type": "json_schema"}}, "response_format"),  # checked all the same
     ({"tool_choice": "required"}, "tool_choice"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}],
       "tool_choice": {"type": "function", "function": {"name": "g"}}}, "tool_choice"),

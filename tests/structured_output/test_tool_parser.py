@@ -87,7 +87,7 @@ def test_named_streams_arguments_as_they_come():
     stream = ToolCallStream(use)
     first, second = stream.feed('{"a"'), stream.feed(': 3}')
     assert first[0] == "" and first[1][0].function.name == "add"
-    assert [d.function.arguments for d in first[1] + second[1]] == ["", '{"a"', ": 3}"]
+    assert [d.function.arguments for d in first[1] + second[1]] == ['{"a"', ": 3}"]
     assert parse_tool_calls('{"a": 3}', use)[1][0].function.arguments == '{"a": 3}'
 
 

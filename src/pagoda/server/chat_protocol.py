@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
 from pagoda.sampling.params import MAX_LOGPROBS
 from pagoda.server.protocol import (
@@ -81,12 +81,22 @@ class ChatResponseMessage(Schema):
     tool_calls: list[ToolCall] | None = None
 
 
-class DeltaFunctionCall(Schema):
+class _WithoutNulls(Schema):
+    """Serialized without its unset (None) fields, as OpenAI streams call fragments: a client's
+    accumulator (openai's `.stream()` helper) merges fragments key by key, so an explicit
+    `"type": null` in a later fragment would overwrite the first one's "function"."""
+
+    @model_serializer(mode="wrap")
+    def _drop_nulls(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class DeltaFunctionCall(_WithoutNulls):
     name: str | None = None
     arguments: str | None = None
 
 
-class DeltaToolCall(Schema):
+class DeltaToolCall(_WithoutNulls):
     """One fragment of a streamed call: the first carries id, type and name."""
 
     index: int

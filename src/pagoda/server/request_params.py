@@ -138,7 +138,10 @@ def chat_params(request: ChatCompletionRequest, tools: ToolUse) -> SamplingParam
     found = request_constraint(request)
     constraint = tool_constraint(tools)
     if constraint is not None:
-        if found is not None:
+        # response_format shapes the message's text, and a forced call leaves no text: OpenAI
+        # accepts both (instructor's RESPONSES_TOOLS sends both), so the call's grammar rules.
+        # The guided_* fields constrain the whole output, which the call's grammar already does.
+        if found is not None and found[1] != "response_format":
             raise APIError(400, f"tool_choice {tools.mode!r} constrains the output; it cannot "
                            f"be combined with {found[1]}", found[1])
         check(constraint, "tools")

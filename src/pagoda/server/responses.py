@@ -8,7 +8,8 @@ output items (`message` with `output_text`, `function_call`), streamed as the Re
 sequence: `response.created`, `response.in_progress`, `response.output_item.added`,
 `response.content_part.added`, `response.output_text.delta` ... `.done`,
 `response.function_call_arguments.delta` / `.done`, `response.output_item.done`,
-`response.completed` (its status "incomplete" when max_output_tokens cut the reply).
+`response.completed` (its status "incomplete" when max_output_tokens cut the reply, as is the
+status of the item it cut).
 
 Nothing is stored: `store: true`, `previous_response_id`, `conversation` and `background` are
 400s naming the field, as are `reasoning`, `include`, `truncation: "auto"`, `top_logprobs`,
@@ -96,7 +97,8 @@ def to_chat(request: ResponsesRequest) -> ChatCompletionRequest:
                              "content": MessageItem.model_validate(item).text()})
     fields: dict[str, Any] = {"messages": messages, "temperature": request.temperature,
                               "top_p": request.top_p, "stream": request.stream,
-                              "max_completion_tokens": request.max_output_tokens}
+                              "max_completion_tokens": request.max_output_tokens,
+                              "ignore_eos": request.ignore_eos}
     fmt = request.text.format if request.text else None
     if fmt is not None and fmt.type == "json_object":
         fields["response_format"] = {"type": "json_object"}
@@ -153,6 +155,8 @@ async def create_response(client: EngineClient, request: ResponsesRequest, raw: 
     text = content if calls else sample.text
     items = ([_message_item(text)] if text else []) + [
         _call_item(c.function.name, c.function.arguments, c.id) for c in calls]
+    if items and sample.finish_reason == "length":
+        items[-1]["status"] = "incomplete"  # the item max_output_tokens cut
     cached = done.output.metrics.num_cached_tokens if done.output.metrics else 0
     return JSONResponse(_finished(shell, items, sample, len(prompt_ids), cached))
 
@@ -206,6 +210,7 @@ async def _events(shell: dict[str, Any], num_prompt_tokens: int, tools: ToolUse,
     text_item: dict[str, Any] | None = None  # the message item being written
     calls: dict[int, dict[str, Any]] = {}  # tool-call index -> its item being written
     stream = ToolCallStream(tools)
+    closing = "completed"  # the status of items closed now: "incomplete" at a length cut
 
     def event(kind: str, **payload: Any) -> str:
         nonlocal seq
@@ -220,7 +225,7 @@ async def _events(shell: dict[str, Any], num_prompt_tokens: int, tools: ToolUse,
         item, text_item = text_item, None
         index, text = len(items), item["content"][0]["text"]
         part = {"type": "output_text", "text": text, "annotations": []}
-        items.append({**item, "status": "completed"})
+        items.append({**item, "status": closing})
         return [event("response.output_text.done", item_id=item["id"], output_index=index,
                       content_index=0, text=text),
                 event("response.content_part.done", item_id=item["id"], output_index=index,
@@ -259,7 +264,7 @@ async def _events(shell: dict[str, Any], num_prompt_tokens: int, tools: ToolUse,
     def close_call() -> list[str]:
         out = []
         for key in list(calls):
-            item = {**calls.pop(key), "status": "completed"}
+            item = {**calls.pop(key), "status": closing}
             index = len(items)
             items.append(item)
             out += [event("response.function_call_arguments.done", item_id=item["id"],
@@ -282,7 +287,10 @@ async def _events(shell: dict[str, Any], num_prompt_tokens: int, tools: ToolUse,
                 yield piece
             if delta.finish_reason is not None:
                 final = delta
-                for piece in pieces(*stream.finish()) + close_text() + close_call():
+                flushed = pieces(*stream.finish())
+                if delta.finish_reason == "length":  # what is still open was cut
+                    closing = "incomplete"
+                for piece in flushed + close_text() + close_call():
                     yield piece
     if final is None:
         return

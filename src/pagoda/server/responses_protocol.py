@@ -106,6 +106,7 @@ class ResponsesRequest(RequestSchema):
     user: str | None = None
     safety_identifier: str | None = None
     prompt_cache_key: str | None = None  # prefix caching is automatic
+    ignore_eos: bool = False  # vLLM's extra, as on chat and completions (guidellm sends it)
     # stateful or unsupported: refused unless neutral (responses.py)
     store: bool | None = None
     previous_response_id: str | None = None

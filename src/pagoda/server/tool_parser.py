@@ -9,7 +9,10 @@ Hermes-style; see docs/structured_output.md):
 - named: the grammar made the reply the named function's arguments object.
 A block that does not parse as a call of a known function stays in the content: nothing the
 model wrote is dropped. Streams send content as it comes, minus any text that may be the start
-of a `<tool_call>` tag, and each call as two deltas: id/type/name, then its arguments.
+of a `<tool_call>` tag, and each call as one delta entry carrying its id/type/name and its first
+arguments (later arguments follow in entries with only the index): a chunk never holds two
+entries of one index, which clients' stream accumulators (openai's `.stream()` helper,
+instructor's partial streaming) take for two calls.
 """
 
 from __future__ import annotations
@@ -48,6 +51,37 @@ def _as_calls(value: Any, names: set[str]) -> list[ToolCall] | None:
     return calls or None
 
 
+# the call a `required` reply was writing when max_tokens cut it: the grammar writes "name"
+# first (schema order), so a complete name and the arguments' first characters
+_CUT_CALL = re.compile(
+    r'\{\s*"name"\s*:\s*"([A-Za-z0-9_.-]+)"(?:\s*,\s*(?:"arguments"\s*:\s*(.*))?)?', re.S)
+
+
+def _cut_calls(text: str, names: set[str]) -> list[ToolCall]:
+    """The calls of a `required` reply cut short: each complete one, then the one being written
+    with its arguments so far (as OpenAI returns a call cut by length, and as the named path
+    does), so the grammar's array never reaches the client as text."""
+    start = text.find("[")
+    if start < 0:
+        return []
+    decoder, pos, calls = json.JSONDecoder(), start + 1, []
+    while True:
+        while pos < len(text) and text[pos] in " \t\r\n,":
+            pos += 1
+        try:
+            value, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError:
+            break
+        complete = _as_calls(value, names)
+        if not complete:
+            return calls
+        calls += complete
+    cut = _CUT_CALL.match(text, pos)
+    if cut and cut.group(1) in names:
+        calls.append(new_call(cut.group(1), cut.group(2) or ""))
+    return calls
+
+
 def _loads(text: str) -> Any:
     try:
         return json.loads(text)
@@ -60,7 +94,7 @@ def parse_tool_calls(text: str, use: ToolUse) -> tuple[str | None, list[ToolCall
     if use.mode == "named":
         return None, [new_call(use.named, text)]
     if use.mode == "required":
-        calls = _as_calls(_loads(text), use.names)
+        calls = _as_calls(_loads(text), use.names) or _cut_calls(text, use.names)
         return (None, calls) if calls else (text, [])
     if use.mode == "none":
         return text, []
@@ -99,10 +133,11 @@ class ToolCallStream:
         if mode == "none":
             return text, []
         if mode == "named":
-            deltas = [] if self.num_calls else self._open(new_call(self.use.named, ""))
+            if not self.num_calls:
+                return "", self._open(new_call(self.use.named, text))
             if text:
-                deltas.append(DeltaToolCall(index=0, function=DeltaFunctionCall(arguments=text)))
-            return "", deltas
+                return "", [DeltaToolCall(index=0, function=DeltaFunctionCall(arguments=text))]
+            return "", []
         self.pending += text
         if mode == "required":
             return "", []
@@ -173,17 +208,17 @@ class ToolCallStream:
         return body
 
     def _open(self, call: ToolCall) -> list[DeltaToolCall]:
+        """The call's first entry: id, type, name and the arguments known so far."""
         index = self.num_calls
         self.num_calls += 1
         return [DeltaToolCall(index=index, id=call.id, type="function",
-                              function=DeltaFunctionCall(name=call.function.name, arguments=""))]
+                              function=DeltaFunctionCall(name=call.function.name,
+                                                         arguments=call.function.arguments))]
 
     def _send(self, call: ToolCall) -> list[DeltaToolCall]:
         if self.num_calls and not self.use.parallel:  # parallel_tool_calls false: the first only
             return []
-        opened = self._open(call)
-        return opened + [DeltaToolCall(index=opened[0].index, function=DeltaFunctionCall(
-            arguments=call.function.arguments))]
+        return self._open(call)
 
 
 def _partial_tag(text: str) -> int:
