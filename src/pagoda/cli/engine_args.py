@@ -7,6 +7,7 @@ import re
 
 from pagoda.engine.config import ATTENTION_BACKENDS, QUANT_KERNELS, EngineConfig
 from pagoda.layers.pooler import POOLING_MODES
+from pagoda.loader.model_loader import resolve_model_path
 from pagoda.models.bert import ATTENTION_MODES
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20,
@@ -150,7 +151,13 @@ def engine_config_from_args(args: argparse.Namespace, **overrides: object) -> En
         distributed_executor=args.distributed_executor,
     )
     values.update(overrides)
-    return EngineConfig(**values)
+    config = EngineConfig(**values)
+    # a missing model or draft file is a one-line error now, not a traceback from the engine's
+    # loader after the server has started
+    resolve_model_path(config.model)
+    if config.draft_model not in (None, "self"):
+        resolve_model_path(config.draft_model)
+    return config
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 256) -> None:
