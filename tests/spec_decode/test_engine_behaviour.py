@@ -84,20 +84,33 @@ def test_max_tokens_and_logprobs_unchanged(loaded_model):
             assert all(abs(a[t] - b[t]) < 1e-3 for t in a)
 
 
-@pytest.mark.parametrize("method", ["draft", "hybrid"])
-def test_seeded_sampling_is_reproducible_and_batch_independent(loaded_model, gguf_draft, method):
-    ids = loaded_model.tokenizer.encode(QUOTE)
+@pytest.mark.parametrize("method", ["ngram", "draft", "hybrid"])
+def test_seeded_sampling_equals_speculation_off_alone_and_in_a_batch(loaded_model, gguf_draft,
+                                                                      method):
+    """A seeded request's tokens are exactly its tokens without speculation, whatever drafted
+    them and however many requests ran beside it (the batch size changes the drafts: the
+    policy's solo rule, hybrid's model-or-lookup choice)."""
+    tok = loaded_model.tokenizer
+    prompts = {"quote": tok.encode(QUOTE), "story": tok.encode("Once upon a time, in a small "
+                                                               "village by the sea,")}
     params = SamplingParams(temperature=0.8, top_p=0.95, max_tokens=32, seed=1234,
                             ignore_eos=True)
-    alone = outputs(engine(loaded_model, method, gguf_draft), ids, params).token_ids
-    again = outputs(engine(loaded_model, method, gguf_draft), ids, params).token_ids
-    assert alone == again
-    eng = engine(loaded_model, method, gguf_draft, speculative_max_batch=8)
-    others = {f"o{i}": (loaded_model.tokenizer.encode(f"Story number {i}:"),
+    off = engine(loaded_model, None)
+    want = {k: outputs(off, ids, params).token_ids for k, ids in prompts.items()}
+    draft = None if method == "ngram" else gguf_draft
+    eng = engine(loaded_model, method, draft, speculative_max_batch=8)
+    alone = {k: outputs(eng, ids, params).token_ids for k, ids in prompts.items()}
+    assert alone == want
+    stats = eng.stats()
+    assert stats.spec_num_accepted_tokens > 0
+    assert stats.spec_num_draft_tokens > stats.spec_num_accepted_tokens  # rejections too
+    if method == "hybrid":
+        assert eng.runner.proposer.num_model_drafts > 0  # the story has no repeats to look up
+    others = {f"o{i}": (tok.encode(f"Story number {i}:"),
                         SamplingParams(temperature=1.0, max_tokens=20)) for i in range(4)}
-    got = run_to_completion(eng, {"seeded": (ids, params), **others},
-                            arrivals={"seeded": 2})
-    assert got["seeded"] == alone
+    got = run_to_completion(eng, {**{k: (ids, params) for k, ids in prompts.items()}, **others},
+                            arrivals={"quote": 2, "story": 3})
+    assert {k: got[k] for k in prompts} == want
     eng.check_integrity()
 
 

@@ -108,6 +108,27 @@ def test_greedy_accepts_while_argmax_agrees():
     assert rs(logits[:2], [(sreq(params), Draft([1]))], ())[0][0] == [0]
 
 
+@pytest.mark.parametrize("draft", [None, *DRAFTS], ids=["point", *DRAFTS])
+def test_seeded_verification_emits_the_plain_seeded_draws(draft):
+    """A seeded request's verified tokens are the tokens plain seeded sampling draws at those
+    positions, whatever the draft (so the first follows p: chi-square over many seeds)."""
+    params = [SamplingParams(temperature=1.0, top_p=0.9, seed=s) for s in range(N)]
+    g = torch.Generator().manual_seed(3)
+    q = DRAFTS.get(draft) if draft else None
+    sampler = Sampler(seed=0)
+    rs, firsts = RejectionSampler(sampler), []
+    for i, p in enumerate(params[:N if draft is None else 400]):
+        d = int(torch.multinomial(q, 1, generator=g)) if q is not None else i % 3
+        item = (sreq(p), Draft([d], None if q is None else q.unsqueeze(0)))
+        tokens = rs(torch.stack([ROW0, ROW1]), [item], ())[0][0]
+        plain = [sampler(ROW0.unsqueeze(0), [sreq(p)], ())[0][0],
+                 sampler(ROW1.unsqueeze(0), [sreq(p, outputs=[d])], ())[0][0]]
+        assert tokens == plain[:len(tokens)] and (len(tokens) == 2) == (plain[0] == d)
+        firsts.append(tokens[0])
+    if draft is None:
+        assert_follows(firsts, target_probs(params[0], ROW0))
+
+
 def test_seeded_verification_is_reproducible():
     params = SamplingParams(temperature=1.0, seed=42)
     item = (sreq(params, outputs=[3, 4]), Draft([1, 2], torch.full((2, 6), 1 / 6)))

@@ -21,7 +21,7 @@ _MASK = float("-inf")
 
 # Purposes of seeded random draws: each has its own stream, so adding speculation (which needs
 # acceptance draws and residual samples) leaves the plain sampling stream untouched.
-NOISE_SAMPLE, NOISE_ACCEPT, NOISE_RESIDUAL, NOISE_DRAFT = 0, 1, 2, 3
+NOISE_SAMPLE, NOISE_ACCEPT, NOISE_RESIDUAL = 0, 1, 2
 
 
 class Sampler:
@@ -141,11 +141,11 @@ class Sampler:
     def noise(self, shape: torch.Size, requests: list[ScheduledRequest], purpose: int
               ) -> torch.Tensor:
         """Exp(1) noise (R, V); a seeded row's comes from its own keyed generator."""
-        noise = torch.empty(shape).exponential_(generator=self.generator)
+        noise = exponential(shape, self.generator)
         for row, r in enumerate(requests):
             g = self.keyed_generator(r, purpose)
             if g is not None:
-                noise[row] = torch.empty(shape[1]).exponential_(generator=g)
+                noise[row] = exponential((shape[1],), g)
         return noise
 
     def uniform(self, request: ScheduledRequest, purpose: int) -> float:
@@ -162,6 +162,16 @@ class Sampler:
         if purpose != NOISE_SAMPLE:  # the plain stream keeps the key it always had
             key = (*key, purpose)
         return torch.Generator().manual_seed(hash(key) & 0x7FFF_FFFF_FFFF_FFFF)
+
+
+def exponential(shape: tuple[int, ...] | torch.Size, generator: torch.Generator) -> torch.Tensor:
+    """Exp(1) draws as -log(1 - U): 6x faster than `Tensor.exponential_` on the CPU (0.13 vs
+    0.78 ms for a 49,152-token vocabulary), which every sampled token and every verified row of
+    a seeded request pays. A draw of exactly 0 (U = 0: one in 2^24 per entry) is raised to the
+    smallest normal float, so a zero-probability token can never win the race as 0 / 0 would
+    (NaN is argmax's maximum)."""
+    u = torch.rand(shape, generator=generator)
+    return torch.log1p(-u).neg_().clamp_(min=torch.finfo(torch.float32).tiny)
 
 
 def token_logprobs(row: torch.Tensor, num_top: int | None, token_id: int

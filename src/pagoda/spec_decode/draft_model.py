@@ -20,7 +20,7 @@ import torch
 
 from pagoda.kv_cache.hybrid_manager import HybridKVCacheManager
 from pagoda.kv_cache.kv_cache_manager import KVCacheManager
-from pagoda.sampling.sampler import NOISE_DRAFT
+from pagoda.sampling.sampler import NOISE_SAMPLE
 from pagoda.scheduler.output import ScheduledRequest
 from pagoda.spec_decode.proposer import Draft
 from pagoda.worker.model_runner import ModelRunner
@@ -74,7 +74,10 @@ class DraftModelProposer:
               drafted: dict[str, list[int]]) -> list[tuple[int, torch.Tensor | None]]:
         """A token per row: argmax for greedy requests (a point mass), else drawn from q, the
         draft's distribution under the request's temperature / top-k / top-p / min-p (any q
-        keeps verification exact; a q close to the target's is accepted more often)."""
+        keeps verification exact; a q close to the target's is accepted more often). The draw
+        uses the noise the target's own draw at that position uses: a seeded request's is keyed
+        by its position, so the two draws are coupled and agree most of the time, which is what
+        its verification asks (rejection_sampler.py)."""
         out: list[tuple[int, torch.Tensor | None]] = [
             (t, None) for t in logits.argmax(dim=-1).tolist()]
         rows = [i for i, r in enumerate(requests) if not r.sampling_params.greedy]
@@ -84,7 +87,7 @@ class DraftModelProposer:
                 requests[i].output_token_ids + drafted[requests[i].req_id])) for i in rows]
             q = self.sampler.filtered_probs(logits[rows], views)
             q = q / q.sum(dim=-1, keepdim=True)
-            for j, t in enumerate(self.sampler.race(q, views, NOISE_DRAFT).tolist()):
+            for j, t in enumerate(self.sampler.race(q, views, NOISE_SAMPLE).tolist()):
                 out[rows[j]] = (t, q[j])
         return out
 

@@ -14,8 +14,16 @@ penalties, temperature, top-k / top-p / min-p, computed with d_1..d_j as output 
   point-mass draft (prompt lookup) q_j(d) = 1, so the acceptance probability is p_j(d) and the
   residual is p_j with d removed.
 
-Random draws come from `Sampler`'s streams (keyed per position for seeded requests), so a seeded
-request's output is reproducible run to run.
+- Seeded sampling: row j draws the token plain decoding would draw there (the same noise, keyed
+  by seed and position) and d_{j+1} is accepted while it equals that token; the first mismatch
+  emits the drawn token, and when all match the bonus draw follows. The output is then exactly
+  the non-speculative seeded output, whatever the drafts: the same with speculation on or off,
+  with any method or depth, alone or in any batch. A draft model drawing from its q with the
+  same noise (draft_model.py) agrees with it most of the time (the exponential race couples the
+  two draws: with q = p they always agree); a point-mass draft is accepted with probability
+  p_j(d), as under the rejection rule.
+
+Unseeded draws come from `Sampler`'s shared generator.
 """
 
 from __future__ import annotations
@@ -78,6 +86,10 @@ class RejectionSampler:
     def _verify_random(self, logits: torch.Tensor, views: list[ScheduledRequest], draft: Draft
                        ) -> list[int]:
         p = self.sampler.filtered_probs(logits, views)
+        if views[0].sampling_params.seed is not None:
+            # the tokens plain seeded decoding draws at these positions (the module docstring)
+            return _verify_greedy(self.sampler.race(p, views, NOISE_SAMPLE).tolist(),
+                                  draft.token_ids)
         p = p / p.sum(dim=-1, keepdim=True)  # min-p leaves rows unnormalized
         tokens: list[int] = []
         for j, d in enumerate(draft.token_ids):
@@ -102,7 +114,8 @@ class RejectionSampler:
 
 
 def _verify_greedy(targets: list[int], draft_ids: list[int]) -> list[int]:
-    """targets[j] = argmax of row j; accept drafts while they agree, then one target token."""
+    """targets[j] = the token row j emits (its argmax, or its seeded draw); accept drafts while
+    they agree, then one target token."""
     tokens = []
     for target, d in zip(targets, draft_ids, strict=False):
         tokens.append(target)
