@@ -105,10 +105,14 @@ def test_an_image_input_is_refused_by_name(server):
     assert "content parts of type 'input_image' are not supported" in r.json()["error"]["message"]
 
 
+@pytest.mark.parametrize("kind", ["message", "function_call"])
 @pytest.mark.parametrize("stream", [False, True])
-def test_a_cut_reply_marks_its_item_incomplete(oai, stream):
+def test_a_cut_reply_marks_its_item_incomplete(oai, stream, kind):
     kw = dict(model=MODEL, input="Tell me a long story about a lighthouse.", temperature=0,
               max_output_tokens=5)
+    if kind == "function_call":  # a forced call cut mid-arguments
+        kw.update(input="Weather in Paris?", tools=[WEATHER],
+                  tool_choice={"type": "function", "name": "get_weather"})
     if stream:
         with oai.responses.stream(**kw) as s:
             done = [ev.item for ev in s if ev.type == "response.output_item.done"]
@@ -117,7 +121,7 @@ def test_a_cut_reply_marks_its_item_incomplete(oai, stream):
     else:
         r = oai.responses.create(**kw)
     assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
-    assert [item.status for item in r.output] == ["incomplete"]
+    assert [(item.type, item.status) for item in r.output] == [(kind, "incomplete")]
     assert r.usage.output_tokens == 5
 
 

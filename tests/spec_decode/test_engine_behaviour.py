@@ -259,6 +259,39 @@ def test_hybrid_drafts_by_lookup_where_the_context_repeats(loaded_model, gguf_dr
     assert eng.stats().spec_num_accepted_tokens > 0
 
 
+def test_hybrid_gates_a_draft_model_whose_drafts_are_rejected(loaded_model, gguf_draft):
+    """The model's acceptance is read from the context at the next step: a request whose model
+    drafts are never kept soon gets them only as a probe every PROBE_EVERY steps, as under the
+    draft method's policy, even alone (where lookup's floors would draft at every step)."""
+    from pagoda.scheduler.spec_policy import PROBE_EVERY
+
+    proposer = engine(loaded_model, "hybrid", gguf_draft).runner.proposer
+    context = [9, 1, 2, 7, 8]  # no 3-token run repeats: the model's turn at every step
+    drafted = []
+    for step in range(4 * PROBE_EVERY):
+        draft = proposer.propose([scheduled(context)]).get("r")
+        drafted.append(len(draft.token_ids) if draft else 0)
+        # the model's first token is never what the target verified
+        wrong = draft.token_ids[0] + 1 if draft else 3
+        context = context + [wrong % 1000 + 100 + step]
+    assert drafted[0] == 4 and sum(drafted[:3]) > 3  # the prior's acceptance: full depth
+    late = drafted[2 * PROBE_EVERY:]
+    assert late.count(0) >= len(late) - 3 and max(late) == 1  # probes, one token each
+    proposer.release(["r"])
+    assert not proposer.states and not proposer.pending
+
+
+def test_hybrid_on_the_drafts_own_weights_drafts_by_lookup_alone(caplog):
+    """The default GGUF served on its own blocks: a self-draft would have the same weights (each
+    draft token costing a model token), so hybrid keeps prompt lookup and loads no draft."""
+    eng = LLMEngine(EngineConfig(progress=False, kv_cache_memory=32 << 20,
+                                 speculative_method="hybrid", draft_model="self"))
+    assert eng.config.quantization == "gguf" and eng.config.speculative_method == "ngram"
+    assert isinstance(eng.runner.proposer, NgramProposer) and eng.draft is None
+    assert eng.config.prompt_lookup_min == 2  # ngram's own default on quantized weights
+    assert "drafting by prompt lookup only" in caplog.text
+
+
 def test_the_draft_follows_the_engines_kernel_options(loaded_model, gguf_draft):
     """`--fused-ops off` reaches the draft model too, and an fp32 draft's linears take the
     engine's `--dense-kernel` (its own product, not torch's default, where fgemm runs)."""

@@ -122,3 +122,19 @@ def test_generic_prompt_renders_tools_history_and_results():
     same, extra = template_messages(history, use, template_knows_tools=True)
     assert same is history and [t["function"]["name"] for t in extra["tools"]] == [
         "get_weather", "add"]
+
+
+def test_a_required_reply_cut_by_length_is_a_partial_call_and_only_then():
+    use = use_of("required")
+    cut = '[{"name": "add", "arguments": {"a": 2, "b": 3}}, {"name": "add", "arguments": {"a'
+    content, calls = parse_tool_calls(cut, use, cut=True)
+    assert content is None
+    assert [(c.function.name, c.function.arguments) for c in calls] == [
+        ("add", '{"a": 2, "b": 3}'), ("add", '{"a')]
+    # a stop string ended it: nothing was cut by the budget, so no call is passed on as finished
+    assert parse_tool_calls(cut, use) == (cut, [])
+    assert parse_tool_calls('[{"name": "ad', use, cut=True) == ('[{"name": "ad', [])
+    stream = ToolCallStream(use)
+    assert stream.feed(cut) == ("", [])
+    text, deltas = stream.finish(cut=True)
+    assert text == "" and [(d.index, d.function.name) for d in deltas] == [(0, "add"), (1, "add")]

@@ -41,6 +41,7 @@ from pagoda.spec_decode.setup import (
     check_vocabulary,
     is_quantized,
     load_draft,
+    self_draft_is_target,
     split_budget,
 )
 from pagoda.structured_output.grammar_compiler import GrammarCompiler
@@ -98,6 +99,12 @@ class LLMEngine:
         # settled once, before any rank or module reads it
         self.config = config = replace(config, quantization=config.quantization_for(
             self.loaded.path, preloaded=loaded is not None))
+        if draft is None and config.speculative_method == "hybrid" and self_draft_is_target(
+                config, self.loaded.path):
+            log.warning("hybrid: the self-draft would have the model's own %s weights, so its "
+                        "drafts would cost what the model's tokens cost; drafting by prompt "
+                        "lookup only (--speculative-method ngram)", config.quantization)
+            self.config = config = replace(config, speculative_method="ngram", draft_model=None)
         self.model_config = cfg = self.loaded.config
         # parallelism: this process is rank 0 and holds its share of the weights
         self.peers = start_peers(config, self.loaded) if parallel else None

@@ -61,6 +61,12 @@ class SpecState:
     def acceptance(self) -> float:
         return self.accepted / self.trials
 
+    def record(self, num_accepted: int, num_drafted: int) -> None:
+        """A step's trials are its accepted drafts plus the first rejected one."""
+        trials = num_accepted + (1 if num_accepted < num_drafted else 0)
+        self.accepted = DECAY * self.accepted + num_accepted
+        self.trials = DECAY * self.trials + trials
+
 
 @dataclass
 class SpecDecodeStats:
@@ -110,10 +116,7 @@ class SpecPolicy:
         s.num_accepted_tokens += num_accepted
         for pos in range(num_accepted):
             s.accepted_per_pos[pos] += 1
-        state = self.states.setdefault(req_id, SpecState())
-        trials = num_accepted + (1 if num_accepted < num_drafted else 0)
-        state.accepted = DECAY * state.accepted + num_accepted
-        state.trials = DECAY * state.trials + trials
+        self.states.setdefault(req_id, SpecState()).record(num_accepted, num_drafted)
 
     def forget(self, req_id: str) -> None:
         self.states.pop(req_id, None)

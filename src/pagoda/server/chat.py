@@ -160,7 +160,7 @@ async def create_chat_completion(client: EngineClient, request: ChatCompletionRe
         if request.logprobs and sample.logprobs is not None:
             logprobs = chat_logprobs(sample.token_ids, sample.logprobs, num_top,
                                      llm.tokenizer.token_str, llm.tokenizer.token_bytes)
-        content, calls = parse_tool_calls(sample.text, tools)
+        content, calls = parse_tool_calls(sample.text, tools, sample.finish_reason == "length")
         finish = sample.finish_reason
         if calls and finish == "stop":
             finish = "tool_calls"
@@ -194,7 +194,7 @@ def _stream(client: EngineClient, request: ChatCompletionRequest, tools: ToolUse
         text, calls = stream.feed(delta.text)
         finish = delta.finish_reason
         if finish is not None:
-            more_text, more_calls = stream.finish()
+            more_text, more_calls = stream.finish(finish == "length")
             text, calls = text + more_text, calls + more_calls
             if stream.made_calls and finish == "stop":
                 finish = "tool_calls"

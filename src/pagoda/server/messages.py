@@ -116,7 +116,7 @@ async def create_message(client: EngineClient, request: MessagesRequest, raw: Re
     finally:
         ticket.release()
     sample = done.samples[0]
-    content, calls = parse_tool_calls(sample.text, tools)
+    content, calls = parse_tool_calls(sample.text, tools, sample.finish_reason == "length")
     blocks: list[dict[str, Any]] = []
     text = content if calls else sample.text
     if text:
@@ -207,7 +207,7 @@ async def _events(client: EngineClient, msg_id: str, num_prompt_tokens: int, too
                 yield piece
             if delta.finish_reason is not None:
                 finish = delta
-                for piece in blocks(*stream.finish()):
+                for piece in blocks(*stream.finish(delta.finish_reason == "length")):
                     yield piece
     for piece in close():
         yield piece

@@ -151,12 +151,14 @@ async def create_response(client: EngineClient, request: ResponsesRequest, raw: 
     finally:
         ticket.release()
     sample = done.samples[0]
-    content, calls = parse_tool_calls(sample.text, tools)
+    content, calls = parse_tool_calls(sample.text, tools, sample.finish_reason == "length")
     text = content if calls else sample.text
     items = ([_message_item(text)] if text else []) + [
         _call_item(c.function.name, c.function.arguments, c.id) for c in calls]
     if items and sample.finish_reason == "length":
-        items[-1]["status"] = "incomplete"  # the item max_output_tokens cut
+        # the item max_output_tokens cut: the text, where a reply has any (a call is only taken
+        # out of text once complete, except in required / named modes, which write no text)
+        items[0 if text else -1]["status"] = "incomplete"
     cached = done.output.metrics.num_cached_tokens if done.output.metrics else 0
     return JSONResponse(_finished(shell, items, sample, len(prompt_ids), cached))
 
@@ -287,10 +289,14 @@ async def _events(shell: dict[str, Any], num_prompt_tokens: int, tools: ToolUse,
                 yield piece
             if delta.finish_reason is not None:
                 final = delta
-                flushed = pieces(*stream.finish())
-                if delta.finish_reason == "length":  # what is still open was cut
+                flushed = pieces(*stream.finish(delta.finish_reason == "length"))
+                ended: list[str] = []
+                if delta.finish_reason == "length":
+                    # the text still open was cut (calls before it are complete), else the
+                    # call being written (required / named modes write no text)
+                    ended = close_call() if text_item is not None else []
                     closing = "incomplete"
-                for piece in flushed + close_text() + close_call():
+                for piece in flushed + ended + close_text() + close_call():
                     yield piece
     if final is None:
         return

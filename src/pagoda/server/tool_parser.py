@@ -89,12 +89,16 @@ def _loads(text: str) -> Any:
         return None
 
 
-def parse_tool_calls(text: str, use: ToolUse) -> tuple[str | None, list[ToolCall]]:
-    """(content, calls) of a whole reply."""
+def parse_tool_calls(text: str, use: ToolUse, cut: bool = False
+                     ) -> tuple[str | None, list[ToolCall]]:
+    """(content, calls) of a whole reply; `cut`: max_tokens ended it (finish reason "length"),
+    so a `required` array may stop mid-call (a stop string's cut is not completed this way:
+    its calls would be passed on as finished)."""
     if use.mode == "named":
         return None, [new_call(use.named, text)]
     if use.mode == "required":
-        calls = _as_calls(_loads(text), use.names) or _cut_calls(text, use.names)
+        calls = _as_calls(_loads(text), use.names) or (
+            _cut_calls(text, use.names) if cut else None)
         return (None, calls) if calls else (text, [])
     if use.mode == "none":
         return text, []
@@ -147,13 +151,14 @@ class ToolCallStream:
             return "", []
         return self._scan()
 
-    def finish(self) -> tuple[str, list[DeltaToolCall]]:
+    def finish(self, cut: bool = False) -> tuple[str, list[DeltaToolCall]]:
+        """The rest, at the reply's end (`cut`: as in `parse_tool_calls`)."""
         mode, text = self.use.mode, self.pending
         self.pending = ""
         if mode in ("none", "named"):
             return "", []
         if mode == "required" or self.json_reply:
-            content, calls = parse_tool_calls(text, self.use)
+            content, calls = parse_tool_calls(text, self.use, cut)
             deltas = [d for c in calls for d in self._send(c)]
             return (content or "") if not calls else "", deltas
         if self.in_call:  # a block the reply ended inside (no closing tag)

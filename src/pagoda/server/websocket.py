@@ -212,7 +212,8 @@ class Connection:
         for i in sorted(finish):
             choice: dict[str, Any] = {"index": i, "finish_reason": finish[i]}
             if tools.mode != "none":  # the deltas carried the raw text; the calls come here
-                content, calls = parse_tool_calls(texts.get(i, ""), tools)
+                content, calls = parse_tool_calls(texts.get(i, ""), tools,
+                                                  finish[i] == "length")
                 if calls:
                     choice["content"] = content
                     choice["tool_calls"] = [c.model_dump() for c in calls]

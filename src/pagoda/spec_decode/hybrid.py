@@ -18,6 +18,13 @@ of its tokens costs a forward pass while a lookup draft's extra tokens cost only
 And the model drafts only while at most MODEL_MAX_BATCH requests draft in a step: its passes
 grow with the batch where lookup costs nothing, so at 4 concurrent grounded requests lookup alone
 was faster (1.51x vs 1.35x over no speculation; at 2: 1.48x vs 1.57x).
+
+The scheduler's policy sets depths by a request's acceptance over both kinds of draft, with
+prompt lookup's floors (its deep drafts are lookup's). The model's own acceptance is kept here,
+from what the context shows at the next step (how many of its last draft were kept), and gates
+it as the draft method's policy would: position j while a^j >= MODEL_DEPTH_FLOOR, and a request
+whose model drafts are mostly rejected only probes with one every PROBE_EVERY steps, so a poor
+draft model costs little even for a request running alone.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 
 from pagoda.scheduler.output import ScheduledRequest
+from pagoda.scheduler.spec_policy import PROBE_EVERY, SpecState
 from pagoda.spec_decode.draft_model import DraftModelProposer
 from pagoda.spec_decode.ngram import NgramProposer
 from pagoda.spec_decode.proposer import Draft
@@ -32,6 +40,8 @@ from pagoda.spec_decode.proposer import Draft
 DRAFT_DEPTH = 4  # most draft-model tokens a step (the draft method's measured default)
 LOOKUP_MIN_N = 3  # the shortest match that drafts by lookup (when prompt_lookup_min is unset)
 MODEL_MAX_BATCH = 2  # more requests drafting than this: lookup only
+MODEL_DEPTH_FLOOR = 0.2  # the draft method's floor (engine/config.py)
+MODEL_MIN_ACCEPTANCE = 0.15  # below it the model only probes (the policy's default)
 
 
 class HybridProposer:
@@ -41,18 +51,57 @@ class HybridProposer:
         self.model_max_batch = model_max_batch
         self.num_lookup_drafts = 0  # drafts from each source, for benchmarks and tests
         self.num_model_drafts = 0
+        self.states: dict[str, SpecState] = {}  # req_id -> the model drafts' acceptance
+        self.pending: dict[str, tuple[int, list[int]]] = {}  # req_id -> (context length, draft)
 
     def propose(self, requests: list[ScheduledRequest]) -> dict[str, Draft]:
+        for r in requests:
+            self._score(r)
         drafts = self.lookup.propose(requests)
-        rest = [dataclasses.replace(r, num_spec_tokens=min(r.num_spec_tokens, self.draft_depth))
-                for r in requests if r.req_id not in drafts]
         self.num_lookup_drafts += len(drafts)
-        if rest and len(requests) <= self.model_max_batch:
+        if len(requests) > self.model_max_batch:
+            return drafts
+        rest = []
+        for r in requests:
+            depth = self._model_depth(r) if r.req_id not in drafts else 0
+            if depth:
+                rest.append(dataclasses.replace(r, num_spec_tokens=depth))
+        if rest:
             from_model = self.model.propose(rest)
             self.num_model_drafts += len(from_model)
+            for r in rest:
+                if r.req_id in from_model:
+                    self.pending[r.req_id] = (len(r.context_token_ids),
+                                              from_model[r.req_id].token_ids)
             drafts.update(from_model)
         return drafts
+
+    def _score(self, r: ScheduledRequest) -> None:
+        """Count how much of the request's last model draft the context kept."""
+        if r.req_id not in self.pending:
+            return
+        length, draft = self.pending.pop(r.req_id)
+        kept = r.context_token_ids[length:length + len(draft)]  # the verified continuation
+        accepted = 0
+        while accepted < len(kept) and kept[accepted] == draft[accepted]:
+            accepted += 1
+        self.states.setdefault(r.req_id, SpecState()).record(accepted, len(draft))
+
+    def _model_depth(self, r: ScheduledRequest) -> int:
+        state = self.states.setdefault(r.req_id, SpecState())
+        state.num_steps += 1
+        a = state.acceptance
+        if a < MODEL_MIN_ACCEPTANCE:
+            return 1 if state.num_steps % PROBE_EVERY == 0 else 0
+        depth = 1
+        limit = min(r.num_spec_tokens, self.draft_depth)
+        while depth < limit and a ** (depth + 1) >= MODEL_DEPTH_FLOOR:
+            depth += 1
+        return min(depth, limit)
 
     def release(self, req_ids: list[str]) -> None:
         self.lookup.release(req_ids)
         self.model.release(req_ids)
+        for rid in req_ids:
+            self.states.pop(rid, None)
+            self.pending.pop(rid, None)

@@ -50,16 +50,28 @@ def split_budget(memory: int, target: ModelConfig, draft: ModelConfig, max_batch
     return memory - draft_bytes, draft_bytes
 
 
+def draft_weights(config: EngineConfig, draft_path: str) -> str:
+    """The quantization the draft model gets (`draft_quantization`, auto resolved)."""
+    quant = config.draft_quantization
+    if quant == "auto":
+        quant = "gguf" if draft_path.endswith(".gguf") else "int4"
+    return quant
+
+
+def self_draft_is_target(config: EngineConfig, target_path: str) -> bool:
+    """True when the draft is the model itself with the model's own (settled) weights."""
+    return ((config.draft_model or "self") == "self"
+            and draft_weights(config, target_path) == config.quantization)
+
+
 def load_draft(config: EngineConfig, target: LoadedModel, dtype: torch.dtype) -> LoadedModel:
     """The draft model of `config` (speculative_method "draft" or "hybrid"), loaded and
     quantized."""
     name = config.draft_model or "self"
     path = target.path if name == "self" else name
     draft = load_model(path, config.device, dtype, progress=False)
-    quant = config.draft_quantization
-    if quant == "auto":
-        quant = "gguf" if draft.path.endswith(".gguf") else "int4"
-    if name == "self" and quant == config.quantization:
+    quant = draft_weights(config, draft.path)
+    if self_draft_is_target(config, target.path):
         log.warning("the self-draft has the target's own %s weights: each draft token costs "
                     "what a target token costs, so speculation can only slow this engine down "
                     "(use --speculative-method ngram, or a cheaper --draft-model)", quant)
