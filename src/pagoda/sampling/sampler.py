@@ -1,8 +1,9 @@
 """Turns the logits of sampling positions into next tokens (and optional log-probs).
 
-Seeded requests draw their noise from a generator keyed by (seed, sample index, output position,
-purpose), so a seeded request's tokens do not depend on what else is in the batch, nor on
-preemption. Sampling uses the exponential race: argmax(p / E) with E ~ Exp(1) draws exactly from p.
+Seeded requests draw their noise from a generator keyed by (seed, sample index, output position),
+so a seeded request's tokens do not depend on what else is in the batch, nor on preemption, nor
+on speculation (its verification draws the same keyed noise: spec_decode/rejection_sampler.py).
+Sampling uses the exponential race: argmax(p / E) with E ~ Exp(1) draws exactly from p.
 
 A row is described by a `ScheduledRequest`: its parameters, and the output tokens *before* the
 position sampled (penalties, min_tokens and the seeded noise key all read them). Speculative
@@ -18,10 +19,6 @@ from pagoda.engine.outputs import TokenLogprobs
 from pagoda.scheduler.output import ScheduledRequest
 
 _MASK = float("-inf")
-
-# Purposes of seeded random draws: each has its own stream, so adding speculation (which needs
-# acceptance draws and residual samples) leaves the plain sampling stream untouched.
-NOISE_SAMPLE, NOISE_ACCEPT, NOISE_RESIDUAL = 0, 1, 2
 
 
 class Sampler:
@@ -62,13 +59,12 @@ class Sampler:
             idx = torch.tensor(random_rows)
             rows = [requests[i] for i in random_rows]
             probs = self.filtered_probs(logits[idx], rows)
-            sampled[idx] = self.race(probs, rows, NOISE_SAMPLE)
+            sampled[idx] = self.race(probs, rows)
         return sampled.tolist()
 
-    def race(self, probs: torch.Tensor, requests: list[ScheduledRequest], purpose: int
-             ) -> torch.Tensor:
+    def race(self, probs: torch.Tensor, requests: list[ScheduledRequest]) -> torch.Tensor:
         """Exact draws from each row of `probs` (R, V) (rows need not be normalized)."""
-        return (probs / self.noise(probs.shape, requests, purpose)).argmax(dim=-1)
+        return (probs / self.noise(probs.shape, requests)).argmax(dim=-1)
 
     @staticmethod
     def apply_penalties(logits: torch.Tensor, requests: list[ScheduledRequest],
@@ -138,29 +134,26 @@ class Sampler:
             probs = probs * keep
         return probs
 
-    def noise(self, shape: torch.Size, requests: list[ScheduledRequest], purpose: int
-              ) -> torch.Tensor:
+    def noise(self, shape: torch.Size, requests: list[ScheduledRequest]) -> torch.Tensor:
         """Exp(1) noise (R, V); a seeded row's comes from its own keyed generator."""
         noise = exponential(shape, self.generator)
         for row, r in enumerate(requests):
-            g = self.keyed_generator(r, purpose)
+            g = self.keyed_generator(r)
             if g is not None:
                 noise[row] = exponential((shape[1],), g)
         return noise
 
-    def uniform(self, request: ScheduledRequest, purpose: int) -> float:
-        """One U[0, 1) draw for a row (keyed when the request is seeded)."""
-        g = self.keyed_generator(request, purpose) or self.generator
-        return torch.rand((), generator=g).item()
+    def uniform(self) -> float:
+        """One U[0, 1) draw from the shared generator (the rejection rule's, which only
+        unseeded requests take)."""
+        return torch.rand((), generator=self.generator).item()
 
     @staticmethod
-    def keyed_generator(r: ScheduledRequest, purpose: int) -> torch.Generator | None:
+    def keyed_generator(r: ScheduledRequest) -> torch.Generator | None:
         seed = r.sampling_params.seed
         if seed is None:
             return None
         key = (seed, r.sample_index, len(r.output_token_ids))
-        if purpose != NOISE_SAMPLE:  # the plain stream keeps the key it always had
-            key = (*key, purpose)
         return torch.Generator().manual_seed(hash(key) & 0x7FFF_FFFF_FFFF_FFFF)
 
 

@@ -20,7 +20,6 @@ import torch
 
 from pagoda.kv_cache.hybrid_manager import HybridKVCacheManager
 from pagoda.kv_cache.kv_cache_manager import KVCacheManager
-from pagoda.sampling.sampler import NOISE_SAMPLE
 from pagoda.scheduler.output import ScheduledRequest
 from pagoda.spec_decode.proposer import Draft
 from pagoda.worker.model_runner import ModelRunner
@@ -87,7 +86,7 @@ class DraftModelProposer:
                 requests[i].output_token_ids + drafted[requests[i].req_id])) for i in rows]
             q = self.sampler.filtered_probs(logits[rows], views)
             q = q / q.sum(dim=-1, keepdim=True)
-            for j, t in enumerate(self.sampler.race(q, views, NOISE_SAMPLE).tolist()):
+            for j, t in enumerate(self.sampler.race(q, views).tolist()):
                 out[rows[j]] = (t, q[j])
         return out
 

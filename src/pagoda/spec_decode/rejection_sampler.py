@@ -33,13 +33,7 @@ import dataclasses
 import torch
 
 from pagoda.engine.outputs import TokenLogprobs
-from pagoda.sampling.sampler import (
-    NOISE_ACCEPT,
-    NOISE_RESIDUAL,
-    NOISE_SAMPLE,
-    Sampler,
-    token_logprobs,
-)
+from pagoda.sampling.sampler import Sampler, token_logprobs
 from pagoda.scheduler.output import ScheduledRequest
 from pagoda.spec_decode.proposer import Draft
 
@@ -88,14 +82,13 @@ class RejectionSampler:
         p = self.sampler.filtered_probs(logits, views)
         if views[0].sampling_params.seed is not None:
             # the tokens plain seeded decoding draws at these positions (the module docstring)
-            return _verify_greedy(self.sampler.race(p, views, NOISE_SAMPLE).tolist(),
-                                  draft.token_ids)
+            return _verify_greedy(self.sampler.race(p, views).tolist(), draft.token_ids)
         p = p / p.sum(dim=-1, keepdim=True)  # min-p leaves rows unnormalized
         tokens: list[int] = []
         for j, d in enumerate(draft.token_ids):
             q_d = 1.0 if draft.probs is None else draft.probs[j, d].item()
             # accept with probability min(1, p/q): u * q < p for u ~ U[0, 1)
-            if self.sampler.uniform(views[j], NOISE_ACCEPT) * q_d < p[j, d].item():
+            if self.sampler.uniform() * q_d < p[j, d].item():
                 tokens.append(d)
                 continue
             if draft.probs is None:
@@ -105,11 +98,10 @@ class RejectionSampler:
                 residual = (p[j] - draft.probs[j]).clamp_(min=0.0)
             if not residual.sum() > 0:  # p <= q everywhere cannot reject; rounding can
                 residual = p[j]
-            tokens.append(int(self.sampler.race(residual.unsqueeze(0), [views[j]],
-                                                NOISE_RESIDUAL)[0]))
+            tokens.append(int(self.sampler.race(residual.unsqueeze(0), [views[j]])[0]))
             return tokens
         m = len(draft.token_ids)
-        tokens.append(int(self.sampler.race(p[m:m + 1], [views[m]], NOISE_SAMPLE)[0]))
+        tokens.append(int(self.sampler.race(p[m:m + 1], [views[m]])[0]))
         return tokens
 
 
