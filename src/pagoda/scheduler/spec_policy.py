@@ -67,6 +67,18 @@ class SpecState:
         self.accepted = DECAY * self.accepted + num_accepted
         self.trials = DECAY * self.trials + trials
 
+    def next_depth(self, limit: int, floor: float, min_acceptance: float | None) -> int:
+        """Positions to draft this step (counted as a step): j while a^j >= floor, up to
+        `limit`; below `min_acceptance` (None: never) one probe every PROBE_EVERY steps."""
+        self.num_steps += 1
+        a = self.acceptance
+        if min_acceptance is not None and a < min_acceptance:
+            return 1 if self.num_steps % PROBE_EVERY == 0 else 0
+        depth = 1
+        while depth < limit and a ** (depth + 1) >= floor:
+            depth += 1
+        return depth
+
 
 @dataclass
 class SpecDecodeStats:
@@ -91,17 +103,11 @@ class SpecPolicy:
         if (not self.enabled or not request.sampling_params.speculative
                 or num_running > self.config.max_batch):
             return 0
-        state = self.states.setdefault(request.req_id, SpecState())
-        state.num_steps += 1
-        a = state.acceptance
         solo = num_running == 1 and self.config.solo_depth_floor is not None
-        floor = self.config.solo_depth_floor if solo else self.config.depth_floor
-        if a < self.config.min_acceptance and not solo:
-            depth = 1 if state.num_steps % PROBE_EVERY == 0 else 0
-        else:
-            depth = 1
-            while depth < self.config.num_speculative_tokens and a ** (depth + 1) >= floor:
-                depth += 1
+        depth = self.states.setdefault(request.req_id, SpecState()).next_depth(
+            self.config.num_speculative_tokens,
+            self.config.solo_depth_floor if solo else self.config.depth_floor,
+            None if solo else self.config.min_acceptance)
         # A step emits at most depth + 1 tokens and writes depth + 1 positions.
         room = min(request.max_tokens - len(request.output_token_ids) - 1,
                    request.max_total_tokens - request.num_tokens)

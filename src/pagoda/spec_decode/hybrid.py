@@ -7,9 +7,10 @@ by a model that agrees with the target most of the time. The draft model catches
 tokens a lookup draft added when the request next asks it (one pass over them, as after any
 verification), so its state stays valid.
 
-Exactness needs nothing new: which proposer drafts is a function of the context alone, and each
-draft carries the distribution it came from (a point mass for lookup), which the rejection rule
-uses as it would for that proposer alone.
+Exactness needs nothing new: whichever proposer drafts (which depends on the context, the batch
+and the model's record below), each draft carries the distribution it came from (a point mass
+for lookup), which the rejection rule uses as it would for that proposer alone; a seeded
+request is verified against its own seeded draws, so its tokens do not depend on the choice.
 
 Measured on the grounded and chat prompts of benchmarks/spec_decode.py (docs/spec_decode.md):
 matches of 3+ tokens beat 2 (whose drafts are more often wrong where a model would be right) and
@@ -23,7 +24,8 @@ The scheduler's policy sets depths by a request's acceptance over both kinds of 
 prompt lookup's floors (its deep drafts are lookup's). The model's own acceptance is kept here,
 from what the context shows at the next step (how many of its last draft were kept), and gates
 it as the draft method's policy would: position j while a^j >= MODEL_DEPTH_FLOOR, and a request
-whose model drafts are mostly rejected only probes with one every PROBE_EVERY steps, so a poor
+whose model drafts are mostly rejected only probes with one every PROBE_EVERY steps (the
+policy's), so a poor
 draft model costs little even for a request running alone.
 """
 
@@ -32,7 +34,7 @@ from __future__ import annotations
 import dataclasses
 
 from pagoda.scheduler.output import ScheduledRequest
-from pagoda.scheduler.spec_policy import PROBE_EVERY, SpecState
+from pagoda.scheduler.spec_policy import SpecState
 from pagoda.spec_decode.draft_model import DraftModelProposer
 from pagoda.spec_decode.ngram import NgramProposer
 from pagoda.spec_decode.proposer import Draft
@@ -88,16 +90,9 @@ class HybridProposer:
         self.states.setdefault(r.req_id, SpecState()).record(accepted, len(draft))
 
     def _model_depth(self, r: ScheduledRequest) -> int:
-        state = self.states.setdefault(r.req_id, SpecState())
-        state.num_steps += 1
-        a = state.acceptance
-        if a < MODEL_MIN_ACCEPTANCE:
-            return 1 if state.num_steps % PROBE_EVERY == 0 else 0
-        depth = 1
         limit = min(r.num_spec_tokens, self.draft_depth)
-        while depth < limit and a ** (depth + 1) >= MODEL_DEPTH_FLOOR:
-            depth += 1
-        return min(depth, limit)
+        return min(limit, self.states.setdefault(r.req_id, SpecState()).next_depth(
+            limit, MODEL_DEPTH_FLOOR, MODEL_MIN_ACCEPTANCE))
 
     def release(self, req_ids: list[str]) -> None:
         self.lookup.release(req_ids)
