@@ -25,8 +25,7 @@ prompt lookup's floors (its deep drafts are lookup's). The model's own acceptanc
 from what the context shows at the next step (how many of its last draft were kept), and gates
 it as the draft method's policy would: position j while a^j >= MODEL_DEPTH_FLOOR, and a request
 whose model drafts are mostly rejected only probes with one every PROBE_EVERY steps (the
-policy's), so a poor
-draft model costs little even for a request running alone.
+policy's), so a poor draft model costs little even for a request running alone.
 """
 
 from __future__ import annotations
