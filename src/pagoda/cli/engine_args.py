@@ -5,7 +5,12 @@ from __future__ import annotations
 import argparse
 import re
 
-from pagoda.engine.config import ATTENTION_BACKENDS, QUANT_KERNELS, EngineConfig
+from pagoda.engine.config import (
+    ATTENTION_BACKENDS,
+    QUANT_KERNELS,
+    SPECULATIVE_METHODS,
+    EngineConfig,
+)
 from pagoda.layers.pooler import POOLING_MODES
 from pagoda.loader.model_loader import resolve_model_path
 from pagoda.models.bert import ATTENTION_MODES
@@ -68,7 +73,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="RMSNorm, RoPE + KV write and SiLU * up as single C++ calls, a decode "
                    "step's layers as one call (CPU; auto: on)")
     s = p.add_argument_group("speculative decoding (docs/spec_decode.md)")
-    s.add_argument("--speculative-method", default=None, choices=["ngram", "draft", "hybrid"],
+    s.add_argument("--speculative-method", default=None, choices=list(SPECULATIVE_METHODS),
                    help="draft tokens by prompt lookup (ngram), from a draft model, or by "
                    "lookup where the context repeats a 3-token run and the draft model "
                    "elsewhere (hybrid: the fastest measured for one user), verified by the "
