@@ -8,8 +8,8 @@ output items (`message` with `output_text`, `function_call`), streamed as the Re
 sequence: `response.created`, `response.in_progress`, `response.output_item.added`,
 `response.content_part.added`, `response.output_text.delta` ... `.done`,
 `response.function_call_arguments.delta` / `.done`, `response.output_item.done`,
-`response.completed` (its status "incomplete" when max_output_tokens cut the reply, as is the
-status of the item it cut).
+`response.completed`, or `response.incomplete` when max_output_tokens cut the reply (as OpenAI
+ends such a stream; the response's status and the cut item's are then "incomplete").
 
 Nothing is stored: `store: true`, `previous_response_id`, `conversation` and `background` are
 400s naming the field, as are `reasoning`, `include`, `truncation: "auto"`, `top_logprobs`,
@@ -300,7 +300,7 @@ async def _events(shell: dict[str, Any], num_prompt_tokens: int, tools: ToolUse,
                     yield piece
     if final is None:
         return
-    # `response.completed` even when max_output_tokens cut the reply (its status then says
-    # "incomplete", with the reason): the official client's stream helper needs that event
-    yield event("response.completed", response=_finished(shell, items, final,
-                                                          num_prompt_tokens, cached))
+    # OpenAI's terminal event names the status: a max_output_tokens cut ends with
+    # `response.incomplete` (openai-python's get_final_response() raises then, as against OpenAI)
+    done = _finished(shell, items, final, num_prompt_tokens, cached)
+    yield event(f"response.{done['status']}", response=done)
