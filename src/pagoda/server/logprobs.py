@@ -39,7 +39,11 @@ def completion_logprobs(token_ids: list[int], entries: list[TokenLogprobs | None
             out.top_logprobs.append(None)
             continue
         out.token_logprobs.append(entry.get(token_id))
-        top = {token_str(t): lp for t, lp in _top(entry, num_top)}
+        # keyed by text, where distinct ids can read the same (byte pieces of one character
+        # read as U+FFFD): a text keeps its most likely id's log-prob, as it is listed first
+        top: dict[str, float] = {}
+        for t, lp in _top(entry, num_top):
+            top.setdefault(token_str(t), lp)
         top.setdefault(text, entry.get(token_id, FLOOR))
         out.top_logprobs.append(top)
     return out
