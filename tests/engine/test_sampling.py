@@ -122,3 +122,27 @@ def test_logprobs_include_top_n_and_sampled():
 def test_invalid_params_are_rejected(bad):
     with pytest.raises(SamplingParamsError):
         SamplingParams(**bad)
+
+
+@pytest.mark.parametrize("temperature", [1e-6, 1e-38, 5e-324])
+def test_a_temperature_below_the_greedy_threshold_is_argmax(temperature):
+    """logits / 1e-38 overflow fp32: such a request samples greedily (as vLLM's below 1e-5)."""
+    logits = LOGITS.flip(0)  # the argmax last: NaN rows would read as token 0
+    assert draw(SamplingParams(temperature=temperature), 8, logits).tolist() == [7] * 8
+
+
+def test_a_top_k_beyond_the_vocabulary_keeps_it_all():
+    """Any integer top_k is accepted (2**63 once overflowed the tensor and killed the engine);
+    beyond the vocabulary it excludes nothing."""
+    params = SamplingParams(temperature=3.0, top_k=2**63)
+    assert set(draw(params, 4000).tolist()) == set(range(len(LOGITS)))
+
+
+def test_a_tiny_repetition_penalty_keeps_the_logits_finite():
+    """A seen token's logit divided by 1e-300 stops at a finite ceiling: the penalty's favourite
+    still wins, at any temperature, and nothing reads NaN."""
+    logits = torch.tensor([[-2.0, 3.0, 1.0, 0.5]])
+    for temperature in (0, 1e-5, 1.0):
+        params = SamplingParams(temperature=temperature, repetition_penalty=1e-300)
+        ids, _ = Sampler(seed=0)(logits, [sreq(params, prompt=[2])], ())
+        assert ids == [2]

@@ -131,6 +131,26 @@ def test_a_required_call_cut_by_max_tokens_is_a_partial_call(oai, model, stream)
     assert whole.message.tool_calls[0].function.arguments.startswith(arguments)
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_required_call_cut_before_its_name_is_an_empty_reply(oai, model, stream):
+    """Cut while the grammar's `[{"name": "` is being written: no call can be named, and that
+    text is Pagoda's format, not the model's reply: neither content nor calls."""
+    kw = dict(model=model, messages=ASK, tools=TOOLS, tool_choice="required", temperature=0,
+              max_tokens=3)
+    if stream:
+        content, finish, calls = "", None, 0
+        for chunk in oai.chat.completions.create(stream=True, **kw):
+            for c in chunk.choices:
+                content += c.delta.content or ""
+                finish = c.finish_reason or finish
+                calls += len(c.delta.tool_calls or [])
+        assert (content, finish, calls) == ("", "length", 0)
+    else:
+        choice = oai.chat.completions.create(**kw).choices[0]
+        assert choice.message.content is None and not choice.message.tool_calls
+        assert choice.finish_reason == "length"
+
+
 @pytest.mark.parametrize("tool_choice", ["auto", "none"])
 def test_auto_and_none_stream_the_same_reply(oai, model, tool_choice):
     kw = dict(model=model, messages=ASK, tools=TOOLS, tool_choice=tool_choice, temperature=0,

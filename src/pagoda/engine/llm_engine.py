@@ -24,7 +24,7 @@ from pagoda.engine.config import (
     EngineConfig,
 )  # fmt: skip
 from pagoda.engine.output_processor import OutputProcessor
-from pagoda.engine.outputs import RequestOutput
+from pagoda.engine.outputs import REQUEST_ERROR, RequestOutput
 from pagoda.engine.request_validator import RequestError as RequestError  # re-exported
 from pagoda.engine.request_validator import RequestValidator
 from pagoda.kv_cache.kv_setup import build_kv, plan_kv_groups
@@ -133,7 +133,8 @@ class LLMEngine:
         self.kv_cache_config = self.kv_groups[0]  # full attention (or the only) group
         self.validator = RequestValidator(self.max_model_len, cfg.vocab_size,
                                           self.kv_cache_config.block_size,
-                                          self.kv_cache_config.num_blocks)
+                                          self.kv_cache_config.num_blocks,
+                                          tuple(self.tokenizer.eos_token_ids))
         salt = f"{self.loaded.path}|{config.resolved_kv_dtype}|{config.quantization}|{config.dtype}"
         device = torch.device(config.device)
         # under tensor parallelism every rank has the same blocks, each holding its own heads
@@ -265,8 +266,8 @@ class LLMEngine:
         waiting, failed = [], {}
         for parent, request in self.compiling:
             ready, error = self.structured.poll(request.req_id)
-            if error is not None:
-                failed[parent] = error
+            if error is not None:  # the constraint's fault: the front-end's check missed it
+                failed[parent] = REQUEST_ERROR + error
             elif ready:
                 self.scheduler.add_request(request)
             else:

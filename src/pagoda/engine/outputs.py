@@ -44,6 +44,11 @@ def merge_delta(samples: dict[int, CompletionOutput], delta: CompletionOutput) -
     have.num_generated_tokens = delta.num_generated_tokens
 
 
+# A RequestOutput.error starting with this is the request's own fault (a constraint the engine
+# found it cannot satisfy), not the engine's: the server answers it as a 400.
+REQUEST_ERROR = "invalid request: "
+
+
 @dataclass
 class RequestMetrics:
     arrival_time: float

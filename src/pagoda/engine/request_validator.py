@@ -28,6 +28,7 @@ class RequestValidator:
     # ceil(tokens / block_size) of its blocks, so more than num_blocks can never be scheduled
     block_size: int
     num_blocks: int
+    eos_token_ids: tuple[int, ...] = ()  # what min_tokens keeps from being sampled early
 
     def __post_init__(self) -> None:
         assert self.max_model_len > 0 and self.block_size > 0 and self.num_blocks > 0
@@ -58,6 +59,12 @@ class RequestValidator:
             if any(t >= self.vocab_size for t in ids):
                 raise RequestError(f"{param} names a token id outside the vocabulary "
                                    f"[0, {self.vocab_size})", param)
+        if params.min_tokens and params.allowed_token_ids:
+            stops = set(params.stop_token_ids) | set(() if params.ignore_eos
+                                                     else self.eos_token_ids)
+            if set(params.allowed_token_ids) <= stops:  # nothing would be left to sample
+                raise RequestError("allowed_token_ids holds only stop tokens, which min_tokens "
+                                   "forbids before its count", "allowed_token_ids")
         if params.structured_outputs is not None:
             from pagoda.structured_output.grammar import ConstraintError, build_grammar
 

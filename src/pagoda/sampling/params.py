@@ -18,12 +18,15 @@ class SamplingParamsError(ValueError):
 
 MAX_LOGPROBS = 20
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range: [-100, 100]
+# A temperature below this samples greedily (vLLM's threshold too): logits / 1e-38 overflow
+# fp32 to inf and the softmax to NaN, and below it the draw is the argmax in all but ties.
+GREEDY_TEMPERATURE = 1e-5
 
 
 @dataclass
 class SamplingParams:
     n: int = 1
-    temperature: float = 1.0  # 0 means greedy
+    temperature: float = 1.0  # 0 (or below GREEDY_TEMPERATURE) means greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 or -1: disabled
     min_p: float = 0.0
@@ -104,7 +107,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_TEMPERATURE
 
     def for_sample(self, index: int) -> SamplingParams:
         """Parameters of the `index`-th of n samples: n=1, and a distinct but reproducible seed."""

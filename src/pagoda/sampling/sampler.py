@@ -19,6 +19,9 @@ from pagoda.engine.outputs import TokenLogprobs
 from pagoda.scheduler.output import ScheduledRequest
 
 _MASK = float("-inf")
+# A logit divided by a tiny repetition_penalty stops here: finite, and still finite after the
+# smallest sampled temperature (GREEDY_TEMPERATURE, 1e-5) divides it (fp32's max is 3.4e38).
+_LOGIT_CEILING = 1e30
 
 
 class Sampler:
@@ -94,7 +97,8 @@ class Sampler:
                 seen = torch.tensor(sorted(set(r.prompt_token_ids) | set(r.output_token_ids)),
                                     dtype=torch.long)
                 vals = row[seen]
-                row[seen] = torch.where(vals > 0, vals / p.repetition_penalty,
+                row[seen] = torch.where(vals > 0,
+                                        (vals / p.repetition_penalty).clamp_(max=_LOGIT_CEILING),
                                         vals * p.repetition_penalty)
             if r.output_token_ids and (p.presence_penalty or p.frequency_penalty):
                 counts = torch.bincount(torch.tensor(r.output_token_ids),
@@ -118,7 +122,8 @@ class Sampler:
         if any(k > 0 for k in top_ks) or any(p < 1.0 for p in top_ps):
             sorted_logits, order = logits.sort(dim=-1, descending=True)
             vocab = logits.shape[-1]
-            ks = torch.tensor([k if k > 0 else vocab for k in top_ks]).unsqueeze(1)
+            # a top_k beyond the vocabulary keeps it all (and any int64 fits the tensor)
+            ks = torch.tensor([min(k, vocab) if k > 0 else vocab for k in top_ks]).unsqueeze(1)
             drop = torch.arange(vocab).unsqueeze(0) >= ks  # beyond top-k
             probs_sorted = sorted_logits.softmax(dim=-1)
             # Keep the smallest prefix whose mass reaches top_p (the token crossing it included).

@@ -165,7 +165,7 @@ async def create_chat_completion(client: EngineClient, request: ChatCompletionRe
         if calls and finish == "stop":
             finish = "tool_calls"
         choices.append(ChatChoice(index=sample.index, message=ChatResponseMessage(
-            content=content if calls else sample.text, tool_calls=calls or None),
+            content=content if calls or tools.forced else sample.text, tool_calls=calls or None),
             logprobs=logprobs, finish_reason=finish))
     cached = done.output.metrics.num_cached_tokens if done.output.metrics else 0
     prompt_lps = None

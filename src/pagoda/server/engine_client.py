@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 
 from pagoda.engine.async_llm import TIMEOUT_ERROR, AsyncLLM
-from pagoda.engine.outputs import CompletionOutput, RequestOutput, merge_delta
+from pagoda.engine.outputs import REQUEST_ERROR, CompletionOutput, RequestOutput, merge_delta
 from pagoda.loader.model_loader import DEFAULT_MODEL, resolve_model_path
 from pagoda.sampling.params import SamplingParams
 from pagoda.server.config import ServerConfig
@@ -283,6 +283,8 @@ class EngineClient:
 def error_of(message: str) -> APIError:
     if message == TIMEOUT_ERROR:
         return APIError(504, "the request timed out", code="request_timeout")
+    if message.startswith(REQUEST_ERROR):
+        return APIError(400, message.removeprefix(REQUEST_ERROR))
     return APIError(500, f"the engine failed the request: {message}", code="engine_error")
 
 

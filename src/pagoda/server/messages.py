@@ -118,7 +118,7 @@ async def create_message(client: EngineClient, request: MessagesRequest, raw: Re
     sample = done.samples[0]
     content, calls = parse_tool_calls(sample.text, tools, sample.finish_reason == "length")
     blocks: list[dict[str, Any]] = []
-    text = content if calls else sample.text
+    text = content if calls or tools.forced else sample.text
     if text:
         blocks.append({"type": "text", "text": text})
     blocks += [{"type": "tool_use", "id": _tool_id(c.id), "name": c.function.name,
@@ -139,7 +139,7 @@ def _tool_id(call_id: str) -> str:
 def _input(arguments: str) -> Any:
     try:
         return json.loads(arguments)
-    except json.JSONDecodeError:  # a call cut by max_tokens: its text as it stands
+    except (json.JSONDecodeError, RecursionError):  # cut by max_tokens: the text as it stands
         return {"_partial_json": arguments}
 
 

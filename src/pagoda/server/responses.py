@@ -152,7 +152,7 @@ async def create_response(client: EngineClient, request: ResponsesRequest, raw: 
         ticket.release()
     sample = done.samples[0]
     content, calls = parse_tool_calls(sample.text, tools, sample.finish_reason == "length")
-    text = content if calls else sample.text
+    text = content if calls or tools.forced else sample.text
     items = ([_message_item(text)] if text else []) + [
         _call_item(c.function.name, c.function.arguments, c.id) for c in calls]
     if items and sample.finish_reason == "length":

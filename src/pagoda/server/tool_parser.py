@@ -85,7 +85,7 @@ def _cut_calls(text: str, names: set[str]) -> list[ToolCall]:
 def _loads(text: str) -> Any:
     try:
         return json.loads(text)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         return None
 
 
@@ -99,7 +99,11 @@ def parse_tool_calls(text: str, use: ToolUse, cut: bool = False
     if use.mode == "required":
         calls = _as_calls(_loads(text), use.names) or (
             _cut_calls(text, use.names) if cut else None)
-        return (None, calls) if calls else (text, [])
+        if calls:
+            return None, calls
+        # cut before a call's name was complete: no call to return, and the grammar's array
+        # is not the model's text (an empty reply, finish reason "length")
+        return (None, []) if cut else (text, [])
     if use.mode == "none":
         return text, []
     calls: list[ToolCall] = []

@@ -25,6 +25,7 @@ from typing import Any
 from pagoda.sampling.constraint import StructuredOutputs
 from pagoda.server.chat_protocol import ChatCompletionRequest, NamedToolChoice, Tool
 from pagoda.server.errors import APIError
+from pagoda.structured_output.grammar import ConstraintError, check_nesting
 
 TOOL_PROMPT = (
     "You can call functions to help with the user's request. The functions are described by "
@@ -58,6 +59,11 @@ class ToolUse:
     @property
     def names(self) -> set[str]:
         return {t.function.name for t in self.tools}
+
+    @property
+    def forced(self) -> bool:
+        """required / named: the grammar writes calls, never text meant for the client."""
+        return self.mode in ("required", "named")
 
 
 def tool_use(request: ChatCompletionRequest) -> ToolUse:
@@ -97,6 +103,10 @@ def _check_parameters(index: int, tool: Tool) -> None:
     from jsonschema import Draft202012Validator
     from jsonschema.exceptions import SchemaError
 
+    try:
+        check_nesting(_parameters(tool), f"tools[{index}].function.parameters")
+    except ConstraintError as exc:
+        raise APIError(400, str(exc), f"tools[{index}].function.parameters") from None
     try:
         Draft202012Validator.check_schema(_parameters(tool))
     except SchemaError as exc:
@@ -166,7 +176,7 @@ def _call_block(call: dict[str, Any]) -> str:
     fn = call.get("function", {})
     try:
         arguments = json.loads(fn.get("arguments") or "{}")
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):  # rendered as the client wrote it
         arguments = fn.get("arguments")
     body = json.dumps({"name": fn.get("name"), "arguments": arguments})
     return f"<tool_call>\n{body}\n</tool_call>"

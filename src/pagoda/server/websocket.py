@@ -84,8 +84,9 @@ class Connection:
     async def dispatch(self, text: str) -> None:
         try:
             payload = json.loads(text)
-        except ValueError:
-            await self.send_error(None, APIError(400, "message is not valid JSON"))
+        except (ValueError, RecursionError):  # a few KB of brackets exhaust the parser's stack
+            await self.send_error(None, APIError(400, "message is not valid JSON (or nests "
+                                                 "too deeply to read)"))
             return
         if not isinstance(payload, dict):
             await self.send_error(None, APIError(400, "message must be a JSON object"))

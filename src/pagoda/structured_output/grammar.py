@@ -30,6 +30,32 @@ SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
 SUBSCHEMAS = ("items", "additionalProperties", "propertyNames", "additionalItems")
 
 
+# Objects and arrays nested in a schema, at most: the validators and grammar builders recurse
+# once or more per level, and a 4 KB schema nested 240 deep exhausted Python's stack (a 500).
+# Real schemas stay far below (a property 30 models deep is 60 levels).
+MAX_SCHEMA_NESTING = 100
+
+
+def nesting(value: Any) -> int:
+    """How deeply objects and arrays nest in a JSON value (a scalar: 0), without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(
+            item, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def check_nesting(schema: Any, what: str = "JSON schema") -> None:
+    if nesting(schema) > MAX_SCHEMA_NESTING:
+        raise ConstraintError(f"{what} nests objects and arrays more than "
+                              f"{MAX_SCHEMA_NESTING} levels deep")
+
+
 def check_schema(schema: Any, path: str = "#") -> None:
     """Raise ConstraintError for an invalid JSON Schema or one xgrammar would not enforce."""
     if isinstance(schema, bool):
@@ -39,6 +65,7 @@ def check_schema(schema: Any, path: str = "#") -> None:
     if path == "#":
         import jsonschema
 
+        check_nesting(schema)
         if not isinstance(schema.get("$schema", ""), str):
             raise ConstraintError("invalid JSON schema: '$schema' must be a string")
         try:

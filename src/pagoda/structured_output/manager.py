@@ -45,8 +45,22 @@ class StructuredOutputManager:
             new_matcher = future.result()
         except Exception as exc:  # noqa: BLE001 - the front-end validated; a late refusal
             return True, str(exc)
-        self._matchers[req_id] = new_matcher()
+        matcher = new_matcher()
+        if not self._admits_a_token(matcher):
+            # e.g. `root ::= root` or the regex `[^\s\S]`: valid, but no output matches, and
+            # an all-masked row would be sampled as token 0
+            return True, "the constraint admits no output at all"
+        self._matchers[req_id] = matcher
         return True, None
+
+    def _admits_a_token(self, matcher: Any) -> bool:
+        import xgrammar as xgr
+
+        bitmask = xgr.allocate_token_bitmask(1, self.vocab_size)
+        matcher.fill_next_token_bitmask(bitmask, 0)
+        row = torch.zeros(1, self.vocab_size)
+        xgr.apply_token_bitmask_inplace(row, bitmask, vocab_size=self.vocab_size)
+        return bool(torch.isfinite(row).any())
 
     def wait(self, timeout: float) -> None:
         """Block until some pending grammar is compiled (the engine has nothing else to do)."""
