@@ -56,6 +56,8 @@ def test_stream_equals_create(claude):
     assert text == whole.content[0].text == final.content[0].text
     assert final.stop_reason == whole.stop_reason
     assert final.usage.output_tokens == whole.usage.output_tokens
+    # the same prompt again: message_start reports its prefix-cache hits, as the reply would
+    assert final.usage.cache_read_input_tokens > 0
 
 
 def test_stop_sequences_report_the_sequence(claude):
@@ -120,6 +122,10 @@ def test_errors_are_in_anthropics_shape(server, claude):
     r = httpx.post(server.url + "/v1/messages", headers={"x-api-key": server.api_key},
                    json={"model": MODEL, "max_tokens": 5, "messages": ASK, "thinking": {}})
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    with pytest.raises(anthropic.BadRequestError) as err:  # extended thinking, by name
+        claude.messages.create(model=MODEL, max_tokens=5, messages=ASK,
+                               thinking={"type": "enabled", "budget_tokens": 1024})
+    assert "thinking" in err.value.body["error"]["message"]
     r = httpx.post(server.url + "/v1/messages", headers={"x-api-key": server.api_key},
                    json={"model": MODEL, "max_tokens": 5, "messages": [
                        {"role": "user", "content": [{"type": "image", "source": {}}]}]})
@@ -135,3 +141,17 @@ def test_errors_are_in_anthropics_shape(server, claude):
     ok = httpx.post(server.url + "/v1/messages", headers={"x-api-key": server.api_key},
                     json={"model": MODEL, "max_tokens": 2, "messages": ASK})
     assert ok.status_code == 200 and ok.json()["type"] == "message"
+
+
+@pytest.mark.parametrize("thinking", [None, {"type": "disabled"}])
+def test_thinking_off_is_accepted(server, thinking):
+    """Anthropic's "off" value (some clients always send it), and null, change nothing."""
+    kw = dict(model=MODEL, max_tokens=5, messages=ASK, temperature=0)
+    url, headers = server.url + "/v1/messages", {"x-api-key": server.api_key}
+    plain = httpx.post(url, headers=headers, json=kw).json()
+    r = httpx.post(url, headers=headers, json={**kw, "thinking": thinking})
+    assert r.status_code == 200 and r.json()["content"] == plain["content"], r.text
+    count = httpx.post(server.url + "/v1/messages/count_tokens",
+                       headers={"x-api-key": server.api_key},
+                       json={"model": MODEL, "messages": ASK, "thinking": thinking})
+    assert count.status_code == 200 and count.json()["input_tokens"] > 0

@@ -54,6 +54,16 @@ def test_echo_with_logprobs_scores_the_prompt(oai, offline, max_tokens):
         assert r.usage.completion_tokens == 0
 
 
+def test_a_streamed_scoring_request_generates_no_tokens(oai):
+    """max_tokens 0 with echo runs one token internally: usage counts none, as unstreamed."""
+    kw = dict(model="SmolLM2-135M-Instruct", prompt=PROMPTS[:2], echo=True, max_tokens=0)
+    chunks = list(oai.completions.create(stream=True, stream_options={"include_usage": True},
+                                         **kw))
+    whole = oai.completions.create(**kw)
+    assert chunks[-1].usage.model_dump() == whole.usage.model_dump()
+    assert chunks[-1].usage.completion_tokens == 0
+
+
 def test_echo_streams_the_prompt_first(oai):
     pieces = [c.choices[0].text for c in oai.completions.create(
         model="SmolLM2-135M-Instruct", prompt=PROMPTS[0], echo=True, max_tokens=4,

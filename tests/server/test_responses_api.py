@@ -29,7 +29,9 @@ def test_create_equals_the_chat_route_greedy(oai, offline):
     assert r.usage.input_tokens == len(chat_ids(offline.tokenizer, messages))
     assert r.status in ("completed", "incomplete")
     if r.status == "incomplete":
-        assert r.incomplete_details.reason == "max_output_tokens"
+        assert r.incomplete_details.reason == "max_output_tokens" and r.completed_at is None
+    else:
+        assert r.completed_at >= r.created_at
 
 
 def test_stream_equals_create(oai):

@@ -59,6 +59,12 @@ def test_parallel_tool_calls_false_allows_one_call(oai, model):
         tools=TOOLS, tool_choice="required", parallel_tool_calls=False, temperature=0,
         max_tokens=150)
     assert len(calls_of(r.choices[0].message)) == 1
+    raw = oai.chat.completions.with_raw_response.create(
+        model=model, messages=ASK, tools=TOOLS, tool_choice="required", temperature=0,
+        parallel_tool_calls=False, max_tokens=150).http_response.json()
+    # as OpenAI's whole message: no streamed-delta "index" (null was sent)
+    assert all(set(call) == {"id", "type", "function"}
+               for call in raw["choices"][0]["message"]["tool_calls"])
 
 
 @pytest.mark.parametrize("strict", [False, True], ids=["loose", "strict"])

@@ -122,6 +122,8 @@ def _stream(client: EngineClient, request: CompletionRequest, header: Completion
                 if o.index not in offsets:  # this choice's first delta: echo goes first
                     offsets[o.index] = 0
                     prompts[o.index] = out.prompt_logprobs
+                if request.max_tokens == 0:  # scoring: the one token run is not generated
+                    o.num_generated_tokens = 0
             yield out
 
     return sse_body(choice_outputs(), header,

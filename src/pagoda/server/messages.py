@@ -193,14 +193,21 @@ async def _events(client: EngineClient, msg_id: str, num_prompt_tokens: int, too
                     "type": "input_json_delta", "partial_json": call.function.arguments}}))
         return events
 
-    yield _event("message_start", {"message": {
-        "id": msg_id, "type": "message", "role": "assistant", "model": client.model_name,
-        "content": [], "stop_reason": None, "stop_sequence": None,
-        "usage": {"input_tokens": num_prompt_tokens, "output_tokens": 0}}})
+    def message_start(cached: int) -> str:
+        return _event("message_start", {"message": {
+            "id": msg_id, "type": "message", "role": "assistant", "model": client.model_name,
+            "content": [], "stop_reason": None, "stop_sequence": None, "usage": {
+                "input_tokens": num_prompt_tokens, "output_tokens": 0,
+                "cache_read_input_tokens": cached}}})
+
+    started = False
     async for out in outputs:
-        if out.error:
+        if out.error:  # before any output: the only event
             yield _event("error", error_of(out.error).anthropic_body())
             return
+        if not started:  # with the first output, which knows the prefix-cache hits
+            started = True
+            yield message_start(out.metrics.num_cached_tokens if out.metrics else 0)
         for delta in out.outputs:
             num_generated = delta.num_generated_tokens
             for piece in blocks(*stream.feed(delta.text)):
@@ -209,6 +216,8 @@ async def _events(client: EngineClient, msg_id: str, num_prompt_tokens: int, too
                 finish = delta
                 for piece in blocks(*stream.finish(delta.finish_reason == "length")):
                     yield piece
+    if not started:
+        yield message_start(0)
     for piece in close():
         yield piece
     stop_reason, stop_sequence = _stop(finish, stream.made_calls) if finish else (None, None)

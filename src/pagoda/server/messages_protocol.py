@@ -85,6 +85,12 @@ class AnthropicToolChoice(RequestSchema):
         return self
 
 
+class ThinkingOff(Schema):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["disabled"]
+
+
 class CountTokensRequest(RequestSchema):
     model_config = ConfigDict(extra="forbid")
 
@@ -93,6 +99,17 @@ class CountTokensRequest(RequestSchema):
     system: str | list[TextBlock] | None = None
     tools: list[AnthropicTool] | None = None
     tool_choice: AnthropicToolChoice | None = None
+    # {"type": "disabled"} (Anthropic's "off", which some clients always send) or absent;
+    # extended thinking ("enabled", "adaptive") is refused, naming the field
+    thinking: ThinkingOff | None = None
+
+    @field_validator("thinking", mode="before")
+    @classmethod
+    def _thinking_off(cls, value: Any) -> Any:
+        if isinstance(value, dict) and value.get("type") != "disabled":
+            raise ValueError("extended thinking is not supported: thinking.type must be "
+                             "'disabled' (or leave thinking out)")
+        return value
 
 
 class MessagesRequest(CountTokensRequest):

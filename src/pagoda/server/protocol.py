@@ -309,7 +309,9 @@ class ToolCall(HistorySchema):
     id: str
     type: Literal["function"] = "function"
     function: FunctionCall
-    index: int | None = None  # a streamed delta's position, echoed back: no meaning here
+    # a streamed delta's position, echoed back in a history: no meaning here, and not in a
+    # reply (OpenAI's whole message has no index)
+    index: int | None = Field(default=None, exclude_if=lambda v: v is None)
 
 
 class ChatMessage(RequestSchema):

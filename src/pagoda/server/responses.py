@@ -197,6 +197,7 @@ def _finished(shell: dict[str, Any], items: list[dict[str, Any]], sample: Comple
               num_prompt_tokens: int, cached: int) -> dict[str, Any]:
     cut = sample.finish_reason == "length"
     return {**shell, "status": "incomplete" if cut else "completed", "output": items,
+            "completed_at": None if cut else int(time.time()),  # as OpenAI: when completed
             "incomplete_details": {"reason": "max_output_tokens"} if cut else None,
             "usage": {"input_tokens": num_prompt_tokens,
                       "input_tokens_details": {"cached_tokens": cached},
