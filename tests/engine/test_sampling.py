@@ -146,3 +146,15 @@ def test_a_tiny_repetition_penalty_keeps_the_logits_finite():
         params = SamplingParams(temperature=temperature, repetition_penalty=1e-300)
         ids, _ = Sampler(seed=0)(logits, [sreq(params, prompt=[2])], ())
         assert ids == [2]
+
+
+def test_a_row_that_allows_no_token_samples_no_token():
+    """allowed_token_ids of stop tokens only, under min_tokens: nothing may be sampled, and the
+    row says so (NO_TOKEN) instead of drawing an excluded token; its neighbour samples as ever."""
+    from pagoda.sampling.sampler import NO_TOKEN
+
+    logits = torch.stack([LOGITS, LOGITS])
+    dead = SamplingParams(temperature=1.0, min_tokens=2, allowed_token_ids=[3])
+    ids, _ = Sampler(seed=0)(logits, [sreq(dead), sreq(SamplingParams(temperature=0))],
+                             eos_token_ids=(3,))
+    assert ids == [NO_TOKEN, 0]

@@ -229,3 +229,41 @@ def test_engine_refuses_a_bad_constraint_and_out_of_vocabulary_ids(engine):
         engine.add_request("oov", ids, SamplingParams(logit_bias={10**6: 1.0}))
     assert err.value.param == "logit_bias"
     assert not engine.has_unfinished_requests()
+
+
+@pytest.mark.parametrize("method", [None, "ngram"])
+@pytest.mark.parametrize("temperature", [0, 1.0])
+def test_a_position_that_allows_no_token_fails_only_that_request(make_engine, loaded_model,
+                                                                  method, temperature):
+    """`(ab){3}c` with allowed_token_ids of 'a' and 'b' only: after "ababab" no token is
+    allowed. The request fails there with its text so far (an excluded token was once sampled
+    as token 0), with or without speculation; its neighbour is untouched."""
+    from pagoda.engine.config import EngineConfig
+    from pagoda.engine.llm_engine import LLMEngine
+    from pagoda.engine.outputs import REQUEST_ERROR
+
+    tok = loaded_model.tokenizer
+    a, b = (tok.encode(x, add_special_tokens=False)[0] for x in ("a", "b"))
+    engine = LLMEngine(EngineConfig(progress=False, speculative_method=method,
+                                    speculative_max_batch=64, kv_cache_memory=64 << 20),
+                       loaded=loaded_model)
+    dead = SamplingParams(temperature=temperature, seed=1, max_tokens=12, allowed_token_ids=[a, b],
+                          structured_outputs=StructuredOutputs("regex", "(ab){3}c"))
+    free = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    prompt = tok.encode("ababab ababab ababab")
+    engine.add_request("dead", prompt, dead)
+    engine.add_request("free", prompt, free)
+    texts, ids, final = {"dead": "", "free": ""}, {"dead": [], "free": []}, {}
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            texts[o.req_id] += "".join(s.text for s in o.outputs)
+            ids[o.req_id] += [t for s in o.outputs for t in s.token_ids]
+            if o.finished:
+                final[o.req_id] = o
+    assert texts["dead"] == "ababab" and final["dead"].outputs[0].finish_reason == "abort"
+    assert final["dead"].error.startswith(REQUEST_ERROR + "no token is allowed")
+    assert final["free"].error is None
+    alone = run_to_completion(make_engine(kv_cache_memory=64 << 20), {"f": (prompt, free)})
+    assert ids["free"] == alone["f"]
+    assert not engine.structured._matchers
+    engine.scheduler.check_integrity()

@@ -252,6 +252,11 @@ class LLMEngine:
         outputs, stopped = self.output_processor.process(core_outputs)
         for child in stopped:
             self.scheduler.finish_request(child, "stop")
+        for child, why in result.failed.items():  # the request's fault: its constraints
+            parent = self.output_processor.parent_of(child)
+            if parent is not None and (out := self.abort_request(
+                    parent, "abort", REQUEST_ERROR + why)) is not None:
+                outputs.append(out)
         # ended requests, and any the step still computed after an abort had ended them
         busy = self._busy()
         self.runner.release([r for r in self.scheduler.take_finished() if r not in busy] + [

@@ -64,6 +64,10 @@ class OutputProcessor:
                                            RequestMetrics(arrival_time))
         return [child_id(req_id, i, params.n) for i in range(params.n)]
 
+    def parent_of(self, child: str) -> str | None:
+        entry = self.children.get(child)
+        return None if entry is None else entry[0]
+
     def child_ids(self, req_id: str) -> list[str]:
         parent = self.parents.get(req_id)
         if parent is None:

@@ -22,6 +22,10 @@ _MASK = float("-inf")
 # A logit divided by a tiny repetition_penalty stops here: finite, and still finite after the
 # smallest sampled temperature (GREEDY_TEMPERATURE, 1e-5) divides it (fp32's max is 3.4e38).
 _LOGIT_CEILING = 1e30
+# The token of a row that allows none (its constraints together exclude every token: a grammar
+# with allowed_token_ids, min_tokens with stop-only allowed ids): the request fails, never
+# samples an excluded token.
+NO_TOKEN = -1
 
 
 class Sampler:
@@ -41,6 +45,8 @@ class Sampler:
             raw_logprobs = torch.log_softmax(logits, dim=-1)
         logits = self.apply_penalties(logits, requests, eos_token_ids)
         token_ids = self.sample(logits, requests)
+        for row in allows_nothing(logits):
+            token_ids[row] = NO_TOKEN
         logprobs: list[TokenLogprobs | None] = [None] * len(requests)
         if raw_logprobs is not None:
             for i, r in enumerate(requests):
@@ -160,6 +166,11 @@ class Sampler:
             return None
         key = (seed, r.sample_index, len(r.output_token_ids))
         return torch.Generator().manual_seed(hash(key) & 0x7FFF_FFFF_FFFF_FFFF)
+
+
+def allows_nothing(logits: torch.Tensor) -> list[int]:
+    """Rows of masked, penalized logits (N, V) in which every token is excluded."""
+    return torch.isneginf(logits.amax(dim=-1)).nonzero().flatten().tolist()
 
 
 def exponential(shape: tuple[int, ...] | torch.Size, generator: torch.Generator) -> torch.Tensor:

@@ -50,6 +50,8 @@ class ModelRunnerOutput:
     # requests asking for prompt log-probs, per prefill chunk: (index of the first prompt token
     # scored, one entry per prompt token scored from there)
     prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]] = field(default_factory=dict)
+    # requests whose next position allows no token (why): they sample nothing and are failed
+    failed: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

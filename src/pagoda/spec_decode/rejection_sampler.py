@@ -33,7 +33,7 @@ import dataclasses
 import torch
 
 from pagoda.engine.outputs import TokenLogprobs
-from pagoda.sampling.sampler import Sampler, token_logprobs
+from pagoda.sampling.sampler import NO_TOKEN, Sampler, allows_nothing, token_logprobs
 from pagoda.scheduler.output import ScheduledRequest
 from pagoda.spec_decode.proposer import Draft
 
@@ -61,6 +61,7 @@ class RejectionSampler:
         if any(r.sampling_params.logprobs is not None for r, _ in items):
             raw = torch.log_softmax(logits, dim=-1)
         logits = self.sampler.apply_penalties(logits, views, eos_token_ids)
+        dead = set(allows_nothing(logits))
         results: list[Verified] = []
         start = 0
         for r, draft in items:
@@ -69,6 +70,10 @@ class RejectionSampler:
                 tokens = _verify_greedy(logits[rows].argmax(dim=-1).tolist(), draft.token_ids)
             else:
                 tokens = self._verify_random(logits[rows], views[rows], draft)
+            # a position that allows no token ends the request there (as plain sampling's)
+            cut = next((j for j in range(len(tokens)) if start + j in dead), None)
+            if cut is not None:
+                tokens = tokens[:cut] + [NO_TOKEN]
             logprobs = None
             if raw is not None and r.sampling_params.logprobs is not None:
                 logprobs = [token_logprobs(raw[start + j], r.sampling_params.logprobs, t)

@@ -24,7 +24,7 @@ from pagoda.engine.outputs import TokenLogprobs
 from pagoda.kv_cache.kv_store import KVStore
 from pagoda.layers.attention_metadata import AttentionMetadata, PrefillSpan
 from pagoda.layers.decode_backend import DecodeKernel, blocks_read_in_place
-from pagoda.sampling.sampler import Sampler, token_logprobs
+from pagoda.sampling.sampler import NO_TOKEN, Sampler, token_logprobs
 from pagoda.scheduler.output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
 from pagoda.spec_decode.proposer import Draft, Proposer
 from pagoda.spec_decode.rejection_sampler import RejectionSampler
@@ -85,6 +85,8 @@ def batch_order(scheduled: list[ScheduledRequest], num_rows: dict[str, int]
     return sorted(scheduled, key=lambda r: len(r.token_ids) > 1 and r.req_id not in num_rows)
 
 
+NOTHING_ALLOWED = ("no token is allowed at this point of the output: the request's constraints "
+                   "(its grammar, allowed_token_ids, min_tokens) exclude every token")
 PROMPT_LOGPROBS_ROWS = 256  # prompt positions scored per LM-head call: (256, V) fp32 logits
 
 
@@ -176,11 +178,20 @@ class ModelRunner:
                 new_tokens[r.req_id] = tokens
                 if lps is not None:
                     new_logprobs[r.req_id] = lps
+        failed = {rid: NOTHING_ALLOWED for rid, tokens in new_tokens.items()
+                  if tokens[-1] == NO_TOKEN}
+        for rid in failed:  # drafts accepted before that point are kept, as plain decoding's
+            new_tokens[rid].pop()
+            if rid in new_logprobs:
+                new_logprobs[rid].pop()
+            if not new_tokens[rid]:
+                del new_tokens[rid]
+                new_logprobs.pop(rid, None)
         if self.structured is not None:
             self.structured.advance(new_tokens)
         return ModelRunnerOutput(new_tokens, new_logprobs,
                                  {rid: len(d.token_ids) for rid, d in drafts.items()},
-                                 prompt_logprobs)
+                                 prompt_logprobs, failed)
 
     def _propose(self, sched: SchedulerOutput) -> dict[str, Draft]:
         if self.proposer is None:
