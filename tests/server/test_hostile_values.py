@@ -97,3 +97,16 @@ def test_a_deeply_nested_websocket_message_is_an_error_and_the_socket_serves_on(
             errors = [m for m in got if m.get("type") == "error"]
             assert errors and "not valid JSON" in errors[0]["error"]["message"]
     asyncio.run(go())
+
+
+def test_a_websocket_validation_error_names_the_field_as_http_does(server, http):
+    body = '{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "stop": ["\\udc00"]}'
+    over_http = http.post("/v1/chat/completions", content=body,
+                          headers={"content-type": "application/json"}).json()["error"]
+
+    async def go():
+        async with connect(ws_url(server), additional_headers=server.headers) as ws:
+            await ws.send(body.replace("{", '{"id": "s", ', 1))
+            return await receive_until(ws, lambda m: m.get("type") == "error")
+    [error] = asyncio.run(go())
+    assert error["error"]["param"] == over_http["param"] == "stop.0"  # no union-branch tag

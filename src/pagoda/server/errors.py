@@ -101,7 +101,11 @@ _TYPE_TAGS = frozenset({"str", "int", "float", "bool", "dict", "list", "bytes", 
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
-    errors = exc.errors()
+    return validation_message(list(exc.errors()))
+
+
+def validation_message(errors: list[Any]) -> tuple[str, str | None]:
+    """(message, param) of pydantic's errors for a request: HTTP's handler and the WebSocket's."""
     if not errors:
         return "invalid request", None
     # Our own validators' messages ("Value error, ...") say more than a union's failed branches

@@ -26,7 +26,7 @@ from pagoda.server.auth import token_matches
 from pagoda.server.chat import render_chat_off_loop
 from pagoda.server.chat_protocol import ChatCompletionRequest
 from pagoda.server.engine_client import EngineClient, error_of
-from pagoda.server.errors import APIError
+from pagoda.server.errors import APIError, validation_message
 from pagoda.server.logprobs import chat_logprobs
 from pagoda.server.protocol import CompletionRequest, UsageInfo
 from pagoda.server.request_params import (
@@ -131,10 +131,8 @@ class Connection:
         except APIError as err:
             extra = {"retry_after": self.client.config.retry_after} if err.status == 503 else {}
             await self.send_error(req_id, err, **extra)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            param = ".".join(str(p) for p in first.get("loc", ())) or None
-            await self.send_error(req_id, APIError(400, f"{first.get('msg')} at '{param}'", param))
+        except ValidationError as exc:  # named as over HTTP (no union-branch tags)
+            await self.send_error(req_id, APIError(400, *validation_message(exc.errors())))
         except (SamplingParamsError, ValueError) as exc:
             await self.send_error(req_id, APIError.bad_request(exc))
         except Exception:
