@@ -110,3 +110,18 @@ def test_a_websocket_validation_error_names_the_field_as_http_does(server, http)
             return await receive_until(ws, lambda m: m.get("type") == "error")
     [error] = asyncio.run(go())
     assert error["error"]["param"] == over_http["param"] == "stop.0"  # no union-branch tag
+
+
+@pytest.mark.parametrize("content_type", ["application/x-www-form-urlencoded", "text/plain",
+                                          None])
+def test_a_json_body_is_read_whatever_its_content_type(server, content_type):
+    """`curl -d '{...}'` sends form-urlencoded: read as JSON, as llama-server reads it."""
+    import httpx
+
+    headers = {**server.headers, **({"content-type": content_type} if content_type else {})}
+    body = json.dumps({"messages": CHAT, "max_tokens": 2}).encode()
+    r = httpx.post(server.url + "/v1/chat/completions", content=body, headers=headers)
+    assert r.status_code == 200, r.text
+    bad = httpx.post(server.url + "/v1/chat/completions", content=b"messages=hi",
+                     headers=headers)
+    assert bad.status_code == 400 and "not valid JSON" in bad.json()["error"]["message"]

@@ -1,7 +1,11 @@
-"""Request-body size limit, enforced before any parsing (413 in the route's error shape).
+"""Request bodies before any parsing: the size limit (413 in the route's error shape), and JSON
+whatever the Content-Type says.
 
 The body is read here — refusing as soon as it passes the limit, whether or not a Content-Length
-was sent — and replayed to the app, so no handler ever sees an oversized body.
+was sent — and replayed to the app, so no handler ever sees an oversized body. Every POST route
+takes JSON, so a body sent as `curl -d` sends it (application/x-www-form-urlencoded) or as
+text/plain is read as JSON, as llama-server and Ollama read it: FastAPI would hand the route
+bytes and answer "Input should be a valid dictionary", which names nothing the client did.
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ class BodyLimitMiddleware:
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()  # after the body: wait for the disconnect, as usual
 
-        await self.app(scope, replay, send)
+        await self.app(as_json(scope), replay, send)
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
         error = APIError(413, f"request body exceeds {self.max_bytes} bytes",
@@ -57,3 +61,13 @@ class BodyLimitMiddleware:
         response = error.response(scope.get("path"))  # Anthropic's shape on its routes
         response.headers["Connection"] = "close"
         await response(scope, receive, send)
+
+
+def as_json(scope: Scope) -> Scope:
+    """`scope` with its Content-Type set to JSON (any other type, or none)."""
+    headers = [(k, v) for k, v in scope.get("headers") or [] if k != b"content-type"]
+    declared = dict(scope.get("headers") or []).get(b"content-type", b"")
+    kind = declared.split(b";")[0].strip().lower()
+    if kind == b"application/json" or kind.endswith(b"+json"):
+        return scope
+    return {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
