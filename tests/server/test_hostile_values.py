@@ -125,3 +125,17 @@ def test_a_json_body_is_read_whatever_its_content_type(server, content_type):
     bad = httpx.post(server.url + "/v1/chat/completions", content=b"messages=hi",
                      headers=headers)
     assert bad.status_code == 400 and "not valid JSON" in bad.json()["error"]["message"]
+
+
+def test_websocket_ids_1_and_quoted_1_are_two_requests(server):
+    async def go():
+        async with connect(ws_url(server), additional_headers=server.headers) as ws:
+            for req_id in (1, "1"):
+                await ws.send(json.dumps({"id": req_id, "messages": CHAT, "max_tokens": 4}))
+            done: list = []
+            got = await receive_until(ws, lambda m: m.get("type") in ("done", "error") and (
+                done.append(m["id"]) or len(done) == 2))
+            return got, done
+    got, done = asyncio.run(go())
+    assert sorted(map(repr, done)) == sorted(map(repr, [1, "1"]))
+    assert not [m for m in got if m["type"] == "error"]

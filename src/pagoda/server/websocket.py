@@ -98,28 +98,28 @@ class Connection:
                                                    "integer) chosen by the client", "id"))
             return
         if kind == "cancel":
-            task = self.tasks.get(str(req_id))
+            task = self.tasks.get(_key(req_id))
             if task is not None:  # unknown or finished ids are ignored: cancels race with done
-                self.cancelled.add(str(req_id))
+                self.cancelled.add(_key(req_id))
                 task.cancel()
             return
         if kind not in ("chat", "completion"):
             await self.send_error(req_id, APIError(400, f"unknown message type {kind!r}", "type"))
             return
-        if str(req_id) in self.tasks:
+        if _key(req_id) in self.tasks:
             await self.send_error(req_id, APIError(400, f"id {req_id!r} is already in use", "id"))
             return
         task = asyncio.create_task(self.serve_request(kind, req_id, payload))
-        self.tasks[str(req_id)] = task
+        self.tasks[_key(req_id)] = task
         task.add_done_callback(lambda done: self._ended(req_id, done))
 
     def _ended(self, req_id: Any, task: asyncio.Task[None]) -> None:
-        self.tasks.pop(str(req_id), None)
+        self.tasks.pop(_key(req_id), None)
         # A cancel message (not a closed connection) gets its `done` here, once the task has
         # ended: also when it was cancelled before serve_request ever ran, which then could
         # not say so itself, and the client is owed one `done` or `error` per request.
-        if task.cancelled() and str(req_id) in self.cancelled:
-            self.cancelled.discard(str(req_id))
+        if task.cancelled() and _key(req_id) in self.cancelled:
+            self.cancelled.discard(_key(req_id))
             reply = asyncio.ensure_future(self.send({"type": "done", "id": req_id,
                                                      "cancelled": True}))
             self.replies.add(reply)
@@ -234,3 +234,8 @@ async def serve_websocket(client: EngineClient, ws: WebSocket) -> None:
     await ws.accept()
     with contextlib.suppress(WebSocketDisconnect, RuntimeError):
         await Connection(client, ws).run()
+
+
+def _key(req_id: str | int) -> str:
+    """A request id as the connection's tables key it: 1 and "1" are two ids, as JSON has them."""
+    return repr(req_id)
