@@ -217,3 +217,28 @@ def test_cors_for_web_pages_of_listed_origins(replicas):
         assert listed.headers["access-control-allow-origin"] == "https://app.example.com"
     with pytest.raises(ConfigError, match="allowed_origins"):
         make_config({"m": [replicas[0].url]}, allowed_origins="*")
+
+
+@pytest.mark.parametrize("path, body, status", [
+    # fields the gateway routes on, of the wrong type: passed on for the upstream to judge
+    ("/v1/chat/completions", {"model": "m", "messages": 5}, None),
+    ("/v1/chat/completions", {"model": "m", "messages": [
+        {"role": "user", "content": [{"type": "text", "text": 5}, {"type": "text"}]}]}, None),
+    ("/v1/messages", {"model": "m", "max_tokens": 2, "messages": 7}, None),
+    # fields the gateway acts on itself: its own 400s
+    ("/v1/completions", {"model": "m", "prompt": "Hi", "stream": True,
+                         "stream_options": "yes"}, 400),
+    ("/v1/completions", {"model": "m", "prompt": "Hi", "stream": "yes"}, 400),
+])
+def test_malformed_bodies_never_make_the_gateway_fail(replicas, path, body, status):
+    """They were 500s in plain text (a TypeError while routing). None: reaches the upstream
+    (this fake one answers whatever it makes of it; a Pagoda server answers a 400)."""
+    with GatewayServer(make_config({"m": [replicas[0].url]})) as gw:
+        r = httpx.post(gw.url + path, json=body, headers=auth(KEY_ALICE))
+        if status is None:
+            assert r.headers.get("x-pagoda-upstream"), (r.status_code, r.text)
+        else:
+            assert r.status_code == status and "error" in r.json(), r.text
+        deep = '{"model": "m", "prompt": "Hi", "x": ' + "[" * 1500 + "]" * 1500 + "}"
+        r = httpx.post(gw.url + "/v1/completions", content=deep, headers=auth(KEY_ALICE))
+        assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]

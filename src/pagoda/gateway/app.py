@@ -24,6 +24,7 @@ from pagoda.gateway.errors import unauthorized
 from pagoda.gateway.openapi import install_openapi
 from pagoda.gateway.state import GatewayState
 from pagoda.gateway.websocket import serve_websocket
+from pagoda.server.last_resort import LastResortMiddleware
 
 
 def create_app(config: GatewayConfig, redis_url: str | None = None,
@@ -103,6 +104,9 @@ def create_app(config: GatewayConfig, redis_url: str | None = None,
         state.health.publish()
         return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+    # an unforeseen exception is a 500 in the route's error shape (OpenAI's, Anthropic's on
+    # /v1/messages), logged once, and the keep-alive connection stays usable
+    app.add_middleware(LastResortMiddleware)
     if config.allowed_origins:
         # added last, so outermost: preflights carry no key, and every answer (a 401 or 429
         # too) is readable by the page, with the headers a client reads

@@ -127,10 +127,15 @@ async def receive(state: GatewayState, request: Request, endpoint: str) -> Incom
         return error_response(413, message, "invalid_request_error", "request_too_large")
     try:
         body = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # a few KB of brackets exhaust the parser's stack
         return bad_request("The request body is not valid JSON.")
     if not isinstance(body, dict):
         return bad_request("The request body must be a JSON object.")
+    # the fields the gateway itself acts on (the upstream checks the rest)
+    if body.get("stream") is not None and not isinstance(body["stream"], bool):
+        return bad_request("'stream' must be a boolean.", param="stream")
+    if body.get("stream_options") is not None and not isinstance(body["stream_options"], dict):
+        return bad_request("'stream_options' must be an object.", param="stream_options")
     model = body.get("model")
     if not isinstance(model, str) or not model:
         return bad_request("You must provide a model parameter.", param="model")

@@ -27,14 +27,19 @@ def prompt_text(body: dict[str, Any]) -> str:
     conversation histories give shared prefixes, as they do in the upstream's rendered template.
     """
     if "messages" in body:
+        # any JSON may arrive here (the upstream refuses what is malformed; the gateway only
+        # routes on it): what is not of the expected type reads as no text
+        messages = body.get("messages")
         parts = []
-        for message in body.get("messages") or []:
+        for message in messages if isinstance(messages, list) else []:
             if not isinstance(message, dict):
                 continue
             content = message.get("content")
             if isinstance(content, list):  # content parts: keep the text ones
-                content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
-            parts.append(f"{message.get('role', '')}: {content or ''}\n")
+                content = "".join(t for p in content if isinstance(p, dict)
+                                  and isinstance(t := p.get("text"), str))
+            parts.append(f"{message.get('role', '')}: "
+                         f"{content if isinstance(content, str) else ''}\n")
         return "".join(parts)
     if isinstance(body.get("input"), str):  # the Responses API
         return body["input"]

@@ -103,7 +103,7 @@ def _rename_model(text: str, aliases: set[str], upstream_model: str) -> str:
         return text
     try:
         message = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         return text  # not JSON: the upstream answers it with its own error
     if not isinstance(message, dict) or message.get("model") not in aliases:
         return text
