@@ -186,11 +186,23 @@ def test_responses_and_anthropic_messages_through_the_gateway(serve_replicas):
         again = http.post("/v1/messages", headers=anthropic_headers, json=greedy)
         assert first.headers["x-cache"] == "miss" and again.headers["x-cache"] == "hit"
         assert again.json() == first.json()
+        def completion_tokens() -> float:
+            return gw.state.metrics.registry.get_sample_value(
+                "pagoda:gateway_tokens_total",
+                {"key": "alice", "model": "m", "upstream": serve_replicas[0][7:],
+                 "kind": "completion"}) or 0
+
+        before = completion_tokens()
         with http.stream("POST", "/v1/messages", headers=anthropic_headers,
                          json={**greedy, "stream": True}) as r:  # a stream never hits the cache
             assert r.headers["x-cache"] == "bypass"
-            events = [line for line in r.iter_lines() if line.startswith("event: ")]
+            lines = list(r.iter_lines())
+        events = [line for line in lines if line.startswith("event: ")]
         assert events[0] == "event: message_start" and events[-1] == "event: message_stop"
+        start = json.loads(next(line for line in lines if line.startswith("data: "))[6:])
+        assert start["message"]["model"] == "m"  # the public name, as in JSON answers
+        # relayed event by event (it was buffered), its usage counted (it was not)
+        assert completion_tokens() == before + 4
         resp = http.post("/v1/responses", headers=auth(), json={
             "model": "m", "input": "Hi", "max_output_tokens": 4})
         assert resp.status_code == 200 and resp.json()["object"] == "response"
@@ -199,6 +211,7 @@ def test_responses_and_anthropic_messages_through_the_gateway(serve_replicas):
             events = [line for line in r.iter_lines() if line.startswith("event: ")]
         assert events[0] == "event: response.created"
         assert events[-1] == "event: response.incomplete"  # cut by max_output_tokens
+        assert completion_tokens() == before + 12  # + the JSON reply, + response.usage
         bad = http.post("/v1/responses", headers=auth(), json={"model": "m", "input": "Hi",
                                                                "store": True})
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "store"

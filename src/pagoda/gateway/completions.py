@@ -56,9 +56,10 @@ async def serve_completion(state: GatewayState, request: Request, endpoint: str)
             if cached is not None:
                 return _cached_answer(state, call, cached)
         upstream_body = {**call.body, "model": call.pool.upstream_model}
-        if call.stream and SURFACES[endpoint].openai_stream:
-            options = call.body.get("stream_options") or {}
-            upstream_body["stream_options"] = {**options, "include_usage": True}
+        if call.stream:  # relayed event by event (Responses' and Anthropic's streams too)
+            if SURFACES[endpoint].openai_stream:  # usage comes in a chunk asked for
+                options = call.body.get("stream_options") or {}
+                upstream_body["stream_options"] = {**options, "include_usage": True}
             response = await _forward_stream(state, call, upstream_body)
             streaming = isinstance(response, ProxiedStream)  # it now owns the lease
             return response
@@ -169,11 +170,13 @@ async def _forward_stream(
     async def on_complete(body: dict[str, Any]) -> None:
         await _cache_put(state, call.cache_key, json.dumps(body).encode())
 
+    openai_stream = SURFACES[call.endpoint].openai_stream
     events = relay_events(
-        opened, outcome, wants_usage=bool(options.get("include_usage")),
+        # Responses' and Anthropic's usage rides in their own events: never dropped
+        opened, outcome, wants_usage=bool(options.get("include_usage")) or not openai_stream,
         public_model=call.public_model, assembler=assembler,
         on_usage=on_usage, on_complete=on_complete, on_done=lambda: release(state, call),
-        ends_with_done=SURFACES[call.endpoint].openai_stream,
+        ends_with_done=openai_stream,
     )
 
     async def cleanup() -> None:

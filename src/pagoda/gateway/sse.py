@@ -43,8 +43,12 @@ def event_data(event: bytes) -> bytes | None:
     return b"\n".join(lines) if lines else None
 
 
-def encode_event(payload: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+def encode_event(payload: dict[str, Any], like: bytes = b"") -> bytes:
+    """An event carrying `payload`, with the `event:` (and `id:`) lines of the event `like`, if
+    given: Responses' and Anthropic's streams name each event's type in one."""
+    head = b"".join(line + b"\n" for line in like.split(b"\n")
+                    if line.startswith((b"event:", b"id:")))
+    return head + b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
 
 
 @dataclass(slots=True)

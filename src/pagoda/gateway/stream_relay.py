@@ -32,6 +32,7 @@ class RelayOutcome:
 
     usage: dict[str, Any] | None = None
     usage_recorded: bool = False
+    input_usage: dict[str, Any] | None = None  # Anthropic's message_start: input tokens
     saw_done: bool = False
     done_notified: bool = False
     upstream_failed: bool = False
@@ -118,16 +119,42 @@ def _pass(
         return event
     if not isinstance(chunk, dict):
         return event
-    if chunk.get("usage"):
-        outcome.usage = chunk["usage"]
+    usage = _usage(chunk, outcome)
+    if usage:
+        outcome.usage = usage
     if assembler is not None:
         assembler.add(chunk)
     if not chunk.get("choices") and chunk.get("usage") and not wants_usage:
         return b""  # the usage chunk the gateway asked for on its own behalf
-    if public_model is not None and "model" in chunk:
-        chunk["model"] = public_model
-        return encode_event(chunk)
+    if public_model is not None:
+        # OpenAI's chunks name the model at the top; Responses' events in `response`,
+        # Anthropic's message_start in `message`
+        named = [d for d in (chunk, chunk.get("response"), chunk.get("message"))
+                 if isinstance(d, dict) and "model" in d]
+        for d in named:
+            d["model"] = public_model
+        if named:
+            return encode_event(chunk, like=event)
     return event
+
+
+def _usage(chunk: dict[str, Any], outcome: RelayOutcome) -> dict[str, Any] | None:
+    """The usage an event reports, in any of the three stream shapes: OpenAI's usage chunk,
+    Responses' terminal event (`response.usage`), Anthropic's message_start (input tokens,
+    kept) and message_delta (output tokens: the two together)."""
+    kind = chunk.get("type")
+    if kind in ("response.completed", "response.incomplete", "response.failed"):
+        response = chunk.get("response")
+        return response.get("usage") if isinstance(response, dict) else None
+    if kind == "message_start":
+        message = chunk.get("message")
+        usage = message.get("usage") if isinstance(message, dict) else None
+        outcome.input_usage = usage if isinstance(usage, dict) else None
+        return None
+    usage = chunk.get("usage")
+    if kind == "message_delta" and isinstance(usage, dict):
+        return {**(outcome.input_usage or {}), **usage}
+    return usage if isinstance(usage, dict) else None
 
 
 class ProxiedStream(StreamingResponse):
