@@ -43,10 +43,15 @@ def _serve(args: argparse.Namespace) -> int:
     from pagoda.gateway.config import load_config
 
     config = load_config(args.config)
-    app = create_app(config, redis_url=args.redis,
-                     otlp_traces_endpoint=args.otlp_traces_endpoint)
     host = args.host or config.host
     port = config.port if args.port is None else args.port
+    if not 1 <= port <= 65535:  # uvicorn would listen on port % 65536 and log the given one
+        raise ValueError("--port must be in 1..65535")
+    redis_url = args.redis or config.redis_url
+    if redis_url:
+        _check_redis(redis_url)
+    app = create_app(config, redis_url=args.redis,
+                     otlp_traces_endpoint=args.otlp_traces_endpoint)
     pools = ", ".join(f"{p.name} ({len(p.upstreams)} upstreams, {p.policy})" for p in config.models)
     state = "redis" if (args.redis or config.redis_url) else "in-memory"
     print(f"pagoda gateway: {len(config.keys)} keys; models: {pools}; {state} limits and cache; "
@@ -56,6 +61,19 @@ def _serve(args: argparse.Namespace) -> int:
     log_redaction.install()  # after uvicorn.Config, which applies uvicorn's logging config
     server.run()
     return 0
+
+
+def _check_redis(url: str) -> None:
+    """One line, before uvicorn starts, when the shared state is unreachable (the app's own
+    ping at start-up would end in uvicorn's traceback)."""
+    import redis
+
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=5)
+        client.ping()
+        client.close()
+    except (redis.RedisError, OSError, ValueError) as exc:
+        raise ValueError(f"cannot reach Redis at {url}: {exc}") from None
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -134,6 +134,10 @@ class HealthConfig:
     eject_after_failures: int = 3  # consecutive failed requests before passive ejection
     eject_s: float = 30.0  # how long a passively ejected upstream sits out
 
+    def __post_init__(self) -> None:
+        _positive(self, "interval_s", "timeout_s", "unhealthy_after", "eject_after_failures",
+                  "eject_s")
+
 
 @dataclass(frozen=True, slots=True)
 class RetryConfig:
@@ -141,12 +145,26 @@ class RetryConfig:
     connect_timeout_s: float = 2.0
     read_timeout_s: float = 300.0
 
+    def __post_init__(self) -> None:
+        _positive(self, "max_attempts", "connect_timeout_s", "read_timeout_s")
+
 
 @dataclass(frozen=True, slots=True)
 class CacheConfig:
     enabled: bool = True
     ttl_s: float = 300.0
     max_entries: int = 10_000  # in-memory backend only; Redis relies on TTLs
+
+    def __post_init__(self) -> None:
+        _positive(self, "ttl_s", "max_entries")
+
+
+def _positive(section: Any, *names: str) -> None:
+    """Numeric fields that must be above zero (a zero timeout or attempt count would fail every
+    request once the gateway runs; types were checked by `_build`)."""
+    for name in names:
+        if getattr(section, name) <= 0:
+            raise ConfigError(f"{name} must be positive")
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,8 +215,12 @@ class GatewayConfig:
 
     def __post_init__(self) -> None:
         pools = {p.name for p in self.models}
+        if not self.models:
+            raise ConfigError("models: at least one model is required")
         if len(pools) != len(self.models):
             raise ConfigError("models: names must be unique")
+        if not 1 <= self.port <= 65535:
+            raise ConfigError("port must be in 1..65535")
         if not self.keys:
             raise ConfigError("keys: at least one API key is required")
         if self.max_body_bytes < 1:
@@ -238,12 +260,41 @@ def _build(cls: type, data: Any, where: str) -> Any:
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"{where}: unknown field(s) {unknown}; expected some of {sorted(known)}")
+    for name, value in data.items():
+        expected = _SCALARS.get(str(cls.__dataclass_fields__[name].type))
+        if expected is not None and not expected[0](value):
+            raise ConfigError(f"{where}.{name}: expected {expected[1]}, got {value!r}")
     try:
         return cls(**data)
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
     except TypeError as exc:
         raise ConfigError(f"{where}: {exc}") from None
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# Field annotations (strings, as this module's) whose values YAML could give of another type:
+# `retry: {max_attempts: '3'}` or `cache: {enabled: 'no'}` would otherwise load and misbehave.
+_SCALARS = {
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "int": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    "float": (_number, "a number"),
+    "int | None": (lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool)),
+                   "an integer"),
+    "tuple[str, ...]": (lambda v: isinstance(v, tuple) and all(isinstance(x, str) for x in v),
+                        "a list of strings"),
+}
+
+
+def _strings(value: Any, where: str) -> tuple[str, ...]:
+    """A YAML list of strings as a tuple (a lone string is a mistake, not a list of letters)."""
+    if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
+        raise ConfigError(f"{where}: expected a list of strings, got {value!r}")
+    return tuple(value)
 
 
 def _list(data: dict, name: str) -> list:
@@ -263,6 +314,8 @@ def parse_config(data: Any) -> GatewayConfig:
         raw = dict(raw) if isinstance(raw, dict) else raw
         if isinstance(raw, dict):
             ups = raw.get("upstreams") or []
+            if not isinstance(ups, list):
+                raise ConfigError(f"models[{i}].upstreams: expected a list, got {ups!r}")
             raw["upstreams"] = tuple(
                 _build(UpstreamConfig, {"url": u} if isinstance(u, str) else u,
                        f"models[{i}].upstreams[{j}]")
@@ -272,14 +325,16 @@ def parse_config(data: Any) -> GatewayConfig:
     keys = []
     for i, raw in enumerate(_list(data, "keys")):
         if isinstance(raw, dict) and "models" in raw:
-            raw = {**raw, "models": tuple(raw["models"])}
+            raw = {**raw, "models": _strings(raw["models"], f"keys[{i}].models")}
         keys.append(_build(KeyConfig, raw, f"keys[{i}]"))
     virtual = []
     for i, raw in enumerate(_list(data, "virtual_models")):
         if isinstance(raw, dict):
             rules = tuple(
-                _build(RouteRule, {**r, "keywords": tuple(r.get("keywords", ()))}
-                       if isinstance(r, dict) else r, f"virtual_models[{i}].rules[{j}]")
+                _build(RouteRule, {**r, "keywords": _strings(
+                    r.get("keywords", []), f"virtual_models[{i}].rules[{j}].keywords")}
+                    if isinstance(r, dict) and "keywords" in r else r,
+                    f"virtual_models[{i}].rules[{j}]")
                 for j, r in enumerate(raw.get("rules") or [])
             )
             raw = {**raw, "rules": rules}
@@ -303,7 +358,10 @@ def parse_config(data: Any) -> GatewayConfig:
 
 
 def load_config(path: str | Path) -> GatewayConfig:
-    text = Path(path).read_text()
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as exc:  # missing, a directory, unreadable, not text
+        raise ConfigError(f"{path}: cannot read the config: {exc}") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
