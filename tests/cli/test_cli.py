@@ -47,3 +47,36 @@ def test_bad_input_is_one_line_and_exit_2():
     res = run(["generate", "hi", "--model", "/no/such/model.gguf"])
     assert res.returncode == 2 and "error" in res.stderr.strip().splitlines()[-1]
     assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_more_bad_input_is_one_line_and_exit_2(tmp_path):
+    """Each of these printed a traceback (and a bench run saved onto a directory lost the run
+    after measuring it); now refused before any work, in one line."""
+    array = tmp_path / "array.json"
+    array.write_text("[]")
+    cases = [
+        (["generate", "hi", "--max-model-len", "-1"], "max_model_len"),
+        (["generate", "hi", "--threads", "-3"], "num_threads"),
+        (["generate", "hi", "--max-num-seqs", "0"], "max_num_seqs"),
+        (["bench", "plot", str(array), "--out", str(tmp_path / "p")], "not a `pagoda bench"),
+        (["bench", "serve", "--base-url", "http://127.0.0.1:9", "--num-prompts", "1",
+          "--save-result", str(tmp_path)], "is a directory"),
+        (["bench", "offline", "--num-prompts", "0"], "--num-prompts"),
+        (["cost", "--seconds-per-token", "0.01", "--hourly-usd", "nan",
+          "--requests-per-month", "1", "--tokens-per-request", "1"], "finite number"),
+        (["quantize", "--out", str(array)], "array.json"),
+    ]
+    for args, says in cases:
+        res = run(args)
+        assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, (args,
+                                                                                 res.stderr)
+        assert says in res.stderr, (args, res.stderr)
+
+
+def test_chat_skips_a_line_that_is_not_utf8_and_goes_on():
+    res = subprocess.run(PAGODA + ["chat", "--temperature", "0", "--max-tokens", "4",
+                                   "--kv-cache-memory", "32MiB"],
+                         input=b"\xff\xfe\nWhat is the capital of France?\n", env=ENV,
+                         capture_output=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    assert b"not valid UTF-8" in res.stderr and res.stdout.strip()

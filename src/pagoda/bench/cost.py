@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,10 +27,12 @@ class CostInputs:
 
     def __post_init__(self) -> None:
         for name in ("requests_per_month", "tokens_per_request", "hourly_usd"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"--{name.replace('_', '-')} must not be negative")
-        if not self.machine_seconds_per_token > 0:
-            raise ValueError("machine-seconds per token must be positive")
+            value = getattr(self, name)
+            if not 0 <= value < math.inf:  # also nan, which compares false either way
+                raise ValueError(f"--{name.replace('_', '-')} must not be negative "
+                                 "(and must be a finite number)")
+        if not 0 < self.machine_seconds_per_token < math.inf:
+            raise ValueError("machine-seconds per token must be a positive finite number")
 
     @property
     def monthly_usd(self) -> float:

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 
 from tqdm import tqdm
 
+from pagoda.bench.report import check_writable
 from pagoda.cli.engine_args import add_engine_args, engine_config_from_args
 
 
@@ -136,9 +137,21 @@ def run_hf(loaded, workload, batch_size: int, decode_tokens: int) -> tuple[Offli
 def run(args: argparse.Namespace) -> int:
     from pagoda.engine.llm_engine import LLMEngine
 
+    for name in ("num_prompts", "input_len", "output_len", "hf_batch_size"):
+        if getattr(args, name) < 1:  # checked before the model loads
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.decode_tokens < 0:
+        raise ValueError("--decode-tokens must be 0 (skip) or more")
+    if args.save_result:
+        check_writable(args.save_result)
     rng = random.Random(args.bench_seed + 1)
     if args.mixed_output:
-        lo, hi = (int(x) for x in args.mixed_output.split(":"))
+        try:
+            lo, hi = (int(x) for x in args.mixed_output.split(":"))
+        except ValueError:
+            raise ValueError("--mixed-output takes LO:HI output lengths, e.g. 16:256") from None
+        if not 1 <= lo <= hi:
+            raise ValueError("--mixed-output takes LO:HI with 1 <= LO <= HI")
         out_lens = [rng.randint(lo, hi) for _ in range(args.num_prompts)]
     else:
         out_lens = [args.output_len] * args.num_prompts

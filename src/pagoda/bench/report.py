@@ -65,8 +65,22 @@ class BenchResult:
                 created=data.get("created", ""),
                 spec_decode=SpecDecodeSummary.from_json(spec) if spec else None,
             )
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError) as exc:
+            # AttributeError: a JSON array or scalar at the top, or inside where objects belong
             raise ValueError(f"{path} is not a `pagoda bench serve` result: {exc}") from exc
+
+
+def check_writable(path: str | Path) -> None:
+    """Refuse, before a run, a result path that cannot be written: an existing directory, or
+    under a file (the run would be measured, then lost when it is saved)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory; give a file name for the result")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"cannot save under {parent}: it is a file")
+            break
 
 
 def _row(label: str, value: object) -> str:

@@ -17,7 +17,7 @@ import httpx
 from pagoda.bench.client import ENDPOINTS, EndpointConfig
 from pagoda.bench.dataset import DATASETS, DatasetConfig, build_dataset
 from pagoda.bench.metrics import parse_slos, summarize
-from pagoda.bench.report import BenchResult, format_report
+from pagoda.bench.report import BenchResult, check_writable, format_report
 from pagoda.bench.runner import LoadConfig, run_load
 from pagoda.bench.server_metrics import (
     fetch_engine_layout,
@@ -146,6 +146,8 @@ async def benchmark(args: argparse.Namespace) -> BenchResult:
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    if args.save_result:
+        check_writable(args.save_result)
     result = asyncio.run(benchmark(args))
     if args.save_result:  # saved before printing, so a closed stdout cannot lose the run
         result.save(args.save_result)

@@ -49,6 +49,9 @@ def run(args: argparse.Namespace) -> int:
             messages = list(system)
             print("[conversation cleared]", file=sys.stderr)
             continue
+        if not _is_text(line):  # stdin decodes undecodable bytes to lone surrogates
+            print("error: that line is not valid UTF-8; it was skipped", file=sys.stderr)
+            continue
         messages.append({"role": "user", "content": line})
         ids = tok.encode(tok.apply_chat_template(messages), add_special_tokens=False)
         try:
@@ -61,3 +64,11 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
         sys.stdout.flush()
         messages.append({"role": "assistant", "content": reply})
+
+
+def _is_text(line: str) -> bool:
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(func(args) or 0)
-    except (CliError, ValueError, FileNotFoundError) as exc:
+    except (CliError, ValueError, OSError) as exc:  # OSError: a path that is a directory,
+        # under a file, unreadable...: the reason is the message
         print(f"pagoda {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

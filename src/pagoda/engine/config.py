@@ -131,6 +131,12 @@ class EngineConfig:
             raise ValueError(f"quant_kernel must be one of {QUANT_KERNELS}")
         if self.kv_cache_memory < 1:
             raise ValueError("kv_cache_memory must be positive")
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError("max_model_len must be positive (leave it unset for the model's)")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError("num_threads must be positive (leave it unset for torch's)")
         if self.speculative_method not in (None, *SPECULATIVE_METHODS):
             raise ValueError("speculative_method must be ngram, draft or hybrid")
         if not self.uses_draft_model and self.draft_model is not None:
