@@ -242,3 +242,15 @@ def test_malformed_bodies_never_make_the_gateway_fail(replicas, path, body, stat
         deep = '{"model": "m", "prompt": "Hi", "x": ' + "[" * 1500 + "]" * 1500 + "}"
         r = httpx.post(gw.url + "/v1/completions", content=deep, headers=auth(KEY_ALICE))
         assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+
+
+def test_unknown_routes_and_methods_answer_in_the_routes_shape(replicas):
+    """FastAPI's `{"detail": ...}` was the answer; a 405 says what is allowed."""
+    with GatewayServer(make_config({"m": [replicas[0].url]})) as gw:
+        r = httpx.get(gw.url + "/v1/chat/completions", headers=auth(KEY_ALICE))
+        assert r.status_code == 405 and "POST" in r.headers["allow"]
+        assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+        r = httpx.post(gw.url + "/v1/nothing", headers=auth(KEY_ALICE), json={})
+        assert r.status_code == 404 and "error" in r.json()
+        r = httpx.get(gw.url + "/v1/messages", headers={"x-api-key": KEY_ALICE})
+        assert r.status_code == 405 and r.json()["type"] == "error"  # Anthropic's shape

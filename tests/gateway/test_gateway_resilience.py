@@ -131,7 +131,15 @@ def test_active_health_checks_take_replicas_out_and_back(replicas):
         before = replicas[0].stats()["requests"]
         assert all(complete(gw).status_code == 200 for _ in range(6))
         assert replicas[0].stats()["requests"] == before
-        assert httpx.get(gw.url + "/health").json()["upstreams"]["m"][up.name] is False
+        health = httpx.get(gw.url + "/health")
+        assert health.status_code == 200 and health.json()["upstreams"]["m"][up.name] is False
+        replicas[1].control(healthy=False)  # none left: a readiness probe must see it
+        other = gw.state.pools["m"].upstreams[1]
+        wait_for(lambda: not other.healthy, timeout=5)
+        health = httpx.get(gw.url + "/health")
+        assert health.status_code == 503 and health.json()["status"] == "unavailable"
+        replicas[1].control(healthy=True)
+        wait_for(lambda: other.healthy, timeout=5)
         replicas[0].control(healthy=True)
         wait_for(lambda: up.healthy, timeout=5)
         assert all(complete(gw).status_code == 200 for _ in range(6))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
+import sys
 from typing import Any
 
 import httpx
@@ -88,7 +89,8 @@ async def first_model(client: httpx.AsyncClient, root_url: str, api_key: str | N
         resp.raise_for_status()
         return str(resp.json()["data"][0]["id"])
     except (httpx.HTTPError, KeyError, IndexError, ValueError) as exc:
-        message = f"cannot list models at {root_url}/v1/models ({exc}); pass --model"
+        reason = str(exc) or type(exc).__name__  # a timeout's message is empty
+        message = f"cannot list models at {root_url}/v1/models ({reason}); pass --model"
         raise ValueError(message) from exc
 
 
@@ -118,7 +120,8 @@ async def benchmark(args: argparse.Namespace) -> BenchResult:
         show_progress=not args.disable_tqdm,
         timeout_s=args.timeout,
     )
-    async with httpx.AsyncClient(timeout=httpx.Timeout(60.0)) as setup_client:
+    # the model list and tokenizer: at most a minute, and never past the run's own --timeout
+    async with httpx.AsyncClient(timeout=httpx.Timeout(min(60.0, args.timeout))) as setup_client:
         model = args.model or await first_model(setup_client, root_url, args.api_key)
         tokenizer = await detect_tokenizer(setup_client, root_url)
         requests = await build_dataset(dataset_config, tokenizer)
@@ -154,6 +157,9 @@ def run_serve(args: argparse.Namespace) -> int:
     print(format_report(result))
     if args.save_result:
         print(f"saved {args.save_result}")
+    if result.summary.completed == 0:  # a script running the bench must see that it failed
+        print("pagoda bench serve: error: no request succeeded", file=sys.stderr)
+        return 1
     return 0
 
 

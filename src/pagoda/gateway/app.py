@@ -15,12 +15,13 @@ from fastapi import FastAPI, Request, WebSocket
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pagoda.gateway.auth import bearer_token
 from pagoda.gateway.completions import serve_completion
 from pagoda.gateway.config import GatewayConfig
 from pagoda.gateway.embeddings import serve_embeddings
-from pagoda.gateway.errors import unauthorized
+from pagoda.gateway.errors import error_response, in_route_shape, unauthorized
 from pagoda.gateway.openapi import install_openapi
 from pagoda.gateway.state import GatewayState
 from pagoda.gateway.websocket import serve_websocket
@@ -97,12 +98,23 @@ def create_app(config: GatewayConfig, redis_url: str | None = None,
         for pool in state.pools.values():
             now = pool.clock()
             upstreams[pool.name] = {u.name: u.available(now) for u in pool.upstreams}
-        return JSONResponse({"status": "ok", "upstreams": upstreams})
+        # a readiness probe: with no upstream of any model in rotation every request would be
+        # a 502, so the gateway says it cannot serve (one model down leaves the others served)
+        serving = any(any(pool.values()) for pool in upstreams.values())
+        return JSONResponse({"status": "ok" if serving else "unavailable",
+                             "upstreams": upstreams}, status_code=200 if serving else 503)
 
     @app.get("/metrics", response_class=Response)
     async def metrics() -> Response:
         state.health.publish()
         return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        """404s and 405s (with Allow) in the route's error shape, not FastAPI's `detail`."""
+        response = error_response(exc.status_code, str(exc.detail), "invalid_request_error",
+                                  None, headers=exc.headers)
+        return in_route_shape(response, request.url.path)
 
     # an unforeseen exception is a 500 in the route's error shape (OpenAI's, Anthropic's on
     # /v1/messages), logged once, and the keep-alive connection stays usable
