@@ -139,3 +139,12 @@ def test_websocket_ids_1_and_quoted_1_are_two_requests(server):
     got, done = asyncio.run(go())
     assert sorted(map(repr, done)) == sorted(map(repr, [1, "1"]))
     assert not [m for m in got if m["type"] == "error"]
+
+
+def test_a_lone_surrogate_is_named_where_the_client_wrote_it(http):
+    body = ('{"max_tokens": 2, "messages": [{"role": "system", "content": "Be brief."}, '
+            '{"role": "user", "content": [{"type": "text", "text": "hi \\ud800"}]}]}')
+    r = http.post("/v1/chat/completions", content=body,
+                  headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages.1.content", r.text
+    assert "character 3" in r.json()["error"]["message"]  # in the client's text, not the prompt

@@ -60,6 +60,7 @@ def render_chat(llm: AsyncLLM, messages: list[ChatMessage], add_generation_promp
     tools = tools or ToolUse("none", ())
     tokenizer = llm.tokenizer
     check_template_kwargs(tokenizer.hf, template_kwargs)
+    _check_unicode(messages)
     knows_tools = "tools" in (getattr(tokenizer.hf, "chat_template", None) or "")
     rendered, extra = template_messages(chat_messages(messages), tools, knows_tools)
     kwargs = {**(template_kwargs or {}), **extra}
@@ -75,6 +76,22 @@ def render_chat(llm: AsyncLLM, messages: list[ChatMessage], add_generation_promp
         return tokenizer.encode(text, add_special_tokens=False)
     except ValueError as exc:  # a lone surrogate in some message
         raise APIError(400, str(exc), "messages") from None
+
+
+def _check_unicode(messages: list[ChatMessage]) -> None:
+    """A lone surrogate (valid in JSON's escapes, not in UTF-8) named where the client wrote it;
+    the tokenizer would refuse it later at a position of the rendered prompt."""
+    for i, message in enumerate(messages):
+        parts = message.content if isinstance(message.content, list) else [message.content]
+        for text in parts:
+            text = getattr(text, "text", text)
+            if isinstance(text, str):
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError as exc:
+                    raise APIError(400, f"messages[{i}].content is not valid Unicode: a lone "
+                                   f"surrogate at character {exc.start}",
+                                   f"messages.{i}.content") from None
 
 
 def check_template_kwargs(hf_tokenizer: Any, template_kwargs: dict[str, Any] | None) -> None:
