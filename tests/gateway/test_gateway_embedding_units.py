@@ -117,7 +117,7 @@ def test_embedding_cache_config():
     for section, message in [
         ({"model_ttl_s": {"nope": 5}}, "embedding_cache.model_ttl_s: unknown models ['nope']"),
         ({"model_ttl_s": {"e": 0}}, "embedding_cache: model_ttl_s['e'] must be a positive"),
-        ({"ttl_s": "long"}, "embedding_cache: ttl_s must be a positive"),
+        ({"ttl_s": "long"}, "embedding_cache.ttl_s: expected a number, got 'long'"),
         ({"max_bytes": 0}, "embedding_cache: max_bytes must be a positive"),
         ({"max_entries": 5}, "embedding_cache: unknown field(s) ['max_entries']"),
     ]:
