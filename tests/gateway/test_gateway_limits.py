@@ -12,6 +12,8 @@ import uuid
 import httpx
 import pytest
 from redis.asyncio import Redis
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect as ws_connect
 
 from pagoda.gateway.rate_limit import Limits
 from pagoda.gateway.redis_state import RedisRateLimiter
@@ -165,6 +167,12 @@ def test_redis_outage_degrades_cache_and_refuses_with_503(replicas):
             r = post(gw.url, temperature=0)
             assert r.status_code == 503
             assert r.json()["error"]["code"] == "state_backend_unavailable"
+            # a WebSocket is refused at the handshake, as a rate-limited one is (the error
+            # escaped the handler: a 500)
+            ws_url = gw.url.replace("http", "ws", 1) + "/v1/ws?model=m"
+            with pytest.raises(InvalidStatus) as refused:
+                ws_connect(ws_url, additional_headers=auth(KEY_ALICE))
+            assert refused.value.response.status_code == 403
     finally:
         if proc.poll() is None:
             proc.kill()

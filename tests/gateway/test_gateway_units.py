@@ -145,6 +145,7 @@ def test_cache_key_ignores_transport_fields_only():
     assert base != cache_key("/v1/chat/completions", "m", body)
     assert is_cacheable(body) and is_cacheable({"seed": 3}) and not is_cacheable({})
     assert not is_cacheable({"temperature": 0.7})
+    assert not is_cacheable({"temperature": False})  # == 0 in Python; not a temperature
 
 
 def test_cache_key_covers_constraints_and_their_key_order():

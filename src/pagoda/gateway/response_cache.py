@@ -24,8 +24,9 @@ _TRANSPORT_FIELDS = ("stream", "stream_options", "user")
 
 
 def is_cacheable(body: dict[str, Any]) -> bool:
-    temperature = body.get("temperature")
-    return temperature == 0 or body.get("seed") is not None
+    temperature = body.get("temperature")  # false == 0 in Python; the upstream refuses it
+    greedy = temperature == 0 and not isinstance(temperature, bool)
+    return greedy or body.get("seed") is not None
 
 
 def cache_key(endpoint: str, model: str, body: dict[str, Any]) -> str:

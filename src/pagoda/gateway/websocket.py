@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import uuid
 from collections.abc import Callable
 from urllib.parse import urlencode
@@ -24,12 +25,15 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import WebSocketException
 
 from pagoda.gateway.auth import bearer_token
+from pagoda.gateway.call import STATE_ERRORS
 from pagoda.gateway.rate_limit import Limits
 from pagoda.gateway.state import GatewayState
 from pagoda.gateway.upstream import Upstream, UpstreamPool
 
 POLICY_VIOLATION = 1008
 TRY_AGAIN_LATER = 1013
+
+logger = logging.getLogger(__name__)
 
 
 async def _connect(
@@ -68,7 +72,12 @@ async def serve_websocket(state: GatewayState, ws: WebSocket) -> None:
         await ws.close(code=POLICY_VIOLATION, reason=f"model {model!r} not available")
         return
     lease_id = uuid.uuid4().hex
-    decision = await state.limiter.acquire(key.name, Limits.of(key), lease_id)
+    try:
+        decision = await state.limiter.acquire(key.name, Limits.of(key), lease_id)
+    except STATE_ERRORS as exc:  # as HTTP's 503: the shared limits cannot be read right now
+        logger.warning("rate-limit backend unavailable: %s", type(exc).__name__)
+        await ws.close(code=TRY_AGAIN_LATER, reason="the rate-limit backend is unavailable")
+        return
     if not decision.allowed:
         state.metrics.rate_limited.labels(key.name, decision.reason).inc()
         await ws.close(code=TRY_AGAIN_LATER, reason=f"rate limit reached for {decision.reason}")
@@ -93,7 +102,8 @@ async def serve_websocket(state: GatewayState, ws: WebSocket) -> None:
             await conn.close()
         state.metrics.requests.labels(key.name, pool.name, upstream.name, "ws").inc()
     finally:
-        await state.limiter.release(key.name, lease_id)
+        with contextlib.suppress(*STATE_ERRORS):  # the lease expires with its TTL then
+            await state.limiter.release(key.name, lease_id)
 
 
 def _rename_model(text: str, aliases: set[str], upstream_model: str) -> str:
@@ -154,4 +164,7 @@ async def _count_usage(state: GatewayState, key: str, lease_id: str, message: st
     if isinstance(usage, dict):
         total = sum(v for k, v in usage.items()
                     if k in ("prompt_tokens", "completion_tokens") and isinstance(v, int))
-        await state.limiter.record_tokens(key, lease_id, total)
+        try:
+            await state.limiter.record_tokens(key, lease_id, total)
+        except STATE_ERRORS as exc:  # as HTTP's: the answer still goes out
+            logger.warning("could not record token usage: %s", type(exc).__name__)
