@@ -27,6 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from pagoda.engine.llm_engine import LLMEngine, RequestError
+    from pagoda.loader.tokenizer import TextError, check_unicode
 
     params = sampling_params_from_args(args)
     engine = LLMEngine(engine_config_from_args(args, kv_cache_memory=min(
@@ -49,7 +50,9 @@ def run(args: argparse.Namespace) -> int:
             messages = list(system)
             print("[conversation cleared]", file=sys.stderr)
             continue
-        if not _is_text(line):  # stdin decodes undecodable bytes to lone surrogates
+        try:  # stdin decodes undecodable bytes to lone surrogates
+            check_unicode(line)
+        except TextError:
             print("error: that line is not valid UTF-8; it was skipped", file=sys.stderr)
             continue
         messages.append({"role": "user", "content": line})
@@ -64,11 +67,3 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
         sys.stdout.flush()
         messages.append({"role": "assistant", "content": reply})
-
-
-def _is_text(line: str) -> bool:
-    try:
-        line.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True

@@ -19,6 +19,7 @@ from fastapi.responses import Response
 
 from pagoda.engine.async_llm import AsyncLLM
 from pagoda.engine.outputs import CompletionOutput, RequestOutput
+from pagoda.loader.tokenizer import TextError, check_unicode
 from pagoda.sampling.params import SamplingParams
 from pagoda.server.chat_protocol import (
     ChatChoice,
@@ -87,10 +88,9 @@ def _check_unicode(messages: list[ChatMessage]) -> None:
             text = getattr(text, "text", text)
             if isinstance(text, str):
                 try:
-                    text.encode("utf-8")
-                except UnicodeEncodeError as exc:
-                    raise APIError(400, f"messages[{i}].content is not valid Unicode: a lone "
-                                   f"surrogate at character {exc.start}",
+                    check_unicode(text)
+                except TextError as exc:
+                    raise APIError(400, f"messages[{i}].content: {exc}",
                                    f"messages.{i}.content") from None
 
 
