@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from pagoda.loader.tokenizer import TextError, check_unicode
 from pagoda.sampling.constraint import StructuredOutputs
 
 
@@ -142,9 +143,12 @@ def build_grammar(constraint: StructuredOutputs) -> Any:
             options = constraint.options
             if not options or not all(isinstance(o, str) and o for o in options):
                 raise ConstraintError("choice must be a non-empty list of non-empty strings")
-            if not all(_is_unicode(o) for o in options):
+            try:
+                for option in options:
+                    check_unicode(option)
+            except TextError:
                 raise ConstraintError("choice strings must be valid Unicode (a lone surrogate "
-                                      "is not)")
+                                      "is not)") from None
             # the characters themselves: json.dumps's default \uXXXX escapes would spell a
             # character outside the BMP as two surrogates, which xgrammar reads as two
             # (invalid) characters
@@ -169,11 +173,3 @@ def _json_grammar(xgr: Any, schema: str) -> Any:
         return xgr.Grammar.from_json_schema(schema, any_whitespace=False, strict_mode=True)
     except RuntimeError:
         return xgr.Grammar.from_json_schema(schema, any_whitespace=False, strict_mode=False)
-
-
-def _is_unicode(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
