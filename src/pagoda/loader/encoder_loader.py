@@ -17,7 +17,7 @@ import torch
 
 from pagoda.layers.pooler import PoolingConfig
 from pagoda.loader.hf_loader import safetensors_files, safetensors_weights
-from pagoda.loader.model_loader import LoadedModel
+from pagoda.loader.model_loader import LoadedModel, materialize
 from pagoda.loader.tokenizer import Tokenizer
 from pagoda.models.bert import BertEncoder, EncoderConfig
 from pagoda.models.config import ModelConfig
@@ -55,7 +55,7 @@ def load_encoder(path: str, device: str = "cpu", attention: str = "padded") -> L
     files = safetensors_files(path)
     with torch.device("meta"):
         net = BertEncoder(cfg, attention)
-    net = net.to_empty(device=device)
+    net = materialize(net, device)
     net.load_weights(safetensors_weights(files, progress=False))
     net.eval()
     pooling = PoolingConfig.from_sentence_transformers(path) or PoolingConfig("mean", True)

@@ -82,6 +82,28 @@ def model_class(architecture: str) -> type[nn.Module]:
     raise ValueError(f"unsupported architecture {architecture!r}")
 
 
+def materialize(net: nn.Module, device: str | torch.device) -> nn.Module:
+    """`net.to_empty(device=device)`, without its cost: `to_empty` allocates each meta tensor
+    through torch's Python reference ops, whose first use imports sympy (0.6 s of every model
+    load). Uninitialized storage of each parameter's and buffer's shape and dtype; a tensor
+    shared by two modules (tied weights) stays one tensor."""
+    made: dict[int, torch.Tensor] = {}
+
+    def empty(t: torch.Tensor) -> torch.Tensor:
+        if id(t) not in made:
+            new = torch.empty(t.shape, dtype=t.dtype, device=device)
+            made[id(t)] = nn.Parameter(new, t.requires_grad) if isinstance(t, nn.Parameter) \
+                else new
+        return made[id(t)]
+
+    for module in net.modules():
+        for tensors in (module._parameters, module._buffers):
+            for name, t in tensors.items():
+                if t is not None:
+                    tensors[name] = empty(t)
+    return net
+
+
 def load_model(model: str | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32,
                progress: bool = True) -> LoadedModel:
     start = time.perf_counter()
@@ -95,10 +117,10 @@ def load_model(model: str | None = None, device: str = "cpu", dtype: torch.dtype
     cfg = ckpt.config
     with torch.device("meta"):
         net = model_class(cfg.architecture)(cfg)
-    net = net.to_empty(device=device)
+    net = materialize(net, device)
     net.load_weights(ckpt.weights(progress=progress))
     if hasattr(net, "post_load"):
-        net.post_load()  # recompute buffers (e.g. RoPE tables) that `to_empty` left unset
+        net.post_load()  # recompute buffers (e.g. RoPE tables) that `materialize` left unset
     net = net.to(dtype=dtype).eval()
     if os.path.isdir(path):
         tokenizer = Tokenizer.from_pretrained(path, eos_token_ids=cfg.eos_token_ids)
