@@ -26,6 +26,9 @@ MODES = ["int8", "int4", "gguf"]
 
 @pytest.fixture(scope="module", params=MODES)
 def quantized_server(request):
+    if request.param == "gguf":  # the default: the session's shared server runs the file's blocks
+        yield request.param, request.getfixturevalue("thread_server")
+        return
     proc = ServerProcess("--quantization", request.param)
     try:
         proc.wait_ready()

@@ -62,8 +62,9 @@ def traced():
     collector = Collector()
     os.environ["OTEL_BSP_SCHEDULE_DELAY"] = "100"  # export within 0.1 s (default 5 s)
     try:
-        with serving("--otlp-traces-endpoint", collector.url, "--served-model-name", "small",
-                     api_key=None) as proc:
+        # the spans are the HTTP front's: the engine runs in its thread (one process to start)
+        with serving("--engine-thread", "--otlp-traces-endpoint", collector.url,
+                     "--served-model-name", "small", api_key=None) as proc:
             config = dataclasses.replace(make_config({"small": [proc.url]}),
                                          otlp_traces_endpoint=collector.url)
             with GatewayServer(config) as gateway:
