@@ -160,17 +160,44 @@ def prompt_ids(loaded_model):
 
 
 @pytest.fixture(scope="session")
-def reference(request, computed_once, prompt_ids):
+def hf_computed(request, computed_once, loaded_model, prompt_ids):
+    """What the tests take from transformers' SmolLM2, computed in one place so that one run
+    loads the reference model once (~10 s on a busy 2-core machine) whichever worker asks first:
+    - "greedy": the greedy continuation of each of `prompt_ids` (`reference` below);
+    - "prompt_logprobs": {text: [ids, [[log-prob of the next prompt token, top-3 token ids]
+      per position]]} of tests/engine/test_prompt_logprobs.py's prompts;
+    - "last_hidden": the L2-normalized last-token hidden state of the first ten
+      tests/embeddings/texts.py texts (tests/embeddings/test_decoder_embedding.py)."""
+    from tests.embeddings.texts import TEXTS
+    from tests.engine.helpers import hf_greedy
+    from tests.engine.test_hf_reference import MAX_TOKENS
+    from tests.engine.test_prompt_logprobs import PROMPTS as SCORED
+
+    def compute():
+        hf = request.getfixturevalue("hf_model")
+        encode = loaded_model.tokenizer.encode
+        scored = {}
+        with torch.inference_mode():
+            for text in SCORED:
+                ids = encode(text)
+                rows = torch.log_softmax(hf(torch.tensor([ids])).logits[0].float(), dim=-1)
+                scored[text] = [ids, [[rows[i - 1, ids[i]].item(),
+                                       torch.topk(rows[i - 1], 3).indices.tolist()]
+                                      for i in range(1, len(ids))]]
+            hidden = torch.stack([hf.model(torch.tensor([encode(t)])).last_hidden_state[0, -1]
+                                  for t in TEXTS[:10]])
+        return {"greedy": hf_greedy(hf, prompt_ids, MAX_TOKENS), "prompt_logprobs": scored,
+                "last_hidden": torch.nn.functional.normalize(hidden, dim=1).tolist()}
+
+    return computed_once("smollm2_hf", compute)
+
+
+@pytest.fixture(scope="session")
+def reference(hf_computed):
     """transformers' greedy continuation of each of `prompt_ids` (the reference of the engine,
     parallel and Ray tests). Defined here, not in a test module: a session fixture imported
     into several modules is a separate fixture in each, computed once per module."""
-    from tests.engine.helpers import hf_greedy
-    from tests.engine.test_hf_reference import MAX_TOKENS
-
-    def compute():
-        return hf_greedy(request.getfixturevalue("hf_model"), prompt_ids, MAX_TOKENS)
-
-    return computed_once("smollm2_hf_greedy", compute)
+    return hf_computed["greedy"]
 
 
 @pytest.fixture(scope="session")
