@@ -51,8 +51,10 @@ def replica_processes():
     for _ in range(2):
         port = free_port()
         procs.append(subprocess.Popen(
+            # the engine in the server's thread: one process per replica to start (what the
+            # gateway sees is the same HTTP API; the engine process has its own tests)
             [str(pagoda), "serve", "--port", str(port), "--served-model-name", "m",
-             "--api-key", UPSTREAM_KEY,
+             "--engine-thread", "--api-key", UPSTREAM_KEY,
              "--kv-cache-memory", str(32 << 20), "--max-num-seqs", "4", "--num-threads", "1",
              "--log-level", "warning"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
