@@ -4,6 +4,7 @@ reused), gloo for what does not fit, and a dead peer reported rather than waited
 
 from __future__ import annotations
 
+import functools
 import multiprocessing as mp
 import os
 
@@ -16,34 +17,41 @@ from pagoda.parallel.peers import free_port
 ROUNDS = 50
 
 
-def rank_main(rank: int, world: int, port: int, shared: bool, out: mp.Queue) -> None:
+def rank_main(rank: int, world: int, ports: dict[bool, int], out: mp.Queue) -> None:
+    """One rank: a group per mode in `ports` (True: shared memory where usable, False: gloo
+    alone), each its own store and collectives, so one process start serves both modes."""
     torch.set_num_threads(1)
-    group = comm.connect(rank, world, "127.0.0.1", port, torch.device("cpu"),
-                         shared_memory=shared)
-    results = []
-    for i in range(ROUNDS):
-        n = 7 + 13 * i
-        t = torch.randn(n, generator=torch.Generator().manual_seed(1000 * i + rank))
-        results.append(group.all_reduce(t.clone()))
-        results.append(group.gather_last(t.view(1, n)))
-    big = torch.full((shm_reduce.MAX_ELEMENTS + 1,), float(rank + 1))
-    results.append(group.all_reduce(big)[:4].clone())  # through gloo
-    # plain lists: a tensor in a queue is passed by a file descriptor that dies with its process
-    out.put((rank, group.shm is not None, [t.tolist() for t in results]))
+    for shared, port in ports.items():
+        group = comm.connect(rank, world, "127.0.0.1", port, torch.device("cpu"),
+                             shared_memory=shared)
+        results = []
+        for i in range(ROUNDS):
+            n = 7 + 13 * i
+            t = torch.randn(n, generator=torch.Generator().manual_seed(1000 * i + rank))
+            results.append(group.all_reduce(t.clone()))
+            results.append(group.gather_last(t.view(1, n)))
+        big = torch.full((shm_reduce.MAX_ELEMENTS + 1,), float(rank + 1))
+        results.append(group.all_reduce(big)[:4].clone())  # through gloo
+        # plain lists: a tensor in a queue is passed by a file descriptor that dies with its
+        # process
+        out.put((shared, rank, group.shm is not None, [t.tolist() for t in results]))
 
 
-def run(world: int, shared: bool) -> dict[int, tuple[bool, list[torch.Tensor]]]:
+@functools.cache
+def run(world: int) -> dict[bool, dict[int, tuple[bool, list[torch.Tensor]]]]:
+    """{shared: {rank: (used shared memory, results)}}: shared memory for every world, and gloo
+    alone too for two ranks (test_gloo_alone_gives_the_same_sums), from the same processes
+    (a process start, torch's import, is most of a run's time; the module's tests share it)."""
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=rank_main, args=(r, world, port, shared, out))
-             for r in range(world)]
+    ports = {True: free_port()} | ({False: free_port()} if world == 2 else {})
+    procs = [ctx.Process(target=rank_main, args=(r, world, ports, out)) for r in range(world)]
     for p in procs:
         p.start()
-    got = {}
-    for _ in procs:
-        rank, used_shm, results = out.get(timeout=120)
-        got[rank] = (used_shm, [torch.tensor(r, dtype=torch.float32) for r in results])
+    got: dict[bool, dict[int, tuple[bool, list[torch.Tensor]]]] = {s: {} for s in ports}
+    for _ in range(world * len(ports)):
+        shared, rank, used_shm, results = out.get(timeout=120)
+        got[shared][rank] = (used_shm, [torch.tensor(r, dtype=torch.float32) for r in results])
     for p in procs:
         p.join(30)
         assert p.exitcode == 0
@@ -54,7 +62,7 @@ def run(world: int, shared: bool) -> dict[int, tuple[bool, list[torch.Tensor]]]:
 def test_shared_memory_collectives_are_exact_and_identical_on_every_rank(world):
     if not shm_reduce.usable(torch.device("cpu")):
         pytest.skip("shared-memory collectives need an x86 CPU with /dev/shm")
-    got = run(world, shared=True)
+    got = run(world)[True]
     assert all(used for used, _ in got.values())
     for i in range(ROUNDS):
         n = 7 + 13 * i
@@ -73,7 +81,7 @@ def test_shared_memory_collectives_are_exact_and_identical_on_every_rank(world):
 
 
 def test_gloo_alone_gives_the_same_sums():
-    shm, gloo = run(2, shared=True), run(2, shared=False)
+    shm, gloo = run(2)[True], run(2)[False]
     assert not gloo[0][0]
     for a, b in zip(shm[0][1], gloo[0][1], strict=True):
         assert torch.equal(a, b)  # two ranks: a + b either way
