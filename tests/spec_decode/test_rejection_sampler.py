@@ -42,18 +42,30 @@ def assert_follows(tokens: list[int], p: torch.Tensor) -> None:
     assert result.pvalue > ALPHA, (counts.tolist(), expected.tolist())
 
 
+_RUNS: dict[tuple[int, int, int | None], list[list[int]]] = {}
+
+
 def run(params: SamplingParams, q: torch.Tensor | None, point: int | None = None
         ) -> list[list[int]]:
-    """N verifications of one draft token (drawn from q, or the fixed `point`)."""
+    """N verifications of one draft token (drawn from q, or the fixed `point`). Seeded, so the
+    same arguments (module constants) give the same tokens: each run is done once."""
+    key = (id(params), id(q), point)
+    if key not in _RUNS:
+        _RUNS[key] = _run(params, q, point)
+    return _RUNS[key]
+
+
+def _run(params: SamplingParams, q: torch.Tensor | None, point: int | None
+         ) -> list[list[int]]:
     g = torch.Generator().manual_seed(7)
     rs = RejectionSampler(Sampler(seed=11))
-    items = []
-    for _ in range(N):
-        if q is None:
-            items.append((sreq(params), Draft([point])))
-        else:
-            d = int(torch.multinomial(q, 1, generator=g))
-            items.append((sreq(params), Draft([d], q.unsqueeze(0))))
+    req = sreq(params)  # the N verifications are independent: one request record serves all
+    if q is None:
+        items = [(req, Draft([point])) for _ in range(N)]
+    else:  # N independent draws from q
+        probs = q.unsqueeze(0)
+        drafts = torch.multinomial(q, N, replacement=True, generator=g).tolist()
+        items = [(req, Draft([d], probs)) for d in drafts]
     logits = torch.stack([ROW0, ROW1]).repeat(N, 1)
     return [tokens for tokens, _ in rs(logits, items, ())]
 
@@ -91,7 +103,7 @@ def test_point_mass_draft_keeps_target_distribution(params, point):
 
 def test_acceptance_rate_is_sum_of_min_p_q():
     """With a draft q, a token is accepted with probability sum_x min(p(x), q(x))."""
-    params = SamplingParams(temperature=1.0)
+    params = PARAMS[0]  # temperature 1: the run of test_draft_model_keeps_target_distribution
     q = DRAFTS["close"]
     out = run(params, q)
     accepted = sum(len(t) == 2 for t in out) / N
