@@ -9,6 +9,7 @@ window to `SMALL_WINDOW` in both our model and transformers' config.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 
 import pytest
@@ -41,6 +42,21 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
 # Two 262k-vocabulary models (ours and the reference) on a shared 2-core CPU: fixtures that run
 # transformers' generate can take minutes when the machine is busy.
 pytestmark = pytest.mark.timeout(1800)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_tokenizer_load():
+    """The engines built here from the file's path (default weights, pipeline and tensor
+    parallel rank 0) would each read the converted tokenizer again (262k tokens of JSON, ~8 s
+    each); one read serves them all, as conftest.py shares the GGUF readers. The loading code
+    each of them runs is unchanged; the LLM fixture's load is the one that reads the files."""
+    import functools
+
+    from pagoda.loader import tokenizer
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tokenizer, "_gguf_tokenizer", functools.cache(tokenizer._gguf_tokenizer))
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -228,13 +244,14 @@ def test_sliding_window_greedy(gemma_small_window, prompt_ids, small_window_refe
 
 
 def test_sliding_window_chunked_prefill(gemma_small_window, prompt_ids, small_window_reference):
-    """Chunks of 16 tokens read earlier chunks' K/V through the window mask. Each long prompt runs
-    twice in one engine: the second run reuses blocks the first released behind the window."""
+    """Chunks of 16 tokens read earlier chunks' K/V through the window mask. The long prompts run
+    twice in one engine (both at once each time: one prompt's chunks beside the other's decode):
+    the second run reuses blocks the first released behind the window."""
     engine = make_engine(gemma_small_window, max_num_batched_tokens=16)
-    for i in LONG:
-        for run in ("first", "again"):
-            got = run_to_completion(engine, {run: (prompt_ids[i], GREEDY)})[run]
-            assert got == small_window_reference[i], f"prompt {i} differs ({run} run)"
+    for run in ("first", "again"):
+        got = run_to_completion(engine, {f"{run}{i}": (prompt_ids[i], GREEDY) for i in LONG})
+        for i in LONG:
+            assert got[f"{run}{i}"] == small_window_reference[i], f"prompt {i} differs ({run} run)"
     engine.check_integrity()
 
 
@@ -246,10 +263,12 @@ def test_llm_api_text(gemma_llm, hf_tok, reference):
         assert out.outputs[0].text == hf_tok.decode(reference[i], skip_special_tokens=True)
 
 
-def test_hf_directory_tiny_random_gemma(tmp_path, hf_tok):
+def test_hf_directory_tiny_random_gemma(tmp_path, hf_tok, gemma):
     """A safetensors directory through the HF loader, with settings the 270M GGUF lacks: final
     logit softcapping, linear RoPE scaling of global layers, another query_pre_attn_scalar and
-    layer pattern, a window of 8. The weights are random, so log-probs are compared as well."""
+    layer pattern, a window of 8. The weights are random, so log-probs are compared as well.
+    The tokenizer is the 270M's, already loaded: reading a directory's tokenizer files is
+    test_hf_directory.py's check, and this one's 262k tokens would take ~8 s more."""
     from transformers import Gemma3ForCausalLM as HFGemma3
     from transformers import Gemma3TextConfig
 
@@ -266,9 +285,9 @@ def test_hf_directory_tiny_random_gemma(tmp_path, hf_tok):
             if "norm" in name:
                 param.normal_(0.0, 0.5)
     hf.save_pretrained(tmp_path)
-    hf_tok.save_pretrained(tmp_path)
 
-    loaded = load_model(str(tmp_path), progress=False)
+    loaded = dataclasses.replace(load_model(str(tmp_path), progress=False),
+                                 tokenizer=gemma.tokenizer)
     cfg = loaded.config
     assert cfg.layer_sliding == tuple(t == "sliding_attention" for t in hf_cfg.layer_types)
     assert (cfg.final_logit_softcapping, cfg.rope_scaling_factor, cfg.query_pre_attn_scalar,
