@@ -57,11 +57,20 @@ def scheduled(context: list[int]) -> ScheduledRequest:
                             num_spec_tokens=8)
 
 
+STOP_AT_MILL = SamplingParams(temperature=0, max_tokens=48, stop=["old mill"])
+
+
+@pytest.fixture(scope="module")
+def stop_at_mill_off(loaded_model):
+    """The stop-string request with speculation off (one run for the three methods)."""
+    return outputs(engine(loaded_model, None), loaded_model.tokenizer.encode(QUOTE), STOP_AT_MILL)
+
+
 @pytest.mark.parametrize("method", ["ngram", "draft", "hybrid"])
-def test_stop_string_inside_accepted_drafts(loaded_model, gguf_draft, method):
+def test_stop_string_inside_accepted_drafts(loaded_model, gguf_draft, method, stop_at_mill_off):
     ids = loaded_model.tokenizer.encode(QUOTE)
-    params = SamplingParams(temperature=0, max_tokens=48, stop=["old mill"])
-    want = outputs(engine(loaded_model, None), ids, params)
+    params = STOP_AT_MILL
+    want = stop_at_mill_off
     eng = engine(loaded_model, method, None if method == "ngram" else gguf_draft)
     got = outputs(eng, ids, params)
     assert (got.text, got.token_ids, got.finish_reason, got.stop_reason) == (
@@ -72,31 +81,50 @@ def test_stop_string_inside_accepted_drafts(loaded_model, gguf_draft, method):
 
 def test_max_tokens_and_logprobs_unchanged(loaded_model):
     ids = loaded_model.tokenizer.encode(QUOTE)
+    # greedy with speculation off: each shorter request's tokens and logprobs are a prefix of
+    # the longest one's (one run instead of one per max_tokens)
+    longest = outputs(engine(loaded_model, None), ids, SamplingParams(
+        temperature=0, max_tokens=13, ignore_eos=True, logprobs=3))
+    assert len(longest.token_ids) == 13
     for max_tokens in (1, 2, 7, 13):
         params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True,
                                 logprobs=3)
-        want = outputs(engine(loaded_model, None), ids, params)
+        want_ids, want_logprobs = (longest.token_ids[:max_tokens],
+                                   longest.logprobs[:max_tokens])
         got = outputs(engine(loaded_model, "ngram"), ids, params)
-        assert got.token_ids == want.token_ids and len(got.token_ids) == max_tokens
+        assert got.token_ids == want_ids and len(got.token_ids) == max_tokens
         assert got.finish_reason == "length"
-        for a, b in zip(got.logprobs, want.logprobs, strict=True):
+        for a, b in zip(got.logprobs, want_logprobs, strict=True):
             assert a.keys() == b.keys()
             assert all(abs(a[t] - b[t]) < 1e-3 for t in a)
 
 
+SEEDED = SamplingParams(temperature=0.8, top_p=0.95, max_tokens=32, seed=1234, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def seeded_prompts(loaded_model):
+    tok = loaded_model.tokenizer
+    return {"quote": tok.encode(QUOTE),
+            "story": tok.encode("Once upon a time, in a small village by the sea,")}
+
+
+@pytest.fixture(scope="module")
+def seeded_off(loaded_model, seeded_prompts):
+    """Each seeded prompt alone with speculation off (one run for the three methods)."""
+    off = engine(loaded_model, None)
+    return {k: outputs(off, ids, SEEDED).token_ids for k, ids in seeded_prompts.items()}
+
+
 @pytest.mark.parametrize("method", ["ngram", "draft", "hybrid"])
 def test_seeded_sampling_equals_speculation_off_alone_and_in_a_batch(loaded_model, gguf_draft,
-                                                                      method):
+                                                                      method, seeded_prompts,
+                                                                      seeded_off):
     """A seeded request's tokens are exactly its tokens without speculation, whatever drafted
     them and however many requests ran beside it (the batch size changes the drafts: the
     policy's solo rule, hybrid's model-or-lookup choice)."""
     tok = loaded_model.tokenizer
-    prompts = {"quote": tok.encode(QUOTE), "story": tok.encode("Once upon a time, in a small "
-                                                               "village by the sea,")}
-    params = SamplingParams(temperature=0.8, top_p=0.95, max_tokens=32, seed=1234,
-                            ignore_eos=True)
-    off = engine(loaded_model, None)
-    want = {k: outputs(off, ids, params).token_ids for k, ids in prompts.items()}
+    prompts, params, want = seeded_prompts, SEEDED, seeded_off
     draft = None if method == "ngram" else gguf_draft
     eng = engine(loaded_model, method, draft, speculative_max_batch=8)
     alone = {k: outputs(eng, ids, params).token_ids for k, ids in prompts.items()}
