@@ -84,13 +84,21 @@ def test_busy_batch(busy_spec_engine, prompts, baseline):
     assert stats.spec_num_draft_tokens > stats.spec_num_accepted_tokens  # rejections happened
 
 
-def test_staggered_with_prefix_caching(busy_spec_engine, prompts, baseline, loaded_model):
+@pytest.fixture(scope="module")
+def with_prefix(prompts, loaded_model):
     shared = loaded_model.tokenizer.encode("You are a careful assistant. " * 6)
-    with_prefix = [shared + p for p in prompts]
-    ref = run_to_completion(LLMEngine(EngineConfig(progress=False, kv_cache_memory=64 << 20,
-                                                   enable_prefix_caching=False),
-                                      loaded=loaded_model),
-                            {f"r{i}": (p, GREEDY) for i, p in enumerate(with_prefix)})
+    return [shared + p for p in prompts]
+
+
+@pytest.fixture(scope="module")
+def with_prefix_baseline(make_engine, with_prefix):
+    """Speculation off, prefix caching off: one run serves both methods' tests."""
+    engine = make_engine(enable_prefix_caching=False)
+    return run_to_completion(engine, {f"r{i}": (p, GREEDY) for i, p in enumerate(with_prefix)})
+
+
+def test_staggered_with_prefix_caching(busy_spec_engine, with_prefix, with_prefix_baseline):
+    ref = with_prefix_baseline
     engine = busy_spec_engine(enable_prefix_caching=True)
     check(engine, with_prefix, ref, arrivals={f"r{i}": 2 * i for i in range(len(with_prefix))})
     assert engine.kv_manager.num_hit_tokens > 0
