@@ -13,13 +13,13 @@ import pytest
 
 from pagoda.engine.config import EngineConfig
 from pagoda.engine.llm_engine import LLMEngine
-from pagoda.sampling.params import SamplingParams
-from tests.engine.helpers import run_to_completion
 from tests.engine.test_hf_reference import GREEDY
 from tests.parallel.test_tensor_parallel import (
     assert_a_dead_rank_fails_the_step,
     assert_reference_tokens,
     assert_staggered_then_cached,
+    greedy_outputs,
+    one_process_quantized,
     prompt_logprobs,
     tp_engine,
 )
@@ -27,6 +27,8 @@ from tests.parallel.test_tensor_parallel import (
 
 @pytest.fixture(scope="module")
 def pp2():
+    """The module's PP=2 engine (a start of its ranks is most of a test's time). Its last user,
+    test_a_dead_stage_fails_the_step_instead_of_hanging, kills its stage 1 and closes it."""
     engine = tp_engine(pipeline_parallel_size=2, max_num_batched_tokens=64)
     yield engine
     engine.close()
@@ -128,31 +130,25 @@ def test_three_stages_under_preemption_with_drafts(prompt_ids, reference):
         engine.close()
 
 
-def greedy_outputs(engine: LLMEngine, prompt_ids: list[list[int]], max_tokens: int = 24
-                   ) -> dict[str, list[int]]:
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
-    return run_to_completion(engine, {f"r{i}": (ids, params) for i, ids in enumerate(prompt_ids)},
-                             {f"r{i}": i for i in range(len(prompt_ids))})
-
-
 @pytest.mark.parametrize("quantization", ["int8", "gguf"])
-def test_quantized_stages_decode_what_one_process_decodes(quantization, prompt_ids):
-    """GGUF blocks are found by layer number, so each stage quantizes before it is cut."""
-    outputs = {}
-    for pp in (1, 2):
-        engine = tp_engine(pipeline_parallel_size=pp, quantization=quantization,
-                           quant_kernel="auto", kv_cache_dtype="auto")
-        try:
-            outputs[pp] = greedy_outputs(engine, prompt_ids[2:6])
-        finally:
-            engine.close()
-    assert outputs[2] == outputs[1]
+def test_quantized_stages_decode_what_one_process_decodes(quantization, loaded_model,
+                                                          computed_once, prompt_ids):
+    """GGUF blocks are found by layer number, so each stage quantizes before it is cut. One
+    process's tokens: one_process_quantized (shared with test_tensor_parallel.py's reference)."""
+    one = one_process_quantized(computed_once, quantization, loaded_model, prompt_ids)
+    engine = tp_engine(pipeline_parallel_size=2, quantization=quantization,
+                       quant_kernel="auto", kv_cache_dtype="auto")
+    try:
+        staged = greedy_outputs(engine, prompt_ids[2:6])
+    finally:
+        engine.close()
+    assert staged == one["greedy"]
 
 
-def test_a_dead_stage_fails_the_step_instead_of_hanging(prompt_ids):
-    engine = tp_engine(pipeline_parallel_size=2)
-    worker = psutil.Process(engine.peers.workers[0].process.pid)
-    assert_a_dead_rank_fails_the_step(engine, worker, prompt_ids[0])
+def test_a_dead_stage_fails_the_step_instead_of_hanging(pp2, prompt_ids):
+    """On the module's engine, after its other tests (this one leaves it closed)."""
+    worker = psutil.Process(pp2.peers.workers[0].process.pid)
+    assert_a_dead_rank_fails_the_step(pp2, worker, prompt_ids[0])
 
 
 @pytest.mark.parametrize("overrides,message", [

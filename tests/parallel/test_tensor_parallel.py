@@ -44,6 +44,8 @@ def tp_engine(**overrides) -> LLMEngine:
 
 @pytest.fixture(scope="module")
 def tp2():
+    """The module's TP=2 engine (a start of its ranks is most of a test's time). Its last user,
+    test_a_dead_rank_fails_the_step_instead_of_hanging, kills its rank 1 and closes it."""
     engine = tp_engine(tensor_parallel_size=2, max_num_batched_tokens=64)
     yield engine
     engine.close()
@@ -107,26 +109,50 @@ def test_three_ranks_under_preemption(prompt_ids, reference):
     assert [w.poll() for w in workers] == [0, 0]  # each exited, cleanly
 
 
-@pytest.mark.parametrize("quantization", ["int8", "gguf"])
-def test_quantized_shards_keep_the_perplexity(loaded_model, quantization):
-    """int8 quantizes each rank's fp32 share; gguf cuts the file's own blocks (rows, and
-    group-aligned columns of o_proj / down_proj). Over ~800 tokens of the packaged text: a few
-    hundred prompt tokens let single rounding flips move the figure by over 1% (seen with the
-    AVX2 kernels)."""
+def greedy_outputs(engine: LLMEngine, prompt_ids: list[list[int]], max_tokens: int = 24
+                   ) -> dict[str, list[int]]:
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+    return run_to_completion(engine, {f"r{i}": (ids, params) for i, ids in enumerate(prompt_ids)},
+                             {f"r{i}": i for i in range(len(prompt_ids))})
+
+
+def perplexity_text_ids(loaded_model) -> list[int]:
+    """~800 tokens of the packaged text: a few hundred prompt tokens let single rounding flips
+    move the figure by over 1% (seen with the AVX2 kernels)."""
     from importlib.resources import files
 
     text = files("pagoda.data").joinpath("devils_dictionary.txt").read_text()[:4000]
-    ids = loaded_model.tokenizer.encode(text)
-    perplexity = {}
-    for tp in (1, 2):
-        engine = tp_engine(tensor_parallel_size=tp, quantization=quantization,
-                           quant_kernel="auto", kv_cache_dtype="auto")
-        try:
-            lps = prompt_logprobs(engine, ids)
-        finally:
-            engine.close()
-        perplexity[tp] = math.exp(-sum(lps) / len(lps))
-    assert len(ids) > 600
+    return loaded_model.tokenizer.encode(text)
+
+
+def one_process_quantized(computed_once, quantization: str, loaded_model,
+                          prompt_ids: list[list[int]]) -> dict:
+    """One process's quantized engine, the reference of both parallel layouts: its prompt
+    log-probs of `perplexity_text_ids` (this file) and its greedy tokens for prompts 2-5
+    (test_pipeline_parallel.py). One engine computes both, once per run (`computed_once`)."""
+    def compute() -> dict:
+        engine = tp_engine(quantization=quantization, quant_kernel="auto", kv_cache_dtype="auto")
+        return {"logprobs": prompt_logprobs(engine, perplexity_text_ids(loaded_model)),
+                "greedy": greedy_outputs(engine, prompt_ids[2:6])}
+
+    return computed_once(f"smollm2_{quantization}_one_process", compute)
+
+
+@pytest.mark.parametrize("quantization", ["int8", "gguf"])
+def test_quantized_shards_keep_the_perplexity(loaded_model, computed_once, prompt_ids,
+                                              quantization):
+    """int8 quantizes each rank's fp32 share; gguf cuts the file's own blocks (rows, and
+    group-aligned columns of o_proj / down_proj). Over ~800 tokens (perplexity_text_ids)."""
+    ids = perplexity_text_ids(loaded_model)
+    one = one_process_quantized(computed_once, quantization, loaded_model, prompt_ids)
+    engine = tp_engine(tensor_parallel_size=2, quantization=quantization, quant_kernel="auto",
+                       kv_cache_dtype="auto")
+    try:
+        lps = {1: one["logprobs"], 2: prompt_logprobs(engine, ids)}
+    finally:
+        engine.close()
+    perplexity = {tp: math.exp(-sum(lp) / len(lp)) for tp, lp in lps.items()}
+    assert len(ids) > 600 and len(lps[1]) == len(lps[2]) == len(ids) - 1
     assert abs(perplexity[2] / perplexity[1] - 1) < 0.02, perplexity
 
 
@@ -145,10 +171,10 @@ def assert_a_dead_rank_fails_the_step(engine: LLMEngine, rank: psutil.Process,
         engine.close()
 
 
-def test_a_dead_rank_fails_the_step_instead_of_hanging(prompt_ids):
-    engine = tp_engine(tensor_parallel_size=2)
-    worker = psutil.Process(engine.peers.workers[0].process.pid)
-    assert_a_dead_rank_fails_the_step(engine, worker, prompt_ids[0])
+def test_a_dead_rank_fails_the_step_instead_of_hanging(tp2, prompt_ids):
+    """On the module's engine, after its other tests (this one leaves it closed)."""
+    worker = psutil.Process(tp2.peers.workers[0].process.pid)
+    assert_a_dead_rank_fails_the_step(tp2, worker, prompt_ids[0])
 
 
 @pytest.mark.parametrize("overrides,message", [
