@@ -101,6 +101,7 @@ def test_a_dead_rank_on_another_node_fails_the_step(prompt_ids):
 
 def test_a_wrong_secret_or_a_stranger_is_not_let_in():
     port = free_port_pair()
+    answers: list[object] = []
 
     def knock() -> None:
         for hello, key in [(("rank", 1), b"wrong"), (("rank", 7), KEY.encode()),
@@ -108,13 +109,17 @@ def test_a_wrong_secret_or_a_stranger_is_not_let_in():
             try:
                 conn = Client(("127.0.0.1", port), authkey=key)
                 conn.send(hello)
-                conn.recv()  # the door's refusal (or EOF)
-            except Exception:  # noqa: BLE001 - a refused stranger sees an error either way
-                pass
+                answers.append(conn.recv()[0])  # the door's refusal
+            except Exception as exc:  # noqa: BLE001 - a refused stranger sees an error either way
+                answers.append(type(exc).__name__)
 
-    threading.Timer(0.5, knock).start()
+    knocker = threading.Timer(0.2, knock)
+    knocker.start()
     with pytest.raises(TimeoutError, match=r"ranks \[1\] did not join"):
-        accept_ranks("127.0.0.1", port, {1}, 2, 2, timeout_s=5, key=KEY.encode())
+        accept_ranks("127.0.0.1", port, {1}, 2, 2, timeout_s=3, key=KEY.encode())
+    knocker.join(10)
+    # each knock reached the open door and was turned away (not merely too late)
+    assert answers == ["AuthenticationError", "error", "error"]
 
 
 def test_a_silent_connection_does_not_hold_the_door():
