@@ -27,11 +27,16 @@ def parallel_workers(server: ServerProcess) -> list[psutil.Process]:
     return [p for p in children if "pagoda.parallel.worker" in " ".join(p.cmdline())]
 
 
-@pytest.mark.parametrize("flag", ["--tensor-parallel-size", "--pipeline-parallel-size"])
-def test_openai_client_and_a_killed_rank(flag, make_engine, loaded_model):
+@pytest.fixture(scope="module")
+def expected(make_engine, loaded_model) -> str:
+    """One process's greedy text for PROMPT (both layouts' reference)."""
     expected_ids = run_to_completion(make_engine(), {"r": (
         loaded_model.tokenizer.encode(PROMPT), SamplingParams(temperature=0, max_tokens=16))})
-    expected = loaded_model.tokenizer.decode(expected_ids["r"])
+    return loaded_model.tokenizer.decode(expected_ids["r"])
+
+
+@pytest.mark.parametrize("flag", ["--tensor-parallel-size", "--pipeline-parallel-size"])
+def test_openai_client_and_a_killed_rank(flag, expected):
     # the file's blocks as the fp32 product, with an fp32 cache (tp_engine says why)
     srv = ServerProcess(flag, "2", "--served-model-name", "m", "--quant-kernel", "wgemm",
                         "--kv-cache-dtype", "fp32")
