@@ -261,18 +261,30 @@ def server(thread_server):
 # pytest-xdist's loadfile hands files to whichever worker is free, in collection order: starting
 # with these keeps one worker from running a long file alone at the end (longest first).
 LONGEST_FILES = (
-    "tests/engine/test_gemma3.py",
-    "tests/parallel/test_tensor_parallel.py",
-    "tests/parallel/test_pipeline_parallel.py",
-    "tests/parallel/test_nodes.py",
     "tests/cluster/test_ray_serve.py",
-    "tests/engine/test_threads.py",
+    "tests/engine/test_gemma3.py",
+    "tests/parallel/test_pipeline_parallel.py",
     "tests/engine/test_equivalence.py",
+    "tests/spec_decode/test_greedy_equivalence.py",
+    "tests/parallel/test_nodes.py",
+    "tests/parallel/test_tensor_parallel.py",
+    "tests/spec_decode/test_server.py",
+    "tests/structured_output/test_engine_constraints.py",
+    "tests/spec_decode/test_engine_behaviour.py",
+    "tests/parallel/test_ray_executor.py",
+    "tests/server/test_quantized_server.py",
+    "tests/engine/test_threads.py",
+    "tests/parallel/test_parallel_server.py",
+    "tests/server/test_limits.py",
+    "tests/server/test_embeddings_api.py",
     "tests/engine/test_hf_reference.py",
     "tests/gateway/test_gateway_real_replicas.py",
-    "tests/server/test_quantized_server.py",
-    "tests/parallel/test_parallel_server.py",
-    "tests/spec_decode/test_greedy_equivalence.py",
+    "tests/quant/test_fused_layer.py",
+    "tests/reliability/test_schemathesis.py",
+    "tests/cli/test_cli.py",
+    "tests/spec_decode/test_rejection_sampler.py",
+    "tests/embeddings/test_encoder.py",
+    "tests/engine/test_sliding_window_kv.py",
 )
 
 
