@@ -46,8 +46,8 @@ test: $(STAMP)
 		-m "not soak"
 
 # Long reliability runs, not part of `make test`: schemathesis with many more examples per
-# operation, the Ray Serve autoscaling and replica-kill tests (`soak` marker), then the
-# 1,000-request soak (benchmarks/soak.py; docs/reliability.md).
+# operation, the Ray Serve autoscaling, replica-kill and sharded-replica tests (`soak` marker),
+# then the 1,000-request soak (benchmarks/soak.py; docs/reliability.md).
 soak: $(STAMP)
 	PAGODA_FUZZ_EXAMPLES=100 $(VENV)/bin/pytest -q -ra tests/reliability
 	$(VENV)/bin/pytest -q -ra -s -m soak
