@@ -15,8 +15,8 @@ PAGODA = [sys.executable, "-m", "pagoda.cli.main"]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
-def run(args: list[str], stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(PAGODA + args, input=stdin, capture_output=True, text=True, env=ENV,
+def run(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(PAGODA + args, capture_output=True, text=True, env=ENV,
                           timeout=600)
 
 

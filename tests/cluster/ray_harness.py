@@ -7,7 +7,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -47,6 +48,31 @@ def ray_serve(*replica_args: str) -> Iterator[str]:
         finally:
             if proc.poll() is None:
                 proc.kill()
+
+
+def assert_one_process_greedy_text(url: str, make_engine: Callable, loaded_model) -> None:
+    """Sixteen greedy completions through the app's two replicas equal one process's text, and
+    both replicas answer some (different beginnings: different owners under the prefix router,
+    so both own one with probability 1 - 2**-15)."""
+    from pagoda.sampling.params import SamplingParams
+    from tests.engine.helpers import run_to_completion
+
+    prompts = [f"Fact {i}: the capital of France is" for i in range(16)]
+    greedy = SamplingParams(temperature=0, max_tokens=8)
+    one_process = run_to_completion(make_engine(), {
+        p: (loaded_model.tokenizer.encode(p), greedy) for p in prompts})
+    client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+
+    def complete(prompt: str) -> tuple[str, str]:
+        raw = client.completions.with_raw_response.create(
+            model="m", prompt=prompt, max_tokens=8, temperature=0)
+        return raw.parse().choices[0].text, raw.headers["x-pagoda-replica"]
+
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(complete, prompts))
+    assert [text for text, _ in answers] == [
+        loaded_model.tokenizer.decode(one_process[p]) for p in prompts]
+    assert len({replica for _, replica in answers}) == 2
 
 
 class Load:

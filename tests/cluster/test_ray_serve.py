@@ -22,7 +22,7 @@ import openai
 import pytest
 import websockets.sync.client
 
-from tests.cluster.ray_harness import ray_serve
+from tests.cluster.ray_harness import assert_one_process_greedy_text, ray_serve
 from tests.gateway.gateway_harness import KEY_ALICE, GatewayServer, make_config
 
 pytestmark = pytest.mark.slow
@@ -73,27 +73,7 @@ def test_both_replicas_answer_the_openai_client(ray_app):
 
 
 def test_replicas_give_one_process_greedy_text(ray_app, make_engine, loaded_model):
-    from pagoda.sampling.params import SamplingParams
-    from tests.engine.helpers import run_to_completion
-
-    # 16 prompts with different beginnings (so different owners under the prefix router): that
-    # both replicas answer some has probability 1 - 2**-15
-    prompts = [f"Fact {i}: the capital of France is" for i in range(16)]
-    greedy = SamplingParams(temperature=0, max_tokens=8)
-    one_process = run_to_completion(make_engine(), {
-        p: (loaded_model.tokenizer.encode(p), greedy) for p in prompts})
-    client = openai.OpenAI(base_url=ray_app + "/v1", api_key="none", max_retries=0)
-
-    def complete(prompt: str) -> tuple[str, str]:
-        raw = client.completions.with_raw_response.create(
-            model="m", prompt=prompt, max_tokens=8, temperature=0)
-        return raw.parse().choices[0].text, raw.headers["x-pagoda-replica"]
-
-    with ThreadPoolExecutor(4) as pool:
-        answers = list(pool.map(complete, prompts))
-    assert [text for text, _ in answers] == [
-        loaded_model.tokenizer.decode(one_process[p]) for p in prompts]
-    assert len({replica for _, replica in answers}) == 2
+    assert_one_process_greedy_text(ray_app, make_engine, loaded_model)
 
 
 def system(i: int) -> str:
