@@ -76,3 +76,35 @@ def test_unknown_module_names_are_refused(gguf_source: GGUFWeightSource):
     with pytest.raises(ValueError, match="no tensor"):
         src.weights_for("layers.99.mlp.down_proj", "down_proj")
     assert torch.is_tensor(src.weights_for("layers.0.mlp.down_proj", "down_proj")[0].scales)
+
+
+def test_load_leaves_the_file_linears_unread_and_quantizes_to_the_same_model(gguf_path: str):
+    """`load_model(file_linears=...)` (what every engine serving a GGUF file does) neither
+    decodes nor allocates the linears gguf quantization rebuilds from the file; quantized, the
+    model is the one a full load gives, tensor for tensor and logit for logit."""
+    from torch import nn
+
+    from pagoda.loader.model_loader import load_model
+    from pagoda.quant import apply_quantization, file_linears
+    from pagoda.quant.quality import prefill_logits
+
+    lazy = load_model(gguf_path, progress=False, file_linears=file_linears("gguf"))
+    net = lazy.model
+    linears = {n: m for n, m in net.named_modules() if isinstance(m, nn.Linear)}
+    assert len(linears) == 4 * lazy.config.num_layers + 1
+    assert all(m.weight.is_meta for n, m in linears.items() if n != "lm_head")
+    # the tied LM head is the embedding table, which the model needs: read
+    assert net.lm_head.weight is net.embed_tokens.weight
+    assert not net.lm_head.weight.is_meta
+    assert not any(t.is_meta for n, t in net.state_dict().items() if "_proj" not in n)
+
+    full = load_model(gguf_path, progress=False)
+    for loaded in (lazy, full):
+        apply_quantization(loaded, "gguf")
+    a, b = lazy.model.state_dict(), full.model.state_dict()
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    ids = lazy.tokenizer.encode("The capital of France is Paris. The capital of Germany is")
+    assert torch.equal(prefill_logits(lazy.model, lazy.config, ids),
+                       prefill_logits(full.model, full.config, ids))

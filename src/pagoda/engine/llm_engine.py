@@ -29,8 +29,9 @@ from pagoda.engine.request_validator import RequestError as RequestError  # re-e
 from pagoda.engine.request_validator import RequestValidator
 from pagoda.kv_cache.kv_setup import build_kv, plan_kv_groups
 from pagoda.layers.decode_backend import select_decode_kernel
-from pagoda.loader.model_loader import LoadedModel, load_model
+from pagoda.loader.model_loader import LoadedModel, load_model, resolve_model_path
 from pagoda.parallel.peers import start_peers
+from pagoda.quant.loading import file_linears
 from pagoda.sampling.params import SamplingParams, SamplingParamsError
 from pagoda.scheduler.output import SchedulerOutput
 from pagoda.scheduler.request import Request
@@ -95,10 +96,12 @@ class LLMEngine:
         if loaded is not None and parallel:
             raise ValueError("tensor and pipeline parallelism cut the model to rank 0's share in "
                              "place: give the engine a model path, not a loaded (shared) model")
-        self.loaded = loaded or load_model(config.model, config.device, dtype, config.progress)
         # settled once, before any rank or module reads it
+        path = loaded.path if loaded is not None else resolve_model_path(config.model)
         self.config = config = replace(config, quantization=config.quantization_for(
-            self.loaded.path, preloaded=loaded is not None))
+            path, preloaded=loaded is not None))
+        self.loaded = loaded or load_model(path, config.device, dtype, config.progress,
+                                           file_linears=file_linears(config.quantization))
         if draft is None and config.speculative_method == "hybrid" and self_draft_is_target(
                 config, self.loaded.path):
             log.warning("hybrid: the self-draft would have the model's own %s weights, so its "

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -120,16 +120,20 @@ class GGUFCheckpoint:
             common.update(gemma3_extras(self))
         return ModelConfig(**common)
 
-    def weights(self, progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield (hf_name, fp32 tensor) for every tensor, dequantizing quantized blocks."""
+    def weights(self, progress: bool = True, skip: Callable[[str], bool] | None = None
+                ) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield (hf_name, fp32 tensor) for every tensor but those `skip` names, dequantizing
+        quantized blocks (skipped ones are never decoded)."""
         cfg = self.config
         permute = self.architecture == "llama"
         # llama.cpp stores Gemma's RMSNorm weights as (1 + w); HF's modules hold w.
         norm_offset = 1.0 if self.architecture == "gemma3" else 0.0
         for t in tqdm(self.reader.tensors, desc="Loading weights", unit="tensor",
                       disable=not progress):
-            w = _dequantize(t)
             name = hf_name(t.name, self.architecture)
+            if skip is not None and skip(name):
+                continue
+            w = _dequantize(t)
             if permute and name.endswith("q_proj.weight"):
                 w = unpermute_rows(w, cfg.num_heads)
             elif permute and name.endswith("k_proj.weight"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import glob
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from tqdm import tqdm
@@ -64,8 +64,9 @@ class HFCheckpoint:
             common.update(gemma3_extras_from_hf(text))
         return ModelConfig(**common)
 
-    def weights(self, progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
-        return safetensors_weights(self.files, progress)
+    def weights(self, progress: bool = True, skip: Callable[[str], bool] | None = None
+                ) -> Iterator[tuple[str, torch.Tensor]]:
+        return safetensors_weights(self.files, progress, skip)
 
 
 def safetensors_files(directory: str) -> list[str]:
@@ -75,12 +76,16 @@ def safetensors_files(directory: str) -> list[str]:
     return files
 
 
-def safetensors_weights(files: list[str], progress: bool = True
+def safetensors_weights(files: list[str], progress: bool = True,
+                        skip: Callable[[str], bool] | None = None
                         ) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, fp32 tensor) of every tensor in `files`, one file open at a time."""
+    """(HF name, fp32 tensor) of every tensor in `files` but those `skip` names (never read),
+    one file open at a time."""
     from safetensors import safe_open
 
     for path in tqdm(files, desc="Loading weights", unit="file", disable=not progress):
         with safe_open(path, framework="pt") as f:
             for name in f.keys():
+                if skip is not None and skip(name):
+                    continue
                 yield name, f.get_tensor(name).float()

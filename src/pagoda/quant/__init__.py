@@ -21,6 +21,8 @@ Public contract (what the loader, engine and CLI call):
         runs its usual post-load step (e.g. `model.post_load()` for RoPE tables).
 
     apply_quantization(loaded, "int8")     what LLMEngine calls on a LoadedModel (in place)
+    file_linears("gguf")   the linears apply_quantization takes from the file (load_model need
+                           not read them)
     (pagoda.loader.model_loader.load_quantized_model(dir) reads such a directory back)
 
     prepare_model(model)   pack kernels now instead of at the first forward
@@ -35,13 +37,14 @@ from pagoda.quant.checkpoint import (
     save_quantized,
 )
 from pagoda.quant.config import LINEAR_KINDS, METHODS, QuantConfig
-from pagoda.quant.loading import apply_quantization, config_for
+from pagoda.quant.loading import apply_quantization, config_for, file_linears
 from pagoda.quant.quant_linear import QuantLinear
 from pagoda.quant.swap import prepare_model, quantize_model, quantized_modules, weight_bytes
 
 __all__ = [
     "apply_quantization",
     "config_for",
+    "file_linears",
     "LINEAR_KINDS",
     "METHODS",
     "QuantConfig",

@@ -8,11 +8,12 @@ loader imports quant, never the reverse.)
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from pagoda.quant.checkpoint import read_checkpoint_meta
 from pagoda.quant.config import QuantConfig
-from pagoda.quant.swap import prepare_model, quantize_model
+from pagoda.quant.swap import linear_kind, prepare_model, quantize_model
 
 
 def config_for(method: str | QuantConfig, model_path: str | None = None,
@@ -25,6 +26,16 @@ def config_for(method: str | QuantConfig, model_path: str | None = None,
             raise ValueError("--quantization gguf needs a .gguf model file")
         overrides.setdefault("gguf_path", model_path)
     return QuantConfig(method=method, **overrides)
+
+
+def file_linears(method: str) -> Callable[[str], bool] | None:
+    """For "gguf": which linears (by module name) `apply_quantization` rebuilds from the file's
+    own blocks, so `load_model(file_linears=...)` need not read their fp32 weights; None for
+    methods that quantize the loaded weights."""
+    if method != "gguf":
+        return None
+    config = QuantConfig(method="gguf", gguf_path="(the model file)")
+    return lambda module_name: config.wants(linear_kind(module_name))
 
 
 def apply_quantization(loaded: Any, method: str | QuantConfig, **overrides: Any) -> QuantConfig:

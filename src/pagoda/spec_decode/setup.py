@@ -14,7 +14,7 @@ import torch
 
 from pagoda.kv_cache.kv_setup import build_kv, plan_kv_groups
 from pagoda.layers.decode_backend import DecodeKernel
-from pagoda.loader.model_loader import LoadedModel, load_model
+from pagoda.loader.model_loader import LoadedModel, load_model, resolve_model_path
 from pagoda.models.config import ModelConfig
 from pagoda.spec_decode.draft_model import DraftModelProposer
 from pagoda.spec_decode.hybrid import DRAFT_DEPTH, HybridProposer
@@ -67,17 +67,18 @@ def self_draft_is_target(config: EngineConfig, target_path: str) -> bool:
 def load_draft(config: EngineConfig, target: LoadedModel, dtype: torch.dtype) -> LoadedModel:
     """The draft model of `config` (speculative_method "draft" or "hybrid"), loaded and
     quantized."""
+    from pagoda.quant import apply_quantization, file_linears
+
     name = config.draft_model or "self"
-    path = target.path if name == "self" else name
-    draft = load_model(path, config.device, dtype, progress=False)
-    quant = draft_weights(config, draft.path)
+    path = target.path if name == "self" else resolve_model_path(name)
+    quant = draft_weights(config, path)
+    draft = load_model(path, config.device, dtype, progress=False,
+                       file_linears=file_linears(quant))
     if self_draft_is_target(config, target.path):
         log.warning("the self-draft has the target's own %s weights: each draft token costs "
                     "what a target token costs, so speculation can only slow this engine down "
                     "(use --speculative-method ngram, or a cheaper --draft-model)", quant)
     if quant != "none":
-        from pagoda.quant import apply_quantization
-
         apply_quantization(draft, quant, backend="auto")
     check_vocabulary(target, draft)
     log.info("draft model: %s (%s weights)", "self" if name == "self" else draft.path, quant)
