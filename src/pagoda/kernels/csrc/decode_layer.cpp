@@ -10,13 +10,13 @@
 //   (x2, h2) = (x + a Wo^T, norm2(x + a Wo^T)); out = x2 + (silu(h2 Wg^T) * h2 Wu^T) Wd^T
 
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
 
 #include <cstdint>
 #include <utility>
 #include <vector>
 
+#include "alloc.h"
 #include "decode_layer.h"
 
 at::Tensor qgemm(at::Tensor x, at::Tensor q, at::Tensor scales, at::Tensor offsets,
@@ -82,7 +82,7 @@ at::Tensor llama_decode_layer(at::Tensor x, at::Tensor norm1, at::Tensor norm2, 
       x, linear(attn.view({tokens, num_heads * head_dim}), o_w, o_form), norm2, eps, 0.0);
   at::Tensor down = linear(silu_mul(linear(mid[1], gate_up_w, gate_up_form)), down_w, down_form);
   // the residual add, one fp32 rounding per element like torch's `x + y`
-  at::Tensor out = at::empty_like(down);
+  at::Tensor out = pagoda_alloc::empty_like(down);
   const float* a = mid[0].data_ptr<float>();
   const float* b = down.data_ptr<float>();
   float* o = out.data_ptr<float>();

@@ -21,7 +21,6 @@
 // R * U products.
 
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 
@@ -31,6 +30,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "alloc.h"
 #include "wgemm.h"
 
 namespace {
@@ -148,7 +148,7 @@ at::Tensor fgemm(at::Tensor x, at::Tensor pw, int64_t n) {
   TORCH_CHECK(n > 0 && n <= padded, "fgemm: n exceeds the packed blocks");
   x = x.contiguous();
   pw = pw.contiguous();
-  auto y = at::empty({m, padded}, x.options());
+  auto y = pagoda_alloc::empty({m, padded}, x.options());
   const auto unpadded = [&] { return n == padded ? y : y.narrow(1, 0, n).contiguous(); };
   if (m == 0 || k == 0) return k == 0 ? unpadded().zero_() : unpadded();
   const float* xp = x.data_ptr<float>();

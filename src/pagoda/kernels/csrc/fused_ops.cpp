@@ -14,8 +14,6 @@
 // bit-identity to transformers is not the contract (fp32 models keep torch's ops).
 
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
@@ -26,6 +24,8 @@
 #include <cstdint>
 #include <cstring>
 #include <vector>
+
+#include "alloc.h"
 
 #if defined(__AVX2__)
 #include <immintrin.h>
@@ -129,7 +129,7 @@ void norm_row(const float* x, const float* w, float* out, int64_t h, float eps, 
 
 at::Tensor rms_norm(at::Tensor x, at::Tensor weight, double eps, double offset) {
   check_rows(x, weight, "rms_norm");
-  auto out = at::empty_like(x);
+  auto out = pagoda_alloc::empty_like(x);
   const int64_t h = x.size(1);
   const float* xp = x.data_ptr<float>();
   const float* wp = weight.data_ptr<float>();
@@ -147,8 +147,8 @@ std::vector<at::Tensor> add_rms_norm(at::Tensor x, at::Tensor delta, at::Tensor 
   check_rows(x, weight, "add_rms_norm");
   TORCH_CHECK(delta.sizes() == x.sizes() && delta.is_contiguous() &&
                   delta.scalar_type() == at::kFloat, "add_rms_norm: delta must match x");
-  auto sum = at::empty_like(x);
-  auto out = at::empty_like(x);
+  auto sum = pagoda_alloc::empty_like(x);
+  auto out = pagoda_alloc::empty_like(x);
   const int64_t h = x.size(1);
   const float* xp = x.data_ptr<float>();
   const float* dp = delta.data_ptr<float>();
@@ -234,7 +234,7 @@ at::Tensor silu_mul(at::Tensor gate_up) {
   TORCH_CHECK(gate_up.dim() == 2 && gate_up.size(1) % 2 == 0 && gate_up.is_contiguous() &&
                   gate_up.scalar_type() == at::kFloat, "silu_mul: (T, 2I) contiguous fp32");
   const int64_t inner = gate_up.size(1) / 2;
-  auto out = at::empty({gate_up.size(0), inner}, gate_up.options());
+  auto out = pagoda_alloc::empty({gate_up.size(0), inner}, gate_up.options());
   const float* gp = gate_up.data_ptr<float>();
   float* op = out.data_ptr<float>();
   at::parallel_for(0, gate_up.size(0), kRowGrain, [&](int64_t begin, int64_t end) {

@@ -29,7 +29,6 @@
 // wgemm's: (N/16, K/g, 16), fp16 when all are exact in fp16.
 
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 

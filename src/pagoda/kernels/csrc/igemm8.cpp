@@ -27,7 +27,6 @@
 // function: that measured 1.5-2% slower in igemm's AVX2 tile (its broadcasts were re-issued).
 
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 

@@ -4,12 +4,12 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
 #include <cstdint>
 #include <string>
 
+#include "alloc.h"
 #include "q8_block.h"
 #include "wgemm.h"
 
@@ -43,7 +43,7 @@ inline Call prepare(const char* name, at::Tensor x, at::Tensor pq, at::Tensor ps
   Call c{pq, ps, po, {}, x.contiguous(), at::Tensor(), m, n, 0, {}};
   c.w = pagoda_wgemm::packed_operands(name, c.pq, c.ps, c.po, n, k, group, bits);
   c.padded = c.w.blocks * pagoda_wgemm::kOut;
-  c.y = at::empty({m, c.padded}, c.x.options());
+  c.y = pagoda_alloc::empty({m, c.padded}, c.x.options());
   if (m > 0)
     pagoda_q8::round_rows(c.x.data_ptr<float>(), m, k, group, c.w.o != nullptr, wide, c.a);
   return c;

@@ -23,9 +23,6 @@
 // ATen headers only (not torch/extension.h): this file then compiles in seconds; the
 // Python bindings live in bindings.cpp.
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
-#include <ATen/ops/from_blob.h>
 #include <c10/util/Exception.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -37,6 +34,8 @@
 #include <limits>
 #include <type_traits>
 #include <vector>
+
+#include "alloc.h"
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -433,7 +432,7 @@ at::Tensor paged_decode(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache,
   v_cache = v_cache.contiguous();
   block_tables = block_tables.contiguous();
   context_lens = context_lens.contiguous();
-  auto out = at::empty_like(q);
+  auto out = pagoda_alloc::empty_like(q);
 
   const int64_t num_decode = q.size(0), num_heads = q.size(1), head_dim = q.size(2);
   const int64_t block_size = k_cache.size(1), num_kv = k_cache.size(2);

@@ -38,9 +38,6 @@
 // ATen headers only (not torch/extension.h): this file then compiles in seconds; the
 // Python bindings live in bindings.cpp.
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
-#include <ATen/ops/from_blob.h>
 #include <c10/util/Exception.h>
 #include <ATen/Parallel.h>
 
@@ -54,6 +51,7 @@
 #include <string>
 #include <vector>
 
+#include "alloc.h"
 #include "q8_block.h"
 
 namespace {
@@ -423,7 +421,7 @@ at::Tensor qgemm(at::Tensor x, at::Tensor q, at::Tensor scales, at::Tensor offse
   Weights w{reinterpret_cast<const uint8_t*>(q.data_ptr()), scales.data_ptr<float>(),
             has_offsets ? offsets.data_ptr<float>() : nullptr, n, k, group, bits,
             q.size(1), k / group, group_of.data()};
-  auto y = at::empty({m, n}, x.options());
+  auto y = pagoda_alloc::empty({m, n}, x.options());
   if (m == 0 || n == 0) return y;
   Acts a;
   quantize_acts(x.data_ptr<float>(), m, k, w, a);
@@ -443,8 +441,8 @@ std::vector<at::Tensor> quantize_blocks(at::Tensor x) {
   Weights w{nullptr, nullptr, nullptr, 0, k, k, 8, k, 1, nullptr};
   Acts a;
   quantize_acts(x.data_ptr<float>(), m, k, w, a);
-  auto q = at::from_blob(a.q.data(), {m, k}, at::kChar).clone();
-  auto d = at::from_blob(a.d.data(), {m, k / kBlock}, at::kFloat).clone();
+  auto q = pagoda_alloc::copy_of(a.q.data(), {m, k}, at::kChar);
+  auto d = pagoda_alloc::copy_of(a.d.data(), {m, k / kBlock}, at::kFloat);
   return {q, d};
 }
 

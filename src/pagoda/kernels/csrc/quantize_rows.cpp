@@ -18,9 +18,6 @@
 // ATen headers only (not torch/extension.h): this file then compiles in seconds; the
 // Python bindings live in bindings.cpp.
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
-#include <ATen/ops/from_blob.h>
 #include <c10/util/Exception.h>
 #include <ATen/Parallel.h>
 
@@ -29,6 +26,8 @@
 #include <algorithm>
 #include <cmath>
 #include <vector>
+
+#include "alloc.h"
 
 namespace {
 
@@ -100,9 +99,9 @@ std::vector<at::Tensor> quantize_rows(at::Tensor x, double outlier_ratio, bool t
   }
   const int64_t n = static_cast<int64_t>(cols.size());
 
-  auto q = at::empty({m, k}, to_int8 ? x.options().dtype(at::kChar) : x.options());
-  auto scale = at::empty({m, 1}, x.options());
-  auto xcols = at::empty({m, n}, x.options());
+  auto q = pagoda_alloc::empty({m, k}, to_int8 ? x.options().dtype(at::kChar) : x.options());
+  auto scale = pagoda_alloc::empty({m, 1}, x.options());
+  auto xcols = pagoda_alloc::empty({m, n}, x.options());
   int8_t* qp = to_int8 ? q.data_ptr<int8_t>() : nullptr;
   float* fp = to_int8 ? nullptr : q.data_ptr<float>();
   float* sp = scale.data_ptr<float>();
@@ -134,6 +133,6 @@ std::vector<at::Tensor> quantize_rows(at::Tensor x, double outlier_ratio, bool t
       for (int64_t c = 0; c < n; ++c) cp[i * n + c] = row[cols[c]];
     }
   });
-  auto cols_t = at::from_blob(cols.data(), {n}, at::kLong).clone();
+  auto cols_t = pagoda_alloc::copy_of(cols.data(), {n}, at::kLong);
   return {q, scale, cols_t, xcols};
 }

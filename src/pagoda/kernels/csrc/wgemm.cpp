@@ -29,7 +29,6 @@
 // N is padded to a multiple of 16 with zero weights by the packer.
 
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 
@@ -38,6 +37,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "alloc.h"
 #include "wgemm.h"
 
 namespace pagoda_wgemm {
@@ -220,7 +220,7 @@ at::Tensor wgemm(at::Tensor x, at::Tensor pq, at::Tensor ps, at::Tensor po, int6
   const int64_t blocks = w.blocks, groups = w.groups;
   const bool has_o = w.o != nullptr;
   const int64_t padded = blocks * kOut;
-  auto y = at::empty({m, padded}, x.options());
+  auto y = pagoda_alloc::empty({m, padded}, x.options());
   // the padding outputs dropped (a copy only when N is not a multiple of 16)
   const auto unpadded = [&] { return n == padded ? y : y.narrow(1, 0, n).contiguous(); };
   if (m == 0) return unpadded();
