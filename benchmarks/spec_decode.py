@@ -64,18 +64,34 @@ def chat_ids(loaded: LoadedModel, content: str) -> list[int]:
 
 
 def run(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams,
-        concurrency: int) -> tuple[float, int]:
-    """(output tokens/s, output tokens) for the prompts at `concurrency` requests in flight."""
+        concurrency: int) -> tuple[float, int, float]:
+    """(output tokens/s, output tokens, decode tokens/s) for the prompts at `concurrency`
+    requests in flight. Output tokens/s counts the whole run, prefills included; decode
+    tokens/s is what a user watches once text flows: each request's tokens after its first,
+    over the time from its first token to its last (1 / TPOT, averaged over the tokens), which
+    is the rate speculation changes (a prefill costs the same with it or without)."""
     pending = list(enumerate(prompts))
     tokens = 0
+    first: dict[str, float] = {}
+    after_first: dict[str, int] = {}
+    last: dict[str, float] = {}
     start = time.perf_counter()
     while pending or engine.has_unfinished_requests():
         while pending and engine.scheduler.num_unfinished < concurrency:
             i, p = pending.pop(0)
             engine.add_request(f"r{i}-{time.monotonic_ns()}", p, params)
         for out in engine.step():
-            tokens += sum(len(o.token_ids) for o in out.outputs)
-    return tokens / (time.perf_counter() - start), tokens
+            n = sum(len(o.token_ids) for o in out.outputs)
+            now = time.perf_counter()
+            tokens += n
+            if n and out.req_id not in first:
+                first[out.req_id], after_first[out.req_id] = now, n - 1
+            elif n:
+                after_first[out.req_id] += n
+                last[out.req_id] = now
+    spans = sum(last[r] - first[r] for r in last)
+    decode = sum(after_first[r] for r in last) / spans if spans else 0.0
+    return tokens / (time.perf_counter() - start), tokens, decode
 
 
 class Bench:
@@ -99,19 +115,20 @@ class Bench:
         warm = self.engine(None)
         run(warm, prompts[:1], SamplingParams(temperature=0, max_tokens=8), 1)
         print(f"\n## {title}\n")
-        print("| configuration | output tok/s | vs off | drafted | accepted | acceptance "
-              "| tokens / verify pass |")
-        print("|---|---|---|---|---|---|---|")
-        base = None
+        print("| configuration | output tok/s | vs off | decode tok/s | vs off | drafted "
+              "| accepted | acceptance | tokens / verify pass |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        base = decode_base = None
         for label, method, kw in configs:
             engine = self.engine(method, **kw)
-            tps, _ = run(engine, prompts, params, concurrency)
-            base = base or tps
+            tps, _, decode = run(engine, prompts, params, concurrency)
+            base, decode_base = base or tps, decode_base or decode
             s = engine.stats()
             acc = s.spec_num_accepted_tokens / s.spec_num_draft_tokens if s.spec_num_drafts else 0
             per_pass = 1 + s.spec_num_accepted_tokens / s.spec_num_drafts if s.spec_num_drafts \
                 else 1
-            print(f"| {label} | {tps:.1f} | {tps / base:.2f}x | {s.spec_num_draft_tokens} | "
+            print(f"| {label} | {tps:.1f} | {tps / base:.2f}x | {decode:.1f} | "
+                  f"{decode / decode_base:.2f}x | {s.spec_num_draft_tokens} | "
                   f"{s.spec_num_accepted_tokens} | {acc:.0%} | {per_pass:.2f} |", flush=True)
 
     def grounded(self) -> list[list[int]]:

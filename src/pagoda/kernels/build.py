@@ -36,7 +36,7 @@ from types import ModuleType
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = ("bindings.cpp", "alloc.cpp", "qgemm.cpp", "wgemm.cpp", "wgemm_direct.cpp", "fgemm.cpp",
+SOURCES = ("bindings.cpp", "qgemm.cpp", "wgemm.cpp", "wgemm_direct.cpp", "fgemm.cpp",
            "igemm.cpp", "igemm8.cpp", "paged_decode.cpp", "quantize_rows.cpp", "fused_ops.cpp",
            "decode_layer.cpp")
 

@@ -1,4 +1,4 @@
-// The kernels' output tensors, made in one translation unit (alloc.cpp). ATen's
+// The kernels' output tensors, made in one translation unit (defined in bindings.cpp). ATen's
 // <ATen/ops/empty.h> alone takes ~4 s to parse (every file that included it took 7-11 s to
 // compile, of which ~7 s were headers); the kernels are compiled once per ISA flavour on every
 // fresh install, so they include only <ATen/core/Tensor.h> and allocate through these.
