@@ -80,6 +80,41 @@ def _memoize_tensor_name_maps() -> None:
 _memoize_tensor_name_maps()
 
 
+def _faster_gguf_values() -> None:
+    """transformers' GGUF config and weights loader turns every metadata value into a Python
+    value one array element at a time (786k calls for Gemma 3's vocabulary; ~4 s of each of its
+    reference loads), each string through `array("B", list(bytes)).tobytes()`. The same values
+    come from the element's own bytes; what this does not cover (nested or unknown types) goes
+    to transformers' own function. tests/test_conftest_shortcuts.py checks the two agree on
+    every field of both GGUF files."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    original = gguf_utils._gguf_parse_value
+    ints, floats = frozenset((0, 1, 2, 3, 4, 5, 10, 11)), frozenset((6, 12))
+
+    def parse(value, data_type):
+        if type(data_type) is list:
+            if len(data_type) == 1:
+                data_type = data_type[0]
+            elif len(data_type) == 2 and data_type[0] == 9:
+                data_type = data_type[1]  # an array's element: parsed as its element type
+            else:
+                return original(value, data_type)
+        if data_type == 8:
+            return value.tobytes().decode()
+        if data_type in ints:
+            return int(value[0])
+        if data_type in floats:
+            return float(value[0])
+        return original(value, data_type)
+
+    parse.original = original  # type: ignore[attr-defined]
+    gguf_utils._gguf_parse_value = parse
+
+
+_faster_gguf_values()
+
+
 @pytest.fixture(scope="session")
 def loaded_model():
     from pagoda.loader.model_loader import load_model
