@@ -27,14 +27,21 @@ def shard_sizes(cfg: ModelConfig, fused: str) -> list[int]:
     return [cfg.intermediate_size, cfg.intermediate_size]
 
 
+def _stacked(hf_name: str) -> tuple[str, str, int] | None:
+    """(HF fragment, fused fragment, shard index) when the tensor is one shard of a fused
+    projection, else None."""
+    for part, (fused, shard) in STACKED.items():
+        if f".{part}." in hf_name:
+            return part, fused, shard
+    return None
+
+
 def fused_param_name(hf_name: str) -> str:
     """The model parameter an HF-named checkpoint tensor is copied into (q/k/v and gate/up into
     their fused projections)."""
     name = hf_name.removeprefix("model.")
-    for part, (fused, _) in STACKED.items():
-        if f".{part}." in name:
-            return name.replace(part, fused)
-    return name
+    stacked = _stacked(name)
+    return name.replace(stacked[0], stacked[1]) if stacked else name
 
 
 def load_fused_weights(model: nn.Module, cfg: ModelConfig,
@@ -62,12 +69,12 @@ def _copy_weights(params: dict[str, nn.Parameter], cfg: ModelConfig,
         name = fused_param_name(hf_name)
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
-        for part, (fused, shard) in STACKED.items():
-            if f".{part}." in hf_name:
-                sizes = shard_sizes(cfg, fused)
-                offset = sum(sizes[:shard])
-                params[name][offset:offset + sizes[shard]].copy_(tensor)
-                break
+        stacked = _stacked(hf_name)
+        if stacked is not None:
+            _, fused, shard = stacked
+            sizes = shard_sizes(cfg, fused)
+            offset = sum(sizes[:shard])
+            params[name][offset:offset + sizes[shard]].copy_(tensor)
         else:
             if name not in params:
                 raise ValueError(f"unexpected weight {hf_name} in checkpoint")
