@@ -6,8 +6,6 @@
 
 #include <ATen/core/Tensor.h>
 
-#include <cstdint>
-
 namespace pagoda_alloc {
 
 // Uninitialized, of `sizes` with `options` (dtype, device).

@@ -2,9 +2,9 @@
 // flavour's flags (pagoda.kernels.build). Each kernel lives in its own source file.
 
 // Only pybind11 and torch's Tensor casters, not <torch/extension.h> (the whole C++ frontend):
-// this file then compiles in ~3 s instead of ~19 s, once per flavour on every fresh install.
-// It also defines alloc.h's functions: ATen's operator headers cost it ~1.5 s more, where a
-// file of their own took ~7 s (2-core Xeon, 2026-12-06).
+// this file then compiles in 12-19 s instead of 33 s (the 2-core Xeon, 2026-12-06), once per
+// flavour on every fresh install. It also defines alloc.h's functions: ATen's operator headers
+// cost it ~1.5 s more, where a file of their own took ~7 s.
 #include <ATen/ops/empty.h>
 #include <pybind11/stl.h>
 #include <torch/csrc/utils/pybind.h>
