@@ -42,6 +42,29 @@ def test_ngram_lookup_takes_the_latest_longest_match():
     assert lookup(np.array([6, 5, 7, 8, 9, 5]), 1, 3, 4) == ([7, 8, 9, 5], 1)
 
 
+def windows_lookup(context: np.ndarray, min_n: int, max_n: int, k: int
+                   ) -> tuple[list[int], int]:
+    """lookup's definition, stated directly: every n-token window that ends before the last
+    token, compared with the last n tokens, for n from the longest down."""
+    length = len(context)
+    for n in range(min(max_n, length - 1), min_n - 1, -1):
+        windows = np.lib.stride_tricks.sliding_window_view(context[:length - 1], n)
+        hits = np.flatnonzero((windows == context[length - n:]).all(axis=1))
+        if len(hits):
+            start = int(hits[-1]) + n
+            return context[start:start + k].tolist(), n
+    return [], 0
+
+
+def test_ngram_lookup_equals_comparing_every_window():
+    rng = np.random.default_rng(0)
+    for _ in range(3000):  # small vocabularies: many matches, of every length
+        ctx = rng.integers(0, int(rng.integers(1, 6)), int(rng.integers(0, 50)))
+        min_n = int(rng.integers(1, 4))
+        max_n, k = int(rng.integers(min_n, 7)), int(rng.integers(1, 10))
+        assert lookup(ctx, min_n, max_n, k) == windows_lookup(ctx, min_n, max_n, k)
+
+
 def test_a_single_token_match_drafts_only_a_few_tokens():
     ctx = [6, 5, 7, 8, 9, 1, 2, 3, 4, 5]  # "5" matches one token: 7 8 9 1 ... follow it
     assert NgramProposer(1, 3).propose([scheduled(ctx)])["r"].token_ids == [

@@ -43,14 +43,31 @@ class NgramProposer:
 
 def lookup(context: np.ndarray, min_n: int, max_n: int, k: int) -> tuple[list[int], int]:
     """Up to k tokens that followed the latest earlier match of the longest suffix n-gram, and
-    that n (0: no match)."""
+    that n (0: no match).
+
+    An earlier match of the last n tokens ends at a position j < len - 1 holding the last token,
+    so only those positions are candidates: one comparison over the context finds them, and each
+    candidate's match is then extended backwards, one offset for all candidates at a time, up to
+    max_n. (Comparing every n-token window for each n from max_n down, as before, took ~0.6 ms a
+    step at 300 tokens: 2-3% of a batch-1 fp32 decode step, paid per drafting request.)"""
     length = len(context)
-    for n in range(min(max_n, length - 1), min_n - 1, -1):
-        suffix = context[length - n:]
-        # every window of n tokens that ends before the suffix itself starts
-        windows = np.lib.stride_tricks.sliding_window_view(context[:length - 1], n)
-        hits = np.flatnonzero((windows == suffix).all(axis=1))
+    top = min(max_n, length - 1)  # a match ends before the suffix's last token
+    if top < min_n:
+        return [], 0
+    ends = np.flatnonzero(context[:length - 1] == context[length - 1])
+    if not len(ends):
+        return [], 0
+    matched = np.ones(len(ends), dtype=np.int64)  # tokens each candidate matches, back from j
+    going = np.ones(len(ends), dtype=bool)  # still matching at every offset so far
+    for offset in range(1, top):
+        going &= ends >= offset
+        going[going] = context[ends[going] - offset] == context[length - 1 - offset]
+        if not going.any():
+            break
+        matched += going
+    for n in range(top, min_n - 1, -1):
+        hits = ends[matched >= n]
         if len(hits):
-            start = int(hits[-1]) + n  # the latest match: most often the most relevant one
+            start = int(hits[-1]) + 1  # the latest match: most often the most relevant one
             return context[start:start + k].tolist(), n
     return [], 0
