@@ -56,21 +56,6 @@ inline __m256 load8(const c10::BFloat16* p) {  // bf16 is the top half of an fp3
   return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
 }
 
-// 32 bf16 values widened to fp32 with one shuffle per eight (a bf16 is the top half of an fp32:
-// interleaved below zeros), in the order the unpacks give: a0 = 0-3 and 8-11, a1 = 4-7 and
-// 12-15, a2 = 16-19 and 24-27, a3 = 20-23 and 28-31. For sums over rows of V, whose every column
-// is its own chain, the order of the columns changes no bit; weighted_sum puts them back.
-inline void load32_interleaved(const c10::BFloat16* p, __m256& a0, __m256& a1, __m256& a2,
-                               __m256& a3) {
-  const __m256i zero = _mm256_setzero_si256();
-  const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  const __m256i y = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16));
-  a0 = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, x));
-  a1 = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, x));
-  a2 = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, y));
-  a3 = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, y));
-}
-
 // Rows are scattered over the cache's blocks, and a task reads only its KV head's part of each:
 // the hardware prefetcher ramps up anew at every block, so the loops ask for the rows 16 ahead
 // (a block's worth), into L2 (T1). Into L1 (T0, 8 ahead, as before) the misses in flight were
@@ -200,62 +185,83 @@ float exp_shifted(float* s, int64_t n) {
   return hsum(total) + rest;
 }
 
-// out[h] = (sum_t p[h][t] v[t]) * inv[h] for G heads (G <= 3), 32 columns at a time: 4G
-// accumulators in registers, each loaded V vector serving the G heads.
+// The W vectors of V columns from v on, widened to fp32. A bf16 pair of vectors comes from one
+// 16-value load with one shuffle per eight (a bf16 is the top half of an fp32: interleaved below
+// zeros), in the order the unpacks give, columns 0-3 and 8-11, then 4-7 and 12-15: for sums
+// over rows of V, whose every column is its own chain, that order changes no bit, and the
+// caller's store puts the columns back.
+template <int W, typename T>
+inline void load_columns(const T* v, __m256* out) {
+  if constexpr (std::is_same_v<T, c10::BFloat16> && W % 2 == 0) {
+    const __m256i zero = _mm256_setzero_si256();
+#pragma GCC unroll 4
+    for (int j = 0; j < W; j += 2) {
+      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + 8 * j));
+      out[j] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, x));
+      out[j + 1] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, x));
+    }
+  } else {
+#pragma GCC unroll 4
+    for (int j = 0; j < W; ++j) out[j] = load8(v + 8 * j);
+  }
+}
+
+// out[h][c, c + 8W) = (sum_t p[h][t] v[t][c, c + 8W)) * inv[h] for G heads: G * W accumulators,
+// each loaded V vector serving the G heads. Every column is its own fma chain over t from 0, so
+// how columns are grouped into passes changes no bit. G * W + W + 1 <= 16 keeps the
+// accumulators, the V vectors and the broadcast in AVX2's sixteen registers: with 32 columns
+// for three heads (17 live vectors) GCC kept the accumulators on the stack, a load and a store
+// around every fma, and the weighted sum took 2-3x the time of the scores' as many fmas.
+template <int G, int W, typename T>
+void weighted_columns(const float* const* p, const T* const* rows, int64_t n, int64_t hd,
+                      int64_t c, const float* inv, float* const* out) {
+  __m256 acc[G][W];
+#pragma GCC unroll 4
+  for (int h = 0; h < G; ++h)
+#pragma GCC unroll 4
+    for (int j = 0; j < W; ++j) acc[h][j] = _mm256_setzero_ps();
+  for (int64_t t = 0; t < n; ++t) {
+    // the first pass brings the whole row (every pass's columns) towards L2
+    if (c == 0 && t + kAhead < n) prefetch_row(rows[t + kAhead], hd);
+    __m256 v[W];
+    load_columns<W>(rows[t] + c, v);
+#pragma GCC unroll 4
+    for (int h = 0; h < G; ++h) {
+      const __m256 pt = _mm256_set1_ps(p[h][t]);
+#pragma GCC unroll 4
+      for (int j = 0; j < W; ++j) acc[h][j] = _mm256_fmadd_ps(pt, v[j], acc[h][j]);
+    }
+  }
+  for (int h = 0; h < G; ++h) {
+    const __m256 iv = _mm256_set1_ps(inv[h]);
+    float* o = out[h] + c;
+    if constexpr (std::is_same_v<T, c10::BFloat16> && W % 2 == 0) {
+      for (int j = 0; j < W; j += 2) {  // columns back in order (load_columns)
+        const __m256 lo = _mm256_permute2f128_ps(acc[h][j], acc[h][j + 1], 0x20);
+        const __m256 hi = _mm256_permute2f128_ps(acc[h][j], acc[h][j + 1], 0x31);
+        _mm256_storeu_ps(o + 8 * j, _mm256_mul_ps(lo, iv));
+        _mm256_storeu_ps(o + 8 * j + 8, _mm256_mul_ps(hi, iv));
+      }
+    } else {
+      for (int j = 0; j < W; ++j) _mm256_storeu_ps(o + 8 * j, _mm256_mul_ps(acc[h][j], iv));
+    }
+  }
+}
+
+// out[h] = (sum_t p[h][t] v[t]) * inv[h] for G heads (G <= 3): passes of kWide vectors of
+// columns (bf16 in even counts, for its paired loads), then what is left of the head.
 template <int G, typename T>
 void weighted_sum(const float* const* p, const T* const* rows, int64_t n, int64_t hd,
                   const float* inv, float* const* out) {
-  for (int64_t c = 0; c < hd; c += 32) {
-    const int width = static_cast<int>(std::min<int64_t>(32, hd - c)) / 8;  // vectors
-    __m256 acc[G][4];
-#pragma GCC unroll 4
-    for (int h = 0; h < G; ++h)
-      for (int j = 0; j < 4; ++j) acc[h][j] = _mm256_setzero_ps();
-    if (width == 4) {
-      for (int64_t t = 0; t < n; ++t) {
-        if (c == 0 && t + kAhead < n) prefetch_row(rows[t + kAhead], hd);
-        const T* v = rows[t] + c;
-        __m256 v0, v1, v2, v3;
-        if constexpr (std::is_same_v<T, c10::BFloat16>) {
-          load32_interleaved(v, v0, v1, v2, v3);
-        } else {
-          v0 = load8(v), v1 = load8(v + 8), v2 = load8(v + 16), v3 = load8(v + 24);
-        }
-#pragma GCC unroll 4
-        for (int h = 0; h < G; ++h) {
-          const __m256 pt = _mm256_set1_ps(p[h][t]);
-          acc[h][0] = _mm256_fmadd_ps(pt, v0, acc[h][0]);
-          acc[h][1] = _mm256_fmadd_ps(pt, v1, acc[h][1]);
-          acc[h][2] = _mm256_fmadd_ps(pt, v2, acc[h][2]);
-          acc[h][3] = _mm256_fmadd_ps(pt, v3, acc[h][3]);
-        }
-      }
-    } else {  // the last 8, 16 or 24 columns of a head size that is not a multiple of 32
-      for (int64_t t = 0; t < n; ++t) {
-        const T* v = rows[t] + c;
-        for (int h = 0; h < G; ++h) {
-          const __m256 pt = _mm256_set1_ps(p[h][t]);
-          for (int j = 0; j < width; ++j)
-            acc[h][j] = _mm256_fmadd_ps(pt, load8(v + 8 * j), acc[h][j]);
-        }
-      }
-    }
-    for (int h = 0; h < G; ++h) {
-      const __m256 iv = _mm256_set1_ps(inv[h]);
-      if (std::is_same_v<T, c10::BFloat16> && width == 4) {
-        // columns back in order: acc[h][0] holds 0-3 and 8-11, acc[h][1] 4-7 and 12-15, ...
-        for (int j = 0; j < 4; j += 2) {
-          const __m256 lo = _mm256_permute2f128_ps(acc[h][j], acc[h][j + 1], 0x20);
-          const __m256 hi = _mm256_permute2f128_ps(acc[h][j], acc[h][j + 1], 0x31);
-          _mm256_storeu_ps(out[h] + c + 8 * j, _mm256_mul_ps(lo, iv));
-          _mm256_storeu_ps(out[h] + c + 8 * j + 8, _mm256_mul_ps(hi, iv));
-        }
-        continue;
-      }
-      for (int j = 0; j < width; ++j)
-        _mm256_storeu_ps(out[h] + c + 8 * j, _mm256_mul_ps(acc[h][j], iv));
-    }
-  }
+  constexpr bool kPaired = std::is_same_v<T, c10::BFloat16>;
+  constexpr int kWide = G == 3 ? (kPaired ? 2 : 3) : 4;
+  int64_t c = 0;
+  for (; c + 8 * kWide <= hd; c += 8 * kWide)
+    weighted_columns<G, kWide>(p, rows, n, hd, c, inv, out);
+  const int64_t left = (hd - c) / 8;  // vectors, fewer than kWide
+  if (left == 3) weighted_columns<G, 3>(p, rows, n, hd, c, inv, out);
+  else if (left == 2) weighted_columns<G, 2>(p, rows, n, hd, c, inv, out);
+  else if (left == 1) weighted_columns<G, 1>(p, rows, n, hd, c, inv, out);
 }
 
 // G heads of one KV group over the same n rows: scores, softmax, weighted sum of V.
