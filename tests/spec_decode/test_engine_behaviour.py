@@ -269,10 +269,13 @@ def test_small_draft_pool_evicts_idle_state(loaded_model, gguf_draft):
 
 
 def test_prompt_lookup_defaults_are_settled_by_the_targets_weights(loaded_model, gguf_draft):
-    fp32 = engine(loaded_model, "ngram").config
-    assert (fp32.num_speculative_tokens, fp32.prompt_lookup_min) == (8, 1)
-    quantized = engine(gguf_draft, "ngram").config  # a target with 4/8-bit linears
-    assert (quantized.num_speculative_tokens, quantized.prompt_lookup_min) == (4, 2)
+    fp32 = engine(loaded_model, "ngram")
+    assert (fp32.config.num_speculative_tokens, fp32.config.prompt_lookup_min) == (8, 1)
+    # a request alone may draft 16 on fp32 linears (the policy holds the limit)
+    assert fp32.scheduler.spec.config.solo_num_speculative_tokens == 16
+    quantized = engine(gguf_draft, "ngram")  # a target with 4/8-bit linears
+    assert (quantized.config.num_speculative_tokens, quantized.config.prompt_lookup_min) == (4, 2)
+    assert quantized.scheduler.spec.config.solo_num_speculative_tokens == 4
 
 
 def test_hybrid_drafts_by_lookup_where_the_context_repeats(loaded_model, gguf_draft):

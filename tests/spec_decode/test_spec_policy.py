@@ -73,14 +73,40 @@ def test_depth_respects_the_budget_max_tokens_opt_out_and_batch_size():
     assert policy(k=0).num_spec_tokens(request(), 1, 100) == 0
 
 
+def test_one_request_alone_drafts_up_to_its_own_limit():
+    """The limit alone applies while one request runs; with two, the batch limit is back."""
+    p = SpecPolicy(SpecDecodeConfig(num_speculative_tokens=8, depth_floor=0.05,
+                                    solo_depth_floor=0.01, solo_num_speculative_tokens=16))
+    r = request()
+    for _ in range(10):
+        p.record(r.req_id, 8, 8)  # every draft accepted: a near 1
+    assert p.num_spec_tokens(r, 1, 100) == 16 and p.num_spec_tokens(r, 2, 100) == 8
+    assert p.num_spec_tokens(r, 1, 10) == 10  # the step's token budget still bounds it
+    p.record(r.req_id, 16, 16)  # a 16-deep draft's positions are all counted
+    assert p.stats.accepted_per_pos[15] == 1 and len(p.stats.accepted_per_pos) == 16
+    with pytest.raises(ValueError, match="solo_num_speculative_tokens"):
+        SpecDecodeConfig(num_speculative_tokens=0, solo_num_speculative_tokens=4)
+
+
 def test_prompt_lookup_defaults_follow_what_a_verified_row_costs():
     ngram = EngineConfig(speculative_method="ngram")
     fp32, quantized = ngram.settle_for_weights(False), ngram.settle_for_weights(True)
-    assert (fp32.num_speculative_tokens, fp32.prompt_lookup_min) == DEFAULT_NGRAM[False] == (8, 1)
-    assert (quantized.num_speculative_tokens, quantized.prompt_lookup_min) == (4, 2)
+    assert (fp32.num_speculative_tokens, fp32.prompt_lookup_min,
+            fp32.resolved_num_speculative_tokens_alone) == DEFAULT_NGRAM[False] == (8, 1, 16)
+    assert (quantized.num_speculative_tokens, quantized.prompt_lookup_min,
+            quantized.resolved_num_speculative_tokens_alone) == (4, 2, 4)
     chosen = EngineConfig(speculative_method="ngram", num_speculative_tokens=3,
                           prompt_lookup_min=3).settle_for_weights(False)
     assert (chosen.num_speculative_tokens, chosen.prompt_lookup_min) == (3, 3)
+    assert chosen.resolved_num_speculative_tokens_alone == 3  # a chosen depth holds alone too
+    alone = EngineConfig(speculative_method="ngram", num_speculative_tokens_alone=5)
+    assert alone.settle_for_weights(False).resolved_num_speculative_tokens_alone == 5
+    hybrid = EngineConfig(speculative_method="hybrid").settle_for_weights(False)
+    assert hybrid.resolved_num_speculative_tokens_alone == hybrid.num_speculative_tokens == 8
+    with pytest.raises(ValueError, match="num_speculative_tokens_alone"):
+        EngineConfig(num_speculative_tokens_alone=4)  # speculation off
+    with pytest.raises(ValueError, match="num_speculative_tokens_alone"):
+        EngineConfig(speculative_method="ngram", num_speculative_tokens_alone=17)
     assert EngineConfig(speculative_method="ngram", prompt_lookup_max=1).settle_for_weights(
         True).prompt_lookup_min == 1
     draft = EngineConfig(speculative_method="draft").settle_for_weights(False)

@@ -23,8 +23,12 @@ SPECULATIVE_METHODS = ("ngram", "draft", "hybrid")
 # more verified rows cost next to nothing, and drafting deeper and from one-token matches pays
 # (grounded prompts 1.83-2.01x vs 1.74-1.86x, chat 1.31x vs 1.18x on the 2-core Zen 4 EPYC). With
 # 4/8-bit linears each row is real work and the shorter, surer drafts win (1.17-1.31x vs
-# 1.07-1.28x). (num_speculative_tokens, prompt_lookup_min) by "the target is quantized".
-DEFAULT_NGRAM = {False: (8, 1), True: (4, 2)}
+# 1.07-1.28x). One request alone on full-precision linears drafts up to 16 (a 17-row pass cost
+# 1.6x a 1-row step, and the solo rule lets only well-accepted requests draft that deep: grounded
+# prompts 1.91x vs 1.81x decode rate, answers stopping at their end 2.04x vs 1.98x; at 2-8
+# concurrent requests 16 measured 0.96-1.02x of 8, hence alone only; docs/spec_decode.md).
+# (num_speculative_tokens, prompt_lookup_min, alone) by "the target is quantized".
+DEFAULT_NGRAM = {False: (8, 1, 16), True: (4, 2, 4)}
 # hybrid: lookup drafts take the policy's depth as ngram's do; the draft model's are held to
 # spec_decode/hybrid.py's DRAFT_DEPTH.
 SPECULATIVE_DEPTH_FLOOR = {"ngram": 0.05, "draft": 0.2, "hybrid": 0.05}
@@ -86,6 +90,9 @@ class EngineConfig:
     # (a draft model) | "hybrid" (prompt lookup where a 3-token match exists, else the draft)
     speculative_method: str | None = None
     num_speculative_tokens: int | None = None  # None: the measured default of the method
+    # drafts per step while one request runs (None: num_speculative_tokens; prompt lookup's
+    # measured default when that is unset too, DEFAULT_NGRAM)
+    num_speculative_tokens_alone: int | None = None
     prompt_lookup_min: int | None = None  # ngram sizes tried, longest first (None: measured)
     prompt_lookup_max: int = 5
     draft_model: str | None = None  # "self" (default for "draft", "hybrid") or a model path
@@ -145,6 +152,10 @@ class EngineConfig:
             raise ValueError("draft_quantization must be auto, none, int8, int4 or gguf")
         if self.num_speculative_tokens is not None and not 1 <= self.num_speculative_tokens <= 16:
             raise ValueError("num_speculative_tokens must be between 1 and 16")
+        alone = self.num_speculative_tokens_alone
+        if alone is not None and (self.speculative_method is None or not 1 <= alone <= 16):
+            raise ValueError("num_speculative_tokens_alone must be between 1 and 16, with a "
+                             "speculative_method")
         if not 1 <= (self.prompt_lookup_min or 1) <= self.prompt_lookup_max:
             raise ValueError("prompt lookup sizes need 1 <= prompt_lookup_min <= "
                              "prompt_lookup_max")
@@ -201,10 +212,17 @@ class EngineConfig:
             return self.num_speculative_tokens
         return DEFAULT_SPECULATIVE_TOKENS[self.speculative_method]
 
+    @property
+    def resolved_num_speculative_tokens_alone(self) -> int:
+        """Drafts per step while one request runs."""
+        if self.speculative_method is None:
+            return 0
+        return self.num_speculative_tokens_alone or self.resolved_num_speculative_tokens
+
     def settle_for_weights(self, quantized_target: bool) -> EngineConfig:
         """This config with the choices that depend on whether the model's linears are quantized
-        settled: prompt lookup's unset depth and smallest n-gram (DEFAULT_NGRAM), and an auto KV
-        cache dtype.
+        settled: prompt lookup's unset depths (in a batch and alone) and smallest n-gram
+        (DEFAULT_NGRAM), and an auto KV cache dtype.
 
         Under auto, a model with quantized linears (GGUF blocks, int8, int4) computing in fp32
         keeps K/V in bf16, as llama-server and Ollama keep theirs in fp16: a decode step with
@@ -213,7 +231,7 @@ class EngineConfig:
         on Gemma 3's GGUF where bf16 lost 0.1-0.3% (SmolLM2's GGUF, int8, int4: 0.2-0.3%;
         docs/quantization.md). An fp32 model keeps an fp32 cache: its greedy tokens are
         transformers' own."""
-        depth, min_n = DEFAULT_NGRAM[quantized_target]
+        depth, min_n, alone = DEFAULT_NGRAM[quantized_target]
         # hybrid's lookup drafts as deep as ngram's; its shorter matches go to the draft model
         ngram = self.speculative_method in ("ngram", "hybrid")
         if self.speculative_method == "hybrid":
@@ -221,10 +239,14 @@ class EngineConfig:
         kv_dtype = self.kv_cache_dtype
         if kv_dtype == "auto":
             kv_dtype = "bf16" if quantized_target and self.dtype == "fp32" else self.dtype
+        default_depth = self.speculative_method == "ngram" and self.num_speculative_tokens is None
         return replace(
             self, kv_cache_dtype=kv_dtype,
             num_speculative_tokens=(depth if ngram and self.num_speculative_tokens is None
                                     else self.num_speculative_tokens),
+            num_speculative_tokens_alone=(alone if default_depth
+                                          and self.num_speculative_tokens_alone is None
+                                          else self.num_speculative_tokens_alone),
             prompt_lookup_min=self.prompt_lookup_min or min(min_n, self.prompt_lookup_max))
 
     @property

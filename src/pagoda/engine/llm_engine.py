@@ -154,7 +154,8 @@ class LLMEngine:
             batching=config.batching), self.kv_manager, SpecPolicy(SpecDecodeConfig(
                 config.resolved_num_speculative_tokens, config.resolved_speculative_max_batch,
                 depth_floor=SPECULATIVE_DEPTH_FLOOR.get(config.speculative_method, 1.0),
-                solo_depth_floor=SPECULATIVE_SOLO_DEPTH_FLOOR.get(config.speculative_method))))
+                solo_depth_floor=SPECULATIVE_SOLO_DEPTH_FLOOR.get(config.speculative_method),
+                solo_num_speculative_tokens=config.resolved_num_speculative_tokens_alone or None)))
         decode_kernel = select_decode_kernel(config.attention_backend, device)
         proposer = build_proposer(config, self.loaded, draft, draft_memory, device,
                                   decode_kernel)

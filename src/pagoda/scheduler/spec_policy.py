@@ -20,7 +20,9 @@ running estimate lags each switch into a quote, and a wrong draft costs only row
 step bound by streaming the weights, taken from no other request. Measured on the Zen 4 with
 the fp32 target (docs/spec_decode.md): grounded prompts 1.91-1.95x vs 1.79-1.80x for the shared
 floor with probing, chat 1.23-1.26x vs 1.22-1.24x; at 4 and 8 concurrent the deeper drafts cost
-throughput (0.89x vs 1.00x at 8), hence alone only.
+throughput (0.89x vs 1.00x at 8), hence alone only. For the same reason a request alone may
+draft up to `solo_num_speculative_tokens` (prompt lookup on full-precision linears: 16 where a
+batch drafts 8; engine/config.py's DEFAULT_NGRAM has the measurement).
 """
 
 from __future__ import annotations
@@ -41,10 +43,16 @@ class SpecDecodeConfig:
     min_acceptance: float = 0.15  # below this a request only probes now and then
     depth_floor: float = 0.2  # draft position j only while it is accepted with this probability
     solo_depth_floor: float | None = None  # the floor when one request runs (None: depth_floor)
+    # the most drafts when one request runs (None: num_speculative_tokens)
+    solo_num_speculative_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.num_speculative_tokens <= 16:
             raise ValueError("num_speculative_tokens must be between 0 and 16")
+        if self.solo_num_speculative_tokens is not None and not (
+                self.num_speculative_tokens and 1 <= self.solo_num_speculative_tokens <= 16):
+            raise ValueError("solo_num_speculative_tokens must be between 1 and 16, with "
+                             "speculation on")
         if self.max_batch < 1:
             raise ValueError("speculative max_batch must be positive")
 
@@ -92,22 +100,31 @@ class SpecPolicy:
     def __init__(self, config: SpecDecodeConfig):
         self.config = config
         self.states: dict[str, SpecState] = {}
-        self.stats = SpecDecodeStats(accepted_per_pos=[0] * config.num_speculative_tokens)
+        self.stats = SpecDecodeStats(accepted_per_pos=[0] * self.max_depth)
 
     @property
     def enabled(self) -> bool:
         return self.config.num_speculative_tokens > 0
+
+    @property
+    def max_depth(self) -> int:
+        """The most drafts a request can get in a step (alone or not)."""
+        c = self.config
+        return max(c.num_speculative_tokens, c.solo_num_speculative_tokens or 0)
 
     def num_spec_tokens(self, request: Request, num_running: int, budget: int) -> int:
         """Draft tokens for a decoding request this step (`budget`: tokens left after its own)."""
         if (not self.enabled or not request.sampling_params.speculative
                 or num_running > self.config.max_batch):
             return 0
-        solo = num_running == 1 and self.config.solo_depth_floor is not None
+        c = self.config
+        alone = num_running == 1
+        solo = alone and c.solo_depth_floor is not None
+        limit = c.solo_num_speculative_tokens if alone and c.solo_num_speculative_tokens \
+            else c.num_speculative_tokens
         depth = self.states.setdefault(request.req_id, SpecState()).next_depth(
-            self.config.num_speculative_tokens,
-            self.config.solo_depth_floor if solo else self.config.depth_floor,
-            None if solo else self.config.min_acceptance)
+            limit, c.solo_depth_floor if solo else c.depth_floor,
+            None if solo else c.min_acceptance)
         # A step emits at most depth + 1 tokens and writes depth + 1 positions.
         room = min(request.max_tokens - len(request.output_token_ids) - 1,
                    request.max_total_tokens - request.num_tokens)
