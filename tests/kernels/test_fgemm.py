@@ -49,7 +49,7 @@ def test_flavour_computes_the_stated_fma_chain(flavour: str, shape, rows: int):
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_a_row_gives_the_same_bits_in_every_batch(flavour: str, shape):
-    """A dozen rows (six with AVX2) make one tile whose width depends on its row count; more rows
+    """Ten rows (six with AVX2) make one tile whose width depends on its row count; more rows
     run in tiles, in chunks of tiles: the row's bits must not change."""
     n, k = shape
     w = pack(torch.randn(n, k, generator=torch.Generator().manual_seed(3)))

@@ -4,7 +4,7 @@
 
 Every output is that chain whatever the batch, tile or ISA flavour (`csrc/fgemm.cpp`), so a
 row's result does not depend on the rows beside it, and the generic, avx2 and avx512 builds
-return the same bits. Up to a dozen rows (decode steps, speculative verification) share every
+return the same bits. Up to ten rows (decode steps, speculative verification) share every
 weight load and cost about what one row does; more rows run the same tile as an fp32 GEMM's inner
 loop. The weights are read in wgemm's layout (`pack`): blocks of 16 outputs whose values at one
 k sit side by side, a copy of the (N, K) matrix.

@@ -16,7 +16,7 @@
 // linears of SmolLM2 on a 2-core Xeon, benchmarks/dense_kernels.py: oneDNN 34.6 ms at 1 row and
 // 39.2 at 9, MKL 21.1 and 52.0; fgemm 19.0 and 24.1), and oneDNN blocks one
 // row differently from many (dense_linear.py). Here R <= kTileRows rows share every weight load,
-// so up to a dozen rows cost about what one does. Many rows (prefill) run the same tile over row
+// so up to ten rows cost about what one does. Many rows (prefill) run the same tile over row
 // tiles while the tile's weights stay in cache: an fp32 GEMM inner loop, one broadcast fma per
 // R * U products.
 
@@ -51,9 +51,13 @@ using pagoda_wgemm::vzero;
 // vectors are more weight streams in flight: with 2 instead of 4 at 5 rows the 121 linears of
 // SmolLM2 took 22.5 instead of 20.4 ms on the Xeon (docs/benchmarks.md, "fgemm tiles").
 #if defined(__AVX512F__)
-constexpr int kTileRows = 12;  // <= 30 of 32 zmm accumulate
+// At most 10 rows a tile: 11 or 12 rows as one tile leave room for only 2 weight streams; as two
+// tiles (6 + 5, 6 + 6) each has 4, the second reading the weights from cache (the 121 linears,
+// 2-core Xeon, docs/benchmarks.md: 11 rows 24.7-25.0 -> 24.0-24.2 ms, 12 rows 25.1-25.3 ->
+// 24.8; 8 rows a tile split 9 and 10 rows too and cost 2 ms there).
+constexpr int kTileRows = 10;  // <= 30 of 32 zmm accumulate
 template <int R>
-constexpr int tile_vectors() { return R <= 7 ? 4 : R <= 10 ? 3 : 2; }
+constexpr int tile_vectors() { return R <= 7 ? 4 : 3; }
 #else
 constexpr int kTileRows = 6;  // <= 15 of 16 ymm accumulate
 template <int R>
