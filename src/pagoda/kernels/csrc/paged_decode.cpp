@@ -117,8 +117,8 @@ inline float dot1(const float* q, const T* k, int64_t hd) {
 }
 
 // s[h][t] = scale * q[h] . k[t] for G query heads of one KV group (G <= 3) and all n rows: four
-// rows at a time, each loaded K vector serving the G heads (4G accumulators and G + 1 vectors
-// fit AVX2's sixteen registers), so the loop issues 4 + G loads per 4G multiply-adds.
+// rows at a time, each loaded K vector serving the G heads, so the loop issues 4 + G loads per
+// 4G multiply-adds.
 template <int G, typename T>
 void scores_of(const float* const* q, const T* const* rows, int64_t n, int64_t hd, float scale,
                float* const* s) {
@@ -129,19 +129,19 @@ void scores_of(const float* const* q, const T* const* rows, int64_t n, int64_t h
     for (int h = 0; h < G; ++h)
       for (int j = 0; j < 4; ++j) acc[h][j] = _mm256_setzero_ps();
     for (int64_t a = t + kAhead; a < std::min(t + kAhead + 4, n); ++a) prefetch_row(rows[a], hd);
-    const T* k0 = rows[t];
-    const T* k1 = rows[t + 1];
-    const T* k2 = rows[t + 2];
-    const T* k3 = rows[t + 3];
+    const T* k[4] = {rows[t], rows[t + 1], rows[t + 2], rows[t + 3]};
     for (int64_t i = 0; i < hd; i += 8) {
-      const __m256 r0 = load8(k0 + i), r1 = load8(k1 + i), r2 = load8(k2 + i), r3 = load8(k3 + i);
+      // the G query vectors, then one K vector at a time: 4G accumulators + G + 1 vectors fit
+      // the sixteen registers with a widened (bf16, fp16) K too, where the four K vectors held
+      // at once (4G + 4 + 1 = 17 for three heads) had GCC keep an accumulator on the stack
+      __m256 qv[G];
 #pragma GCC unroll 4
-      for (int h = 0; h < G; ++h) {
-        const __m256 qv = _mm256_loadu_ps(q[h] + i);
-        acc[h][0] = _mm256_fmadd_ps(qv, r0, acc[h][0]);
-        acc[h][1] = _mm256_fmadd_ps(qv, r1, acc[h][1]);
-        acc[h][2] = _mm256_fmadd_ps(qv, r2, acc[h][2]);
-        acc[h][3] = _mm256_fmadd_ps(qv, r3, acc[h][3]);
+      for (int h = 0; h < G; ++h) qv[h] = _mm256_loadu_ps(q[h] + i);
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) {
+        const __m256 kv = load8(k[j] + i);
+#pragma GCC unroll 4
+        for (int h = 0; h < G; ++h) acc[h][j] = _mm256_fmadd_ps(qv[h], kv, acc[h][j]);
       }
     }
     const __m128 sc = _mm_set1_ps(scale);
