@@ -23,8 +23,21 @@ import torch
 from pagoda.kernels import build
 
 BINDING = """#include <torch/extension.h>
+#include <cstring>
 at::Tensor paged_decode(at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, double,
                         int64_t);
+// alloc.h's functions (revisions since it exist allocate through them; bindings.cpp defines them)
+namespace pagoda_alloc {
+at::Tensor empty(c10::IntArrayRef sizes, const c10::TensorOptions& options) {
+  return at::empty(sizes, options);
+}
+at::Tensor empty_like(const at::Tensor& t) { return at::empty(t.sizes(), t.options()); }
+at::Tensor copy_of(const void* data, c10::IntArrayRef sizes, c10::ScalarType dtype) {
+  at::Tensor out = at::empty(sizes, c10::TensorOptions().dtype(dtype));
+  std::memcpy(out.data_ptr(), data, out.nbytes());
+  return out;
+}
+}  // namespace pagoda_alloc
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("paged_decode", &paged_decode); }
 """
 
@@ -33,10 +46,14 @@ def baseline_kernel(rev: str):
     """The kernel as it was at `rev`, built with the avx2 flavour's flags."""
     from torch.utils.cpp_extension import load
 
-    source = subprocess.run(["git", "show", f"{rev}:src/pagoda/kernels/csrc/paged_decode.cpp"],
-                            check=True, capture_output=True, text=True).stdout
     folder = Path(tempfile.mkdtemp(prefix="paged_decode_baseline_"))
-    (folder / "paged_decode.cpp").write_text(source)
+    for name in ("paged_decode.cpp", "alloc.h"):
+        shown = subprocess.run(["git", "show", f"{rev}:src/pagoda/kernels/csrc/{name}"],
+                               capture_output=True, text=True)
+        if shown.returncode == 0:  # alloc.h only exists since 2026-12-06
+            (folder / name).write_text(shown.stdout)
+        elif name == "paged_decode.cpp":
+            raise SystemExit(f"no paged_decode.cpp at {rev}: {shown.stderr.strip()}")
     (folder / "binding.cpp").write_text(BINDING)
     module = load(f"paged_decode_{rev}", [str(folder / "paged_decode.cpp"),
                                           str(folder / "binding.cpp")],
