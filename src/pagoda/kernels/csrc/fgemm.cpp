@@ -58,11 +58,20 @@ using pagoda_wgemm::vzero;
 constexpr int kTileRows = 10;  // <= 30 of 32 zmm accumulate
 template <int R>
 constexpr int tile_vectors() { return R <= 7 ? 4 : 3; }
+constexpr int kFewTileRows = kTileRows;
 #else
 constexpr int kTileRows = 6;  // <= 15 of 16 ymm accumulate
 template <int R>
 constexpr int tile_vectors() { return R <= 3 ? 4 : R <= 5 ? 3 : 2; }
+// A step of at most kFewRows rows (decode, verification) runs tiles of at most 3 rows: each has
+// 4 weight streams, their weights in registers, where a 4-6 row tile has 2-3 and takes them as
+// fma memory operands (4-5 rows: 20-23 load-port uops per 15 fmas); the later tiles find the
+// weights in cache. The 121 linears of SmolLM2 streamed, the avx2 build on the 2-core Xeon
+// (docs/benchmarks.md): 6 rows 28.1-29.9 -> 25.2-26.3 ms, 9 rows 29.6-31.5 -> 28.5-30.1, 12
+// rows 36.1 -> 32.7; from 64 rows (prefill) 6-row tiles stay faster (104.6 vs 108.6 ms).
+constexpr int kFewTileRows = 3;
 #endif
+constexpr int64_t kFewRows = 24;
 
 // Weights prefetched this many k ahead (1 KiB; 32 and 64 measured the same), and K sliced by
 // kSliceK when several row tiles reuse a unit's weights.
@@ -160,10 +169,11 @@ at::Tensor fgemm(at::Tensor x, at::Tensor pw, int64_t n) {
   float* yp = y.data_ptr<float>();
 #if defined(__AVX2__)
   // Row tiles of `tile_rows` (the last may be shorter), each transposed: tile i's rows at
-  // xt + i * tile_rows * k, as xt[kk * R + r]. As many tiles as kTileRows-row tiles would need,
-  // their rows balanced: 13 rows on AVX-512 are 7 + 6 (4 output vectors per tile) rather than
-  // 12 + 1 (2 vectors, the widest a 12-row tile's accumulators leave room for).
-  const int64_t tiles = (m + kTileRows - 1) / kTileRows;
+  // xt + i * tile_rows * k, as xt[kk * R + r]. As many tiles as kTileRows-row tiles would need
+  // (kFewTileRows for a few rows), their rows balanced: 13 rows on AVX-512 are 7 + 6 (4 output
+  // vectors per tile) rather than 10 + 3 (3 vectors).
+  const int64_t most = m <= kFewRows ? kFewTileRows : kTileRows;
+  const int64_t tiles = (m + most - 1) / most;
   const int64_t tile_rows = (m + tiles - 1) / tiles;
   std::vector<float> xt(static_cast<size_t>(m * k));
   at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
