@@ -8,7 +8,7 @@ import torch
 from scipy.stats import chisquare
 
 from pagoda.sampling.params import SamplingParams, SamplingParamsError
-from pagoda.sampling.sampler import Sampler
+from pagoda.sampling.sampler import Sampler, first_max_index
 from pagoda.scheduler.output import ScheduledRequest
 
 LOGITS = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0])
@@ -27,6 +27,17 @@ def draw(params: SamplingParams, n: int, logits=LOGITS, sampler=None) -> torch.T
 
 def test_greedy_is_argmax():
     assert draw(SamplingParams(temperature=0), 4).tolist() == [0, 0, 0, 0]
+
+
+def test_first_max_index_is_argmax_with_ties_infinities_and_nan():
+    g = torch.Generator().manual_seed(0)
+    for trial in range(200):
+        x = torch.randint(-3, 3, (6, 500), generator=g).float()  # many ties
+        x[0] = float("-inf")  # a row that allows nothing
+        x[1, 7 + trial % 50] = float("nan")
+        x[2, :250] = float("-inf")
+        x[3, 499] = float("inf")
+        assert torch.equal(first_max_index(x), x.argmax(dim=-1)), trial
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7, 1.5])

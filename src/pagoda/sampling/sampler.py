@@ -60,10 +60,10 @@ class Sampler:
         random_rows = [i for i, r in enumerate(requests) if not r.sampling_params.greedy]
         sampled = torch.empty(len(requests), dtype=torch.long)
         if not random_rows:  # all greedy: no row copies
-            sampled = logits.argmax(dim=-1)
+            sampled = first_max_index(logits)
         elif greedy_rows:
             idx = torch.tensor(greedy_rows)
-            sampled[idx] = logits[idx].argmax(dim=-1)
+            sampled[idx] = first_max_index(logits[idx])
         if random_rows:
             idx = torch.tensor(random_rows)
             rows = [requests[i] for i in random_rows]
@@ -73,7 +73,7 @@ class Sampler:
 
     def race(self, probs: torch.Tensor, requests: list[ScheduledRequest]) -> torch.Tensor:
         """Exact draws from each row of `probs` (R, V) (rows need not be normalized)."""
-        return (probs / self.noise(probs.shape, requests)).argmax(dim=-1)
+        return first_max_index(probs / self.noise(probs.shape, requests))
 
     @staticmethod
     def apply_penalties(logits: torch.Tensor, requests: list[ScheduledRequest],
@@ -166,6 +166,13 @@ class Sampler:
             return None
         key = (seed, r.sample_index, len(r.output_token_ids))
         return torch.Generator().manual_seed(hash(key) & 0x7FFF_FFFF_FFFF_FFFF)
+
+
+def first_max_index(x: torch.Tensor) -> torch.Tensor:
+    """Each row's index of its largest value, the first among equal ones (NaN counts as the
+    largest): `torch.argmax`'s result, which `max(dim).indices` computes ~3x faster on the CPU
+    (a 49,152-token row 23 vs 64 us; 9 rows 116 vs 321 us; 32 rows 0.41 vs 1.08 ms)."""
+    return x.max(dim=-1).indices
 
 
 def allows_nothing(logits: torch.Tensor) -> list[int]:

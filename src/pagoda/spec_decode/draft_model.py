@@ -20,6 +20,7 @@ import torch
 
 from pagoda.kv_cache.hybrid_manager import HybridKVCacheManager
 from pagoda.kv_cache.kv_cache_manager import KVCacheManager
+from pagoda.sampling.sampler import first_max_index
 from pagoda.scheduler.output import ScheduledRequest
 from pagoda.spec_decode.proposer import Draft
 from pagoda.worker.model_runner import ModelRunner
@@ -78,7 +79,7 @@ class DraftModelProposer:
         by its position, so the two draws are coupled and agree most of the time, which is what
         its verification asks (rejection_sampler.py)."""
         out: list[tuple[int, torch.Tensor | None]] = [
-            (t, None) for t in logits.argmax(dim=-1).tolist()]
+            (t, None) for t in first_max_index(logits).tolist()]
         rows = [i for i, r in enumerate(requests) if not r.sampling_params.greedy]
         if rows:
             # each row's view of its request at this draft's position keys its seeded draw

@@ -33,7 +33,13 @@ import dataclasses
 import torch
 
 from pagoda.engine.outputs import TokenLogprobs
-from pagoda.sampling.sampler import NO_TOKEN, Sampler, allows_nothing, token_logprobs
+from pagoda.sampling.sampler import (
+    NO_TOKEN,
+    Sampler,
+    allows_nothing,
+    first_max_index,
+    token_logprobs,
+)
 from pagoda.scheduler.output import ScheduledRequest
 from pagoda.spec_decode.proposer import Draft
 
@@ -67,7 +73,7 @@ class RejectionSampler:
         for r, draft in items:
             rows = slice(start, start + len(draft.token_ids) + 1)
             if r.sampling_params.greedy:
-                tokens = _verify_greedy(logits[rows].argmax(dim=-1).tolist(), draft.token_ids)
+                tokens = _verify_greedy(first_max_index(logits[rows]).tolist(), draft.token_ids)
             else:
                 tokens = self._verify_random(logits[rows], views[rows], draft)
             # a position that allows no token ends the request there (as plain sampling's)
