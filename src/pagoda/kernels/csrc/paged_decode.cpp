@@ -191,8 +191,11 @@ float exp_shifted(float* s, int64_t n) {
 // over rows of V, whose every column is its own chain, that order changes no bit, and the
 // caller's store puts the columns back.
 template <int W, typename T>
+constexpr bool kPairedColumns = std::is_same_v<T, c10::BFloat16> && W % 2 == 0;
+
+template <int W, typename T>
 inline void load_columns(const T* v, __m256* out) {
-  if constexpr (std::is_same_v<T, c10::BFloat16> && W % 2 == 0) {
+  if constexpr (kPairedColumns<W, T>) {
     const __m256i zero = _mm256_setzero_si256();
 #pragma GCC unroll 4
     for (int j = 0; j < W; j += 2) {
@@ -235,7 +238,7 @@ void weighted_columns(const float* const* p, const T* const* rows, int64_t n, in
   for (int h = 0; h < G; ++h) {
     const __m256 iv = _mm256_set1_ps(inv[h]);
     float* o = out[h] + c;
-    if constexpr (std::is_same_v<T, c10::BFloat16> && W % 2 == 0) {
+    if constexpr (kPairedColumns<W, T>) {
       for (int j = 0; j < W; j += 2) {  // columns back in order (load_columns)
         const __m256 lo = _mm256_permute2f128_ps(acc[h][j], acc[h][j + 1], 0x20);
         const __m256 hi = _mm256_permute2f128_ps(acc[h][j], acc[h][j + 1], 0x31);
@@ -253,8 +256,8 @@ void weighted_columns(const float* const* p, const T* const* rows, int64_t n, in
 template <int G, typename T>
 void weighted_sum(const float* const* p, const T* const* rows, int64_t n, int64_t hd,
                   const float* inv, float* const* out) {
-  constexpr bool kPaired = std::is_same_v<T, c10::BFloat16>;
-  constexpr int kWide = G == 3 ? (kPaired ? 2 : 3) : 4;
+  // three vectors for three heads, unless bf16's loads come in pairs
+  constexpr int kWide = G == 3 ? (kPairedColumns<2, T> ? 2 : 3) : 4;
   int64_t c = 0;
   for (; c + 8 * kWide <= hd; c += 8 * kWide)
     weighted_columns<G, kWide>(p, rows, n, hd, c, inv, out);
