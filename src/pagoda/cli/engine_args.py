@@ -49,6 +49,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    choices=["auto", "fgemm", "onednn", "torch"],
                    help="kernel of fp32 linears: fgemm (pagoda's batch-invariant kernel; auto "
                    "where the C++ kernels build), oneDNN on reordered weights, or torch's (MKL)")
+    g.add_argument("--no-huge-pages", action="store_true",
+                   help="keep the linears' weights in 4 KiB pages (by default they move into "
+                   "2 MiB transparent huge pages at load: fewer TLB misses per decode step)")
     g.add_argument("--kv-cache-memory", type=parse_bytes, default=d.kv_cache_memory,
                    help="bytes for the KV block pool (e.g. 512MiB, 1GiB)")
     g.add_argument("--kv-cache-dtype", default=d.kv_cache_dtype,
@@ -133,6 +136,7 @@ def engine_config_from_args(args: argparse.Namespace, **overrides: object) -> En
     values = dict(
         model=args.model, device=args.device, dtype=args.dtype, quantization=args.quantization,
         quant_kernel=args.quant_kernel, dense_kernel=args.dense_kernel,
+        huge_pages=not args.no_huge_pages,
         kv_cache_memory=args.kv_cache_memory, kv_cache_dtype=args.kv_cache_dtype,
         block_size=args.block_size, max_num_batched_tokens=args.max_num_batched_tokens,
         max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,

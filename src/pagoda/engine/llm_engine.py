@@ -50,7 +50,12 @@ from pagoda.structured_output.manager import StructuredOutputManager
 from pagoda.worker.model_runner import ModelRunner, Submitted
 from pagoda.worker.model_setup import TORCH_DTYPES as TORCH_DTYPES  # re-exported
 from pagoda.worker.model_setup import fused_ops as fused_ops  # re-exported
-from pagoda.worker.model_setup import invariant_attention, prepare_draft, prepare_model
+from pagoda.worker.model_setup import (
+    invariant_attention,
+    prepare_draft,
+    prepare_model,
+    settle_weights,
+)
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +120,7 @@ class LLMEngine:
                       or self.peers.whole_layers)
         if self.peers is not None:
             self.peers.attach(self.loaded.model)
+        settle_weights(config, self.loaded)
         self.config = config = config.settle_for_weights(is_quantized(self.loaded))
         self.tokenizer = self.loaded.tokenizer
         self.max_model_len = min(config.max_model_len or cfg.max_model_len, cfg.max_model_len)
@@ -129,6 +135,7 @@ class LLMEngine:
                                                    config.max_num_seqs)
         if draft is not None:
             prepare_draft(config, draft)
+            settle_weights(config, draft)
         self.draft = draft
         self.kv_groups = plan_kv_groups(cfg, kv_memory, config.block_size,
                                         config.resolved_kv_dtype, config.max_num_seqs,

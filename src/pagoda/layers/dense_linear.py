@@ -142,6 +142,14 @@ class PackedLinear(nn.Linear):
             return None
         return "fgemm", self._fgemm_weight(), module.flavour()
 
+    def kernel_tensors(self) -> list[torch.Tensor]:
+        """The weight form a forward streams, built now: fgemm's blocks (oneDNN's reordered
+        copy is built at the first call and not listed; the weight itself stays put, since its
+        address is the packed copy's key)."""
+        if self.kernel != "fgemm" or self.native_operands(self.weight.device) is None:
+            return []
+        return [self._fgemm_weight().w]
+
     def _fgemm_weight(self) -> FGemmWeight:
         if not isinstance(self._packed, FGemmWeight) or self._packed_of != self._key():
             self._packed, self._packed_of = pack(self.weight), self._key()

@@ -57,7 +57,7 @@ def run(conn_in: Connection, conn_out: Connection) -> None:
     from pagoda.parallel.wire import Orders, from_wire
     from pagoda.quant.loading import file_linears
     from pagoda.worker.model_runner import ModelRunner
-    from pagoda.worker.model_setup import TORCH_DTYPES, prepare_model
+    from pagoda.worker.model_setup import TORCH_DTYPES, prepare_model, settle_weights
 
     orders: Orders = conn_in.recv()
     config, rank = orders.config, orders.rank
@@ -87,6 +87,7 @@ def run(conn_in: Connection, conn_out: Connection) -> None:
         keep_stage(loaded.model, layers, first=stage_index == 0)
         stages = PipelineStages(group, tp, cfg.hidden_size, dtype, device)
         role.append(f"layers {layers.start}-{layers.stop - 1}")
+    settle_weights(config, loaded)
     message = conn_in.recv()
     if message is None:
         return

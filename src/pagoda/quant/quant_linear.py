@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
 import torch
@@ -218,6 +218,18 @@ class QuantLinear(nn.Module):
             self._packed, self._packed_for = self.pack(choice.kernel), choice.kernel
             int8_ops.extension()
         return choice
+
+    def kernel_tensors(self) -> list[torch.Tensor]:
+        """The tensors a forward streams, built now (`prepare`): the native kernel's weight
+        form, the library's packed tensor, or the stored buffers for the portable path."""
+        choice = self.prepare()
+        if choice.kernel in NATIVE:
+            form = self.native_weight(choice.kernel)
+            return [getattr(form, f.name) for f in fields(form)
+                    if isinstance(getattr(form, f.name), torch.Tensor)]
+        if self._packed is not None and isinstance(self._packed.weight, torch.Tensor):
+            return [self._packed.weight]
+        return [b for b in self._buffers.values() if b is not None]
 
     @property
     def device(self) -> torch.device:

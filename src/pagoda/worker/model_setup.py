@@ -12,9 +12,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from pagoda.kernels import huge_pages
 from pagoda.layers.dense_linear import PackedLinear, pack_dense_linears
 from pagoda.layers.fused_ops import FusedOps
 from pagoda.loader.model_loader import LoadedModel
+from pagoda.quant.quant_linear import QuantLinear
 from pagoda.spec_decode.setup import is_quantized
 
 if TYPE_CHECKING:
@@ -78,3 +80,19 @@ def prepare_draft(config: EngineConfig, draft: LoadedModel) -> None:
         pack_dense_linears(draft.model, config.dense_kernel)
     if hasattr(draft.model, "use_fused_ops"):
         draft.model.use_fused_ops(fused_ops(config.fused_ops, draft, config.device))
+
+
+def settle_weights(config: EngineConfig, loaded: LoadedModel) -> int:
+    """Build every linear's kernel weight form now and move those forms into 2 MiB pages
+    (kernels/huge_pages.py) when config.huge_pages; returns the bytes moved. After
+    `prepare_model` (which picks the kernels) and after a pipeline stage's cut (so that only the
+    stage's own layers move: the moved tensors share one mapping, which lives while any of them
+    does). Tensors an earlier engine on the same model moved are already there and stay."""
+    if not config.huge_pages or config.device != "cpu":
+        return 0
+    streamed = [t for m in loaded.model.modules() if isinstance(m, (PackedLinear, QuantLinear))
+                for t in m.kernel_tensors()]
+    moved = huge_pages.settle(streamed)
+    if moved:
+        log.info("weights in huge pages: %.0f MiB", moved / 2**20)
+    return moved
