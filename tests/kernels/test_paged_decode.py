@@ -9,20 +9,27 @@ import torch
 from pagoda.layers.paged_decode_cpp import paged_decode_attention
 from tests.engine.test_decode_kernels import reference
 
+# lengths: one token, a full block, one past, longer, and not a multiple of 8; then contexts
+# attended in chunks (the kernel's kChunk = 512 rows): a last chunk of one row, several chunks, and
+# two whole chunks
+SHORT = [1, 16, 17, 100, 160, 83]
+LONG = [513, 600, 1000, 1024]
+
 
 @pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("window", [None, 37])
+@pytest.mark.parametrize("window", [None, 37, 300])
 @pytest.mark.parametrize("head_dim", [64, 256, 36])
 @pytest.mark.parametrize("spread", [1.0, 40.0])  # 40: most weights underflow to exactly 0
+@pytest.mark.parametrize("lengths", [SHORT, LONG], ids=["short", "chunked"])
 def test_flavour_matches_sdpa(flavour: str, window: int | None, kv_dtype: torch.dtype,
-                              head_dim: int, spread: float):
+                              head_dim: int, spread: float, lengths: list[int]):
     torch.manual_seed(0)
     num_blocks, block_size, kvh, heads = 64, 16, 3, 9
-    # lengths: one token, a full block, one past, longer, and not a multiple of 8
-    lens = torch.tensor([1, 16, 17, 100, 160, 83])
+    lens = torch.tensor(lengths)
     k_blocks = torch.randn(num_blocks, block_size, kvh, head_dim).to(kv_dtype)
     v_blocks = torch.randn(num_blocks, block_size, kvh, head_dim).to(kv_dtype)
-    tables = torch.stack([torch.randperm(num_blocks)[:11] for _ in lens])
+    tables = torch.stack([torch.randperm(num_blocks)[:-(-max(lengths) // block_size)]
+                          for _ in lens])
     q = spread * torch.randn(len(lens), heads, head_dim)
     got = paged_decode_attention(q, k_blocks, v_blocks, tables, lens, head_dim ** -0.5, window,
                                  flavour=flavour)
@@ -40,15 +47,18 @@ def test_refuses_an_int8_cache(flavour: str):
 
 
 @pytest.mark.parametrize("head_dim", [64, 36])
-def test_a_request_gives_the_same_bits_alone_and_in_a_batch(flavour: str, head_dim: int):
+@pytest.mark.parametrize("kv_heads", [3, 1])
+def test_a_request_gives_the_same_bits_alone_and_in_a_batch(flavour: str, head_dim: int,
+                                                             kv_heads: int):
     """A request's attention alone and in a batch, on 1, 2 and 4 threads (tasks are split over
-    threads differently): its bits must not change (batch invariance)."""
+    threads differently), with contexts of one chunk and of several: its bits must not change
+    (batch invariance)."""
     torch.manual_seed(1)
-    num_blocks, block_size, kvh, heads = 64, 16, 3, 9
-    lens = torch.tensor([100, 7, 160, 33])
+    num_blocks, block_size, kvh, heads = 64, 16, kv_heads, 3 * kv_heads
+    lens = torch.tensor([100, 7, 700, 33])
     k_blocks = torch.randn(num_blocks, block_size, kvh, head_dim)
     v_blocks = torch.randn(num_blocks, block_size, kvh, head_dim)
-    tables = torch.stack([torch.randperm(num_blocks)[:11] for _ in lens])
+    tables = torch.stack([torch.randperm(num_blocks)[:44] for _ in lens])
     q = torch.randn(len(lens), heads, head_dim)
 
     def attend(rows: slice) -> torch.Tensor:

@@ -1,7 +1,9 @@
 // Decode attention straight over the paged KV cache, on the CPU, in fp32.
 //
-// One task per (request, KV head): it walks the request's block table and reads the K and V rows
-// of its KV head for the query heads of its group (grouped-query attention without copying K/V).
+// One task per (request, KV head, chunk of at most kChunk context rows): it walks the request's
+// block table and reads the K and V rows of its KV head for the query heads of its group
+// (grouped-query attention without copying K/V); a context of several chunks is merged from its
+// chunks' softmax statistics, in order (see kChunk).
 // The gather + SDPA path instead copies each request's blocks into a padded buffer per layer,
 // reading K/V three times. Tasks run on ATen's own thread pool (at::parallel_for), so they never
 // compete with another runtime's threads for the cores.
@@ -33,6 +35,7 @@
 #include <cstdint>
 #include <limits>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "alloc.h"
@@ -165,9 +168,10 @@ inline float max_of(const float* s, int64_t n) {
   return m;
 }
 
-// s <- e^(s - max); returns the sum.
-float exp_shifted(float* s, int64_t n) {
+// s <- e^(s - max); returns the sum, and the max in *max_out.
+float exp_shifted(float* s, int64_t n, float* max_out) {
   const float m = max_of(s, n);
+  *max_out = m;
   const __m256 mv = _mm256_set1_ps(m);
   __m256 total = _mm256_setzero_ps();
   int64_t t = 0;
@@ -267,13 +271,18 @@ void weighted_sum(const float* const* p, const T* const* rows, int64_t n, int64_
   else if (left == 1) weighted_columns<G, 1>(p, rows, n, hd, c, inv, out);
 }
 
-// G heads of one KV group over the same n rows: scores, softmax, weighted sum of V.
+// G heads of one KV group over the same n rows: scores, softmax, weighted sum of V; each head's
+// largest score and sum of exponentials in ms[h], ls[h].
 template <int G, typename T>
 void attend_group(const float* const* q, const T* const* keys, const T* const* values,
-                  int64_t n, int64_t hd, float scale, float* const* s, float* const* out) {
+                  int64_t n, int64_t hd, float scale, float* const* s, float* const* out,
+                  float* ms, float* ls) {
   scores_of<G>(q, keys, n, hd, scale, s);
   float inv[G];
-  for (int h = 0; h < G; ++h) inv[h] = 1.f / exp_shifted(s[h], n);
+  for (int h = 0; h < G; ++h) {
+    ls[h] = exp_shifted(s[h], n, ms + h);
+    inv[h] = 1.f / ls[h];
+  }
   weighted_sum<G>(s, values, n, hd, inv, out);
 }
 
@@ -285,7 +294,7 @@ void attend_group(const float* const* q, const T* const* keys, const T* const* v
 template <typename T>
 void attend_plain(const float* __restrict q, const T* const* keys, const T* const* values,
                   int64_t n, int64_t hd, float scale, float* __restrict s,
-                  float* __restrict out, int64_t heads) {
+                  float* __restrict out, int64_t heads, float* ms, float* ls) {
   for (int64_t t = 0; t < n; ++t) {
     const T* __restrict k = keys[t];
     for (int64_t h = 0; h < heads; ++h) {
@@ -308,6 +317,8 @@ void attend_plain(const float* __restrict q, const T* const* keys, const T* cons
       total += sh[t];
     }
     inv[h] = 1.f / total;
+    ms[h] = m;
+    ls[h] = total;
   }
   std::fill(out, out + heads * hd, 0.f);
   for (int64_t t = 0; t < n; ++t) {
@@ -326,10 +337,11 @@ void attend_plain(const float* __restrict q, const T* const* keys, const T* cons
 // The `heads` query heads of one KV group (q and out start at its first head) over its n
 // context rows (K rows `keys`, V rows `values`); s holds n scores per head. Heads go three (or
 // two) at a time through the vector path, so each K and V row is read once per three heads
-// rather than once per head.
+// rather than once per head. Each head's largest score and sum of exponentials go to ms, ls.
 template <typename T>
 void attend(const float* q, const T* const* keys, const T* const* values, int64_t n,
-            int64_t hd, float scale, float* s, float* out, int64_t heads) {
+            int64_t hd, float scale, float* s, float* out, int64_t heads, float* ms,
+            float* ls) {
 #if PAGED_DECODE_AVX2
   if (hd % 8 == 0) {
     for (int64_t h = 0; h < heads;) {
@@ -343,20 +355,75 @@ void attend(const float* q, const T* const* keys, const T* const* values, int64_
         ss[j] = s + (h + j) * n;
         os[j] = out + (h + j) * hd;
       }
-      if (take == 3) attend_group<3>(qs, keys, values, n, hd, scale, ss, os);
-      else if (take == 2) attend_group<2>(qs, keys, values, n, hd, scale, ss, os);
-      else attend_group<1>(qs, keys, values, n, hd, scale, ss, os);
+      if (take == 3) attend_group<3>(qs, keys, values, n, hd, scale, ss, os, ms + h, ls + h);
+      else if (take == 2) attend_group<2>(qs, keys, values, n, hd, scale, ss, os, ms + h, ls + h);
+      else attend_group<1>(qs, keys, values, n, hd, scale, ss, os, ms + h, ls + h);
       h += take;
     }
     return;
   }
 #endif
-  attend_plain(q, keys, values, n, hd, scale, s, out, heads);
+  attend_plain(q, keys, values, n, hd, scale, s, out, heads, ms, ls);
 }
 
 // The fixed cost of a task (its block-table walk, buffers, calls) in context rows, for splitting
 // tasks among threads by cost.
 constexpr int64_t kTaskOverhead = 8;
+
+// A context of more than kChunk rows is attended in chunks of kChunk rows (the last one
+// shorter), each a task of its own, then merged (below). One request alone has only as many
+// (request, KV head) tasks as KV heads: SmolLM2's 3 on 2 threads left one thread 2/3 of the
+// work, Gemma 3's single KV head one thread all of it. The chunks depend only on the request's
+// own length, never on the batch or the threads, so its bits do not either; a context of at most
+// kChunk rows is one task and computes exactly as before chunking.
+constexpr int64_t kChunk = 512;
+
+// A task: one chunk of one (request, KV head), whose `chunks` chunks are tasks first .. first +
+// chunks - 1; `merge` numbers the multi-chunk (request, KV head)s (-1: a single chunk).
+struct Task {
+  int64_t d, g, chunk, chunks, merge;
+};
+
+// e^x for each x <= 0 of xs[0, n), in place: the vector exp of the softmax where it is built.
+inline void exp_in_place(float* xs, int64_t n) {
+#if PAGED_DECODE_AVX2
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(xs + i, exp_nonpositive(_mm256_loadu_ps(xs + i)));
+  for (; i < n; ++i) xs[i] = _mm256_cvtss_f32(exp_nonpositive(_mm256_set1_ps(xs[i])));
+#else
+  for (int64_t i = 0; i < n; ++i) xs[i] = std::exp(xs[i]);
+#endif
+}
+
+// out[h] of a (request, KV head) attended in `chunks` parts: part c holds its softmax-weighted
+// sum part[c][h] (normalized within the part), its largest score ms[c][h] and its sum of
+// exponentials ls[c][h]. The whole's softmax weighs part c by ls[c] * e^(ms[c] - M) over the
+// total of those (M the largest), each output an fma chain over the parts in order (the loop
+// over parts outside the loop over columns, which vectorizes; the chain is the same).
+void merge_chunks(const float* part, const float* ms, const float* ls, int64_t chunks,
+                  int64_t heads, int64_t hd, float* out, std::vector<float>& weight) {
+  weight.resize(chunks * heads);  // weight[c * heads + h]
+  for (int64_t h = 0; h < heads; ++h) {
+    float top = -std::numeric_limits<float>::infinity();
+    for (int64_t c = 0; c < chunks; ++c) top = std::max(top, ms[c * heads + h]);
+    for (int64_t c = 0; c < chunks; ++c) weight[c * heads + h] = ms[c * heads + h] - top;
+  }
+  exp_in_place(weight.data(), chunks * heads);
+  for (int64_t h = 0; h < heads; ++h) {
+    float total = 0.f;
+    for (int64_t c = 0; c < chunks; ++c) {
+      weight[c * heads + h] *= ls[c * heads + h];
+      total += weight[c * heads + h];
+    }
+    float* __restrict o = out + h * hd;
+    std::fill(o, o + hd, 0.f);
+    for (int64_t c = 0; c < chunks; ++c) {
+      const float w = weight[c * heads + h] / total;
+      const float* __restrict x = part + (c * heads + h) * hd;
+      for (int64_t i = 0; i < hd; ++i) o[i] = std::fma(w, x[i], o[i]);
+    }
+  }
+}
 
 template <typename T>
 void run(const float* qp, const T* kp, const T* vp, const int64_t* tables, const int64_t* lens,
@@ -364,63 +431,123 @@ void run(const float* qp, const T* kp, const T* vp, const int64_t* tables, const
          int64_t num_kv, int64_t max_blocks, float scale, int64_t window) {
   const int64_t group = num_heads / num_kv;
   const int64_t row = num_kv * head_dim;  // elements between consecutive tokens of one block
-  // One task per (request, KV head): a batch-1 step with a long context still uses every thread.
-  // Tasks cost about their context length, and rows of one prefill (invariant attention) range
-  // from 1 to its length: split evenly by count, the thread with the last rows did 3/4 of a
-  // 2048-token prefill's work (105 ms a layer at 2 threads against 137 at one, Xeon). So each
-  // thread takes a run of tasks of about equal total length. Which thread runs a task changes
-  // none of its arithmetic.
-  const int64_t tasks = num_decode * num_kv;
-  const auto span = [&](int64_t d) {
-    return (window > 0 ? std::min(lens[d], window) : lens[d]) + kTaskOverhead;
+  const auto first_row = [&](int64_t d) {
+    return window > 0 ? std::max<int64_t>(0, lens[d] - window) : int64_t{0};
   };
-  std::vector<int64_t> cost(tasks + 1, 0);  // cost[i]: the total length of tasks before i
-  for (int64_t task = 0; task < tasks; ++task) cost[task + 1] = cost[task] + span(task / num_kv);
-  const int64_t parts = std::min<int64_t>(tasks, at::get_num_threads());
-  at::parallel_for(0, parts, 1, [&](int64_t part_begin, int64_t part_end) {
-    // A task goes to the part its middle falls in (by its start, a long task just before a
-    // boundary would land whole on the earlier part): the first task of `part` is the first
-    // whose middle, (cost[i] + cost[i + 1]) / 2, is at or past the part's share.
-    const auto first_task = [&](int64_t part) {
-      const int64_t target = 2 * (cost[tasks] * part / parts);
-      int64_t lo = 0, hi = tasks;  // the middles increase with i: binary search
-      while (lo < hi) {
-        const int64_t mid = (lo + hi) / 2;
-        if (cost[mid] + cost[mid + 1] < target) lo = mid + 1;
-        else hi = mid;
-      }
-      return lo;
-    };
-    const int64_t begin = first_task(part_begin), end = first_task(part_end);
-    std::vector<float> scores;
+  // Tasks, request by request, KV head by KV head, chunk by chunk; `merges` lists the first
+  // task of each (request, KV head) of several chunks.
+  std::vector<Task> tasks;
+  std::vector<int64_t> merges;
+  int64_t most_chunks = 1;
+  for (int64_t d = 0; d < num_decode; ++d) {
+    const int64_t chunks = std::max<int64_t>(1, (lens[d] - first_row(d) + kChunk - 1) / kChunk);
+    most_chunks = std::max(most_chunks, chunks);
+    for (int64_t g = 0; g < num_kv; ++g) {
+      const int64_t merge = chunks > 1 ? static_cast<int64_t>(merges.size()) : -1;
+      if (chunks > 1) merges.push_back(static_cast<int64_t>(tasks.size()));
+      for (int64_t c = 0; c < chunks; ++c) tasks.push_back({d, g, c, chunks, merge});
+    }
+  }
+  const int64_t count = static_cast<int64_t>(tasks.size());
+  const auto rows_of = [&](const Task& t) {
+    const int64_t begin = first_row(t.d) + t.chunk * kChunk;
+    return std::pair<int64_t, int64_t>{begin, std::min(lens[t.d], begin + kChunk)};
+  };
+  // Tasks cost about their rows, and rows of one prefill (invariant attention) range from 1 to
+  // its length: split evenly by count, the thread with the last rows did 3/4 of a 2048-token
+  // prefill's work (105 ms a layer at 2 threads against 137 at one, Xeon). So each thread takes
+  // a run of tasks of about equal total length. Which thread runs a task changes none of its
+  // arithmetic.
+  std::vector<int64_t> cost(count + 1, 0);  // cost[i]: the total length of tasks before i
+  for (int64_t i = 0; i < count; ++i) {
+    const auto [b, e] = rows_of(tasks[i]);
+    cost[i + 1] = cost[i] + (e - b) + kTaskOverhead;
+  }
+  const int64_t threads = std::min<int64_t>(count, at::get_num_threads());
+  // A task goes to the part its middle falls in (by its start, a long task just before a
+  // boundary would land whole on the earlier part): the first task of `part` is the first whose
+  // middle, (cost[i] + cost[i + 1]) / 2, is at or past the part's share.
+  std::vector<int64_t> bounds(threads + 1);
+  for (int64_t part = 0; part <= threads; ++part) {
+    const int64_t target = 2 * (cost[count] * part / threads);
+    int64_t lo = 0, hi = count;  // the middles increase with i: binary search
+    while (lo < hi) {
+      const int64_t mid = (lo + hi) / 2;
+      if (cost[mid] + cost[mid + 1] < target) lo = mid + 1;
+      else hi = mid;
+    }
+    bounds[part] = lo;
+  }
+  // A (request, KV head) whose chunks all fall in one part is merged by that part's thread as
+  // soon as its last chunk is done, from the thread's own buffer (still in its cache). The few
+  // that a boundary between parts cuts keep their chunks in `shared`, merged after the parallel
+  // region. (Every chunk's result in one buffer for the whole call, ~10 MB a layer for a
+  // 2048-token prefill, made the prefill 5% slower than without chunks.) Either way the same
+  // arithmetic.
+  std::vector<int64_t> cut;  // merge numbers of the (request, KV head)s cut by a boundary
+  for (int64_t part = 1; part < threads; ++part) {
+    const int64_t b = bounds[part];
+    if (b > 0 && b < count && tasks[b].chunk > 0 &&
+        (cut.empty() || cut.back() != tasks[b].merge))
+      cut.push_back(tasks[b].merge);
+  }
+  const int64_t stride = group * head_dim;  // floats of one chunk's result
+  std::vector<float> shared(cut.size() * most_chunks * (stride + 2 * group));
+  const auto shared_of = [&](int64_t merge) -> float* {
+    for (size_t j = 0; j < cut.size(); ++j)
+      if (cut[j] == merge) return shared.data() + j * most_chunks * (stride + 2 * group);
+    return nullptr;
+  };
+  // A buffer of `most_chunks` chunks: results, then largest scores, then sums.
+  const auto merge_from = [&](const Task& task, const float* buffer, std::vector<float>& weight) {
+    merge_chunks(buffer, buffer + most_chunks * stride,
+                 buffer + most_chunks * (stride + group), task.chunks, group, head_dim,
+                 op + (task.d * num_heads + task.g * group) * head_dim, weight);
+  };
+  at::parallel_for(0, threads, 1, [&](int64_t part_begin, int64_t part_end) {
+    const int64_t begin = bounds[part_begin], end = bounds[part_end];
+    std::vector<float> scores, whole_max(group), whole_sum(group), weight;
+    std::vector<float> own(most_chunks * (stride + 2 * group));
     std::vector<const T*> keys, values;
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t d = task / num_kv, g = task % num_kv;
-      const int64_t length = lens[d];
-      const int64_t start = window > 0 ? std::max<int64_t>(0, length - window) : 0;
-      const int64_t n = length - start;
-      const int64_t* table = tables + d * max_blocks;
+    for (int64_t i = begin; i < end; ++i) {
+      const Task& task = tasks[i];
+      const auto [first, last] = rows_of(task);
+      const int64_t n = last - first;
+      const int64_t* table = tables + task.d * max_blocks;
       keys.resize(n);
       values.resize(n);
       scores.resize(group * n);
       // the rows' addresses, a block's run at a time (one division per block, not per row:
       // a 64-bit division per row cost more than a tenth of a long prefill's attention)
-      for (int64_t t = start; t < length;) {
-        const int64_t slot = t % block_size;
-        const int64_t run = std::min(block_size - slot, length - t);
-        const int64_t base = (table[t / block_size] * block_size + slot) * row + g * head_dim;
+      for (int64_t t = first; t < last;) {
+        const int64_t at_slot = t % block_size;
+        const int64_t run = std::min(block_size - at_slot, last - t);
+        const int64_t base =
+            (table[t / block_size] * block_size + at_slot) * row + task.g * head_dim;
         for (int64_t j = 0; j < run; ++j) {
-          keys[t - start + j] = kp + base + j * row;
-          values[t - start + j] = vp + base + j * row;
+          keys[t - first + j] = kp + base + j * row;
+          values[t - first + j] = vp + base + j * row;
         }
         t += run;
       }
       // the group's query heads are consecutive: q and out rows g * group .. (g + 1) * group
-      const int64_t at = (d * num_heads + g * group) * head_dim;
-      attend(qp + at, keys.data(), values.data(), n, head_dim, scale, scores.data(), op + at,
-             group);
+      const int64_t at = (task.d * num_heads + task.g * group) * head_dim;
+      if (task.merge < 0) {
+        attend(qp + at, keys.data(), values.data(), n, head_dim, scale, scores.data(), op + at,
+               group, whole_max.data(), whole_sum.data());
+        continue;
+      }
+      const bool whole = i - task.chunk >= begin && i - task.chunk + task.chunks <= end;
+      float* buffer = whole ? own.data() : shared_of(task.merge);
+      attend(qp + at, keys.data(), values.data(), n, head_dim, scale, scores.data(),
+             buffer + task.chunk * stride, group,
+             buffer + most_chunks * stride + task.chunk * group,
+             buffer + most_chunks * (stride + group) + task.chunk * group);
+      if (whole && task.chunk == task.chunks - 1) merge_from(task, buffer, weight);
     }
   });
+  std::vector<float> weight;
+  for (const int64_t m : cut) merge_from(tasks[merges[m]], shared_of(m), weight);
 }
 
 }  // namespace
