@@ -1,11 +1,11 @@
 """The weights a decode step streams, moved into memory mapped in 2 MiB pages.
 
 A batch-1 decode step reads every weight once. In 4 KiB pages SmolLM2-135M's fp32 linears
-(~620 MB) are ~151,000 pages: the second-level TLB holds 2,048 entries (8 MiB), so every page
-of every step is a TLB miss and a page walk on the weight streams' critical path. In 2 MiB pages
-they are ~300 entries. Measured on the 2-core Xeon (docs/benchmarks.md, "huge pages"): the 121
-linears 6% faster at one row and 9-11% at 3-9 rows (avx512), 13-14% at 1-3 rows (avx2 build),
-with about half of the weights in huge pages.
+(513 MiB in fgemm's blocks) are ~131,000 pages: the second-level TLB holds 2,048 entries (8 MiB),
+so every page of every step is a TLB miss and a page walk on the weight streams' path. In 2 MiB
+pages they are 257 entries. Measured on the 2-core Xeon (docs/benchmarks.md, "Twenty-third
+session"): the 121 linears 15-23% faster at 1-17 rows (avx512), 9-24% (avx2 build); decode
+through the engine 5-13%.
 
 Linux gives anonymous memory transparent huge pages where the program asks for them
 (`madvise(MADV_HUGEPAGE)`, the default "madvise" mode of
