@@ -58,7 +58,8 @@ def settle(tensors: Iterable[torch.Tensor]) -> int:
     """Move the `movable` tensors among `tensors` (each once) into one mapping advised for huge
     pages, in the order given (the order a step reads them); returns the bytes moved. Each old
     storage is freed as soon as its tensor moves (unless something else holds it), so memory
-    peaks at about the tensors' size plus the largest one."""
+    peaks at about the tensors' size plus the largest one. Call it before any forward runs on
+    the tensors: a kernel reading one while it moves would read freed memory."""
     if not available():
         return 0
     seen: set[int] = set()
@@ -75,8 +76,11 @@ def settle(tensors: Iterable[torch.Tensor]) -> int:
         total = _round_up(total + t.numel() * t.element_size(), ALIGN)
     # A private anonymous mapping (Python's default is shared memory, which anonymous THP does
     # not cover), one huge page larger so that the data can start on a 2 MiB boundary.
-    region = mmap.mmap(-1, _round_up(total, HUGE_PAGE) + HUGE_PAGE,
-                       flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        region = mmap.mmap(-1, _round_up(total, HUGE_PAGE) + HUGE_PAGE,
+                           flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    except OSError:  # no address space or memory for the copy: the tensors stay as they are
+        return 0
     whole = torch.frombuffer(region, dtype=torch.uint8)  # holds `region` while any view lives
     start = -whole.data_ptr() % HUGE_PAGE
     region.madvise(mmap.MADV_HUGEPAGE, start, _round_up(total, HUGE_PAGE))
