@@ -42,7 +42,7 @@
 #include <immintrin.h>
 #endif
 
-#include "igemm_call.h"  // the checks, output and rounded rows of a call
+#include "igemm_call.h"  // the checks, output and rounded rows of a call (and prefetch_ahead)
 #include "q8_block.h"
 #include "wgemm.h"  // the packed scales and offsets are wgemm's: its Packed and their loads
 
@@ -68,6 +68,7 @@ inline const uint8_t* octet(const Weights& w, int64_t b, int64_t c) {
 
 using Acts = pagoda_q8::RoundedRows;  // the rounded rows of a call
 
+
 #define PAGODA_REPEAT12(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11)
 
 #if defined(__AVX512F__) && defined(__AVX512VNNI__)
@@ -82,7 +83,7 @@ inline __m512i bcast4(const int8_t* p) {
 
 // R rows x B blocks of 16 outputs (b0, b0 + 1): one zmm of int32 per (row, block), reset per
 // 32-block; the fp32 chain runs in y itself (L1), read and written once per block.
-template <int R, int B>
+template <int R, int B, bool kPrefetch>
 void tile(const Weights& w, int64_t b0, const Acts& a, int64_t r0, float* y, int64_t ldy) {
   static_assert(R <= kRows && B <= kBlocks);
   const __m512i mask = _mm512_set1_epi8(0x0F);
@@ -94,6 +95,10 @@ void tile(const Weights& w, int64_t b0, const Acts& a, int64_t r0, float* y, int
     PAGODA_REPEAT12(PAGODA_ZERO)
 #undef PAGODA_ZERO
     for (int64_t c = blk * 4; c < blk * 4 + 4; ++c) {
+      if constexpr (kPrefetch) {
+        pagoda_igemm::prefetch_ahead(octet(w, b0, c));
+        if constexpr (B == 2) pagoda_igemm::prefetch_ahead(octet(w, b0 + 1, c));
+      }
       const __m512i v0 = _mm512_loadu_si512(octet(w, b0, c));
       const __m512i lo0 = _mm512_and_si512(v0, mask);
       const __m512i hi0 = _mm512_and_si512(_mm512_srli_epi16(v0, 4), mask);
@@ -157,7 +162,7 @@ inline __m256i bcast4(const int8_t* p) {
 // R rows x one block of 16 outputs as two halves of 8 (the octet's bytes 0-31 and 32-63): int16
 // accumulators (a block's 8 pair sums per lane cannot saturate, see the top), widened to int32
 // by vpmaddwd once per block.
-template <int R, int B>
+template <int R, int B, bool kPrefetch>
 void tile(const Weights& w, int64_t b0, const Acts& a, int64_t r0, float* y, int64_t ldy) {
   static_assert(R <= kRows && B == 1);
   const __m256i mask = _mm256_set1_epi8(0x0F);
@@ -170,6 +175,7 @@ void tile(const Weights& w, int64_t b0, const Acts& a, int64_t r0, float* y, int
     PAGODA_REPEAT12(PAGODA_ZERO)
 #undef PAGODA_ZERO
     for (int64_t c = blk * 4; c < blk * 4 + 4; ++c) {
+      if constexpr (kPrefetch) pagoda_igemm::prefetch_ahead(octet(w, b0, c));
       // both halves' weights unpacked once; each row's two broadcasts serve both halves
       const uint8_t* wo = octet(w, b0, c);
       const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wo));
@@ -221,7 +227,7 @@ void tile(const Weights& w, int64_t b0, const Acts& a, int64_t r0, float* y, int
 constexpr int kRows = 4, kBlocks = 1;
 
 // The portable flavour: the same integers and the same fp32 chain, one output at a time.
-template <int R, int B>
+template <int R, int B, bool kPrefetch>
 void tile(const Weights& w, int64_t b0, const Acts& a, int64_t r0, float* y, int64_t ldy) {
   for (int r = 0; r < R; ++r)
     for (int i = 0; i < kOut; ++i) {
@@ -246,14 +252,24 @@ void tile(const Weights& w, int64_t b0, const Acts& a, int64_t r0, float* y, int
 #endif
 #undef PAGODA_REPEAT12
 
-// Rows [0, m) of B blocks: full tiles of kRows, then the rest as one tile of its own size.
+// Rows [0, m) of B blocks: full tiles of kRows, then the rest as one tile of its own size. The
+// first tile streams the weights from memory, prefetching ahead; the others find them in cache.
 template <int B>
 void block_rows(const Weights& w, int64_t b0, const Acts& a, int64_t m, float* y, int64_t ldy) {
   int64_t r = 0;
-  for (; r + kRows <= m; r += kRows) tile<kRows, B>(w, b0, a, r, y + r * ldy, ldy);
+  if (m >= kRows) {
+    tile<kRows, B, true>(w, b0, a, r, y, ldy);
+    r += kRows;
+  }
+  for (; r + kRows <= m; r += kRows) tile<kRows, B, false>(w, b0, a, r, y + r * ldy, ldy);
   switch (m - r) {
 #define PAGODA_CASE(n) \
-    case n: if constexpr (n < kRows) tile<n, B>(w, b0, a, r, y + r * ldy, ldy); break;
+    case n:                                                                          \
+      if constexpr (n < kRows) {                                                     \
+        if (r == 0) tile<n, B, true>(w, b0, a, r, y, ldy);                           \
+        else tile<n, B, false>(w, b0, a, r, y + r * ldy, ldy);                       \
+      }                                                                              \
+      break;
     PAGODA_CASE(1) PAGODA_CASE(2) PAGODA_CASE(3) PAGODA_CASE(4) PAGODA_CASE(5)
     PAGODA_CASE(6) PAGODA_CASE(7) PAGODA_CASE(8) PAGODA_CASE(9) PAGODA_CASE(10) PAGODA_CASE(11)
 #undef PAGODA_CASE

@@ -68,7 +68,7 @@ inline int32_t pair_of(const int16_t* x) {  // two int16 activations as one lane
 constexpr int kRows = 8;
 
 // R rows x one block of 16 outputs: one zmm of int32 per row, reset per 32-block.
-template <int R>
+template <int R, bool kPrefetch>
 void tile(const Weights& w, int64_t b0, const Acts& a, int64_t r0, float* y, int64_t ldy) {
 #define PAGODA_DECL(N) __m512i a##N;
   PAGODA_REPEAT8(PAGODA_DECL)
@@ -78,6 +78,7 @@ void tile(const Weights& w, int64_t b0, const Acts& a, int64_t r0, float* y, int
     PAGODA_REPEAT8(PAGODA_ZERO)
 #undef PAGODA_ZERO
     for (int64_t p = blk * 16; p < blk * 16 + 16; ++p) {
+      if constexpr (kPrefetch) if (p % 2 == 0) pagoda_igemm::prefetch_ahead(pair(w, b0, p));
       const __m512i v = _mm512_cvtepi8_epi16(
           _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pair(w, b0, p))));
 #define PAGODA_DOT(N)                                                                    \
@@ -110,7 +111,7 @@ constexpr int kRows = 4;  // 6 measured slower (spills)
 
 // R rows x one block of 16 outputs as two halves of 8 (the pair's bytes 0-15 and 16-31): two ymm
 // of int32 per row (8 accumulators, 2 weight vectors and a broadcast: no spills).
-template <int R>
+template <int R, bool kPrefetch>
 void tile(const Weights& w, int64_t b0, const Acts& a, int64_t r0, float* y, int64_t ldy) {
 #define PAGODA_DECL(N) __m256i a##N##0, a##N##1;
   PAGODA_REPEAT8(PAGODA_DECL)
@@ -120,6 +121,7 @@ void tile(const Weights& w, int64_t b0, const Acts& a, int64_t r0, float* y, int
     PAGODA_REPEAT8(PAGODA_ZERO)
 #undef PAGODA_ZERO
     for (int64_t p = blk * 16; p < blk * 16 + 16; ++p) {
+      if constexpr (kPrefetch) if (p % 2 == 0) pagoda_igemm::prefetch_ahead(pair(w, b0, p));
       const int8_t* wp = pair(w, b0, p);
       const __m256i v0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wp)));
       const __m256i v1 =
@@ -163,7 +165,7 @@ void tile(const Weights& w, int64_t b0, const Acts& a, int64_t r0, float* y, int
 constexpr int kRows = 4;
 
 // The portable flavour: the same integers and the same fp32 chain, one output at a time.
-template <int R>
+template <int R, bool kPrefetch>
 void tile(const Weights& w, int64_t b0, const Acts& a, int64_t r0, float* y, int64_t ldy) {
   for (int r = 0; r < R; ++r)
     for (int i = 0; i < kOut; ++i) {
@@ -185,13 +187,23 @@ void tile(const Weights& w, int64_t b0, const Acts& a, int64_t r0, float* y, int
 #endif
 #undef PAGODA_REPEAT8
 
-// Rows [0, m) of one block: full tiles of kRows, then the rest as one tile of its own size.
+// Rows [0, m) of one block: full tiles of kRows, then the rest as one tile of its own size. The
+// first tile streams the weights from memory, prefetching ahead; the others find them in cache.
 void block_rows(const Weights& w, int64_t b0, const Acts& a, int64_t m, float* y, int64_t ldy) {
   int64_t r = 0;
-  for (; r + kRows <= m; r += kRows) tile<kRows>(w, b0, a, r, y + r * ldy, ldy);
+  if (m >= kRows) {
+    tile<kRows, true>(w, b0, a, r, y, ldy);
+    r += kRows;
+  }
+  for (; r + kRows <= m; r += kRows) tile<kRows, false>(w, b0, a, r, y + r * ldy, ldy);
   switch (m - r) {
-#define PAGODA_CASE(n) \
-    case n: if constexpr (n < kRows) tile<n>(w, b0, a, r, y + r * ldy, ldy); break;
+#define PAGODA_CASE(n)                                                                 \
+    case n:                                                                          \
+      if constexpr (n < kRows) {                                                     \
+        if (r == 0) tile<n, true>(w, b0, a, r, y, ldy);                              \
+        else tile<n, false>(w, b0, a, r, y + r * ldy, ldy);                          \
+      }                                                                              \
+      break;
     PAGODA_CASE(1) PAGODA_CASE(2) PAGODA_CASE(3) PAGODA_CASE(4) PAGODA_CASE(5)
     PAGODA_CASE(6) PAGODA_CASE(7)
 #undef PAGODA_CASE
