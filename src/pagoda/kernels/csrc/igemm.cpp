@@ -42,7 +42,7 @@
 #include <immintrin.h>
 #endif
 
-#include "igemm_call.h"  // the checks, output and rounded rows of a call (and prefetch_ahead)
+#include "igemm_call.h"  // the checks, output and rounded rows of a call
 #include "q8_block.h"
 #include "wgemm.h"  // the packed scales and offsets are wgemm's: its Packed and their loads
 
@@ -96,8 +96,8 @@ void tile(const Weights& w, int64_t b0, const Acts& a, int64_t r0, float* y, int
 #undef PAGODA_ZERO
     for (int64_t c = blk * 4; c < blk * 4 + 4; ++c) {
       if constexpr (kPrefetch) {
-        pagoda_igemm::prefetch_ahead(octet(w, b0, c));
-        if constexpr (B == 2) pagoda_igemm::prefetch_ahead(octet(w, b0 + 1, c));
+        pagoda_wgemm::prefetch_ahead(octet(w, b0, c));
+        if constexpr (B == 2) pagoda_wgemm::prefetch_ahead(octet(w, b0 + 1, c));
       }
       const __m512i v0 = _mm512_loadu_si512(octet(w, b0, c));
       const __m512i lo0 = _mm512_and_si512(v0, mask);
@@ -175,7 +175,7 @@ void tile(const Weights& w, int64_t b0, const Acts& a, int64_t r0, float* y, int
     PAGODA_REPEAT12(PAGODA_ZERO)
 #undef PAGODA_ZERO
     for (int64_t c = blk * 4; c < blk * 4 + 4; ++c) {
-      if constexpr (kPrefetch) pagoda_igemm::prefetch_ahead(octet(w, b0, c));
+      if constexpr (kPrefetch) pagoda_wgemm::prefetch_ahead(octet(w, b0, c));
       // both halves' weights unpacked once; each row's two broadcasts serve both halves
       const uint8_t* wo = octet(w, b0, c);
       const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wo));

@@ -78,7 +78,7 @@ void tile(const Weights& w, int64_t b0, const Acts& a, int64_t r0, float* y, int
     PAGODA_REPEAT8(PAGODA_ZERO)
 #undef PAGODA_ZERO
     for (int64_t p = blk * 16; p < blk * 16 + 16; ++p) {
-      if constexpr (kPrefetch) if (p % 2 == 0) pagoda_igemm::prefetch_ahead(pair(w, b0, p));
+      if constexpr (kPrefetch) if (p % 2 == 0) pagoda_wgemm::prefetch_ahead(pair(w, b0, p));
       const __m512i v = _mm512_cvtepi8_epi16(
           _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pair(w, b0, p))));
 #define PAGODA_DOT(N)                                                                    \
@@ -121,7 +121,7 @@ void tile(const Weights& w, int64_t b0, const Acts& a, int64_t r0, float* y, int
     PAGODA_REPEAT8(PAGODA_ZERO)
 #undef PAGODA_ZERO
     for (int64_t p = blk * 16; p < blk * 16 + 16; ++p) {
-      if constexpr (kPrefetch) if (p % 2 == 0) pagoda_igemm::prefetch_ahead(pair(w, b0, p));
+      if constexpr (kPrefetch) if (p % 2 == 0) pagoda_wgemm::prefetch_ahead(pair(w, b0, p));
       const int8_t* wp = pair(w, b0, p);
       const __m256i v0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wp)));
       const __m256i v1 =

@@ -9,10 +9,6 @@
 #include <cstdint>
 #include <string>
 
-#if defined(__AVX2__)
-#include <immintrin.h>
-#endif
-
 #include "alloc.h"
 #include "q8_block.h"
 #include "wgemm.h"
@@ -51,22 +47,6 @@ inline Call prepare(const char* name, at::Tensor x, at::Tensor pq, at::Tensor ps
   if (m > 0)
     pagoda_q8::round_rows(c.x.data_ptr<float>(), m, k, group, c.w.o != nullptr, wide, c.a);
   return c;
-}
-
-// Asks for the weight line 2 KiB past `p` (32 of igemm's octets, 64 of igemm8's pairs ahead):
-// the hardware prefetcher alone left a batch-1 decode short of the weight stream's speed. The
-// 120 4-bit linears of SmolLM2 (GGUF Q4_1), 2-core Xeon, interleaved with the kernel without it:
-// avx2 build 1 row 1.21x, 2 rows 1.17x, 4 rows 1.16x; avx512 1.11x, 1.12x, 1.05x (16, 48 and 64
-// octets ahead measured; docs/benchmarks.md). The address is formed in integers: past the last
-// block it points beyond the weights, which a prefetch (a hint that never faults) may do but C++
-// pointer arithmetic may not. Only the tile that streams the weights asks; the others find them
-// in cache.
-inline void prefetch_ahead(const void* p) {
-#if defined(__AVX2__)
-  _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(p) + 2048), _MM_HINT_T0);
-#else
-  (void)p;
-#endif
 }
 
 }  // namespace pagoda_igemm

@@ -60,6 +60,10 @@ void direct(const Packed& w, int64_t v0, const float* xt, const Rows& rows, floa
     const float* xk = xt + t * w.g * R;
     const int64_t i0 = t * stored_rows * kOut;
     for (int64_t i = i0; i < i0 + stored_rows * kOut; i += kOut, xk += step * R) {
+      if (i % 64 == 0)  // each streamed block's next lines, once per 64 bytes (its lane 0)
+#pragma GCC unroll 8
+        for (int u = 0; u < U; ++u)
+          if (lane[u] == 0) prefetch_ahead(src[u] + i);
       if constexpr (first) {
         Vec lo[U], hi[U];
 #pragma GCC unroll 8
