@@ -481,23 +481,21 @@ void run(const float* qp, const T* kp, const T* vp, const int64_t* tables, const
   // A (request, KV head) whose chunks all fall in one part is merged by that part's thread as
   // soon as its last chunk is done, from the thread's own buffer (still in its cache). The few
   // that a boundary between parts cuts keep their chunks in `shared`, merged after the parallel
-  // region. (Every chunk's result in one buffer for the whole call, ~10 MB a layer for a
-  // 2048-token prefill, made the prefill 5% slower than without chunks.) Either way the same
-  // arithmetic.
+  // region, whichever parts one call of the lambda below gets. (Every chunk's result in one
+  // buffer for the whole call, ~10 MB a layer for a 2048-token prefill, made the prefill 5%
+  // slower than without chunks.) Either way the same arithmetic.
   std::vector<int64_t> cut;  // merge numbers of the (request, KV head)s cut by a boundary
+  std::vector<int64_t> cut_slot(merges.size(), -1);  // each merge's place in `cut`, or -1
   for (int64_t part = 1; part < threads; ++part) {
     const int64_t b = bounds[part];
-    if (b > 0 && b < count && tasks[b].chunk > 0 &&
-        (cut.empty() || cut.back() != tasks[b].merge))
+    if (b > 0 && b < count && tasks[b].chunk > 0 && cut_slot[tasks[b].merge] < 0) {
+      cut_slot[tasks[b].merge] = static_cast<int64_t>(cut.size());
       cut.push_back(tasks[b].merge);
+    }
   }
   const int64_t stride = group * head_dim;  // floats of one chunk's result
-  std::vector<float> shared(cut.size() * most_chunks * (stride + 2 * group));
-  const auto shared_of = [&](int64_t merge) -> float* {
-    for (size_t j = 0; j < cut.size(); ++j)
-      if (cut[j] == merge) return shared.data() + j * most_chunks * (stride + 2 * group);
-    return nullptr;
-  };
+  const int64_t buffer_size = most_chunks * (stride + 2 * group);
+  std::vector<float> shared(cut.size() * buffer_size);
   // A buffer of `most_chunks` chunks: results, then largest scores, then sums.
   const auto merge_from = [&](const Task& task, const float* buffer, std::vector<float>& weight) {
     merge_chunks(buffer, buffer + most_chunks * stride,
@@ -507,7 +505,7 @@ void run(const float* qp, const T* kp, const T* vp, const int64_t* tables, const
   at::parallel_for(0, threads, 1, [&](int64_t part_begin, int64_t part_end) {
     const int64_t begin = bounds[part_begin], end = bounds[part_end];
     std::vector<float> scores, whole_max(group), whole_sum(group), weight;
-    std::vector<float> own(most_chunks * (stride + 2 * group));
+    std::vector<float> own(buffer_size);
     std::vector<const T*> keys, values;
     for (int64_t i = begin; i < end; ++i) {
       const Task& task = tasks[i];
@@ -537,8 +535,9 @@ void run(const float* qp, const T* kp, const T* vp, const int64_t* tables, const
                group, whole_max.data(), whole_sum.data());
         continue;
       }
-      const bool whole = i - task.chunk >= begin && i - task.chunk + task.chunks <= end;
-      float* buffer = whole ? own.data() : shared_of(task.merge);
+      const int64_t slot = cut_slot[task.merge];
+      const bool whole = slot < 0;  // then all its chunks are in this call's parts
+      float* buffer = whole ? own.data() : shared.data() + slot * buffer_size;
       attend(qp + at, keys.data(), values.data(), n, head_dim, scale, scores.data(),
              buffer + task.chunk * stride, group,
              buffer + most_chunks * stride + task.chunk * group,
@@ -547,7 +546,8 @@ void run(const float* qp, const T* kp, const T* vp, const int64_t* tables, const
     }
   });
   std::vector<float> weight;
-  for (const int64_t m : cut) merge_from(tasks[merges[m]], shared_of(m), weight);
+  for (size_t j = 0; j < cut.size(); ++j)
+    merge_from(tasks[merges[cut[j]]], shared.data() + j * buffer_size, weight);
 }
 
 }  // namespace
