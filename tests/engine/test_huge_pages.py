@@ -9,20 +9,14 @@ import pytest
 from pagoda.engine.config import EngineConfig
 from pagoda.engine.llm_engine import LLMEngine
 from pagoda.kernels import huge_pages
-from pagoda.layers.dense_linear import PackedLinear
 from pagoda.loader.model_loader import load_model
 from pagoda.quant import apply_quantization
-from pagoda.quant.quant_linear import QuantLinear
 from pagoda.sampling.params import SamplingParams
+from pagoda.worker.model_setup import kernel_tensors
 from tests.engine.helpers import run_to_completion
 from tests.kernels.test_huge_pages import huge_kib, needs_thp
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
-
-
-def streamed(engine: LLMEngine):
-    return [t for m in engine.loaded.model.modules() if isinstance(m, PackedLinear | QuantLinear)
-            for t in m.kernel_tensors()]
 
 
 @needs_thp
@@ -37,7 +31,7 @@ def test_same_tokens_with_weights_in_huge_pages(loaded_model, prompt_ids, quanti
                                              huge_pages=on), loaded=fresh)
     # every layer's linears (with 4 KiB pages some may sit in huge pages by chance: glibc's
     # arenas can get them, so the engine without them is not checked for their absence)
-    big = [t for t in streamed(engines[True])
+    big = [t for t in kernel_tensors(engines[True].loaded)
            if t.numel() * t.element_size() >= huge_pages.MIN_BYTES]
     assert len(big) > 60 and all(huge_kib(t) > 0 for t in big)
     requests = {f"r{i}": (ids, GREEDY) for i, ids in enumerate(prompt_ids)}

@@ -82,6 +82,12 @@ def prepare_draft(config: EngineConfig, draft: LoadedModel) -> None:
         draft.model.use_fused_ops(fused_ops(config.fused_ops, draft, config.device))
 
 
+def kernel_tensors(loaded: LoadedModel) -> list[torch.Tensor]:
+    """The weight forms the linears' kernels stream, in module order, built now."""
+    return [t for m in loaded.model.modules() if isinstance(m, (PackedLinear, QuantLinear))
+            for t in m.kernel_tensors()]
+
+
 def settle_weights(config: EngineConfig, loaded: LoadedModel) -> int:
     """Build every linear's kernel weight form now and move those forms into 2 MiB pages
     (kernels/huge_pages.py) when config.huge_pages; returns the bytes moved. After
@@ -90,9 +96,7 @@ def settle_weights(config: EngineConfig, loaded: LoadedModel) -> int:
     does). Tensors an earlier engine on the same model moved are already there and stay."""
     if not config.huge_pages or config.device != "cpu":
         return 0
-    streamed = [t for m in loaded.model.modules() if isinstance(m, (PackedLinear, QuantLinear))
-                for t in m.kernel_tensors()]
-    moved = huge_pages.settle(streamed)
+    moved = huge_pages.settle(kernel_tensors(loaded))
     if moved:
         log.info("weights in huge pages: %.0f MiB", moved / 2**20)
     return moved
