@@ -124,14 +124,17 @@ class AsyncLLM:
         finished = False
         try:
             while not finished:
-                remaining = None if deadline is None else deadline - time.monotonic()
                 try:
-                    out = await asyncio.wait_for(stream.get(), remaining)
+                    # no wait_for without a deadline: it costs a task per token
+                    out = await (stream.get() if deadline is None else
+                                 asyncio.wait_for(stream.get(), deadline - time.monotonic()))
                 except (asyncio.TimeoutError, TimeoutError):
                     self.core.send(AbortRequest(req_id, "abort", TIMEOUT_ERROR))
                     deadline = None  # the engine answers with the final (aborted) output
                     continue
                 finished = out.finished
+                if not out.prompt_token_ids:  # an engine process sends outputs without them
+                    out.prompt, out.prompt_token_ids = text, ids
                 yield out
         finally:
             self._streams.pop(req_id, None)

@@ -9,6 +9,7 @@ picklable dataclasses of ids, ints and lists.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import threading
@@ -54,6 +55,15 @@ class EngineCoreOutputs:
 
     outputs: list[RequestOutput]
     stats: EngineStats
+
+
+def without_prompts(batch: EngineCoreOutputs) -> EngineCoreOutputs:
+    """The batch as it crosses to a front-end process: each output without its prompt's text and
+    ids, which the front-end sent and holds (AsyncLLM puts them back) and which would otherwise be
+    pickled with every token of every request (a 2,000-token prompt: 15 KB a message, pickled
+    and unpickled in ~60 us instead of ~20)."""
+    return EngineCoreOutputs([dataclasses.replace(o, prompt=None, prompt_token_ids=[])
+                              for o in batch.outputs], batch.stats)
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,11 @@ Each side has exactly one reader and one writer thread on the pipe:
   * child: the main thread built the engine and reads commands into a queue; a second thread
     steps the engine and writes outputs (stepping from the building thread was 3-25x slower on
     this box, docs/server.md);
-  * server: the event loop thread writes (under a lock); a reader thread hands each message to the
-    event loop with `call_soon_threadsafe`.
+  * server: the event loop thread both writes (under a lock) and reads: the pipe is one of the
+    loop's readers, so each step's outputs reach the streams without a thread hop. (A reader
+    thread handing messages over with `call_soon_threadsafe` woke two threads per decoded token
+    and passed the GIL between them, CPU taken from the engine on a 2-core machine:
+    docs/benchmarks.md, "Twenty-fourth session".)
 Liveness is the pipe itself: each side holds only its own end, so if either process dies the other
 reads EOF. The server then fails every waiting request; the child stops (no orphan engine).
 """
@@ -39,6 +42,7 @@ from pagoda.engine.engine_core import (
     EngineCommand,
     EngineCore,
     EngineInfo,
+    without_prompts,
 )
 from pagoda.engine.llm_engine import EngineStats
 
@@ -66,7 +70,9 @@ class ProcessCoreClient:
         self.process = process
         self._conn = conn
         self._send_lock = threading.Lock()
-        self._reader: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # reading the pipe, once started
+        self._on_outputs: OutputsCallback | None = None
+        self._on_dead: DeadCallback | None = None
         self._stopping = False
         self._error: str | None = None
 
@@ -100,9 +106,9 @@ class ProcessCoreClient:
 
     def start(self, loop: asyncio.AbstractEventLoop, on_outputs: OutputsCallback,
               on_dead: DeadCallback) -> None:
-        self._reader = threading.Thread(target=self._read, args=(loop, on_outputs, on_dead),
-                                        name="pagoda-engine-reader", daemon=True)
-        self._reader.start()
+        """Read the pipe on `loop` from now on (`start` runs on the loop's thread)."""
+        self._loop, self._on_outputs, self._on_dead = loop, on_outputs, on_dead
+        loop.add_reader(self._conn.fileno(), self._read)
 
     def send(self, command: EngineCommand) -> None:
         with self._send_lock:
@@ -121,37 +127,64 @@ class ProcessCoreClient:
                         self.process.pid, timeout)
             self.process.kill()
             self.process.join(5)
-        if self._reader is not None:
-            self._reader.join(1)
+        self._stop_reading()
         self._conn.close()
 
     @property
     def error(self) -> str | None:
-        if self._error is None and not self._stopping and self._reader is not None \
+        if self._error is None and not self._stopping and self._loop is not None \
                 and not self.process.is_alive():
             return f"the engine process exited (exit code {self.process.exitcode})"
         return self._error
 
-    def _read(self, loop: asyncio.AbstractEventLoop, on_outputs: OutputsCallback,
-              on_dead: DeadCallback) -> None:
+    def _read(self) -> None:
+        """One message from the pipe (the loop calls this while it is readable: one message a
+        call, as `Connection.poll` builds a selector each time it is asked). The engine writes
+        each message whole, so a readable pipe never leaves recv() waiting long."""
+        assert self._on_outputs is not None and self._on_dead is not None
         reason = None
         try:
-            while True:
-                message = self._conn.recv()
-                if isinstance(message, EngineFailed):
-                    reason = message.error
-                    break
-                loop.call_soon_threadsafe(on_outputs, message)
-        except (EOFError, OSError, RuntimeError):  # RuntimeError: the event loop closed
+            message = self._conn.recv()
+            if not isinstance(message, EngineFailed):
+                self._on_outputs(message)
+                return
+            reason = message.error
+        except (EOFError, OSError):
             pass
+        self._stop_reading()
         if self._stopping:
             return
         if reason is None:
-            self.process.join(1)
+            self.process.join(1)  # EOF: the process is exiting (or gone); name its exit code
             reason = f"the engine process exited (exit code {self.process.exitcode})"
         self._error = reason
-        if not loop.is_closed():
-            loop.call_soon_threadsafe(on_dead, reason)
+        self._on_dead(reason)
+
+    def _stop_reading(self) -> None:
+        """Take the pipe off the loop's readers, from the loop's thread or any other (a Ray
+        replica is shut down from another thread): the selector is the loop's alone."""
+        loop, self._loop = self._loop, None
+        if loop is None or loop.is_closed():
+            return
+        fd = self._conn.fileno()
+        try:
+            on_loop = asyncio.get_running_loop() is loop
+        except RuntimeError:
+            on_loop = False
+        if on_loop or not loop.is_running():
+            loop.remove_reader(fd)
+            return
+        removed = threading.Event()
+
+        def remove() -> None:
+            loop.remove_reader(fd)
+            removed.set()
+
+        try:
+            loop.call_soon_threadsafe(remove)
+        except RuntimeError:  # the loop closed meanwhile, and its selector with it
+            return
+        removed.wait(5)
 
 
 def run_engine_process(config: EngineConfig, conn: Connection, log_level: int) -> None:
@@ -179,7 +212,8 @@ def run_engine_process(config: EngineConfig, conn: Connection, log_level: int) -
     conn.send(EngineReady(info, engine.stats(), time.perf_counter() - start))
 
     commands: queue.Queue[EngineCommand] = queue.Queue()
-    core = EngineCore(engine, commands, conn.send)  # the stepping thread is the only writer
+    # the stepping thread is the only writer
+    core = EngineCore(engine, commands, lambda batch: conn.send(without_prompts(batch)))
     failed = threading.Event()
 
     def step_loop() -> None:
