@@ -271,18 +271,137 @@ void weighted_sum(const float* const* p, const T* const* rows, int64_t n, int64_
   else if (left == 1) weighted_columns<G, 1>(p, rows, n, hd, c, inv, out);
 }
 
+#if defined(__AVX512F__)
+// The AVX-512 flavour's scores and weighted sum, for head sizes that are a multiple of 16: the
+// same passes in 16-lane vectors, half the multiply-adds of the 8-lane ones (prefill rows of a
+// 2,048-token prompt, bf16 cache: docs/benchmarks.md, "Twenty-fourth session"). A dot product's
+// lanes hold every 16th element here where the 8-lane path's hold every 8th, so this flavour's
+// scores round differently from the avx2 flavour's; within a flavour every row of every batch
+// takes the same path (the head size decides), so batch invariance holds.
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+inline __m512 load16(const c10::BFloat16* p) {
+  const __m512i wide =
+      _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+
+// A 16-lane accumulator folded to 8 lanes (low half + high half), for the 8-lane reductions.
+inline __m256 fold(__m512 a) {
+  return _mm256_add_ps(_mm512_castps512_ps256(a),
+                       _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
+}
+
+// scores_of in 16-lane vectors: eight rows at a time (8G accumulators + G query vectors + one K
+// vector: 28 of 32 registers for three heads), folded to 8 lanes and reduced four rows at once.
+template <int G, typename T>
+void scores_of16(const float* const* q, const T* const* rows, int64_t n, int64_t hd,
+                 float scale, float* const* s) {
+  constexpr int kRows = 8;
+  int64_t t = 0;
+  for (; t + kRows <= n; t += kRows) {
+    __m512 acc[G][kRows];
+#pragma GCC unroll 4
+    for (int h = 0; h < G; ++h)
+#pragma GCC unroll 8
+      for (int j = 0; j < kRows; ++j) acc[h][j] = _mm512_setzero_ps();
+    for (int64_t a = t + kAhead; a < std::min(t + kAhead + kRows, n); ++a)
+      prefetch_row(rows[a], hd);
+    for (int64_t i = 0; i < hd; i += 16) {
+      __m512 qv[G];
+#pragma GCC unroll 4
+      for (int h = 0; h < G; ++h) qv[h] = _mm512_loadu_ps(q[h] + i);
+#pragma GCC unroll 8
+      for (int j = 0; j < kRows; ++j) {
+        const __m512 kv = load16(rows[t + j] + i);
+#pragma GCC unroll 4
+        for (int h = 0; h < G; ++h) acc[h][j] = _mm512_fmadd_ps(qv[h], kv, acc[h][j]);
+      }
+    }
+    const __m128 sc = _mm_set1_ps(scale);
+#pragma GCC unroll 4
+    for (int h = 0; h < G; ++h) {
+      _mm_storeu_ps(s[h] + t, _mm_mul_ps(hsum4(fold(acc[h][0]), fold(acc[h][1]),
+                                               fold(acc[h][2]), fold(acc[h][3])), sc));
+      _mm_storeu_ps(s[h] + t + 4, _mm_mul_ps(hsum4(fold(acc[h][4]), fold(acc[h][5]),
+                                                   fold(acc[h][6]), fold(acc[h][7])), sc));
+    }
+  }
+  for (; t < n; ++t) {
+    for (int h = 0; h < G; ++h) {
+      __m512 a = _mm512_setzero_ps();
+      for (int64_t i = 0; i < hd; i += 16)
+        a = _mm512_fmadd_ps(_mm512_loadu_ps(q[h] + i), load16(rows[t] + i), a);
+      s[h][t] = hsum(fold(a)) * scale;
+    }
+  }
+}
+
+// weighted_sum in 16-lane vectors: W vectors of columns per pass (G * W accumulators + W + 1
+// registers), every column its own fma chain over t from 0 as in the 8-lane path.
+template <int G, int W, typename T>
+void weighted_columns16(const float* const* p, const T* const* rows, int64_t n, int64_t hd,
+                        int64_t c, const float* inv, float* const* out) {
+  __m512 acc[G][W];
+#pragma GCC unroll 4
+  for (int h = 0; h < G; ++h)
+#pragma GCC unroll 8
+    for (int j = 0; j < W; ++j) acc[h][j] = _mm512_setzero_ps();
+  for (int64_t t = 0; t < n; ++t) {
+    if (c == 0 && t + kAhead < n) prefetch_row(rows[t + kAhead], hd);
+    __m512 v[W];
+#pragma GCC unroll 8
+    for (int j = 0; j < W; ++j) v[j] = load16(rows[t] + c + 16 * j);
+#pragma GCC unroll 4
+    for (int h = 0; h < G; ++h) {
+      const __m512 pt = _mm512_set1_ps(p[h][t]);
+#pragma GCC unroll 8
+      for (int j = 0; j < W; ++j) acc[h][j] = _mm512_fmadd_ps(pt, v[j], acc[h][j]);
+    }
+  }
+  for (int h = 0; h < G; ++h) {
+    const __m512 iv = _mm512_set1_ps(inv[h]);
+    for (int j = 0; j < W; ++j) _mm512_storeu_ps(out[h] + c + 16 * j, _mm512_mul_ps(acc[h][j], iv));
+  }
+}
+
+template <int G, typename T>
+void weighted_sum16(const float* const* p, const T* const* rows, int64_t n, int64_t hd,
+                    const float* inv, float* const* out) {
+  constexpr int kWide = 4;  // 4G + 4 + 1 <= 17 registers: a 64-wide head in one pass
+  int64_t c = 0;
+  for (; c + 16 * kWide <= hd; c += 16 * kWide)
+    weighted_columns16<G, kWide>(p, rows, n, hd, c, inv, out);
+  for (; c < hd; c += 16) weighted_columns16<G, 1>(p, rows, n, hd, c, inv, out);
+}
+#endif
+
 // G heads of one KV group over the same n rows: scores, softmax, weighted sum of V; each head's
 // largest score and sum of exponentials in ms[h], ls[h].
 template <int G, typename T>
 void attend_group(const float* const* q, const T* const* keys, const T* const* values,
                   int64_t n, int64_t hd, float scale, float* const* s, float* const* out,
                   float* ms, float* ls) {
+#if defined(__AVX512F__)
+  const bool wide = hd % 16 == 0;
+  if (wide) scores_of16<G>(q, keys, n, hd, scale, s);
+  else scores_of<G>(q, keys, n, hd, scale, s);
+#else
   scores_of<G>(q, keys, n, hd, scale, s);
+#endif
   float inv[G];
   for (int h = 0; h < G; ++h) {
     ls[h] = exp_shifted(s[h], n, ms + h);
     inv[h] = 1.f / ls[h];
   }
+#if defined(__AVX512F__)
+  if (wide) {
+    weighted_sum16<G>(s, values, n, hd, inv, out);
+    return;
+  }
+#endif
   weighted_sum<G>(s, values, n, hd, inv, out);
 }
 
