@@ -44,8 +44,16 @@ class Sampler:
         if any(r.sampling_params.logprobs is not None for r in requests):
             raw_logprobs = torch.log_softmax(logits, dim=-1)
         logits = self.apply_penalties(logits, requests, eos_token_ids)
-        token_ids = self.sample(logits, requests)
-        for row in allows_nothing(logits):
+        if all(r.sampling_params.greedy for r in requests):
+            # one reduction gives each row's token and whether it allows any (its largest
+            # logit is -inf only if every one is; NaN propagates through both as through amax)
+            values, indices = logits.max(dim=-1)
+            token_ids = indices.tolist()
+            nothing = [row for row, v in enumerate(values.tolist()) if v == _MASK]
+        else:
+            token_ids = self.sample(logits, requests)
+            nothing = allows_nothing(logits)
+        for row in nothing:
             token_ids[row] = NO_TOKEN
         logprobs: list[TokenLogprobs | None] = [None] * len(requests)
         if raw_logprobs is not None:

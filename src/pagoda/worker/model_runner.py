@@ -164,7 +164,10 @@ class ModelRunner:
         new_tokens: dict[str, list[int]] = {}
         new_logprobs = {}
         if plain:
-            token_ids, logprobs = self.sampler(logits[plain_rows], plain, self.eos_token_ids)
+            # every row, in order (a decode-only step without drafts): no copy
+            rows_of_plain = logits if len(plain_rows) == logits.shape[0] and \
+                plain_rows[-1] == len(plain_rows) - 1 else logits[plain_rows]
+            token_ids, logprobs = self.sampler(rows_of_plain, plain, self.eos_token_ids)
             for r, t, lp in zip(plain, token_ids, logprobs, strict=True):
                 new_tokens[r.req_id] = [t]
                 if lp is not None:
@@ -244,8 +247,10 @@ class ModelRunner:
         sampling = [fwd.ordered[i] for i, _ in fwd.sample_rows]
         if not sampling:
             return [], hidden.new_empty((0, 0))
-        rows = torch.tensor([row for _, r in fwd.sample_rows for row in r], device=self.device)
-        return sampling, self.model.compute_logits(hidden.index_select(0, rows))
+        rows = [row for _, r in fwd.sample_rows for row in r]
+        if len(rows) < hidden.shape[0] or rows[-1] != len(rows) - 1:  # else every row, in order
+            hidden = hidden.index_select(0, torch.tensor(rows, device=self.device))
+        return sampling, self.model.compute_logits(hidden)
 
     def forward_stage(self, scheduled: list[ScheduledRequest], num_rows: dict[str, int]
                       ) -> None:
