@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from pagoda.engine.outputs import TokenLogprobs
+from pagoda.sampling.params import SamplingParams
 from pagoda.scheduler.output import ScheduledRequest
 
 _MASK = float("-inf")
@@ -91,11 +92,9 @@ class Sampler:
         cloned = False
         for i, r in enumerate(requests):
             p = r.sampling_params
-            suppress_stop = len(r.output_token_ids) < p.min_tokens
-            has_penalty = (p.repetition_penalty != 1.0 or p.presence_penalty != 0.0
-                           or p.frequency_penalty != 0.0)
-            if not (suppress_stop or has_penalty or p.logit_bias or p.allowed_token_ids):
+            if not Sampler.touches(p, len(r.output_token_ids)):
                 continue
+            suppress_stop = len(r.output_token_ids) < p.min_tokens
             if not cloned:
                 logits, cloned = logits.clone(), True
             row = logits[i]
@@ -125,6 +124,14 @@ class Sampler:
                 if stops:
                     row[stops] = _MASK
         return logits
+
+    @staticmethod
+    def touches(p: SamplingParams, num_output: int) -> bool:
+        """Whether `apply_penalties` changes the row of a request with `num_output` tokens so
+        far (with more, it changes it only if it changes this one)."""
+        return bool(num_output < p.min_tokens or p.repetition_penalty != 1.0
+                    or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+                    or p.logit_bias or p.allowed_token_ids)
 
     @staticmethod
     def filtered_probs(logits: torch.Tensor, requests: list[ScheduledRequest]) -> torch.Tensor:

@@ -61,21 +61,35 @@ class RejectionSampler:
                  eos_token_ids: tuple[int, ...]) -> list[Verified]:
         """logits: (sum of len(draft) + 1, V), each request's rows consecutive, in item order."""
         logits = logits.float()
-        views = [v for r, d in items for v in position_views(r, d)]
-        assert logits.shape[0] == len(views)
+        assert logits.shape[0] == sum(len(d.token_ids) + 1 for _, d in items)
         raw = None
         if any(r.sampling_params.logprobs is not None for r, _ in items):
             raw = torch.log_softmax(logits, dim=-1)
-        logits = self.sampler.apply_penalties(logits, views, eos_token_ids)
-        dead = set(allows_nothing(logits))
+        # a view per row, only where something reads it: penalties (their earliest row has the
+        # fewest outputs, the one min_tokens can touch) or a sampled request's verification
+        views = None
+        if any(Sampler.touches(r.sampling_params, len(r.output_token_ids)) for r, _ in items):
+            views = [v for r, d in items for v in position_views(r, d)]
+            logits = self.sampler.apply_penalties(logits, views, eos_token_ids)
+        targets = None
+        if all(r.sampling_params.greedy for r, _ in items):
+            # one reduction: every row's argmax, and whether it allows any token (Sampler)
+            values, indices = logits.max(dim=-1)
+            targets = indices.tolist()
+            dead = {row for row, v in enumerate(values.tolist()) if v == float("-inf")}
+        else:
+            dead = set(allows_nothing(logits))
         results: list[Verified] = []
         start = 0
         for r, draft in items:
             rows = slice(start, start + len(draft.token_ids) + 1)
-            if r.sampling_params.greedy:
+            if targets is not None:
+                tokens = _verify_greedy(targets[rows], draft.token_ids)
+            elif r.sampling_params.greedy:
                 tokens = _verify_greedy(first_max_index(logits[rows]).tolist(), draft.token_ids)
             else:
-                tokens = self._verify_random(logits[rows], views[rows], draft)
+                tokens = self._verify_random(logits[rows], views[rows] if views is not None
+                                             else position_views(r, draft), draft)
             # a position that allows no token ends the request there (as plain sampling's)
             cut = next((j for j in range(len(tokens)) if start + j in dead), None)
             if cut is not None:

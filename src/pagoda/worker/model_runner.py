@@ -164,10 +164,8 @@ class ModelRunner:
         new_tokens: dict[str, list[int]] = {}
         new_logprobs = {}
         if plain:
-            # every row, in order (a decode-only step without drafts): no copy
-            rows_of_plain = logits if len(plain_rows) == logits.shape[0] and \
-                plain_rows[-1] == len(plain_rows) - 1 else logits[plain_rows]
-            token_ids, logprobs = self.sampler(rows_of_plain, plain, self.eos_token_ids)
+            token_ids, logprobs = self.sampler(_rows(logits, plain_rows), plain,
+                                               self.eos_token_ids)
             for r, t, lp in zip(plain, token_ids, logprobs, strict=True):
                 new_tokens[r.req_id] = [t]
                 if lp is not None:
@@ -176,7 +174,8 @@ class ModelRunner:
             # The rejection sampler reads parameters and output tokens, which the drafts appended
             # to token_ids leave as scheduled.
             items = [(r, drafts[r.req_id]) for r in verify]
-            verified = self.rejection_sampler(logits[verify_rows], items, self.eos_token_ids)
+            verified = self.rejection_sampler(_rows(logits, verify_rows), items,
+                                              self.eos_token_ids)
             for r, (tokens, lps) in zip(verify, verified, strict=True):
                 new_tokens[r.req_id] = tokens
                 if lps is not None:
@@ -349,3 +348,9 @@ class ModelRunner:
         max_blocks = -(-max(lens) // self.block_size)
         rows = [t[:max_blocks] + [0] * (max_blocks - len(t[:max_blocks])) for t in tables]
         return (torch.tensor(rows, device=self.device), torch.tensor(lens, device=self.device))
+
+
+def _rows(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """logits[rows] for increasing `rows`; all of them in order (a step whose requests all
+    sample alike) without a copy."""
+    return logits if len(rows) == logits.shape[0] and rows[-1] == len(rows) - 1 else logits[rows]
