@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pagoda.kernels import build
 from pagoda.layers.paged_decode_cpp import paged_decode_attention
 from tests.engine.test_decode_kernels import reference
 
@@ -75,3 +76,25 @@ def test_a_request_gives_the_same_bits_alone_and_in_a_batch(flavour: str, head_d
                 assert torch.equal(alone, batch[i]), f"request {i}, {n} threads"
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [64, 256, 40])
+def test_vector_flavours_agree_bit_for_bit(kv_dtype: torch.dtype, head_dim: int):
+    """avx2 and avx512 return the same bits (the avx512 weighted sum runs 16-lane vectors, the
+    scores stay 8-lane): a model's greedy answer must not depend on which kind of CPU runs it.
+    Decode rows, chunked contexts and the rows of one prefill."""
+    for name in ("avx2", "avx512"):
+        if not build.can_run(name):
+            pytest.skip(f"this CPU cannot run the {name} flavour (lacks "
+                        f"{', '.join(build.missing_flags(name))})")
+    torch.manual_seed(2)
+    num_blocks, block_size, kvh, heads = 160, 16, 3, 9
+    lens = torch.tensor(SHORT + LONG + list(range(1500, 1510)))
+    k_blocks = torch.randn(num_blocks, block_size, kvh, head_dim).to(kv_dtype)
+    v_blocks = torch.randn(num_blocks, block_size, kvh, head_dim).to(kv_dtype)
+    tables = torch.randperm(num_blocks)[:-(-int(lens.max()) // block_size)].repeat(len(lens), 1)
+    q = 4 * torch.randn(len(lens), heads, head_dim)
+    got = [paged_decode_attention(q, k_blocks, v_blocks, tables, lens, head_dim ** -0.5, None,
+                                  flavour=name) for name in ("avx2", "avx512")]
+    assert torch.equal(got[0], got[1])

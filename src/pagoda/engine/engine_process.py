@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import os
 import queue
 import signal
 import sys
@@ -108,7 +109,12 @@ class ProcessCoreClient:
               on_dead: DeadCallback) -> None:
         """Read the pipe on `loop` from now on (`start` runs on the loop's thread)."""
         self._loop, self._on_outputs, self._on_dead = loop, on_outputs, on_dead
-        loop.add_reader(self._conn.fileno(), self._read)
+        fd = self._conn.fileno()
+        loop.add_reader(fd, self._read)
+        # uvloop (libuv's poll handle) makes a watched descriptor non-blocking; a Connection's
+        # framing needs whole reads and writes (a partial read loses the message boundary, a
+        # partial write would drop a command), and only readiness is wanted from the loop
+        os.set_blocking(fd, True)
 
     def send(self, command: EngineCommand) -> None:
         with self._send_lock:

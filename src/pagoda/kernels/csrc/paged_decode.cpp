@@ -272,12 +272,11 @@ void weighted_sum(const float* const* p, const T* const* rows, int64_t n, int64_
 }
 
 #if defined(__AVX512F__)
-// The AVX-512 flavour's scores and weighted sum, for head sizes that are a multiple of 16: the
-// same passes in 16-lane vectors, half the multiply-adds of the 8-lane ones (prefill rows of a
-// 2,048-token prompt, bf16 cache: docs/benchmarks.md, "Twenty-fourth session"). A dot product's
-// lanes hold every 16th element here where the 8-lane path's hold every 8th, so this flavour's
-// scores round differently from the avx2 flavour's; within a flavour every row of every batch
-// takes the same path (the head size decides), so batch invariance holds.
+// The AVX-512 flavour's weighted sum, for head sizes that are a multiple of 16: the same pass in
+// 16-lane vectors, half the multiply-adds of the 8-lane one. Every column is its own fma chain
+// over t from 0 in both, so the two flavours return the same bits (tested); scores stay 8-lane,
+// whose dot products a 16-lane vector would sum in another order (a different greedy answer of
+// the default GGUF model: a flavour must not change what a model says).
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 load16(const c10::Half* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
@@ -286,57 +285,6 @@ inline __m512 load16(const c10::BFloat16* p) {
   const __m512i wide =
       _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
-}
-
-// A 16-lane accumulator folded to 8 lanes (low half + high half), for the 8-lane reductions.
-inline __m256 fold(__m512 a) {
-  return _mm256_add_ps(_mm512_castps512_ps256(a),
-                       _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
-}
-
-// scores_of in 16-lane vectors: eight rows at a time (8G accumulators + G query vectors + one K
-// vector: 28 of 32 registers for three heads), folded to 8 lanes and reduced four rows at once.
-template <int G, typename T>
-void scores_of16(const float* const* q, const T* const* rows, int64_t n, int64_t hd,
-                 float scale, float* const* s) {
-  constexpr int kRows = 8;
-  int64_t t = 0;
-  for (; t + kRows <= n; t += kRows) {
-    __m512 acc[G][kRows];
-#pragma GCC unroll 4
-    for (int h = 0; h < G; ++h)
-#pragma GCC unroll 8
-      for (int j = 0; j < kRows; ++j) acc[h][j] = _mm512_setzero_ps();
-    for (int64_t a = t + kAhead; a < std::min(t + kAhead + kRows, n); ++a)
-      prefetch_row(rows[a], hd);
-    for (int64_t i = 0; i < hd; i += 16) {
-      __m512 qv[G];
-#pragma GCC unroll 4
-      for (int h = 0; h < G; ++h) qv[h] = _mm512_loadu_ps(q[h] + i);
-#pragma GCC unroll 8
-      for (int j = 0; j < kRows; ++j) {
-        const __m512 kv = load16(rows[t + j] + i);
-#pragma GCC unroll 4
-        for (int h = 0; h < G; ++h) acc[h][j] = _mm512_fmadd_ps(qv[h], kv, acc[h][j]);
-      }
-    }
-    const __m128 sc = _mm_set1_ps(scale);
-#pragma GCC unroll 4
-    for (int h = 0; h < G; ++h) {
-      _mm_storeu_ps(s[h] + t, _mm_mul_ps(hsum4(fold(acc[h][0]), fold(acc[h][1]),
-                                               fold(acc[h][2]), fold(acc[h][3])), sc));
-      _mm_storeu_ps(s[h] + t + 4, _mm_mul_ps(hsum4(fold(acc[h][4]), fold(acc[h][5]),
-                                                   fold(acc[h][6]), fold(acc[h][7])), sc));
-    }
-  }
-  for (; t < n; ++t) {
-    for (int h = 0; h < G; ++h) {
-      __m512 a = _mm512_setzero_ps();
-      for (int64_t i = 0; i < hd; i += 16)
-        a = _mm512_fmadd_ps(_mm512_loadu_ps(q[h] + i), load16(rows[t] + i), a);
-      s[h][t] = hsum(fold(a)) * scale;
-    }
-  }
 }
 
 // weighted_sum in 16-lane vectors: W vectors of columns per pass (G * W accumulators + W + 1
@@ -384,12 +332,9 @@ template <int G, typename T>
 void attend_group(const float* const* q, const T* const* keys, const T* const* values,
                   int64_t n, int64_t hd, float scale, float* const* s, float* const* out,
                   float* ms, float* ls) {
+  scores_of<G>(q, keys, n, hd, scale, s);
 #if defined(__AVX512F__)
   const bool wide = hd % 16 == 0;
-  if (wide) scores_of16<G>(q, keys, n, hd, scale, s);
-  else scores_of<G>(q, keys, n, hd, scale, s);
-#else
-  scores_of<G>(q, keys, n, hd, scale, s);
 #endif
   float inv[G];
   for (int h = 0; h < G; ++h) {
