@@ -15,7 +15,7 @@ import uvloop
 
 from pagoda.engine.async_llm import AsyncLLM
 from pagoda.engine.config import EngineConfig
-from pagoda.engine.engine_core import EngineCoreOutputs, without_prompts
+from pagoda.engine.engine_core import EngineCoreOutputs, WireOutputs
 from pagoda.engine.llm_engine import EngineStats, LLMEngine
 from pagoda.engine.outputs import CompletionOutput, RequestOutput
 from pagoda.sampling.params import SamplingParams
@@ -23,14 +23,27 @@ from pagoda.sampling.params import SamplingParams
 CONFIG = EngineConfig(kv_cache_memory=64 << 20, progress=False)
 
 
-def test_without_prompts_drops_only_the_prompt():
-    out = RequestOutput("r", "a prompt", list(range(2000)),
-                        [CompletionOutput(0, " x", [7], None, None, None, 1)])
+def test_wire_outputs_drop_the_prompt_and_send_prompt_logprobs_once():
+    scored = [None, {5: -0.5}, {7: -1.0, 8: -2.0}]
     stats = EngineStats(1, 0, 0.5, 10, 0, 0, 0)
-    slim = without_prompts(EngineCoreOutputs([out], stats))
-    assert slim.stats == stats
-    assert slim.outputs[0] == dataclasses.replace(out, prompt=None, prompt_token_ids=[])
-    assert out.prompt_token_ids == list(range(2000))  # the engine's own output untouched
+
+    def out(finished: bool = False, req_id: str = "r") -> RequestOutput:
+        return RequestOutput(req_id, "a prompt", list(range(2000)),
+                             [CompletionOutput(0, " x", [7], None, None, None, 1)], finished,
+                             prompt_logprobs=scored)
+
+    wire = WireOutputs()
+    first = wire(EngineCoreOutputs([out(), out(req_id="s")], stats))
+    assert first.stats == stats
+    assert first.outputs[0] == dataclasses.replace(out(), prompt=None, prompt_token_ids=[])
+    assert first.outputs[1].prompt_logprobs == scored  # each request's first time
+    later = wire(EngineCoreOutputs([out(), out(finished=True)], stats))
+    assert [o.prompt_logprobs for o in later.outputs] == [None, None]
+    again = wire(EngineCoreOutputs([out()], stats))  # "r" finished: an id used anew
+    assert again.outputs[0].prompt_logprobs == scored
+    engine_side = out()
+    wire(EngineCoreOutputs([engine_side], stats))
+    assert engine_side.prompt_token_ids == list(range(2000))  # the engine's own output untouched
 
 
 @pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
@@ -57,6 +70,12 @@ async def _generate_and_compare() -> None:
 
         # concurrent requests: several outputs a message, messages queued on the pipe
         runs = await asyncio.gather(*[run(t) for t in texts])
+        # prompt log-probs cross once and come back on every output
+        scored = [o async for o in llm.generate(texts[0], SamplingParams(
+            temperature=0, max_tokens=4, ignore_eos=True, prompt_logprobs=2))]
+        assert len(scored) >= 2 and scored[0].prompt_logprobs is not None
+        assert len(scored[0].prompt_logprobs) == len(scored[0].prompt_token_ids)
+        assert all(o.prompt_logprobs == scored[0].prompt_logprobs for o in scored)
         offline = LLMEngine(CONFIG)  # the same config in this process
         for text, outs in zip(texts, runs, strict=True):
             assert len(outs) >= 2 and outs[-1].finished

@@ -122,6 +122,7 @@ class AsyncLLM:
         self.core.send(AddRequest(req_id, text, ids, params, time.monotonic()))
         deadline = None if timeout is None else time.monotonic() + timeout
         finished = False
+        prompt_logprobs = None
         try:
             while not finished:
                 try:
@@ -133,8 +134,13 @@ class AsyncLLM:
                     deadline = None  # the engine answers with the final (aborted) output
                     continue
                 finished = out.finished
-                if not out.prompt_token_ids:  # an engine process sends outputs without them
+                # an engine process sends outputs without the prompt, and its log-probs once
+                if not out.prompt_token_ids:
                     out.prompt, out.prompt_token_ids = text, ids
+                if out.prompt_logprobs is not None:
+                    prompt_logprobs = out.prompt_logprobs
+                elif prompt_logprobs is not None:
+                    out.prompt_logprobs = prompt_logprobs
                 yield out
         finally:
             self._streams.pop(req_id, None)

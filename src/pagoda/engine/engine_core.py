@@ -57,13 +57,31 @@ class EngineCoreOutputs:
     stats: EngineStats
 
 
-def without_prompts(batch: EngineCoreOutputs) -> EngineCoreOutputs:
-    """The batch as it crosses to a front-end process: each output without its prompt's text and
-    ids, which the front-end sent and holds (AsyncLLM puts them back) and which would otherwise be
-    pickled with every token of every request (a 2,000-token prompt: 15 KB a message, pickled
-    and unpickled in ~60 us instead of ~20)."""
-    return EngineCoreOutputs([dataclasses.replace(o, prompt=None, prompt_token_ids=[])
-                              for o in batch.outputs], batch.stats)
+class WireOutputs:
+    """The batches as they cross to a front-end process: each output without its prompt's text
+    and ids, which the front-end sent and holds, and with a request's prompt log-probs only the
+    first time they appear (the engine repeats them on every later output of the request). Both
+    would otherwise be pickled with every token: a 2,000-token prompt made each message 15 KB,
+    pickled and unpickled in ~60 us instead of ~20; its prompt log-probs, far more. AsyncLLM
+    puts them back on every output it hands out."""
+
+    def __init__(self) -> None:
+        self._scored: set[str] = set()  # requests whose prompt log-probs have crossed
+
+    def __call__(self, batch: EngineCoreOutputs) -> EngineCoreOutputs:
+        outputs = []
+        for o in batch.outputs:
+            prompt_logprobs = o.prompt_logprobs
+            if prompt_logprobs is not None:
+                if o.req_id in self._scored:
+                    prompt_logprobs = None
+                else:
+                    self._scored.add(o.req_id)
+            if o.finished:
+                self._scored.discard(o.req_id)
+            outputs.append(dataclasses.replace(o, prompt=None, prompt_token_ids=[],
+                                               prompt_logprobs=prompt_logprobs))
+        return EngineCoreOutputs(outputs, batch.stats)
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,7 @@ from pagoda.engine.engine_core import (
     EngineCommand,
     EngineCore,
     EngineInfo,
-    without_prompts,
+    WireOutputs,
 )
 from pagoda.engine.llm_engine import EngineStats
 
@@ -219,7 +219,8 @@ def run_engine_process(config: EngineConfig, conn: Connection, log_level: int) -
 
     commands: queue.Queue[EngineCommand] = queue.Queue()
     # the stepping thread is the only writer
-    core = EngineCore(engine, commands, lambda batch: conn.send(without_prompts(batch)))
+    wire = WireOutputs()
+    core = EngineCore(engine, commands, lambda batch: conn.send(wire(batch)))
     failed = threading.Event()
 
     def step_loop() -> None:
