@@ -18,7 +18,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import httpx
+import aiohttp
 
 from pagoda.bench.dataset import BenchRequest
 
@@ -118,50 +118,74 @@ def chunk_text(chunk: dict[str, Any]) -> str:
 
 
 async def send_request(
-    client: httpx.AsyncClient,
+    session: aiohttp.ClientSession,
     config: EndpointConfig,
     request: BenchRequest,
     req_id: int,
     bench_start: float,
 ) -> RequestRecord:
-    """Stream one request and time it; see the module docstring for the rules."""
+    """Stream one request and time it; see the module docstring for the rules. aiohttp rather
+    than httpx: the client shares the machine with the server it measures, and httpx's stream
+    took ~0.3 ms of CPU per chunk (32 concurrent streams on 2 cores, more than the server's
+    own; docs/benchmarks.md, "Twenty-fourth session")."""
     record = RequestRecord(req_id, request.prompt_len, request.output_len)
     start = time.perf_counter()
     record.start_s = start - bench_start
     last_text_at = start
     texts: list[str] = []
+
+    def on_line(raw: bytes) -> bool:
+        """One SSE line; True once the stream is over ([DONE] or an error payload)."""
+        nonlocal last_text_at
+        line = raw.decode(errors="replace").strip()
+        if not line.startswith("data:"):
+            return False
+        data = line[len("data:") :].strip()
+        if data == "[DONE]":
+            return True
+        chunk = json.loads(data)
+        if "error" in chunk:
+            record.error = f"stream error: {json.dumps(chunk['error'])[:300]}"
+            return True
+        now = time.perf_counter()
+        text = chunk_text(chunk)
+        if text:
+            if record.ttft_s is None:
+                record.ttft_s = now - start
+            else:
+                record.itl_s.append(now - last_text_at)
+            last_text_at = now
+            record.num_chunks += 1
+            texts.append(text)
+        usage = chunk.get("usage")
+        if usage:
+            record.output_tokens = int(usage.get("completion_tokens", 0))
+            record.server_prompt_tokens = usage.get("prompt_tokens")
+            record.usage_reported = True
+        return False
+
     try:
         body = request_body(config, request)
-        async with client.stream("POST", config.url, json=body, headers=config.headers) as resp:
-            if resp.status_code != 200:
-                detail = (await resp.aread()).decode(errors="replace")[:300]
-                record.error = f"HTTP {resp.status_code}: {detail}"
+        async with session.post(config.url, json=body, headers=config.headers) as resp:
+            if resp.status != 200:
+                detail = (await resp.read()).decode(errors="replace")[:300]
+                record.error = f"HTTP {resp.status}: {detail}"
                 return record
-            async for line in resp.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[len("data:") :].strip()
-                if data == "[DONE]":
+            pending, done = b"", False
+            # the body as it arrives, cut into lines here (aiohttp's own line reader refuses
+            # lines longer than its buffer)
+            async for piece in resp.content.iter_any():
+                *lines, pending = (pending + piece).split(b"\n")
+                for raw in lines:
+                    done = on_line(raw)
+                    if done:
+                        break
+                if done:
                     break
-                chunk = json.loads(data)
-                if "error" in chunk:
-                    record.error = f"stream error: {json.dumps(chunk['error'])[:300]}"
-                    return record
-                now = time.perf_counter()
-                text = chunk_text(chunk)
-                if text:
-                    if record.ttft_s is None:
-                        record.ttft_s = now - start
-                    else:
-                        record.itl_s.append(now - last_text_at)
-                    last_text_at = now
-                    record.num_chunks += 1
-                    texts.append(text)
-                usage = chunk.get("usage")
-                if usage:
-                    record.output_tokens = int(usage.get("completion_tokens", 0))
-                    record.server_prompt_tokens = usage.get("prompt_tokens")
-                    record.usage_reported = True
+            if not done and pending:
+                on_line(pending)
+            if record.error:  # an error payload in the stream
+                return record
         record.e2e_s = time.perf_counter() - start
     except Exception as exc:  # noqa: BLE001 - any failure of one request is data, not a crash
         record.error = f"{type(exc).__name__}: {exc}"[:300]

@@ -17,7 +17,7 @@ import random
 import time
 from dataclasses import dataclass
 
-import httpx
+import aiohttp
 from tqdm import tqdm
 
 from pagoda.bench.client import EndpointConfig, RequestRecord, send_request
@@ -82,13 +82,18 @@ async def run_load(
     endpoint: EndpointConfig,
     requests: list[BenchRequest],
     load: LoadConfig,
-    client: httpx.AsyncClient | None = None,
+    client: aiohttp.ClientSession | None = None,
 ) -> RunOutcome:
     """Send every request under the load pattern; returns records in request order."""
-    limits = httpx.Limits(max_connections=load.max_concurrency or max(1, len(requests)))
     own_client = client is None
     if client is None:
-        client = httpx.AsyncClient(timeout=httpx.Timeout(load.timeout_s), limits=limits)
+        # connecting and each read may take timeout_s, as httpx.Timeout(t) allowed: a stream as
+        # a whole may last longer; proxies from the environment, as httpx honoured them
+        client = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=load.max_concurrency or max(1, len(requests))),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=load.timeout_s,
+                                          sock_read=load.timeout_s),
+            trust_env=True)
     try:
         for i in range(load.warmup):
             warm = requests[i % len(requests)]
@@ -96,11 +101,11 @@ async def run_load(
         return await _timed_run(client, endpoint, requests, load)
     finally:
         if own_client:
-            await client.aclose()
+            await client.close()
 
 
 async def _timed_run(
-    client: httpx.AsyncClient,
+    client: aiohttp.ClientSession,
     endpoint: EndpointConfig,
     requests: list[BenchRequest],
     load: LoadConfig,
