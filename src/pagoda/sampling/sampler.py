@@ -46,11 +46,7 @@ class Sampler:
             raw_logprobs = torch.log_softmax(logits, dim=-1)
         logits = self.apply_penalties(logits, requests, eos_token_ids)
         if all(r.sampling_params.greedy for r in requests):
-            # one reduction gives each row's token and whether it allows any (its largest
-            # logit is -inf only if every one is; NaN propagates through both as through amax)
-            values, indices = logits.max(dim=-1)
-            token_ids = indices.tolist()
-            nothing = [row for row, v in enumerate(values.tolist()) if v == _MASK]
+            token_ids, nothing = greedy_rows(logits)
         else:
             token_ids = self.sample(logits, requests)
             nothing = allows_nothing(logits)
@@ -188,6 +184,14 @@ def first_max_index(x: torch.Tensor) -> torch.Tensor:
     largest): `torch.argmax`'s result, which `max(dim).indices` computes ~3x faster on the CPU
     (a 49,152-token row 23 vs 64 us; 9 rows 116 vs 321 us; 32 rows 0.41 vs 1.08 ms)."""
     return x.max(dim=-1).indices
+
+
+def greedy_rows(logits: torch.Tensor) -> tuple[list[int], list[int]]:
+    """(each row's argmax, the rows that allow nothing) of masked, penalized logits (N, V), from
+    one reduction: a row's largest logit is -inf only if every one is, and NaN propagates through
+    `max` as through `amax` (`first_max_index` and `allows_nothing` in one)."""
+    values, indices = logits.max(dim=-1)
+    return indices.tolist(), [row for row, v in enumerate(values.tolist()) if v == _MASK]
 
 
 def allows_nothing(logits: torch.Tensor) -> list[int]:

@@ -38,6 +38,7 @@ from pagoda.sampling.sampler import (
     Sampler,
     allows_nothing,
     first_max_index,
+    greedy_rows,
     token_logprobs,
 )
 from pagoda.scheduler.output import ScheduledRequest
@@ -73,10 +74,8 @@ class RejectionSampler:
             logits = self.sampler.apply_penalties(logits, views, eos_token_ids)
         targets = None
         if all(r.sampling_params.greedy for r, _ in items):
-            # one reduction: every row's argmax, and whether it allows any token (Sampler)
-            values, indices = logits.max(dim=-1)
-            targets = indices.tolist()
-            dead = {row for row, v in enumerate(values.tolist()) if v == float("-inf")}
+            targets, nothing = greedy_rows(logits)
+            dead = set(nothing)
         else:
             dead = set(allows_nothing(logits))
         results: list[Verified] = []

@@ -68,7 +68,6 @@ inline const uint8_t* octet(const Weights& w, int64_t b, int64_t c) {
 
 using Acts = pagoda_q8::RoundedRows;  // the rounded rows of a call
 
-
 #define PAGODA_REPEAT12(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11)
 
 #if defined(__AVX512F__) && defined(__AVX512VNNI__)
