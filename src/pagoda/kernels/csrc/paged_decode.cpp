@@ -213,46 +213,58 @@ inline void load_columns(const T* v, __m256* out) {
   }
 }
 
-// out[h][c, c + 8W) = (sum_t p[h][t] v[t][c, c + 8W)) * inv[h] for G heads: G * W accumulators,
-// each loaded V vector serving the G heads. Every column is its own fma chain over t from 0, so
-// how columns are grouped into passes changes no bit. G * W + W + 1 <= 16 keeps the
-// accumulators, the V vectors and the broadcast in AVX2's sixteen registers: with 32 columns
-// for three heads (17 live vectors) GCC kept the accumulators on the stack, a load and a store
-// around every fma, and the weighted sum took 2-3x the time of the scores' as many fmas.
-template <int G, int W, typename T>
-void weighted_columns(const float* const* p, const T* const* rows, int64_t n, int64_t hd,
-                      int64_t c, const float* inv, float* const* out) {
-  __m256 acc[G][W];
-#pragma GCC unroll 4
-  for (int h = 0; h < G; ++h)
-#pragma GCC unroll 4
-    for (int j = 0; j < W; ++j) acc[h][j] = _mm256_setzero_ps();
-  for (int64_t t = 0; t < n; ++t) {
-    // the first pass brings the whole row (every pass's columns) towards L2
-    if (c == 0 && t + kAhead < n) prefetch_row(rows[t + kAhead], hd);
-    __m256 v[W];
-    load_columns<W>(rows[t] + c, v);
-#pragma GCC unroll 4
-    for (int h = 0; h < G; ++h) {
-      const __m256 pt = _mm256_set1_ps(p[h][t]);
-#pragma GCC unroll 4
-      for (int j = 0; j < W; ++j) acc[h][j] = _mm256_fmadd_ps(pt, v[j], acc[h][j]);
-    }
-  }
-  for (int h = 0; h < G; ++h) {
-    const __m256 iv = _mm256_set1_ps(inv[h]);
-    float* o = out[h] + c;
+// 8-lane vectors for weighted_columns: W vectors of V columns loaded (load_columns), and W
+// accumulators scaled and stored back in column order.
+struct Lanes8 {
+  using Vec = __m256;
+  static Vec zero() { return _mm256_setzero_ps(); }
+  static Vec set1(float x) { return _mm256_set1_ps(x); }
+  static Vec fma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+  template <int W, typename T>
+  static void load(const T* v, Vec* out) { load_columns<W>(v, out); }
+  template <int W, typename T>
+  static void store(float* o, const Vec* acc, Vec iv) {
     if constexpr (kPairedColumns<W, T>) {
       for (int j = 0; j < W; j += 2) {  // columns back in order (load_columns)
-        const __m256 lo = _mm256_permute2f128_ps(acc[h][j], acc[h][j + 1], 0x20);
-        const __m256 hi = _mm256_permute2f128_ps(acc[h][j], acc[h][j + 1], 0x31);
+        const __m256 lo = _mm256_permute2f128_ps(acc[j], acc[j + 1], 0x20);
+        const __m256 hi = _mm256_permute2f128_ps(acc[j], acc[j + 1], 0x31);
         _mm256_storeu_ps(o + 8 * j, _mm256_mul_ps(lo, iv));
         _mm256_storeu_ps(o + 8 * j + 8, _mm256_mul_ps(hi, iv));
       }
     } else {
-      for (int j = 0; j < W; ++j) _mm256_storeu_ps(o + 8 * j, _mm256_mul_ps(acc[h][j], iv));
+      for (int j = 0; j < W; ++j) _mm256_storeu_ps(o + 8 * j, _mm256_mul_ps(acc[j], iv));
     }
   }
+};
+
+// out[h][c, c + W vectors) = (sum_t p[h][t] v[t][those columns]) * inv[h] for G heads, in the
+// vectors of L (Lanes8, or the avx512 flavour's Lanes16): G * W accumulators, each loaded V
+// vector serving the G heads. Every column is its own fma chain over t from 0, so how columns
+// are grouped into passes and vectors changes no bit. G * W + W + 1 <= 16 keeps the
+// accumulators, the V vectors and the broadcast in AVX2's sixteen registers: with 32 columns
+// for three heads (17 live vectors) GCC kept the accumulators on the stack, a load and a store
+// around every fma, and the weighted sum took 2-3x the time of the scores' as many fmas.
+template <class L, int G, int W, typename T>
+void weighted_columns(const float* const* p, const T* const* rows, int64_t n, int64_t hd,
+                      int64_t c, const float* inv, float* const* out) {
+  typename L::Vec acc[G][W];
+#pragma GCC unroll 4
+  for (int h = 0; h < G; ++h)
+#pragma GCC unroll 8
+    for (int j = 0; j < W; ++j) acc[h][j] = L::zero();
+  for (int64_t t = 0; t < n; ++t) {
+    // the first pass brings the whole row (every pass's columns) towards L2
+    if (c == 0 && t + kAhead < n) prefetch_row(rows[t + kAhead], hd);
+    typename L::Vec v[W];
+    L::template load<W>(rows[t] + c, v);
+#pragma GCC unroll 4
+    for (int h = 0; h < G; ++h) {
+      const typename L::Vec pt = L::set1(p[h][t]);
+#pragma GCC unroll 8
+      for (int j = 0; j < W; ++j) acc[h][j] = L::fma(pt, v[j], acc[h][j]);
+    }
+  }
+  for (int h = 0; h < G; ++h) L::template store<W, T>(out[h] + c, acc[h], L::set1(inv[h]));
 }
 
 // out[h] = (sum_t p[h][t] v[t]) * inv[h] for G heads (G <= 3): passes of kWide vectors of
@@ -264,11 +276,11 @@ void weighted_sum(const float* const* p, const T* const* rows, int64_t n, int64_
   constexpr int kWide = G == 3 ? (kPairedColumns<2, T> ? 2 : 3) : 4;
   int64_t c = 0;
   for (; c + 8 * kWide <= hd; c += 8 * kWide)
-    weighted_columns<G, kWide>(p, rows, n, hd, c, inv, out);
+    weighted_columns<Lanes8, G, kWide>(p, rows, n, hd, c, inv, out);
   const int64_t left = (hd - c) / 8;  // vectors, fewer than kWide
-  if (left == 3) weighted_columns<G, 3>(p, rows, n, hd, c, inv, out);
-  else if (left == 2) weighted_columns<G, 2>(p, rows, n, hd, c, inv, out);
-  else if (left == 1) weighted_columns<G, 1>(p, rows, n, hd, c, inv, out);
+  if (left == 3) weighted_columns<Lanes8, G, 3>(p, rows, n, hd, c, inv, out);
+  else if (left == 2) weighted_columns<Lanes8, G, 2>(p, rows, n, hd, c, inv, out);
+  else if (left == 1) weighted_columns<Lanes8, G, 1>(p, rows, n, hd, c, inv, out);
 }
 
 #if defined(__AVX512F__)
@@ -287,33 +299,23 @@ inline __m512 load16(const c10::BFloat16* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
 }
 
-// weighted_sum in 16-lane vectors: W vectors of columns per pass (G * W accumulators + W + 1
-// registers), every column its own fma chain over t from 0 as in the 8-lane path.
-template <int G, int W, typename T>
-void weighted_columns16(const float* const* p, const T* const* rows, int64_t n, int64_t hd,
-                        int64_t c, const float* inv, float* const* out) {
-  __m512 acc[G][W];
-#pragma GCC unroll 4
-  for (int h = 0; h < G; ++h)
+// 16-lane vectors for weighted_columns (the avx512 flavour): each vector of columns loaded and
+// stored in order.
+struct Lanes16 {
+  using Vec = __m512;
+  static Vec zero() { return _mm512_setzero_ps(); }
+  static Vec set1(float x) { return _mm512_set1_ps(x); }
+  static Vec fma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+  template <int W, typename T>
+  static void load(const T* v, Vec* out) {
 #pragma GCC unroll 8
-    for (int j = 0; j < W; ++j) acc[h][j] = _mm512_setzero_ps();
-  for (int64_t t = 0; t < n; ++t) {
-    if (c == 0 && t + kAhead < n) prefetch_row(rows[t + kAhead], hd);
-    __m512 v[W];
-#pragma GCC unroll 8
-    for (int j = 0; j < W; ++j) v[j] = load16(rows[t] + c + 16 * j);
-#pragma GCC unroll 4
-    for (int h = 0; h < G; ++h) {
-      const __m512 pt = _mm512_set1_ps(p[h][t]);
-#pragma GCC unroll 8
-      for (int j = 0; j < W; ++j) acc[h][j] = _mm512_fmadd_ps(pt, v[j], acc[h][j]);
-    }
+    for (int j = 0; j < W; ++j) out[j] = load16(v + 16 * j);
   }
-  for (int h = 0; h < G; ++h) {
-    const __m512 iv = _mm512_set1_ps(inv[h]);
-    for (int j = 0; j < W; ++j) _mm512_storeu_ps(out[h] + c + 16 * j, _mm512_mul_ps(acc[h][j], iv));
+  template <int W, typename T>
+  static void store(float* o, const Vec* acc, Vec iv) {
+    for (int j = 0; j < W; ++j) _mm512_storeu_ps(o + 16 * j, _mm512_mul_ps(acc[j], iv));
   }
-}
+};
 
 template <int G, typename T>
 void weighted_sum16(const float* const* p, const T* const* rows, int64_t n, int64_t hd,
@@ -321,8 +323,8 @@ void weighted_sum16(const float* const* p, const T* const* rows, int64_t n, int6
   constexpr int kWide = 4;  // 4G + 4 + 1 <= 17 registers: a 64-wide head in one pass
   int64_t c = 0;
   for (; c + 16 * kWide <= hd; c += 16 * kWide)
-    weighted_columns16<G, kWide>(p, rows, n, hd, c, inv, out);
-  for (; c < hd; c += 16) weighted_columns16<G, 1>(p, rows, n, hd, c, inv, out);
+    weighted_columns<Lanes16, G, kWide>(p, rows, n, hd, c, inv, out);
+  for (; c < hd; c += 16) weighted_columns<Lanes16, G, 1>(p, rows, n, hd, c, inv, out);
 }
 #endif
 
