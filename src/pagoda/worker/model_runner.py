@@ -247,9 +247,7 @@ class ModelRunner:
         if not sampling:
             return [], hidden.new_empty((0, 0))
         rows = [row for _, r in fwd.sample_rows for row in r]
-        if len(rows) < hidden.shape[0] or rows[-1] != len(rows) - 1:  # else every row, in order
-            hidden = hidden.index_select(0, torch.tensor(rows, device=self.device))
-        return sampling, self.model.compute_logits(hidden)
+        return sampling, self.model.compute_logits(_rows(hidden, rows))
 
     def forward_stage(self, scheduled: list[ScheduledRequest], num_rows: dict[str, int]
                       ) -> None:
@@ -350,7 +348,7 @@ class ModelRunner:
         return (torch.tensor(rows, device=self.device), torch.tensor(lens, device=self.device))
 
 
-def _rows(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
-    """logits[rows] for increasing `rows`; all of them in order (a step whose requests all
-    sample alike) without a copy."""
-    return logits if len(rows) == logits.shape[0] and rows[-1] == len(rows) - 1 else logits[rows]
+def _rows(x: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """x[rows] for increasing `rows`; all of them in order (a decode step's hidden states, the
+    logits of a step whose requests all sample alike) without a copy."""
+    return x if len(rows) == x.shape[0] and rows[-1] == len(rows) - 1 else x[rows]
