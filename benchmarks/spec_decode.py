@@ -97,13 +97,15 @@ def run(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams,
 
 
 class Bench:
-    def __init__(self, args: argparse.Namespace):
+    def __init__(self, args: argparse.Namespace, with_draft: bool = True):
         self.args = args
         self.loaded = load_model(None)
         if args.target_quantization != "none":  # the default engine's weights: --target-... gguf
             apply_quantization(self.loaded, args.target_quantization)
-        self.draft = load_model(self.loaded.path, progress=False)
-        apply_quantization(self.draft, args.draft_quantization)
+        self.draft = None
+        if with_draft:
+            self.draft = load_model(self.loaded.path, progress=False)
+            apply_quantization(self.draft, args.draft_quantization)
 
     def engine(self, method: str | None, **kw) -> LLMEngine:
         kw.setdefault("max_num_seqs", 32)
@@ -134,9 +136,12 @@ class Bench:
                   f"{s.spec_num_accepted_tokens} | {acc:.0%} | {per_pass:.2f} |", flush=True)
 
     def grounded(self) -> list[list[int]]:
-        texts = passages(len(TASKS))
-        return [chat_ids(self.loaded, t.format(text=x)) for t, x in zip(TASKS, texts,
-                                                                        strict=True)]
+        """Each task over --passages-per-task passages (task-major: the first six prompts are
+        the one-passage set whatever the count)."""
+        per = self.args.passages_per_task
+        texts = passages(len(TASKS) * per)
+        return [chat_ids(self.loaded, TASKS[i % len(TASKS)].format(text=x))
+                for i, x in enumerate(texts)]
 
 
 def main() -> None:
@@ -147,6 +152,9 @@ def main() -> None:
                    help="num_speculative_tokens values of the depth section")
     p.add_argument("--lookup-pairs", default="4:2,8:1,8:2,4:1",
                    help="the lookup section's num_speculative_tokens:prompt_lookup_min pairs")
+    p.add_argument("--passages-per-task", type=int, default=1,
+                   help="grounded prompts: each of the six tasks over this many passages (1: the "
+                   "six prompts of every figure before 2026-12-06; 3: 18 prompts, a wider sample)")
     p.add_argument("--draft-quantization", default="gguf")
     p.add_argument("--target-quantization", default="none",
                    help="the target's weights: none (fp32, the issue's baseline) or gguf (what "
