@@ -352,6 +352,36 @@ def test_default_weights_are_the_files_blocks_with_transformers_tokens(gemma_pat
     engine.check_integrity()
 
 
+def test_elementwise_steps_run_fused_and_keep_transformers_tokens(gemma_path, prompt_ids,
+                                                                    reference):
+    """A quantized Gemma runs its norms, QK-norm, RoPE and cache write as C++ calls by default
+    (layers/fused_ops.py, as Llama does); on the file's blocks through wgemm (the fp32 product)
+    the greedy tokens stay transformers', batched, and equal the torch path's."""
+    from pagoda.layers.fused_ops import FusedOps
+
+    engine = make_engine(None, model=gemma_path, quant_kernel="wgemm")
+    model = engine.loaded.model
+    ops = model.layers[0].fused
+    assert ops is not None and all(layer.fused is ops for layer in model.layers)
+
+    class Counting(FusedOps):
+        calls = 0
+
+        def rope_write(self, *args, **kwargs) -> bool:
+            Counting.calls += 1
+            return super().rope_write(*args, **kwargs)
+
+    model.use_fused_ops(Counting(ops.module))
+    requests = {f"r{i}": (ids, GREEDY) for i, ids in enumerate(prompt_ids)}
+    fused = run_to_completion(engine, requests)
+    assert Counting.calls >= len(model.layers) * MAX_TOKENS, "the fused steps did not run"
+    model.use_fused_ops(None)
+    plain = run_to_completion(engine, requests)
+    for i in range(len(prompt_ids)):
+        assert fused[f"r{i}"] == plain[f"r{i}"] == reference[i], f"prompt {i}"
+    engine.check_integrity()
+
+
 def test_pipeline_stages_keep_both_kv_groups(gemma_path, prompt_ids, reference):
     """Gemma 3's sliding and global layers are two KV groups; each of two pipeline stages (two
     processes) builds the stores of its own layers: stage 0 one sliding layer beside the

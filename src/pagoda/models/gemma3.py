@@ -13,6 +13,9 @@ Differences from Llama, each mirrored from the reference implementation so greed
 - final logits are optionally soft-capped: cap * tanh(logits / cap).
 
 Projections are plain `nn.Linear` (fused `qkv_proj`, `gate_up_proj`) so quantization can swap them.
+With `use_fused_ops` (quantized models on the CPU, as for Llama) the norms, QK-norm, RoPE and the
+cache write run as single C++ calls (layers/fused_ops.py); the torch expressions stay the
+reference path.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from torch import nn
 from pagoda.kv_cache.kv_store import KVStore
 from pagoda.layers.attention import paged_attention
 from pagoda.layers.attention_metadata import AttentionMetadata, layer_meta
+from pagoda.layers.fused_ops import FusedOps
 from pagoda.layers.mlp import GatedMLP
 from pagoda.layers.norm import RMSNorm
 from pagoda.layers.rotary import RotaryEmbedding
@@ -53,15 +57,32 @@ class Gemma3Attention(nn.Module):
         self.window = cfg.window_of(layer)  # None on global layers
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding,
-                store: KVStore, meta: AttentionMetadata, window: int | None) -> torch.Tensor:
+                store: KVStore, meta: AttentionMetadata, window: int | None,
+                ops: FusedOps | None = None) -> torch.Tensor:
         num_tokens = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = self.q_norm(q.view(num_tokens, self.num_heads, self.head_dim))
-        k = self.k_norm(k.view(num_tokens, self.num_kv_heads, self.head_dim))
+        qkv = self.qkv_proj(x)  # (T, (H + 2 KVH) * hd)
+        written = False
+        if ops is not None:  # q and k normalized in place, then rotated and k, v cached
+            self._norm_heads(ops, qkv, 0, self.num_heads, self.q_norm)
+            self._norm_heads(ops, qkv, self.q_size, self.num_kv_heads, self.k_norm)
+            written = ops.rope_write(qkv, positions, rope, self.num_heads, self.num_kv_heads,
+                                     store, meta.slot_mapping)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        q, k = rope(positions, q, k)
-        o = paged_attention(q, k, v, store, meta, self.scale, window)
+        if ops is None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if not written:
+            q, k = rope(positions, q, k)
+        o = paged_attention(q, k, v, store, meta, self.scale, window, written=written)
         return self.o_proj(o.view(num_tokens, self.q_size))
+
+    def _norm_heads(self, ops: FusedOps, qkv: torch.Tensor, start: int, heads: int,
+                    norm: RMSNorm) -> None:
+        """RMS-normalize `heads` heads of every row of qkv from column `start`, in place."""
+        part = qkv[:, start:start + heads * self.head_dim]
+        part.copy_(ops.rms_norm(part.reshape(-1, self.head_dim), norm).view_as(part))
 
 
 def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -77,13 +98,21 @@ class Gemma3DecoderLayer(nn.Module):
         self.pre_feedforward_layernorm = _norm(cfg.hidden_size, cfg)
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, _gelu_tanh)
         self.post_feedforward_layernorm = _norm(cfg.hidden_size, cfg)
+        self.fused: FusedOps | None = None
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding,
                 store: KVStore, meta: AttentionMetadata, window: int | None) -> torch.Tensor:
-        h = self.self_attn(self.input_layernorm(x), positions, rope, store, meta, window)
-        x = x + self.post_attention_layernorm(h)
-        h = self.mlp(self.pre_feedforward_layernorm(x))
-        return x + self.post_feedforward_layernorm(h)
+        ops = self.fused
+        if ops is None or not ops.applies(x):
+            h = self.self_attn(self.input_layernorm(x), positions, rope, store, meta, window)
+            x = x + self.post_attention_layernorm(h)
+            h = self.mlp(self.pre_feedforward_layernorm(x))
+            return x + self.post_feedforward_layernorm(h)
+        h = self.self_attn(ops.rms_norm(x, self.input_layernorm), positions, rope, store, meta,
+                           window, ops)
+        x, h = ops.add_rms_norm(x, ops.rms_norm(h, self.post_attention_layernorm),
+                                self.pre_feedforward_layernorm)
+        return x + ops.rms_norm(self.mlp(h), self.post_feedforward_layernorm)
 
 
 class Gemma3ForCausalLM(nn.Module):
@@ -107,6 +136,11 @@ class Gemma3ForCausalLM(nn.Module):
         # the tables on the meta device would import torch._dynamo (~1 s of start-up)
         self.rope_global: RotaryEmbedding | None = None
         self.rope_local: RotaryEmbedding | None = None
+
+    def use_fused_ops(self, ops: FusedOps | None) -> None:
+        """Run the elementwise steps through `ops` (None: torch's ops, the reference)."""
+        for layer in self.layers:
+            layer.fused = ops
 
     def post_load(self) -> None:
         """Re-tie embeddings and rebuild the RoPE tables (built on the meta device, then loaded)."""
