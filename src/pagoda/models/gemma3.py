@@ -13,9 +13,9 @@ Differences from Llama, each mirrored from the reference implementation so greed
 - final logits are optionally soft-capped: cap * tanh(logits / cap).
 
 Projections are plain `nn.Linear` (fused `qkv_proj`, `gate_up_proj`) so quantization can swap them.
-With `use_fused_ops` (quantized models on the CPU, as for Llama) the norms, QK-norm, RoPE and the
-cache write run as single C++ calls (layers/fused_ops.py); the torch expressions stay the
-reference path.
+With `use_fused_ops` (on the CPU when the linears are quantized or fp32 on fgemm, as for Llama)
+the norms, QK-norm, RoPE with the cache write and the residual adds run as single C++ calls
+(layers/fused_ops.py); the torch expressions stay the reference path.
 """
 
 from __future__ import annotations
