@@ -51,7 +51,8 @@ def greedy_outputs(bench: Bench, prompts: list[list[int]], max_tokens: int) -> l
 
 
 class WrongDrafts:
-    """A proposer that drafts as many tokens as the scheduler allows, all of them rejected."""
+    """A proposer that drafts as many tokens as the scheduler allows, all the same token (the
+    prompt's last: almost always rejected; a step's cost depends on its rows, not on that)."""
 
     def __init__(self, token: int):
         self.token = token
@@ -67,8 +68,9 @@ class WrongDrafts:
 def step_ms(bench: Bench, prompt: list[int], rows: int, steps: int = 24) -> float:
     """Median engine step (ms) verifying `rows` rows of one request (1: a plain decode step,
     speculation off)."""
-    engine: LLMEngine = bench.engine(None)
-    if rows > 1:
+    if rows == 1:
+        engine: LLMEngine = bench.engine(None)
+    else:
         engine = bench.engine("ngram", num_speculative_tokens=rows - 1,
                               num_speculative_tokens_alone=rows - 1)
         engine.runner.proposer = WrongDrafts(prompt[-1])
