@@ -96,6 +96,15 @@ def cost_curve(bench: Bench, prompt: list[int], rounds: int) -> list[float]:
     return [best[r] / best[1] for r in ROWS]
 
 
+def num_accepted(guess: list[int], output: list[int], pos: int) -> int:
+    """How many of `guess` equal the known output from `pos` on, leaving room for the pass's
+    own token (as the engine's depth leaves it: a pass emits at most what remains)."""
+    accepted, room = 0, len(output) - pos - 1
+    while accepted < min(len(guess), room) and guess[accepted] == output[pos + accepted]:
+        accepted += 1
+    return accepted
+
+
 def replay(engine: LLMEngine, prompt: list[int], output: list[int], price) -> tuple[int, float,
                                                                                    int, int]:
     """(decode tokens, cost, passes, passes with no draft) of the engine's policy and proposer
@@ -113,9 +122,7 @@ def replay(engine: LLMEngine, prompt: list[int], output: list[int], price) -> tu
         draft = proposer.propose([ScheduledRequest(
             "r", [], 0, [], True, params, 0, prompt, done, depth)]).get("r")
         guess = draft.token_ids[:depth] if draft else []
-        accepted = 0
-        while accepted < len(guess) and guess[accepted] == output[pos + accepted]:
-            accepted += 1
+        accepted = num_accepted(guess, output, pos)
         policy.record("r", len(guess), accepted)
         empty += not guess
         pos += accepted + 1
@@ -132,10 +139,7 @@ def perfect_depth(prompt: list[int], output: list[int], min_n: int, max_n: int, 
     pos = 1
     while pos < len(output):
         guess, _ = lookup(np.asarray(prompt + output[:pos], dtype=np.int64), min_n, max_n, 16)
-        accepted = 0
-        while (accepted < len(guess) and pos + accepted < len(output) - 1
-               and guess[accepted] == output[pos + accepted]):
-            accepted += 1
+        accepted = num_accepted(guess, output, pos)
         pos += accepted + 1
         tokens += accepted + 1
         cost += price(accepted + 1)
